@@ -1,0 +1,37 @@
+# One command each (see README): `make demo` sets up and runs the main job; `make test` sets up
+# and runs the tests. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a GPU machine pass e.g. TORCH_SPEC="torch==2.11.0".
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.vattn-installed
+
+.PHONY: setup demo test test-gpu bench-mapping lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/vattn demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+bench-mapping: setup
+	$(PY) -m benchmarks.bench_mapping
+
+lint: setup
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check replica cluster tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info replica/_vmm*.so

@@ -1,0 +1,159 @@
+"""Page-mapping costs of the VMM mechanism, and how much of a decode step the worker hides.
+
+    python -m benchmarks.bench_mapping            # full size, on the GPU when one is visible
+    python -m benchmarks.bench_mapping --smoke    # seconds, any machine (CI keeps it working)
+
+Measures (1) map latency of single pages (map + one access grant), (2) throughput of batched runs
+of contiguous pages, (3) a simulated decode loop: every step submits the next step's pages with
+``step_async``, then the "model" runs for ``--step-ms`` (a GPU sleep kernel on CUDA, a sleep on the
+host), then the step waits for the mapping. Reports the caller's wait as a share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.environment import describe_device, save
+from replica import KVCacheAllocator, KVCacheConfig, open_device
+from replica.vmm import Device, Op, PagePool, Reservation, MapWorker
+
+
+def map_latency(device: Device, pages: int) -> dict[str, float]:
+    """Single-page runs: create, map + set access, unmap, release, each timed per page."""
+    pool = PagePool(device.backend)
+    reservation = Reservation(pool, pages)
+    ids = list(range(pages))
+    timings: dict[str, list[float]] = {"create": [], "map": [], "unmap": [], "release": []}
+    for page in ids:
+        start = time.perf_counter()
+        pool.create([page])
+        timings["create"].append(time.perf_counter() - start)
+    for page in ids:
+        start = time.perf_counter()
+        reservation.map_run(page, [page])
+        timings["map"].append(time.perf_counter() - start)
+    for page in ids:
+        start = time.perf_counter()
+        reservation.unmap_run(page, 1)
+        timings["unmap"].append(time.perf_counter() - start)
+    for page in ids:
+        start = time.perf_counter()
+        pool.release([page])
+        timings["release"].append(time.perf_counter() - start)
+    return {f"{name}_us_median": statistics.median(values) * 1e6 for name, values in timings.items()}
+
+
+def batched_throughput(device: Device, pages: int, run_lengths: list[int]) -> list[dict[str, float]]:
+    """Maps `pages` pre-created pages in runs of k contiguous pages (one access grant per run)."""
+    pool = PagePool(device.backend)
+    reservation = Reservation(pool, pages)
+    pool.create(list(range(pages)))
+    worker = MapWorker(pool)
+    results = []
+    for run in run_lengths:
+        ops = [Op.map(reservation, first, list(range(first, first + run))) for first in range(0, pages - run + 1, run)]
+        mapped = len(ops) * run
+        start = time.perf_counter()
+        worker.wait(worker.submit(ops))
+        seconds = time.perf_counter() - start
+        worker.wait(worker.submit([Op.unmap(reservation, 0, mapped)]))
+        results.append({
+            "run_pages": run,
+            "pages": mapped,
+            "us_per_page": seconds / mapped * 1e6,
+            "gb_per_s": mapped * device.page_size / seconds / 1e9,
+        })
+    return results
+
+
+def simulated_decode(device: Device, pages_per_step: int, steps: int, step_ms: float) -> dict[str, Any]:
+    """`pages_per_step` pages (over 2 ranges: K and V) are mapped each step behind a fake step."""
+    slots = max(pages_per_step // 2, 1)
+    # One token fills one page per range, so each slot needs one new page group every step.
+    config = KVCacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=device.page_size // 2, dtype=torch.bfloat16,
+        max_slots=slots, max_tokens=steps + 2, page_size=device.page_size,
+        budget_bytes=slots * 2 * (steps + 2) * device.page_size, layout="interleaved", eager_pages=0,
+    )
+    allocator = KVCacheAllocator(config, device)
+    for _ in range(slots):
+        allocator.acquire()
+    lengths = dict.fromkeys(range(slots), 0)
+    cycles = None
+    if device.name == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)
+        start.record()
+        torch.cuda._sleep(1_000_000)
+        end.record()
+        end.synchronize()
+        cycles = int(1_000_000 * step_ms / start.elapsed_time(end))
+    waits, step_times = [], []
+    for _ in range(steps):
+        step_start = time.perf_counter()
+        ticket = allocator.step_async(lengths)
+        if cycles is not None:
+            torch.cuda._sleep(cycles)  # the model's kernels
+            torch.cuda.synchronize()  # the engine reads sampled tokens back (GIL released)
+        else:
+            time.sleep(step_ms / 1000)
+        wait_start = time.perf_counter()
+        assert allocator.wait(ticket) == ()
+        waits.append(time.perf_counter() - wait_start)
+        step_times.append(time.perf_counter() - step_start)
+        lengths = {slot: length + 1 for slot, length in lengths.items()}
+    stats = allocator.stats()
+    warm = waits[1:] or waits
+    return {
+        "pages_per_step": slots * 2,
+        "steps": steps,
+        "step_ms_target": step_ms,
+        "step_ms_mean": statistics.mean(step_times) * 1e3,
+        "wait_ms_mean": statistics.mean(warm) * 1e3,
+        "wait_ms_max": max(warm) * 1e3,
+        "wait_pct_of_step": 100 * statistics.mean(warm) / statistics.mean(step_times),
+        "worker_busy_ms_per_step": stats.map_seconds / steps * 1e3,
+        "worker_busy_pct_of_step": 100 * stats.map_seconds / sum(step_times),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "host"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--step-ms", type=float, default=10.0)
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args()
+    device = open_device(args.backend)
+    pages = 32 if args.smoke else 2048
+    steps = 3 if args.smoke else 50
+    demands = [8, 32] if args.smoke else [8, 16, 32, 64, 128]
+    payload = {
+        "benchmark": "mapping",
+        "environment": describe_device(device.name) | {"page_size": device.page_size},
+        "map_latency": map_latency(device, pages),
+        "batched": batched_throughput(device, pages, [1, 8, 64, 512] if not args.smoke else [1, 8]),
+        "decode_overlap": [simulated_decode(device, demand, steps, args.step_ms) for demand in demands],
+    }
+    from pathlib import Path
+
+    path = save("mapping", payload, Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    print(f"map latency (us/page): {payload['map_latency']}")
+    for row in payload["batched"]:
+        print(f"runs of {row['run_pages']:4d}: {row['us_per_page']:7.1f} us/page  {row['gb_per_s']:6.1f} GB/s")
+    for row in payload["decode_overlap"]:
+        print(
+            f"{row['pages_per_step']:4d} pages/step: wait {row['wait_ms_mean']:.3f} ms "
+            f"({row['wait_pct_of_step']:.2f}% of {row['step_ms_mean']:.2f} ms); worker busy "
+            f"{row['worker_busy_pct_of_step']:.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()

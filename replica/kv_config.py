@@ -1,0 +1,111 @@
+"""What the KV cache holds and how it is laid out in virtual memory.
+
+Two layouts, both first-class:
+
+``per_layer`` (the vAttention paper's default): one K and one V range per layer, each
+    [max_slots, max_tokens, kv_heads, head_dim]            -> 2 * num_layers ranges
+``interleaved``: one K and one V range for all layers,
+    [max_slots, max_tokens, num_layers, kv_heads, head_dim] -> 2 ranges; layer l is a strided view
+
+Each range is cut into ``max_slots`` equal slot regions of ``pages_per_slot`` pages::
+
+    range:  | slot 0: page 0 .. page P-1 | slot 1: page P .. 2P-1 | ...
+    slot s holding n tokens needs pages [s*P, s*P + ceil(n * bytes_per_token / page_size))
+
+Every range maps the same page indices at the same time, so a slot's page demand is one count
+("page groups") times ``num_ranges`` physical pages. With 2 MiB pages the interleaved layout wastes
+at most 2 pages per request where per_layer wastes up to 2 * num_layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class KVLayout(str, Enum):
+    PER_LAYER = "per_layer"
+    INTERLEAVED = "interleaved"
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The KV cache of one tensor-parallel rank (``num_kv_heads`` is this rank's shard).
+
+    ``max_tokens`` is rounded up so that every slot spans whole pages (see ``tokens_per_slot``);
+    ``budget_bytes`` caps the physical memory the cache may create.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    max_slots: int
+    max_tokens: int
+    page_size: int
+    budget_bytes: int
+    layout: KVLayout = KVLayout.INTERLEAVED
+    #: Page groups mapped ahead of need when a slot grows (batches growth into fewer runs).
+    eager_pages: int = 1
+    #: Released slots keep their pages until the pool needs them (deferred reclamation).
+    deferred_reclamation: bool = True
+    #: Free pages beyond this many are released to the device once idle for ``idle_seconds``.
+    max_idle_pages: int = 64
+    idle_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", KVLayout(self.layout))
+        for name in ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCacheConfig.{name} must be a positive int, got {value!r}")
+        for name in ("eager_pages", "max_idle_pages", "budget_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"KVCacheConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.page_size % self.element_size:
+            raise ValueError(f"page size {self.page_size} is not a multiple of {self.dtype}'s size")
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def num_ranges(self) -> int:
+        """Reserved virtual ranges: K and V, per layer or for all layers together."""
+        return 2 * self.num_layers if self.layout is KVLayout.PER_LAYER else 2
+
+    @property
+    def layers_per_range(self) -> int:
+        return self.num_layers if self.layout is KVLayout.INTERLEAVED else 1
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in one range."""
+        return self.layers_per_range * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def tokens_per_slot(self) -> int:
+        """``max_tokens`` rounded up to the least count whose bytes fill whole pages."""
+        quantum = self.page_size // math.gcd(self.page_size, self.bytes_per_token)
+        return -(-self.max_tokens // quantum) * quantum
+
+    @property
+    def pages_per_slot(self) -> int:
+        return self.tokens_per_slot * self.bytes_per_token // self.page_size
+
+    @property
+    def budget_pages(self) -> int:
+        return self.budget_bytes // self.page_size
+
+    def page_groups_for(self, tokens: int) -> int:
+        """Page groups (pages per range) that back tokens [0, tokens) of a slot."""
+        return -(-tokens * self.bytes_per_token // self.page_size)
+
+    @property
+    def range_shape(self) -> tuple[int, ...]:
+        if self.layout is KVLayout.INTERLEAVED:
+            return (self.max_slots, self.tokens_per_slot, self.num_layers, self.num_kv_heads, self.head_dim)
+        return (self.max_slots, self.tokens_per_slot, self.num_kv_heads, self.head_dim)

@@ -1,0 +1,54 @@
+"""A snapshot of the KV cache's books, cheap to take at any time (router, metrics, benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    page_size_bytes: int
+    tokens_per_page: float  # tokens one page of one range holds
+    pages_total: int  # the budget
+    pages_created: int
+    pages_free: int  # created, mapped nowhere
+    pages_in_use: int  # mapped under running slots
+    pages_cached: int  # mapped under released slots (deferred reclamation)
+    pages_available: int  # a new request could get these now (free, creatable, cached, eager surplus)
+    wasted_bytes: int  # mapped under running slots but holding no token
+    slots_running: int
+    slots_cached: int
+    map_calls: int  # map runs executed (one access grant each)
+    pages_mapped_total: int
+    map_seconds: float  # time the worker spent in the driver
+    wait_seconds: float  # time callers waited on the worker
+    pages_released_total: int  # returned to the device by the elastic pool
+
+    @property
+    def pages_mapped(self) -> int:
+        return self.pages_in_use + self.pages_cached
+
+    @property
+    def bytes_released_total(self) -> int:
+        return self.pages_released_total * self.page_size_bytes
+
+    @property
+    def usage_ratio(self) -> float:
+        """In-use pages over the budget (the number other routers scrape as KV usage)."""
+        return self.pages_in_use / self.pages_total if self.pages_total else 0.0
+
+    def summary(self) -> str:
+        """One line for people: where the pages are and what they cost."""
+        mib = 1024 * 1024
+        return (
+            f"pages: {self.pages_in_use} in use, {self.pages_cached} cached, {self.pages_free} free, "
+            f"{self.pages_created}/{self.pages_total} created, {self.pages_available} available; "
+            f"waste {self.wasted_bytes / mib:.1f} MiB; {self.map_calls} map calls "
+            f"({self.map_seconds * 1e3:.2f} ms), waited {self.wait_seconds * 1e3:.2f} ms; "
+            f"{self.pages_released_total} released to the device"
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = dict(asdict(self))
+        out.update(pages_mapped=self.pages_mapped, bytes_released_total=self.bytes_released_total, usage_ratio=self.usage_ratio)
+        return out

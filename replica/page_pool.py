@@ -1,0 +1,127 @@
+"""Which physical page ids exist and which are free: the elastic pool's policy.
+
+Pages are created on demand up to ``budget_pages`` and, when more than ``max_idle_pages`` free
+pages have sat unused for ``idle_seconds``, the surplus is released back to the device so another
+process or model can use it. This class only decides; the caller turns its decisions into
+``Op.create`` / ``Op.release`` operations for the mapping worker, in order.
+
+Invariants (``check_invariants``):
+    len(free) + in_use == created <= budget_pages
+    every created id is either free or handed out, never both
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Ids handed out by ``take``; ``new_ids`` must be created before use."""
+
+    ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+
+
+class PhysicalPagePool:
+    def __init__(
+        self,
+        budget_pages: int,
+        max_idle_pages: int,
+        idle_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget_pages = budget_pages
+        self.max_idle_pages = max_idle_pages
+        self.idle_seconds = idle_seconds
+        self._clock = clock
+        # Free ids in the order they became free (oldest first), with that time.
+        self._free: OrderedDict[int, float] = OrderedDict()
+        self._created: set[int] = set()
+        # Ids below this were issued once; released ids are reused before new ones.
+        self._next_id = 0
+        self._released_ids: list[int] = []
+        self.pages_released_total = 0
+
+    @property
+    def created(self) -> int:
+        return len(self._created)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_use(self) -> int:
+        return self.created - self.free
+
+    @property
+    def available(self) -> int:
+        """Pages that ``take`` can hand out now: free ones plus those still creatable."""
+        return self.free + self.budget_pages - self.created
+
+    def take(self, count: int) -> Taken | None:
+        """Hands out ``count`` ids (free ones first, most recently freed first, then new ones),
+        or None, changing nothing, if fewer are available."""
+        if count > self.available:
+            return None
+        ids: list[int] = []
+        while len(ids) < count and self._free:
+            page_id, _ = self._free.popitem(last=True)
+            ids.append(page_id)
+        new_ids: list[int] = []
+        while len(ids) + len(new_ids) < count:
+            page_id = self._released_ids.pop() if self._released_ids else self._issue()
+            self._created.add(page_id)
+            new_ids.append(page_id)
+        return Taken(tuple(ids + new_ids), tuple(new_ids))
+
+    def give_back(self, ids: list[int] | tuple[int, ...]) -> None:
+        """Returns handed-out ids to the free list (they must already be unmapped, or be unmapped
+        by operations queued before any operation that maps them again)."""
+        now = self._clock()
+        for page_id in ids:
+            if page_id not in self._created or page_id in self._free:
+                raise RuntimeError(f"bug: page id {page_id} given back but not handed out")
+            self._free[page_id] = now
+
+    def idle_surplus(self) -> list[int]:
+        """Free ids to release now: beyond ``max_idle_pages``, oldest first, idle long enough."""
+        surplus = self.free - self.max_idle_pages
+        if surplus <= 0:
+            return []
+        deadline = self._clock() - self.idle_seconds
+        chosen = []
+        for page_id, freed_at in self._free.items():
+            if len(chosen) == surplus or freed_at > deadline:
+                break
+            chosen.append(page_id)
+        return self._release(chosen)
+
+    def all_free(self) -> list[int]:
+        """Every free id, to release at once (``shrink``)."""
+        return self._release(list(self._free))
+
+    def _release(self, ids: list[int]) -> list[int]:
+        for page_id in ids:
+            del self._free[page_id]
+            self._created.discard(page_id)
+            self._released_ids.append(page_id)
+        self.pages_released_total += len(ids)
+        return ids
+
+    def _issue(self) -> int:
+        page_id = self._next_id
+        self._next_id += 1
+        return page_id
+
+    def check_invariants(self) -> None:
+        assert self.free + self.in_use == self.created <= self.budget_pages, (
+            f"free {self.free} + in use {self.in_use} != created {self.created} "
+            f"or created > budget {self.budget_pages}"
+        )
+        assert set(self._free) <= self._created, "a free id was never created"
+        assert not set(self._released_ids) & self._created, "a released id is still created"
