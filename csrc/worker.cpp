@@ -1,6 +1,8 @@
 #include "worker.h"
 
 #include <chrono>
+#include <stdexcept>
+#include <string>
 
 namespace vattn {
 namespace {
