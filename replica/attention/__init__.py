@@ -1,0 +1,54 @@
+"""Attention backends over the vAttention cache, chosen by name."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from replica.attention.base import AttentionBackend, KVCacheViews
+from replica.attention.batch import StepBatch
+
+BACKENDS = ("auto", "flashinfer", "torch-fa2", "flash-attn", "sdpa")
+
+
+def available(name: str, device: torch.device) -> bool:
+    if name == "sdpa":
+        return True
+    if device.type != "cuda":
+        return False
+    if name == "torch-fa2":
+        return True
+    module = {"flashinfer": "flashinfer", "flash-attn": "flash_attn"}[name]
+    return importlib.util.find_spec(module) is not None
+
+
+def make_attention_backend(
+    name: str, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> AttentionBackend:
+    """``auto`` picks flashinfer, then torch-fa2 on CUDA, else sdpa."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = next(n for n in ("flashinfer", "torch-fa2", "sdpa") if available(n, device))
+    if not available(name, device):
+        raise ValueError(f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)")
+    if name == "flashinfer":
+        from replica.attention.flashinfer_backend import FlashInferBackend
+
+        return FlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
+    if name == "torch-fa2":
+        from replica.attention.torch_fa2 import TorchFlashBackend
+
+        return TorchFlashBackend(cache, num_q_heads, num_kv_heads, head_dim)
+    if name == "flash-attn":
+        from replica.attention.flash_attn_backend import FlashAttnBackend
+
+        return FlashAttnBackend(cache, num_q_heads, num_kv_heads, head_dim)
+    from replica.attention.sdpa import SdpaBackend
+
+    return SdpaBackend(cache, num_q_heads, num_kv_heads, head_dim)
+
+
+__all__ = ["AttentionBackend", "BACKENDS", "KVCacheViews", "StepBatch", "make_attention_backend"]

@@ -1,0 +1,83 @@
+"""One step's batch as the attention backends see it, built once per step for all layers.
+
+Sequences are ordered by slot (ascending): kernels that take the cache as one flat token array
+(PyTorch FA2) need each sequence's keys to start after the previous one's.
+
+    sequence i:  slot s_i, context c_i tokens already cached, q_i new tokens this step
+    new tokens of i sit at positions [c_i, c_i + q_i) of slot s_i; kv_len_i = c_i + q_i
+    queries flattened: tokens of sequence i are rows [cu_query[i], cu_query[i + 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    slots: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    query_lens: tuple[int, ...]
+    # Device tensors (int32 unless noted)
+    slots_t: torch.Tensor  # [B]
+    kv_lens_t: torch.Tensor  # [B]
+    cu_query_t: torch.Tensor  # [B + 1]
+    token_slots_t: torch.Tensor  # [T] int64, slot of each new token
+    token_positions_t: torch.Tensor  # [T] int64, position of each new token
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token (the decode kernels apply)."""
+        return all(n == 1 for n in self.query_lens)
+
+    @property
+    def kv_lens(self) -> tuple[int, ...]:
+        return tuple(c + q for c, q in zip(self.context_lens, self.query_lens))
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_kv_len(self) -> int:
+        return max(self.kv_lens)
+
+    @staticmethod
+    def build(
+        slots: Sequence[int], context_lens: Sequence[int], query_lens: Sequence[int], device: torch.device
+    ) -> StepBatch:
+        if list(slots) != sorted(slots) or len(set(slots)) != len(slots):
+            raise ValueError(f"a step's slots must be distinct and ascending, got {list(slots)}")
+        if any(q <= 0 for q in query_lens):
+            raise ValueError(f"every sequence adds at least one token, got {list(query_lens)}")
+        kv_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        token_slots = [s for s, q in zip(slots, query_lens) for _ in range(q)]
+        token_positions = [p for c, q in zip(context_lens, query_lens) for p in range(c, c + q)]
+        cu_query = [0]
+        for q in query_lens:
+            cu_query.append(cu_query[-1] + q)
+
+        def tensor(values: Sequence[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+        return StepBatch(
+            slots=tuple(slots),
+            context_lens=tuple(context_lens),
+            query_lens=tuple(query_lens),
+            slots_t=tensor(slots),
+            kv_lens_t=tensor(kv_lens),
+            cu_query_t=tensor(cu_query),
+            token_slots_t=tensor(token_slots, torch.int64),
+            token_positions_t=tensor(token_positions, torch.int64),
+        )

@@ -1,0 +1,112 @@
+"""Attention backends on the vAttention cache: sdpa against a naive float64 reference on CPU;
+every GPU backend against sdpa within bf16 tolerance, on both layouts (marked gpu)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from replica import KVCacheAllocator, KVCacheConfig, open_device
+from replica.attention import StepBatch, make_attention_backend
+from replica.attention.base import AttentionBackend
+from replica.vmm import cuda_available
+
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 8, 2, 64, 2
+# (context already cached, new tokens): decodes, prefill chunks on a context, a fresh prompt
+MIXED = [(0, 7), (5, 1), (33, 1), (20, 12), (70, 1)]
+DECODE = [(9, 1), (40, 1), (1, 1), (100, 1)]
+
+
+def build(device_name: str, layout: str, dtype: torch.dtype) -> KVCacheAllocator:
+    device = open_device(device_name, 64 * 1024 if device_name == "host" else None)
+    config = KVCacheConfig(
+        num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=dtype, max_slots=8,
+        max_tokens=256, page_size=device.page_size, budget_bytes=256 * device.page_size, layout=layout,
+    )
+    return KVCacheAllocator(config, device)
+
+
+def step(allocator: KVCacheAllocator, shape: list[tuple[int, int]], seed: int = 0):
+    """Acquires slots, fills each context with random K/V, returns the batch and new q/k/v."""
+    generator = torch.Generator().manual_seed(seed)
+    device, dtype = allocator.device.torch_device, allocator.config.dtype
+    slots = []
+    for context, query in shape:
+        slot = allocator.acquire()
+        allocator.ensure(slot, context + query)
+        for layer in range(LAYERS):
+            for cache in (allocator.k_cache(layer), allocator.v_cache(layer)):
+                cache[slot, :context] = torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).to(device, dtype)
+        slots.append(slot)
+    batch = StepBatch.build(slots, [c for c, _ in shape], [q for _, q in shape], device)
+    tokens = batch.num_tokens
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn(tokens, heads, HEAD_DIM, generator=generator).to(device, dtype)
+
+    return batch, rand(Q_HEADS), rand(KV_HEADS), rand(KV_HEADS)
+
+
+def run(backend: AttentionBackend, batch: StepBatch, q, k, v, layer: int = 1) -> torch.Tensor:
+    backend.plan(batch)
+    return backend(layer, q, k, v)
+
+
+def naive(allocator: KVCacheAllocator, batch: StepBatch, q: torch.Tensor, layer: int = 1) -> torch.Tensor:
+    out = []
+    start = 0
+    for slot, context, query in zip(batch.slots, batch.context_lens, batch.query_lens):
+        keys = allocator.k_cache(layer)[slot, : context + query].double()
+        values = allocator.v_cache(layer)[slot, : context + query].double()
+        for j in range(query):
+            visible = context + j + 1
+            for head in range(Q_HEADS):
+                kv_head = head // (Q_HEADS // KV_HEADS)
+                scores = keys[:visible, kv_head] @ q[start + j, head].double() / math.sqrt(HEAD_DIM)
+                out.append(torch.softmax(scores, 0) @ values[:visible, kv_head])
+        start += query
+    return torch.stack(out).view(-1, Q_HEADS, HEAD_DIM)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_sdpa_matches_naive_attention_and_writes_the_cache(layout: str, shape) -> None:
+    allocator = build("host", layout, torch.float32)
+    batch, q, k, v = step(allocator, shape)
+    backend = make_attention_backend("sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu"))
+    out = run(backend, batch, q, k, v)
+    rows = torch.arange(batch.num_tokens)
+    written = allocator.k_cache(1)[batch.token_slots_t, batch.token_positions_t]
+    torch.testing.assert_close(written, k[rows])
+    torch.testing.assert_close(out.double(), naive(allocator, batch, q), rtol=1e-5, atol=1e-5)
+
+
+def test_batches_must_be_ordered_by_slot() -> None:
+    with pytest.raises(ValueError, match="distinct and ascending"):
+        StepBatch.build([3, 1], [0, 0], [1, 1], torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        make_attention_backend("paged", None, 1, 1, 8, torch.float32, torch.device("cpu"))  # type: ignore[arg-type]
+    if not cuda_available()[0]:
+        with pytest.raises(ValueError, match="unavailable on cpu"):
+            make_attention_backend("torch-fa2", None, 1, 1, 8, torch.float32, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flashinfer", "torch-fa2", "flash-attn"])
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_gpu_backends_match_sdpa(name: str, layout: str, shape) -> None:
+    device = torch.device("cuda")
+    from replica.attention import available
+
+    if not available(name, device):
+        pytest.skip(f"{name} is not installed")
+    allocator = build("cuda", layout, torch.bfloat16)
+    batch, q, k, v = step(allocator, shape)
+    reference = make_attention_backend("sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    expected = run(reference, batch, q, k, v)
+    backend = make_attention_backend(name, allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    out = run(backend, batch, q, k, v)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
