@@ -13,7 +13,7 @@ from replica.attention import StepBatch, make_attention_backend
 from replica.attention.base import AttentionBackend
 from replica.vmm import cuda_available
 
-Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 8, 2, 64, 2
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 8, 2, 128, 2
 # (context already cached, new tokens): decodes, prefill chunks on a context, a fresh prompt
 MIXED = [(0, 7), (5, 1), (33, 1), (20, 12), (70, 1)]
 DECODE = [(9, 1), (40, 1), (1, 1), (100, 1)]

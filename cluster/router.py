@@ -1,0 +1,91 @@
+"""Ray Serve request router that sends each request to the vattn replica with the most free KV pages.
+
+The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve 2.60's
+custom request router API. Serve cloudpickles this module's router class *by value* into the
+deployment config and rebuilds it in every process that holds a handle to the deployment (driver,
+HTTP proxy, ingress replicas), so ``cluster.routing`` must be importable there.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from cluster import routing
+
+ROUTER_PATH = "cluster.router:FreePageRouter"
+
+
+class FreePageRouter(RequestRouter):
+    """Rank replicas by free KV pages relative to the request's need; else power of two choices.
+
+    Not FIFOMixin: with it, a replica picked for one request's size may be handed to whichever
+    request heads the queue. Serve's default matching gives the chosen replica to the request it
+    was chosen for; routing tasks still take requests from the queue in arrival order.
+    """
+
+    decisions = routing.SharedDecisions()
+    """Process-wide ``routing.RoutingDecisions`` (reason -> count, replica -> count, last pages)."""
+
+    max_age_s: float = 2.0
+
+    def initialize_state(self, max_age_s: float = 2.0, **kwargs: object) -> None:
+        """Called by Serve with ``RequestRouterConfig.request_router_kwargs``."""
+        self.max_age_s = float(max_age_s)
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is not None:
+            # Retry with exponential backoff (RequestRouterConfig) once every rank was full,
+            # instead of re-running this method in a tight loop.
+            pending_request.routing_context.should_backoff = True
+
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        pairs = [
+            (rid, routing.ReplicaStats.from_dict(r.routing_stats)) for rid, r in by_id.items()
+        ]
+        need = None
+        request = _request_of(pending_request)
+        tpps = [s.tokens_per_page for _, s in pairs if s is not None]
+        if request is not None and tpps:
+            need = routing.pages_needed(request, min(tpps))
+        choice = routing.rank_replicas(pairs, need, time.time(), self.max_age_s)
+        routing.DECISIONS.record(choice)
+        if choice.reason == routing.MOST_FREE_PAGES:
+            return [[by_id[rid] for rid in rank] for rank in choice.ranks]
+        # Power of two choices: one rank of two random replicas; Serve takes the shorter queue.
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+
+
+def _request_of(pending_request: PendingRequest | None) -> object | None:
+    """The GenerateRequest: first positional argument, or a ``request=`` keyword."""
+    if pending_request is None:
+        return None
+    if pending_request.args:
+        return pending_request.args[0]
+    return pending_request.kwargs.get("request")
+
+
+def router_config(period_s: float = 0.5, max_age_s: float | None = None) -> RequestRouterConfig:
+    """RequestRouterConfig for vattn replica deployments.
+
+    Replicas are polled for ``record_routing_stats()`` every ``period_s`` (x U(0.9, 1.1)); stats
+    older than ``max_age_s`` (default ``max(4 * period_s + 1, 2)`` seconds) make the router fall
+    back to power of two choices.
+    """
+    if max_age_s is None:
+        max_age_s = max(4 * period_s + 1.0, 2.0)
+    return RequestRouterConfig(
+        request_router_class=ROUTER_PATH,
+        request_router_kwargs={"max_age_s": max_age_s},
+        request_routing_stats_period_s=period_s,
+        request_routing_stats_timeout_s=max(4 * period_s, 1.0),
+    )

@@ -1,0 +1,161 @@
+"""Free-page routing policy for vattn replicas (pure Python, no Ray imports).
+
+Rule: a request needing ``n`` KV pages goes first to the replica with the most ``free_pages - n``
+(equivalently the most free pages, since ``n`` is the same for every candidate); replicas that cannot
+fit it (``free_pages < n``) come after every replica that can, still ordered by free pages. Ties
+break on fewer ``running + waiting`` requests, then on replica id, so the order is deterministic.
+Each rank holds one replica, so Serve's queue-length tie-break inside a rank cannot reorder them.
+If ``n`` is unknown, or any candidate's stats are missing, malformed or older than ``max_age_s``,
+the policy returns reason ``"fallback"`` and the caller routes by power of two choices instead.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MOST_FREE_PAGES = "most_free_pages"
+FALLBACK = "fallback"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """What a replica's ``record_routing_stats()`` reports (see the contract in the module doc)."""
+
+    free_pages: int  # min over TP ranks of pages a new request could get now
+    total_pages: int
+    tokens_per_page: float
+    running: int
+    waiting: int
+    timestamp: float  # replica's time.time() when the stats were taken
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ReplicaStats | None:
+        """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok)."""
+        if not isinstance(d, Mapping):
+            return None
+        ints = ("free_pages", "total_pages", "running", "waiting")
+        if not all(_is_int(d.get(k)) for k in ints):
+            return None
+        tpp, ts = d.get("tokens_per_page"), d.get("timestamp")
+        if not (_is_real(tpp) and tpp > 0 and _is_real(ts)):
+            return None
+        return cls(
+            free_pages=d["free_pages"],
+            total_pages=d["total_pages"],
+            tokens_per_page=float(tpp),
+            running=d["running"],
+            waiting=d["waiting"],
+            timestamp=float(ts),
+        )
+
+
+def pages_needed(request: Any, tokens_per_page: float) -> int | None:
+    """ceil((prompt_tokens + max_tokens) / tokens_per_page), or None if the request lacks them."""
+    p, m = getattr(request, "prompt_tokens", None), getattr(request, "max_tokens", None)
+    if not (_is_int(p) and _is_int(m) and _is_real(tokens_per_page) and tokens_per_page > 0):
+        return None
+    return math.ceil((p + m) / tokens_per_page)
+
+
+@dataclass(frozen=True)
+class RankedChoice:
+    """Outcome of one ranking: ``ranks`` is ``[[best_id], [next_id], ...]`` (empty on fallback)."""
+
+    ranks: list[list[str]]
+    reason: str  # MOST_FREE_PAGES or FALLBACK
+    free_pages: int | None  # free pages of the first choice (None on fallback)
+    oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
+
+    @property
+    def first(self) -> str | None:
+        return self.ranks[0][0] if self.ranks else None
+
+
+def rank_replicas(
+    candidates: Sequence[tuple[str, ReplicaStats | None]],
+    pages_needed: int | None,
+    now: float,
+    max_age_s: float,
+) -> RankedChoice:
+    """Order ``candidates`` (replica id, stats) by the rule in the module docstring."""
+    stamps = [s.timestamp for _, s in candidates if s is not None]
+    age = now - min(stamps) if stamps and len(stamps) == len(candidates) else None
+    if pages_needed is None or age is None or age > max_age_s:
+        return RankedChoice([], FALLBACK, None, age)
+
+    def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, int, int, str]:
+        rid, s = item
+        assert s is not None
+        return (s.free_pages < pages_needed, -s.free_pages, s.running + s.waiting, rid)
+
+    ordered = sorted(candidates, key=key)
+    first = ordered[0][1]
+    assert first is not None
+    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.free_pages, age)
+
+
+@dataclass
+class RoutingDecisions:
+    """Thread-safe in-process tally of routing decisions, for metrics to read.
+
+    ``by_replica`` counts the first choice of ranked decisions only (on fallback Serve picks).
+    """
+
+    by_reason: Counter = field(default_factory=Counter)
+    by_replica: Counter = field(default_factory=Counter)
+    last_free_pages: int | None = None
+    last_reason: str | None = None
+    last_replica: str | None = None
+    last_stats_age_s: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, choice: RankedChoice) -> None:
+        with self._lock:
+            self.by_reason[choice.reason] += 1
+            if choice.first is not None:
+                self.by_replica[choice.first] += 1
+                self.last_free_pages = choice.free_pages
+            self.last_reason, self.last_replica = choice.reason, choice.first
+            self.last_stats_age_s = choice.oldest_stats_age_s
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "by_reason": dict(self.by_reason),
+                "by_replica": dict(self.by_replica),
+                "last_free_pages": self.last_free_pages,
+                "last_reason": self.last_reason,
+                "last_replica": self.last_replica,
+                "last_stats_age_s": self.last_stats_age_s,
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_reason.clear()
+            self.by_replica.clear()
+            self.last_free_pages = self.last_reason = self.last_replica = None
+            self.last_stats_age_s = None
+
+
+DECISIONS = RoutingDecisions()
+"""The process-wide tally every FreePageRouter in this process writes to."""
+
+
+class SharedDecisions:
+    """Descriptor returning ``DECISIONS`` at access time (Serve pickles router classes by value)."""
+
+    def __get__(self, obj: object, objtype: type | None = None) -> RoutingDecisions:
+        return DECISIONS

@@ -1,0 +1,111 @@
+"""Streaming on top of the engine: one background thread runs steps while there is work; callers
+await per-request async iterators of ``RequestOutput`` deltas. Leaving the iterator early (client
+disconnect, cancellation) aborts the request and frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Callable
+
+from replica.engine import LLMEngine
+from replica.engine_config import EngineConfig
+from replica.engine_stats import EngineStats
+from replica.request import RequestOutput
+from replica.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config)
+        self._lock = threading.Lock()  # guards the engine: the loop thread and callers
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="vattn-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def check(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Tokenizes and validates without queueing (raises ValueError for impossible requests)."""
+        with self._lock:
+            token_ids = self.engine.tokenize(prompt)
+            self.engine.check_fits(len(token_ids), params.max_tokens)
+        return token_ids
+
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        request_id = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params)  # ValueError for impossible requests
+            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+            self._queues.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self.engine.stats()
+
+    def call(self, function: Callable[[LLMEngine], Any]) -> Any:
+        """Runs ``function(engine)`` under the engine's lock (for stats and maintenance)."""
+        with self._lock:
+            return function(self.engine)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            with self._lock:
+                if not self.engine.has_work():
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as error:  # a broken step fails its requests, not the process
+                    log.exception("engine step failed")
+                    outputs = self._fail_all(error)
+            for output in outputs:
+                target = self._queues.get(output.request_id)
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, output)
+
+    def _fail_all(self, error: Exception) -> list[RequestOutput]:
+        failed = []
+        for request_id in list(self.engine.requests):
+            request = self.engine.requests[request_id]
+            self.engine.abort(request_id)
+            failed.append(RequestOutput(
+                request_id, "", (), True, "abort", len(request.prompt_token_ids),
+                len(request.output_token_ids), error=f"{type(error).__name__}: {error}",
+            ))
+        return failed

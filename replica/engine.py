@@ -1,0 +1,253 @@
+"""The engine of one replica (tp = 1 here): scheduler → vAttention cache → model → sampler.
+
+    engine = LLMEngine(EngineConfig(model="embedded"))
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8, temperature=0))
+    while engine.has_work():
+        for output in engine.step(): ...
+
+Each step waits for the pages the previous step submitted, schedules, submits the *next* step's
+pages to the mapping worker, then runs the model while the worker maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from replica.attention import StepBatch, make_attention_backend
+from replica.detokenizer import OutputStream
+from replica.engine_config import EngineConfig
+from replica.engine_stats import EngineStats, LatencyLog
+from replica.kv_allocator import KVCacheAllocator
+from replica.kv_config import KVCacheConfig
+from replica.model import ModelConfig, embedded_model_dir, load_model
+from replica.request import Request, RequestOutput, RequestStatus
+from replica.sampling import SamplingParams, make_generator, sample
+from replica.scheduler import ScheduledStep, Scheduler
+from replica.vmm import DEFAULT_PAGE_SIZE, open_device
+
+log = logging.getLogger(__name__)
+
+#: GPU memory kept out of the KV budget for activations, logits and kernel workspaces.
+ACTIVATION_RESERVE_BYTES = 3 << 30
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served (too long for a slot or for the whole cache)."""
+
+
+def resolve_model_dir(model: str) -> Path | None:
+    if model == "synthetic":
+        return None
+    if model == "embedded":
+        return embedded_model_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{model!r} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The directory's tokenizer, or None when it ships none (token-id prompts only)."""
+    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        model_dir = resolve_model_dir(config.model)
+        model_config = (
+            ModelConfig.from_hf_dir(model_dir) if model_dir else config.synthetic or ModelConfig.llama3_8b()
+        )
+        self.dtype = config.torch_dtype(self.device, None)
+        self.model = load_model(
+            model_dir or "synthetic", self.dtype, self.device, config.rank, config.world_size,
+            config=model_config, seed=config.seed, progress=False,
+        )
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
+        self.eos_token_ids = tuple(model_config.eos_token_ids)
+        self.kv = self._make_kv_cache()
+        self.attention = make_attention_backend(
+            config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,
+            model_config.head_dim, self.dtype, self.device,
+        )
+        self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages)
+        self.requests: dict[str, Request] = {}
+        self.latency = LatencyLog()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _make_kv_cache(self) -> KVCacheAllocator:
+        config, model_config = self.config, self.model_config
+        vmm = open_device("cuda" if self.device.type == "cuda" else "host", config.page_size, self.device.index or 0)
+        budget = config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
+            else:
+                budget = 1 << 30
+        kv_config = KVCacheConfig(
+            num_layers=model_config.num_layers,
+            num_kv_heads=self.model.num_local_kv_heads,
+            head_dim=model_config.head_dim,
+            dtype=self.dtype,
+            max_slots=config.max_running,
+            max_tokens=config.max_model_len,
+            page_size=config.page_size or DEFAULT_PAGE_SIZE,
+            budget_bytes=max(budget, 0),
+            layout=config.kv_layout,
+            eager_pages=config.eager_pages,
+        )
+        return KVCacheAllocator(kv_config, vmm)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected("this model has no tokenizer: send token ids")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+        """Queues a request, or raises RequestRejected (a ValueError) if it can never be served."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self.check_fits(len(token_ids), params.max_tokens)
+        stream = (
+            OutputStream(self.tokenizer, token_ids, params, self.eos_token_ids) if self.tokenizer is not None else None
+        )
+        generator = make_generator(params.seed, self.device) if params.seed is not None else None
+        request = Request(request_id, token_ids, params, stream, generator)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens == 0:
+            raise RequestRejected("the prompt is empty")
+        total = prompt_tokens + max_tokens
+        limit = min(self.config.max_model_len, self.model_config.max_position_embeddings)
+        if total > limit:
+            raise RequestRejected(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                f"context limit of {limit} tokens"
+            )
+        kv = self.kv.config
+        pages = kv.page_groups_for(total) * kv.num_ranges
+        if pages > kv.budget_pages:
+            raise RequestRejected(f"{total} tokens need {pages} KV pages; the whole cache has {kv.budget_pages}")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its slot at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request, "abort")
+        return RequestOutput(request_id, "", (), True, "abort", len(request.prompt_token_ids), len(request.output_token_ids))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        now = time.monotonic()
+        for request in plan.requests:
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        batch = StepBatch.build(
+            [r.slot for r in plan.requests],  # type: ignore[misc]
+            plan.context_lens, plan.query_lens, self.device,
+        )
+        # The next step's pages are mapped by the worker while this step's model runs.
+        self.kv.step_async({r.slot: c + q for r, c, q in zip(plan.requests, plan.context_lens, plan.query_lens)})  # type: ignore[misc]
+        logits, sampled = self._forward(plan, batch)
+        outputs = self._sample(sampled, logits) if sampled else []
+        for request, query in zip(plan.requests, plan.query_lens):
+            request.computed += query
+        return outputs
+
+    def _forward(self, plan: ScheduledStep, batch: StepBatch) -> tuple[torch.Tensor, list[Request]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        rows, sampled = [], []
+        for request, context, query in zip(plan.requests, plan.context_lens, plan.query_lens):
+            input_ids += request.token_ids(context, context + query)
+            positions += range(context, context + query)
+            if context + query == request.num_tokens:  # its last known token: sample the next
+                rows.append(len(input_ids) - 1)
+                sampled.append(request)
+        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+        self.prompt_tokens_total += sum(
+            max(0, min(c + q, len(r.prompt_token_ids)) - c)
+            for r, c, q in zip(plan.requests, plan.context_lens, plan.query_lens)
+        )
+        with torch.inference_mode():
+            self.attention.plan(batch)
+            hidden = self.model(ids, pos, self.attention)
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0]
+        return logits, sampled
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        with torch.inference_mode():
+            result = sample(logits, [r.params for r in requests], [r.generator for r in requests]).to_host()
+        now = time.monotonic()
+        outputs = []
+        for i, request in enumerate(requests):
+            token = result.token_ids[i]
+            request.output_token_ids.append(token)
+            self.generation_tokens_total += 1
+            self.latency.token(request, now)
+            text, reason = "", None
+            if request.stream is not None:
+                delta = request.stream.add(token)
+                text, reason = delta.text, delta.finish_reason
+            else:
+                reason = self._finish_without_text(request, token)
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+                self.requests.pop(request.request_id, None)
+                self.latency.finished(request, now)
+            outputs.append(RequestOutput(
+                request.request_id, text, (token,), reason is not None, reason,
+                len(request.prompt_token_ids), len(request.output_token_ids),
+                (result.logprobs[i],) if result.logprobs is not None and request.params.logprobs is not None else None,
+                (tuple(result.top_logprobs[i]),) if result.top_logprobs is not None and request.params.logprobs else None,
+            ))
+        return outputs
+
+    def _finish_without_text(self, request: Request, token: int) -> str | None:
+        params = request.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        return "length" if len(request.output_token_ids) >= params.max_tokens else None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            preemptions_total=self.scheduler.preemptions_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            kv=self.kv.stats(),
+            latency=self.latency.snapshot(),
+        )
+
+    def running_requests(self) -> list[Request]:
+        return [r for r in self.scheduler.requests() if r.status is RequestStatus.RUNNING]

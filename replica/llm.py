@@ -1,0 +1,85 @@
+"""The offline API: generate for a list of prompts, no server.
+
+    from replica import LLM, SamplingParams
+    llm = LLM()                                    # the embedded SmolLM2-135M-Instruct
+    [out] = llm.chat([[{"role": "user", "content": "Name three primary colors."}]],
+                     SamplingParams(max_tokens=32, temperature=0))
+    print(out.text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from replica.engine import LLMEngine
+from replica.engine_config import EngineConfig
+from replica.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    logprobs: tuple[float, ...] | None = None
+
+
+class LLM:
+    def __init__(self, model: str = "embedded", **config: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Runs every prompt to completion (continuous batching); results in prompt order."""
+        params = params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        for request_id, prompt, request_params in zip(ids, prompts, per_prompt):
+            self.engine.add_request(request_id, prompt, request_params)
+        texts = {i: "" for i in ids}
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        logprobs: dict[str, list[float]] = {i: [] for i in ids}
+        finished = {}
+        while self.engine.has_work():
+            for output in self.engine.step():
+                texts[output.request_id] += output.text
+                tokens[output.request_id] += output.token_ids
+                logprobs[output.request_id] += output.logprobs or ()
+                if output.finished:
+                    finished[output.request_id] = output
+        return [
+            Completion(
+                texts[i], tuple(tokens[i]), finished[i].finish_reason, finished[i].prompt_tokens,
+                tuple(logprobs[i]) if p.logprobs is not None else None,
+            )
+            for i, p in zip(ids, per_prompt)
+        ]
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Applies the tokenizer's chat template to each conversation, then generates."""
+        prompts = [apply_chat_template(self.tokenizer, messages) for messages in conversations]
+        return self.generate(prompts, params)
+
+
+def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so no chat template")
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+    # A plain fallback for tokenizers without a template.
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"

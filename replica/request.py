@@ -1,0 +1,79 @@
+"""A request's life inside one engine, and what the engine reports for it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from replica.detokenizer import OutputStream
+from replica.sampling import SamplingParams
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step added to a request (a streaming delta), and where the request stands."""
+
+    request_id: str
+    text: str  # new text since the last output
+    token_ids: tuple[int, ...]  # new token ids since the last output
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: tuple[float, ...] | None = None  # chosen tokens' logprobs, for token_ids
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    error: str | None = None  # set when the request failed rather than finished
+
+
+@dataclass(eq=False)
+class Request:
+    """Token ids known so far = prompt + output; ``computed`` of them have K/V in the cache.
+
+    A running request feeds ``num_tokens - computed`` tokens next: many while prefilling (in
+    chunks), one while decoding. Preemption by recompute resets ``computed`` to 0 and keeps the
+    output, so the request re-prefills prompt + output and continues exactly where it was.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: OutputStream | None
+    generator: torch.Generator | None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    slot: int | None = None
+    computed: int = 0
+    preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def pending_tokens(self) -> int:
+        return self.num_tokens - self.computed
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens the slot must hold at most: the prompt and every token it may generate."""
+        return len(self.prompt_token_ids) + self.params.max_tokens
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        prompt = len(self.prompt_token_ids)
+        if stop <= prompt:
+            return self.prompt_token_ids[start:stop]
+        return (self.prompt_token_ids + self.output_token_ids)[start:stop]

@@ -1,0 +1,126 @@
+"""Continuous batching with chunked prefill, FCFS, admission and preemption by KV pages.
+
+Each step gets a token budget. Running requests go first (decodes take one token, prefills a
+chunk), then waiting requests are admitted in arrival order while the budget, the slot count and
+the allocator's pages allow (keeping ``watermark_pages`` spare so running requests can grow).
+When a running request cannot get its pages, the most recently admitted request is preempted by
+recompute: its slot is released and it waits at the head of the queue. KVCacheOutOfMemory never
+escapes this class.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from replica.kv_allocator import KVCacheAllocator, KVCacheOutOfMemory
+from replica.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """The step's sequences ordered by slot, with the new tokens each feeds."""
+
+    requests: tuple[Request, ...]
+    query_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheAllocator, max_batch_tokens: int, max_running: int, watermark_pages: int = 0) -> None:
+        self.kv = kv
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = min(max_running, kv.config.max_slots)
+        self.watermark_pages = watermark_pages
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.preemptions_total = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep | None:
+        budget = self.max_batch_tokens
+        chosen: dict[Request, int] = {}
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            tokens = min(request.pending_tokens, budget)
+            # Victims come from the tail (newest), never from the requests already chosen.
+            if not self._back(request, request.computed + tokens):
+                break  # it was the newest itself
+            chosen[request] = tokens
+            budget -= tokens
+            index += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            request = self.waiting[0]
+            tokens = min(request.pending_tokens, budget)
+            spare = self.watermark_pages * self.kv.config.num_ranges
+            if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < self._pages(tokens):
+                break
+            slot = self.kv.acquire(tokens_hint=request.max_total_tokens)
+            try:
+                self.kv.ensure(slot, tokens)
+            except KVCacheOutOfMemory:
+                self.kv.release(slot)
+                break
+            self.waiting.popleft()
+            request.slot, request.status = slot, RequestStatus.RUNNING
+            self.running.append(request)
+            chosen[request] = tokens
+            budget -= tokens
+        if not chosen:
+            return None
+        order = sorted(chosen, key=lambda r: r.slot if r.slot is not None else -1)
+        return ScheduledStep(
+            requests=tuple(order),
+            query_lens=tuple(chosen[r] for r in order),
+            context_lens=tuple(r.computed for r in order),
+        )
+
+    def _pages(self, tokens: int) -> int:
+        return self.kv.config.page_groups_for(tokens) * self.kv.config.num_ranges
+
+    def _back(self, request: Request, tokens: int) -> bool:
+        """Backs ``tokens`` of a running request, preempting the newest requests as needed.
+        False if ``request`` itself had to be preempted."""
+        assert request.slot is not None
+        while True:
+            try:
+                self.kv.ensure(request.slot, tokens)
+                return True
+            except KVCacheOutOfMemory:
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is request:
+                    return False
+
+    def preempt(self, request: Request) -> None:
+        """Recompute later: free the slot now, keep the output, wait at the head of the queue."""
+        self._drop(request)
+        request.computed = 0
+        request.status = RequestStatus.WAITING
+        request.preemptions += 1
+        self.preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        if request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        elif request.status is RequestStatus.RUNNING:
+            self._drop(request)
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
+
+    def _drop(self, request: Request) -> None:
+        self.running.remove(request)
+        if request.slot is not None:
+            self.kv.release(request.slot)  # at once: abort frees the slot immediately
+            request.slot = None
+
+    def requests(self) -> Iterable[Request]:
+        yield from self.running
+        yield from self.waiting

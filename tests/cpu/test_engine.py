@@ -1,0 +1,147 @@
+"""The engine end to end on CPU, against Hugging Face transformers on the same weights."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from replica import LLM, AsyncLLMEngine, EngineConfig, RequestRejected, SamplingParams
+from replica.model import embedded_model_dir
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+# Prompts of different lengths (token ids of the tiny model's vocabulary).
+PROMPTS = [[5, 17, 33], [9] * 21 + [40, 2 + 1], [60, 61, 62, 63, 64, 65, 66, 67, 68], [100]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    return path
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=max_new_tokens, pad_token_id=0)
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
+def tiny_llm(tiny_dir: Path, **config: object) -> LLM:
+    defaults: dict[str, object] = dict(page_size=4096, max_model_len=256, max_running=8, kv_cache_bytes=256 * 4096)
+    defaults.update(config)
+    return LLM(str(tiny_dir), **defaults)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_greedy_matches_transformers_on_a_batch(tiny_dir: Path, layout: str) -> None:
+    expected = hf_greedy(tiny_dir, PROMPTS, GREEDY.max_tokens)
+    outputs = tiny_llm(tiny_dir, kv_layout=layout).generate(PROMPTS, GREEDY)
+    assert [list(o.token_ids) for o in outputs] == expected
+
+
+def test_chunked_prefill_and_preemption_keep_outputs_identical(tiny_dir: Path) -> None:
+    expected = tiny_llm(tiny_dir).generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    # 16 tokens a page, 2 ranges: 10 pages back 80 tokens in all, far below 4 x ~60 tokens.
+    small = tiny_llm(tiny_dir, kv_cache_bytes=10 * 4096, max_batch_tokens=8, eager_pages=0)
+    outputs = small.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert small.engine.stats().preemptions_total > 0
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    kv = small.engine.stats().kv
+    assert kv.slots_running == 0 and kv.pages_in_use == 0
+    small.engine.kv.check_invariants(deep=True)
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(tiny_dir: Path) -> None:
+    llm = tiny_llm(tiny_dir)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], seeded)[0].token_ids
+    mixed = llm.generate(PROMPTS, [seeded, *[SamplingParams(max_tokens=9, temperature=1.0)] * 3])[0].token_ids
+    other_seed = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True))
+    assert alone == mixed
+    assert other_seed[0].token_ids != alone
+
+
+def test_impossible_requests_are_rejected_up_front(tiny_dir: Path) -> None:
+    llm = tiny_llm(tiny_dir, max_model_len=64, kv_cache_bytes=4 * 4096)
+    with pytest.raises(RequestRejected, match="exceeds the context limit of 64 tokens"):
+        llm.engine.add_request("long", [5] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(RequestRejected, match="need 8 KV pages; the whole cache has 4"):
+        llm.engine.add_request("big", [5] * 40, SamplingParams(max_tokens=20))
+    with pytest.raises(RequestRejected, match="empty"):
+        llm.engine.add_request("empty", [], SamplingParams(max_tokens=1))
+    with pytest.raises(RequestRejected, match="no tokenizer"):
+        llm.engine.add_request("text", "hello", SamplingParams(max_tokens=1))
+    assert not llm.engine.has_work()
+
+
+def test_abort_frees_the_slot_at_once(tiny_dir: Path) -> None:
+    llm = tiny_llm(tiny_dir)
+    engine = llm.engine
+    engine.add_request("keep", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    engine.add_request("drop", PROMPTS[1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().kv.slots_running == 2
+    aborted = engine.abort("drop")
+    assert aborted is not None and aborted.finish_reason == "abort"
+    assert engine.stats().kv.slots_running == 1 and engine.stats().running == 1
+    tokens = []
+    while engine.has_work():
+        tokens += [t for o in engine.step() for t in o.token_ids]
+    assert len(tokens) == 20 - 3
+
+
+def test_streaming_deltas_add_up_and_leaving_early_aborts(tiny_dir: Path) -> None:
+    llm = tiny_llm(tiny_dir)
+    offline = llm.generate([PROMPTS[2]], GREEDY)[0]
+    engine = AsyncLLMEngine(EngineConfig(), engine=llm.engine)
+
+    async def main() -> tuple[list[int], int]:
+        streamed = [t async for o in engine.generate(PROMPTS[2], GREEDY) for t in o.token_ids]
+        partial = engine.generate(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        async for _ in partial:
+            break  # the client goes away after the first token
+        await partial.aclose()
+        return streamed, engine.stats().kv.slots_running
+
+    try:
+        streamed, running_after_leave = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert streamed == list(offline.token_ids)
+    assert running_after_leave == 0
+
+
+@pytest.fixture(scope="module")
+def smollm() -> LLM:
+    return LLM("embedded", max_running=4)
+
+
+def test_embedded_model_answers_and_matches_transformers(smollm: LLM) -> None:
+    questions = ["What is the capital of France? Answer in one sentence.", "Name three primary colors."]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    outputs = smollm.chat(conversations, SamplingParams(max_tokens=24, temperature=0))
+    assert "Paris" in outputs[0].text
+    prompts = [smollm.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    expected = hf_greedy(embedded_model_dir(), prompts, 24)
+    eos = smollm.engine.eos_token_ids
+    trimmed = [e[: next((i + 1 for i, t in enumerate(e) if t in eos), len(e))] for e in expected]
+    assert [list(o.token_ids) for o in outputs] == trimmed

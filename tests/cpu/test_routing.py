@@ -1,0 +1,163 @@
+"""Unit tests of the free-page routing policy (cluster.routing), no Ray involved."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.routing import (
+    FALLBACK,
+    MOST_FREE_PAGES,
+    RankedChoice,
+    ReplicaStats,
+    RoutingDecisions,
+    pages_needed,
+    rank_replicas,
+)
+
+NOW = 1_000.0
+
+
+def stats(free: int, running: int = 0, waiting: int = 0, age: float = 0.1) -> ReplicaStats:
+    return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age)
+
+
+def ids(choice: RankedChoice) -> list[str]:
+    return [rank[0] for rank in choice.ranks]
+
+
+def rank(cands, need=10, max_age_s=2.0) -> RankedChoice:
+    return rank_replicas(cands, need, NOW, max_age_s)
+
+
+def test_replica_near_budget_loses_to_one_with_room():
+    c = rank([("a", stats(12)), ("b", stats(400))])
+    assert c.reason == MOST_FREE_PAGES
+    assert ids(c) == ["b", "a"]
+    assert c.free_pages == 400 and c.first == "b"
+
+
+def test_replica_that_cannot_fit_goes_last_even_if_idle():
+    busy = stats(30, running=40, waiting=9)
+    idle_full = stats(9)  # needs 10, has 9; no requests at all
+    c = rank([("idle", idle_full), ("busy", busy), ("mid", stats(11, running=3))])
+    assert ids(c) == ["busy", "mid", "idle"]
+
+
+def test_replicas_that_cannot_fit_ordered_by_free_pages():
+    c = rank([("x", stats(1)), ("y", stats(5)), ("z", stats(50))], need=60)
+    assert c.reason == MOST_FREE_PAGES
+    assert ids(c) == ["z", "y", "x"]
+    assert c.free_pages == 50
+
+
+def test_exact_fit_counts_as_fitting():
+    c = rank([("exact", stats(10)), ("short", stats(9, running=0))], need=10)
+    assert ids(c) == ["exact", "short"]
+
+
+@pytest.mark.parametrize(
+    "cands",
+    [
+        [("a", stats(100)), ("b", None)],
+        [("a", stats(100)), ("b", stats(50, age=2.5))],
+        [("a", stats(100, age=10.0))],
+    ],
+    ids=["missing", "one-stale", "all-stale"],
+)
+def test_missing_or_stale_stats_fall_back(cands):
+    c = rank(cands)
+    assert c.reason == FALLBACK
+    assert c.ranks == [] and c.free_pages is None and c.first is None
+
+
+def test_unknown_need_falls_back():
+    c = rank([("a", stats(100)), ("b", stats(5))], need=None)
+    assert c.reason == FALLBACK
+
+
+def test_age_exactly_at_limit_is_fresh_and_reported():
+    c = rank([("a", stats(100, age=2.0)), ("b", stats(5, age=0.5))], max_age_s=2.0)
+    assert c.reason == MOST_FREE_PAGES
+    assert c.oldest_stats_age_s == pytest.approx(2.0)
+
+
+def test_ties_are_deterministic():
+    cands = [
+        ("r2", stats(64, running=1, waiting=1)),
+        ("r1", stats(64, running=2, waiting=0)),
+        ("r0", stats(64, running=3)),
+        ("r3", stats(64, running=0, waiting=1)),
+    ]
+    expected = ["r3", "r1", "r2", "r0"]  # fewer running+waiting, then id
+    for perm in itertools.permutations(cands):
+        assert ids(rank(list(perm))) == expected
+
+
+def test_one_replica_per_rank():
+    c = rank([(f"r{i}", stats(10 * i)) for i in range(6)])
+    assert all(len(r) == 1 for r in c.ranks)
+    assert len(c.ranks) == 6 and len(set(ids(c))) == 6
+
+
+def test_from_dict_accepts_contract_and_rejects_malformed():
+    good = {
+        "free_pages": 7,
+        "total_pages": 100,
+        "tokens_per_page": 16,
+        "running": 1,
+        "waiting": 0,
+        "timestamp": 5.0,
+        "extra": "ignored",
+    }
+    s = ReplicaStats.from_dict(good)
+    assert s == ReplicaStats(7, 100, 16.0, 1, 0, 5.0)
+    assert ReplicaStats.from_dict(None) is None
+    assert ReplicaStats.from_dict({}) is None
+    for key, bad in [
+        ("free_pages", -1),
+        ("free_pages", 3.5),
+        ("running", True),
+        ("tokens_per_page", 0),
+        ("tokens_per_page", float("nan")),
+        ("timestamp", "now"),
+    ]:
+        assert ReplicaStats.from_dict({**good, key: bad}) is None, (key, bad)
+    assert ReplicaStats.from_dict({k: v for k, v in good.items() if k != "waiting"}) is None
+
+
+def test_pages_needed():
+    req = SimpleNamespace(prompt_tokens=100, max_tokens=60)
+    assert pages_needed(req, 16.0) == 10
+    assert pages_needed(SimpleNamespace(prompt_tokens=100, max_tokens=61), 16.0) == 11
+    assert pages_needed(SimpleNamespace(prompt_tokens=0, max_tokens=0), 16.0) == 0
+    assert pages_needed(object(), 16.0) is None
+    assert pages_needed(SimpleNamespace(prompt_tokens="x", max_tokens=1), 16.0) is None
+    assert pages_needed(req, 0) is None
+
+
+def test_routing_decisions_tally():
+    d = RoutingDecisions()
+    d.record(rank([("a", stats(12)), ("b", stats(400))]))
+    d.record(rank([("a", stats(12)), ("b", None)]))
+    d.record(rank([("a", stats(300)), ("b", stats(20))]))
+    snap = d.snapshot()
+    assert snap["by_reason"] == {MOST_FREE_PAGES: 2, FALLBACK: 1}
+    assert snap["by_replica"] == {"a": 1, "b": 1}
+    assert snap["last_free_pages"] == 300 and snap["last_replica"] == "a"
+
+    def hammer():
+        for _ in range(1000):
+            d.record(rank([("a", stats(12))]))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert d.snapshot()["by_replica"]["a"] == 4001
+    d.reset()
+    assert d.snapshot()["by_reason"] == {}
