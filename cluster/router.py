@@ -49,9 +49,7 @@ class FreePageRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        pairs = [
-            (rid, routing.ReplicaStats.from_dict(r.routing_stats)) for rid, r in by_id.items()
-        ]
+        pairs = [(rid, routing.ReplicaStats.from_dict(r.routing_stats)) for rid, r in by_id.items()]
         need = None
         request = _request_of(pending_request)
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]

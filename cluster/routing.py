@@ -15,7 +15,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MOST_FREE_PAGES = "most_free_pages"
@@ -44,22 +44,14 @@ class ReplicaStats:
     @classmethod
     def from_dict(cls, d: Any) -> ReplicaStats | None:
         """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok)."""
-        if not isinstance(d, Mapping):
-            return None
         ints = ("free_pages", "total_pages", "running", "waiting")
-        if not all(_is_int(d.get(k)) for k in ints):
+        if not (isinstance(d, Mapping) and all(_is_int(d.get(k)) for k in ints)):
             return None
         tpp, ts = d.get("tokens_per_page"), d.get("timestamp")
         if not (_is_real(tpp) and tpp > 0 and _is_real(ts)):
             return None
-        return cls(
-            free_pages=d["free_pages"],
-            total_pages=d["total_pages"],
-            tokens_per_page=float(tpp),
-            running=d["running"],
-            waiting=d["waiting"],
-            timestamp=float(ts),
-        )
+        free, total, run, wait = (d[k] for k in ints)
+        return cls(free, total, float(tpp), run, wait, float(ts))
 
 
 def pages_needed(request: Any, tokens_per_page: float) -> int | None:
@@ -107,20 +99,24 @@ def rank_replicas(
     return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.free_pages, age)
 
 
-@dataclass
 class RoutingDecisions:
-    """Thread-safe in-process tally of routing decisions, for metrics to read.
+    """Thread-safe in-process tally of routing decisions (one per ``choose_replicas`` call).
 
     ``by_replica`` counts the first choice of ranked decisions only (on fallback Serve picks).
     """
 
-    by_reason: Counter = field(default_factory=Counter)
-    by_replica: Counter = field(default_factory=Counter)
-    last_free_pages: int | None = None
-    last_reason: str | None = None
-    last_replica: str | None = None
-    last_stats_age_s: float | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_reason: Counter[str] = Counter()
+            self.by_replica: Counter[str] = Counter()
+            self.last_free_pages: int | None = None
+            self.last_reason: str | None = None
+            self.last_replica: str | None = None
+            self.last_stats_age_s: float | None = None
 
     def record(self, choice: RankedChoice) -> None:
         with self._lock:
@@ -132,22 +128,13 @@ class RoutingDecisions:
             self.last_stats_age_s = choice.oldest_stats_age_s
 
     def snapshot(self) -> dict[str, Any]:
+        """A consistent copy: by_reason, by_replica (dicts) and the last_* fields."""
         with self._lock:
             return {
-                "by_reason": dict(self.by_reason),
-                "by_replica": dict(self.by_replica),
-                "last_free_pages": self.last_free_pages,
-                "last_reason": self.last_reason,
-                "last_replica": self.last_replica,
-                "last_stats_age_s": self.last_stats_age_s,
+                k: dict(v) if isinstance(v, Counter) else v
+                for k, v in vars(self).items()
+                if not k.startswith("_")
             }
-
-    def reset(self) -> None:
-        with self._lock:
-            self.by_reason.clear()
-            self.by_replica.clear()
-            self.last_free_pages = self.last_reason = self.last_replica = None
-            self.last_stats_age_s = None
 
 
 DECISIONS = RoutingDecisions()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
+import time
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -161,3 +164,37 @@ def test_routing_decisions_tally():
     assert d.snapshot()["by_replica"]["a"] == 4001
     d.reset()
     assert d.snapshot()["by_reason"] == {}
+
+
+# FreePageRouter.choose_replicas with fake replicas (needs ray installed, not a running cluster).
+
+
+def _replica(rid: str, free: int | None) -> SimpleNamespace:
+    routing_stats = {} if free is None else {**asdict(stats(free)), "timestamp": time.time()}
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats=routing_stats)
+
+
+def _choose(replicas, request) -> list[list[str]]:
+    pytest.importorskip("ray.serve")
+    from cluster.router import FreePageRouter
+
+    router = FreePageRouter.__new__(FreePageRouter)  # skip Serve's metrics / queue set-up
+    router.initialize_state(max_age_s=2.0)
+    ctx = SimpleNamespace(should_backoff=False)
+    pending = SimpleNamespace(args=[request], kwargs={}, routing_context=ctx)
+    out = asyncio.run(router.choose_replicas(replicas, pending))
+    assert ctx.should_backoff is True
+    return [[r.replica_id.unique_id for r in rank] for rank in out]
+
+
+def test_router_ranks_by_free_pages_one_per_rank():
+    reps = [_replica("a", 3), _replica("b", 90), _replica("c", 40)]
+    assert _choose(reps, SimpleNamespace(prompt_tokens=100, max_tokens=60)) == [["b"], ["c"], ["a"]]
+
+
+def test_router_falls_back_to_two_random_choices():
+    reps = [_replica("a", None), _replica("b", 90), _replica("c", 40)]
+    out = _choose(reps, SimpleNamespace(prompt_tokens=100, max_tokens=60))
+    assert len(out) == 1 and len(set(out[0])) == 2 and set(out[0]) <= {"a", "b", "c"}
+    out = _choose(reps[1:], object())  # no prompt_tokens / max_tokens -> fallback
+    assert len(out) == 1 and sorted(out[0]) == ["b", "c"]

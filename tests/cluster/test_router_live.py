@@ -1,0 +1,173 @@
+"""Live Ray Serve test of FreePageRouter: 2 fake replicas, real stats path, real handle routing.
+
+The fake replicas read the free-page count they report from a small control actor (``PageBoard``)
+that the test sets, so the test can make either replica the one with room and flip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from cluster.router import FreePageRouter, router_config
+from cluster.routing import DECISIONS, FALLBACK, MOST_FREE_PAGES
+
+pytestmark = pytest.mark.integration
+
+TOKENS_PER_PAGE = 16.0
+REQUEST = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # ceil(160 / 16) = 10 pages
+N_REQUESTS = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_app():
+    """Define the actor and deployment here so cloudpickle ships them by value to the workers."""
+
+    @ray.remote(num_cpus=0)
+    class PageBoard:
+        def __init__(self):
+            self.free: dict[str, int] = {}
+            self.replicas: set[str] = set()
+
+        def register(self, replica_id: str) -> None:
+            self.replicas.add(replica_id)
+
+        def registered(self) -> list[str]:
+            return sorted(self.replicas)
+
+        def set_free(self, free: dict[str, int]) -> None:
+            self.free = dict(free)
+
+        def get(self, replica_id: str) -> int | None:
+            return self.free.get(replica_id)
+
+    @serve.deployment(
+        num_replicas=2,
+        max_ongoing_requests=100,  # no queue-full rejections: only the router decides
+        ray_actor_options={"num_cpus": 0.5},
+        request_router_config=router_config(0.2),
+    )
+    class FakeReplica:
+        def __init__(self, board):
+            self.board = board
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+            board.register.remote(self.replica_id)
+
+        async def record_routing_stats(self) -> dict:
+            free = await self.board.get.remote(self.replica_id)
+            if free is None:
+                return {}  # no stats yet: the router must fall back
+            return {
+                "free_pages": free,
+                "total_pages": 100,
+                "tokens_per_page": TOKENS_PER_PAGE,
+                "running": 0,
+                "waiting": 0,
+                "timestamp": time.time(),
+            }
+
+        async def generate(self, request) -> str:
+            await asyncio.sleep(0.01)
+            return self.replica_id
+
+        async def stream(self, request):
+            for _ in range(2):
+                yield self.replica_id
+
+    board = PageBoard.remote()
+    return board, FakeReplica.bind(board)
+
+
+@pytest.fixture(scope="module")
+def serve_app():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        board, app = _build_app()
+        handle = serve.run(app, name="router_live", route_prefix=None)
+        yield board, handle
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _route_one(handle) -> str:
+    return handle.generate.remote(REQUEST).result(timeout_s=10)
+
+
+def _wait_until_routed_to(handle, replica_id: str, free_pages: int) -> None:
+    """Send single requests until the router ranks ``replica_id`` first from fresh stats."""
+
+    def ok():
+        served = _route_one(handle)
+        snap = DECISIONS.snapshot()
+        return (
+            served == replica_id
+            and snap["last_reason"] == MOST_FREE_PAGES
+            and snap["last_replica"] == replica_id
+            and snap["last_free_pages"] == free_pages
+        )
+
+    _wait(ok, 15, f"stats of {replica_id} to reach the router")
+
+
+def _burst(handle) -> list[str]:
+    calls = [handle.generate.remote(REQUEST) for _ in range(N_REQUESTS)]
+    calls_stream = [handle.options(stream=True).stream.remote(REQUEST) for _ in range(3)]
+    served = [c.result(timeout_s=15) for c in calls]
+    for gen in calls_stream:
+        served.extend(list(gen))
+    return served
+
+
+def test_requests_go_to_replica_with_free_pages(serve_app):
+    board, handle = serve_app
+    DECISIONS.reset()
+    a, b = _wait(
+        lambda: (r := ray.get(board.registered.remote())) and len(r) == 2 and r,
+        20,
+        "both replicas to register",
+    )
+
+    # No stats yet -> power-of-two fallback, still served.
+    assert _route_one(handle) in (a, b)
+    assert DECISIONS.snapshot()["by_reason"].get(FALLBACK, 0) >= 1
+    assert FreePageRouter.decisions is DECISIONS
+
+    # b has room, a has 2 pages (request needs 10).
+    ray.get(board.set_free.remote({a: 2, b: 100}))
+    _wait_until_routed_to(handle, b, 100)
+    before = DECISIONS.snapshot()["by_replica"].get(b, 0)
+    served = _burst(handle)
+    assert set(served) == {b}, served
+    snap = DECISIONS.snapshot()
+    assert snap["by_replica"][b] - before >= N_REQUESTS + 3
+    assert snap["last_stats_age_s"] is not None and snap["last_stats_age_s"] < 2.0
+
+    # Flip: now a has room.
+    ray.get(board.set_free.remote({a: 100, b: 2}))
+    _wait_until_routed_to(handle, a, 100)
+    served = _burst(handle)
+    assert set(served) == {a}, served
