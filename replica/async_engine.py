@@ -9,8 +9,8 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig

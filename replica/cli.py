@@ -46,7 +46,7 @@ def generate(args: argparse.Namespace) -> int:
     stats = llm.engine.stats()
     print(
         f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}, {time.monotonic() - started:.1f} s "
-        f"with loading; attention {llm.engine.attention.name}, KV {stats.kv.summary()}]",
+        f"with loading; attention {llm.engine.runner.attention.name}, KV {stats.kv.summary()}]",
         file=sys.stderr,
     )
     return 0

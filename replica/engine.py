@@ -19,22 +19,16 @@ from typing import Any
 
 import torch
 
-from replica.attention import StepBatch, make_attention_backend
 from replica.detokenizer import OutputStream
 from replica.engine_config import EngineConfig
 from replica.engine_stats import EngineStats, LatencyLog
-from replica.kv_allocator import KVCacheAllocator
-from replica.kv_config import KVCacheConfig
-from replica.model import ModelConfig, embedded_model_dir, load_model
+from replica.model import ModelConfig, embedded_model_dir
+from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
 from replica.sampling import SamplingParams, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
-from replica.vmm import DEFAULT_PAGE_SIZE, open_device
 
 log = logging.getLogger(__name__)
-
-#: GPU memory kept out of the KV budget for activations, logits and kernel workspaces.
-ACTIVATION_RESERVE_BYTES = 3 << 30
 
 
 class RequestRejected(ValueError):
@@ -69,48 +63,16 @@ class LLMEngine:
         model_config = (
             ModelConfig.from_hf_dir(model_dir) if model_dir else config.synthetic or ModelConfig.llama3_8b()
         )
-        self.dtype = config.torch_dtype(self.device, None)
-        self.model = load_model(
-            model_dir or "synthetic", self.dtype, self.device, config.rank, config.world_size,
-            config=model_config, seed=config.seed, progress=False,
-        )
+        self.runner = ModelRunner(config, model_dir, model_config)
         self.model_config = model_config
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
         self.eos_token_ids = tuple(model_config.eos_token_ids)
-        self.kv = self._make_kv_cache()
-        self.attention = make_attention_backend(
-            config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,
-            model_config.head_dim, self.dtype, self.device,
-        )
+        self.kv = self.runner.kv  # the scheduler decides with this rank's pages
         self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages)
         self.requests: dict[str, Request] = {}
         self.latency = LatencyLog()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-
-    def _make_kv_cache(self) -> KVCacheAllocator:
-        config, model_config = self.config, self.model_config
-        vmm = open_device("cuda" if self.device.type == "cuda" else "host", config.page_size, self.device.index or 0)
-        budget = config.kv_cache_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
-            else:
-                budget = 1 << 30
-        kv_config = KVCacheConfig(
-            num_layers=model_config.num_layers,
-            num_kv_heads=self.model.num_local_kv_heads,
-            head_dim=model_config.head_dim,
-            dtype=self.dtype,
-            max_slots=config.max_running,
-            max_tokens=config.max_model_len,
-            page_size=config.page_size or DEFAULT_PAGE_SIZE,
-            budget_bytes=max(budget, 0),
-            layout=config.kv_layout,
-            eager_pages=config.eager_pages,
-        )
-        return KVCacheAllocator(kv_config, vmm)
 
     # ---- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -163,46 +125,34 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if plan is None:
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
             return []
         now = time.monotonic()
-        for request in plan.requests:
+        for request in scheduled.requests:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-        batch = StepBatch.build(
-            [r.slot for r in plan.requests],  # type: ignore[misc]
-            plan.context_lens, plan.query_lens, self.device,
-        )
-        # The next step's pages are mapped by the worker while this step's model runs.
-        self.kv.step_async({r.slot: c + q for r, c, q in zip(plan.requests, plan.context_lens, plan.query_lens)})  # type: ignore[misc]
-        logits, sampled = self._forward(plan, batch)
+        plan, sampled = self._plan(scheduled)
+        logits = self.runner.execute(plan)
         outputs = self._sample(sampled, logits) if sampled else []
-        for request, query in zip(plan.requests, plan.query_lens):
+        for request, query in zip(scheduled.requests, scheduled.query_lens):
             request.computed += query
         return outputs
 
-    def _forward(self, plan: ScheduledStep, batch: StepBatch) -> tuple[torch.Tensor, list[Request]]:
+    def _plan(self, scheduled: ScheduledStep) -> tuple[StepPlan, list[Request]]:
         input_ids: list[int] = []
-        positions: list[int] = []
         rows, sampled = [], []
-        for request, context, query in zip(plan.requests, plan.context_lens, plan.query_lens):
+        for request, context, query in zip(scheduled.requests, scheduled.context_lens, scheduled.query_lens):
             input_ids += request.token_ids(context, context + query)
-            positions += range(context, context + query)
             if context + query == request.num_tokens:  # its last known token: sample the next
                 rows.append(len(input_ids) - 1)
                 sampled.append(request)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
-        self.prompt_tokens_total += sum(
-            max(0, min(c + q, len(r.prompt_token_ids)) - c)
-            for r, c, q in zip(plan.requests, plan.context_lens, plan.query_lens)
+            self.prompt_tokens_total += max(0, min(context + query, len(request.prompt_token_ids)) - context)
+        plan = StepPlan(
+            tuple(r.slot for r in scheduled.requests),  # type: ignore[misc]
+            scheduled.context_lens, scheduled.query_lens, tuple(input_ids), tuple(rows),
         )
-        with torch.inference_mode():
-            self.attention.plan(batch)
-            hidden = self.model(ids, pos, self.attention)
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0]
-        return logits, sampled
+        return plan, sampled
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         with torch.inference_mode():

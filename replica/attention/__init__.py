@@ -51,4 +51,4 @@ def make_attention_backend(
     return SdpaBackend(cache, num_q_heads, num_kv_heads, head_dim)
 
 
-__all__ = ["AttentionBackend", "BACKENDS", "KVCacheViews", "StepBatch", "make_attention_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "KVCacheViews", "StepBatch", "make_attention_backend"]

@@ -35,10 +35,10 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: StepBatch) -> None:
         super().plan(batch)
         indptr = self.page_indptr[: batch.num_sequences + 1]  # one page (slot) per sequence
-        common = dict(
-            num_qo_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, page_size=self.tokens_per_slot,
-            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
-        )
+        common = {
+            "num_qo_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads, "page_size": self.tokens_per_slot,
+            "q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale,
+        }
         if batch.is_decode:
             self.decode.plan(indptr, batch.slots_t, batch.kv_lens_t, head_dim=self.head_dim, **common)
             self.active = self.decode

@@ -29,7 +29,8 @@ def engine(attention: str, layout: str) -> LLMEngine:
 
 def prefill_then_decode_logits(llm: LLMEngine, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs one prefill step and one decode step through model + cache + backend directly."""
-    device, kv = llm.device, llm.kv
+    runner = llm.runner
+    device, kv, model, attention = runner.device, runner.kv, runner.model, runner.attention
     slots = [kv.acquire() for _ in prompts]
     lengths = [len(p) for p in prompts]
     for slot, length in zip(slots, lengths):
@@ -39,16 +40,16 @@ def prefill_then_decode_logits(llm: LLMEngine, prompts: list[list[int]]) -> tupl
         batch = StepBatch.build(slots, [0] * len(prompts), lengths, device)
         ids = torch.tensor([t for p in prompts for t in p], device=device)
         pos = torch.tensor([i for p in prompts for i in range(len(p))], device=device)
-        llm.attention.plan(batch)
-        hidden = llm.model(ids, pos, llm.attention)
+        attention.plan(batch)
+        hidden = model(ids, pos, attention)
         last = torch.tensor([sum(lengths[: i + 1]) - 1 for i in range(len(prompts))], device=device)
-        results.append(llm.model.compute_logits(hidden[last]))
+        results.append(model.compute_logits(hidden[last]))
         # Fixed next tokens: argmax of random-weight logits can flip between kernels on a near tie.
         next_ids = torch.arange(len(prompts), device=device) + 1000
         batch = StepBatch.build(slots, lengths, [1] * len(prompts), device)
-        llm.attention.plan(batch)
-        hidden = llm.model(next_ids, torch.tensor(lengths, device=device), llm.attention)
-        results.append(llm.model.compute_logits(hidden))
+        attention.plan(batch)
+        hidden = model(next_ids, torch.tensor(lengths, device=device), attention)
+        results.append(model.compute_logits(hidden))
     return results[0], results[1]
 
 
@@ -85,4 +86,4 @@ def test_llama3_8b_shapes_serve_a_batch_of_64() -> None:
     stats = llm.stats()
     assert stats.kv.slots_running == 0 and stats.preemptions_total == 0
     llm.kv.check_invariants(deep=True)
-    print(f"attention={llm.attention.name} steps={steps} {stats.kv.summary()}")
+    print(f"attention={llm.runner.attention.name} steps={steps} {stats.kv.summary()}")

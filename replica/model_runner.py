@@ -1,0 +1,100 @@
+"""One rank's share of a replica: its model shard, its KV cache and its attention backend.
+
+The engine (rank 0) decides; every rank's runner executes the same ``StepPlan``: it submits the
+next step's pages to its mapping worker, plans attention once, runs the model, and returns the
+logits of the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from replica.attention import StepBatch, make_attention_backend
+from replica.engine_config import EngineConfig
+from replica.kv_allocator import KVCacheAllocator
+from replica.kv_config import KVCacheConfig
+from replica.model import ModelConfig, load_model
+from replica.vmm import DEFAULT_PAGE_SIZE, open_device
+
+#: GPU memory kept out of the KV budget for activations, logits and kernel workspaces.
+ACTIVATION_RESERVE_BYTES = 3 << 30
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank runs in one step (small, picklable: rank 0 broadcasts it under TP).
+    Sequences are ordered by slot; ``sample_rows`` index the flattened tokens."""
+
+    slots: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    query_lens: tuple[int, ...]
+    input_ids: tuple[int, ...]
+    sample_rows: tuple[int, ...]
+
+    @property
+    def positions(self) -> list[int]:
+        return [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: Path | None,
+        model_config: ModelConfig,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device, None)
+        self.model = load_model(
+            model_dir or "synthetic", self.dtype, self.device, config.rank, config.world_size,
+            config=model_config, process_group=process_group, seed=config.seed, progress=False,
+        )
+        self.model_config = model_config
+        self.kv = self._make_kv_cache()
+        self.attention = make_attention_backend(
+            config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,
+            model_config.head_dim, self.dtype, self.device,
+        )
+
+    def _make_kv_cache(self) -> KVCacheAllocator:
+        config = self.config
+        vmm = open_device("cuda" if self.device.type == "cuda" else "host", config.page_size, self.device.index or 0)
+        budget = config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
+            else:
+                budget = 1 << 30
+        kv_config = KVCacheConfig(
+            num_layers=self.model_config.num_layers,
+            num_kv_heads=self.model.num_local_kv_heads,
+            head_dim=self.model_config.head_dim,
+            dtype=self.dtype,
+            max_slots=config.max_running,
+            max_tokens=config.max_model_len,
+            page_size=config.page_size or DEFAULT_PAGE_SIZE,
+            budget_bytes=max(budget, 0),
+            layout=config.kv_layout,
+            eager_pages=config.eager_pages,
+        )
+        return KVCacheAllocator(kv_config, vmm)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Runs one step; returns float32 logits [len(sample_rows), vocab]."""
+        batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
+        # The next step's pages are mapped by the worker while this step's model runs.
+        self.kv.step_async({s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)})
+        ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        positions = torch.tensor(plan.positions, dtype=torch.long).to(self.device, non_blocking=True)
+        rows = torch.tensor(plan.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            self.attention.plan(batch)
+            hidden = self.model(ids, positions, self.attention)
+            return self.model.compute_logits(hidden[rows])
