@@ -18,6 +18,10 @@ class EngineConfig:
     device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
     attention: str = "auto"  # see replica.attention.BACKENDS
     kv_layout: KVLayout = KVLayout.INTERLEAVED
+    #: "vattention" (contiguous virtual slots) or "paged" (the PagedAttention comparison mode:
+    #: preallocated ``block_size``-token blocks and block tables, replica.paged).
+    kv_mode: str = "vattention"
+    block_size: int = 16  # tokens per block, paged mode only
     #: Physical KV budget; None takes ``gpu_memory_utilization`` of free GPU memory (1 GiB on CPU).
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.85
@@ -35,7 +39,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
-        for name in ("max_model_len", "max_running", "max_batch_tokens"):
+        if self.kv_mode not in ("vattention", "paged"):
+            raise ValueError(f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}")
+        for name in ("max_model_len", "max_running", "max_batch_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:

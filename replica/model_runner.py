@@ -18,6 +18,7 @@ from replica.engine_config import EngineConfig
 from replica.kv_allocator import KVCacheAllocator
 from replica.kv_config import KVCacheConfig
 from replica.model import ModelConfig, load_model
+from replica.paged import PagedKVCache, PagedKVConfig, make_paged_attention_backend
 from replica.vmm import DEFAULT_PAGE_SIZE, open_device
 
 #: GPU memory kept out of the KV budget for activations, logits and kernel workspaces.
@@ -57,14 +58,14 @@ class ModelRunner:
         )
         self.model_config = model_config
         self.kv = self._make_kv_cache()
-        self.attention = make_attention_backend(
-            config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,
+        make_backend = make_paged_attention_backend if isinstance(self.kv, PagedKVCache) else make_attention_backend
+        self.attention = make_backend(
+            config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,  # type: ignore[arg-type]
             model_config.head_dim, self.dtype, self.device,
         )
 
-    def _make_kv_cache(self) -> KVCacheAllocator:
+    def _make_kv_cache(self) -> KVCacheAllocator | PagedKVCache:
         config = self.config
-        vmm = open_device("cuda" if self.device.type == "cuda" else "host", config.page_size, self.device.index or 0)
         budget = config.kv_cache_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -72,6 +73,13 @@ class ModelRunner:
                 budget = int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
             else:
                 budget = 1 << 30
+        if config.kv_mode == "paged":  # the comparison mode: the same byte budget, preallocated
+            return PagedKVCache(PagedKVConfig(
+                num_layers=self.model_config.num_layers, num_kv_heads=self.model.num_local_kv_heads,
+                head_dim=self.model_config.head_dim, dtype=self.dtype, max_slots=config.max_running,
+                max_tokens=config.max_model_len, budget_bytes=max(budget, 0), block_size=config.block_size,
+            ), self.device)
+        vmm = open_device("cuda" if self.device.type == "cuda" else "host", config.page_size, self.device.index or 0)
         kv_config = KVCacheConfig(
             num_layers=self.model_config.num_layers,
             num_kv_heads=self.model.num_local_kv_heads,

@@ -32,6 +32,7 @@ class RequestOutput:
     logprobs: tuple[float, ...] | None = None  # chosen tokens' logprobs, for token_ids
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
     error: str | None = None  # set when the request failed rather than finished
+    replica: str | None = None  # set by the serving layer: which replica produced it
 
 
 @dataclass(eq=False)

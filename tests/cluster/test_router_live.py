@@ -7,7 +7,6 @@ that the test sets, so the test can make either replica the one with room and fl
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from types import SimpleNamespace
 
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.integration
 TOKENS_PER_PAGE = 16.0
 REQUEST = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # ceil(160 / 16) = 10 pages
 N_REQUESTS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_app():
@@ -91,16 +84,13 @@ def _build_app():
 
 
 @pytest.fixture(scope="module")
-def serve_app():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def serve_app(ray_session):
+    board, app = _build_app()
+    handle = serve.run(app, name="router_live", route_prefix=None)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        board, app = _build_app()
-        handle = serve.run(app, name="router_live", route_prefix=None)
         yield board, handle
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("router_live")
 
 
 def _wait(pred, timeout_s: float, what: str):

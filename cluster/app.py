@@ -1,0 +1,84 @@
+"""The Serve application: ``serve run cluster.app:app`` (the embedded model, defaults) or
+``serve run cluster.app:build_app model=/path/to/hf-dir tp=2 replicas=2``, and ``serve deploy``
+with a config whose ``import_path`` is ``cluster.app:build_app`` (args under ``args``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve import Application
+
+from cluster.ingress import VattnIngress
+from cluster.replica_deployment import VattnReplica
+from cluster.router import router_config
+from replica.engine_config import EngineConfig
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    model: str = "embedded"
+    tp: int = 1
+    replicas: int = 1
+    backend: str = "auto"
+    kv_layout: str = "interleaved"
+    device: str = "auto"  # "auto": GPUs when the cluster has them
+    max_model_len: int = 4096
+    max_running: int = 64
+    kv_cache_bytes: int | None = None
+    api_key: str | None = None
+    routing_stats_period_s: float = 0.5
+    replica_cpus: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> AppOptions:
+        """Takes Serve's string args (``key=value`` on the command line) or typed values."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(args) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown vattn app args {sorted(unknown)}; known: {sorted(fields)}")
+        values: dict[str, Any] = {}
+        for name, value in args.items():
+            kind = str(fields[name].type)
+            if value is None or kind.startswith("str"):
+                values[name] = value
+            elif "int" in kind:
+                values[name] = int(value)
+            elif "float" in kind:
+                values[name] = float(value)
+            else:
+                values[name] = value
+        return cls(**values)
+
+    def uses_gpu(self) -> bool:
+        if self.device == "cpu":
+            return False
+        if self.device.startswith("cuda"):
+            return True
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+    def engine_config(self) -> dict[str, Any]:
+        config = EngineConfig(
+            model=self.model, attention=self.backend, kv_layout=self.kv_layout,
+            device="cuda" if self.uses_gpu() else "cpu", max_model_len=self.max_model_len,
+            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
+        )
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    options = AppOptions.from_args(args or {})
+    gpu = options.uses_gpu()
+    deployment = VattnReplica.options(
+        num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},
+        request_router_config=router_config(options.routing_stats_period_s),
+    )
+    replica = deployment.bind(options.engine_config())
+    return VattnIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(replica, options.model, options.api_key)
+
+
+app = build_app()

@@ -1,0 +1,64 @@
+"""``vattn serve``: start (or join) Ray, deploy the app, print how to call it, stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    serve_parser.add_argument("--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'")
+    serve_parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    serve_parser.add_argument("--replicas", type=int, default=1)
+    serve_parser.add_argument("--backend", default="auto", help="attention: auto, flashinfer, torch-fa2, flash-attn, sdpa")
+    serve_parser.add_argument("--kv-layout", default="interleaved", choices=["interleaved", "per_layer"])
+    serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve_parser.add_argument("--max-model-len", type=int, default=4096)
+    serve_parser.add_argument("--max-running", type=int, default=64)
+    serve_parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--api-key", default=os.environ.get("VATTN_API_KEY"),
+                              help="require 'Authorization: Bearer KEY' (default: $VATTN_API_KEY)")
+    serve_parser.set_defaults(run=serve_main)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        # Logical CPUs: replicas and the ingress are scheduled by these, not by cores.
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4) + args.replicas * args.tp, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({
+        "model": args.model, "tp": args.tp, "replicas": args.replicas, "backend": args.backend,
+        "kv_layout": args.kv_layout, "device": args.device, "max_model_len": args.max_model_len,
+        "max_running": args.max_running, "api_key": args.api_key,
+    })
+    started = time.monotonic()
+    print(f"deploying {args.model} ({args.replicas} replica(s) x tp {args.tp}) ...", flush=True)
+    serve.run(app, name="vattn", route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    auth = ' -H "Authorization: Bearer $VATTN_API_KEY"' if args.api_key else ""
+    print(f"vattn is serving at {url}/v1 (ready in {time.monotonic() - started:.0f} s)\n")
+    print("Try:")
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\")
+    print("    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32}'")
+    print("\nCtrl-C stops it.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    print("\nshutting down ...", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

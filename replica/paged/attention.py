@@ -1,0 +1,165 @@
+"""Attention backends over the paged KV cache (the PagedAttention comparison mode).
+
+Same contract as ``replica.attention.base``: ``plan(batch)`` once per step, then one call per layer
+``(layer, q, k, v) -> out`` that first writes the step's new K/V into the cache, then attends. The
+difference is where a token lives: token t of the sequence in slot s is row
+``block_table[s, t // block_size] * block_size + t % block_size`` of a layer's cache viewed as
+[num_blocks * block_size, kv_heads, head_dim]. ``plan`` computes that *slot mapping* for the new
+tokens once on the device, so each layer's write is one index_put per K and V.
+
+``paged-sdpa``: gathers each sequence's blocks and runs PyTorch SDPA (reference, runs anywhere).
+``paged-flashinfer``: FlashInfer's paged decode (tensor cores) and prefill kernels, page_size =
+block_size, kv_indices gathered from the device block table on the device (no host sync).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from replica.attention.base import AttentionBackend
+from replica.attention.batch import StepBatch
+from replica.paged.block_manager import PagedKVCache
+
+PAGED_BACKENDS = ("auto", "paged-flashinfer", "paged-sdpa")
+#: The vAttention backend names that have a paged counterpart, so ``attention="sdpa"`` works in
+#: either mode.
+ALIASES = {"flashinfer": "paged-flashinfer", "sdpa": "paged-sdpa"}
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+class PagedAttentionBackend(AttentionBackend):
+    """Writes new K/V through the block table; subclasses attend over the blocks."""
+
+    def __init__(self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
+        self.paged = cache
+        self.block_size = cache.config.block_size
+        self.slot_mapping = torch.empty(0, dtype=torch.int64)
+
+    def plan(self, batch: StepBatch) -> None:
+        super().plan(batch)
+        table = self.paged.block_table()  # flushes this step's new entries first
+        positions = batch.token_positions_t
+        blocks = table[batch.token_slots_t, positions // self.block_size].long()
+        self.slot_mapping = blocks * self.block_size + positions % self.block_size
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.paged.k_cache(layer), self.paged.v_cache(layer)
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            # [blocks, block_size, heads, dim] -> [blocks * block_size, heads, dim], same memory
+            cache.view(-1, *cache.shape[2:]).index_put_((self.slot_mapping,), new.to(cache.dtype))
+        return k_cache, v_cache
+
+
+class PagedSdpaBackend(PagedAttentionBackend):
+    name = "paged-sdpa"
+
+    def plan(self, batch: StepBatch) -> None:
+        super().plan(batch)
+        table, size = self.paged.block_table(), self.block_size
+        offsets = torch.arange(size, device=table.device)
+        # Per sequence, the flat cache rows of its tokens [0, kv_len), read from the device table.
+        self.rows = [
+            (table[slot, : -(-kv_len // size)].long()[:, None] * size + offsets).flatten()[:kv_len]
+            for slot, kv_len in zip(batch.slots, batch.kv_lens)
+        ]
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
+        assert batch is not None
+        k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        out = torch.empty_like(q)
+        start = 0
+        for rows, context, query in zip(self.rows, batch.context_lens, batch.query_lens):
+            kv_len = context + query
+            # [tokens, heads, dim] -> [1, heads, tokens, dim]
+            q_i = q[start : start + query].transpose(0, 1).unsqueeze(0)
+            k_i = k_flat[rows].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            v_i = v_flat[rows].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            mask = None
+            if query > 1:  # query j sits at position context + j and sees keys 0 .. context + j
+                positions = torch.arange(kv_len, device=q.device)
+                mask = positions[None, :] <= (context + torch.arange(query, device=q.device))[:, None]
+            o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[start : start + query] = o_i.squeeze(0).transpose(0, 1)
+            start += query
+        return out
+
+
+class PagedFlashInferBackend(PagedAttentionBackend):
+    name = "paged-flashinfer"
+
+    def __init__(
+        self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        import flashinfer  # optional dependency: the gpu extra
+
+        super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
+        self.dtype = dtype
+        device = cache.device
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+        self.active: object = self.decode
+
+    def plan(self, batch: StepBatch) -> None:
+        super().plan(batch)
+        size, device = self.block_size, self.paged.device
+        # indptr and last_page_len are built on the host (pinned): FlashInfer's plan reads them
+        # there anyway, so handing it device tensors would force a sync per step.
+        blocks = [-(-kv_len // size) for kv_len in batch.kv_lens]
+        indptr = [0]
+        for count in blocks:
+            indptr.append(indptr[-1] + count)
+        last_page_len = [kv_len - (count - 1) * size for kv_len, count in zip(batch.kv_lens, blocks)]
+        pinned = device.type == "cuda"
+        indptr_host = torch.tensor(indptr, dtype=torch.int32, pin_memory=pinned)
+        last_host = torch.tensor(last_page_len, dtype=torch.int32, pin_memory=pinned)
+        # kv_indices: entry j of sequence i is table[slot_i, j - indptr[i]], gathered on the device.
+        indptr_dev = indptr_host.to(device, non_blocking=True)
+        j = torch.arange(indptr[-1], device=device, dtype=torch.int32)
+        sequence = torch.searchsorted(indptr_dev[1:], j, right=True)
+        columns = j - indptr_dev[sequence]
+        kv_indices = self.paged.block_table()[batch.slots_t[sequence].long(), columns.long()]
+        common = {
+            "num_qo_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads, "page_size": size,
+            "q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale,
+        }
+        if batch.is_decode:
+            self.decode.plan(indptr_host, kv_indices, last_host, head_dim=self.head_dim, **common)
+            self.active = self.decode
+        else:
+            cu_query = [0]
+            for query in batch.query_lens:
+                cu_query.append(cu_query[-1] + query)
+            qo_indptr = torch.tensor(cu_query, dtype=torch.int32, pin_memory=pinned)
+            self.prefill.plan(
+                qo_indptr, indptr_host, kv_indices, last_host, head_dim_qk=self.head_dim, causal=True, **common,
+            )
+            self.active = self.prefill
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return self.active.run(q, (k_cache, v_cache))  # type: ignore[attr-defined]
+
+
+def make_paged_attention_backend(
+    name: str, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> PagedAttentionBackend:
+    """``auto`` picks paged-flashinfer on CUDA when FlashInfer is installed, else paged-sdpa;
+    ``flashinfer`` and ``sdpa`` name their paged counterparts."""
+    name = ALIASES.get(name, name)
+    if name not in PAGED_BACKENDS:
+        choices = ", ".join(PAGED_BACKENDS + tuple(ALIASES))
+        raise ValueError(f"unknown paged attention backend {name!r}; choose one of {choices}")
+    flashinfer_ok = device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
+    if name == "auto":
+        name = "paged-flashinfer" if flashinfer_ok else "paged-sdpa"
+    if name == "paged-flashinfer":
+        if not flashinfer_ok:
+            raise ValueError(f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)")
+        return PagedFlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
+    return PagedSdpaBackend(cache, num_q_heads, num_kv_heads, head_dim)

@@ -1,0 +1,257 @@
+"""The PagedAttention comparison mode's KV cache: a preallocated pool of fixed-size blocks and one
+block table per request, behind the same interface the scheduler and engine use on
+``KVCacheAllocator`` (duck-typed), so everything above the cache runs unchanged.
+
+A request owns a *slot*: a row of the block table. Its tokens [0, n) live in blocks
+``blocks[0 .. ceil(n / block_size))``, token t at row ``t % block_size`` of block
+``blocks[t // block_size]`` of every layer's K and V. There is nothing to map: blocks are taken
+from and given back to the free list synchronously, and ``step_async`` only reserves.
+
+The block table is a preallocated int32 tensor [max_slots, max_blocks_per_seq] on the cache's
+device, written incrementally: appending a block queues one (slot, column, block) entry, and the
+queued entries of a step go to the device in one copy and one index_put when the table is next
+read (``block_table``). Released or trimmed entries are left stale: only the first
+``ceil(kv_len / block_size)`` columns of a row are ever read.
+
+Invariants (``check_invariants``), in blocks:
+    free + in_use == num_blocks              (in_use: blocks held by running slots)
+    no block id is held by two slots, or held and free at once
+    a running slot holds exactly ceil(reserved / block_size) blocks, reserved in {length, length + 1}
+    a free slot holds no block
+    the device table's first len(blocks) columns of a running slot's row equal its host list
+    wasted_bytes == sum over running slots of (blocks * block_size - length) * bytes_per_token
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from replica.kv_allocator import KVCacheOutOfMemory, StepTicket
+from replica.kv_stats import KVCacheStats
+from replica.paged.paged_config import PagedKVConfig
+
+#: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
+_CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
+
+
+@dataclass
+class _Sequence:
+    running: bool = False
+    length: int = 0  # tokens stored
+    reserved: int = 0  # tokens backed for the coming step (length, or length + 1 after a step)
+    blocks: list[int] = field(default_factory=list)
+
+
+class PagedKVCache:
+    def __init__(self, config: PagedKVConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        # Zeroed, not empty: a kernel that loads a whole tile and masks by multiplying would turn
+        # stale NaN bit patterns in rows past a sequence's end into NaN outputs.
+        self._k = torch.zeros(config.block_shape, dtype=config.dtype, device=self.device)
+        self._v = torch.zeros(config.block_shape, dtype=config.dtype, device=self.device)
+        # A stack popped from the end, so the first requests get blocks 0, 1, 2, ...
+        self._free = list(range(config.num_blocks - 1, -1, -1))
+        self._seqs = [_Sequence() for _ in range(config.max_slots)]
+        self._table = torch.zeros((config.max_slots, config.max_blocks_per_seq), dtype=torch.int32, device=self.device)
+        # (slot, column) -> block, not yet on the device. A dict: a column rewritten before the
+        # flush (slot released and reused) must reach index_put once, duplicates are undefined.
+        self._pending: dict[tuple[int, int], int] = {}
+        self.table_entries_written = 0  # block ids copied into the device table, over all time
+        self.table_flushes = 0  # index_put calls on the device table
+        self.blocks_allocated_total = 0
+
+    # ---- tensors -------------------------------------------------------------------------------
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s K blocks: contiguous [num_blocks, block_size, kv_heads, head_dim]."""
+        return self._k[self._layer(layer)]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        return self._v[self._layer(layer)]
+
+    def _layer(self, layer: int) -> int:
+        if not 0 <= layer < self.config.num_layers:
+            raise IndexError(f"layer {layer} outside [0, {self.config.num_layers})")
+        return layer
+
+    def block_table(self) -> torch.Tensor:
+        """The device block table [max_slots, max_blocks_per_seq], with every queued entry written."""
+        if self._pending:
+            rows = [(slot, column, block) for (slot, column), block in self._pending.items()]
+            entries = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            entries = entries.to(self.device, non_blocking=True)  # one copy for the whole step
+            self._table.index_put_((entries[:, 0], entries[:, 1]), entries[:, 2].to(torch.int32))
+            self.table_entries_written += len(self._pending)
+            self.table_flushes += 1
+            self._pending = {}
+        return self._table
+
+    def block_ids(self, slot_index: int) -> tuple[int, ...]:
+        """The blocks of a running slot, in token order (the host copy of its table row)."""
+        return tuple(self._running(slot_index).blocks)
+
+    # ---- slots ---------------------------------------------------------------------------------
+    def acquire(self, tokens_hint: int = 0) -> int:
+        """Gives a request the lowest free slot; blocks come with ``ensure``. The hint does not
+        matter here: there is no cached slot to fit."""
+        index = next((i for i, s in enumerate(self._seqs) if not s.running), None)
+        if index is None:
+            raise KVCacheOutOfMemory(tokens_hint, 0, len(self._free), 0, f"all {self.config.max_slots} slots are running")
+        seq = self._seqs[index]
+        seq.running, seq.length, seq.reserved = True, 0, 0
+        self._checked()
+        return index
+
+    def release(self, slot_index: int) -> None:
+        """Ends a request; its blocks go back to the free list at once."""
+        seq = self._running(slot_index)
+        self._resize(slot_index, 0)
+        seq.running, seq.length, seq.reserved = False, 0, 0
+        self._checked()
+
+    def length(self, slot_index: int) -> int:
+        return self._running(slot_index).length
+
+    # ---- growth --------------------------------------------------------------------------------
+    def ensure(self, slot_index: int, tokens: int) -> None:
+        """Backs tokens [0, tokens) of a running slot with exactly the blocks they need and records
+        ``tokens`` as its length. Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
+        seq = self._running(slot_index)
+        self._check_tokens(slot_index, tokens)
+        need = self.config.page_groups_for(tokens)
+        if not self._resize(slot_index, need):
+            raise KVCacheOutOfMemory(tokens, need - len(seq.blocks), len(self._free), 0)
+        seq.length = seq.reserved = tokens
+        self._checked()
+
+    def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
+        """Records each running slot's length and reserves, right away, the blocks the next step
+        needs (length + 1 tokens): there is no mapping to overlap with the model. Slots that cannot
+        get a block come back in the ticket's ``unbacked`` (the scheduler preempts them)."""
+        for slot_index, length in lengths.items():
+            seq = self._running(slot_index)
+            self._check_tokens(slot_index, length + 1)
+            if length > len(seq.blocks) * self.config.block_size:
+                raise ValueError(f"slot {slot_index} reports {length} tokens but backs {len(seq.blocks)} blocks")
+        unbacked = []
+        for slot_index, length in lengths.items():
+            seq = self._seqs[slot_index]
+            seq.length = length
+            if self._resize(slot_index, self.config.page_groups_for(length + 1)):
+                seq.reserved = length + 1
+            else:  # it holds exactly the blocks of ``length`` tokens (checked above)
+                seq.reserved = length
+                unbacked.append(slot_index)
+        self._checked()
+        return StepTicket(0, tuple(unbacked))
+
+    def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
+        """Nothing runs in the background; returns the slots that could not grow."""
+        return ticket.unbacked if isinstance(ticket, StepTicket) else ()
+
+    def done(self, ticket: StepTicket | int) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        """Writes queued block-table entries to the device (the only deferred work)."""
+        self.block_table()
+
+    def shrink(self) -> int:
+        """The pool is preallocated and fixed: nothing goes back to the device; returns 0."""
+        return 0
+
+    def _resize(self, slot_index: int, need: int) -> bool:
+        """Makes the slot hold exactly ``need`` blocks; False, with nothing changed, if the free
+        list is short."""
+        blocks = self._seqs[slot_index].blocks
+        if need <= len(blocks):
+            self._free.extend(reversed(blocks[need:]))  # popped again in token order
+            del blocks[need:]
+            return True
+        count = need - len(blocks)
+        if count > len(self._free):
+            return False
+        taken = self._free[-count:][::-1]
+        del self._free[-count:]
+        first = len(blocks)
+        blocks.extend(taken)
+        self._pending.update(((slot_index, first + i), block) for i, block in enumerate(taken))
+        self.blocks_allocated_total += count
+        return True
+
+    def _running(self, slot_index: int) -> _Sequence:
+        if not 0 <= slot_index < len(self._seqs):
+            raise IndexError(f"slot {slot_index} outside [0, {len(self._seqs)})")
+        seq = self._seqs[slot_index]
+        if not seq.running:
+            raise ValueError(f"slot {slot_index} is free, not running")
+        return seq
+
+    def _check_tokens(self, slot_index: int, tokens: int) -> None:
+        if not 0 <= tokens <= self.config.tokens_per_slot:
+            raise ValueError(
+                f"slot {slot_index}: {tokens} tokens asked; a slot holds 0..{self.config.tokens_per_slot}"
+            )
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def reclaimable_pages(self) -> int:
+        """Blocks a new request could get now: the free ones (nothing is cached or eager)."""
+        return len(self._free)
+
+    def can_allocate(self, tokens: int) -> bool:
+        slot_free = any(not s.running for s in self._seqs)
+        return slot_free and self.config.page_groups_for(tokens) <= len(self._free)
+
+    def stats(self) -> KVCacheStats:
+        """Pages are blocks (``page_size_bytes`` = one block over all layers, K and V). The pool is
+        created whole, so created == total; mapping and release counters stay 0."""
+        config = self.config
+        running = [s for s in self._seqs if s.running]
+        in_use = sum(len(s.blocks) for s in running)
+        wasted_rows = sum(len(s.blocks) * config.block_size - s.length for s in running)
+        return KVCacheStats(
+            page_size_bytes=config.page_size,
+            tokens_per_page=float(config.block_size),
+            pages_total=config.num_blocks,
+            pages_created=config.num_blocks,
+            pages_free=len(self._free),
+            pages_in_use=in_use,
+            pages_cached=0,
+            pages_available=len(self._free),
+            wasted_bytes=wasted_rows * config.bytes_per_token,
+            slots_running=len(running),
+            slots_cached=0,
+            map_calls=0,
+            pages_mapped_total=0,
+            map_seconds=0.0,
+            wait_seconds=0.0,
+            pages_released_total=0,
+        )
+
+    def check_invariants(self, deep: bool = False) -> None:
+        """Asserts the invariants of the module docstring; ``deep`` also reads the device table
+        back and compares it with the host lists."""
+        held = [b for s in self._seqs for b in s.blocks]
+        assert len(held) == len(set(held)), "a block is held by two slots"
+        assert not set(held) & set(self._free), "a block is held and free"
+        assert len(self._free) == len(set(self._free)), "a block is free twice"
+        assert len(held) + len(self._free) == self.config.num_blocks, (len(held), len(self._free))
+        for index, seq in enumerate(self._seqs):
+            if not seq.running:
+                assert not seq.blocks and seq.length == seq.reserved == 0, f"free slot {index} holds blocks"
+                continue
+            assert seq.reserved in (seq.length, seq.length + 1), f"slot {index}: {seq}"
+            assert len(seq.blocks) == self.config.page_groups_for(seq.reserved), f"slot {index}: {seq}"
+        if deep:
+            table = self.block_table().cpu()
+            for index, seq in enumerate(self._seqs):
+                if seq.running:
+                    assert table[index, : len(seq.blocks)].tolist() == seq.blocks, f"slot {index}'s table row"
+
+    def _checked(self) -> None:
+        if _CHECK_ALWAYS:
+            self.check_invariants()

@@ -1,0 +1,190 @@
+"""A hypothesis state machine drives random acquire/ensure/step/release/shrink sequences through
+the paged KV cache and checks it against a model of what each running slot stores: the block
+books, the device block table, the data in the blocks, and the waste reported.
+
+Size: VATTN_STATEFUL_SCALE (default 1) multiplies the examples; 1 runs >= 2,000 operations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from replica.kv_allocator import KVCacheOutOfMemory
+from replica.paged import PagedKVCache, PagedKVConfig
+
+SCALE = int(os.environ.get("VATTN_STATEFUL_SCALE", "1"))
+STEPS = 50
+EXAMPLES = 100 * SCALE  # up to 100 x 50 operations; the test asserts >= 2,000 ran
+LAYERS, HEADS, DIM = 2, 2, 4
+
+
+def make_cache(block_size: int, num_blocks: int, max_tokens: int, max_slots: int = 5) -> PagedKVCache:
+    config = PagedKVConfig(
+        num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, dtype=torch.float32, max_slots=max_slots,
+        max_tokens=max_tokens, budget_bytes=0, block_size=block_size,
+    )
+    budget = num_blocks * config.page_size + config.page_size // 2  # a partial block is not a block
+    return PagedKVCache(dataclasses.replace(config, budget_bytes=budget))
+
+
+class PagedMachine(RuleBasedStateMachine):
+    """Model: for each running slot, the tokens it stores (each a known value), the length the
+    cache was last told (a step reports the length before its new token) and the tokens reserved."""
+
+    operations = 0  # counted over every example of a run
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths: dict[int, int] = {}
+        self.told: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}
+
+    @initialize(block_size=st.sampled_from([1, 3, 4, 16]), num_blocks=st.integers(0, 30), blocks_per_seq=st.integers(1, 8))
+    def build(self, block_size: int, num_blocks: int, blocks_per_seq: int) -> None:
+        max_tokens = blocks_per_seq * block_size - (block_size // 2)  # rounded up to whole blocks
+        self.cache = make_cache(block_size, num_blocks, max_tokens)
+        assert self.cache.config.num_blocks == num_blocks
+        assert self.cache.config.tokens_per_slot == blocks_per_seq * block_size
+
+    def stamp(self, slot: int, start: int, stop: int) -> None:
+        """Writes token t's value (slot * 1000 + t) where the block table says it lives."""
+        size, blocks = self.cache.config.block_size, self.cache.block_ids(slot)
+        for t in range(start, stop):
+            value = float(slot * 1000 + t)
+            self.cache.k_cache(1)[blocks[t // size], t % size] = value
+            self.cache.v_cache(0)[blocks[t // size], t % size] = -value
+
+    @rule(hint=st.integers(0, 200))
+    def acquire(self, hint: int) -> None:
+        try:
+            slot = self.cache.acquire(hint)
+        except KVCacheOutOfMemory:
+            assert len(self.lengths) == self.cache.config.max_slots
+            return
+        assert slot not in self.lengths
+        self.lengths[slot] = self.told[slot] = self.reserved[slot] = 0
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def ensure(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.lengths)))
+        old, blocks = self.lengths[slot], self.cache.block_ids(slot)
+        tokens = data.draw(st.integers(0, self.cache.config.tokens_per_slot))  # shrinking too
+        try:
+            self.cache.ensure(slot, tokens)
+        except KVCacheOutOfMemory as error:
+            assert error.pages_needed > 0 and error.pages_cached == 0
+            assert error.pages_needed > error.pages_free == self.cache.reclaimable_pages()
+            assert self.cache.length(slot) == self.told[slot] and self.cache.block_ids(slot) == blocks
+            return
+        self.stamp(slot, old, tokens)
+        self.lengths[slot] = self.told[slot] = self.reserved[slot] = tokens
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def step(self, data: st.DataObject) -> None:
+        limit = self.cache.config.tokens_per_slot
+        growing = {s: n for s, n in self.lengths.items() if n < limit and data.draw(st.booleans())}
+        unbacked = self.cache.wait(self.cache.step_async(growing))
+        assert set(unbacked) <= set(growing)
+        for slot, length in growing.items():
+            self.told[slot] = length
+            if slot in unbacked:
+                self.reserved[slot] = length
+            else:  # the step writes its one new token
+                self.reserved[slot] = length + 1
+                self.stamp(slot, length, length + 1)
+                self.lengths[slot] += 1
+        for slot in unbacked:  # what a scheduler does: preempt it
+            self.cache.release(slot)
+            del self.lengths[slot], self.told[slot], self.reserved[slot]
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.lengths)))
+        self.cache.release(slot)
+        del self.lengths[slot], self.told[slot], self.reserved[slot]
+
+    @rule()
+    def shrink(self) -> None:
+        assert self.cache.shrink() == 0  # a preallocated pool gives nothing back
+
+    @rule()
+    def flush(self) -> None:
+        self.cache.synchronize()
+
+    @invariant()
+    def books_match_table_data_and_model(self) -> None:
+        if not hasattr(self, "cache"):
+            return
+        type(self).operations += 1
+        cache, config = self.cache, self.cache.config
+        cache.check_invariants(deep=True)  # no block twice, free + in use == total, table == books
+        stats = cache.stats()
+        assert stats.pages_free + stats.pages_in_use == stats.pages_created == stats.pages_total == config.num_blocks
+        assert stats.pages_cached == 0 and stats.pages_available == stats.pages_free
+        assert stats.slots_running == len(self.lengths)
+        waste = 0
+        table = cache.block_table().cpu()
+        for slot, length in self.lengths.items():
+            assert cache.length(slot) == self.told[slot]
+            blocks = cache.block_ids(slot)
+            assert len(blocks) == config.page_groups_for(self.reserved[slot]), "not exactly the blocks reserved"
+            assert table[slot, : len(blocks)].tolist() == list(blocks)
+            waste += (len(blocks) * config.block_size - self.told[slot]) * config.bytes_per_token
+            if length:
+                rows = torch.tensor([blocks[t // config.block_size] * config.block_size + t % config.block_size
+                                     for t in range(length)])
+                values = torch.arange(length, dtype=torch.float32) + slot * 1000
+                k = cache.k_cache(1).view(-1, HEADS, DIM)[rows, 0, 0]
+                v = cache.v_cache(0).view(-1, HEADS, DIM)[rows, 1, -1]
+                assert torch.equal(k, values) and torch.equal(v, -values), f"slot {slot} lost data"
+        assert stats.wasted_bytes == waste
+
+
+def test_paged_cache_state_machine() -> None:
+    run_state_machine_as_test(
+        PagedMachine,
+        settings=settings(
+            max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow], database=None,
+        ),
+    )
+    print(f"{PagedMachine.operations} operations")
+    assert PagedMachine.operations >= 2000 * SCALE, f"only {PagedMachine.operations} operations ran"
+
+
+def test_out_of_memory_and_slot_errors_carry_the_numbers() -> None:
+    cache = make_cache(block_size=4, num_blocks=3, max_tokens=32, max_slots=2)
+    a = cache.acquire()
+    cache.ensure(a, 9)  # 3 blocks
+    with pytest.raises(KVCacheOutOfMemory, match="13 tokens asked need 1 more pages; 0 free"):
+        cache.ensure(a, 13)
+    assert cache.wait(cache.step_async({a: 9})) == ()  # 10 tokens still fit 3 blocks
+    assert cache.wait(cache.step_async({a: 12})) == (a,)  # 13 do not
+    b = cache.acquire()
+    with pytest.raises(KVCacheOutOfMemory, match="all 2 slots are running"):
+        cache.acquire()
+    with pytest.raises(ValueError, match="holds 0..32"):
+        cache.ensure(b, 33)
+    with pytest.raises(ValueError, match="reports 5 tokens but backs 0 blocks"):
+        cache.step_async({b: 5})
+    cache.release(a)
+    with pytest.raises(ValueError, match="is free, not running"):
+        cache.length(a)
+    assert cache.can_allocate(12) and not cache.can_allocate(13)
