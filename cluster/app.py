@@ -27,6 +27,7 @@ class AppOptions:
     max_model_len: int = 4096
     max_running: int = 64
     kv_cache_bytes: int | None = None
+    page_size: int | None = None
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
     replica_cpus: float = 1.0
@@ -64,7 +65,7 @@ class AppOptions:
         config = EngineConfig(
             model=self.model, attention=self.backend, kv_layout=self.kv_layout,
             device="cuda" if self.uses_gpu() else "cpu", max_model_len=self.max_model_len,
-            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
+            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes, page_size=self.page_size,
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
