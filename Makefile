@@ -1,4 +1,4 @@
-# One command each (see README): `make demo` sets up and runs the main job; `make test` sets up
+# One command each (see README): `make serve` sets up and runs the main job; `make test` sets up
 # and runs the tests. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.vattn-installed
 
-.PHONY: setup demo test test-gpu bench-mapping lint clean
+.PHONY: setup serve demo test test-gpu bench-mapping lint clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/vattn serve $(ARGS)
 
 demo: setup
 	$(VENV)/bin/vattn demo
