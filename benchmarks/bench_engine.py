@@ -1,0 +1,252 @@
+"""Offline engine throughput: vattn in vAttention mode vs its paged mode vs Hugging Face
+`generate`, on identical requests, plus the decode step against its roofline and practical floor.
+
+    python -m benchmarks.bench_engine                 # Llama-3-8B shapes, synthetic bf16, one GPU
+    python -m benchmarks.bench_engine --smoke         # tiny model on CPU, seconds (CI)
+
+Workloads: decode-heavy (128-token prompts, 1024 outputs), prefill-heavy (4K prompts, 64 outputs),
+mixed (long prompts drawn like a summarisation trace, a few hundred outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import roofline
+from benchmarks.environment import describe_device, save
+from replica import EngineConfig, LLMEngine, SamplingParams
+from replica.attention import StepBatch
+from replica.model import ModelConfig
+
+Workload = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
+
+
+def workloads(smoke: bool, batch: int, seed: int = 0) -> dict[str, Workload]:
+    rng = random.Random(seed)
+    vocab = model_shapes(smoke).vocab_size
+
+    def prompt(length: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(length)]
+
+    if smoke:
+        return {"decode": [(prompt(16), 24) for _ in range(batch)],
+                "prefill": [(prompt(96), 4) for _ in range(batch)]}
+    mixed = []
+    for _ in range(batch):  # summarisation-like: long inputs (lognormal around ~1.8K), short outputs
+        mixed.append((prompt(min(int(rng.lognormvariate(7.5, 0.5)), 6000)), rng.randint(128, 384)))
+    return {
+        "decode": [(prompt(128), 1024) for _ in range(batch)],
+        "prefill": [(prompt(4096), 64) for _ in range(batch)],
+        "mixed": mixed,
+    }
+
+
+def model_shapes(smoke: bool) -> ModelConfig:
+    return ModelConfig.tiny() if smoke else ModelConfig.llama3_8b()
+
+
+def run_vattn(kv_mode: str, workload: Workload, args: argparse.Namespace, profile: bool) -> dict[str, Any]:
+    max_len = max(len(p) + n for p, n in workload)
+    engine = LLMEngine(EngineConfig(
+        model="synthetic", synthetic=model_shapes(args.smoke), kv_mode=kv_mode, attention=args.attention,
+        kv_layout=args.kv_layout, max_running=len(workload), max_model_len=max_len + 16,
+        max_batch_tokens=args.max_batch_tokens, page_size=args.page_size,
+    ))
+    runner, kv = engine.runner, engine.kv
+    # Warm-up: compiles and plans the kernels outside the timed run.
+    engine.add_request("warmup", workload[0][0][:32], SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in workload]
+    for i, ((prompt, _), p) in enumerate(zip(workload, params)):
+        engine.add_request(f"r{i}", prompt, p)
+    waited_before = kv.stats().wait_seconds
+    bytes_per_token = 2 * runner.model_config.num_layers * runner.model.num_local_kv_heads * runner.model_config.head_dim * runner.dtype.itemsize
+    decode_steps: list[tuple[float, int, int]] = []  # (seconds, batch, KV tokens read)
+    waste: list[float] = []
+    generated, started = 0, time.perf_counter()
+    profiled = None
+    while engine.has_work():
+        running = list(engine.scheduler.running)
+        decoding = bool(running) and not engine.scheduler.waiting and all(r.pending_tokens == 1 for r in running)
+        context = sum(r.num_tokens for r in running)
+        step_start = time.perf_counter()
+        if profile and decoding and profiled is None and len(decode_steps) == 20:
+            profiled, outputs = profile_steps(engine, 5)
+            generated += sum(len(o.token_ids) for o in outputs)
+            continue
+        outputs = engine.step()
+        seconds = time.perf_counter() - step_start
+        generated += sum(len(o.token_ids) for o in outputs)
+        if decoding:
+            decode_steps.append((seconds, len(running), context))
+            stats = kv.stats()
+            if stats.pages_in_use:
+                waste.append(stats.wasted_bytes / (stats.pages_in_use * stats.page_size_bytes))
+    elapsed = time.perf_counter() - started
+    stats = kv.stats()
+    result: dict[str, Any] = {
+        "mode": "vattention" if kv_mode == "vattention" else "paged",
+        "attention": runner.attention.name,
+        "requests": len(workload), "generated_tokens": generated, "seconds": elapsed,
+        "tokens_per_s": generated / elapsed,
+        "mapping_wait_pct": 100 * (stats.wait_seconds - waited_before) / elapsed,
+        "kv_waste_pct_mean": 100 * statistics.mean(waste) if waste else 0.0,
+        "preemptions": engine.stats().preemptions_total,
+    }
+    full = [s for s in decode_steps if s[1] == len(workload)] or decode_steps
+    if full:
+        seconds, batch, context = sorted(full)[len(full) // 2]
+        result["decode_step"] = decode_analysis(runner, seconds, batch, context, bytes_per_token, args)
+    if profiled:
+        result["profile_top_ops"] = profiled
+    del engine, runner, kv
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def decode_analysis(runner: Any, seconds: float, batch: int, context: int, bytes_per_token: int,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    model = runner.model
+    kv_bytes = context * bytes_per_token
+    ideal = roofline.roofline_seconds(roofline.weight_bytes(model), kv_bytes, roofline.linear_flops(model, batch))
+    out: dict[str, Any] = {
+        "batch": batch, "kv_tokens": context, "step_ms": seconds * 1e3, "roofline_ms": ideal * 1e3,
+        "roofline_share": ideal / seconds,
+    }
+    if runner.device.type == "cuda" and not args.smoke:
+        graph, eager = roofline.linears_graph_seconds(model, batch)
+        attention = attention_alone_seconds(runner, batch, context // batch)
+        floor = graph + attention
+        out.update(linears_graph_ms=graph * 1e3, linears_eager_ms=eager * 1e3,
+                   attention_alone_ms=attention * 1e3, practical_floor_ms=floor * 1e3,
+                   step_over_floor=seconds / floor)
+    return out
+
+
+def attention_alone_seconds(runner: Any, batch: int, length: int) -> float:
+    """The decode attention kernel for every layer over ``batch`` slots of ``length`` tokens."""
+    kv, attention, config = runner.kv, runner.attention, runner.model_config
+    slots = [kv.acquire() for _ in range(batch)]
+    for slot in slots:
+        kv.ensure(slot, length)
+    step = StepBatch.build(sorted(slots), [length - 1] * batch, [1] * batch, runner.device)
+    q = torch.randn(batch, runner.model.num_local_heads, config.head_dim, device=runner.device, dtype=runner.dtype)
+    attention.plan(step)
+
+    def all_layers() -> None:
+        for layer in range(config.num_layers):
+            attention.attend(q, kv.k_cache(layer), kv.v_cache(layer))
+
+    seconds = roofline.time_cuda(all_layers, repeats=10)
+    for slot in slots:
+        kv.release(slot)
+    return seconds
+
+
+def profile_steps(engine: LLMEngine, steps: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Where a decode step's time goes: the top operators over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    outputs: list[Any] = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            outputs += engine.step()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    rows = []
+    for event in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]:
+        rows.append({"op": event.key, "calls": event.count,
+                     "self_device_ms_per_step": getattr(event, "self_device_time_total", 0) / 1e3 / steps,
+                     "self_cpu_ms_per_step": event.self_cpu_time_total / 1e3 / steps})
+    return rows, outputs
+
+
+def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dict[str, Any]:
+    """What a user would reach for without a server: transformers' generate, same shapes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = model_shapes(args.smoke)
+    config = LlamaConfig(
+        vocab_size=shapes.vocab_size, hidden_size=shapes.hidden_size, intermediate_size=shapes.intermediate_size,
+        num_hidden_layers=shapes.num_layers, num_attention_heads=shapes.num_heads,
+        num_key_value_heads=shapes.num_kv_heads, max_position_embeddings=8192, rope_theta=shapes.rope_theta,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    length = len(workload[0][0])
+    ids = torch.tensor([p[:length] for p, _ in workload], device=device) % shapes.vocab_size
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    generated = (out.shape[1] - length) * out.shape[0]
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"mode": "hf-transformers-generate", "requests": len(workload), "new_tokens_each": new_tokens,
+            "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workloads", default="decode,prefill,mixed")
+    parser.add_argument("--modes", default="vattention,paged,hf")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--kv-layout", default="interleaved")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--page-size", type=int, default=None)
+    parser.add_argument("--hf-new-tokens", type=int, default=128)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch = min(args.batch, 4)
+    loads = workloads(args.smoke, args.batch)
+    modes = args.modes.split(",")
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in args.workloads.split(","):
+        if name not in loads:
+            continue
+        rows = []
+        for mode in modes:
+            if mode == "hf":
+                if name == "decode":
+                    rows.append(run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1])))
+                continue
+            rows.append(run_vattn(mode, loads[name], args, profile=(name == "decode")))
+            print(name, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True)
+        results[name] = rows
+    device = "cuda" if torch.cuda.is_available() else "host"
+    payload = {
+        "benchmark": "engine",
+        "environment": describe_device(device),
+        "model": dataclasses.asdict(model_shapes(args.smoke)) | {"weights": "synthetic"},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": results,
+    }
+    path = save("engine" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Each benchmark runs end to end in its smoke size, so CI keeps them working (timings are never
+asserted: they live in benchmarks/results)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(module: str, tmp_path: Path, *extra: str) -> dict:
+    subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(tmp_path), *extra], check=True,
+                   capture_output=True, timeout=600)
+    [path] = tmp_path.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_mapping_benchmark_smoke(tmp_path: Path) -> None:
+    result = run("benchmarks.bench_mapping", tmp_path, "--backend", "host", "--step-ms", "2")
+    assert result["environment"]["backend"] == "host"
+    assert {row["run_pages"] for row in result["batched"]} == {1, 8}
+    assert all(row["wait_pct_of_step"] >= 0 for row in result["decode_overlap"])
+
+
+@pytest.mark.parametrize("modes", ["vattention,paged,hf"])
+def test_engine_benchmark_smoke(tmp_path: Path, modes: str) -> None:
+    result = run("benchmarks.bench_engine", tmp_path, "--modes", modes)
+    decode = {row["mode"]: row for row in result["results"]["decode"]}
+    assert set(decode) == {"vattention", "paged", "hf-transformers-generate"}
+    assert decode["vattention"]["generated_tokens"] == decode["paged"]["generated_tokens"] == 4 * 24
+    assert "decode_step" in decode["vattention"] and decode["vattention"]["profile_top_ops"]
