@@ -27,6 +27,10 @@ class StepBatch:
     cu_query_t: torch.Tensor  # [B + 1]
     token_slots_t: torch.Tensor  # [T] int64, slot of each new token
     token_positions_t: torch.Tensor  # [T] int64, position of each new token
+    # Host copies (CPU int32) for kernels whose planning runs on the host (FlashInfer's plan()),
+    # so planning never copies device tensors back (a device sync per step).
+    kv_lens_host: torch.Tensor  # [B]
+    cu_query_host: torch.Tensor  # [B + 1]
 
     @property
     def num_sequences(self) -> int:
@@ -68,16 +72,25 @@ class StepBatch:
         for q in query_lens:
             cu_query.append(cu_query[-1] + q)
 
+        pinned = device.type == "cuda"
+
+        def host(values: Sequence[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned)
+
         def tensor(values: Sequence[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+            return host(values, dtype).to(device, non_blocking=True)
+
+        kv_lens_host, cu_query_host = host(kv_lens), host(cu_query)
 
         return StepBatch(
             slots=tuple(slots),
             context_lens=tuple(context_lens),
             query_lens=tuple(query_lens),
             slots_t=tensor(slots),
-            kv_lens_t=tensor(kv_lens),
-            cu_query_t=tensor(cu_query),
+            kv_lens_t=kv_lens_host.to(device, non_blocking=True),
+            cu_query_t=cu_query_host.to(device, non_blocking=True),
             token_slots_t=tensor(token_slots, torch.int64),
             token_positions_t=tensor(token_positions, torch.int64),
+            kv_lens_host=kv_lens_host,
+            cu_query_host=cu_query_host,
         )

@@ -29,7 +29,8 @@ class FlashInferBackend(AttentionBackend):
         workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=k0.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-        self.page_indptr = torch.arange(k0.shape[0] + 1, dtype=torch.int32, device=k0.device)
+        # Host-side planning inputs: plan() reads them on the CPU, so device copies would sync.
+        self.page_indptr = torch.arange(k0.shape[0] + 1, dtype=torch.int32).pin_memory()
         self.active: object = self.decode
 
     def plan(self, batch: StepBatch) -> None:
@@ -40,11 +41,11 @@ class FlashInferBackend(AttentionBackend):
             "q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale,
         }
         if batch.is_decode:
-            self.decode.plan(indptr, batch.slots_t, batch.kv_lens_t, head_dim=self.head_dim, **common)
+            self.decode.plan(indptr, batch.slots_t, batch.kv_lens_host, head_dim=self.head_dim, **common)
             self.active = self.decode
         else:
             self.prefill.plan(
-                batch.cu_query_t, indptr, batch.slots_t, batch.kv_lens_t, head_dim_qk=self.head_dim,
+                batch.cu_query_host, indptr, batch.slots_t, batch.kv_lens_host, head_dim_qk=self.head_dim,
                 causal=True, **common,
             )
             self.active = self.prefill
