@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.environment import describe_device, save
 from replica import KVCacheAllocator, KVCacheConfig, open_device
-from replica.vmm import Device, Op, PagePool, Reservation, MapWorker
+from replica.vmm import Device, MapWorker, Op, PagePool, Reservation
 
 
 def map_latency(device: Device, pages: int) -> dict[str, float]:

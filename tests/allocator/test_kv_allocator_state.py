@@ -13,7 +13,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from replica import KVCacheAllocator, KVCacheOutOfMemory
 from tests.allocator.conftest import TOKENS_PER_PAGE, Clock, MakeAllocator
@@ -86,10 +93,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         limit = self.allocator.config.tokens_per_slot
         growing = {s: n for s, n in self.lengths.items() if n < limit and data.draw(st.booleans())}
         unbacked = self.allocator.wait(self.allocator.step_async(growing))
-        for slot in growing:
-            self.reported[slot] = growing[slot]
+        for slot, length in growing.items():
+            self.reported[slot] = length
             if slot not in unbacked:  # the step writes its one new token
-                self.stamp(slot, growing[slot], growing[slot] + 1)
+                self.stamp(slot, length, length + 1)
                 self.lengths[slot] += 1
         for slot in unbacked:  # what a scheduler does: preempt it
             self.allocator.release(slot)

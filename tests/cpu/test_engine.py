@@ -44,7 +44,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
 
 
 def tiny_llm(tiny_dir: Path, **config: object) -> LLM:
-    defaults: dict[str, object] = dict(page_size=4096, max_model_len=256, max_running=8, kv_cache_bytes=256 * 4096)
+    defaults: dict[str, object] = {"page_size": 4096, "max_model_len": 256, "max_running": 8, "kv_cache_bytes": 256 * 4096}
     defaults.update(config)
     return LLM(str(tiny_dir), **defaults)
 

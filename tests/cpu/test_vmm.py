@@ -7,7 +7,14 @@ import gc
 import pytest
 import torch
 
-from replica import CudaUnavailable, KVCacheAllocator, KVCacheConfig, VmmError, cuda_available, open_device
+from replica import (
+    CudaUnavailable,
+    KVCacheAllocator,
+    KVCacheConfig,
+    VmmError,
+    cuda_available,
+    open_device,
+)
 from replica.vmm import MapWorker, Op, PagePool, Reservation
 
 PAGE = 64 * 1024
