@@ -164,7 +164,7 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[list[dict[str, Any]], 
     with profile(activities=activities) as prof:
         for _ in range(steps):
             outputs += engine.step()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     rows = []
     for event in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]:
         rows.append({"op": event.key, "calls": event.count,

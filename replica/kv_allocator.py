@@ -174,7 +174,10 @@ class KVCacheAllocator:
         self._check_tokens(slot_index, tokens)
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._grow(slot_index, need)
-        self.wait(self._flush())
+        # Pages booked earlier may still be mapping: wait unless the worker is already done (the
+        # common decode case: the previous step's mapping finished while the model ran).
+        if self._ops or not self._worker.done(self._last_ticket):
+            self.wait(self._flush())
         if not grown:
             groups = need - len(slot.groups)
             raise KVCacheOutOfMemory(tokens, groups * self.config.num_ranges, self._pool.available, self._cached_pages())

@@ -39,15 +39,22 @@ class AttentionBackend(ABC):
     def plan(self, batch: StepBatch) -> None:
         """Prepares the step (once for all layers)."""
         self.batch = batch
+        # Computed once per step, so each layer's write is one index_copy_ per K and V.
+        self.token_rows = self.cache_rows(batch)
+
+    def cache_rows(self, batch: StepBatch) -> torch.Tensor:
+        """The row of each new token in a layer's cache seen as [rows, heads, dim]: on the
+        vAttention cache, slot * tokens_per_slot + position."""
+        tokens_per_slot = self.cache.k_cache(0).shape[1]
+        return batch.token_slots_t * tokens_per_slot + batch.token_positions_t
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new tokens at [context, context + query) of their slots; returns the layer's
         caches."""
         assert self.batch is not None, "plan() first"
         k_cache, v_cache = self.cache.k_cache(layer), self.cache.v_cache(layer)
-        index = (self.batch.token_slots_t, self.batch.token_positions_t)
-        k_cache.index_put_(index, k.to(k_cache.dtype))
-        v_cache.index_put_(index, v.to(v_cache.dtype))
+        token_rows(k_cache).index_copy_(0, self.token_rows, k.to(k_cache.dtype))
+        token_rows(v_cache).index_copy_(0, self.token_rows, v.to(v_cache.dtype))
         return k_cache, v_cache
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,3 +64,12 @@ class AttentionBackend(ABC):
     @abstractmethod
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Causal attention of the step's queries over their slots' cached tokens."""
+
+
+def token_rows(cache: torch.Tensor) -> torch.Tensor:
+    """[slots, tokens, heads, dim] -> [slots * tokens, heads, dim], the same memory (a slot's
+    tokens are followed by the next slot's in every layout)."""
+    slots, tokens, heads, dim = cache.shape
+    if cache.stride(0) != tokens * cache.stride(1):
+        raise ValueError(f"cache strides {cache.stride()} are not slot-major token rows")
+    return cache.as_strided((slots * tokens, heads, dim), cache.stride()[1:])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from replica.attention.base import AttentionBackend
+from replica.attention.base import AttentionBackend, token_rows
 from replica.attention.batch import StepBatch
 
 
@@ -23,19 +23,11 @@ class TorchFlashBackend(AttentionBackend):
         self.cu_k = torch.cat([batch.slots_t, batch.slots_t[-1:] + 1]) * tokens_per_slot
         self.max_q, self.max_k = batch.max_query_len, batch.max_kv_len
 
-    @staticmethod
-    def _flat(cache: torch.Tensor) -> torch.Tensor:
-        slots, tokens, heads, dim = cache.shape
-        if cache.stride(0) != tokens * cache.stride(1):
-            raise ValueError(f"cache strides {cache.stride()} are not slot-major token rows")
-        # [slots, tokens, heads, dim] -> [slots * tokens, heads, dim], same memory
-        return cache.as_strided((slots * tokens, heads, dim), cache.stride()[1:])
-
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         assert batch is not None
         out = torch.ops.aten._flash_attention_forward(
-            q, self._flat(k_cache), self._flat(v_cache), batch.cu_query_t, self.cu_k,
+            q, token_rows(k_cache), token_rows(v_cache), batch.cu_query_t, self.cu_k,
             self.max_q, self.max_k, 0.0, True, False, scale=self.scale, seqused_k=batch.kv_lens_t,
         )[0]
         return out

@@ -37,21 +37,13 @@ class PagedAttentionBackend(AttentionBackend):
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         self.paged = cache
         self.block_size = cache.config.block_size
-        self.slot_mapping = torch.empty(0, dtype=torch.int64)
 
-    def plan(self, batch: StepBatch) -> None:
-        super().plan(batch)
+    def cache_rows(self, batch: StepBatch) -> torch.Tensor:
+        """Block-table lookup: block id * block_size + offset in the block (the slot mapping)."""
         table = self.paged.block_table()  # flushes this step's new entries first
         positions = batch.token_positions_t
         blocks = table[batch.token_slots_t, positions // self.block_size].long()
-        self.slot_mapping = blocks * self.block_size + positions % self.block_size
-
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k_cache, v_cache = self.paged.k_cache(layer), self.paged.v_cache(layer)
-        for cache, new in ((k_cache, k), (v_cache, v)):
-            # [blocks, block_size, heads, dim] -> [blocks * block_size, heads, dim], same memory
-            cache.view(-1, *cache.shape[2:]).index_put_((self.slot_mapping,), new.to(cache.dtype))
-        return k_cache, v_cache
+        return blocks * self.block_size + positions % self.block_size
 
 
 class PagedSdpaBackend(PagedAttentionBackend):

@@ -103,7 +103,7 @@ def test_paged_sdpa_matches_naive_attention_and_writes_the_blocks(block_size: in
     backend.plan(batch)
     out = backend(1, q, k, v)
     rows = new_rows(cache, batch)
-    torch.testing.assert_close(backend.slot_mapping, rows)
+    torch.testing.assert_close(backend.token_rows, rows)
     torch.testing.assert_close(cache.k_cache(1).flatten(0, 1)[rows], k)
     torch.testing.assert_close(cache.v_cache(1).flatten(0, 1)[rows], v)
     torch.testing.assert_close(out.double(), naive(cache, batch, q), rtol=1e-5, atol=1e-5)
