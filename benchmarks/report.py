@@ -1,0 +1,103 @@
+"""Writes benchmarks/README.md's results tables from the JSON in benchmarks/results/ (never typed
+by hand) and the PNG plots beside them.
+
+    python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def newest(prefix: str) -> tuple[Path, dict[str, Any]] | None:
+    paths = sorted(p for p in RESULTS.glob(f"{prefix}-*.json") if "smoke" not in p.name)
+    if not paths:
+        return None
+    path = max(paths, key=lambda p: json.loads(p.read_text())["environment"]["date"])
+    return path, json.loads(path.read_text())
+
+
+def environment_line(path: Path, env: dict[str, Any]) -> str:
+    return (f"`{path.name}`: {env['device']}, driver {env.get('driver', '-')}, torch {env['torch']}, "
+            f"Python {env['python']}, {env['date']}")
+
+
+def mapping_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    lines = ["### Page mapping (`bench_mapping.py`)", "", environment_line(path, data["environment"]), ""]
+    latency = data["map_latency"]
+    lines += ["| one page | median µs |", "|---|---|"]
+    lines += [f"| {name.removesuffix('_us_median')} | {value:.1f} |" for name, value in latency.items()]
+    lines += ["", "| run of pages | µs per page | GB/s |", "|---|---|---|"]
+    lines += [f"| {r['run_pages']} | {r['us_per_page']:.1f} | {r['gb_per_s']:.1f} |" for r in data["batched"]]
+    lines += ["", "| pages per step | step ms | caller's wait ms | wait % of step | submit ms | worker busy % |",
+              "|---|---|---|---|---|---|"]
+    for r in data["decode_overlap"]:
+        lines.append(f"| {r['pages_per_step']} | {r['step_ms_mean']:.2f} | {r['wait_ms_mean']:.3f} | "
+                     f"{r['wait_pct_of_step']:.2f} | {r.get('submit_ms_mean', float('nan')):.3f} | "
+                     f"{r['worker_busy_pct_of_step']:.1f} |")
+    return lines + [""]
+
+
+def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    lines = ["### Engine, offline (`bench_engine.py`)", "",
+             environment_line(path, data["environment"])
+             + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}", "",
+             "| workload | mode | attention | tokens/s | vs paged | mapping wait % | KV waste % | preemptions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for workload, rows in data["results"].items():
+        paged = next((r for r in rows if r["mode"] == "paged"), None)
+        for r in rows:
+            ratio = f"{r['tokens_per_s'] / paged['tokens_per_s']:.2f}x" if paged else "-"
+            lines.append(f"| {workload} | {r['mode']} | {r.get('attention', '-')} | {r['tokens_per_s']:.0f} | {ratio} | "
+                         f"{r.get('mapping_wait_pct', 0):.2f} | {r.get('kv_waste_pct_mean', 0):.2f} | "
+                         f"{r.get('preemptions', 0)} |")
+    lines += ["", "Decode step at full batch (median), against the roofline and the practical floor:", "",
+              "| workload | mode | step ms | roofline ms | share of roofline | linears (graph) ms | attention ms | "
+              "floor ms | step / floor |", "|---|---|---|---|---|---|---|---|---|"]
+    for workload, rows in data["results"].items():
+        for r in rows:
+            step = r.get("decode_step")
+            if not step:
+                continue
+            lines.append(
+                f"| {workload} | {r['mode']} | {step['step_ms']:.2f} | {step['roofline_ms']:.2f} | "
+                f"{100 * step['roofline_share']:.0f}% | {step.get('linears_graph_ms', float('nan')):.2f} | "
+                f"{step.get('attention_alone_ms', float('nan')):.2f} | {step.get('practical_floor_ms', float('nan')):.2f} | "
+                f"{step.get('step_over_floor', float('nan')):.2f}x |")
+    return lines + [""]
+
+
+def load_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    lines = ["### Load (`load_test.py`)", "", environment_line(path, data["environment"]), "",
+             "| key | value |", "|---|---|"]
+    for key, value in data.get("summary", {}).items():
+        lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return lines + [""]
+
+
+def render() -> str:
+    sections: list[str] = []
+    for prefix, table in (("mapping", mapping_tables), ("engine", engine_tables), ("load", load_tables)):
+        found = newest(prefix)
+        if found:
+            sections += table(*found)
+    return "\n".join(sections)
+
+
+def main() -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
