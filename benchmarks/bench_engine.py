@@ -103,6 +103,13 @@ def run_vattn(kv_mode: str, workload: Workload, args: argparse.Namespace, profil
         "kv_waste_pct_mean": 100 * statistics.mean(waste) if waste else 0.0,
         "preemptions": engine.stats().preemptions_total,
     }
+    if decode_steps:
+        times = sorted(s[0] * 1e3 for s in decode_steps)
+        result["decode_steps"] = {
+            "count": len(times), "mean_ms": statistics.mean(times), "p50_ms": times[len(times) // 2],
+            "p90_ms": times[int(0.9 * (len(times) - 1))], "p99_ms": times[int(0.99 * (len(times) - 1))],
+            "max_ms": times[-1], "total_s": sum(times) / 1e3,
+        }
     full = [s for s in decode_steps if s[1] == len(workload)] or decode_steps
     if full:
         seconds, batch, context = sorted(full)[len(full) // 2]
