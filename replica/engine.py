@@ -1,4 +1,4 @@
-"""The engine of one replica (tp = 1 here): scheduler → vAttention cache → model → sampler.
+"""The engine of one replica: scheduler → vAttention cache → model → sampler.
 
     engine = LLMEngine(EngineConfig(model="embedded"))
     engine.add_request("r1", "Hello", SamplingParams(max_tokens=8, temperature=0))
@@ -7,6 +7,10 @@
 
 Each step waits for the pages the previous step submitted, schedules, submits the *next* step's
 pages to the mapping worker, then runs the model while the worker maps.
+
+With ``tensor_parallel_size > 1`` this process is rank 0 of the replica (replica.tp): the scheduler
+decides on a recording allocator and every step runs on all ranks; a rank failing before the model
+fails the step's requests, one failing later breaks the replica (``broken``; every request fails).
 """
 
 from __future__ import annotations
@@ -14,19 +18,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from replica.detokenizer import OutputStream
 from replica.engine_config import EngineConfig
 from replica.engine_stats import EngineStats, LatencyLog
+from replica.kv_stats import KVCacheStats
 from replica.model import ModelConfig, embedded_model_dir
 from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
 from replica.sampling import SamplingParams, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
+from replica.tp import ReplicaBroken, StepFailed
+
+if TYPE_CHECKING:
+    from replica.kv_allocator import KVCacheAllocator
+    from replica.tp.driver import TensorParallelDriver
+    from replica.tp.runtime import RankRuntime
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +68,30 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp_runtime: RankRuntime | None = None) -> None:
         self.config = config
         self.device = config.torch_device()
         model_dir = resolve_model_dir(config.model)
         model_config = (
             ModelConfig.from_hf_dir(model_dir) if model_dir else config.synthetic or ModelConfig.llama3_8b()
         )
-        self.runner = ModelRunner(config, model_dir, model_config)
+        #: Rank 0's side of the tensor-parallel group (None when tensor_parallel_size == 1).
+        self.tp: TensorParallelDriver | None = None
+        #: Why the replica takes no more requests (a rank was lost), else None.
+        self.broken: str | None = None
+        if config.tensor_parallel_size > 1:
+            from replica.tp.driver import TensorParallelDriver
+
+            self.tp = TensorParallelDriver(config, model_config, tp_runtime)
+            self.runner = self.tp.runner
+            # The scheduler's allocator calls are recorded and replayed on the other ranks.
+            self.kv = cast("KVCacheAllocator", self.tp.kv)
+        else:
+            self.runner = ModelRunner(config, model_dir, model_config)
+            self.kv = self.runner.kv  # the scheduler decides with this rank's pages
         self.model_config = model_config
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
         self.eos_token_ids = tuple(model_config.eos_token_ids)
-        self.kv = self.runner.kv  # the scheduler decides with this rank's pages
         self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages)
         self.requests: dict[str, Request] = {}
         self.latency = LatencyLog()
@@ -84,6 +108,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
         """Queues a request, or raises RequestRejected (a ValueError) if it can never be served."""
+        if self.broken is not None:
+            raise ReplicaBroken(self.broken)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
@@ -133,10 +159,28 @@ class LLMEngine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
         plan, sampled = self._plan(scheduled)
-        logits = self.runner.execute(plan)
+        try:
+            logits = self.runner.execute(plan) if self.tp is None else self.tp.execute(plan)
+        except StepFailed as failure:
+            return self._fail(list(self.requests.values()) if failure.broken else list(scheduled.requests), failure)
         outputs = self._sample(sampled, logits) if sampled else []
         for request, query in zip(scheduled.requests, scheduled.query_lens):
             request.computed += query
+        return outputs
+
+    def _fail(self, requests: list[Request], failure: StepFailed) -> list[RequestOutput]:
+        """Ends ``requests`` with ``error`` set (their slots are freed; under TP the release reaches
+        the other ranks with the next message); a broken replica takes no more requests."""
+        if failure.broken:
+            self.broken = str(failure)
+        outputs = []
+        for request in requests:
+            self.scheduler.finish(request, "abort")
+            self.requests.pop(request.request_id, None)
+            outputs.append(RequestOutput(
+                request.request_id, "", (), True, "abort", len(request.prompt_token_ids),
+                len(request.output_token_ids), error=str(failure),
+            ))
         return outputs
 
     def _plan(self, scheduled: ScheduledStep) -> tuple[StepPlan, list[Request]]:
@@ -195,9 +239,20 @@ class LLMEngine:
             preemptions_total=self.scheduler.preemptions_total,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            kv=self.kv.stats(),
+            kv=self._kv_stats(),
             latency=self.latency.snapshot(),
         )
+
+    def _kv_stats(self) -> KVCacheStats:
+        stats = self.kv.stats()
+        if self.tp is None:
+            return stats
+        return replace(stats, pages_available=self.tp.free_pages())  # the minimum over ranks
+
+    def shutdown(self) -> None:
+        """Stops the other ranks of a tensor-parallel replica (nothing to do with one rank)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def running_requests(self) -> list[Request]:
         return [r for r in self.scheduler.requests() if r.status is RequestStatus.RUNNING]

@@ -16,7 +16,7 @@ class EngineConfig:
     model: str = "embedded"
     dtype: str = "auto"  # "auto": bf16 on GPU, the checkpoint's dtype (float32) on CPU
     device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
-    attention: str = "auto"  # see replica.attention.BACKENDS
+    attention: str = "auto"  # see replica.attention.BACKENDS (replica.paged.PAGED_BACKENDS when paged)
     kv_layout: KVLayout = KVLayout.INTERLEAVED
     #: "vattention" (contiguous virtual slots) or "paged" (the PagedAttention comparison mode:
     #: preallocated ``block_size``-token blocks and block tables, replica.paged).
@@ -36,12 +36,15 @@ class EngineConfig:
     synthetic: ModelConfig | None = None
     rank: int = 0
     world_size: int = 1
+    #: Ranks in this replica's tensor-parallel group (one process per GPU; replica.tp). ``rank`` and
+    #: ``world_size`` are set per rank from it. ``kv_cache_bytes`` is per rank (its KV heads).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
         if self.kv_mode not in ("vattention", "paged"):
             raise ValueError(f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}")
-        for name in ("max_model_len", "max_running", "max_batch_tokens", "block_size"):
+        for name in ("max_model_len", "max_running", "max_batch_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -28,8 +28,16 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: str = "embedded", **config: Any) -> None:
+    def __init__(self, model: str = "embedded", tp: int | None = None, **config: Any) -> None:
+        """``tp``: tensor-parallel ranks (EngineConfig.tensor_parallel_size); rank 0 is this
+        process, the others are spawned (see replica.tp). Call ``shutdown`` when done."""
+        if tp is not None:
+            config["tensor_parallel_size"] = tp
         self.engine = LLMEngine(EngineConfig(model=model, **config))
+
+    def shutdown(self) -> None:
+        """Stops the other tensor-parallel ranks, if any."""
+        self.engine.shutdown()
 
     @property
     def tokenizer(self) -> Any:

@@ -7,13 +7,13 @@ logits of the rows that sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from replica.attention import StepBatch, make_attention_backend
+from replica.attention import AttentionBackend, StepBatch, make_attention_backend
 from replica.engine_config import EngineConfig
 from replica.kv_allocator import KVCacheAllocator
 from replica.kv_config import KVCacheConfig
@@ -58,11 +58,22 @@ class ModelRunner:
         )
         self.model_config = model_config
         self.kv = self._make_kv_cache()
+        self.attention = self._make_attention()
+
+    def _make_attention(self) -> AttentionBackend:
         make_backend = make_paged_attention_backend if isinstance(self.kv, PagedKVCache) else make_attention_backend
-        self.attention = make_backend(
-            config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,  # type: ignore[arg-type]
-            model_config.head_dim, self.dtype, self.device,
+        return make_backend(
+            self.config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,  # type: ignore[arg-type]
+            self.model_config.head_dim, self.dtype, self.device,
         )
+
+    def rebuild_kv_cache(self, kv_cache_bytes: int) -> None:
+        """Replaces the (still empty) KV cache by one of ``kv_cache_bytes``: the ranks of a
+        tensor-parallel replica agree on the smallest budget so that their books stay identical."""
+        self.config = replace(self.config, kv_cache_bytes=kv_cache_bytes)
+        del self.attention, self.kv  # first free the old cache (paged mode preallocates it)
+        self.kv = self._make_kv_cache()
+        self.attention = self._make_attention()
 
     def _make_kv_cache(self) -> KVCacheAllocator | PagedKVCache:
         config = self.config

@@ -1,0 +1,243 @@
+"""Tensor parallelism on CPU: a replica of 2 (or 3) gloo ranks, rank 0 in the test process.
+
+Checks: tp=2 gives the same greedy tokens as tp=1 and as transformers, with and without
+preemption; every rank's KV books stay identical (the page plan replays exactly); impossible tp
+sizes are refused before anything starts; a rank failing before the model fails only that step's
+requests, one failing inside the model breaks the replica without hanging rank 0.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from replica import (
+    LLM,
+    KVCacheAllocator,
+    KVCacheConfig,
+    KVCacheOutOfMemory,
+    LLMEngine,
+    SamplingParams,
+    open_device,
+)
+from replica.request import RequestOutput
+from replica.tp import (
+    RecordingAllocator,
+    ReplayMismatch,
+    ReplicaBroken,
+    check_tensor_parallel,
+    replay,
+)
+from replica.tp.plan import books
+from tests.cpu.test_engine import PROMPTS, hf_greedy
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+SMALL = {"page_size": 4096, "max_model_len": 256, "max_running": 8, "kv_cache_bytes": 256 * 4096}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama-tp")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Ranks share 2 cores: one torch thread each (rank 0 included), a bounded collective timeout."""
+    monkeypatch.setenv("VATTN_TP_TIMEOUT_S", "30")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    assert not dist.is_initialized(), "a test left its tensor-parallel group running"
+
+
+@contextmanager
+def llm(model: str, **config: object) -> Iterator[LLM]:
+    engine = LLM(model, **config)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, prefix: str = "r"
+        ) -> dict[str, list[RequestOutput]]:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{prefix}{i}", prompt, params)
+    outputs: dict[str, list[RequestOutput]] = defaultdict(list)
+    while engine.has_work():
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    return outputs
+
+
+def tokens(outputs: dict[str, list[RequestOutput]]) -> list[list[int]]:
+    return [[t for o in outputs[k] for t in o.token_ids] for k in sorted(outputs)]
+
+
+def assert_books_agree(engine: LLMEngine) -> None:
+    """Every rank's pages equal rank 0's once the pending releases have been replayed."""
+    assert engine.tp is not None
+    engine.tp.sync()
+    assert set(engine.tp.rank_pages.values()) == {engine.kv.reclaimable_pages()}
+    engine.kv.check_invariants(deep=True)
+
+
+# ---- the page plan, without processes ------------------------------------------------------------
+def make_allocator(budget_pages: int = 24) -> KVCacheAllocator:
+    config = KVCacheConfig(num_layers=2, num_kv_heads=1, head_dim=64, dtype=torch.float32,
+                           max_slots=6, max_tokens=8 * 16, page_size=4096,
+                           budget_bytes=budget_pages * 4096, eager_pages=1)
+    return KVCacheAllocator(config, open_device("host", 4096))
+
+
+def test_replaying_the_page_plan_reproduces_the_books() -> None:
+    rng = random.Random(7)
+    leader, follower = make_allocator(), make_allocator()
+    recorder = RecordingAllocator(leader)
+    running: list[int] = []
+    for step in range(400):
+        choice = rng.random()
+        try:
+            if choice < 0.3 and len(running) < 6:
+                running.append(recorder.acquire(rng.randrange(1, 128)))
+            elif choice < 0.7 and running:
+                slot = rng.choice(running)
+                recorder.ensure(slot, min(128, leader.length(slot) + rng.randrange(1, 40)))
+            elif choice < 0.95 and running:
+                recorder.release(running.pop(rng.randrange(len(running))))
+            else:
+                recorder.shrink()
+        except KVCacheOutOfMemory:
+            pass
+        if step % 17 == 0:  # a "step": the follower catches up
+            replay(follower, recorder.drain())
+            assert books(follower) == books(leader)
+    replay(follower, recorder.drain())
+    assert list(follower.slot_states()) == list(leader.slot_states())
+    assert [follower.length(s) for s in running] == [leader.length(s) for s in running]
+    assert follower.reclaimable_pages() == leader.reclaimable_pages()
+    follower.check_invariants(deep=True)
+
+
+def test_replay_detects_divergence_and_unrecorded_calls() -> None:
+    leader = make_allocator()
+    recorder = RecordingAllocator(leader)
+    recorder.acquire(16)
+    diverged = make_allocator()
+    diverged.acquire(16)  # this rank already holds slot 0
+    with pytest.raises(ReplayMismatch, match="gave slot 1, rank 0 got slot 0"):
+        replay(diverged, recorder.drain())
+    slot = recorder.acquire(16)
+    with pytest.raises(KVCacheOutOfMemory):
+        recorder.ensure(slot, 128)  # 8 tokens a page: 16 groups x 2 ranges > 24 pages
+    bigger = make_allocator(budget_pages=400)
+    bigger.acquire(16)  # the same books as rank 0 before these calls, but a larger budget
+    with pytest.raises(ReplayMismatch, match="ran out of memory on rank 0 only"):
+        replay(bigger, recorder.drain())
+    with pytest.raises(AttributeError, match="step_async"):
+        recorder.step_async({slot: 1})
+
+
+def test_impossible_tp_sizes_are_refused_up_front() -> None:
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide the model's 3 KV heads.*valid sizes: 1, 3"):
+        LLM("embedded", tp=2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 exceeds the model's 3 KV heads"):
+        LLM("embedded", tp=4)
+    from replica.model import ModelConfig
+    check_tensor_parallel(ModelConfig.llama3_8b(), 8)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be positive|must be >= 1"):
+        LLM("embedded", tp=0)
+    assert not dist.is_initialized()
+
+
+# ---- whole replicas --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
+def test_tp2_greedy_matches_tp1_and_transformers(tiny_dir: Path, kv_mode: str) -> None:
+    expected = hf_greedy(tiny_dir, PROMPTS, GREEDY.max_tokens)
+    with llm(str(tiny_dir), **SMALL) as single:
+        one = [list(o.token_ids) for o in single.generate(PROMPTS, GREEDY)]
+    with llm(str(tiny_dir), tp=2, kv_mode=kv_mode, **SMALL) as pair:
+        engine = pair.engine
+        assert engine.runner.kv.config.num_kv_heads == 1  # rank 0 holds half of the 2 KV heads
+        two = [list(o.token_ids) for o in pair.generate(PROMPTS, GREEDY)]
+        assert_books_agree(engine)
+        assert engine.stats().kv.pages_available == engine.tp.free_pages() > 0  # type: ignore[union-attr]
+    assert two == one == expected
+
+
+def test_tp2_preemption_keeps_outputs_identical(tiny_dir: Path) -> None:
+    with llm(str(tiny_dir), **SMALL) as single:
+        expected = [o.token_ids for o in single.generate(PROMPTS, LONG)]
+    # Each rank holds 1 KV head: 32 tokens a page, 2 ranges; 6 pages back 96 tokens in all.
+    with llm(str(tiny_dir), tp=2, **{**SMALL, "kv_cache_bytes": 6 * 4096, "max_batch_tokens": 8,
+                                     "eager_pages": 0}) as pair:
+        outputs = pair.generate(PROMPTS, LONG)
+        assert pair.engine.stats().preemptions_total > 0
+        assert_books_agree(pair.engine)
+    assert [o.token_ids for o in outputs] == expected
+
+
+def test_embedded_smollm2_tp3_matches_tp1() -> None:
+    small = {"max_running": 2, "max_model_len": 256, "kv_cache_bytes": 64 << 20}
+    params = SamplingParams(max_tokens=8, temperature=0)
+    with llm("embedded", **small) as single:
+        prompt = single.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+        expected = single.generate([prompt], params)[0]
+    with llm("embedded", tp=3, **small) as triple:
+        got = triple.generate([prompt], params)[0]
+    assert "Paris" in expected.text
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+
+
+def test_rank_failing_before_the_model_fails_only_that_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with llm(str(tiny_dir), **SMALL) as single:
+        expected = [list(o.token_ids) for o in single.generate(PROMPTS[:2], GREEDY)]
+    monkeypatch.setenv("VATTN_TP_FAULT", "1:2:prepare")  # rank 1 raises at message 2
+    with llm(str(tiny_dir), tp=2, **SMALL) as pair:
+        engine = pair.engine
+        failed = run(engine, PROMPTS[:2], GREEDY, "a")
+        for outputs in failed.values():
+            assert len(outputs) == 3  # two tokens, then the failure
+            last = outputs[-1]
+            assert last.finished and last.finish_reason == "abort" and last.token_ids == ()
+            assert last.error is not None and "rank 1 failed preparing: InjectedFault" in last.error
+        assert engine.broken is None and engine.stats().kv.slots_running == 0
+        assert tokens(run(engine, PROMPTS[:2], GREEDY, "b")) == expected  # the replica goes on
+        assert_books_agree(engine)
+
+
+def test_rank_failing_inside_the_model_breaks_the_replica_without_a_hang(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VATTN_TP_FAULT", "1:2:model")
+    with llm(str(tiny_dir), tp=2, **SMALL) as pair:
+        engine = pair.engine
+        started = time.monotonic()
+        outputs = run(engine, PROMPTS, GREEDY)
+        assert time.monotonic() - started < 20  # not the 30 s collective timeout
+        errors = {k: v[-1].error for k, v in outputs.items()}
+        assert len(errors) == len(PROMPTS)
+        assert all(e is not None and "rank 1 failed running the model: InjectedFault" in e for e in errors.values())
+        assert engine.broken is not None and not engine.has_work()
+        with pytest.raises(ReplicaBroken):
+            engine.add_request("late", PROMPTS[0], GREEDY)
+        assert not dist.is_initialized()  # rank 0 has left the group: the replica can be rebuilt
