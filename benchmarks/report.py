@@ -58,8 +58,8 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
                          f"{r.get('mapping_wait_pct', 0):.2f} | {r.get('kv_waste_pct_mean', 0):.2f} | "
                          f"{r.get('preemptions', 0)} |")
     lines += ["", "Decode step at full batch (median), against the roofline and the practical floor:", "",
-              "| workload | mode | step ms | roofline ms | share of roofline | linears (graph) ms | attention ms | "
-              "floor ms | step / floor |", "|---|---|---|---|---|---|---|---|---|"]
+              ("| workload | mode | step ms | roofline ms | share of roofline | linears (graph) ms | attention ms | "
+               "floor ms | step / floor |"), "|---|---|---|---|---|---|---|---|---|"]
     for workload, rows in data["results"].items():
         for r in rows:
             step = r.get("decode_step")

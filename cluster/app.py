@@ -30,6 +30,7 @@ class AppOptions:
     page_size: int | None = None
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
+    metrics_period_s: float = 1.0  # how often each replica pushes its metrics to the hub
     replica_cpus: float = 1.0
 
     @classmethod
@@ -66,6 +67,7 @@ class AppOptions:
             model=self.model, attention=self.backend, kv_layout=self.kv_layout,
             device="cuda" if self.uses_gpu() else "cpu", max_model_len=self.max_model_len,
             max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes, page_size=self.page_size,
+            tensor_parallel_size=self.tp,
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
@@ -73,12 +75,19 @@ class AppOptions:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     options = AppOptions.from_args(args or {})
     gpu = options.uses_gpu()
+    rank0 = {"CPU": options.replica_cpus, "GPU": 1} if gpu else {"CPU": options.replica_cpus}
+    rank = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+    tp_options: dict[str, Any] = {}
+    if options.tp > 1:  # one bundle per rank, on one node: bundle 0 is this replica (rank 0)
+        tp_options = {"placement_group_bundles": [rank0] + [rank] * (options.tp - 1),
+                      "placement_group_strategy": "STRICT_PACK", "health_check_period_s": 2}
     deployment = VattnReplica.options(
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},
         request_router_config=router_config(options.routing_stats_period_s),
+        **tp_options,
     )
-    replica = deployment.bind(options.engine_config())
+    replica = deployment.bind(options.engine_config(), options.metrics_period_s)
     return VattnIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(replica, options.model, options.api_key)
 
 

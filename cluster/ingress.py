@@ -3,6 +3,11 @@
 It tokenizes (so the router can size requests in pages), validates, and streams replies over SSE.
 Bad input is a 400 with an OpenAI-style error body; a wrong API key is a 401; a client that goes
 away cancels its request, which frees its slot.
+
+``GET /metrics`` is the Prometheus endpoint of the whole app (see ``cluster.metrics``): the
+replicas' series from the metrics hub, which this ingress creates and owns, plus the decisions of
+the free-page router, which runs in this process (its handle to the replicas routes here). Like
+``/health`` it needs no API key: only ``/v1/`` paths do.
 """
 
 from __future__ import annotations
@@ -14,14 +19,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import openai_api as api
+from cluster import routing
+from cluster.metrics import MetricsExporter, ReplicaSeries, RouterView
+from cluster.metrics_hub import create_hub
 from cluster.protocol import GenerateRequest, ModelInfo
+from cluster.replica_deployment import served_model_name
+from replica.engine import RequestRejected
 from replica.llm import apply_chat_template
+from replica.model import ModelConfig
 from replica.request import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -74,6 +87,11 @@ async def _authorize(request: Request, call_next: Any) -> Any:
     return await call_next(request)
 
 
+def _rejection(error: RequestRejected) -> str:
+    """The replica's reason, without Ray's traceback (which names hosts and pids)."""
+    return str(getattr(error, "cause", None) or error)
+
+
 def _json(body: dict[str, Any], last: RequestOutput) -> JSONResponse:
     """The body, with the replica that served it in a header (for operators and tests)."""
     return JSONResponse(body, headers={"x-vattn-replica": last.replica or ""})
@@ -88,8 +106,13 @@ class VattnIngress:
         self.replica = replica
         model_dir = resolve_model_dir(model)
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
+        # Token-id prompts must index the embedding: one id outside it would fail the whole step.
+        self.vocab_size = (ModelConfig.from_hf_dir(model_dir) if model_dir else ModelConfig.llama3_8b()).vocab_size
         app.state.api_key = api_key or None
         self._info: ModelInfo | None = None
+        self.model_name = served_model_name(model)
+        self.hub = create_hub()  # owned by this ingress: it goes when the app goes
+        self.exporter = MetricsExporter()
 
     async def info(self) -> ModelInfo:
         if self._info is None:
@@ -99,6 +122,21 @@ class VattnIngress:
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        series = await self.hub_series()
+        body = self.exporter.render(series, RouterView(self.model_name, routing.DECISIONS.snapshot()))
+        return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    async def hub_series(self) -> list[ReplicaSeries]:
+        """The hub's series; a dead hub is created again (its samples are gone: a counter reset)."""
+        try:
+            return await self.hub.series.remote()
+        except RayActorError:
+            log.warning("the metrics hub died; creating a new one")
+            self.hub = create_hub()
+            return await self.hub.series.remote()
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -146,6 +184,9 @@ class VattnIngress:
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
             return list(self.tokenizer.encode(prompt))
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
         return list(prompt)
 
     def request(self, request_id: str, token_ids: list[int], body: api.SamplingFields,
@@ -168,11 +209,14 @@ class VattnIngress:
 
     async def collect(self, request: GenerateRequest) -> tuple[str, tuple[RequestOutput, list[float]]]:
         text, logprobs, last = "", [], None
-        async for output in self.stream(request):
-            self.raise_failed(output)
-            text += output.text
-            logprobs += output.logprobs or ()
-            last = output
+        try:
+            async for output in self.stream(request):
+                self.raise_failed(output)
+                text += output.text
+                logprobs += output.logprobs or ()
+                last = output
+        except RequestRejected as error:  # the replica's cache can never hold it
+            raise ApiError(400, _rejection(error), param="max_tokens") from None
         assert last is not None
         return text, (last, logprobs)
 
@@ -199,6 +243,9 @@ class VattnIngress:
                     if output.finished:
                         chunk["usage"] = api.usage(request.prompt_tokens, output.completion_tokens)
                     yield api.sse_event(chunk)
+                yield "data: [DONE]\n\n"
+            except RequestRejected as error:  # raised before any output: nothing was streamed yet
+                yield api.sse_event(api.error_payload(_rejection(error), param="max_tokens"))
                 yield "data: [DONE]\n\n"
             finally:
                 response.cancel()  # a no-op when finished; frees the slot when the client left

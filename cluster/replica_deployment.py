@@ -1,8 +1,9 @@
 """The replica deployment: one Serve replica = one engine (a tensor-parallel group of ranks).
 
-It streams ``RequestOutput`` deltas back to the caller and reports what the free-page router
-needs through ``record_routing_stats``. A caller that stops iterating (client disconnect) cancels
-the stream, which aborts the request and frees its slot at once.
+It streams ``RequestOutput`` deltas back to the caller, reports what the free-page router needs
+through ``record_routing_stats``, and pushes its Prometheus metrics to the metrics hub about once
+a second (``cluster.metrics_hub``; the ingress serves them on ``/metrics``). A caller that stops
+iterating (client disconnect) cancels the stream, which aborts the request and frees its slot.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Any
 
 from ray import serve
 
+from cluster.metrics import ReplicaSnapshot, take_snapshot
+from cluster.metrics_hub import MetricsPusher
 from cluster.protocol import GenerateRequest, ModelInfo
 from replica.async_engine import AsyncLLMEngine
+from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig
 from replica.engine_stats import EngineStats
 from replica.request import RequestOutput
@@ -36,12 +40,24 @@ def served_model_name(model: str) -> str:
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
 class VattnReplica:
-    def __init__(self, engine_config: dict[str, Any]) -> None:
+    def __init__(self, engine_config: dict[str, Any], metrics_period_s: float = 1.0) -> None:
         self.config = EngineConfig(**engine_config)
-        self.engine = AsyncLLMEngine(self.config)
+        self.engine = AsyncLLMEngine(self.config, engine=make_engine(self.config))
         self.name = served_model_name(self.config.model)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = MetricsPusher(self._metrics_snapshot, metrics_period_s)
+        self.metrics.start()
         log.info("vattn replica %s ready (pid %d)", self.name, os.getpid())
+
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
+        pusher = getattr(self, "metrics", None)
+        if pusher is not None:
+            pusher.stop()
+
+    def _metrics_snapshot(self) -> ReplicaSnapshot:
+        """Gauges, counters and the latency samples since the last call: it drains the engine's
+        latency log and map latencies, so the pusher is its only caller."""
+        return self.engine.call(lambda engine: take_snapshot(self.name, self.replica_id, engine))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         async for output in self.engine.generate(list(request.prompt_token_ids), request.params, request.request_id):
@@ -56,7 +72,8 @@ class VattnReplica:
         stats = self.engine.stats()
         kv = self.engine.engine.kv.config
         return {
-            "free_pages": stats.kv.pages_available,
+            # A broken replica (a rank gone) fits nothing: the router ranks it last.
+            "free_pages": 0 if self.engine.engine.broken else stats.kv.pages_available,
             "total_pages": stats.kv.pages_total,
             "tokens_per_page": tokens_per_physical_page(kv),
             "running": stats.running,
@@ -68,11 +85,25 @@ class VattnReplica:
         return self.engine.stats()
 
     def stats_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.engine.stats())
+        """The engine's stats as plain data, with this replica's id under ``"replica"``."""
+        return {**dataclasses.asdict(self.engine.stats()), "replica": self.replica_id}
 
     def check_health(self) -> None:
+        if self.engine.engine.broken:
+            raise RuntimeError(f"a tensor-parallel rank failed: {self.engine.engine.broken}")
         if not self.engine.alive():
             raise RuntimeError("the engine loop has stopped")
+
+
+def make_engine(config: EngineConfig) -> LLMEngine:
+    """Rank 0 of the replica's tensor-parallel group runs here; ranks 1.. are Ray actors in the
+    replica's placement group (one bundle per rank)."""
+    if config.tensor_parallel_size == 1:
+        return LLMEngine(config)
+    from cluster.rank_actors import RayRankRuntime
+
+    gpus = 1.0 if config.torch_device().type == "cuda" else 0.0
+    return LLMEngine(config, tp_runtime=RayRankRuntime(gpus_per_rank=gpus))
 
 
 def tokens_per_physical_page(kv: Any) -> float:
