@@ -36,6 +36,7 @@ from replica.engine import RequestRejected
 from replica.llm import apply_chat_template
 from replica.model import ModelConfig
 from replica.request import RequestOutput
+from replica.tp import ReplicaBroken
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="vattn", description="OpenAI-compatible LLM serving on vAttention")
@@ -51,6 +52,13 @@ class ApiError(Exception):
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(error.payload, status_code=error.status)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+    """Anything unforeseen is still an OpenAI-style body (the details go to the log, not out)."""
+    log.exception("request failed", exc_info=error)
+    return JSONResponse(api.error_payload("internal error", "server_error"), status_code=500)
 
 
 @app.exception_handler(RequestValidationError)
@@ -217,6 +225,10 @@ class VattnIngress:
                 last = output
         except RequestRejected as error:  # the replica's cache can never hold it
             raise ApiError(400, _rejection(error), param="max_tokens") from None
+        except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
+            raise ApiError(503, f"the replica is unavailable, retry: {_rejection(error)}", "server_error") from None
+        except RayActorError:  # the replica died mid-request: Serve is replacing it
+            raise ApiError(503, "the replica serving this request died; retry", "server_error") from None
         assert last is not None
         return text, (last, logprobs)
 
@@ -244,8 +256,15 @@ class VattnIngress:
                         chunk["usage"] = api.usage(request.prompt_tokens, output.completion_tokens)
                     yield api.sse_event(chunk)
                 yield "data: [DONE]\n\n"
-            except RequestRejected as error:  # raised before any output: nothing was streamed yet
+            except RequestRejected as error:  # raised before the first token
                 yield api.sse_event(api.error_payload(_rejection(error), param="max_tokens"))
+                yield "data: [DONE]\n\n"
+            except ReplicaBroken as error:
+                yield api.sse_event(api.error_payload(f"the replica is unavailable, retry: {_rejection(error)}",
+                                                      "server_error"))
+                yield "data: [DONE]\n\n"
+            except RayActorError:
+                yield api.sse_event(api.error_payload("the replica serving this request died; retry", "server_error"))
                 yield "data: [DONE]\n\n"
             finally:
                 response.cancel()  # a no-op when finished; frees the slot when the client left
