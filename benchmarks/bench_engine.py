@@ -30,7 +30,7 @@ from replica.model import ModelConfig
 Workload = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
 
-def workloads(smoke: bool, batch: int, seed: int = 0) -> dict[str, Workload]:
+def workloads(smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024) -> dict[str, Workload]:
     rng = random.Random(seed)
     vocab = model_shapes(smoke).vocab_size
 
@@ -44,7 +44,7 @@ def workloads(smoke: bool, batch: int, seed: int = 0) -> dict[str, Workload]:
     for _ in range(batch):  # summarisation-like: long inputs (lognormal around ~1.8K), short outputs
         mixed.append((prompt(min(int(rng.lognormvariate(7.5, 0.5)), 6000)), rng.randint(128, 384)))
     return {
-        "decode": [(prompt(128), 1024) for _ in range(batch)],
+        "decode": [(prompt(128), decode_tokens) for _ in range(batch)],
         "prefill": [(prompt(4096), 64) for _ in range(batch)],
         "mixed": mixed,
     }
@@ -224,11 +224,12 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--page-size", type=int, default=None)
     parser.add_argument("--hf-new-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=1024, help="outputs per request, decode-heavy")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.smoke:
         args.batch = min(args.batch, 4)
-    loads = workloads(args.smoke, args.batch)
+    loads = workloads(args.smoke, args.batch, decode_tokens=args.decode_tokens)
     modes = args.modes.split(",")
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.workloads.split(","):
