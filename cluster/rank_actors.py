@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.metrics import ReplicaSnapshot, rank_snapshot
+from cluster.metrics_hub import MetricsPusher
 from replica.engine_config import EngineConfig
 from replica.tp.plan import RankStatus, Shutdown, StatusCode, StepMessage
 from replica.tp.runtime import RankRuntime, free_port
@@ -36,13 +39,26 @@ RANK_NAMESPACE = "vattn"
 class RankActor:
     """Hosts one ``RankWorker``; constructing it joins torch.distributed and loads the shard."""
 
-    def __init__(self, rank: int, world_size: int, address: str, port: int, config: EngineConfig) -> None:
+    def __init__(self, rank: int, world_size: int, address: str, port: int, config: EngineConfig,
+                 metrics: tuple[str, str, float] | None = None) -> None:
         self.rank = rank
         self.error: str | None = None
+        self.lock = threading.Lock()  # the metrics thread reads the cache between steps only
+        self.pusher: MetricsPusher | None = None
         try:
             self.worker: RankWorker | None = RankWorker(rank, world_size, address, port, config)
         except Exception as error:  # noqa: BLE001 - any load failure is reported through ready()
             self.worker, self.error = None, f"{type(error).__name__}: {error}"
+            return
+        if metrics is not None:  # this rank's own KV cache, under the replica's labels
+            model, replica, period_s = metrics
+            self.pusher = MetricsPusher(lambda: self._snapshot(model, replica), period_s)
+            self.pusher.start()
+
+    def _snapshot(self, model: str, replica: str) -> ReplicaSnapshot:
+        assert self.worker is not None
+        with self.lock:
+            return ReplicaSnapshot(model, replica, None, (rank_snapshot(self.rank, self.worker.runner.kv),))
 
     def ready(self) -> RankStatus:
         if self.worker is None:
@@ -51,16 +67,20 @@ class RankActor:
 
     def execute(self, message: StepMessage) -> RankStatus:
         assert self.worker is not None
-        return self.worker.execute(message)
+        with self.lock:
+            return self.worker.execute(message)
 
     def shutdown(self) -> None:
+        if self.pusher is not None:
+            self.pusher.stop()
         if self.worker is not None:
             self.worker.shutdown()
 
 
 class RayRankRuntime(RankRuntime):
-    def __init__(self, gpus_per_rank: float = 0.0, cpus_per_rank: float = 1.0) -> None:
-        self.gpus_per_rank, self.cpus_per_rank = gpus_per_rank, cpus_per_rank
+    def __init__(self, gpus_per_rank: float = 0.0, cpus_per_rank: float = 1.0,
+                 metrics: tuple[str, str, float] | None = None) -> None:
+        self.gpus_per_rank, self.cpus_per_rank, self.metrics = gpus_per_rank, cpus_per_rank, metrics
         self.actors: list[Any] = []
         self.pending: list[Any] = []
         self.stopped = False
@@ -77,7 +97,7 @@ class RayRankRuntime(RankRuntime):
                 name=f"vattn-rank{rank}-{secrets.token_hex(4)}", namespace=RANK_NAMESPACE,
                 num_cpus=self.cpus_per_rank, num_gpus=self.gpus_per_rank, scheduling_strategy=strategy,
                 runtime_env={"env_vars": RANK_ENV},
-            ).remote(rank, world_size, address, port, engine_config)
+            ).remote(rank, world_size, address, port, engine_config, self.metrics)
             self.actors.append(actor)
         self.pending = [actor.ready.remote() for actor in self.actors]
         return address, port

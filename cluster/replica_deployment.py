@@ -42,9 +42,10 @@ def served_model_name(model: str) -> str:
 class VattnReplica:
     def __init__(self, engine_config: dict[str, Any], metrics_period_s: float = 1.0) -> None:
         self.config = EngineConfig(**engine_config)
-        self.engine = AsyncLLMEngine(self.config, engine=make_engine(self.config))
         self.name = served_model_name(self.config.model)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.engine = AsyncLLMEngine(
+            self.config, engine=make_engine(self.config, (self.name, self.replica_id, metrics_period_s)))
         self.metrics = MetricsPusher(self._metrics_snapshot, metrics_period_s)
         self.metrics.start()
         log.info("vattn replica %s ready (pid %d)", self.name, os.getpid())
@@ -95,15 +96,16 @@ class VattnReplica:
             raise RuntimeError("the engine loop has stopped")
 
 
-def make_engine(config: EngineConfig) -> LLMEngine:
+def make_engine(config: EngineConfig, metrics: tuple[str, str, float] | None = None) -> LLMEngine:
     """Rank 0 of the replica's tensor-parallel group runs here; ranks 1.. are Ray actors in the
-    replica's placement group (one bundle per rank)."""
+    replica's placement group (one bundle per rank), each pushing its own cache's metrics
+    (``metrics`` = model name, replica id, period)."""
     if config.tensor_parallel_size == 1:
         return LLMEngine(config)
     from cluster.rank_actors import RayRankRuntime
 
     gpus = 1.0 if config.torch_device().type == "cuda" else 0.0
-    return LLMEngine(config, tp_runtime=RayRankRuntime(gpus_per_rank=gpus))
+    return LLMEngine(config, tp_runtime=RayRankRuntime(gpus_per_rank=gpus, metrics=metrics))
 
 
 def tokens_per_physical_page(kv: Any) -> float:

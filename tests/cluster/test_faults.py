@@ -67,7 +67,7 @@ def test_a_killed_replica_fails_in_flight_requests_and_is_replaced(two_replicas:
     for worker in workers:
         worker.start()
     time.sleep(2.0)
-    victim_id = sorted(before)[0]
+    victim_id = min(before)
     ray.kill(ray.get_actor(before[victim_id], namespace="serve"), no_restart=True)
     for worker in workers:
         worker.join(timeout=240)

@@ -73,6 +73,14 @@ def test_two_replicas_of_tp_2_answer_like_the_offline_engine(tp_app: None, model
     handle = serve.get_deployment_handle("VattnReplica", app_name="tp")
     from cluster.protocol import GenerateRequest
 
+    # Every rank's cache is on /metrics under its replica: ranks 0 and 1 of both replicas.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lines = [l for l in httpx.get(f"{BASE_URL}/metrics").text.splitlines() if l.startswith("vattn_kv_pages_created{")]
+        if sum('rank="1"' in l for l in lines) == 2 and sum('rank="0"' in l for l in lines) == 2:
+            break
+        time.sleep(0.5)
+    assert sum('rank="1"' in l for l in lines) == 2, lines
     for i, (prompt, want) in enumerate(zip(PROMPTS, expected)):
         request = GenerateRequest(f"tp-check-{i}", tuple(prompt), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
         tokens = [t for out in handle.options(stream=True).generate.remote(request) for t in out.token_ids]
