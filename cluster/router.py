@@ -8,6 +8,7 @@ HTTP proxy, ingress replicas), so ``cluster.routing`` must be importable there.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -35,6 +36,24 @@ class FreePageRouter(RequestRouter):
     def initialize_state(self, max_age_s: float = 2.0, **kwargs: object) -> None:
         """Called by Serve with ``RequestRouterConfig.request_router_kwargs``."""
         self.max_age_s = float(max_age_s)
+        self.routed: dict[str, tuple[float, int]] = {}
+
+    def discounted(self, replica_id: str, stats: routing.ReplicaStats | None) -> routing.ReplicaStats | None:
+        """Stats less the pages this router has sent the replica since they were taken: a burst
+        inside one stats period spreads instead of piling onto the replica that looked freest."""
+        if stats is None:
+            return None
+        taken_at, pages = getattr(self, "routed", {}).get(replica_id, (stats.timestamp, 0))
+        if taken_at != stats.timestamp:
+            return stats  # newer stats already count what was sent
+        return dataclasses.replace(stats, free_pages=max(stats.free_pages - pages, 0))
+
+    def remember(self, replica_id: str, stats: routing.ReplicaStats | None, pages: int) -> None:
+        if stats is None:
+            return
+        routed = self.__dict__.setdefault("routed", {})
+        taken_at, sent = routed.get(replica_id, (stats.timestamp, 0))
+        routed[replica_id] = (stats.timestamp, (sent if taken_at == stats.timestamp else 0) + pages)
 
     async def choose_replicas(
         self,
@@ -49,7 +68,8 @@ class FreePageRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        pairs = [(rid, routing.ReplicaStats.from_dict(r.routing_stats)) for rid, r in by_id.items()]
+        reported = {rid: routing.ReplicaStats.from_dict(r.routing_stats) for rid, r in by_id.items()}
+        pairs = [(rid, self.discounted(rid, s)) for rid, s in reported.items()]
         need = None
         request = _request_of(pending_request)
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]
@@ -58,6 +78,8 @@ class FreePageRouter(RequestRouter):
         choice = routing.rank_replicas(pairs, need, time.time(), self.max_age_s)
         routing.DECISIONS.record(choice)
         if choice.reason == routing.MOST_FREE_PAGES:
+            first = choice.ranks[0][0]
+            self.remember(first, reported[first], need or 0)  # Serve takes the first rank with room
             return [[by_id[rid] for rid in rank] for rank in choice.ranks]
         # Power of two choices: one rank of two random replicas; Serve takes the shorter queue.
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]

@@ -64,7 +64,7 @@ def _build_app():
                 return {}  # no stats yet: the router must fall back
             return {
                 "free_pages": free,
-                "total_pages": 100,
+                "total_pages": 1000,
                 "tokens_per_page": TOKENS_PER_PAGE,
                 "running": 0,
                 "waiting": 0,
@@ -146,9 +146,10 @@ def test_requests_go_to_replica_with_free_pages(serve_app):
     assert DECISIONS.snapshot()["by_reason"].get(FALLBACK, 0) >= 1
     assert FreePageRouter.decisions is DECISIONS
 
-    # b has room, a has 2 pages (request needs 10).
-    ray.get(board.set_free.remote({a: 2, b: 100}))
-    _wait_until_routed_to(handle, b, 100)
+    # b has room for the whole burst (23 x 10 pages; the router discounts what it sends within a
+    # stats period), a has 2 pages (a request needs 10).
+    ray.get(board.set_free.remote({a: 2, b: 1000}))
+    _wait_until_routed_to(handle, b, 1000)
     before = DECISIONS.snapshot()["by_replica"].get(b, 0)
     served = _burst(handle)
     assert set(served) == {b}, served
@@ -157,7 +158,7 @@ def test_requests_go_to_replica_with_free_pages(serve_app):
     assert snap["last_stats_age_s"] is not None and snap["last_stats_age_s"] < 2.0
 
     # Flip: now a has room.
-    ray.get(board.set_free.remote({a: 100, b: 2}))
-    _wait_until_routed_to(handle, a, 100)
+    ray.get(board.set_free.remote({a: 1000, b: 2}))
+    _wait_until_routed_to(handle, a, 1000)
     served = _burst(handle)
     assert set(served) == {a}, served

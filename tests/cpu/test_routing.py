@@ -174,12 +174,17 @@ def _replica(rid: str, free: int | None) -> SimpleNamespace:
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats=routing_stats)
 
 
-def _choose(replicas, request) -> list[list[str]]:
+def _router():
     pytest.importorskip("ray.serve")
     from cluster.router import FreePageRouter
 
     router = FreePageRouter.__new__(FreePageRouter)  # skip Serve's metrics / queue set-up
     router.initialize_state(max_age_s=2.0)
+    return router
+
+
+def _choose(replicas, request, router=None) -> list[list[str]]:
+    router = router or _router()
     ctx = SimpleNamespace(should_backoff=False)
     pending = SimpleNamespace(args=[request], kwargs={}, routing_context=ctx)
     out = asyncio.run(router.choose_replicas(replicas, pending))
@@ -198,3 +203,13 @@ def test_router_falls_back_to_two_random_choices():
     assert len(out) == 1 and len(set(out[0])) == 2 and set(out[0]) <= {"a", "b", "c"}
     out = _choose(reps[1:], object())  # no prompt_tokens / max_tokens -> fallback
     assert len(out) == 1 and sorted(out[0]) == ["b", "c"]
+
+
+def test_a_burst_within_one_stats_period_spreads_over_equal_replicas():
+    router = _router()
+    reps = [_replica("a", 100), _replica("b", 100)]
+    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
+    firsts = [_choose(reps, request, router)[0][0] for _ in range(10)]
+    assert firsts.count("a") == firsts.count("b") == 5  # the sent pages are discounted
+    fresh = [_replica("a", 100), _replica("b", 100)]  # new stats reset the discount
+    assert _choose(fresh, request, router)[0][0] == "a"
