@@ -15,19 +15,32 @@ class SdpaBackend(AttentionBackend):
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         assert batch is not None
-        out = torch.empty_like(q)
-        start = 0
-        for slot, context, query in zip(batch.slots, batch.context_lens, batch.query_lens):
-            kv_len = context + query
-            # [tokens, heads, dim] -> [1, heads, tokens, dim]
-            q_i = q[start : start + query].transpose(0, 1).unsqueeze(0)
-            k_i = k_cache[slot, :kv_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            v_i = v_cache[slot, :kv_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            mask = None
-            if query > 1:  # query j sits at position context + j and sees keys 0 .. context + j
-                positions = torch.arange(kv_len, device=q.device)
-                mask = positions[None, :] <= (context + torch.arange(query, device=q.device))[:, None]
-            o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[start : start + query] = o_i.squeeze(0).transpose(0, 1)
-            start += query
-        return out
+        keys = [(k_cache[slot], v_cache[slot]) for slot in batch.slots]  # slot views, no copy
+        return sdpa_per_sequence(q, keys, batch.context_lens, batch.query_lens, self.scale)
+
+
+def sdpa_per_sequence(
+    q: torch.Tensor,
+    keys: list[tuple[torch.Tensor, torch.Tensor]],
+    context_lens: tuple[int, ...],
+    query_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    """Causal SDPA for packed queries q [T, q_heads, dim]; sequence i's K/V are ``keys[i]``, each
+    [>= context + query tokens, kv_heads, dim] (only the first context + query are read)."""
+    out = torch.empty_like(q)
+    start = 0
+    for (k_seq, v_seq), context, query in zip(keys, context_lens, query_lens):
+        kv_len = context + query
+        # [tokens, heads, dim] -> [1, heads, tokens, dim]
+        q_i = q[start : start + query].transpose(0, 1).unsqueeze(0)
+        k_i = k_seq[:kv_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        v_i = v_seq[:kv_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        mask = None
+        if query > 1:  # query j sits at position context + j and sees keys 0 .. context + j
+            positions = torch.arange(kv_len, device=q.device)
+            mask = positions[None, :] <= (context + torch.arange(query, device=q.device))[:, None]
+        o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + query] = o_i.squeeze(0).transpose(0, 1)
+        start += query
+    return out

@@ -17,10 +17,10 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 
 from replica.attention.base import AttentionBackend
 from replica.attention.batch import StepBatch
+from replica.attention.sdpa import sdpa_per_sequence
 from replica.paged.block_manager import PagedKVCache
 
 PAGED_BACKENDS = ("auto", "paged-flashinfer", "paged-sdpa")
@@ -63,22 +63,8 @@ class PagedSdpaBackend(PagedAttentionBackend):
         batch = self.batch
         assert batch is not None
         k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        out = torch.empty_like(q)
-        start = 0
-        for rows, context, query in zip(self.rows, batch.context_lens, batch.query_lens):
-            kv_len = context + query
-            # [tokens, heads, dim] -> [1, heads, tokens, dim]
-            q_i = q[start : start + query].transpose(0, 1).unsqueeze(0)
-            k_i = k_flat[rows].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            v_i = v_flat[rows].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            mask = None
-            if query > 1:  # query j sits at position context + j and sees keys 0 .. context + j
-                positions = torch.arange(kv_len, device=q.device)
-                mask = positions[None, :] <= (context + torch.arange(query, device=q.device))[:, None]
-            o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[start : start + query] = o_i.squeeze(0).transpose(0, 1)
-            start += query
-        return out
+        keys = [(k_flat[rows], v_flat[rows]) for rows in self.rows]  # gathered blocks
+        return sdpa_per_sequence(q, keys, batch.context_lens, batch.query_lens, self.scale)
 
 
 class PagedFlashInferBackend(PagedAttentionBackend):
