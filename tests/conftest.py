@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny random Llama of tests/models.py, saved once per session."""
+    from tests.models import save_random_llama
+
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -54,20 +54,27 @@ def run(backend: AttentionBackend, batch: StepBatch, q, k, v, layer: int = 1) ->
     return backend(layer, q, k, v)
 
 
-def naive(allocator: KVCacheAllocator, batch: StepBatch, q: torch.Tensor, layer: int = 1) -> torch.Tensor:
+def naive_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor]], batch: StepBatch) -> torch.Tensor:
+    """Float64 causal GQA attention, one query and head at a time; ``keys[i]`` holds sequence
+    i's K and V ([tokens, kv_heads, dim], at least context + query tokens)."""
     out = []
     start = 0
-    for slot, context, query in zip(batch.slots, batch.context_lens, batch.query_lens):
-        keys = allocator.k_cache(layer)[slot, : context + query].double()
-        values = allocator.v_cache(layer)[slot, : context + query].double()
+    for (k_seq, v_seq), context, query in zip(keys, batch.context_lens, batch.query_lens):
+        # Only the stored tokens: the rest of a slot may be unmapped (never touch it).
+        k_seq, v_seq = k_seq[: context + query].double(), v_seq[: context + query].double()
         for j in range(query):
             visible = context + j + 1
             for head in range(Q_HEADS):
                 kv_head = head // (Q_HEADS // KV_HEADS)
-                scores = keys[:visible, kv_head] @ q[start + j, head].double() / math.sqrt(HEAD_DIM)
-                out.append(torch.softmax(scores, 0) @ values[:visible, kv_head])
+                scores = k_seq[:visible, kv_head] @ q[start + j, head].double() / math.sqrt(HEAD_DIM)
+                out.append(torch.softmax(scores, 0) @ v_seq[:visible, kv_head])
         start += query
     return torch.stack(out).view(-1, Q_HEADS, HEAD_DIM)
+
+
+def naive(allocator: KVCacheAllocator, batch: StepBatch, q: torch.Tensor, layer: int = 1) -> torch.Tensor:
+    keys = [(allocator.k_cache(layer)[slot], allocator.v_cache(layer)[slot]) for slot in batch.slots]
+    return naive_attention(q, keys, batch)
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])

@@ -8,28 +8,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import ray
-import torch
 from ray import serve
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.app import build_app
 from tests.cluster.conftest import BASE_URL
+from tests.models import save_random_llama
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def two_replicas(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    torch.manual_seed(5)
-    path: Path = tmp_path_factory.mktemp("fault-model")
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                 bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    path = save_random_llama(tmp_path_factory.mktemp("fault-model"), 5, vocab_size=512, hidden_size=256,
+                             intermediate_size=512, num_hidden_layers=4, max_position_embeddings=2048)
     serve.run(build_app({"model": str(path), "replicas": 2, "max_model_len": 1024, "max_running": 16,
                          "kv_cache_bytes": 64 << 20, "replica_cpus": 0.5, "routing_stats_period_s": 0.2}),
               name="faults", route_prefix="/")

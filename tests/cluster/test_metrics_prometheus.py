@@ -25,15 +25,14 @@ from typing import Any
 import httpx
 import pytest
 import ray
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.app import build_app
 from cluster.metrics import METRICS
 from cluster.metrics_hub import find_hub
 from tests.cluster.conftest import BASE_URL, HTTP_PORT
+from tests.models import save_random_llama
 
 pytestmark = pytest.mark.integration
 PROMETHEUS = shutil.which("prometheus")
@@ -48,13 +47,8 @@ BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "10m", "__r
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("metrics-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("metrics-model"), 0, vocab_size=1024, hidden_size=256,
+                             intermediate_size=768, num_hidden_layers=4, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,8 @@ from typing import Any
 import httpx
 import pytest
 import ray
-import torch
 from hypothesis import HealthCheck, given, settings
 from ray import serve
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.load_test import (
     LoadConfig,
@@ -47,6 +45,7 @@ from cluster.app import build_app
 from replica import LLM, SamplingParams
 from replica.model import embedded_model_dir
 from tests.cluster.conftest import BASE_URL
+from tests.models import save_random_llama
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -62,12 +61,9 @@ VOCAB = 49152  # the embedded tokenizer's
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("reliability-model")
-    LlamaForCausalLM(config).save_pretrained(path)
+    path = save_random_llama(tmp_path_factory.mktemp("reliability-model"), 0, vocab_size=VOCAB, hidden_size=256,
+                             intermediate_size=512, num_hidden_layers=4, max_position_embeddings=1024,
+                             tie_word_embeddings=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(embedded_model_dir() / name, path / name)
     return path

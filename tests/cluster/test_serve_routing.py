@@ -10,12 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from ray import serve
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.app import build_app
 from tests.cluster.conftest import BASE_URL
+from tests.models import save_random_llama
 
 pytestmark = pytest.mark.integration
 PAGE = 64 * 1024  # 16 tokens per page and range; K and V ranges: 8 tokens per physical page
@@ -24,13 +23,9 @@ BUDGET_PAGES = 128  # 1,024 tokens per replica
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("routing-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("routing-model"), 0, vocab_size=2048, hidden_size=512,
+                             intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                             max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")

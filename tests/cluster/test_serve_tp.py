@@ -11,14 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-import torch
 from ray import serve
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.app import build_app
 from cluster.rank_actors import RANK_NAMESPACE
 from replica import LLM, SamplingParams
 from tests.cluster.conftest import BASE_URL
+from tests.models import save_random_llama
 
 pytestmark = pytest.mark.integration
 PROMPTS = [[5, 17, 33, 8], [9, 9, 9, 40, 41, 42, 43], [60, 61, 62]]
@@ -26,13 +25,8 @@ PROMPTS = [[5, 17, 33, 8], [9, 9, 9, 40, 41, 42, 43], [60, 61, 62]]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("tp-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("tp-model"), 3, vocab_size=256, hidden_size=128,
+                             intermediate_size=256)
 
 
 @pytest.fixture(scope="module")

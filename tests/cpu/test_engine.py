@@ -7,28 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from replica import LLM, AsyncLLMEngine, EngineConfig, RequestRejected, SamplingParams
 from replica.model import embedded_model_dir
+from tests.models import tiny_llm
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 # Prompts of different lengths (token ids of the tiny model's vocabulary).
 PROMPTS = [[5, 17, 33], [9] * 21 + [40, 2 + 1], [60, 61, 62, 63, 64, 65, 66, 67, 68], [100]]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -41,12 +28,6 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
                                        max_new_tokens=max_new_tokens, pad_token_id=0)
         outputs.append(generated[0, len(prompt):].tolist())
     return outputs
-
-
-def tiny_llm(tiny_dir: Path, **config: object) -> LLM:
-    defaults: dict[str, object] = {"page_size": 4096, "max_model_len": 256, "max_running": 8, "kv_cache_bytes": 256 * 4096}
-    defaults.update(config)
-    return LLM(str(tiny_dir), **defaults)
 
 
 @pytest.mark.parametrize("layout", ["interleaved", "per_layer"])

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.metrics import (
     MAX_PENDING_SAMPLES,
@@ -28,6 +27,7 @@ from cluster.metrics import (
 from cluster.metrics_hub import MetricsPusher
 from replica import EngineConfig, LLMEngine, SamplingParams
 from replica.kv_stats import KVCacheStats
+from tests.models import save_random_llama
 
 DASHBOARDS = sorted((Path(__file__).resolve().parents[2] / "dashboards").glob("*.json"))
 
@@ -171,13 +171,7 @@ def test_without_decisions_or_replicas_the_families_are_empty_not_missing() -> N
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("metrics-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("metrics-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,26 @@ preemption and chunked prefill; the device block table written only where blocks
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from replica import LLM, EngineConfig, RequestRejected, SamplingParams
+from replica import EngineConfig, RequestRejected, SamplingParams
 from replica.attention import StepBatch
 from replica.paged import PagedKVCache, PagedKVConfig, make_paged_attention_backend
+from tests.attention.test_attention_backends import (
+    DECODE,
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    MIXED,
+    Q_HEADS,
+    naive_attention,
+)
+from tests.models import tiny_llm
 
 PROMPTS = [[5, 17, 33], [9] * 21 + [40, 2 + 1], [60, 61, 62, 63, 64, 65, 66, 67, 68], [100]]
-Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 8, 2, 128, 2
-# (context already cached, new tokens): decodes, prefill chunks on a context, a fresh prompt
-MIXED = [(0, 7), (5, 1), (33, 1), (20, 12), (70, 1)]
-DECODE = [(9, 1), (40, 1), (1, 1), (100, 1)]
 # The tiny model's block: 16 tokens x 2 layers x 2 heads x 16 dims x 4 bytes x 2 (K, V) = 8 KiB.
 TINY_BLOCK_BYTES = 16 * 2 * 2 * 16 * 4 * 2
 
@@ -73,18 +77,8 @@ def paged_step(cache: PagedKVCache, shape: list[tuple[int, int]], seed: int = 0)
 
 
 def naive(cache: PagedKVCache, batch: StepBatch, q: torch.Tensor, layer: int = 1) -> torch.Tensor:
-    out = []
-    start = 0
-    for slot, context, query in zip(batch.slots, batch.context_lens, batch.query_lens):
-        keys, values = (t.double() for t in gather(cache, layer, slot, context + query))
-        for j in range(query):
-            visible = context + j + 1
-            for head in range(Q_HEADS):
-                kv_head = head // (Q_HEADS // KV_HEADS)
-                scores = keys[:visible, kv_head] @ q[start + j, head].double() / math.sqrt(HEAD_DIM)
-                out.append(torch.softmax(scores, 0) @ values[:visible, kv_head])
-        start += query
-    return torch.stack(out).view(-1, Q_HEADS, HEAD_DIM)
+    keys = [gather(cache, layer, s, c + n) for s, c, n in zip(batch.slots, batch.context_lens, batch.query_lens)]
+    return naive_attention(q, keys, batch)
 
 
 def new_rows(cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
@@ -122,26 +116,6 @@ def test_backend_and_mode_names_are_checked() -> None:
 
 
 # ---- the engine --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path
-
-
-def tiny_llm(tiny_dir: Path, **config: object) -> LLM:
-    defaults: dict[str, object] = {"page_size": 4096, "max_model_len": 256, "max_running": 8, "kv_cache_bytes": 256 * 4096}
-    defaults.update(config)
-    return LLM(str(tiny_dir), **defaults)
-
-
 @pytest.fixture(scope="module")
 def vattention_outputs(tiny_dir: Path) -> list[tuple[int, ...]]:
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)

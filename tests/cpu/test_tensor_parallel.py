@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from replica import (
     LLM,
@@ -39,23 +38,10 @@ from replica.tp import (
 )
 from replica.tp.plan import books
 from tests.cpu.test_engine import PROMPTS, hf_greedy
+from tests.models import SMALL_KV
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-SMALL = {"page_size": 4096, "max_model_len": 256, "max_running": 8, "kv_cache_bytes": 256 * 4096}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama-tp")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -173,9 +159,9 @@ def test_impossible_tp_sizes_are_refused_up_front() -> None:
 @pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
 def test_tp2_greedy_matches_tp1_and_transformers(tiny_dir: Path, kv_mode: str) -> None:
     expected = hf_greedy(tiny_dir, PROMPTS, GREEDY.max_tokens)
-    with llm(str(tiny_dir), **SMALL) as single:
+    with llm(str(tiny_dir), **SMALL_KV) as single:
         one = [list(o.token_ids) for o in single.generate(PROMPTS, GREEDY)]
-    with llm(str(tiny_dir), tp=2, kv_mode=kv_mode, **SMALL) as pair:
+    with llm(str(tiny_dir), tp=2, kv_mode=kv_mode, **SMALL_KV) as pair:
         engine = pair.engine
         assert engine.runner.kv.config.num_kv_heads == 1  # rank 0 holds half of the 2 KV heads
         two = [list(o.token_ids) for o in pair.generate(PROMPTS, GREEDY)]
@@ -185,10 +171,10 @@ def test_tp2_greedy_matches_tp1_and_transformers(tiny_dir: Path, kv_mode: str) -
 
 
 def test_tp2_preemption_keeps_outputs_identical(tiny_dir: Path) -> None:
-    with llm(str(tiny_dir), **SMALL) as single:
+    with llm(str(tiny_dir), **SMALL_KV) as single:
         expected = [o.token_ids for o in single.generate(PROMPTS, LONG)]
     # Each rank holds 1 KV head: 32 tokens a page, 2 ranges; 6 pages back 96 tokens in all.
-    with llm(str(tiny_dir), tp=2, **{**SMALL, "kv_cache_bytes": 6 * 4096, "max_batch_tokens": 8,
+    with llm(str(tiny_dir), tp=2, **{**SMALL_KV, "kv_cache_bytes": 6 * 4096, "max_batch_tokens": 8,
                                      "eager_pages": 0}) as pair:
         outputs = pair.generate(PROMPTS, LONG)
         assert pair.engine.stats().preemptions_total > 0
@@ -210,10 +196,10 @@ def test_embedded_smollm2_tp3_matches_tp1() -> None:
 
 
 def test_rank_failing_before_the_model_fails_only_that_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with llm(str(tiny_dir), **SMALL) as single:
+    with llm(str(tiny_dir), **SMALL_KV) as single:
         expected = [list(o.token_ids) for o in single.generate(PROMPTS[:2], GREEDY)]
     monkeypatch.setenv("VATTN_TP_FAULT", "1:2:prepare")  # rank 1 raises at message 2
-    with llm(str(tiny_dir), tp=2, **SMALL) as pair:
+    with llm(str(tiny_dir), tp=2, **SMALL_KV) as pair:
         engine = pair.engine
         failed = run(engine, PROMPTS[:2], GREEDY, "a")
         for outputs in failed.values():
@@ -229,7 +215,7 @@ def test_rank_failing_before_the_model_fails_only_that_step(tiny_dir: Path, monk
 def test_rank_failing_inside_the_model_breaks_the_replica_without_a_hang(
         tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VATTN_TP_FAULT", "1:2:model")
-    with llm(str(tiny_dir), tp=2, **SMALL) as pair:
+    with llm(str(tiny_dir), tp=2, **SMALL_KV) as pair:
         engine = pair.engine
         started = time.monotonic()
         outputs = run(engine, PROMPTS, GREEDY)

