@@ -26,6 +26,14 @@ from enum import Enum
 import torch
 
 
+def require_positive_ints(config: object, names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of ``names`` that is not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+
+
 class KVLayout(str, Enum):
     PER_LAYER = "per_layer"
     INTERLEAVED = "interleaved"
@@ -58,10 +66,7 @@ class KVCacheConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))
-        for name in ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCacheConfig.{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size"))
         for name in ("eager_pages", "max_idle_pages", "budget_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"KVCacheConfig.{name} must be >= 0, got {getattr(self, name)!r}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from replica.kv_config import require_positive_ints
+
 
 @dataclass(frozen=True)
 class PagedKVConfig:
@@ -40,10 +42,7 @@ class PagedKVConfig:
     block_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PagedKVConfig.{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "block_size"))
         if self.budget_bytes < 0:
             raise ValueError(f"PagedKVConfig.budget_bytes must be >= 0, got {self.budget_bytes}")
 
