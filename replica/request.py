@@ -77,4 +77,6 @@ class Request:
         prompt = len(self.prompt_token_ids)
         if stop <= prompt:
             return self.prompt_token_ids[start:stop]
-        return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+        if start >= prompt:  # decode: no copy of the whole history on every step
+            return self.output_token_ids[start - prompt : stop - prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
