@@ -6,6 +6,10 @@
 
 Workloads: decode-heavy (128-token prompts, 1024 outputs), prefill-heavy (4K prompts, 64 outputs),
 mixed (long prompts drawn like a summarisation trace, a few hundred outputs).
+
+Modes: ``vattention`` and ``paged`` (decode steps replayed as CUDA graphs, captured by the
+engine's warm-up before the timed run), ``vattention-eager`` and ``paged-eager`` (no graphs; run on
+the decode-heavy workload only, where graphs matter), ``hf`` (decode-heavy only).
 """
 
 from __future__ import annotations
@@ -54,18 +58,20 @@ def model_shapes(smoke: bool) -> ModelConfig:
     return ModelConfig.tiny() if smoke else ModelConfig.llama3_8b()
 
 
-def run_vattn(kv_mode: str, workload: Workload, args: argparse.Namespace, profile: bool) -> dict[str, Any]:
+def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: bool) -> dict[str, Any]:
+    kv_mode = mode.removesuffix("-eager")
     max_len = max(len(p) + n for p, n in workload)
     engine = LLMEngine(EngineConfig(
         model="synthetic", synthetic=model_shapes(args.smoke), kv_mode=kv_mode, attention=args.attention,
         kv_layout=args.kv_layout, max_running=len(workload), max_model_len=max_len + 16,
-        max_batch_tokens=args.max_batch_tokens, page_size=args.page_size,
+        max_batch_tokens=args.max_batch_tokens, page_size=args.page_size, cuda_graphs=not mode.endswith("-eager"),
     ))
     runner, kv = engine.runner, engine.kv
-    # Warm-up: compiles and plans the kernels outside the timed run.
+    # Warm-up outside the timed run: compiles and plans the kernels, captures the decode graphs.
     engine.add_request("warmup", workload[0][0][:32], SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_work():
         engine.step()
+    graphs_captured = engine.warm_up()
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in workload]
     for i, ((prompt, _), p) in enumerate(zip(workload, params)):
         engine.add_request(f"r{i}", prompt, p)
@@ -102,8 +108,8 @@ def run_vattn(kv_mode: str, workload: Workload, args: argparse.Namespace, profil
     elapsed = time.perf_counter() - started - untimed
     stats = kv.stats()
     result: dict[str, Any] = {
-        "mode": "vattention" if kv_mode == "vattention" else "paged",
-        "attention": runner.attention.name,
+        "mode": mode, "attention": runner.attention.name, "cuda_graphs": runner.graphs is not None,
+        "graphs_captured": graphs_captured, "graph_replays": runner.graphs.replays if runner.graphs else 0,
         "requests": len(workload), "generated_tokens": generated + generated_untimed, "seconds": elapsed,
         "tokens_per_s": generated / elapsed, "non_decode_steps_s": other_steps,
         "mapping_wait_pct": 100 * (stats.wait_seconds - waited_before) / elapsed,
@@ -122,7 +128,7 @@ def run_vattn(kv_mode: str, workload: Workload, args: argparse.Namespace, profil
         seconds, batch, context = sorted(full)[len(full) // 2]
         result["decode_step"] = decode_analysis(runner, seconds, batch, context, bytes_per_token, args)
     if profiled:
-        result["profile_top_ops"] = profiled
+        result["profile_top_ops"], result["profiled_device_ms_per_step"] = profiled
     del engine, runner, kv
     gc.collect()
     if torch.cuda.is_available():
@@ -169,8 +175,9 @@ def attention_alone_seconds(runner: Any, batch: int, length: int) -> float:
     return seconds
 
 
-def profile_steps(engine: LLMEngine, steps: int) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Where a decode step's time goes: the top operators over ``steps`` steps."""
+def profile_steps(engine: LLMEngine, steps: int) -> tuple[tuple[list[dict[str, Any]], float], list[Any]]:
+    """Where a decode step's time goes: the top operators over ``steps`` steps, and the device's
+    busy time per step (all kernels; the rest of a step is host time the GPU waits for)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -179,12 +186,14 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[list[dict[str, Any]], 
         for _ in range(steps):
             outputs += engine.step()
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = prof.key_averages()
+    device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps
     rows = []
-    for event in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]:
+    for event in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:12]:
         rows.append({"op": event.key, "calls": event.count,
                      "self_device_ms_per_step": getattr(event, "self_device_time_total", 0) / 1e3 / steps,
                      "self_cpu_ms_per_step": event.self_cpu_time_total / 1e3 / steps})
-    return rows, outputs
+    return (rows, device_ms), outputs
 
 
 def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dict[str, Any]:
@@ -225,7 +234,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workloads", default="decode,prefill,mixed")
-    parser.add_argument("--modes", default="vattention,paged,hf")
+    parser.add_argument("--modes", default="vattention,paged,vattention-eager,paged-eager,hf")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--kv-layout", default="interleaved")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -247,6 +256,8 @@ def main() -> None:
             if mode == "hf":
                 if name == "decode":
                     rows.append(run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1])))
+                continue
+            if mode.endswith("-eager") and name != "decode":
                 continue
             rows.append(run_vattn(mode, loads[name], args, profile=(name == "decode")))
             print(name, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True)

@@ -149,6 +149,27 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def warm_up(self) -> int:
+        """Captures the decode CUDA graph of every batch size before serving, so that no request
+        pays for a capture: for each size, that many throw-away requests decode two tokens.
+        Returns the graphs captured (0 without graphs). Call it before adding requests."""
+        graphs = self.runner.graphs if self.tp is None else None
+        if graphs is None or self.has_work():
+            return 0
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        prompt = [self.model_config.bos_token_id or 0] * 2
+        for size in graphs.sizes:
+            if size > self.scheduler.max_running:
+                break
+            for i in range(size):
+                self.add_request(f"vattn-warm-up-{size}-{i}", prompt, params)
+            while self.has_work():
+                self.step()
+        self.kv.synchronize()
+        # The throw-away requests are not traffic: the request counters start from here.
+        self.latency, self.prompt_tokens_total, self.generation_tokens_total = LatencyLog(), 0, 0
+        return len(graphs.graphs)
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()

@@ -30,6 +30,8 @@ class EngineConfig:
     max_running: int = 64  # slots
     max_batch_tokens: int = 2048  # per step: decodes + prefill chunks
     eager_pages: int = 1
+    #: Replay decode steps as CUDA graphs (one CUDA device, a backend that supports them).
+    cuda_graphs: bool = True
     watermark_pages: int = 1
     seed: int = 0
     #: The shapes of model="synthetic" (random weights); None means Llama-3-8B.

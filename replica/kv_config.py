@@ -19,6 +19,7 @@ at most 2 pages per request where per_layer wastes up to 2 * num_layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -75,7 +76,7 @@ class KVCacheConfig:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def num_ranges(self) -> int:
@@ -86,18 +87,18 @@ class KVCacheConfig:
     def layers_per_range(self) -> int:
         return self.num_layers if self.layout is KVLayout.INTERLEAVED else 1
 
-    @property
+    @functools.cached_property
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in one range."""
         return self.layers_per_range * self.num_kv_heads * self.head_dim * self.element_size
 
-    @property
+    @functools.cached_property
     def tokens_per_slot(self) -> int:
         """``max_tokens`` rounded up to the least count whose bytes fill whole pages."""
         quantum = self.page_size // math.gcd(self.page_size, self.bytes_per_token)
         return -(-self.max_tokens // quantum) * quantum
 
-    @property
+    @functools.cached_property
     def pages_per_slot(self) -> int:
         return self.tokens_per_slot * self.bytes_per_token // self.page_size
 

@@ -2,7 +2,8 @@
 
 The engine (rank 0) decides; every rank's runner executes the same ``StepPlan``: it submits the
 next step's pages to its mapping worker, plans attention once, runs the model, and returns the
-logits of the rows that sample.
+logits of the rows that sample. On one CUDA device, decode steps replay CUDA graphs
+(``replica.decode_graphs``) when the attention backend supports them and ``config.cuda_graphs``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from replica.attention import AttentionBackend, StepBatch, make_attention_backend
+from replica.decode_graphs import DecodeGraphs
 from replica.engine_config import EngineConfig
 from replica.kv_allocator import KVCacheAllocator
 from replica.kv_config import KVCacheConfig
@@ -59,6 +61,16 @@ class ModelRunner:
         self.model_config = model_config
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
+        self.graphs = self._make_graphs()
+
+    def _make_graphs(self) -> DecodeGraphs | None:
+        """Graphs on one CUDA device (under tensor parallelism the steps stay eager)."""
+        config = self.config
+        if not (config.cuda_graphs and self.device.type == "cuda" and config.world_size == 1):
+            return None
+        if not self.attention.supports_graphs:
+            return None
+        return DecodeGraphs(self.model, self.attention, config.max_running, self.device)
 
     def _make_attention(self) -> AttentionBackend:
         make_backend = make_paged_attention_backend if isinstance(self.kv, PagedKVCache) else make_attention_backend
@@ -71,9 +83,10 @@ class ModelRunner:
         """Replaces the (still empty) KV cache by one of ``kv_cache_bytes``: the ranks of a
         tensor-parallel replica agree on the smallest budget so that their books stay identical."""
         self.config = replace(self.config, kv_cache_bytes=kv_cache_bytes)
-        del self.attention, self.kv  # first free the old cache (paged mode preallocates it)
+        del self.graphs, self.attention, self.kv  # first free the old cache (paged mode preallocates it)
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
+        self.graphs = self._make_graphs()
 
     def _make_kv_cache(self) -> KVCacheAllocator | PagedKVCache:
         config = self.config
@@ -110,6 +123,13 @@ class ModelRunner:
         batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
         # The next step's pages are mapped by the worker while this step's model runs.
         self.kv.step_async({s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)})
+        size = self.graphs.size_for(batch) if self.graphs is not None else None
+        if size is not None:
+            assert self.graphs is not None
+            logits = self.graphs.run(batch, plan.input_ids, size)
+            if plan.sample_rows == tuple(range(batch.num_sequences)):
+                return logits
+            return logits[torch.tensor(plan.sample_rows, device=self.device)]
         ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.tensor(plan.positions, dtype=torch.long).to(self.device, non_blocking=True)
         rows = torch.tensor(plan.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)

@@ -4,6 +4,10 @@ then attend over each sequence's contiguous slot. No block tables, no copies.
 A backend is planned once per step (``plan``) and then called once per layer with the
 model's attention signature ``(layer, q, k, v) -> out``:
     q: [T, q_heads, head_dim]   k, v: [T, kv_heads, head_dim]   out: [T, q_heads, head_dim]
+
+Backends with ``supports_graphs`` can also plan a decode batch of a fixed size for replay in a CUDA
+graph (``plan_graph``): every tensor their per-layer kernels read is then a static buffer of that
+size, refilled in place each step, so the captured kernels see the new step's values.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class KVCacheViews(Protocol):
 
 class AttentionBackend(ABC):
     name: str = ""
+    #: Whether ``plan_graph`` is implemented (decode steps may then run as CUDA graphs).
+    supports_graphs: bool = False
 
     def __init__(self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.cache = cache
@@ -35,12 +41,25 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.batch: StepBatch | None = None
+        self.graph_rows: dict[int, torch.Tensor] = {}  # batch size -> static cache rows
 
     def plan(self, batch: StepBatch) -> None:
         """Prepares the step (once for all layers)."""
         self.batch = batch
         # Computed once per step, so each layer's write is one index_copy_ per K and V.
         self.token_rows = self.cache_rows(batch)
+
+    def plan_graph(self, batch: StepBatch) -> None:
+        """Plans a (padded) decode batch whose layers replay from a CUDA graph captured at this
+        batch size: like ``plan``, but into static buffers of that size."""
+        rows = self.cache_rows(batch)
+        static = self.graph_rows.setdefault(batch.num_sequences, torch.empty_like(rows))
+        static.copy_(rows, non_blocking=True)
+        self.batch, self.token_rows = batch, static
+        self._plan_graph(batch)
+
+    def _plan_graph(self, batch: StepBatch) -> None:
+        raise NotImplementedError(f"the {self.name} backend does not run in CUDA graphs")
 
     def cache_rows(self, batch: StepBatch) -> torch.Tensor:
         """The row of each new token in a layer's cache seen as [rows, heads, dim]: on the

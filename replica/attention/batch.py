@@ -65,6 +65,24 @@ class StepBatch:
             raise ValueError(f"a step's slots must be distinct and ascending, got {list(slots)}")
         if any(q <= 0 for q in query_lens):
             raise ValueError(f"every sequence adds at least one token, got {list(query_lens)}")
+        return StepBatch._make(slots, context_lens, query_lens, device)
+
+    def padded(self, size: int, device: torch.device) -> StepBatch:
+        """This decode batch grown to ``size`` sequences by repeating its last one (same slot,
+        length and position): the fixed-size batch a CUDA graph replays. The repeats attend exactly
+        like the last sequence and would write the same K/V to the same row."""
+        if not self.is_decode or size < self.num_sequences:
+            raise ValueError(f"only a decode batch pads, to at least its {self.num_sequences} sequences")
+        extra = size - self.num_sequences
+        return StepBatch._make(
+            self.slots + self.slots[-1:] * extra, self.context_lens + self.context_lens[-1:] * extra,
+            self.query_lens + (1,) * extra, device,
+        )
+
+    @staticmethod
+    def _make(
+        slots: Sequence[int], context_lens: Sequence[int], query_lens: Sequence[int], device: torch.device
+    ) -> StepBatch:
         kv_lens = [c + q for c, q in zip(context_lens, query_lens)]
         token_slots = [s for s, q in zip(slots, query_lens) for _ in range(q)]
         token_positions = [p for c, q in zip(context_lens, query_lens) for p in range(c, c + q)]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import RopeScaling
 
 # A full checkpoint tensor: torch.Tensor or safetensors' lazy PySafeSlice (both support basic slicing).
@@ -200,11 +201,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is not None:
-            x = x + residual
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype), x
+        """May update ``x`` and ``residual`` in place (one fused kernel on CUDA)."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
     @torch.no_grad()
     def weight_loader(self, param: nn.Parameter, source: TensorSource,
@@ -231,9 +229,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half (GPT-NeoX layout) rotary embedding with a precomputed float32 cos/sin cache.
+    """Rotate-half (GPT-NeoX layout) rotary embedding with a precomputed float32 cache.
 
-    The cache ``[max_positions, head_dim / 2]`` is a plain attribute rather than a buffer so that
+    ``cos_sin`` ``[max_positions, head_dim]`` holds cos in its first half and sin in its second (the
+    layout of FlashInfer's fused kernel). It is a plain attribute rather than a buffer so that
     ``model.to(torch.bfloat16)`` cannot degrade it; it follows the inputs' device on first use.
     """
 
@@ -243,22 +242,14 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64),
                              rope_inv_freq(head_dim, theta, scaling))
-        self.cos = angles.cos().float()
-        self.sin = angles.sin().float()
+        self.cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).float()
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[T]``; q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> rotated (new, contiguous)."""
-        if self.cos.device != positions.device:
-            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """positions ``[T]``; rotates q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` in place (views with a
+        contiguous last dim, such as slices of a fused qkv output)."""
+        if self.cos_sin.device != positions.device:
+            self.cos_sin = self.cos_sin.to(positions.device)
+        kernels.rotate_in_place(positions, q, k, self.cos_sin)
 
 
 class SwiGLUMLP(nn.Module):
@@ -277,5 +268,4 @@ class SwiGLUMLP(nn.Module):
             intermediate_size, hidden_size, bias, rank, world_size, process_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))

@@ -28,8 +28,8 @@ from .layers import (
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``attention(layer_index, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> out [T, Hq, D]``.
 
-``Hq``/``Hkv`` are this rank's heads. q and k already carry RoPE; q and k are contiguous, v may be a
-strided view into the fused qkv output. The softmax scale is ``head_dim ** -0.5``
+``Hq``/``Hkv`` are this rank's heads. q and k already carry RoPE; q, k and v are strided views into
+the fused qkv output (each head's ``D`` values contiguous). The softmax scale is ``head_dim ** -0.5``
 (:attr:`LlamaForCausalLM.attn_scale`). The callable stores k/v in its cache and attends causally.
 """
 
@@ -58,7 +58,8 @@ class LlamaAttention(nn.Module):
         t, d = hidden.shape[0], self.head_dim
         q, k, v = self.qkv_proj(hidden).split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q, k = rotary(positions, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
+        q, k = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d)
+        rotary(positions, q, k)  # in place
         out = attention(self.layer_index, q, k, v.view(t, self.num_kv_heads, d))
         return self.o_proj(out.reshape(t, self.num_heads * d))
 

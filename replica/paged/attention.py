@@ -69,6 +69,7 @@ class PagedSdpaBackend(PagedAttentionBackend):
 
 class PagedFlashInferBackend(PagedAttentionBackend):
     name = "paged-flashinfer"
+    supports_graphs = True
 
     def __init__(
         self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
@@ -78,16 +79,22 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         self.dtype = dtype
         device = cache.device
-        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.graph_decodes: dict[int, object] = {}  # batch size -> cuda-graph-mode decode wrapper
         self.active: object = self.decode
+        self.common = {
+            "num_qo_heads": num_q_heads, "num_kv_heads": num_kv_heads, "page_size": self.block_size,
+            "q_data_type": dtype, "kv_data_type": dtype, "sm_scale": self.scale,
+        }
 
-    def plan(self, batch: StepBatch) -> None:
-        super().plan(batch)
+    def _pages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indptr, kv_indices, last_page_len) of the batch's blocks. indptr and last_page_len are
+        built on the host (pinned): FlashInfer's plan reads them there anyway, so handing it device
+        tensors would force a sync per step; kv_indices are gathered from the block table on the
+        device."""
         size, device = self.block_size, self.paged.device
-        # indptr and last_page_len are built on the host (pinned): FlashInfer's plan reads them
-        # there anyway, so handing it device tensors would force a sync per step.
         blocks = [-(-kv_len // size) for kv_len in batch.kv_lens]
         indptr = [0]
         for count in blocks:
@@ -96,28 +103,45 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         pinned = device.type == "cuda"
         indptr_host = torch.tensor(indptr, dtype=torch.int32, pin_memory=pinned)
         last_host = torch.tensor(last_page_len, dtype=torch.int32, pin_memory=pinned)
-        # kv_indices: entry j of sequence i is table[slot_i, j - indptr[i]], gathered on the device.
+        # Entry j of sequence i is table[slot_i, j - indptr[i]].
         indptr_dev = indptr_host.to(device, non_blocking=True)
         j = torch.arange(indptr[-1], device=device, dtype=torch.int32)
         sequence = torch.searchsorted(indptr_dev[1:], j, right=True)
         columns = j - indptr_dev[sequence]
         kv_indices = self.paged.block_table()[batch.slots_t[sequence].long(), columns.long()]
-        common = {
-            "num_qo_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads, "page_size": size,
-            "q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale,
-        }
-        if batch.is_decode:
-            self.decode.plan(indptr_host, kv_indices, last_host, head_dim=self.head_dim, **common)
-            self.active = self.decode
-        else:
-            cu_query = [0]
-            for query in batch.query_lens:
-                cu_query.append(cu_query[-1] + query)
-            qo_indptr = torch.tensor(cu_query, dtype=torch.int32, pin_memory=pinned)
-            self.prefill.plan(
-                qo_indptr, indptr_host, kv_indices, last_host, head_dim_qk=self.head_dim, causal=True, **common,
+        return indptr_host, kv_indices, last_host
+
+    def _plan_decode(self, wrapper: object, batch: StepBatch) -> None:
+        indptr, kv_indices, last_page_len = self._pages(batch)
+        wrapper.plan(indptr, kv_indices, last_page_len, head_dim=self.head_dim, **self.common)  # type: ignore[attr-defined]
+        self.active = wrapper
+
+    def _plan_graph(self, batch: StepBatch) -> None:
+        size = batch.num_sequences
+        if size not in self.graph_decodes:
+            import flashinfer
+
+            device = self.workspace.device
+            self.graph_decodes[size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.empty(size + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.empty(
+                    size * self.paged.config.max_blocks_per_seq, dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.empty(size, dtype=torch.int32, device=device),
             )
-            self.active = self.prefill
+        self._plan_decode(self.graph_decodes[size], batch)
+
+    def plan(self, batch: StepBatch) -> None:
+        super().plan(batch)
+        if batch.is_decode:
+            self._plan_decode(self.decode, batch)
+            return
+        indptr, kv_indices, last_page_len = self._pages(batch)
+        qo_indptr = batch.cu_query_host
+        self.prefill.plan(
+            qo_indptr, indptr, kv_indices, last_page_len, head_dim_qk=self.head_dim, causal=True, **self.common,
+        )
+        self.active = self.prefill
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         return self.active.run(q, (k_cache, v_cache))  # type: ignore[attr-defined]

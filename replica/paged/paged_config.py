@@ -48,7 +48,7 @@ class PagedKVConfig:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def num_ranges(self) -> int:

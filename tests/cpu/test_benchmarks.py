@@ -25,10 +25,11 @@ def test_mapping_benchmark_smoke(tmp_path: Path) -> None:
     assert all(row["wait_pct_of_step"] >= 0 for row in result["decode_overlap"])
 
 
-@pytest.mark.parametrize("modes", ["vattention,paged,hf"])
+@pytest.mark.parametrize("modes", ["vattention,paged,paged-eager,hf"])
 def test_engine_benchmark_smoke(tmp_path: Path, modes: str) -> None:
     result = run("benchmarks.bench_engine", tmp_path, "--modes", modes)
     decode = {row["mode"]: row for row in result["results"]["decode"]}
-    assert set(decode) == {"vattention", "paged", "hf-transformers-generate"}
+    assert set(decode) == {"vattention", "paged", "paged-eager", "hf-transformers-generate"}
+    assert not decode["vattention"]["cuda_graphs"]  # CPU: no graphs, the same engine otherwise
     assert decode["vattention"]["generated_tokens"] == decode["paged"]["generated_tokens"] == 4 * 24
     assert "decode_step" in decode["vattention"] and decode["vattention"]["profile_top_ops"]

@@ -1,0 +1,89 @@
+"""CUDA graphs of the whole decode step: embedding, every layer, final norm and logits.
+
+A decode step at batch 64 launches ~30 kernels per layer, each a few microseconds of GPU work, so
+launching them from Python takes longer than running them. A captured graph replays them all with
+one launch. Capture is valid across steps because nothing the kernels touch moves: the weights, the
+vAttention cache (its virtual addresses are fixed for the engine's life; pages are mapped under
+them, never moved) and the static buffers below, which are refilled in place before each replay.
+
+    static per graph size B:  input ids [B], positions [B], the attention backend's plan (cache
+                              rows of the new tokens, kernel index buffers: ``plan_graph``)
+    shared by all graphs:     logits [max B, vocab] (float32), one memory pool
+
+A batch of n sequences runs in the graph of the smallest size >= n (``GRAPH_SIZES``). The padding
+rows repeat the last sequence (same token, position, slot and length), so they compute what it
+computes and write the same K/V to the same cache row; their logits are dropped.
+
+Graphs are captured lazily, the first time a size is needed: that step runs eagerly on the static
+buffers (which warms up every kernel with valid, mapped addresses), then is captured for replay.
+The caller must consume the returned logits before the next step (they are a view of the shared
+buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from replica.attention import AttentionBackend, StepBatch
+from replica.model.llama import LlamaForCausalLM
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to ``max_batch`` (and ``max_batch`` itself)."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, attention: AttentionBackend, max_batch: int,
+                 device: torch.device) -> None:
+        if not attention.supports_graphs:
+            raise ValueError(f"the {attention.name} attention backend cannot run in CUDA graphs")
+        self.model, self.attention, self.device = model, attention, device
+        self.sizes = graph_sizes(max_batch)
+        largest = self.sizes[-1]
+        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.logits = torch.empty(largest, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
+
+    def size_for(self, batch: StepBatch) -> int | None:
+        """The graph size this batch runs in, or None when it runs eagerly (not a pure decode
+        batch, or larger than the largest graph)."""
+        if not batch.is_decode or batch.num_sequences > self.sizes[-1]:
+            return None
+        return next(s for s in self.sizes if s >= batch.num_sequences)
+
+    def run(self, batch: StepBatch, input_ids: tuple[int, ...], size: int) -> torch.Tensor:
+        """Runs the decode step of ``batch`` (one token per sequence, ``input_ids`` in its order)
+        in the graph of ``size``; returns float32 logits [n, vocab], a view valid until the next
+        step."""
+        n = batch.num_sequences
+        padded = batch.padded(size, self.device)
+        ids = input_ids + input_ids[-1:] * (size - n)
+        host = torch.tensor([ids, [c for c in padded.context_lens]], dtype=torch.long, pin_memory=True)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.positions[:size].copy_(host[1], non_blocking=True)
+        self.attention.plan_graph(padded)
+        graph = self.graphs.get(size)
+        if graph is None:
+            self._forward(size)  # this step, eagerly on the static buffers: also the warm-up
+            self._capture(size)
+        else:
+            graph.replay()
+            self.replays += 1
+        return self.logits[:n]
+
+    def _forward(self, size: int) -> None:
+        with torch.inference_mode():
+            hidden = self.model(self.input_ids[:size], self.positions[:size], self.attention)
+            self.logits[:size].copy_(self.model.compute_logits(hidden))
+
+    def _capture(self, size: int) -> None:
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(size)
+        self.graphs[size] = graph

@@ -1,0 +1,42 @@
+"""The host side of decode CUDA graphs (the graphs themselves: tests/gpu/test_decode_graphs.py):
+which graph size a batch runs in, how a batch is padded to it, and that CPU engines run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica import EngineConfig, LLMEngine
+from replica.attention import StepBatch
+from replica.decode_graphs import graph_sizes
+from replica.model import ModelConfig
+
+CPU = torch.device("cpu")
+
+
+def test_graph_sizes_cover_every_batch() -> None:
+    assert graph_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_sizes(5) == [1, 2, 4, 5]
+    assert graph_sizes(1) == [1]
+
+
+def test_padding_repeats_the_last_sequence() -> None:
+    batch = StepBatch.build([1, 4, 6], [10, 3, 7], [1, 1, 1], CPU)
+    padded = batch.padded(5, CPU)
+    assert padded.slots == (1, 4, 6, 6, 6)
+    assert padded.context_lens == (10, 3, 7, 7, 7) and padded.kv_lens == (11, 4, 8, 8, 8)
+    assert padded.token_positions_t.tolist() == [10, 3, 7, 7, 7]
+    assert padded.cu_query_t.tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch.padded(3, CPU).slots == batch.slots
+
+
+def test_only_decode_batches_pad() -> None:
+    with pytest.raises(ValueError, match="only a decode batch pads"):
+        StepBatch.build([0, 1], [0, 5], [3, 1], CPU).padded(4, CPU)
+    with pytest.raises(ValueError, match="only a decode batch pads"):
+        StepBatch.build([0, 1], [2, 5], [1, 1], CPU).padded(1, CPU)
+
+
+def test_cpu_engines_run_eagerly() -> None:
+    llm = LLMEngine(EngineConfig(model="synthetic", synthetic=ModelConfig.tiny(), max_running=4, max_model_len=256))
+    assert llm.runner.graphs is None and llm.warm_up() == 0
