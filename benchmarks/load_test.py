@@ -168,13 +168,18 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(outcomes: list[Outcome], wall_s: float, peak_in_flight: int, config: LoadConfig) -> dict[str, Any]:
+    return {"config": asdict(config) | {"api_key": "<set>" if config.api_key else None},
+            **outcome_summary(outcomes, wall_s, peak_in_flight)}
+
+
+def outcome_summary(outcomes: list[Outcome], wall_s: float, peak_in_flight: int) -> dict[str, Any]:
+    """Counts, throughput over ``wall_s`` and TTFT / end-to-end percentiles of the ok requests."""
     ok = [o for o in outcomes if o.kind == "ok"]
     errors = [o for o in outcomes if o.kind == "error"]
     ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
     e2e = [o.e2e_s for o in ok]
     tokens = sum(o.completion_tokens for o in ok)
     return {
-        "config": asdict(config) | {"api_key": "<set>" if config.api_key else None},
         "requests": len(outcomes), "ok": len(ok), "shed": sum(o.kind == "shed" for o in outcomes),
         "errors": len(errors), "error_samples": [asdict(o) for o in errors[:10]],
         "peak_in_flight": peak_in_flight, "wall_s": round(wall_s, 3),

@@ -76,14 +76,45 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
 def load_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Load (`load_test.py`)", "", environment_line(path, data["environment"]), "",
              "| key | value |", "|---|---|"]
-    for key, value in data.get("summary", {}).items():
+    summary = data.get("summary") or data.get("load", {})  # load_test writes its summary under "load"
+    for key, value in ((k, v) for k, v in summary.items() if not isinstance(v, (dict, list))):
         lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return lines + [""]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{1000 * value:.0f}"
+
+
+def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    settings, deployment = data["settings"], data["settings"]["deployment"]
+    schedule = settings["schedule"]
+    lines = ["### Router (`bench_router.py`)", "",
+             environment_line(path, data["environment"])
+             + f"; {deployment['replicas']} replicas of `{deployment['model']}` at {deployment['replica_cpus']} CPU, "
+             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each; {schedule['requests']} requests "
+             f"({schedule['long']} long) arriving over {schedule['last_arrival_s']:.0f} s", "",
+             ("| router | ok | errors | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | preemptions | "
+              "requests/s | output tokens/s | decisions |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for router, r in data["results"].items():
+        decisions = ", ".join(f"{k} {v}" for k, v in r["router_decisions"]["by_reason"].items()) or "- (Serve's)"
+        lines.append(f"| {router} | {r['ok']} | {r['errors']} | {_ms(r['ttft_s']['p50'])} | {_ms(r['ttft_s']['p99'])} | "
+                     f"{_ms(r['e2e_s']['p50'])} | {_ms(r['e2e_s']['p99'])} | {r['preemptions']} | "
+                     f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {decisions} |")
+    comparison = data.get("comparison") or {}
+    ratio, fewer = comparison.get("p99_ttft_power_of_two_over_free_pages"), comparison.get("preemption_reduction")
+    if comparison:
+        ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+        fewer_text = "-" if fewer is None else f"{100 * fewer:.0f}%"
+        lines += ["", (f"p99 TTFT, power-of-two over free-pages: {ratio_text} (target ≥ 1.3x); "
+                       f"preemptions avoided by free-pages: {fewer_text} (target ≥ 50%).")]
     return lines + [""]
 
 
 def render() -> str:
     sections: list[str] = []
-    for prefix, table in (("mapping", mapping_tables), ("engine", engine_tables), ("load", load_tables)):
+    for prefix, table in (("mapping", mapping_tables), ("engine", engine_tables), ("load", load_tables),
+                          ("router", router_tables)):
         found = newest(prefix)
         if found:
             sections += table(*found)

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.ingress import VattnIngress
 from cluster.replica_deployment import VattnReplica
 from cluster.router import router_config
 from replica.engine_config import EngineConfig
+
+ROUTERS = ("free-pages", "power-of-two")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,13 @@ class AppOptions:
     routing_stats_period_s: float = 0.5
     metrics_period_s: float = 1.0  # how often each replica pushes its metrics to the hub
     replica_cpus: float = 1.0
+    #: "free-pages": vattn's FreePageRouter (cluster.router); "power-of-two": Serve's default
+    #: PowerOfTwoChoicesRequestRouter (for comparison: benchmarks.bench_router).
+    router: str = "free-pages"
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"AppOptions.router must be one of {', '.join(ROUTERS)}; got {self.router!r}")
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppOptions:
@@ -71,6 +81,11 @@ class AppOptions:
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
+    def request_router_config(self) -> RequestRouterConfig:
+        if self.router == "power-of-two":
+            return RequestRouterConfig()  # Serve's default class and stats period
+        return router_config(self.routing_stats_period_s)
+
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     options = AppOptions.from_args(args or {})
@@ -84,7 +99,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     deployment = VattnReplica.options(
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},
-        request_router_config=router_config(options.routing_stats_period_s),
+        request_router_config=options.request_router_config(),
         **tp_options,
     )
     replica = deployment.bind(options.engine_config(), options.metrics_period_s)

@@ -22,12 +22,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
 from replica.kv_config import KVCacheConfig, KVLayout
+from replica.kv_slots import KVCacheOutOfMemory, SlotState, StepTicket, _Slot
 from replica.kv_stats import KVCacheStats
 from replica.page_pool import PhysicalPagePool
 from replica.vmm import (
@@ -42,44 +41,6 @@ from replica.vmm import (
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
 _CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
-
-
-class KVCacheOutOfMemory(Exception):
-    """The cache cannot back the tokens asked for, even after reclaiming; never a crash — the
-    scheduler answers it by waiting or preempting."""
-
-    def __init__(self, tokens_asked: int, pages_needed: int, pages_free: int, pages_cached: int, why: str = ""):
-        self.tokens_asked = tokens_asked
-        self.pages_needed = pages_needed
-        self.pages_free = pages_free
-        self.pages_cached = pages_cached
-        super().__init__(
-            f"KV cache out of memory{': ' + why if why else ''}: {tokens_asked} tokens asked need "
-            f"{pages_needed} more pages; {pages_free} free (creatable included), {pages_cached} cached"
-        )
-
-
-class SlotState(Enum):
-    FREE = "free"
-    RUNNING = "running"
-    CACHED = "cached"
-
-
-@dataclass
-class _Slot:
-    state: SlotState = SlotState.FREE
-    length: int = 0  # tokens stored
-    reserved: int = 0  # tokens that must be backed for the coming step (>= length)
-    groups: list[tuple[int, ...]] = field(default_factory=list)  # groups[i][r]: page id, range r
-    released_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class StepTicket:
-    """The mapping submitted for the next step; ``unbacked`` slots could not grow (preempt them)."""
-
-    ticket: int
-    unbacked: tuple[int, ...]
 
 
 class KVCacheAllocator:
@@ -174,20 +135,25 @@ class KVCacheAllocator:
         self._check_tokens(slot_index, tokens)
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._grow(slot_index, need)
-        # Pages booked earlier may still be mapping: wait unless the worker is already done (the
-        # common decode case: the previous step's mapping finished while the model ran).
-        if self._ops or not self._worker.done(self._last_ticket):
-            self.wait(self._flush())
+        self._flush()
         if not grown:
             groups = need - len(slot.groups)
             raise KVCacheOutOfMemory(tokens, groups * self.config.num_ranges, self._pool.available, self._cached_pages())
+        # Waits only for the batch that maps these tokens' pages: eager pages booked ahead may
+        # still be mapping (the common decode case: they were submitted steps ago and are done).
+        ticket = max(slot.tickets[:need], default=0)
+        if ticket and not self._worker.done(ticket):
+            self.wait(ticket)
         slot.length = slot.reserved = tokens
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
         """Records each running slot's length and submits, to the background worker, the mapping
-        the *next* step needs (length + 1 tokens, plus eager pages). Call ``wait`` before the next
-        step writes K/V. Slots that cannot grow even after reclamation come back in ``unbacked``."""
+        the *next* step needs (length + 1 tokens), keeping ``eager_pages`` groups mapped beyond it
+        when they can be had without reclaiming: a slot growing into its eager group finds it
+        mapped long ago, so the worker has many steps to map the next one. Call ``wait`` (or
+        ``ensure``) before the next step writes K/V. Slots that cannot grow even after reclamation
+        come back in ``unbacked``."""
         for slot_index, length in lengths.items():
             self._running(slot_index)
             self._check_tokens(slot_index, length + 1)
@@ -195,10 +161,14 @@ class KVCacheAllocator:
             slot = self._slots[slot_index]
             slot.length, slot.reserved = length, length + 1
         unbacked = []
+        eager, per_slot, available = self.config.eager_pages, self.config.pages_per_slot, self._pool.available
         for slot_index in lengths:
-            need = self.config.page_groups_for(self._slots[slot_index].reserved)
-            if len(self._slots[slot_index].groups) < need and not self._grow(slot_index, need):
-                unbacked.append(slot_index)
+            slot = self._slots[slot_index]
+            need = self.config.page_groups_for(slot.reserved)
+            if len(slot.groups) < need or (len(slot.groups) < min(need + eager, per_slot) and available):
+                if not self._grow(slot_index, need):
+                    unbacked.append(slot_index)
+                available = self._pool.available
         self._release_idle()
         ticket = StepTicket(self._flush(), tuple(unbacked))
         self._checked()
@@ -244,24 +214,29 @@ class KVCacheAllocator:
 
     # ---- policy internals ----------------------------------------------------------------------
     def _grow(self, slot_index: int, need: int) -> bool:
-        """Queues mapping so the slot holds ``need`` groups (+ eager ones if they can be had
-        without reclaiming). False, with nothing queued for this slot, if ``need`` cannot be met."""
+        """Queues mapping so the slot holds ``need`` groups, then up to ``eager_pages`` more if
+        they can be had without reclaiming. False, with nothing queued for this slot, if ``need``
+        cannot be met."""
         slot, ranges = self._slots[slot_index], self.config.num_ranges
-        pages = (need - len(slot.groups)) * ranges
+        pages = max(need - len(slot.groups), 0) * ranges
         if self._pool.available < pages:
             self._reclaim(pages - self._pool.available, exclude=slot_index)
         taken = self._pool.take(pages)
         if taken is None:
             return False
-        eager = min(self.config.eager_pages, self.config.pages_per_slot - need, self._pool.available // ranges)
+        target = min(need + self.config.eager_pages, self.config.pages_per_slot)
+        eager = min(target - len(slot.groups) - pages // ranges, self._pool.available // ranges)
         extra = self._pool.take(eager * ranges) if eager > 0 else None
         ids = list(taken.ids) + (list(extra.ids) if extra else [])
+        if not ids:
+            return True
         new_ids = list(taken.new_ids) + (list(extra.new_ids) if extra else [])
         if new_ids:
             self._ops.append(Op.create(new_ids))
         first = len(slot.groups)
         added = [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
         slot.groups.extend(added)
+        slot.tickets.extend([self._last_ticket + 1] * len(added))  # the next flush carries them
         base = slot_index * self.config.pages_per_slot + first
         for r, reservation in enumerate(self._ranges):
             self._ops.append(Op.map(reservation, base, [group[r] for group in added]))
@@ -291,7 +266,7 @@ class KVCacheAllocator:
         dropped = slot.groups[keep_groups:]
         if not dropped:
             return
-        del slot.groups[keep_groups:]
+        del slot.groups[keep_groups:], slot.tickets[keep_groups:]
         if slot.state is SlotState.CACHED and not slot.groups:
             slot.state = SlotState.FREE  # nothing left to reuse
         base = slot_index * self.config.pages_per_slot + keep_groups
@@ -302,7 +277,10 @@ class KVCacheAllocator:
 
     def _flush(self) -> int:
         if self._ops:
-            self._last_ticket = self._worker.submit(self._ops)
+            ticket = self._worker.submit(self._ops)
+            if ticket != self._last_ticket + 1:  # _grow books groups under the next ticket
+                raise RuntimeError(f"bug: worker ticket {ticket} after {self._last_ticket}")
+            self._last_ticket = ticket
             self._ops = []
         return self._last_ticket
 
@@ -379,6 +357,7 @@ class KVCacheAllocator:
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, stats
         for index, slot in enumerate(self._slots):
+            assert len(slot.tickets) == len(slot.groups) and slot.tickets == sorted(slot.tickets), index
             if slot.state is SlotState.FREE:
                 assert not slot.groups, f"free slot {index} holds pages"
             if slot.state is SlotState.RUNNING:

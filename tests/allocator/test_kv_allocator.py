@@ -141,22 +141,21 @@ def test_no_deferred_reclamation_unmaps_at_release(make_allocator: MakeAllocator
     allocator.check_invariants(deep=True)
 
 
-def test_eager_pages_are_mapped_ahead_and_reclaimed_last(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=2, budget_pages=12, num_layers=2)  # 6 groups
+def test_eager_pages_stay_ahead_of_a_growing_slot_and_are_reclaimed_first(make_allocator: MakeAllocator) -> None:
+    allocator = make_allocator(eager_pages=2, budget_pages=16, num_layers=2)  # 8 groups, 8 per slot
     a = allocator.acquire()
     allocator.ensure(a, T)  # 1 group needed, 2 eager
     assert allocator.stats().pages_in_use == 6
-    maps = allocator.stats().map_calls
-    for length in range(T, 3 * T):  # grows inside its eager pages: no new mapping
-        assert allocator.wait(allocator.step_async({a: length})) == ()
-    assert allocator.stats().map_calls == maps
+    for length in range(T, 4 * T):  # the slot never grows into a group mapped in the same step
+        allocator.wait(allocator.step_async({a: length}))
+        assert allocator.stats().pages_in_use == 2 * (allocator.config.page_groups_for(length + 1) + 2)
     b = allocator.acquire()
-    allocator.ensure(b, 3 * T)  # exhausts the pool
+    allocator.ensure(b, 3 * T)  # 2 free groups and 1 of a's eager ones
     c = allocator.acquire()
     with pytest.raises(KVCacheOutOfMemory):
-        allocator.ensure(c, T)  # no surplus: a's 3 groups back its next step, b's its 3T tokens
+        allocator.ensure(c, 2 * T)  # only 1 eager group left; a's 4 groups back its next step
     allocator.release(b)
-    allocator.ensure(c, T)
+    allocator.ensure(c, 2 * T)
     allocator.check_invariants(deep=True)
 
 

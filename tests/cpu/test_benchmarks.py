@@ -33,3 +33,11 @@ def test_engine_benchmark_smoke(tmp_path: Path, modes: str) -> None:
     assert not decode["vattention"]["cuda_graphs"]  # CPU: no graphs, the same engine otherwise
     assert decode["vattention"]["generated_tokens"] == decode["paged"]["generated_tokens"] == 4 * 24
     assert "decode_step" in decode["vattention"] and decode["vattention"]["profile_top_ops"]
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    result = run("benchmarks.soak_gpu", tmp_path)["results"]
+    machine, engine = result["state_machine"], result["engine"]
+    assert machine["backend"] == "host" and machine["passed"] and machine["operations"] >= 2000
+    assert engine["passed"] and engine["requests_finished"] > 0 and engine["errors"] == 0
+    assert engine["at_rest"]["pages_in_use"] == 0 and engine["pages_created_after_shrink"] == 0

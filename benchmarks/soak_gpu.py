@@ -1,0 +1,170 @@
+"""Allocator soak on the GPU (reliability issue, part 6): does the vAttention cache stay correct and
+give its memory back after long, random, full-load use?
+
+    python -m benchmarks.soak_gpu                      # H100: state machine at scale 20 + 5 minutes of load
+    python -m benchmarks.soak_gpu --smoke              # CPU / host backend, seconds (CI)
+
+1. The hypothesis state machine of ``tests/allocator/test_kv_allocator_state.py`` on the CUDA
+   backend (random acquire / ensure / step / release / shrink, every stored token checked, the
+   books compared with what the driver mapped), at ``VATTN_STATEFUL_SCALE`` = ``--scale``.
+2. The engine at full load for ``--minutes``: Llama-3-8B shapes (synthetic bf16), 64 slots, a KV
+   budget well below what the offered requests want (so requests queue and are preempted), random
+   prompt and output lengths, a few aborts; then drain, check the books, ``shrink()``, and compare
+   ``torch.cuda.mem_get_info`` with its value before the load (after warm-up and a first shrink).
+
+Nothing is asserted here; the JSON says what happened (``passed`` fields state each criterion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.environment import describe_device, save
+from replica import EngineConfig, LLMEngine, SamplingParams
+from replica.model import ModelConfig
+
+MIB = 1 << 20
+
+
+def state_machine(scale: int, device: str) -> dict[str, Any]:
+    """Runs the allocator state machine on ``device`` ("cuda" or "host") in a child pytest."""
+    env = dict(os.environ, VATTN_STATEFUL_SCALE=str(scale))
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         "tests/allocator/test_kv_allocator_state.py", "-k", device],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    counts = [int(n) for n in re.findall(r"(\d+) operations", proc.stdout)]
+    return {
+        "backend": device, "scale": scale, "operations": sum(counts), "seconds": time.perf_counter() - started,
+        "passed": proc.returncode == 0 and bool(counts), "pytest_tail": proc.stdout.strip().splitlines()[-3:],
+    }
+
+
+def free_device_bytes(engine: LLMEngine) -> int:
+    """Free memory as the device sees it (CUDA), or pages the host backend still holds."""
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+        torch.cuda.empty_cache()
+        return int(torch.cuda.mem_get_info(engine.device)[0])
+    return -engine.kv.stats().pages_created * engine.kv.stats().page_size_bytes
+
+
+def engine_soak(args: argparse.Namespace) -> dict[str, Any]:
+    cuda = torch.cuda.is_available() and not args.smoke
+    shapes = ModelConfig.llama3_8b() if cuda else dataclasses.replace(ModelConfig.tiny(), max_position_embeddings=4096)
+    max_len = 3584 if cuda else 512
+    engine = LLMEngine(EngineConfig(
+        model="synthetic", synthetic=shapes, device="cuda" if cuda else "cpu", max_running=args.slots,
+        max_model_len=max_len, max_batch_tokens=8192 if cuda else 1024,
+        kv_cache_bytes=args.kv_gib << 30 if cuda else 64 * MIB,
+    ))
+    kv = engine.kv
+    graphs = engine.warm_up()
+    kv.shrink()
+    free_before = free_device_bytes(engine)
+    rng = random.Random(args.seed)
+    vocab = shapes.vocab_size
+    finished = aborted = tokens = steps = errors = 0
+    peak = {"pages_created": 0, "pages_in_use": 0, "requests_waiting": 0}
+    deadline = time.monotonic() + args.minutes * 60
+    started = time.monotonic()
+    next_id = 0
+    while time.monotonic() < deadline:
+        while len(engine.requests) < 2 * args.slots:  # keep the queue full: offered load > capacity
+            prompt_len = min(int(rng.lognormvariate(6.3, 1.0)) + 4, max_len // 2)
+            params = SamplingParams(
+                max_tokens=rng.randint(8, max_len // 4), temperature=rng.choice((0.0, 0.8)),
+                seed=rng.randrange(1 << 30), ignore_eos=True,
+            )
+            engine.add_request(f"s{next_id}", [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+            next_id += 1
+        if rng.random() < 0.01 and engine.scheduler.running:  # clients that go away
+            engine.abort(rng.choice(engine.scheduler.running).request_id)
+            aborted += 1
+        for output in engine.step():
+            tokens += len(output.token_ids)
+            finished += output.finished
+            errors += output.error is not None
+        steps += 1
+        stats = kv.stats()
+        peak["pages_created"] = max(peak["pages_created"], stats.pages_created)
+        peak["pages_in_use"] = max(peak["pages_in_use"], stats.pages_in_use)
+        peak["requests_waiting"] = max(peak["requests_waiting"], len(engine.scheduler.waiting))
+    loaded_s = time.monotonic() - started
+    while engine.has_work():  # drain: no new requests
+        for output in engine.step():
+            tokens += len(output.token_ids)
+            finished += output.finished
+            errors += output.error is not None
+        steps += 1
+    kv.check_invariants(deep=True)
+    at_rest = kv.stats()
+    released = kv.shrink()
+    free_after = free_device_bytes(engine)
+    after_shrink = kv.stats()
+    kv.check_invariants(deep=True)
+    engine_stats = engine.stats()
+    return {
+        "model": "llama3-8b shapes, synthetic bf16" if cuda else "tiny, float32 (CPU smoke)",
+        "slots": args.slots, "kv_budget_pages": at_rest.pages_total, "page_size_bytes": at_rest.page_size_bytes,
+        "graphs_captured": graphs, "minutes_under_load": loaded_s / 60, "steps": steps,
+        "requests_added": next_id, "requests_finished": finished, "aborted": aborted, "errors": errors,
+        "generated_tokens": tokens, "tokens_per_s_under_load": tokens / (time.monotonic() - started),
+        "preemptions": engine_stats.preemptions_total, "mapping_wait_s": at_rest.wait_seconds,
+        "peak": peak,
+        "at_rest": {"slots_running": at_rest.slots_running, "pages_in_use": at_rest.pages_in_use,
+                    "pages_cached": at_rest.pages_cached, "pages_free": at_rest.pages_free,
+                    "pages_created": at_rest.pages_created},
+        "shrink_released_pages": released, "pages_created_after_shrink": after_shrink.pages_created,
+        "free_bytes_before": free_before, "free_bytes_after": free_after,
+        "free_bytes_difference": free_after - free_before,
+        "passed": (errors == 0 and at_rest.slots_running == 0 and at_rest.pages_in_use == 0
+                   and after_shrink.pages_created == 0 and free_after >= free_before),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, host backend, seconds")
+    parser.add_argument("--scale", type=int, default=20, help="state machine scale (VATTN_STATEFUL_SCALE)")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--kv-gib", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", default="", help="comma list: state-machine, engine")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    if args.smoke:
+        args.scale, args.minutes, args.slots = 1, min(args.minutes, 0.1), min(args.slots, 8)
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict[str, Any] = {}
+    if "state-machine" not in skip:
+        results["state_machine"] = state_machine(args.scale, "cuda" if cuda else "host")
+        print("state machine", results["state_machine"], flush=True)
+    if "engine" not in skip:
+        results["engine"] = engine_soak(args)
+        print("engine", results["engine"], flush=True)
+    payload = {"benchmark": "soak", "environment": describe_device("cuda" if cuda else "host"),
+               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
+    path = save("soak" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
