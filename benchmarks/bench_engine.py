@@ -82,7 +82,7 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     generated, started = 0, time.perf_counter()
     generated_untimed, untimed = 0, 0.0
     other_steps = 0.0  # prefill and mixed steps
-    profiled = None
+    profiled = host_profile = None
     while engine.has_work():
         running = list(engine.scheduler.running)
         decoding = bool(running) and not engine.scheduler.waiting and all(r.pending_tokens == 1 for r in running)
@@ -92,6 +92,11 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
             # NOTE: the profiler's start-up (CUPTI) is paid by whichever mode runs first: its steps
             # are kept out of the timed total so the modes compare fairly.
             profiled, outputs = profile_steps(engine, 5)
+            generated_untimed += sum(len(o.token_ids) for o in outputs)
+            untimed += time.perf_counter() - step_start
+            continue
+        if profile and decoding and host_profile is None and len(decode_steps) == 40:
+            host_profile, outputs = profile_host(engine, 10)
             generated_untimed += sum(len(o.token_ids) for o in outputs)
             untimed += time.perf_counter() - step_start
             continue
@@ -129,6 +134,8 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
         result["decode_step"] = decode_analysis(runner, seconds, batch, context, bytes_per_token, args)
     if profiled:
         result["profile_top_ops"], result["profiled_device_ms_per_step"] = profiled
+    if host_profile:
+        result["host_profile"] = host_profile
     del engine, runner, kv
     gc.collect()
     if torch.cuda.is_available():
@@ -194,6 +201,33 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[tuple[list[dict[str, A
                      "self_device_ms_per_step": getattr(event, "self_device_time_total", 0) / 1e3 / steps,
                      "self_cpu_ms_per_step": event.self_cpu_time_total / 1e3 / steps})
     return (rows, device_ms), outputs
+
+
+def profile_host(engine: LLMEngine, steps: int) -> tuple[dict[str, Any], list[Any]]:
+    """Where a decode step's host (Python) time goes: cProfile over ``steps`` steps, ms per step,
+    for the engine's own stages (cumulative) and the top functions by their own time."""
+    import cProfile
+    import pstats
+
+    outputs: list[Any] = []
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        outputs += engine.step()
+    profiler.disable()
+    wall_ms = (time.perf_counter() - started) * 1e3 / steps
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    stages = ("schedule", "_plan", "execute", "run", "plan_graph", "step_async", "_sample", "sample", "build", "padded")
+    cumulative: dict[str, float] = {}
+    own = []
+    for (path, line, name), (_, calls, tottime, cumtime, _) in stats.items():
+        where = f"{Path(path).name}:{line}({name})"
+        if name in stages and ("replica" in path):
+            cumulative[where] = cumtime * 1e3 / steps
+        own.append((tottime * 1e3 / steps, calls // steps, where))
+    top = [{"function": w, "calls_per_step": c, "own_ms_per_step": t} for t, c, w in sorted(own, reverse=True)[:15]]
+    return {"wall_ms_per_step_profiled": wall_ms, "stages_cumulative_ms": cumulative, "top_own_time": top}, outputs
 
 
 def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dict[str, Any]:

@@ -42,30 +42,31 @@ class DecodeGraphs:
         self.model, self.attention, self.device = model, attention, device
         self.sizes = graph_sizes(max_batch)
         largest = self.sizes[-1]
-        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.inputs = torch.zeros(2, largest, dtype=torch.long, device=device)  # token ids, positions
+        self.input_ids, self.positions = self.inputs[0], self.inputs[1]
         self.logits = torch.empty(largest, model.config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
-    def size_for(self, batch: StepBatch) -> int | None:
-        """The graph size this batch runs in, or None when it runs eagerly (not a pure decode
-        batch, or larger than the largest graph)."""
-        if not batch.is_decode or batch.num_sequences > self.sizes[-1]:
+    def size_for(self, query_lens: tuple[int, ...]) -> int | None:
+        """The graph size a step with these query lengths runs in, or None when it runs eagerly
+        (not a pure decode step, or larger than the largest graph)."""
+        if len(query_lens) > self.sizes[-1] or any(q != 1 for q in query_lens):
             return None
-        return next(s for s in self.sizes if s >= batch.num_sequences)
+        return next(s for s in self.sizes if s >= len(query_lens))
 
-    def run(self, batch: StepBatch, input_ids: tuple[int, ...], size: int) -> torch.Tensor:
-        """Runs the decode step of ``batch`` (one token per sequence, ``input_ids`` in its order)
-        in the graph of ``size``; returns float32 logits [n, vocab], a view valid until the next
-        step."""
-        n = batch.num_sequences
-        padded = batch.padded(size, self.device)
-        ids = input_ids + input_ids[-1:] * (size - n)
-        host = torch.tensor([ids, [c for c in padded.context_lens]], dtype=torch.long, pin_memory=True)
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
+    def run(self, slots: tuple[int, ...], context_lens: tuple[int, ...], input_ids: tuple[int, ...],
+            size: int) -> torch.Tensor:
+        """Runs a decode step (sequences in ``slots``, one new token each, ``input_ids`` in their
+        order) in the graph of ``size``; returns float32 logits [n, vocab], a view valid until the
+        next step."""
+        n = len(slots)
+        padded = StepBatch.build_padded(slots, context_lens, size, self.device)
+        extra = size - n
+        host = torch.tensor([input_ids + input_ids[-1:] * extra, context_lens + context_lens[-1:] * extra],
+                            dtype=torch.long, pin_memory=True)
+        self.inputs[:, :size].copy_(host, non_blocking=True)
         self.attention.plan_graph(padded)
         graph = self.graphs.get(size)
         if graph is None:

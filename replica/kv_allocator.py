@@ -128,9 +128,11 @@ class KVCacheAllocator:
         return self._running(slot_index).length
 
     # ---- growth --------------------------------------------------------------------------------
-    def ensure(self, slot_index: int, tokens: int) -> None:
-        """Synchronously backs tokens [0, tokens) of a running slot and records ``tokens`` as its
-        length. Raises KVCacheOutOfMemory (nothing lost) if the pages cannot be had."""
+    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
+        """Backs tokens [0, tokens) of a running slot and records ``tokens`` as its length; returns
+        once they are mapped, or with ``wait=False`` at once, mapping in the background (a later
+        ``ensure`` of these tokens waits for it). Raises KVCacheOutOfMemory (nothing lost) if the
+        pages cannot be had."""
         slot = self._running(slot_index)
         self._check_tokens(slot_index, tokens)
         need = self.config.page_groups_for(tokens)
@@ -142,7 +144,7 @@ class KVCacheAllocator:
         # Waits only for the batch that maps these tokens' pages: eager pages booked ahead may
         # still be mapping (the common decode case: they were submitted steps ago and are done).
         ticket = max(slot.tickets[:need], default=0)
-        if ticket and not self._worker.done(ticket):
+        if wait and ticket and not self._worker.done(ticket):
             self.wait(ticket)
         slot.length = slot.reserved = tokens
         self._checked()

@@ -120,16 +120,16 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Runs one step; returns float32 logits [len(sample_rows), vocab]."""
-        batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
         # The next step's pages are mapped by the worker while this step's model runs.
         self.kv.step_async({s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)})
-        size = self.graphs.size_for(batch) if self.graphs is not None else None
+        size = self.graphs.size_for(plan.query_lens) if self.graphs is not None else None
         if size is not None:
             assert self.graphs is not None
-            logits = self.graphs.run(batch, plan.input_ids, size)
-            if plan.sample_rows == tuple(range(batch.num_sequences)):
+            logits = self.graphs.run(plan.slots, plan.context_lens, plan.input_ids, size)
+            if plan.sample_rows == tuple(range(len(plan.slots))):
                 return logits
             return logits[torch.tensor(plan.sample_rows, device=self.device)]
+        batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
         ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.tensor(plan.positions, dtype=torch.long).to(self.device, non_blocking=True)
         rows = torch.tensor(plan.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)

@@ -6,6 +6,11 @@ the allocator's pages allow (keeping ``watermark_pages`` spare so running reques
 When a running request cannot get its pages, the most recently admitted request is preempted by
 recompute: its slot is released and it waits at the head of the queue. KVCacheOutOfMemory never
 escapes this class.
+
+When a step's token budget is spent, the requests that would be admitted next (up to one more
+step's budget) are admitted *ahead*: they get their slot now and their first chunk's pages are
+mapped in the background while this step computes, so next step's prefill does not wait for the
+mapping. They run from the next step on, in arrival order as before.
 """
 
 from __future__ import annotations
@@ -56,31 +61,44 @@ class Scheduler:
             chosen[request] = tokens
             budget -= tokens
             index += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            request = self.waiting[0]
-            tokens = min(request.pending_tokens, budget)
-            spare = self.watermark_pages * self.kv.config.num_ranges
-            if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < self._pages(tokens):
-                break
-            slot = self.kv.acquire(tokens_hint=request.max_total_tokens)
-            try:
-                self.kv.ensure(slot, tokens)
-            except KVCacheOutOfMemory:
-                self.kv.release(slot)
-                break
-            self.waiting.popleft()
-            request.slot, request.status = slot, RequestStatus.RUNNING
-            self.running.append(request)
-            chosen[request] = tokens
-            budget -= tokens
+        while self.waiting and budget > 0 and self._admit(min(self.waiting[0].pending_tokens, budget), wait=True):
+            request = self.running[-1]
+            chosen[request] = min(request.pending_tokens, budget)
+            budget -= chosen[request]
         if not chosen:
             return None
+        ahead = self.max_batch_tokens
+        while budget <= 0 and self.waiting and ahead > 0:  # this step is full: admit the next ahead
+            tokens = min(self.waiting[0].pending_tokens, ahead)
+            if not self._admit(tokens, wait=False):
+                break
+            ahead -= tokens
         order = sorted(chosen, key=lambda r: r.slot if r.slot is not None else -1)
         return ScheduledStep(
             requests=tuple(order),
             query_lens=tuple(chosen[r] for r in order),
             context_lens=tuple(r.computed for r in order),
         )
+
+    def _admit(self, tokens: int, wait: bool) -> bool:
+        """Moves the head of the queue to running with a slot backing its first ``tokens`` (their
+        pages mapped by return, or in the background without ``wait``); False if it does not fit."""
+        if len(self.running) >= self.max_running:
+            return False
+        request = self.waiting[0]
+        spare = self.watermark_pages * self.kv.config.num_ranges
+        if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < self._pages(tokens):
+            return False
+        slot = self.kv.acquire(tokens_hint=request.max_total_tokens)
+        try:
+            self.kv.ensure(slot, tokens, wait=wait)
+        except KVCacheOutOfMemory:
+            self.kv.release(slot)
+            return False
+        self.waiting.popleft()
+        request.slot, request.status = slot, RequestStatus.RUNNING
+        self.running.append(request)
+        return True
 
     def _pages(self, tokens: int) -> int:
         return self.kv.config.page_groups_for(tokens) * self.kv.config.num_ranges

@@ -68,15 +68,24 @@ class StepBatch:
         return StepBatch._make(slots, context_lens, query_lens, device)
 
     def padded(self, size: int, device: torch.device) -> StepBatch:
-        """This decode batch grown to ``size`` sequences by repeating its last one (same slot,
-        length and position): the fixed-size batch a CUDA graph replays. The repeats attend exactly
-        like the last sequence and would write the same K/V to the same row."""
-        if not self.is_decode or size < self.num_sequences:
+        """This decode batch grown to ``size`` sequences (``build_padded``)."""
+        if not self.is_decode:
             raise ValueError(f"only a decode batch pads, to at least its {self.num_sequences} sequences")
-        extra = size - self.num_sequences
+        return StepBatch.build_padded(self.slots, self.context_lens, size, device)
+
+    @staticmethod
+    def build_padded(slots: Sequence[int], context_lens: Sequence[int], size: int, device: torch.device) -> StepBatch:
+        """A decode batch (one new token per sequence) grown to ``size`` sequences by repeating its
+        last one (same slot, length and position): the fixed-size batch a CUDA graph replays. The
+        repeats attend exactly like the last sequence and write the same K/V to the same row."""
+        if list(slots) != sorted(slots) or len(set(slots)) != len(slots):
+            raise ValueError(f"a step's slots must be distinct and ascending, got {list(slots)}")
+        if size < len(slots):
+            raise ValueError(f"only a decode batch pads, to at least its {len(slots)} sequences")
+        extra = size - len(slots)
         return StepBatch._make(
-            self.slots + self.slots[-1:] * extra, self.context_lens + self.context_lens[-1:] * extra,
-            self.query_lens + (1,) * extra, device,
+            tuple(slots) + tuple(slots[-1:]) * extra, tuple(context_lens) + tuple(context_lens[-1:]) * extra,
+            (1,) * size, device,
         )
 
     @staticmethod

@@ -117,9 +117,10 @@ class PagedKVCache:
         return self._running(slot_index).length
 
     # ---- growth --------------------------------------------------------------------------------
-    def ensure(self, slot_index: int, tokens: int) -> None:
+    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
         """Backs tokens [0, tokens) of a running slot with exactly the blocks they need and records
-        ``tokens`` as its length. Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
+        ``tokens`` as its length (nothing to map: ``wait`` is for KVCacheAllocator's signature).
+        Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
         seq = self._running(slot_index)
         self._check_tokens(slot_index, tokens)
         need = self.config.page_groups_for(tokens)

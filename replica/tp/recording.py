@@ -29,7 +29,7 @@ class Allocator(Protocol):
     """What the scheduler changes on a KV cache (KVCacheAllocator and PagedKVCache both fit)."""
 
     def acquire(self, tokens_hint: int = 0) -> int: ...
-    def ensure(self, slot_index: int, tokens: int) -> None: ...
+    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None: ...
     def release(self, slot_index: int) -> None: ...
     def shrink(self) -> int: ...
 
@@ -76,9 +76,10 @@ class RecordingAllocator:
         self._calls.append(AllocatorCall("acquire", slot, tokens_hint))
         return slot
 
-    def ensure(self, slot_index: int, tokens: int) -> None:
+    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
+        """Recorded without ``wait``: the other ranks map synchronously when they replay it."""
         try:
-            self.allocator.ensure(slot_index, tokens)
+            self.allocator.ensure(slot_index, tokens, wait)
         except KVCacheOutOfMemory:
             self._calls.append(AllocatorCall("ensure", slot_index, tokens, True))
             raise

@@ -126,3 +126,24 @@ def test_embedded_model_answers_and_matches_transformers(smollm: LLM) -> None:
     eos = smollm.engine.eos_token_ids
     trimmed = [e[: next((i + 1 for i, t in enumerate(e) if t in eos), len(e))] for e in expected]
     assert [list(o.token_ids) for o in outputs] == trimmed
+
+
+def test_a_full_step_admits_the_next_requests_ahead(tiny_dir: Path) -> None:
+    """With the step's token budget spent, the next requests get their slot and pages now (mapped
+    in the background) and run from the next step, in arrival order, with unchanged outputs."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    expected = tiny_llm(tiny_dir).generate(PROMPTS, params)
+    llm = tiny_llm(tiny_dir, max_batch_tokens=21)
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, params)
+    first = engine.step()  # r0 (3 tokens) and 18 of r1's 23: full; r2 (9) is admitted ahead, r3 too (1)
+    assert [r.request_id for r in engine.scheduler.running] == ["r0", "r1", "r2", "r3"]
+    assert [r.computed for r in engine.scheduler.running] == [3, 18, 0, 0]
+    assert engine.stats().kv.slots_running == 4 and not engine.scheduler.waiting
+    outputs: dict[str, list[int]] = {o.request_id: list(o.token_ids) for o in first}
+    while engine.has_work():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).extend(output.token_ids)
+    assert [outputs[f"r{i}"] for i in range(4)] == [list(o.token_ids) for o in expected]
+    engine.kv.check_invariants(deep=True)
