@@ -143,7 +143,7 @@ class KVCacheAllocator:
             raise KVCacheOutOfMemory(tokens, groups * self.config.num_ranges, self._pool.available, self._cached_pages())
         # Waits only for the batch that maps these tokens' pages: eager pages booked ahead may
         # still be mapping (the common decode case: they were submitted steps ago and are done).
-        ticket = max(slot.tickets[:need], default=0)
+        ticket = slot.tickets[need - 1] if need else 0  # tickets ascend with the page index
         if wait and ticket and not self._worker.done(ticket):
             self.wait(ticket)
         slot.length = slot.reserved = tokens

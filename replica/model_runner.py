@@ -120,12 +120,11 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Runs one step; returns float32 logits [len(sample_rows), vocab]."""
-        # The next step's pages are mapped by the worker while this step's model runs.
-        self.kv.step_async({s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)})
         size = self.graphs.size_for(plan.query_lens) if self.graphs is not None else None
         if size is not None:
             assert self.graphs is not None
             logits = self.graphs.run(plan.slots, plan.context_lens, plan.input_ids, size)
+            self._map_next_step(plan)  # while the GPU replays the graph
             if plan.sample_rows == tuple(range(len(plan.slots))):
                 return logits
             return logits[torch.tensor(plan.sample_rows, device=self.device)]
@@ -136,4 +135,11 @@ class ModelRunner:
         with torch.inference_mode():
             self.attention.plan(batch)
             hidden = self.model(ids, positions, self.attention)
+            self._map_next_step(plan)  # while the GPU runs the layers just launched
             return self.model.compute_logits(hidden[rows])
+
+    def _map_next_step(self, plan: StepPlan) -> None:
+        """Books each sequence's new length and submits the pages the next step needs to the
+        mapping worker, which maps them while this step computes (this step's own pages were
+        mapped before the step was planned)."""
+        self.kv.step_async({s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)})
