@@ -48,18 +48,20 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Engine, offline (`bench_engine.py`)", "",
              environment_line(path, data["environment"])
              + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}", "",
+             "vs paged: against the paged mode run the same way (CUDA graphs or eager); HF against paged.", "",
              "| workload | mode | attention | tokens/s | vs paged | mapping wait % | KV waste % | preemptions |",
              "|---|---|---|---|---|---|---|---|"]
     for workload, rows in data["results"].items():
-        paged = next((r for r in rows if r["mode"] == "paged"), None)
+        by_mode = {r["mode"]: r for r in rows}
         for r in rows:
+            paged = by_mode.get("paged-eager" if r["mode"].endswith("-eager") else "paged")
             ratio = f"{r['tokens_per_s'] / paged['tokens_per_s']:.2f}x" if paged else "-"
             lines.append(f"| {workload} | {r['mode']} | {r.get('attention', '-')} | {r['tokens_per_s']:.0f} | {ratio} | "
                          f"{r.get('mapping_wait_pct', 0):.2f} | {r.get('kv_waste_pct_mean', 0):.2f} | "
                          f"{r.get('preemptions', 0)} |")
     lines += ["", "Decode step at full batch (median), against the roofline and the practical floor:", "",
               ("| workload | mode | step ms | roofline ms | share of roofline | linears (graph) ms | attention ms | "
-               "floor ms | step / floor |"), "|---|---|---|---|---|---|---|---|---|"]
+               "floor ms | step / floor | GPU busy ms |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for workload, rows in data["results"].items():
         for r in rows:
             step = r.get("decode_step")
@@ -69,7 +71,7 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
                 f"| {workload} | {r['mode']} | {step['step_ms']:.2f} | {step['roofline_ms']:.2f} | "
                 f"{100 * step['roofline_share']:.0f}% | {step.get('linears_graph_ms', float('nan')):.2f} | "
                 f"{step.get('attention_alone_ms', float('nan')):.2f} | {step.get('practical_floor_ms', float('nan')):.2f} | "
-                f"{step.get('step_over_floor', float('nan')):.2f}x |")
+                f"{step.get('step_over_floor', float('nan')):.2f}x | {r.get('profiled_device_ms_per_step', float('nan')):.2f} |")
     return lines + [""]
 
 
@@ -111,22 +113,52 @@ def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def render() -> str:
+def soak_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    """One column per run, one row per reported figure (blank where a run does not report it)."""
+    runs = {name: body["result"] for name, body in data.get("runs", {}).items()}
+    keys = list(dict.fromkeys(k for result in runs.values() for k in result if k != "pytest_tail"))
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items())
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["### GPU soak (`soak_gpu.py`)", "", environment_line(path, data["environment"]), ""]
+    if data.get("note"):
+        lines += [data["note"], ""]
+    lines += ["| figure | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(cell(r[key]) if key in r else "" for r in runs.values()) + " |")
+    return lines + [""]
+
+
+TABLES = (("mapping", mapping_tables), ("engine", engine_tables), ("soak", soak_tables), ("load", load_tables),
+          ("router", router_tables))
+PLOT_FILES = {"engine": ("engine_throughput.png", "decode_step.png"), "mapping": ("mapping.png",),
+              "router": ("router.png",)}
+
+
+def render(found: dict[str, tuple[Path, dict[str, Any]]]) -> str:
     sections: list[str] = []
-    for prefix, table in (("mapping", mapping_tables), ("engine", engine_tables), ("load", load_tables),
-                          ("router", router_tables)):
-        found = newest(prefix)
-        if found:
-            sections += table(*found)
+    for prefix, table in TABLES:
+        if prefix in found:
+            sections += table(*found[prefix])
+            sections += [f"![{name}](results/{name})" for name in PLOT_FILES.get(prefix, ())
+                         if (RESULTS / name).exists()] + [""]
     return "\n".join(sections)
 
 
 def main() -> None:
+    from benchmarks.plots import write_plots
+
+    found = {prefix: result for prefix, _ in TABLES if (result := newest(prefix))}
+    for path in write_plots(found, RESULTS):
+        print(f"wrote {path}")
     readme = HERE / "README.md"
     text = readme.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+    readme.write_text(f"{head}{START}\n{render(found)}\n{END}{tail}")
     print(f"updated {readme}")
 
 

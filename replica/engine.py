@@ -151,18 +151,22 @@ class LLMEngine:
 
     def warm_up(self) -> int:
         """Captures the decode CUDA graph of every batch size before serving, so that no request
-        pays for a capture: for each size, that many throw-away requests decode two tokens.
-        Returns the graphs captured (0 without graphs). Call it before adding requests."""
+        pays for a capture: for each size, that many throw-away requests decode two tokens, half
+        greedy and half sampled with logprobs (so the sampler's kernels are loaded too: CUDA loads
+        a kernel's code into device memory at its first launch). Returns the graphs captured (0
+        without graphs). Call it before adding requests."""
         graphs = self.runner.graphs if self.tp is None else None
         if graphs is None or self.has_work():
             return 0
-        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         prompt = [self.model_config.bos_token_id or 0] * 2
         for size in graphs.sizes:
             if size > self.scheduler.max_running:
                 break
             for i in range(size):
-                self.add_request(f"vattn-warm-up-{size}-{i}", prompt, params)
+                sampled = SamplingParams(max_tokens=3, temperature=0.8, top_k=50, top_p=0.9, seed=i, logprobs=2,
+                                         ignore_eos=True)
+                self.add_request(f"vattn-warm-up-{size}-{i}", prompt, greedy if i % 2 == 0 else sampled)
             while self.has_work():
                 self.step()
         self.kv.synchronize()

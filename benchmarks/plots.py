@@ -1,0 +1,102 @@
+"""PNG plots of the newest benchmark results, written beside them in ``benchmarks/results/``
+(``python -m benchmarks.report`` calls :func:`write_plots`). Needs matplotlib (the ``bench`` extra).
+
+    engine_throughput.png   tokens/s per workload and mode (vAttention vs paged, graphs vs eager, HF)
+    decode_step.png         the full-batch decode step against its practical floor and roofline
+    mapping.png             batched page-mapping throughput by run length
+    router.png              TTFT p50/p99 per router
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def engine_throughput(data: dict[str, Any], out: Path) -> Path:
+    results = data["results"]
+    modes = list(dict.fromkeys(r["mode"] for rows in results.values() for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):  # a mode appears only in the workloads it ran
+        points = [(w + i * width, r["tokens_per_s"]) for w, rows in enumerate(results.values())
+                  for r in rows if r["mode"] == mode]
+        bars = ax.bar([x for x, _ in points], [v for _, v in points], width, label=mode)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([w + width * (len(modes) - 1) / 2 for w in range(len(results))], list(results))
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(f"Engine throughput, batch {data['settings']['batch']}, {data['environment']['device']}")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "engine_throughput.png")
+
+
+def decode_step(data: dict[str, Any], out: Path) -> Path:
+    rows = [r for r in data["results"].get("decode", []) if r.get("decode_step", {}).get("practical_floor_ms")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [r["mode"] for r in rows]
+    steps = [r["decode_step"] for r in rows]
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [s["step_ms"] for s in steps], 0.4, label="engine step (median)")
+    ax.barh([i - 0.2 for i in y], [s["linears_graph_ms"] for s in steps], 0.4, label="floor: linears (CUDA graph)")
+    ax.barh([i - 0.2 for i in y], [s["attention_alone_ms"] for s in steps], 0.4,
+            left=[s["linears_graph_ms"] for s in steps], label="floor: attention alone")
+    for i, s in zip(y, steps):
+        ax.plot([s["roofline_ms"]] * 2, [i - 0.45, i + 0.45], color="black", linewidth=1)
+    ax.set_yticks(list(y), labels)
+    ax.set_xlabel("ms per decode step at batch 64 (black line: HBM roofline)")
+    ax.set_title("Decode step vs its practical floor")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out / "decode_step.png")
+
+
+def mapping(data: dict[str, Any], out: Path) -> Path:
+    rows = data["batched"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["run_pages"] for r in rows], [r["gb_per_s"] for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("pages mapped per run (2 MiB each)")
+    ax.set_ylabel("GB/s mapped")
+    ax.set_title(f"Page mapping throughput, {data['environment']['device']}")
+    return _save(fig, out / "mapping.png")
+
+
+def router(data: dict[str, Any], out: Path) -> Path:
+    routers = list(data["results"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, key in enumerate(("p50", "p99")):
+        values = [data["results"][r]["ttft_s"][key] or 0.0 for r in routers]
+        bars = ax.bar([x + i * 0.4 for x in range(len(routers))], values, 0.4, label=f"TTFT {key}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([x + 0.2 for x in range(len(routers))], routers)
+    ax.set_ylabel("seconds")
+    ax.set_title("Time to first token by router")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "router.png")
+
+
+PLOTS = {"engine": (engine_throughput, decode_step), "mapping": (mapping,), "router": (router,)}
+
+
+def write_plots(newest: dict[str, tuple[Path, dict[str, Any]]], out: Path) -> list[Path]:
+    """Writes every plot whose results exist; ``newest`` maps a result prefix to (path, data)."""
+    written = []
+    for prefix, plots in PLOTS.items():
+        if prefix in newest:
+            for plot in plots:
+                try:
+                    written.append(plot(newest[prefix][1], out))
+                except KeyError:  # an older result without the fields this plot needs
+                    continue
+    return written
