@@ -1,5 +1,6 @@
 """Streaming on top of the engine: one background thread runs steps while there is work; callers
-await per-request async iterators of ``RequestOutput`` deltas. Leaving the iterator early (client
+await per-request async iterators of ``RequestOutput`` deltas. The engine is warmed up first
+(``LLMEngine.warm_up``: decode CUDA graphs captured on a GPU). Leaving the iterator early (client
 disconnect, cancellation) aborts the request and frees its slot at once.
 """
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
         self.engine = engine or LLMEngine(config)
+        captured = self.engine.warm_up()  # before serving: no request pays for a graph capture
+        if captured:
+            log.info("captured %d decode CUDA graphs", captured)
         self._lock = threading.Lock()  # guards the engine: the loop thread and callers
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
