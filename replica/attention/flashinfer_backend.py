@@ -16,6 +16,22 @@ from replica.attention.batch import StepBatch
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
+def graph_decode_wrapper(workspace: torch.Tensor, batch_size: int, max_pages: int) -> object:
+    """FlashInfer's tensor-core decode wrapper in cuda-graph mode for exactly ``batch_size``
+    sequences holding at most ``max_pages`` pages in all: its index buffers are fixed tensors that
+    each ``plan`` refills in place, so a graph captured after one plan replays correctly after the
+    next."""
+    import flashinfer
+
+    device = workspace.device
+    return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+        paged_kv_indptr_buffer=torch.empty(batch_size + 1, dtype=torch.int32, device=device),
+        paged_kv_indices_buffer=torch.empty(max_pages, dtype=torch.int32, device=device),
+        paged_kv_last_page_len_buffer=torch.empty(batch_size, dtype=torch.int32, device=device),
+    )
+
+
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_graphs = True
@@ -48,15 +64,7 @@ class FlashInferBackend(AttentionBackend):
     def _plan_graph(self, batch: StepBatch) -> None:
         size = batch.num_sequences
         if size not in self.graph_decodes:
-            import flashinfer
-
-            device = self.workspace.device
-            self.graph_decodes[size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.empty(size + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buffer=torch.empty(size, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.empty(size, dtype=torch.int32, device=device),
-            )
+            self.graph_decodes[size] = graph_decode_wrapper(self.workspace, size, size)  # a page per sequence
         self._plan_decode(self.graph_decodes[size], batch)
 
     def plan(self, batch: StepBatch) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from replica.attention.base import AttentionBackend
 from replica.attention.batch import StepBatch
+from replica.attention.flashinfer_backend import graph_decode_wrapper
 from replica.attention.sdpa import sdpa_per_sequence
 from replica.paged.block_manager import PagedKVCache
 
@@ -119,16 +120,8 @@ class PagedFlashInferBackend(PagedAttentionBackend):
     def _plan_graph(self, batch: StepBatch) -> None:
         size = batch.num_sequences
         if size not in self.graph_decodes:
-            import flashinfer
-
-            device = self.workspace.device
-            self.graph_decodes[size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.empty(size + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buffer=torch.empty(
-                    size * self.paged.config.max_blocks_per_seq, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.empty(size, dtype=torch.int32, device=device),
-            )
+            max_pages = size * self.paged.config.max_blocks_per_seq
+            self.graph_decodes[size] = graph_decode_wrapper(self.workspace, size, max_pages)
         self._plan_decode(self.graph_decodes[size], batch)
 
     def plan(self, batch: StepBatch) -> None:
