@@ -1,12 +1,17 @@
 """Router benchmark: vattn's free-page router against Ray Serve's power-of-two-choices router.
 
-    python -m benchmarks.bench_router           # 3 replicas of the embedded model on CPU, both routers
-    python -m benchmarks.bench_router --smoke   # a tiny run, for CI
+    python -m benchmarks.bench_router                # 3 replicas of the embedded model on CPU, both routers,
+                                                     # at 0.8, 1.6 and 2.4 requests/s
+    python -m benchmarks.bench_router --rates 1.2    # other arrival rates (comma-separated)
+    python -m benchmarks.bench_router --smoke        # a tiny run, for CI
 
 One seeded open-loop schedule (Poisson arrivals; a mix of long requests, with long prompts and long
 outputs, and short ones) is replayed against the same app deployed once per router
 (``AppOptions.router``), with a small KV budget per replica so that pages run out and the engines
-preempt. Every request is a streaming ``/v1/completions`` call with a token-id prompt and
+preempt. Each arrival rate is one run with the same requests (the same seed draws the same sizes;
+only the gaps between arrivals scale): 0.8 requests/s keeps up, 1.6 falls somewhat behind and 2.4
+overloads the replicas, so that queues build (where a router blind to queues keeps feeding a replica whose
+waiting requests hold no pages yet). Every request is a streaming ``/v1/completions`` call with a token-id prompt and
 ``ignore_eos``, so its size in tokens is exactly the schedule's. Measured per router:
 
 * from the client: p50 / p99 of time to first token and of end-to-end latency (also per class,
@@ -18,7 +23,8 @@ preempt. Every request is a streaming ``/v1/completions`` call with a token-id p
   power-of-two router keeps no tally, so its counts are zero; the per-replica tokens show its split).
 
 Serve's power-of-two router draws its pairs from an unseeded RNG: only the schedule is repeatable.
-Results go to ``benchmarks/results/router-<device>-<date>.json``.
+Results go to ``benchmarks/results/router-<device>-<date>.json``: ``runs`` holds one entry per rate
+(its workload, schedule, results per router and comparison).
 """
 
 from __future__ import annotations
@@ -81,11 +87,13 @@ class Deployment:
 
 
 FULL = (Workload(), Deployment())
+FULL_RATES = (0.8, 1.6, 2.4)  # keeps up; falls behind; overloaded (3 replicas on 2 cores serve ~1.2/s)
 TUNING = ("Tuned on a 2-core x86_64 host. Run 1, 1.5 requests/s (long 256-448 + 48-96 tokens, 40 MiB per "
           "replica): overloaded (~0.9 requests/s served, TTFT p50 4-11 s, queueing dominant; 5 vs 3 preemptions, "
           "free-pages vs power-of-two). Run 2, 0.5 requests/s with longer-lived longs (192-384 + 64-128 tokens) "
           "and 28 MiB (about one long request per replica): little pressure, 1 preemption each. This setting, "
-          "0.8 requests/s, sits between the two.")
+          "0.8 requests/s, sits between the two. 1.6 and 2.4 requests/s replay the same requests with arrivals "
+          "2 and 3 times as dense: the replicas fall behind (~1.2 requests/s served) and queues build.")
 SMOKE = (Workload(requests=6, rate_per_s=4.0, long_fraction=0.5, long_prompt=(48, 64), long_output=(6, 8),
                   short_prompt=(4, 8), short_output=(2, 4)),
          Deployment(replicas=2, kv_cache_bytes=8 * MiB, max_model_len=128, max_running=4))
@@ -207,6 +215,12 @@ def run_router(router: str, deployment: Deployment, arrivals: list[Arrival], bas
     }
 
 
+def schedule_summary(arrivals: list[Arrival]) -> dict[str, Any]:
+    return {"requests": len(arrivals), "long": sum(a.kind == "long" for a in arrivals),
+            "last_arrival_s": arrivals[-1].at_s if arrivals else 0.0,
+            "prompt_tokens": sum(len(a.prompt) for a in arrivals), "max_tokens": sum(a.max_tokens for a in arrivals)}
+
+
 def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets, reported (not asserted): >= 1.3x lower p99 TTFT, >= 50% fewer preemptions."""
     free, p2c = results.get("free-pages"), results.get("power-of-two")
@@ -225,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, run in this order")
     parser.add_argument("--requests", type=int, help="override the workload's request count")
-    parser.add_argument("--rate", type=float, help="override the arrival rate (requests/s)")
+    parser.add_argument("--rate", type=float, help="one arrival rate (requests/s) instead of the defaults")
+    parser.add_argument("--rates", help="comma-separated arrival rates, one run each (default: 0.8,1.6,2.4; smoke: 4)")
     parser.add_argument("--kv-cache-mib", type=int, help="override the KV budget per replica")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8000)
@@ -236,8 +251,18 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(routers) - set(ROUTERS):
         parser.error(f"unknown routers {sorted(unknown)}; known: {', '.join(ROUTERS)}")
     workload, deployment = SMOKE if args.smoke else FULL
-    workload = replace(workload, seed=args.seed, requests=args.requests or workload.requests,
-                       rate_per_s=args.rate or workload.rate_per_s)
+    workload = replace(workload, seed=args.seed, requests=args.requests or workload.requests)
+    if args.rates:
+        try:
+            rates = [float(r) for r in args.rates.split(",") if r]
+        except ValueError:
+            parser.error(f"--rates must be comma-separated numbers, got {args.rates!r}")
+    elif args.rate:
+        rates = [args.rate]
+    else:
+        rates = [workload.rate_per_s] if args.smoke else list(FULL_RATES)
+    if not rates or any(r <= 0 for r in rates):
+        parser.error("arrival rates must be > 0")
     if args.kv_cache_mib:
         deployment = replace(deployment, kv_cache_bytes=args.kv_cache_mib * MiB)
 
@@ -255,30 +280,30 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model_dir = resolve_model_dir(deployment.model)
         vocab = ModelConfig.from_hf_dir(model_dir).vocab_size if model_dir else 32000
-        arrivals = schedule(workload, vocab)
         base_url = f"http://127.0.0.1:{args.port}"
-        results = {}
-        for router in routers:
-            results[router] = run_router(router, deployment, arrivals, base_url)
-            print(router, json.dumps({k: results[router][k] for k in
-                                      ("ok", "errors", "ttft_s", "e2e_s", "preemptions", "requests_per_s",
-                                       "output_tokens_per_s", "router_decisions")}))
+        runs = []
+        for rate in rates:
+            run_workload = replace(workload, rate_per_s=rate)
+            arrivals = schedule(run_workload, vocab)
+            results = {}
+            for router in routers:
+                results[router] = run_router(router, deployment, arrivals, base_url)
+                print(f"{rate:g}/s", router, json.dumps({k: results[router][k] for k in
+                                                       ("ok", "errors", "ttft_s", "e2e_s", "preemptions",
+                                                        "requests_per_s", "output_tokens_per_s", "router_decisions")}))
+            runs.append({"rate_per_s": rate, "workload": asdict(run_workload), "schedule": schedule_summary(arrivals),
+                         "results": results, "comparison": compare(results)})
+            print(f"{rate:g}/s", json.dumps(runs[-1]["comparison"], indent=2))
     finally:
         if owned:
             serve.shutdown()
             ray.shutdown()
     payload = {
         "environment": describe_device("cpu") | {"host_cpus": os.cpu_count()},
-        "settings": {"smoke": args.smoke, "tuning": None if args.smoke else TUNING, "routers": routers, "workload": asdict(workload),
-                     "deployment": asdict(deployment),
-                     "schedule": {"requests": len(arrivals), "long": sum(a.kind == "long" for a in arrivals),
-                                  "last_arrival_s": arrivals[-1].at_s if arrivals else 0.0,
-                                  "prompt_tokens": sum(len(a.prompt) for a in arrivals),
-                                  "max_tokens": sum(a.max_tokens for a in arrivals)}},
-        "results": results,
-        "comparison": compare(results),
+        "settings": {"smoke": args.smoke, "tuning": None if args.smoke else TUNING, "routers": routers,
+                     "rates_per_s": rates, "deployment": asdict(deployment)},
+        "runs": runs,
     }
-    print(json.dumps(payload["comparison"], indent=2))
     if not args.no_save:
         print("saved", save("router", payload, args.out))
 

@@ -4,7 +4,7 @@
     engine_throughput.png   tokens/s per workload and mode (vAttention vs paged, graphs vs eager, HF)
     decode_step.png         the full-batch decode step against its practical floor and roofline
     mapping.png             batched page-mapping throughput by run length
-    router.png              TTFT p50/p99 per router
+    router.png              TTFT p50/p99 per router and arrival rate
 """
 
 from __future__ import annotations
@@ -73,15 +73,19 @@ def mapping(data: dict[str, Any], out: Path) -> Path:
 
 
 def router(data: dict[str, Any], out: Path) -> Path:
-    routers = list(data["results"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from benchmarks.report import router_runs
+
+    runs = router_runs(data)
+    bars_at = [(f"{router}\n{run['rate_per_s']:g}/s", result) for run in runs
+               for router, result in run["results"].items()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars_at)), 3.5))
     for i, key in enumerate(("p50", "p99")):
-        values = [data["results"][r]["ttft_s"][key] or 0.0 for r in routers]
-        bars = ax.bar([x + i * 0.4 for x in range(len(routers))], values, 0.4, label=f"TTFT {key}")
+        values = [result["ttft_s"][key] or 0.0 for _, result in bars_at]
+        bars = ax.bar([x + i * 0.4 for x in range(len(bars_at))], values, 0.4, label=f"TTFT {key}")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([x + 0.2 for x in range(len(routers))], routers)
+    ax.set_xticks([x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at], fontsize=8)
     ax.set_ylabel("seconds")
-    ax.set_title("Time to first token by router")
+    ax.set_title("Time to first token by router and arrival rate")
     ax.legend(fontsize=8)
     return _save(fig, out / "router.png")
 

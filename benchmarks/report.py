@@ -88,29 +88,41 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{1000 * value:.0f}"
 
 
+def router_runs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One run per arrival rate (``runs``); older files hold their one run at the top level."""
+    if "runs" in data:
+        return data["runs"]
+    settings = data["settings"]
+    return [{"rate_per_s": settings["workload"]["rate_per_s"], "schedule": settings["schedule"],
+             "results": data["results"], "comparison": data.get("comparison")}]
+
+
 def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
-    settings, deployment = data["settings"], data["settings"]["deployment"]
-    schedule = settings["schedule"]
+    deployment = data["settings"]["deployment"]
     lines = ["### Router (`bench_router.py`)", "",
              environment_line(path, data["environment"])
              + f"; {deployment['replicas']} replicas of `{deployment['model']}` at {deployment['replica_cpus']} CPU, "
-             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each; {schedule['requests']} requests "
-             f"({schedule['long']} long) arriving over {schedule['last_arrival_s']:.0f} s", "",
-             ("| router | ok | errors | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | preemptions | "
-              "requests/s | output tokens/s | decisions |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for router, r in data["results"].items():
-        decisions = ", ".join(f"{k} {v}" for k, v in r["router_decisions"]["by_reason"].items()) or "- (Serve's)"
-        lines.append(f"| {router} | {r['ok']} | {r['errors']} | {_ms(r['ttft_s']['p50'])} | {_ms(r['ttft_s']['p99'])} | "
-                     f"{_ms(r['e2e_s']['p50'])} | {_ms(r['e2e_s']['p99'])} | {r['preemptions']} | "
-                     f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {decisions} |")
-    comparison = data.get("comparison") or {}
-    ratio, fewer = comparison.get("p99_ttft_power_of_two_over_free_pages"), comparison.get("preemption_reduction")
-    if comparison:
-        ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
-        fewer_text = "-" if fewer is None else f"{100 * fewer:.0f}%"
-        lines += ["", (f"p99 TTFT, power-of-two over free-pages: {ratio_text} (target ≥ 1.3x); "
-                       f"preemptions avoided by free-pages: {fewer_text} (target ≥ 50%).")]
-    return lines + [""]
+             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", ""]
+    for run in router_runs(data):
+        schedule = run["schedule"]
+        lines += [(f"{run['rate_per_s']:g} requests/s: {schedule['requests']} requests ({schedule['long']} long) "
+                   f"arriving over {schedule['last_arrival_s']:.0f} s"), "",
+                  ("| router | ok | errors | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | preemptions | "
+                   "requests/s | output tokens/s | decisions |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for router, r in run["results"].items():
+            decisions = ", ".join(f"{k} {v}" for k, v in r["router_decisions"]["by_reason"].items()) or "- (Serve's)"
+            lines.append(f"| {router} | {r['ok']} | {r['errors']} | {_ms(r['ttft_s']['p50'])} | "
+                         f"{_ms(r['ttft_s']['p99'])} | {_ms(r['e2e_s']['p50'])} | {_ms(r['e2e_s']['p99'])} | "
+                         f"{r['preemptions']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {decisions} |")
+        comparison = run.get("comparison") or {}
+        ratio, fewer = comparison.get("p99_ttft_power_of_two_over_free_pages"), comparison.get("preemption_reduction")
+        if comparison:
+            ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+            fewer_text = "-" if fewer is None else f"{100 * fewer:.0f}%"
+            lines += ["", (f"p99 TTFT, power-of-two over free-pages: {ratio_text} (target ≥ 1.3x); "
+                           f"preemptions avoided by free-pages: {fewer_text} (target ≥ 50%).")]
+        lines.append("")
+    return lines
 
 
 def soak_tables(path: Path, data: dict[str, Any]) -> list[str]:

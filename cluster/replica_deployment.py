@@ -1,9 +1,10 @@
 """The replica deployment: one Serve replica = one engine (a tensor-parallel group of ranks).
 
 It streams ``RequestOutput`` deltas back to the caller, reports what the free-page router needs
-through ``record_routing_stats``, and pushes its Prometheus metrics to the metrics hub about once
-a second (``cluster.metrics_hub``; the ingress serves them on ``/metrics``). A caller that stops
-iterating (client disconnect) cancels the stream, which aborts the request and frees its slot.
+(free KV pages, and the pages its queue will take) through ``record_routing_stats``, and pushes its
+Prometheus metrics to the metrics hub about once a second (``cluster.metrics_hub``; the ingress
+serves them on ``/metrics``). A caller that stops iterating (client disconnect) cancels the stream,
+which aborts the request and frees its slot.
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ class VattnReplica:
         return ModelInfo(self.name, limit, tokens_per_physical_page(kv))
 
     def record_routing_stats(self) -> dict[str, Any]:
-        stats = self.engine.stats()
+        """What ``cluster.routing.ReplicaStats`` reads: free pages now, and the pages the waiting
+        requests need to be admitted (``queued_pages``), taken together under the engine's lock."""
+        stats, queued = self.engine.call(lambda engine: (engine.stats(), engine.scheduler.waiting_pages()))
         kv = self.engine.engine.kv.config
         return {
             # A broken replica (a rank gone) fits nothing: the router ranks it last.
             "free_pages": 0 if self.engine.engine.broken else stats.kv.pages_available,
+            "queued_pages": queued,
             "total_pages": stats.kv.pages_total,
             "tokens_per_page": tokens_per_physical_page(kv),
             "running": stats.running,

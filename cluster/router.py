@@ -1,4 +1,5 @@
-"""Ray Serve request router that sends each request to the vattn replica with the most free KV pages.
+"""Ray Serve request router that sends each request to the vattn replica with the most free KV pages
+left once its queue is admitted (``free_pages - queued_pages``, the rule in ``cluster.routing``).
 
 The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve 2.60's
 custom request router API. Serve cloudpickles this module's router class *by value* into the
@@ -21,7 +22,8 @@ ROUTER_PATH = "cluster.router:FreePageRouter"
 
 
 class FreePageRouter(RequestRouter):
-    """Rank replicas by free KV pages relative to the request's need; else power of two choices.
+    """Rank replicas by effective free KV pages (free less what their queues need) relative to the
+    request's need; else power of two choices.
 
     Not FIFOMixin: with it, a replica picked for one request's size may be handed to whichever
     request heads the queue. Serve's default matching gives the chosen replica to the request it
@@ -40,7 +42,9 @@ class FreePageRouter(RequestRouter):
 
     def discounted(self, replica_id: str, stats: routing.ReplicaStats | None) -> routing.ReplicaStats | None:
         """Stats less the pages this router has sent the replica since they were taken: a burst
-        inside one stats period spreads instead of piling onto the replica that looked freest."""
+        inside one stats period spreads instead of piling onto the replica that looked freest.
+        Newer stats count what was sent, as used pages once admitted or as ``queued_pages`` while
+        it waits, so the discount restarts with them."""
         if stats is None:
             return None
         taken_at, pages = getattr(self, "routed", {}).get(replica_id, (stats.timestamp, 0))

@@ -1,12 +1,18 @@
 """Free-page routing policy for vattn replicas (pure Python, no Ray imports).
 
-Rule: a request needing ``n`` KV pages goes first to the replica with the most ``free_pages - n``
-(equivalently the most free pages, since ``n`` is the same for every candidate); replicas that cannot
-fit it (``free_pages < n``) come after every replica that can, still ordered by free pages. Ties
-break on fewer ``running + waiting`` requests, then on replica id, so the order is deterministic.
-Each rank holds one replica, so Serve's queue-length tie-break inside a rank cannot reorder them.
-If ``n`` is unknown, or any candidate's stats are missing, malformed or older than ``max_age_s``,
-the policy returns reason ``"fallback"`` and the caller routes by power of two choices instead.
+Rule: a replica's *effective free pages* are ``max(free_pages - queued_pages, 0)``, where
+``queued_pages`` are the KV pages its waiting requests need to be admitted (prompt plus tokens
+already generated): they hold no pages yet, so without it a replica with a long queue would still
+look free and keep receiving work. A request needing ``n`` KV pages goes first to the replica with
+the most effective free pages (equivalently the most ``effective - n``, since ``n`` is the same for
+every candidate); replicas that cannot fit it (``effective < n``) come after every replica that
+can, still ordered by effective free pages. Ties break on fewer ``running + waiting`` requests, then
+on replica id, so the order is deterministic (among replicas whose queues use up all their free
+pages, effective 0, the fewest requests wins). Each rank holds one replica, so Serve's queue-length
+tie-break inside a rank cannot reorder them. If ``n`` is unknown, or any candidate's stats are
+missing, malformed or older than ``max_age_s``, the policy returns reason ``"fallback"`` and the
+caller routes by power of two choices instead. Stats without ``queued_pages`` (older replicas)
+count as no queue.
 """
 
 from __future__ import annotations
@@ -40,18 +46,25 @@ class ReplicaStats:
     running: int
     waiting: int
     timestamp: float  # replica's time.time() when the stats were taken
+    queued_pages: int = 0  # pages the waiting requests need to be admitted (0 if not reported)
+
+    @property
+    def effective_free_pages(self) -> int:
+        """Free pages less those the queue will take first (never below 0)."""
+        return max(self.free_pages - self.queued_pages, 0)
 
     @classmethod
     def from_dict(cls, d: Any) -> ReplicaStats | None:
-        """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok)."""
+        """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok).
+        ``queued_pages`` is optional (missing means 0) but must be valid when present."""
         ints = ("free_pages", "total_pages", "running", "waiting")
         if not (isinstance(d, Mapping) and all(_is_int(d.get(k)) for k in ints)):
             return None
-        tpp, ts = d.get("tokens_per_page"), d.get("timestamp")
-        if not (_is_real(tpp) and tpp > 0 and _is_real(ts)):
+        tpp, ts, queued = d.get("tokens_per_page"), d.get("timestamp"), d.get("queued_pages", 0)
+        if not (_is_real(tpp) and tpp > 0 and _is_real(ts) and _is_int(queued)):
             return None
         free, total, run, wait = (d[k] for k in ints)
-        return cls(free, total, float(tpp), run, wait, float(ts))
+        return cls(free, total, float(tpp), run, wait, float(ts), queued)
 
 
 def pages_needed(request: Any, tokens_per_page: float) -> int | None:
@@ -68,7 +81,7 @@ class RankedChoice:
 
     ranks: list[list[str]]
     reason: str  # MOST_FREE_PAGES or FALLBACK
-    free_pages: int | None  # free pages of the first choice (None on fallback)
+    free_pages: int | None  # effective free pages of the first choice (None on fallback)
     oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
 
     @property
@@ -91,12 +104,13 @@ def rank_replicas(
     def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, int, int, str]:
         rid, s = item
         assert s is not None
-        return (s.free_pages < pages_needed, -s.free_pages, s.running + s.waiting, rid)
+        free = s.effective_free_pages
+        return (free < pages_needed, -free, s.running + s.waiting, rid)
 
     ordered = sorted(candidates, key=key)
     first = ordered[0][1]
     assert first is not None
-    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.free_pages, age)
+    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.effective_free_pages, age)
 
 
 class RoutingDecisions:

@@ -48,6 +48,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def waiting_pages(self) -> int:
+        """Physical pages the waiting requests need to be admitted: each one's prompt plus the
+        tokens it already generated (a preempted request re-prefills both). The router counts
+        them against the free pages, since waiting requests hold none yet."""
+        return sum(self._pages(request.num_tokens) for request in self.waiting)
+
     def schedule(self) -> ScheduledStep | None:
         budget = self.max_batch_tokens
         chosen: dict[Request, int] = {}

@@ -13,14 +13,14 @@ from tests.cluster.conftest import HTTP_PORT
 def test_router_benchmark_smoke(ray_session: None, tmp_path: Path) -> None:
     bench_router.main(["--smoke", "--out", str(tmp_path), "--port", str(HTTP_PORT)])
     [path] = tmp_path.glob("router-*.json")
-    result = json.loads(path.read_text())
-    requests = result["settings"]["schedule"]["requests"]
-    assert set(result["results"]) == {"free-pages", "power-of-two"}
-    for router, r in result["results"].items():
+    [run] = json.loads(path.read_text())["runs"]  # the smoke test runs one arrival rate
+    requests = run["schedule"]["requests"]
+    assert set(run["results"]) == {"free-pages", "power-of-two"}
+    for router, r in run["results"].items():
         assert r["ok"] == requests and r["errors"] == 0, (router, r["error_samples"])
         assert r["replicas_at_rest_after"], router
         assert sum(s["generation_tokens_total"] for s in r["replicas"].values()) == r["completion_tokens"]
-    decisions = result["results"]["free-pages"]["router_decisions"]["by_reason"]
+    decisions = run["results"]["free-pages"]["router_decisions"]["by_reason"]
     assert sum(decisions.values()) >= requests  # one per routing attempt: the ranked rule or its fallback
     assert decisions.get("most_free_pages", 0) > 0
-    assert result["results"]["power-of-two"]["router_decisions"]["by_reason"] == {}  # Serve's router: no tally
+    assert run["results"]["power-of-two"]["router_decisions"]["by_reason"] == {}  # Serve's router: no tally

@@ -147,3 +147,21 @@ def test_a_full_step_admits_the_next_requests_ahead(tiny_dir: Path) -> None:
             outputs.setdefault(output.request_id, []).extend(output.token_ids)
     assert [outputs[f"r{i}"] for i in range(4)] == [list(o.token_ids) for o in expected]
     engine.kv.check_invariants(deep=True)
+
+
+def test_waiting_pages_count_what_admission_needs(tiny_dir: Path) -> None:
+    """The router's ``queued_pages``: prompt plus generated tokens of every waiting request, in
+    physical pages (page groups times ranges), and nothing once they run."""
+    llm = tiny_llm(tiny_dir, max_running=1)
+    engine, config = llm.engine, llm.engine.kv.config
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, params)
+    pages = [config.page_groups_for(len(p)) * config.num_ranges for p in PROMPTS]
+    assert engine.scheduler.waiting_pages() == sum(pages) > 0
+    engine.step()  # one slot: r0 runs, the rest wait
+    assert [r.request_id for r in engine.scheduler.running] == ["r0"]
+    assert engine.scheduler.waiting_pages() == sum(pages[1:])
+    while engine.has_work():
+        engine.step()
+    assert engine.scheduler.waiting_pages() == 0

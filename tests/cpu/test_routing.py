@@ -24,8 +24,8 @@ from cluster.routing import (
 NOW = 1_000.0
 
 
-def stats(free: int, running: int = 0, waiting: int = 0, age: float = 0.1) -> ReplicaStats:
-    return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age)
+def stats(free: int, running: int = 0, waiting: int = 0, age: float = 0.1, queued: int = 0) -> ReplicaStats:
+    return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age, queued)
 
 
 def ids(choice: RankedChoice) -> list[str]:
@@ -100,6 +100,47 @@ def test_ties_are_deterministic():
         assert ids(rank(list(perm))) == expected
 
 
+def test_long_queue_ranks_after_fewer_free_pages_without_queue():
+    queued = stats(400, running=2, waiting=6, queued=350)  # 50 effective
+    idle = stats(100)
+    c = rank([("queued", queued), ("idle", idle)])
+    assert ids(c) == ["idle", "queued"]
+    assert c.free_pages == 100
+    c = rank([("queued", queued), ("less", stats(60, running=1))])
+    assert ids(c) == ["less", "queued"] and c.free_pages == 60
+
+
+def test_queue_decides_who_can_fit():
+    # 40 free but 35 queued: 5 effective, cannot fit 10; 12 free and no queue can.
+    c = rank([("a", stats(40, waiting=3, queued=35)), ("b", stats(12))], need=10)
+    assert ids(c) == ["b", "a"]
+
+
+def test_queue_beyond_free_pages_counts_as_zero():
+    deep = stats(50, waiting=9, queued=500)  # effective 0, not -450
+    assert deep.effective_free_pages == 0
+    c = rank([("deep", deep), ("tight", stats(5, running=1))], need=10)
+    assert ids(c) == ["tight", "deep"]  # neither fits: ordered by effective free pages
+    assert c.free_pages == 5
+
+
+def test_saturated_queues_tie_at_zero_and_break_on_fewer_requests():
+    cands = [
+        ("r0", stats(80, running=4, waiting=6, queued=200)),
+        ("r1", stats(10, running=2, waiting=1, queued=30)),
+        ("r2", stats(0, running=3, waiting=5, queued=90)),
+    ]
+    for perm in itertools.permutations(cands):
+        c = rank(list(perm))
+        assert ids(c) == ["r1", "r2", "r0"] and c.free_pages == 0
+
+
+def test_no_queue_ranks_as_before():
+    cands = [("a", stats(12)), ("b", stats(400)), ("c", stats(90, running=5))]
+    with_zero = [(rid, stats(s.free_pages, s.running, s.waiting, queued=0)) for rid, s in cands]
+    assert ids(rank(cands)) == ids(rank(with_zero)) == ["b", "c", "a"]
+
+
 def test_one_replica_per_rank():
     c = rank([(f"r{i}", stats(10 * i)) for i in range(6)])
     assert all(len(r) == 1 for r in c.ranks)
@@ -130,6 +171,16 @@ def test_from_dict_accepts_contract_and_rejects_malformed():
     ]:
         assert ReplicaStats.from_dict({**good, key: bad}) is None, (key, bad)
     assert ReplicaStats.from_dict({k: v for k, v in good.items() if k != "waiting"}) is None
+
+
+
+def test_from_dict_queued_pages_is_optional_but_checked():
+    good = {"free_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
+    assert ReplicaStats.from_dict(good) == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 0)  # older replicas
+    s = ReplicaStats.from_dict({**good, "queued_pages": 30})
+    assert s == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 30) and s.effective_free_pages == 40
+    for bad in (-1, 2.5, True, "30", None):
+        assert ReplicaStats.from_dict({**good, "queued_pages": bad}) is None, bad
 
 
 def test_pages_needed():
@@ -169,8 +220,10 @@ def test_routing_decisions_tally():
 # FreePageRouter.choose_replicas with fake replicas (needs ray installed, not a running cluster).
 
 
-def _replica(rid: str, free: int | None) -> SimpleNamespace:
-    routing_stats = {} if free is None else {**asdict(stats(free)), "timestamp": time.time()}
+def _replica(rid: str, free: int | None, queued: int | None = None) -> SimpleNamespace:
+    routing_stats = {} if free is None else {**asdict(stats(free, queued=queued or 0)), "timestamp": time.time()}
+    if queued is None:
+        routing_stats.pop("queued_pages", None)  # as an older replica reports
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats=routing_stats)
 
 
@@ -213,3 +266,16 @@ def test_a_burst_within_one_stats_period_spreads_over_equal_replicas():
     assert firsts.count("a") == firsts.count("b") == 5  # the sent pages are discounted
     fresh = [_replica("a", 100), _replica("b", 100)]  # new stats reset the discount
     assert _choose(fresh, request, router)[0][0] == "a"
+
+
+def test_router_ranks_by_free_pages_less_the_queue():
+    reps = [_replica("a", 120, queued=100), _replica("b", 50), _replica("c", 40, queued=0)]
+    assert _choose(reps, SimpleNamespace(prompt_tokens=100, max_tokens=60)) == [["b"], ["c"], ["a"]]
+
+
+def test_a_burst_discount_adds_to_the_queue():
+    router = _router()
+    reps = [_replica("a", 100, queued=40), _replica("b", 60)]  # 60 effective each
+    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
+    firsts = [_choose(reps, request, router)[0][0] for _ in range(10)]
+    assert firsts == ["a", "b"] * 5
