@@ -10,7 +10,8 @@ and fall back to the PyTorch composition (the reference semantics) everywhere el
     rotate_in_place(positions, q, k, cos_sin) -> None           NeoX rotate-half RoPE
 
 The fused norm keeps ``x + residual`` in float32 before normalising (PyTorch rounds it to the
-activation dtype first); both are within bf16 rounding of each other.
+activation dtype first); both are within bf16 rounding of each other. float32 tensors (the
+reference runs on a GPU) always take the PyTorch path.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _flashinfer() -> ModuleType | None:
 
 
 def fused(x: torch.Tensor) -> ModuleType | None:
-    """FlashInfer when ``x`` lives on CUDA and it is installed, else None (use PyTorch)."""
-    return _flashinfer() if x.is_cuda else None
+    """FlashInfer when ``x`` is a 16-bit tensor on CUDA (what its kernels are built for) and it is
+    installed, else None (use PyTorch)."""
+    return _flashinfer() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def add_rms_norm(
@@ -43,7 +45,7 @@ def add_rms_norm(
     """``(rms_norm(x + residual) * weight, x + residual)``; without a residual, ``(norm(x), x)``.
     The fused path updates ``x`` and ``residual`` in place (both are the step's own activations)."""
     fi = fused(x)
-    if fi is not None and x.dtype != torch.float32:
+    if fi is not None:
         if residual is None:
             return fi.norm.rmsnorm(x, weight, eps), x
         fi.norm.fused_add_rmsnorm(x, residual, weight, eps)  # residual += x; x = norm(residual)

@@ -29,7 +29,7 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def test_fused_kernels_match_pytorch() -> None:
-    if kernels.fused(torch.empty(1, device="cuda")) is None:
+    if kernels.fused(torch.empty(1, device="cuda", dtype=torch.bfloat16)) is None:
         pytest.skip("flashinfer is not installed")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
