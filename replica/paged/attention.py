@@ -20,7 +20,7 @@ import torch
 
 from replica.attention.base import AttentionBackend
 from replica.attention.batch import StepBatch
-from replica.attention.flashinfer_backend import graph_decode_wrapper
+from replica.attention.flashinfer_backend import FlashInferKernels
 from replica.attention.sdpa import sdpa_per_sequence
 from replica.paged.block_manager import PagedKVCache
 
@@ -28,7 +28,6 @@ PAGED_BACKENDS = ("auto", "paged-flashinfer", "paged-sdpa")
 #: The vAttention backend names that have a paged counterpart, so ``attention="sdpa"`` works in
 #: either mode.
 ALIASES = {"flashinfer": "paged-flashinfer", "sdpa": "paged-sdpa"}
-WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
 class PagedAttentionBackend(AttentionBackend):
@@ -75,20 +74,9 @@ class PagedFlashInferBackend(PagedAttentionBackend):
     def __init__(
         self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> None:
-        import flashinfer  # optional dependency: the gpu extra
-
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
-        self.dtype = dtype
-        device = cache.device
-        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
-        self.graph_decodes: dict[int, object] = {}  # batch size -> cuda-graph-mode decode wrapper
-        self.active: object = self.decode
-        self.common = {
-            "num_qo_heads": num_q_heads, "num_kv_heads": num_kv_heads, "page_size": self.block_size,
-            "q_data_type": dtype, "kv_data_type": dtype, "sm_scale": self.scale,
-        }
+        self.kernels = FlashInferKernels(cache.device, num_q_heads, num_kv_heads, head_dim, self.block_size, dtype,
+                                         self.scale)
 
     def _pages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr, kv_indices, last_page_len) of the batch's blocks. indptr and last_page_len are
@@ -112,32 +100,16 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         kv_indices = self.paged.block_table()[batch.slots_t[sequence].long(), columns.long()]
         return indptr_host, kv_indices, last_host
 
-    def _plan_decode(self, wrapper: object, batch: StepBatch) -> None:
-        indptr, kv_indices, last_page_len = self._pages(batch)
-        wrapper.plan(indptr, kv_indices, last_page_len, head_dim=self.head_dim, **self.common)  # type: ignore[attr-defined]
-        self.active = wrapper
-
-    def _plan_graph(self, batch: StepBatch) -> None:
-        size = batch.num_sequences
-        if size not in self.graph_decodes:
-            max_pages = size * self.paged.config.max_blocks_per_seq
-            self.graph_decodes[size] = graph_decode_wrapper(self.workspace, size, max_pages)
-        self._plan_decode(self.graph_decodes[size], batch)
-
     def plan(self, batch: StepBatch) -> None:
         super().plan(batch)
-        if batch.is_decode:
-            self._plan_decode(self.decode, batch)
-            return
-        indptr, kv_indices, last_page_len = self._pages(batch)
-        qo_indptr = batch.cu_query_host
-        self.prefill.plan(
-            qo_indptr, indptr, kv_indices, last_page_len, head_dim_qk=self.head_dim, causal=True, **self.common,
-        )
-        self.active = self.prefill
+        self.kernels.plan(batch, *self._pages(batch))
+
+    def _plan_graph(self, batch: StepBatch) -> None:
+        max_pages = batch.num_sequences * self.paged.config.max_blocks_per_seq
+        self.kernels.plan(batch, *self._pages(batch), graph_pages=max_pages)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return self.active.run(q, (k_cache, v_cache))  # type: ignore[attr-defined]
+        return self.kernels.run(q, k_cache, v_cache)
 
 
 def make_paged_attention_backend(
