@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from replica.kv_config import KVCacheConfig, KVLayout
-from replica.kv_slots import KVCacheOutOfMemory, SlotState, StepTicket, _Slot
+from replica.kv_slots import KVCacheOutOfMemory, SlotState, StepTicket, _Slot, check_slot_tokens
 from replica.kv_stats import KVCacheStats
 from replica.page_pool import PhysicalPagePool
 from replica.vmm import (
@@ -134,7 +134,7 @@ class KVCacheAllocator:
         ``ensure`` of these tokens waits for it). Raises KVCacheOutOfMemory (nothing lost) if the
         pages cannot be had."""
         slot = self._running(slot_index)
-        self._check_tokens(slot_index, tokens)
+        check_slot_tokens(slot_index, tokens, self.config.tokens_per_slot)
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._grow(slot_index, need)
         self._flush()
@@ -158,7 +158,7 @@ class KVCacheAllocator:
         come back in ``unbacked``."""
         for slot_index, length in lengths.items():
             self._running(slot_index)
-            self._check_tokens(slot_index, length + 1)
+            check_slot_tokens(slot_index, length + 1, self.config.tokens_per_slot)
         for slot_index, length in lengths.items():
             slot = self._slots[slot_index]
             slot.length, slot.reserved = length, length + 1
@@ -293,12 +293,6 @@ class KVCacheAllocator:
         if slot.state is not SlotState.RUNNING:
             raise ValueError(f"slot {slot_index} is {slot.state.value}, not running")
         return slot
-
-    def _check_tokens(self, slot_index: int, tokens: int) -> None:
-        if not 0 <= tokens <= self.config.tokens_per_slot:
-            raise ValueError(
-                f"slot {slot_index}: {tokens} tokens asked; a slot holds 0..{self.config.tokens_per_slot}"
-            )
 
     def _cached_pages(self) -> int:
         return sum(len(s.groups) for s in self._slots if s.state is SlotState.CACHED) * self.config.num_ranges

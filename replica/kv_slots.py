@@ -48,3 +48,9 @@ class StepTicket:
 
     ticket: int
     unbacked: tuple[int, ...]
+
+
+def check_slot_tokens(slot_index: int, tokens: int, tokens_per_slot: int) -> None:
+    """Raises ValueError unless a slot can hold ``tokens`` (both caches' books use it)."""
+    if not 0 <= tokens <= tokens_per_slot:
+        raise ValueError(f"slot {slot_index}: {tokens} tokens asked; a slot holds 0..{tokens_per_slot}")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replica.kv_allocator import KVCacheOutOfMemory, StepTicket
+from replica.kv_slots import check_slot_tokens
 from replica.kv_stats import KVCacheStats
 from replica.paged.paged_config import PagedKVConfig
 
@@ -122,7 +123,7 @@ class PagedKVCache:
         ``tokens`` as its length (nothing to map: ``wait`` is for KVCacheAllocator's signature).
         Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
         seq = self._running(slot_index)
-        self._check_tokens(slot_index, tokens)
+        check_slot_tokens(slot_index, tokens, self.config.tokens_per_slot)
         need = self.config.page_groups_for(tokens)
         if not self._resize(slot_index, need):
             raise KVCacheOutOfMemory(tokens, need - len(seq.blocks), len(self._free), 0)
@@ -135,7 +136,7 @@ class PagedKVCache:
         get a block come back in the ticket's ``unbacked`` (the scheduler preempts them)."""
         for slot_index, length in lengths.items():
             seq = self._running(slot_index)
-            self._check_tokens(slot_index, length + 1)
+            check_slot_tokens(slot_index, length + 1, self.config.tokens_per_slot)
             if length > len(seq.blocks) * self.config.block_size:
                 raise ValueError(f"slot {slot_index} reports {length} tokens but backs {len(seq.blocks)} blocks")
         unbacked = []
@@ -191,12 +192,6 @@ class PagedKVCache:
         if not seq.running:
             raise ValueError(f"slot {slot_index} is free, not running")
         return seq
-
-    def _check_tokens(self, slot_index: int, tokens: int) -> None:
-        if not 0 <= tokens <= self.config.tokens_per_slot:
-            raise ValueError(
-                f"slot {slot_index}: {tokens} tokens asked; a slot holds 0..{self.config.tokens_per_slot}"
-            )
 
     # ---- accounting ----------------------------------------------------------------------------
     def reclaimable_pages(self) -> int:
