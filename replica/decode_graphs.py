@@ -10,7 +10,7 @@ them, never moved) and the static buffers below, which are refilled in place bef
                               rows of the new tokens, kernel index buffers: ``plan_graph``)
     shared by all graphs:     logits [max B, vocab] (float32), one memory pool
 
-A batch of n sequences runs in the graph of the smallest size >= n (``GRAPH_SIZES``). The padding
+A batch of n sequences runs in the graph of the smallest size >= n (``graph_sizes``). The padding
 rows repeat the last sequence (same token, position, slot and length), so they compute what it
 computes and write the same K/V to the same cache row; their logits are dropped.
 

@@ -67,10 +67,12 @@ class Scheduler:
             chosen[request] = tokens
             budget -= tokens
             index += 1
-        while self.waiting and budget > 0 and self._admit(min(self.waiting[0].pending_tokens, budget), wait=True):
-            request = self.running[-1]
-            chosen[request] = min(request.pending_tokens, budget)
-            budget -= chosen[request]
+        while self.waiting and budget > 0:
+            tokens = min(self.waiting[0].pending_tokens, budget)
+            if not self._admit(tokens, wait=True):
+                break
+            chosen[self.running[-1]] = tokens
+            budget -= tokens
         if not chosen:
             return None
         ahead = self.max_batch_tokens

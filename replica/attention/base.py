@@ -53,7 +53,9 @@ class AttentionBackend(ABC):
         """Plans a (padded) decode batch whose layers replay from a CUDA graph captured at this
         batch size: like ``plan``, but into static buffers of that size."""
         rows = self.cache_rows(batch)
-        static = self.graph_rows.setdefault(batch.num_sequences, torch.empty_like(rows))
+        static = self.graph_rows.get(batch.num_sequences)
+        if static is None:  # first step of this size: the buffer its graph will read
+            static = self.graph_rows[batch.num_sequences] = torch.empty_like(rows)
         static.copy_(rows, non_blocking=True)
         self.batch, self.token_rows = batch, static
         self._plan_graph(batch)
