@@ -8,8 +8,9 @@ Workloads: decode-heavy (128-token prompts, 1024 outputs), prefill-heavy (4K pro
 mixed (long prompts drawn like a summarisation trace, a few hundred outputs).
 
 Modes: ``vattention`` and ``paged`` (decode steps replayed as CUDA graphs, captured by the
-engine's warm-up before the timed run), ``vattention-eager`` and ``paged-eager`` (no graphs; run on
-the decode-heavy workload only, where graphs matter), ``hf`` (decode-heavy only).
+engine's warm-up before the timed run; asynchronous scheduling), suffixed ``-eager`` (no graphs)
+or ``-sync`` (synchronous scheduling: the host's work does not overlap the device's), both run on
+the decode-heavy workload only, where they matter; ``hf`` (decode-heavy only).
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def model_shapes(smoke: bool) -> ModelConfig:
 
 
 def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: bool) -> dict[str, Any]:
-    kv_mode = mode.removesuffix("-eager")
+    kv_mode, *options = mode.split("-")
     max_len = max(len(p) + n for p, n in workload)
     engine = LLMEngine(EngineConfig(
         model="synthetic", synthetic=model_shapes(args.smoke), kv_mode=kv_mode, attention=args.attention,
         kv_layout=args.kv_layout, max_running=len(workload), max_model_len=max_len + 16,
-        max_batch_tokens=args.max_batch_tokens, page_size=args.page_size, cuda_graphs=not mode.endswith("-eager"),
+        max_batch_tokens=args.max_batch_tokens, page_size=args.page_size, cuda_graphs="eager" not in options,
+        async_scheduling="sync" not in options,
     ))
     runner, kv = engine.runner, engine.kv
     # Warm-up outside the timed run: compiles and plans the kernels, captures the decode graphs.
@@ -268,7 +270,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workloads", default="decode,prefill,mixed")
-    parser.add_argument("--modes", default="vattention,paged,vattention-eager,paged-eager,hf")
+    parser.add_argument("--modes", default="vattention,paged,vattention-sync,paged-sync,vattention-eager,paged-eager,hf")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--kv-layout", default="interleaved")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -291,7 +293,7 @@ def main() -> None:
                 if name == "decode":
                     rows.append(run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1])))
                 continue
-            if mode.endswith("-eager") and name != "decode":
+            if "-" in mode and name != "decode":
                 continue
             rows.append(run_vattn(mode, loads[name], args, profile=(name == "decode")))
             print(name, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True)

@@ -79,7 +79,7 @@ def simulated_decode(device: Device, pages_per_step: int, steps: int, step_ms: f
     config = KVCacheConfig(
         num_layers=1, num_kv_heads=1, head_dim=device.page_size // 2, dtype=torch.bfloat16,
         max_slots=slots, max_tokens=steps + 2, page_size=device.page_size,
-        budget_bytes=slots * 2 * (steps + 2) * device.page_size, layout="interleaved", eager_pages=0,
+        budget_bytes=slots * 2 * (steps + 2) * device.page_size, layout="per_layer", eager_pages=0,
     )
     allocator = KVCacheAllocator(config, device)
     for _ in range(slots):

@@ -48,13 +48,15 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Engine, offline (`bench_engine.py`)", "",
              environment_line(path, data["environment"])
              + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}", "",
-             "vs paged: against the paged mode run the same way (CUDA graphs or eager); HF against paged.", "",
+             ("vs paged: against the paged mode run the same way (CUDA graphs or eager, asynchronous or `-sync` "
+              "scheduling); HF against paged."), "",
              "| workload | mode | attention | tokens/s | vs paged | mapping wait % | KV waste % | preemptions |",
              "|---|---|---|---|---|---|---|---|"]
     for workload, rows in data["results"].items():
         by_mode = {r["mode"]: r for r in rows}
         for r in rows:
-            paged = by_mode.get("paged-eager" if r["mode"].endswith("-eager") else "paged")
+            variant = "" if r["mode"].startswith("hf") else r["mode"].removeprefix("vattention").removeprefix("paged")
+            paged = by_mode.get("paged" + variant)
             ratio = f"{r['tokens_per_s'] / paged['tokens_per_s']:.2f}x" if paged else "-"
             lines.append(f"| {workload} | {r['mode']} | {r.get('attention', '-')} | {r['tokens_per_s']:.0f} | {ratio} | "
                          f"{r.get('mapping_wait_pct', 0):.2f} | {r.get('kv_waste_pct_mean', 0):.2f} | "

@@ -8,6 +8,13 @@
 Each step waits for the pages the previous step submitted, schedules, submits the *next* step's
 pages to the mapping worker, then runs the model while the worker maps.
 
+Asynchronous scheduling (``EngineConfig.async_scheduling``, one rank): ``step()`` schedules and
+launches step N+1 *before* it reads step N's sampled tokens, so the host's scheduling, planning and
+output processing overlap the device's work instead of adding to it. A token still on the device
+is fed to the next step there (``Request.in_flight``); a request that stopped (EOS, stop string,
+abort) while its next step was already launched gets that step's token dropped; its slot is
+released once that step is done (``Scheduler.step_completed``). Outputs arrive one ``step()`` later.
+
 With ``tensor_parallel_size > 1`` this process is rank 0 of the replica (replica.tp): the scheduler
 decides on a recording allocator and every step runs on all ranks; a rank failing before the model
 fails the step's requests, one failing later breaks the replica (``broken``; every request fails).
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -31,7 +38,7 @@ from replica.kv_stats import KVCacheStats
 from replica.model import ModelConfig, embedded_model_dir
 from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
-from replica.sampling import SamplingParams, make_generator, sample
+from replica.sampling import HostCopy, SamplingParams, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
 from replica.tp import ReplicaBroken, StepFailed
 
@@ -67,6 +74,16 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step running on the device; its sampled tokens are on their way to the host."""
+
+    requests: tuple[Request, ...]
+    sampled: tuple[Request, ...]
+    tokens: torch.Tensor | None  # the sampled token ids, on the device (read by the next step)
+    copy: HostCopy | None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tp_runtime: RankRuntime | None = None) -> None:
         self.config = config
@@ -94,6 +111,9 @@ class LLMEngine:
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages)
         self.requests: dict[str, Request] = {}
+        #: Overlap the host's work with the device's (one rank: a TP step is synchronous).
+        self.async_scheduling = config.async_scheduling and self.tp is None
+        self._launched: LaunchedStep | None = None  # the step in flight
         self.latency = LatencyLog()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -147,7 +167,7 @@ class LLMEngine:
         return RequestOutput(request_id, "", (), True, "abort", len(request.prompt_token_ids), len(request.output_token_ids))
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._launched is not None
 
     def warm_up(self) -> int:
         """Captures the decode CUDA graph of every batch size before serving, so that no request
@@ -159,7 +179,8 @@ class LLMEngine:
         if graphs is None or self.has_work():
             return 0
         greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        prompt = [self.model_config.bos_token_id or 0] * 2
+        bos = self.model_config.bos_token_id
+        prompt = [bos if bos is not None and bos < self.model_config.vocab_size else 0] * 2
         for size in graphs.sizes:
             if size > self.scheduler.max_running:
                 break
@@ -176,22 +197,56 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
-            return []
+        """Runs a step. With asynchronous scheduling it launches the next step first, then returns
+        the outputs of the step launched by the previous call."""
+        previous, self._launched = self._launched, None
+        outputs: list[RequestOutput] = []
+        scheduled = self.scheduler.schedule(preempt=previous is None)
+        if scheduled is None and previous is not None and self.scheduler.blocked:
+            outputs += self._complete(previous)  # preemption needs the step in flight done
+            previous = None
+            scheduled = self.scheduler.schedule()
+        launched = None
+        if scheduled is not None:
+            try:
+                launched = self._launch(scheduled, previous)
+            except StepFailed as failure:  # tensor parallel, so nothing was in flight
+                return self._fail(list(self.requests.values()) if failure.broken else list(scheduled.requests), failure)
+            except BaseException:
+                if previous is not None:  # keep the books: its slots are released, its outputs lost
+                    self._complete(previous)
+                raise
+        if previous is not None:
+            outputs += self._complete(previous)
+        if launched is not None and self.async_scheduling:
+            self._launched = launched
+        elif launched is not None:
+            outputs += self._complete(launched)
+        return outputs
+
+    def _launch(self, scheduled: ScheduledStep, previous: LaunchedStep | None) -> LaunchedStep:
+        """Plans and runs the step and starts sampling; returns without waiting for the device."""
         now = time.monotonic()
         for request in scheduled.requests:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-        plan, sampled = self._plan(scheduled)
-        try:
-            logits = self.runner.execute(plan) if self.tp is None else self.tp.execute(plan)
-        except StepFailed as failure:
-            return self._fail(list(self.requests.values()) if failure.broken else list(scheduled.requests), failure)
-        outputs = self._sample(sampled, logits) if sampled else []
+        plan, sampled, patches = self._plan(scheduled)
+        if self.tp is not None:
+            logits = self.tp.execute(plan)
+        else:
+            logits = self.runner.execute(plan, patches, previous.tokens if previous is not None else None)
         for request, query in zip(scheduled.requests, scheduled.query_lens):
             request.computed += query
-        return outputs
+        tokens = copy = None
+        if sampled:
+            with torch.inference_mode():
+                result = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
+            tokens, copy = result.token_ids, result.to_host_async()
+            for row, request in enumerate(sampled):
+                request.in_flight += 1
+                request.in_flight_row = row
+        self.scheduler.launched(scheduled.requests)
+        return LaunchedStep(scheduled.requests, tuple(sampled), tokens, copy)
 
     def _fail(self, requests: list[Request], failure: StepFailed) -> list[RequestOutput]:
         """Ends ``requests`` with ``error`` set (their slots are freed; under TP the release reaches
@@ -208,12 +263,19 @@ class LLMEngine:
             ))
         return outputs
 
-    def _plan(self, scheduled: ScheduledStep) -> tuple[StepPlan, list[Request]]:
+    def _plan(self, scheduled: ScheduledStep) -> tuple[StepPlan, list[Request], tuple[tuple[int, int], ...]]:
+        """The step's plan, the requests it samples, and (input row, row of the previous step's
+        sampled tokens) for each token still in flight."""
         input_ids: list[int] = []
-        rows, sampled = [], []
+        rows, sampled, patches = [], [], []
         for request, context, query in zip(scheduled.requests, scheduled.context_lens, scheduled.query_lens):
-            input_ids += request.token_ids(context, context + query)
-            if context + query == request.num_tokens:  # its last known token: sample the next
+            known = request.num_tokens - request.in_flight
+            input_ids += request.token_ids(context, min(context + query, known))
+            if context + query > known:  # its last token is still on the device
+                assert request.in_flight == 1 and context + query == known + 1
+                patches.append((len(input_ids), request.in_flight_row))
+                input_ids.append(0)
+            if context + query == request.num_tokens:  # its last token: sample the next
                 rows.append(len(input_ids) - 1)
                 sampled.append(request)
             self.prompt_tokens_total += max(0, min(context + query, len(request.prompt_token_ids)) - context)
@@ -221,14 +283,20 @@ class LLMEngine:
             tuple(r.slot for r in scheduled.requests),  # type: ignore[misc]
             scheduled.context_lens, scheduled.query_lens, tuple(input_ids), tuple(rows),
         )
-        return plan, sampled
+        return plan, sampled, tuple(patches)
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
-        with torch.inference_mode():
-            result = sample(logits, [r.params for r in requests], [r.generator for r in requests]).to_host()
+    def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Waits for a launched step's tokens and turns them into outputs. Requests that ended
+        while it ran (stop, abort) get nothing: their token is dropped."""
+        result = launched.copy.wait() if launched.copy is not None else None
+        self.scheduler.step_completed()
         now = time.monotonic()
         outputs = []
-        for i, request in enumerate(requests):
+        for i, request in enumerate(launched.sampled):
+            assert result is not None
+            request.in_flight -= 1
+            if request.status is RequestStatus.FINISHED:
+                continue
             token = result.token_ids[i]
             request.output_token_ids.append(token)
             self.generation_tokens_total += 1

@@ -30,8 +30,13 @@ class EngineConfig:
     max_running: int = 64  # slots
     max_batch_tokens: int = 2048  # per step: decodes + prefill chunks
     eager_pages: int = 1
+    #: An eager page is mapped only once a slot is this close to its mapped end (KVCacheConfig).
+    eager_lookahead_tokens: int | None = 4
     #: Replay decode steps as CUDA graphs (one CUDA device, a backend that supports them).
     cuda_graphs: bool = True
+    #: Schedule and launch step N+1 before reading step N's tokens, overlapping the host's work
+    #: with the device's (replica.engine); tensor-parallel replicas run steps synchronously.
+    async_scheduling: bool = True
     watermark_pages: int = 1
     seed: int = 0
     #: The shapes of model="synthetic" (random weights); None means Llama-3-8B.

@@ -83,7 +83,7 @@ class KVCacheAllocator:
             raise IndexError(f"layer {layer} outside [0, {self.config.num_layers})")
         if self.config.layout is KVLayout.PER_LAYER:
             return self._tensors[2 * layer + kv]
-        return self._tensors[kv][:, :, layer]  # [slots, tokens, layers, heads, dim] -> strided
+        return self._tensors[0][:, :, layer, kv]  # [slots, tokens, layers, 2, heads, dim] -> strided
 
     @property
     def reservations(self) -> tuple[Reservation, ...]:
@@ -136,7 +136,7 @@ class KVCacheAllocator:
         slot = self._running(slot_index)
         check_slot_tokens(slot_index, tokens, self.config.tokens_per_slot)
         need = self.config.page_groups_for(tokens)
-        grown = len(slot.groups) >= need or self._grow(slot_index, need)
+        grown = len(slot.groups) >= need or self._grow(slot_index, tokens)
         self._flush()
         if not grown:
             groups = need - len(slot.groups)
@@ -163,12 +163,12 @@ class KVCacheAllocator:
             slot = self._slots[slot_index]
             slot.length, slot.reserved = length, length + 1
         unbacked = []
-        eager, per_slot, available = self.config.eager_pages, self.config.pages_per_slot, self._pool.available
+        available = self._pool.available
         for slot_index in lengths:
             slot = self._slots[slot_index]
             need = self.config.page_groups_for(slot.reserved)
-            if len(slot.groups) < need or (len(slot.groups) < min(need + eager, per_slot) and available):
-                if not self._grow(slot_index, need):
+            if len(slot.groups) < need or (len(slot.groups) < self._eager_target(slot.reserved) and available):
+                if not self._grow(slot_index, slot.reserved):
                     unbacked.append(slot_index)
                 available = self._pool.available
         self._release_idle()
@@ -215,19 +215,28 @@ class KVCacheAllocator:
             self._ops.append(Op.release(released))
 
     # ---- policy internals ----------------------------------------------------------------------
-    def _grow(self, slot_index: int, need: int) -> bool:
-        """Queues mapping so the slot holds ``need`` groups, then up to ``eager_pages`` more if
-        they can be had without reclaiming. False, with nothing queued for this slot, if ``need``
-        cannot be met."""
+    def _eager_target(self, tokens: int) -> int:
+        """Groups a slot holding ``tokens`` keeps mapped: what they need, plus up to ``eager_pages``
+        more once the slot is within ``eager_lookahead_tokens`` of its mapped end."""
+        config = self.config
+        target = config.page_groups_for(tokens) + config.eager_pages
+        if config.eager_lookahead_tokens is not None:
+            target = min(target, config.page_groups_for(tokens + config.eager_lookahead_tokens))
+        return min(target, config.pages_per_slot)
+
+    def _grow(self, slot_index: int, tokens: int) -> bool:
+        """Queues mapping so the slot backs ``tokens``, then eager groups (``_eager_target``) if
+        they can be had without reclaiming. False, with nothing queued for this slot, if
+        ``tokens`` cannot be backed."""
         slot, ranges = self._slots[slot_index], self.config.num_ranges
+        need = self.config.page_groups_for(tokens)
         pages = max(need - len(slot.groups), 0) * ranges
         if self._pool.available < pages:
             self._reclaim(pages - self._pool.available, exclude=slot_index)
         taken = self._pool.take(pages)
         if taken is None:
             return False
-        target = min(need + self.config.eager_pages, self.config.pages_per_slot)
-        eager = min(target - len(slot.groups) - pages // ranges, self._pool.available // ranges)
+        eager = min(self._eager_target(tokens) - len(slot.groups) - pages // ranges, self._pool.available // ranges)
         extra = self._pool.take(eager * ranges) if eager > 0 else None
         ids = list(taken.ids) + (list(extra.ids) if extra else [])
         if not ids:

@@ -42,6 +42,11 @@ class Request:
     A running request feeds ``num_tokens - computed`` tokens next: many while prefilling (in
     chunks), one while decoding. Preemption by recompute resets ``computed`` to 0 and keeps the
     output, so the request re-prefills prompt + output and continues exactly where it was.
+
+    With asynchronous scheduling a token may be *in flight*: sampled on the device by a step
+    whose result the host has not read yet. It counts in ``num_tokens`` (so the next step can be
+    scheduled to feed it) but not in ``output_token_ids``; the next step reads it on the device,
+    from row ``in_flight_row`` of that step's sampled tokens.
     """
 
     request_id: str
@@ -59,10 +64,17 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: str | None = None
+    in_flight: int = 0  # 0 or 1
+    in_flight_row: int = -1
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.in_flight
+
+    @property
+    def out_of_tokens(self) -> bool:
+        """Its last token (``max_tokens``) is known or in flight: nothing left to compute."""
+        return len(self.output_token_ids) + self.in_flight >= self.params.max_tokens
 
     @property
     def pending_tokens(self) -> int:

@@ -157,23 +157,43 @@ class SampleResult:
 
     def to_host(self) -> HostSampleResult:
         """Copy everything to the host with one synchronisation."""
+        return self.to_host_async().wait()
+
+    def to_host_async(self) -> HostCopy:
+        """Starts copying everything to the host; ``wait()`` on the result is the step's one
+        synchronisation (on CUDA the copies land in pinned memory behind the step's kernels)."""
         tensors = [
             t
             for t in (self.token_ids, self.logprobs, self.top_ids, self.top_logprobs)
             if t is not None
         ]
+        event = None
         if self.token_ids.is_cuda:
-            # non_blocking device->host copies land in pinned memory; one stream sync covers all.
             tensors = [t.to("cpu", non_blocking=True) for t in tensors]
-            torch.cuda.current_stream(self.token_ids.device).synchronize()
-        values = [t.tolist() for t in tensors]
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.token_ids.device))
+        return HostCopy(self, tensors, event)
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A ``SampleResult`` on its way to the host (``SampleResult.to_host_async``)."""
+
+    result: SampleResult
+    tensors: list[torch.Tensor]
+    event: torch.cuda.Event | None
+
+    def wait(self) -> HostSampleResult:
+        if self.event is not None:
+            self.event.synchronize()
+        values = [t.tolist() for t in self.tensors]
         token_ids = values.pop(0)
-        logprobs = values.pop(0) if self.logprobs is not None else None
+        logprobs = values.pop(0) if self.result.logprobs is not None else None
         top = None
-        if self.top_ids is not None and self.top_logprobs is not None:
+        if self.result.top_ids is not None and self.result.top_logprobs is not None:
             ids, lps = values
-            top = [list(zip(ids[i][:n], lps[i][:n])) for i, n in enumerate(self.num_top)]
-        elif self.logprobs is not None:
+            top = [list(zip(ids[i][:n], lps[i][:n])) for i, n in enumerate(self.result.num_top)]
+        elif self.result.logprobs is not None:
             top = [[] for _ in token_ids]
         return HostSampleResult(token_ids, logprobs, top)
 

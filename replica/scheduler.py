@@ -11,6 +11,12 @@ When a step's token budget is spent, the requests that would be admitted next (u
 step's budget) are admitted *ahead*: they get their slot now and their first chunk's pages are
 mapped in the background while this step computes, so next step's prefill does not wait for the
 mapping. They run from the next step on, in arrival order as before.
+
+With asynchronous scheduling the engine schedules a step while the previous one still runs on the
+device (``in_flight``: each launched step's requests). Nothing is unmapped under a running step: a
+slot dropped while its request is in flight is released by ``step_completed``, and a step that would have to
+preempt is not scheduled (``schedule(preempt=False)`` returns None and sets ``blocked``) until the
+engine has completed the step in flight. Requests whose last token is in flight are not scheduled.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preemptions_total = 0
+        #: The requests of each step launched and not yet completed, oldest first.
+        self.in_flight: deque[frozenset[Request]] = deque()
+        #: The last ``schedule(preempt=False)`` stopped where it would have had to preempt.
+        self.blocked = False
+        self._deferred: list[tuple[Request, int]] = []  # (request, slot) released once no step holds it
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -54,19 +65,28 @@ class Scheduler:
         them against the free pages, since waiting requests hold none yet."""
         return sum(self._pages(request.num_tokens) for request in self.waiting)
 
-    def schedule(self) -> ScheduledStep | None:
+    def schedule(self, preempt: bool = True) -> ScheduledStep | None:
+        """The next step, or None when there is nothing to run, or (``blocked`` set) when it would
+        have to preempt and ``preempt`` is False."""
         budget = self.max_batch_tokens
         chosen: dict[Request, int] = {}
         index = 0
+        self.blocked = False
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            index += 1
+            if request.out_of_tokens:
+                continue  # finishes when its last token reaches the host
             tokens = min(request.pending_tokens, budget)
+            if not preempt:
+                if not self._fits(request, request.computed + tokens):
+                    self.blocked = True
+                    return None
             # Victims come from the tail (newest), never from the requests already chosen.
-            if not self._back(request, request.computed + tokens):
+            elif not self._back(request, request.computed + tokens):
                 break  # it was the newest itself
             chosen[request] = tokens
             budget -= tokens
-            index += 1
         while self.waiting and budget > 0:
             tokens = min(self.waiting[0].pending_tokens, budget)
             if not self._admit(tokens, wait=True):
@@ -111,6 +131,15 @@ class Scheduler:
     def _pages(self, tokens: int) -> int:
         return self.kv.config.page_groups_for(tokens) * self.kv.config.num_ranges
 
+    def _fits(self, request: Request, tokens: int) -> bool:
+        """Backs ``tokens`` of a running request without preempting; False if it cannot."""
+        assert request.slot is not None
+        try:
+            self.kv.ensure(request.slot, tokens)
+            return True
+        except KVCacheOutOfMemory:
+            return False
+
     def _back(self, request: Request, tokens: int) -> bool:
         """Backs ``tokens`` of a running request, preempting the newest requests as needed.
         False if ``request`` itself had to be preempted."""
@@ -127,6 +156,7 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         """Recompute later: free the slot now, keep the output, wait at the head of the queue."""
+        assert not request.in_flight, "preempting a request whose token is still on the device"
         self._drop(request)
         request.computed = 0
         request.status = RequestStatus.WAITING
@@ -144,8 +174,26 @@ class Scheduler:
     def _drop(self, request: Request) -> None:
         self.running.remove(request)
         if request.slot is not None:
-            self.kv.release(request.slot)  # at once: abort frees the slot immediately
+            if any(request in step for step in self.in_flight):
+                self._deferred.append((request, request.slot))  # a running step still writes it
+            else:
+                self.kv.release(request.slot)  # at once: abort frees the slot immediately
             request.slot = None
+
+    def launched(self, requests: Iterable[Request]) -> None:
+        """A step with ``requests`` runs on the device (their slots are not released under it)."""
+        self.in_flight.append(frozenset(requests))
+
+    def step_completed(self) -> None:
+        """The oldest step in flight has finished on the device: release the slots that only it
+        held back."""
+        self.in_flight.popleft()
+        held = frozenset().union(*self.in_flight)
+        still = [(request, slot) for request, slot in self._deferred if request in held]
+        for request, slot in self._deferred:
+            if request not in held:
+                self.kv.release(slot)
+        self._deferred = still
 
     def requests(self) -> Iterable[Request]:
         yield from self.running

@@ -48,9 +48,9 @@ def make_allocator(kv_device: Device) -> MakeAllocator:
         **overrides: object,
     ) -> KVCacheAllocator:
         heads, dtype = 2, torch.float32
-        layers_per_range = num_layers if layout == "interleaved" else 1
+        heads_per_range = heads * (2 * num_layers if layout == "interleaved" else 1)
         bytes_per_token = kv_device.page_size // TOKENS_PER_PAGE
-        head_dim = bytes_per_token // (layers_per_range * heads * 4)
+        head_dim = bytes_per_token // (heads_per_range * 4)
         config = KVCacheConfig(
             num_layers=num_layers,
             num_kv_heads=heads,

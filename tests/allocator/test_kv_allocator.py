@@ -40,14 +40,16 @@ def test_writes_land_at_their_offsets_and_survive_other_slots(make_allocator: Ma
     allocator.ensure(b, T)
     fill(allocator, a, 0, 3 * T + 5)
     fill(allocator, b, 0, T)
-    # The bytes are where the layout says: slot, token, layer, head.
+    # The bytes are where the layout says: slot, token, (layer, K/V,) head.
     layer = config.num_layers - 1
     k = allocator.k_cache(layer)
     assert k.shape == (config.max_slots, config.tokens_per_slot, config.num_kv_heads, config.head_dim)
     element = config.element_size
     offset = (k[a, 7, 1].data_ptr() - allocator.reservations[0 if layout == "interleaved" else 2 * layer].base) // element
     if layout == "interleaved":
-        expected = (((a * config.tokens_per_slot + 7) * config.num_layers + layer) * config.num_kv_heads + 1) * config.head_dim
+        expected = ((((a * config.tokens_per_slot + 7) * config.num_layers + layer) * 2 + 0) * config.num_kv_heads + 1) * config.head_dim
+        v = allocator.v_cache(layer)[a, 7, 1].data_ptr() - allocator.reservations[0].base
+        assert v // element == expected + config.num_kv_heads * config.head_dim  # V follows K
     else:
         expected = ((a * config.tokens_per_slot + 7) * config.num_kv_heads + 1) * config.head_dim
     assert offset == expected
@@ -118,7 +120,7 @@ def test_best_fit_reuse_of_released_slots(make_allocator: MakeAllocator) -> None
 
 
 def test_deferred_reclamation_keeps_pages_until_needed(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=0, budget_pages=8, num_layers=2)  # 2 ranges -> 4 groups
+    allocator = make_allocator(eager_pages=0, budget_pages=8, layout="per_layer", num_layers=1)  # 2 ranges -> 4 groups
     first, other = allocator.acquire(), allocator.acquire()
     allocator.ensure(first, 3 * T)
     allocator.release(first)
@@ -142,7 +144,7 @@ def test_no_deferred_reclamation_unmaps_at_release(make_allocator: MakeAllocator
 
 
 def test_eager_pages_stay_ahead_of_a_growing_slot_and_are_reclaimed_first(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=2, budget_pages=16, num_layers=2)  # 8 groups, 8 per slot
+    allocator = make_allocator(eager_pages=2, budget_pages=16, layout="per_layer", num_layers=1)  # 8 groups, 8 per slot
     a = allocator.acquire()
     allocator.ensure(a, T)  # 1 group needed, 2 eager
     assert allocator.stats().pages_in_use == 6
@@ -159,8 +161,21 @@ def test_eager_pages_stay_ahead_of_a_growing_slot_and_are_reclaimed_first(make_a
     allocator.check_invariants(deep=True)
 
 
+def test_eager_page_waits_for_the_lookahead(make_allocator: MakeAllocator) -> None:
+    """With a lookahead of 3 tokens the next group is mapped only in a group's last 3 tokens."""
+    allocator = make_allocator(eager_pages=1, eager_lookahead_tokens=3, budget_pages=16)  # 1 range
+    a = allocator.acquire()
+    allocator.ensure(a, 1)
+    assert allocator.stats().pages_in_use == 1
+    for length in range(1, 3 * T):
+        allocator.wait(allocator.step_async({a: length}))  # the next step needs length + 1 tokens
+        groups = allocator.config.page_groups_for(length + 1 + 3)
+        assert allocator.stats().pages_in_use == groups, length
+    allocator.check_invariants(deep=True)
+
+
 def test_reclaims_eager_pages_of_running_slots_under_pressure(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=3, budget_pages=8, num_layers=2)  # 4 groups
+    allocator = make_allocator(eager_pages=3, budget_pages=8, layout="per_layer", num_layers=1)  # 4 groups
     a = allocator.acquire()
     allocator.ensure(a, 1)  # 1 needed + 3 eager = the whole pool
     b = allocator.acquire()
@@ -170,7 +185,7 @@ def test_reclaims_eager_pages_of_running_slots_under_pressure(make_allocator: Ma
 
 
 def test_out_of_memory_names_the_numbers_and_loses_nothing(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(budget_pages=6, num_layers=2, eager_pages=0)  # 3 groups
+    allocator = make_allocator(budget_pages=6, layout="per_layer", num_layers=1, eager_pages=0)  # 3 groups
     slot = allocator.acquire()
     allocator.ensure(slot, T)
     fill(allocator, slot, 0, T)
@@ -201,7 +216,7 @@ def test_elastic_pool_releases_idle_pages_and_shrink(make_allocator: MakeAllocat
     clock = Clock()
     allocator = make_allocator(
         deferred_reclamation=False, eager_pages=0, max_idle_pages=2, idle_seconds=5.0, clock=clock,
-        num_layers=2,
+        layout="per_layer", num_layers=1,
     )
     slot = allocator.acquire()
     allocator.ensure(slot, 4 * T)  # 8 pages
@@ -221,7 +236,7 @@ def test_elastic_pool_releases_idle_pages_and_shrink(make_allocator: MakeAllocat
 
 
 def test_step_async_maps_in_the_background_while_the_caller_runs(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(max_slots=16, budget_pages=16 * 8 * 2, num_layers=2, eager_pages=0)
+    allocator = make_allocator(max_slots=16, budget_pages=16 * 8 * 2, layout="per_layer", num_layers=1, eager_pages=0)
     slots = [allocator.acquire() for _ in range(16)]
     lengths = {slot: 8 * T - 1 for slot in slots}  # the next step needs every page: 256 pages
     ticket = allocator.step_async(lengths)
@@ -240,7 +255,7 @@ def test_step_async_maps_in_the_background_while_the_caller_runs(make_allocator:
 
 
 def test_step_async_reports_unbacked_slots(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(budget_pages=4, num_layers=2, eager_pages=0)  # 2 groups
+    allocator = make_allocator(budget_pages=4, layout="per_layer", num_layers=1, eager_pages=0)  # 2 groups
     a, b = allocator.acquire(), allocator.acquire()
     allocator.ensure(a, T)
     allocator.ensure(b, T)

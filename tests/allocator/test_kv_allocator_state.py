@@ -49,12 +49,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         layout=st.sampled_from(["per_layer", "interleaved"]),
         budget_pages=st.integers(8, 48),
         eager=st.integers(0, 2),
+        lookahead=st.none() | st.integers(0, 2 * TOKENS_PER_PAGE),
         deferred=st.booleans(),
     )
-    def build(self, layout: str, budget_pages: int, eager: int, deferred: bool) -> None:
+    def build(self, layout: str, budget_pages: int, eager: int, lookahead: int | None, deferred: bool) -> None:
         self.allocator: KVCacheAllocator = self.make(
             layout=layout, num_layers=2, max_slots=5, max_tokens=6 * TOKENS_PER_PAGE,
-            budget_pages=budget_pages, eager_pages=eager, deferred_reclamation=deferred,
+            budget_pages=budget_pages, eager_pages=eager, eager_lookahead_tokens=lookahead,
+            deferred_reclamation=deferred,
             max_idle_pages=2, idle_seconds=1.0, clock=self.clock,
         )
 

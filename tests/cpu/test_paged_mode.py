@@ -176,6 +176,8 @@ def test_block_table_is_written_incrementally(tiny_dir: Path) -> None:
         steps += 1
         quiet_steps += appended == 0
     # 4-token blocks: the prefill step appends 1 + 6 blocks, then each request one block every
-    # fourth decode step (8 of the 29); the other steps touch no table entry and copy nothing.
-    assert steps == 30 and quiet_steps == 21 and kv.table_flushes == steps - quiet_steps
+    # fourth decode step (8 of the 29); the other steps touch no table entry and copy nothing
+    # (nor does, with asynchronous scheduling, the last call, which only reads the last tokens).
+    extra = int(engine.async_scheduling)
+    assert steps == 30 + extra and quiet_steps == 21 + extra and kv.table_flushes == steps - quiet_steps
     assert kv.table_entries_written == kv.blocks_allocated_total == 1 + 6 + 2 * 8

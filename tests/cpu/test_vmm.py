@@ -111,7 +111,7 @@ def test_config_rounds_slots_to_whole_pages() -> None:
         num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float32, max_slots=4,
         max_tokens=2048, page_size=2 * 1024 * 1024, budget_bytes=0,
     )
-    assert config.bytes_per_token == 30 * 3 * 64 * 4
+    assert config.bytes_per_token == 2 * 30 * 3 * 64 * 4  # K and V of every layer (interleaved)
     assert config.tokens_per_slot % 2048 == 0 and config.tokens_per_slot >= 2048
     assert config.tokens_per_slot * config.bytes_per_token % config.page_size == 0
     with pytest.raises(ValueError, match="max_slots must be a positive int"):
