@@ -194,6 +194,10 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[tuple[list[dict[str, A
     with profile(activities=activities) as prof:
         for _ in range(steps):
             outputs += engine.step()
+    if torch.cuda.is_available():
+        # With asynchronous scheduling a profiled step is still running: let it (and the
+        # profiler's flush) finish here, outside the timed steps.
+        torch.cuda.synchronize()
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     events = prof.key_averages()
     device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps

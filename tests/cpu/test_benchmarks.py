@@ -25,13 +25,14 @@ def test_mapping_benchmark_smoke(tmp_path: Path) -> None:
     assert all(row["wait_pct_of_step"] >= 0 for row in result["decode_overlap"])
 
 
-@pytest.mark.parametrize("modes", ["vattention,paged,paged-eager,hf"])
+@pytest.mark.parametrize("modes", ["vattention,paged,paged-eager,vattention-sync,hf"])
 def test_engine_benchmark_smoke(tmp_path: Path, modes: str) -> None:
     result = run("benchmarks.bench_engine", tmp_path, "--modes", modes)
     decode = {row["mode"]: row for row in result["results"]["decode"]}
-    assert set(decode) == {"vattention", "paged", "paged-eager", "hf-transformers-generate"}
+    assert set(decode) == {"vattention", "paged", "paged-eager", "vattention-sync", "hf-transformers-generate"}
     assert not decode["vattention"]["cuda_graphs"]  # CPU: no graphs, the same engine otherwise
     assert decode["vattention"]["generated_tokens"] == decode["paged"]["generated_tokens"] == 4 * 24
+    assert decode["vattention-sync"]["generated_tokens"] == 4 * 24
     assert "decode_step" in decode["vattention"] and decode["vattention"]["profile_top_ops"]
 
 
@@ -40,4 +41,6 @@ def test_soak_smoke(tmp_path: Path) -> None:
     machine, engine = result["state_machine"], result["engine"]
     assert machine["backend"] == "host" and machine["passed"] and machine["operations"] >= 2000
     assert engine["passed"] and engine["requests_finished"] > 0 and engine["errors"] == 0
-    assert engine["at_rest"]["pages_in_use"] == 0 and engine["pages_created_after_shrink"] == 0
+    assert len(engine["phases"]) == 2
+    for phase in engine["phases"]:
+        assert phase["at_rest"]["pages_in_use"] == 0 and phase["pages_created_after_shrink"] == 0
