@@ -48,6 +48,7 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Engine, offline (`bench_engine.py`)", "",
              environment_line(path, data["environment"])
              + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}", "",
+             *([data["note"], ""] if data.get("note") else []),
              ("vs paged: against the paged mode run the same way (CUDA graphs or eager, asynchronous or `-sync` "
               "scheduling); HF against paged."), "",
              "| workload | mode | attention | tokens/s | vs paged | mapping wait % | KV waste % | preemptions |",
