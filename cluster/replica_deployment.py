@@ -71,14 +71,17 @@ class VattnReplica:
         return ModelInfo(self.name, limit, tokens_per_physical_page(kv))
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What ``cluster.routing.ReplicaStats`` reads: free pages now, and the pages the waiting
-        requests need to be admitted (``queued_pages``), taken together under the engine's lock."""
-        stats, queued = self.engine.call(lambda engine: (engine.stats(), engine.scheduler.waiting_pages()))
+        """What ``cluster.routing.ReplicaStats`` reads: free pages now, the pages the waiting
+        requests need to be admitted (``queued_pages``) and the pages every request would hold at
+        its ``max_tokens`` (``committed_pages``), taken together under the engine's lock."""
+        stats, queued, committed = self.engine.call(lambda engine: (
+            engine.stats(), engine.scheduler.waiting_pages(), engine.scheduler.committed_pages()))
         kv = self.engine.engine.kv.config
         return {
             # A broken replica (a rank gone) fits nothing: the router ranks it last.
             "free_pages": 0 if self.engine.engine.broken else stats.kv.pages_available,
             "queued_pages": queued,
+            "committed_pages": committed,
             "total_pages": stats.kv.pages_total,
             "tokens_per_page": tokens_per_physical_page(kv),
             "running": stats.running,

@@ -1,5 +1,6 @@
-"""Ray Serve request router that sends each request to the vattn replica with the most free KV pages
-left once its queue is admitted (``free_pages - queued_pages``, the rule in ``cluster.routing``).
+"""Ray Serve request router that sends each request to the vattn replica with the most KV pages left
+for it: free pages less what its queue needs, and no more than its budget less what its requests
+will hold at their ``max_tokens`` (the *headroom*, the rule in ``cluster.routing``).
 
 The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve 2.60's
 custom request router API. Serve cloudpickles this module's router class *by value* into the
@@ -22,8 +23,8 @@ ROUTER_PATH = "cluster.router:FreePageRouter"
 
 
 class FreePageRouter(RequestRouter):
-    """Rank replicas by effective free KV pages (free less what their queues need) relative to the
-    request's need; else power of two choices.
+    """Rank replicas by KV headroom (``cluster.routing``) relative to the request's need; else power
+    of two choices.
 
     Not FIFOMixin: with it, a replica picked for one request's size may be handed to whichever
     request heads the queue. Serve's default matching gives the chosen replica to the request it
@@ -50,7 +51,8 @@ class FreePageRouter(RequestRouter):
         taken_at, pages = getattr(self, "routed", {}).get(replica_id, (stats.timestamp, 0))
         if taken_at != stats.timestamp:
             return stats  # newer stats already count what was sent
-        return dataclasses.replace(stats, free_pages=max(stats.free_pages - pages, 0))
+        committed = None if stats.committed_pages is None else stats.committed_pages + pages
+        return dataclasses.replace(stats, free_pages=max(stats.free_pages - pages, 0), committed_pages=committed)
 
     def remember(self, replica_id: str, stats: routing.ReplicaStats | None, pages: int) -> None:
         if stats is None:

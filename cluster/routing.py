@@ -1,18 +1,25 @@
 """Free-page routing policy for vattn replicas (pure Python, no Ray imports).
 
-Rule: a replica's *effective free pages* are ``max(free_pages - queued_pages, 0)``, where
-``queued_pages`` are the KV pages its waiting requests need to be admitted (prompt plus tokens
-already generated): they hold no pages yet, so without it a replica with a long queue would still
-look free and keep receiving work. A request needing ``n`` KV pages goes first to the replica with
-the most effective free pages (equivalently the most ``effective - n``, since ``n`` is the same for
-every candidate); replicas that cannot fit it (``effective < n``) come after every replica that
-can, still ordered by effective free pages. Ties break on fewer ``running + waiting`` requests, then
-on replica id, so the order is deterministic (among replicas whose queues use up all their free
-pages, effective 0, the fewest requests wins). Each rank holds one replica, so Serve's queue-length
-tie-break inside a rank cannot reorder them. If ``n`` is unknown, or any candidate's stats are
-missing, malformed or older than ``max_age_s``, the policy returns reason ``"fallback"`` and the
-caller routes by power of two choices instead. Stats without ``queued_pages`` (older replicas)
-count as no queue.
+Rule: a replica's *headroom* is what a new request can count on, in KV pages:
+
+    effective free = max(free_pages - queued_pages, 0)
+    headroom       = min(effective free, total_pages - committed_pages)   (may be negative)
+
+``queued_pages`` are the pages its waiting requests need to be admitted (prompt plus tokens already
+generated): they hold no pages yet, so without them a replica with a long queue would still look
+free. ``committed_pages`` are the pages every running and waiting request would hold at its
+``max_tokens``: requests that just started hold little now and will grow, and a replica that
+admitted more growth than it has pages preempts later; ranking by what is left once those promises
+are kept sends work where it will not be preempted (and, since promised pages are work still to
+do, where the queue of work is shortest). A request needing ``n`` KV pages (prompt + max_tokens)
+goes first to the replica with the most headroom; replicas that cannot fit it (``headroom < n``)
+come after every replica that can, still ordered by headroom (the least over-committed first).
+Ties break on fewer ``running + waiting`` requests, then on replica id, so the order is
+deterministic. Each rank holds one replica, so Serve's queue-length tie-break inside a rank cannot
+reorder them. If ``n`` is unknown, or any candidate's stats are missing, malformed or older than
+``max_age_s``, the policy returns reason ``"fallback"`` and the caller routes by power of two
+choices instead. Stats without ``queued_pages`` or ``committed_pages`` (older replicas) count as
+no queue and no promises beyond the free pages.
 """
 
 from __future__ import annotations
@@ -47,24 +54,35 @@ class ReplicaStats:
     waiting: int
     timestamp: float  # replica's time.time() when the stats were taken
     queued_pages: int = 0  # pages the waiting requests need to be admitted (0 if not reported)
+    committed_pages: int | None = None  # pages all its requests hold at max_tokens (None: not reported)
 
     @property
     def effective_free_pages(self) -> int:
         """Free pages less those the queue will take first (never below 0)."""
         return max(self.free_pages - self.queued_pages, 0)
 
+    @property
+    def headroom(self) -> int:
+        """What a new request can count on (the module's rule); negative when over-committed."""
+        if self.committed_pages is None:
+            return self.effective_free_pages
+        return min(self.effective_free_pages, self.total_pages - self.committed_pages)
+
     @classmethod
     def from_dict(cls, d: Any) -> ReplicaStats | None:
         """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok).
-        ``queued_pages`` is optional (missing means 0) but must be valid when present."""
+        ``queued_pages`` and ``committed_pages`` are optional but must be valid when present."""
         ints = ("free_pages", "total_pages", "running", "waiting")
         if not (isinstance(d, Mapping) and all(_is_int(d.get(k)) for k in ints)):
             return None
         tpp, ts, queued = d.get("tokens_per_page"), d.get("timestamp"), d.get("queued_pages", 0)
+        committed = d.get("committed_pages")
         if not (_is_real(tpp) and tpp > 0 and _is_real(ts) and _is_int(queued)):
             return None
+        if committed is not None and not (_is_int(committed) and committed >= 0):
+            return None
         free, total, run, wait = (d[k] for k in ints)
-        return cls(free, total, float(tpp), run, wait, float(ts), queued)
+        return cls(free, total, float(tpp), run, wait, float(ts), queued, committed)
 
 
 def pages_needed(request: Any, tokens_per_page: float) -> int | None:
@@ -81,7 +99,7 @@ class RankedChoice:
 
     ranks: list[list[str]]
     reason: str  # MOST_FREE_PAGES or FALLBACK
-    free_pages: int | None  # effective free pages of the first choice (None on fallback)
+    free_pages: int | None  # headroom of the first choice (None on fallback)
     oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
 
     @property
@@ -104,13 +122,13 @@ def rank_replicas(
     def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, int, int, str]:
         rid, s = item
         assert s is not None
-        free = s.effective_free_pages
-        return (free < pages_needed, -free, s.running + s.waiting, rid)
+        room = s.headroom
+        return (room < pages_needed, -room, s.running + s.waiting, rid)
 
     ordered = sorted(candidates, key=key)
     first = ordered[0][1]
     assert first is not None
-    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.effective_free_pages, age)
+    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.headroom, age)
 
 
 class RoutingDecisions:

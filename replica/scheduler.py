@@ -65,6 +65,12 @@ class Scheduler:
         them against the free pages, since waiting requests hold none yet."""
         return sum(self._pages(request.num_tokens) for request in self.waiting)
 
+    def committed_pages(self) -> int:
+        """Physical pages the running and waiting requests would hold if each ran to its
+        ``max_tokens``: what this replica has promised. Free pages only say what is held now; a
+        batch of requests that just started holds little and will need much more."""
+        return sum(self._pages(request.max_total_tokens) for request in self.requests())
+
     def schedule(self, preempt: bool = True) -> ScheduledStep | None:
         """The next step, or None when there is nothing to run, or (``blocked`` set) when it would
         have to preempt and ``preempt`` is False."""

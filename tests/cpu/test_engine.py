@@ -179,3 +179,20 @@ def test_waiting_pages_count_what_admission_needs(tiny_dir: Path) -> None:
     while engine.has_work():
         engine.step()
     assert engine.scheduler.waiting_pages() == 0
+
+
+def test_committed_pages_count_every_request_at_its_max_tokens(tiny_dir: Path) -> None:
+    """The router's ``committed_pages``: prompt + max_tokens of every running and waiting request,
+    in physical pages, whatever it holds now."""
+    llm = tiny_llm(tiny_dir, max_running=2)
+    engine, config = llm.engine, llm.engine.kv.config
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (4, 30, 17, 9)]
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+        engine.add_request(f"r{i}", prompt, p)
+    pages = [config.page_groups_for(len(prompt) + p.max_tokens) * config.num_ranges for prompt, p in zip(PROMPTS, params)]
+    assert engine.scheduler.committed_pages() == sum(pages)
+    engine.step()  # two run, two wait: the same promises
+    assert engine.scheduler.committed_pages() == sum(pages)
+    while engine.has_work():
+        engine.step()
+    assert engine.scheduler.committed_pages() == 0

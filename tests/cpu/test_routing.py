@@ -24,8 +24,9 @@ from cluster.routing import (
 NOW = 1_000.0
 
 
-def stats(free: int, running: int = 0, waiting: int = 0, age: float = 0.1, queued: int = 0) -> ReplicaStats:
-    return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age, queued)
+def stats(free: int, running: int = 0, waiting: int = 0, age: float = 0.1, queued: int = 0,
+          committed: int | None = None) -> ReplicaStats:
+    return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age, queued, committed)
 
 
 def ids(choice: RankedChoice) -> list[str]:
@@ -183,6 +184,29 @@ def test_from_dict_queued_pages_is_optional_but_checked():
         assert ReplicaStats.from_dict({**good, "queued_pages": bad}) is None, bad
 
 
+def test_headroom_counts_what_running_requests_will_grow_into():
+    # a: 500 free now, but its requests will hold 950 of its 1000 pages: 50 left for a newcomer.
+    # b: 200 free and 300 committed: 200 left.
+    a, b = stats(500, running=8, committed=950), stats(200, running=3, committed=300)
+    assert (a.headroom, b.headroom) == (50, 200)
+    c = rank([("a", a), ("b", b)])
+    assert ids(c) == ["b", "a"] and c.free_pages == 200
+    # Both over-committed: the less over-committed first, even with more requests.
+    c = rank([("x", stats(30, running=2, committed=1300)), ("y", stats(10, running=9, committed=1100))])
+    assert ids(c) == ["y", "x"] and c.free_pages == -100
+    # The queue still counts: headroom is never above the effective free pages.
+    assert stats(300, queued=250, committed=100).headroom == 50
+
+
+def test_from_dict_committed_pages_is_optional_but_checked():
+    good = {"free_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
+    assert ReplicaStats.from_dict(good).committed_pages is None
+    s = ReplicaStats.from_dict({**good, "committed_pages": 80})
+    assert s is not None and s.committed_pages == 80 and s.headroom == 20
+    for bad in (-1, 2.5, True, "30"):
+        assert ReplicaStats.from_dict({**good, "committed_pages": bad}) is None, bad
+
+
 def test_pages_needed():
     req = SimpleNamespace(prompt_tokens=100, max_tokens=60)
     assert pages_needed(req, 16.0) == 10
@@ -220,10 +244,13 @@ def test_routing_decisions_tally():
 # FreePageRouter.choose_replicas with fake replicas (needs ray installed, not a running cluster).
 
 
-def _replica(rid: str, free: int | None, queued: int | None = None) -> SimpleNamespace:
-    routing_stats = {} if free is None else {**asdict(stats(free, queued=queued or 0)), "timestamp": time.time()}
+def _replica(rid: str, free: int | None, queued: int | None = None, committed: int | None = None) -> SimpleNamespace:
+    routing_stats = {} if free is None else {**asdict(stats(free, queued=queued or 0, committed=committed)),
+                                             "timestamp": time.time()}
     if queued is None:
         routing_stats.pop("queued_pages", None)  # as an older replica reports
+    if committed is None:
+        routing_stats.pop("committed_pages", None)
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats=routing_stats)
 
 
@@ -279,3 +306,12 @@ def test_a_burst_discount_adds_to_the_queue():
     request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
     firsts = [_choose(reps, request, router)[0][0] for _ in range(10)]
     assert firsts == ["a", "b"] * 5
+
+
+def test_a_burst_discount_adds_to_the_commitments():
+    router = _router()
+    # 900 pages free each, but a has promised 850 of its 1000 and b 800: b has 50 more headroom.
+    reps = [_replica("a", 900, queued=0, committed=850), _replica("b", 900, queued=0, committed=800)]
+    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
+    firsts = [_choose(reps, request, router)[0][0] for _ in range(12)]
+    assert firsts == ["b"] * 5 + ["a", "b"] * 3 + ["a"]  # b's 50 pages, then turn about
