@@ -33,6 +33,8 @@ class AppOptions:
     page_size: int | None = None
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
+    #: How long a request no replica has free KV pages for may wait at the free-page router.
+    router_hold_s: float = 30.0
     metrics_period_s: float = 1.0  # how often each replica pushes its metrics to the hub
     replica_cpus: float = 1.0
     #: "free-pages": vattn's FreePageRouter (cluster.router); "power-of-two": Serve's default
@@ -84,7 +86,7 @@ class AppOptions:
     def request_router_config(self) -> RequestRouterConfig:
         if self.router == "power-of-two":
             return RequestRouterConfig()  # Serve's default class and stats period
-        return router_config(self.routing_stats_period_s)
+        return router_config(self.routing_stats_period_s, hold_s=self.router_hold_s)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -35,10 +35,14 @@ class FreePageRouter(RequestRouter):
     """Process-wide ``routing.RoutingDecisions`` (reason -> count, replica -> count, last pages)."""
 
     max_age_s: float = 2.0
+    hold_s: float = 0.0
 
-    def initialize_state(self, max_age_s: float = 2.0, **kwargs: object) -> None:
-        """Called by Serve with ``RequestRouterConfig.request_router_kwargs``."""
+    def initialize_state(self, max_age_s: float = 2.0, hold_s: float = 0.0, **kwargs: object) -> None:
+        """Called by Serve with ``RequestRouterConfig.request_router_kwargs``: stats older than
+        ``max_age_s`` fall back to power of two; a request that no replica has room for waits
+        here up to ``hold_s`` (then goes to the replica with the most headroom)."""
         self.max_age_s = float(max_age_s)
+        self.hold_s = float(hold_s)
         self.routed: dict[str, tuple[float, int]] = {}
 
     def discounted(self, replica_id: str, stats: routing.ReplicaStats | None) -> routing.ReplicaStats | None:
@@ -81,8 +85,12 @@ class FreePageRouter(RequestRouter):
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]
         if request is not None and tpps:
             need = routing.pages_needed(request, min(tpps))
-        choice = routing.rank_replicas(pairs, need, time.time(), self.max_age_s)
+        now = time.time()
+        waited = now - pending_request.created_at if pending_request is not None else 0.0
+        choice = routing.rank_replicas(pairs, need, now, self.max_age_s, hold=waited < self.hold_s)
         routing.DECISIONS.record(choice)
+        if choice.reason == routing.HOLD:
+            return []  # Serve retries with backoff; fresh stats or finished requests make room
         if choice.reason == routing.MOST_FREE_PAGES:
             first = choice.ranks[0][0]
             self.remember(first, reported[first], need or 0)  # Serve takes the first rank with room
@@ -100,18 +108,20 @@ def _request_of(pending_request: PendingRequest | None) -> object | None:
     return pending_request.kwargs.get("request")
 
 
-def router_config(period_s: float = 0.5, max_age_s: float | None = None) -> RequestRouterConfig:
+def router_config(period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 30.0) -> RequestRouterConfig:
     """RequestRouterConfig for vattn replica deployments.
 
     Replicas are polled for ``record_routing_stats()`` every ``period_s`` (x U(0.9, 1.1)); stats
     older than ``max_age_s`` (default ``max(4 * period_s + 1, 2)`` seconds) make the router fall
-    back to power of two choices.
+    back to power of two choices. A request that no replica has free pages for waits at the
+    router up to ``hold_s`` seconds (0: never), retried at most every ``period_s``.
     """
     if max_age_s is None:
         max_age_s = max(4 * period_s + 1.0, 2.0)
     return RequestRouterConfig(
         request_router_class=ROUTER_PATH,
-        request_router_kwargs={"max_age_s": max_age_s},
+        request_router_kwargs={"max_age_s": max_age_s, "hold_s": hold_s},
         request_routing_stats_period_s=period_s,
         request_routing_stats_timeout_s=max(4 * period_s, 1.0),
+        max_backoff_s=period_s,
     )

@@ -16,7 +16,13 @@ goes first to the replica with the most headroom; replicas that cannot fit it (`
 come after every replica that can, still ordered by headroom (the least over-committed first).
 Ties break on fewer ``running + waiting`` requests, then on replica id, so the order is
 deterministic. Each rank holds one replica, so Serve's queue-length tie-break inside a rank cannot
-reorder them. If ``n`` is unknown, or any candidate's stats are missing, malformed or older than
+reorder them. With ``hold``, replicas whose effective free pages cannot fit the request now are
+left out, and when none can, the reason is ``"hold"`` and no replica is chosen: the request waits
+at the router (Serve retries with backoff) for the first replica with room, instead of queueing
+at one replica behind requests that hold its pages (and pushing it into preemption when it is
+admitted there). Holding goes by the pages free now, not by the promises: requests that stop
+long before their ``max_tokens`` must not keep a half-empty replica from getting work. The
+caller bounds how long a request is held. If ``n`` is unknown, or any candidate's stats are missing, malformed or older than
 ``max_age_s``, the policy returns reason ``"fallback"`` and the caller routes by power of two
 choices instead. Stats without ``queued_pages`` or ``committed_pages`` (older replicas) count as
 no queue and no promises beyond the free pages.
@@ -33,6 +39,7 @@ from typing import Any
 
 MOST_FREE_PAGES = "most_free_pages"
 FALLBACK = "fallback"
+HOLD = "hold"
 
 
 def _is_int(v: Any) -> bool:
@@ -98,7 +105,7 @@ class RankedChoice:
     """Outcome of one ranking: ``ranks`` is ``[[best_id], [next_id], ...]`` (empty on fallback)."""
 
     ranks: list[list[str]]
-    reason: str  # MOST_FREE_PAGES or FALLBACK
+    reason: str  # MOST_FREE_PAGES, FALLBACK or HOLD
     free_pages: int | None  # headroom of the first choice (None on fallback)
     oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
 
@@ -112,12 +119,17 @@ def rank_replicas(
     pages_needed: int | None,
     now: float,
     max_age_s: float,
+    hold: bool = False,
 ) -> RankedChoice:
     """Order ``candidates`` (replica id, stats) by the rule in the module docstring."""
     stamps = [s.timestamp for _, s in candidates if s is not None]
     age = now - min(stamps) if stamps and len(stamps) == len(candidates) else None
     if pages_needed is None or age is None or age > max_age_s:
         return RankedChoice([], FALLBACK, None, age)
+    if hold:
+        candidates = [(rid, s) for rid, s in candidates if s is not None and s.effective_free_pages >= pages_needed]
+        if not candidates:
+            return RankedChoice([], HOLD, None, age)
 
     def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, int, int, str]:
         rid, s = item

@@ -13,6 +13,7 @@ import pytest
 
 from cluster.routing import (
     FALLBACK,
+    HOLD,
     MOST_FREE_PAGES,
     RankedChoice,
     ReplicaStats,
@@ -207,6 +208,20 @@ def test_from_dict_committed_pages_is_optional_but_checked():
         assert ReplicaStats.from_dict({**good, "committed_pages": bad}) is None, bad
 
 
+def test_hold_leaves_out_replicas_without_free_pages_for_the_request():
+    # a has promised all but 5 pages but has 50 free now; b has 5 free now. Neither fits by
+    # headroom; holding goes by what is free now, so a takes it and b is left out.
+    a, b = stats(50, running=4, committed=995), stats(5)
+    assert (a.headroom, b.headroom) == (5, 5)
+    assert ids(rank([("a", a), ("b", b)], need=10)) == ["b", "a"]  # equal headroom: fewer requests first
+    c = rank_replicas([("a", a), ("b", b)], 10, NOW, 2.0, hold=True)
+    assert c.reason == MOST_FREE_PAGES and ids(c) == ["a"]
+    c = rank_replicas([("a", stats(3)), ("b", stats(40, queued=35))], 10, NOW, 2.0, hold=True)
+    assert c.reason == HOLD and c.ranks == [] and c.first is None
+    # Stale stats still fall back, hold or not.
+    assert rank_replicas([("a", stats(400, age=9.0))], 10, NOW, 2.0, hold=True).reason == FALLBACK
+
+
 def test_pages_needed():
     req = SimpleNamespace(prompt_tokens=100, max_tokens=60)
     assert pages_needed(req, 16.0) == 10
@@ -263,10 +278,10 @@ def _router():
     return router
 
 
-def _choose(replicas, request, router=None) -> list[list[str]]:
+def _choose(replicas, request, router=None, waited_s: float = 0.0) -> list[list[str]]:
     router = router or _router()
     ctx = SimpleNamespace(should_backoff=False)
-    pending = SimpleNamespace(args=[request], kwargs={}, routing_context=ctx)
+    pending = SimpleNamespace(args=[request], kwargs={}, routing_context=ctx, created_at=time.time() - waited_s)
     out = asyncio.run(router.choose_replicas(replicas, pending))
     assert ctx.should_backoff is True
     return [[r.replica_id.unique_id for r in rank] for rank in out]
@@ -315,3 +330,13 @@ def test_a_burst_discount_adds_to_the_commitments():
     request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
     firsts = [_choose(reps, request, router)[0][0] for _ in range(12)]
     assert firsts == ["b"] * 5 + ["a", "b"] * 3 + ["a"]  # b's 50 pages, then turn about
+
+
+def test_router_holds_a_request_no_replica_has_room_for_until_hold_s():
+    router = _router()
+    router.initialize_state(max_age_s=2.0, hold_s=5.0)
+    full = [_replica("a", 3), _replica("b", 8)]
+    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages
+    assert _choose(full, request, router) == []  # Serve retries with backoff
+    assert _choose([_replica("a", 3), _replica("b", 80)], request, router) == [["b"]]
+    assert _choose(full, request, router, waited_s=6.0) == [["b"], ["a"]]  # held long enough: best effort
