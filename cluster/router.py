@@ -58,18 +58,6 @@ class FreePageRouter(RequestRouter):
         committed = None if stats.committed_pages is None else stats.committed_pages + pages
         return dataclasses.replace(stats, free_pages=max(stats.free_pages - pages, 0), committed_pages=committed)
 
-    def held_before(self, pending_request: PendingRequest) -> bool:
-        """Whether an older request is held here: the held go first, in arrival order (else the
-        small requests arriving behind a long one would take every page that frees up and the
-        long one would wait its whole ``hold_s``)."""
-        held = self.__dict__.setdefault("held", {})
-        for key, other in list(held.items()):
-            future = getattr(other, "future", None)
-            if future is not None and future.done():  # routed elsewhere or cancelled
-                del held[key]
-        return any(other.created_at < pending_request.created_at
-                   for key, other in held.items() if key != id(pending_request))
-
     def remember(self, replica_id: str, stats: routing.ReplicaStats | None, pages: int) -> None:
         if stats is None:
             return
@@ -98,16 +86,11 @@ class FreePageRouter(RequestRouter):
         if request is not None and tpps:
             need = routing.pages_needed(request, min(tpps))
         now = time.time()
-        hold = pending_request is not None and now - pending_request.created_at < self.hold_s
-        choice = routing.rank_replicas(pairs, need, now, self.max_age_s, hold=hold)
-        if hold and choice.reason == routing.MOST_FREE_PAGES and self.held_before(pending_request):
-            choice = routing.RankedChoice([], routing.HOLD, None, choice.oldest_stats_age_s)
+        waited = now - pending_request.created_at if pending_request is not None else 0.0
+        choice = routing.rank_replicas(pairs, need, now, self.max_age_s, hold=waited < self.hold_s)
         routing.DECISIONS.record(choice)
-        held = self.__dict__.setdefault("held", {})
         if choice.reason == routing.HOLD:
-            held[id(pending_request)] = pending_request
             return []  # Serve retries with backoff; fresh stats or finished requests make room
-        held.pop(id(pending_request), None)
         if choice.reason == routing.MOST_FREE_PAGES:
             first = choice.ranks[0][0]
             self.remember(first, reported[first], need or 0)  # Serve takes the first rank with room

@@ -278,17 +278,12 @@ def _router():
     return router
 
 
-def _pending(request, waited_s: float = 0.0) -> SimpleNamespace:
-    """A PendingRequest as the router sees it (Serve retries the same one until it is routed)."""
-    return SimpleNamespace(args=[request], kwargs={}, routing_context=SimpleNamespace(should_backoff=False),
-                           created_at=time.time() - waited_s)
-
-
 def _choose(replicas, request, router=None, waited_s: float = 0.0) -> list[list[str]]:
     router = router or _router()
-    pending = request if hasattr(request, "routing_context") else _pending(request, waited_s)
+    ctx = SimpleNamespace(should_backoff=False)
+    pending = SimpleNamespace(args=[request], kwargs={}, routing_context=ctx, created_at=time.time() - waited_s)
     out = asyncio.run(router.choose_replicas(replicas, pending))
-    assert pending.routing_context.should_backoff is True
+    assert ctx.should_backoff is True
     return [[r.replica_id.unique_id for r in rank] for rank in out]
 
 
@@ -341,21 +336,7 @@ def test_router_holds_a_request_no_replica_has_room_for_until_hold_s():
     router = _router()
     router.initialize_state(max_age_s=2.0, hold_s=5.0)
     full = [_replica("a", 3), _replica("b", 8)]
-    request = _pending(SimpleNamespace(prompt_tokens=100, max_tokens=60))  # 10 pages
+    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages
     assert _choose(full, request, router) == []  # Serve retries with backoff
     assert _choose([_replica("a", 3), _replica("b", 80)], request, router) == [["b"]]
-    late = _pending(SimpleNamespace(prompt_tokens=100, max_tokens=60), waited_s=6.0)
-    assert _choose(full, late, router) == [["b"], ["a"]]  # held long enough: best effort
-
-
-def test_held_requests_go_first_in_arrival_order():
-    router = _router()
-    router.initialize_state(max_age_s=2.0, hold_s=5.0)
-    long = _pending(SimpleNamespace(prompt_tokens=400, max_tokens=240), waited_s=1.0)  # 40 pages
-    short = _pending(SimpleNamespace(prompt_tokens=50, max_tokens=30))  # 5 pages
-    full = [_replica("a", 20), _replica("b", 10)]
-    assert _choose(full, long, router) == []  # held: no replica has 40 free pages
-    assert _choose(full, short, router) == []  # would fit, but the long one arrived first
-    room = [_replica("a", 50), _replica("b", 10)]
-    assert _choose(room, long, router) == [["a"]]  # the long one goes first, where it fits ...
-    assert _choose(room, short, router) == [["a"], ["b"]]  # ... then the short one (10 left on each)
+    assert _choose(full, request, router, waited_s=6.0) == [["b"], ["a"]]  # held long enough: best effort
