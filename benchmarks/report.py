@@ -105,7 +105,8 @@ def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Router (`bench_router.py`)", "",
              environment_line(path, data["environment"])
              + f"; {deployment['replicas']} replicas of `{deployment['model']}` at {deployment['replica_cpus']} CPU, "
-             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", ""]
+             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", "",
+             *([data["note"], ""] if data.get("note") else [])]
     for run in router_runs(data):
         schedule = run["schedule"]
         lines += [(f"{run['rate_per_s']:g} requests/s: {schedule['requests']} requests ({schedule['long']} long) "
@@ -124,6 +125,20 @@ def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
             fewer_text = "-" if fewer is None else f"{100 * fewer:.0f}%"
             lines += ["", (f"p99 TTFT, power-of-two over free-pages: {ratio_text} (target ≥ 1.3x); "
                            f"preemptions avoided by free-pages: {fewer_text} (target ≥ 50%).")]
+        lines.append("")
+    return lines + router_variant_tables(data.get("variants", {}))
+
+
+def router_variant_tables(variants: dict[str, Any]) -> list[str]:
+    """Other router settings measured with the same schedules (``variants``: name -> runs)."""
+    lines = []
+    for name, variant in variants.items():
+        lines += [f"Variant: {name}", "", "| requests/s | router | TTFT p50 ms | TTFT p99 ms | preemptions | requests/s served |",
+                  "|---|---|---|---|---|---|"]
+        for run in variant["runs"]:
+            for router, r in ((k, v) for k, v in run.items() if k != "rate_per_s"):
+                lines.append(f"| {run['rate_per_s']:g} | {router} | {_ms(r['ttft_s']['p50'])} | {_ms(r['ttft_s']['p99'])} | "
+                             f"{r['preemptions']} | {r['requests_per_s']:.2f} |")
         lines.append("")
     return lines
 

@@ -33,8 +33,9 @@ class AppOptions:
     page_size: int | None = None
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
-    #: How long a request no replica has free KV pages for may wait at the free-page router.
-    router_hold_s: float = 30.0
+    #: How long a request no replica has free KV pages for may wait at the free-page router
+    #: (0: not at all, it goes to the replica with the most headroom; ``cluster.router``).
+    router_hold_s: float = 0.0
     metrics_period_s: float = 1.0  # how often each replica pushes its metrics to the hub
     replica_cpus: float = 1.0
     #: "free-pages": vattn's FreePageRouter (cluster.router); "power-of-two": Serve's default

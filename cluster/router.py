@@ -108,13 +108,15 @@ def _request_of(pending_request: PendingRequest | None) -> object | None:
     return pending_request.kwargs.get("request")
 
 
-def router_config(period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 30.0) -> RequestRouterConfig:
+def router_config(period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 0.0) -> RequestRouterConfig:
     """RequestRouterConfig for vattn replica deployments.
 
     Replicas are polled for ``record_routing_stats()`` every ``period_s`` (x U(0.9, 1.1)); stats
     older than ``max_age_s`` (default ``max(4 * period_s + 1, 2)`` seconds) make the router fall
-    back to power of two choices. A request that no replica has free pages for waits at the
-    router up to ``hold_s`` seconds (0: never), retried at most every ``period_s``.
+    back to power of two choices. With ``hold_s`` > 0 a request that no replica has free pages
+    for waits at the router up to ``hold_s`` seconds, retried at most every ``period_s`` (off by
+    default: on the CPU router benchmark it cut preemptions and the median TTFT under overload but
+    lengthened the p99, see benchmarks/README.md).
     """
     if max_age_s is None:
         max_age_s = max(4 * period_s + 1.0, 2.0)
