@@ -78,7 +78,6 @@ def load_tokenizer(model_dir: Path) -> Any:
 class LaunchedStep:
     """A step running on the device; its sampled tokens are on their way to the host."""
 
-    requests: tuple[Request, ...]
     sampled: tuple[Request, ...]
     tokens: torch.Tensor | None  # the sampled token ids, on the device (read by the next step)
     copy: HostCopy | None
@@ -246,7 +245,7 @@ class LLMEngine:
                 request.in_flight += 1
                 request.in_flight_row = row
         self.scheduler.launched(scheduled.requests)
-        return LaunchedStep(scheduled.requests, tuple(sampled), tokens, copy)
+        return LaunchedStep(tuple(sampled), tokens, copy)
 
     def _fail(self, requests: list[Request], failure: StepFailed) -> list[RequestOutput]:
         """Ends ``requests`` with ``error`` set (their slots are freed; under TP the release reaches
@@ -269,7 +268,7 @@ class LLMEngine:
         input_ids: list[int] = []
         rows, sampled, patches = [], [], []
         for request, context, query in zip(scheduled.requests, scheduled.context_lens, scheduled.query_lens):
-            known = request.num_tokens - request.in_flight
+            known = len(request.prompt_token_ids) + len(request.output_token_ids)  # on the host
             input_ids += request.token_ids(context, min(context + query, known))
             if context + query > known:  # its last token is still on the device
                 assert request.in_flight == 1 and context + query == known + 1
@@ -290,10 +289,11 @@ class LLMEngine:
         while it ran (stop, abort) get nothing: their token is dropped."""
         result = launched.copy.wait() if launched.copy is not None else None
         self.scheduler.step_completed()
+        if result is None:  # prefill chunks only: nothing sampled
+            return []
         now = time.monotonic()
         outputs = []
         for i, request in enumerate(launched.sampled):
-            assert result is not None
             request.in_flight -= 1
             if request.status is RequestStatus.FINISHED:
                 continue

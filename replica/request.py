@@ -64,8 +64,10 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: str | None = None
-    in_flight: int = 0  # 0 or 1
-    in_flight_row: int = -1
+    #: Tokens sampled on the device, not read yet: 1 while a step is in flight, 2 for the moment
+    #: between launching the next step and reading the previous one's tokens.
+    in_flight: int = 0
+    in_flight_row: int = -1  # the newest one's row in its step's sampled tokens
 
     @property
     def num_tokens(self) -> int:

@@ -14,9 +14,10 @@ mapping. They run from the next step on, in arrival order as before.
 
 With asynchronous scheduling the engine schedules a step while the previous one still runs on the
 device (``in_flight``: each launched step's requests). Nothing is unmapped under a running step: a
-slot dropped while its request is in flight is released by ``step_completed``, and a step that would have to
-preempt is not scheduled (``schedule(preempt=False)`` returns None and sets ``blocked``) until the
-engine has completed the step in flight. Requests whose last token is in flight are not scheduled.
+slot dropped while its request is in flight is released by ``step_completed``, and a step that
+would have to preempt is not scheduled (``schedule(preempt=False)`` returns None and sets
+``blocked``) until the engine has completed the step in flight. Requests whose last token is in
+flight are not scheduled.
 """
 
 from __future__ import annotations
@@ -84,12 +85,11 @@ class Scheduler:
             if request.out_of_tokens:
                 continue  # finishes when its last token reaches the host
             tokens = min(request.pending_tokens, budget)
-            if not preempt:
-                if not self._fits(request, request.computed + tokens):
-                    self.blocked = True
-                    return None
+            if not preempt and not self._fits(request, request.computed + tokens):
+                self.blocked = True
+                return None
             # Victims come from the tail (newest), never from the requests already chosen.
-            elif not self._back(request, request.computed + tokens):
+            if preempt and not self._back(request, request.computed + tokens):
                 break  # it was the newest itself
             chosen[request] = tokens
             budget -= tokens
@@ -195,11 +195,10 @@ class Scheduler:
         held back."""
         self.in_flight.popleft()
         held = frozenset().union(*self.in_flight)
-        still = [(request, slot) for request, slot in self._deferred if request in held]
         for request, slot in self._deferred:
             if request not in held:
                 self.kv.release(slot)
-        self._deferred = still
+        self._deferred = [(request, slot) for request, slot in self._deferred if request in held]
 
     def requests(self) -> Iterable[Request]:
         yield from self.running
