@@ -59,12 +59,11 @@ class DecodeGraphs:
         return next(s for s in self.sizes if s >= len(query_lens))
 
     def run(self, slots: tuple[int, ...], context_lens: tuple[int, ...], input_ids: tuple[int, ...],
-            size: int, patch: Callable[[torch.Tensor], None] | None = None,
-            planned: Callable[[], None] | None = None) -> torch.Tensor:
+            size: int, patch: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Runs a decode step (sequences in ``slots``, one new token each, ``input_ids`` in their
         order) in the graph of ``size``; returns float32 logits [n, vocab], a view valid until the
         next step. ``patch(ids)`` may then rewrite the step's input ids on the device (tokens the
-        host does not know yet); ``planned()`` is called once the step's plan is copied."""
+        host does not know yet)."""
         n = len(slots)
         padded = StepBatch.build_padded(slots, context_lens, size, self.device)
         extra = size - n
@@ -76,8 +75,6 @@ class DecodeGraphs:
             if extra:  # padding repeats the last sequence's token, patched or not
                 self.input_ids[n:size].copy_(self.input_ids[n - 1 : n].expand(extra))
         self.attention.plan_graph(padded)
-        if planned is not None:
-            planned()
         graph = self.graphs.get(size)
         if graph is None:
             self._forward(size)  # this step, eagerly on the static buffers: also the warm-up

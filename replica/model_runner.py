@@ -21,6 +21,7 @@ from replica.kv_allocator import KVCacheAllocator
 from replica.kv_config import KVCacheConfig
 from replica.model import ModelConfig, load_model
 from replica.paged import PagedKVCache, PagedKVConfig, make_paged_attention_backend
+from replica.sampling import to_device
 from replica.vmm import DEFAULT_PAGE_SIZE, open_device
 
 #: GPU memory kept out of the KV budget for activations, logits and kernel workspaces.
@@ -62,7 +63,6 @@ class ModelRunner:
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
-        self._planned: torch.cuda.Event | None = None  # recorded after the last step's plan copies
 
     def _make_graphs(self) -> DecodeGraphs | None:
         """Graphs on one CUDA device (under tensor parallelism the steps stay eager)."""
@@ -125,47 +125,30 @@ class ModelRunner:
         """Runs one step; returns float32 logits [len(sample_rows), vocab]. Each ``(row, source)``
         of ``patches`` sets input token ``row`` to ``previous_tokens[source]`` on the device (a
         token the previous step sampled and the host has not read: asynchronous scheduling)."""
-        if self._planned is not None:
-            # The previous step's plan copies (FlashInfer's pinned host buffers among them, which
-            # planning this step overwrites) must have left; they precede its kernels, so this
-            # returns at once unless the device is still on the step before.
-            self._planned.synchronize()
         size = self.graphs.size_for(plan.query_lens) if self.graphs is not None else None
         if size is not None:
             assert self.graphs is not None
             logits = self.graphs.run(plan.slots, plan.context_lens, plan.input_ids, size,
-                                     lambda ids: self._patch(ids, patches, previous_tokens), self._mark_planned)
+                                     lambda ids: self._patch(ids, patches, previous_tokens))
             self._map_next_step(plan)  # while the GPU replays the graph
             if plan.sample_rows == tuple(range(len(plan.slots))):
                 return logits
-            return logits[self._to_device(plan.sample_rows)]
+            return logits[to_device(plan.sample_rows, torch.long, self.device)]
         batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
-        ids = self._to_device(plan.input_ids)
+        ids, positions, rows = (to_device(v, torch.long, self.device) for v in (plan.input_ids, plan.positions, plan.sample_rows))
         self._patch(ids, patches, previous_tokens)
-        positions, rows = self._to_device(plan.positions), self._to_device(plan.sample_rows)
         with torch.inference_mode():
             self.attention.plan(batch)
-            self._mark_planned()
             hidden = self.model(ids, positions, self.attention)
             self._map_next_step(plan)  # while the GPU runs the layers just launched
             return self.model.compute_logits(hidden[rows])
-
-    def _to_device(self, values: object) -> torch.Tensor:
-        """An int64 tensor on the device, copied from pinned memory: no host sync on the way."""
-        return torch.tensor(values, dtype=torch.long, pin_memory=self.device.type == "cuda").to(
-            self.device, non_blocking=True)
 
     def _patch(self, ids: torch.Tensor, patches: tuple[tuple[int, int], ...], previous: torch.Tensor | None) -> None:
         if not patches:
             return
         assert previous is not None
-        index = self._to_device(patches).T
+        index = to_device(patches, torch.long, ids.device).T
         ids.index_copy_(0, index[0], previous.index_select(0, index[1]))
-
-    def _mark_planned(self) -> None:
-        if self.device.type == "cuda":
-            self._planned = torch.cuda.Event()
-            self._planned.record()
 
     def _map_next_step(self, plan: StepPlan) -> None:
         """Books each sequence's new length and submits the pages the next step needs to the

@@ -198,8 +198,9 @@ class HostCopy:
         return HostSampleResult(token_ids, logprobs, top)
 
 
-def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-row parameter tensor on ``device`` without a host sync.
+def to_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a ``dtype`` tensor on ``device`` without a host sync (per-row sampling
+    parameters, a step's token ids and positions).
 
     A blocking host->device copy synchronises the stream, so CUDA copies go through pinned memory.
     """
@@ -224,7 +225,7 @@ def _filtered_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
 
     temps = [1.0 if p.greedy else p.temperature for p in params]
     if any(t != 1.0 for t in temps):
-        x = x / _to_device(temps, torch.float32, device)[:, None]
+        x = x / to_device(temps, torch.float32, device)[:, None]
 
     k_on = [0 < p.top_k < vocab for p in params]
     p_on = [p.top_p < 1.0 and not p.greedy for p in params]
@@ -232,7 +233,7 @@ def _filtered_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
         sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
         if any(k_on):
             ks = [p.top_k if on else vocab for p, on in zip(params, k_on)]
-            kth = sorted_x.gather(1, _to_device(ks, torch.int64, device)[:, None] - 1)
+            kth = sorted_x.gather(1, to_device(ks, torch.int64, device)[:, None] - 1)
             sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
         sorted_probs = sorted_x.softmax(dim=-1)
         # Mass strictly before each token; a token is kept while that is < p, which keeps exactly
@@ -240,15 +241,15 @@ def _filtered_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         # Rows without top-p get p = 2: rounding can push `before` to 1.0000001, never to 2.
         ps = [p.top_p if on else 2.0 for p, on in zip(params, p_on)]
-        drop = before >= _to_device(ps, torch.float32, device)[:, None]
+        drop = before >= to_device(ps, torch.float32, device)[:, None]
         sorted_x = sorted_x.masked_fill(drop, -math.inf)
         x = torch.empty_like(x).scatter_(1, order, sorted_x)
     elif any(k_on):
         kmax = max(p.top_k for p, on in zip(params, k_on) if on)
         top_vals = x.topk(kmax, dim=-1).values  # [B, kmax]
         ks = [p.top_k if on else 1 for p, on in zip(params, k_on)]
-        kth = top_vals.gather(1, _to_device(ks, torch.int64, device)[:, None] - 1)
-        kth = kth.masked_fill(~_to_device(k_on, torch.bool, device)[:, None], -math.inf)
+        kth = top_vals.gather(1, to_device(ks, torch.int64, device)[:, None] - 1)
+        kth = kth.masked_fill(~to_device(k_on, torch.bool, device)[:, None], -math.inf)
         x = x.masked_fill(x < kth, -math.inf)
     return x
 
@@ -262,7 +263,7 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     greedy = [p.greedy for p in params]
     if any(greedy):
         one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        is_greedy = _to_device(greedy, torch.bool, logits.device)[:, None]
+        is_greedy = to_device(greedy, torch.bool, logits.device)[:, None]
         probs = torch.where(is_greedy, one_hot, probs)
     return probs
 
@@ -329,6 +330,6 @@ def sample(
         probs = _filtered_logits(logits, params).softmax(dim=-1)
         token_ids = _exponential_race(probs, params, generators)
         if any(greedy):
-            is_greedy = _to_device(greedy, torch.bool, logits.device)
+            is_greedy = to_device(greedy, torch.bool, logits.device)
             token_ids = torch.where(is_greedy, logits.argmax(dim=-1), token_ids)
     return _with_logprobs(logits, token_ids, params)

@@ -34,6 +34,7 @@ class FlashInferKernels:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
         self.graph_decodes: dict[int, object] = {}  # batch size -> cuda-graph-mode decode wrapper
         self.active: object = self.decode
+        self.planned: torch.cuda.Event | None = None  # recorded behind the last plan's copies
         self.head_dim = head_dim
         self.common = {
             "num_qo_heads": num_q_heads, "num_kv_heads": num_kv_heads, "page_size": page_size,
@@ -43,15 +44,24 @@ class FlashInferKernels:
     def plan(self, batch: StepBatch, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor,
              graph_pages: int | None = None) -> None:
         """``indptr`` and ``last_page_len`` on the host (FlashInfer plans there: device tensors
-        would sync), ``indices`` on the device."""
+        would sync), ``indices`` on the device.
+
+        A wrapper's plan fills its pinned host buffer and copies it to the device behind the work
+        already queued; with asynchronous scheduling the previous step may still be queued, so
+        this first waits until the previous plan's copies have left (at once, unless the device is
+        still on the step before that), then overwrites the buffers."""
+        if self.planned is not None:
+            self.planned.synchronize()
         if not batch.is_decode:
             self.prefill.plan(batch.cu_query_host, indptr, indices, last_page_len, head_dim_qk=self.head_dim,
                               causal=True, **self.common)
             self.active = self.prefill
-            return
-        wrapper = self.decode if graph_pages is None else self._graph_decode(batch.num_sequences, graph_pages)
-        wrapper.plan(indptr, indices, last_page_len, head_dim=self.head_dim, **self.common)  # type: ignore[attr-defined]
-        self.active = wrapper
+        else:
+            wrapper = self.decode if graph_pages is None else self._graph_decode(batch.num_sequences, graph_pages)
+            wrapper.plan(indptr, indices, last_page_len, head_dim=self.head_dim, **self.common)  # type: ignore[attr-defined]
+            self.active = wrapper
+        self.planned = torch.cuda.Event()
+        self.planned.record()
 
     def _graph_decode(self, batch_size: int, max_pages: int) -> object:
         if batch_size not in self.graph_decodes:
