@@ -50,8 +50,8 @@ from benchmarks.load_test import (
     send,
     wait_at_rest,
 )
+from cluster.routing import ROUTERS
 
-ROUTERS = ("free-pages", "power-of-two")
 MiB = 1 << 20
 
 

@@ -14,9 +14,8 @@ from ray.serve.config import RequestRouterConfig
 from cluster.ingress import VattnIngress
 from cluster.replica_deployment import VattnReplica
 from cluster.router import router_config
+from cluster.routing import ROUTERS
 from replica.engine_config import EngineConfig
-
-ROUTERS = ("free-pages", "power-of-two")
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,9 @@ ROUTER_REQUESTS = MetricDef("vattn_router_requests_total", "counter",
                             "Requests the free-page router ranked this replica first for.",
                             (*ROUTER_LABELS, "replica"), "by_replica")
 ROUTER_FREE_PAGES = MetricDef("vattn_router_last_free_pages", "gauge",
-                              "Effective free KV pages (free less its queue's) of the replica chosen by the last "
-                              "ranked decision.", ROUTER_LABELS, "last_free_pages")
+                              "KV headroom (free pages less its queue's, capped by the budget less its requests' "
+                              "max_tokens) of the replica chosen by the last ranked decision.", ROUTER_LABELS,
+                              "last_free_pages")
 ROUTER_STATS_AGE = MetricDef("vattn_router_last_stats_age_seconds", "gauge",
                              "Age of the oldest replica stats at the last decision.", ROUTER_LABELS,
                              "last_stats_age_s")

@@ -1,7 +1,8 @@
 """The replica deployment: one Serve replica = one engine (a tensor-parallel group of ranks).
 
 It streams ``RequestOutput`` deltas back to the caller, reports what the free-page router needs
-(free KV pages, and the pages its queue will take) through ``record_routing_stats``, and pushes its
+(free KV pages, the pages its queue will take and the pages its requests will hold at their
+``max_tokens``) through ``record_routing_stats``, and pushes its
 Prometheus metrics to the metrics hub about once a second (``cluster.metrics_hub``; the ingress
 serves them on ``/metrics``). A caller that stops iterating (client disconnect) cancels the stream,
 which aborts the request and frees its slot.

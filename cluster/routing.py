@@ -22,9 +22,9 @@ at the router (Serve retries with backoff) for the first replica with room, inst
 at one replica behind requests that hold its pages (and pushing it into preemption when it is
 admitted there). Holding goes by the pages free now, not by the promises: requests that stop
 long before their ``max_tokens`` must not keep a half-empty replica from getting work. The
-caller bounds how long a request is held. If ``n`` is unknown, or any candidate's stats are missing, malformed or older than
-``max_age_s``, the policy returns reason ``"fallback"`` and the caller routes by power of two
-choices instead. Stats without ``queued_pages`` or ``committed_pages`` (older replicas) count as
+caller bounds how long a request is held. If ``n`` is unknown, or any candidate's stats are
+missing, malformed or older than ``max_age_s``, the policy returns reason ``"fallback"`` and the
+caller routes by power of two choices instead. Stats without ``queued_pages`` or ``committed_pages`` (older replicas) count as
 no queue and no promises beyond the free pages.
 """
 
@@ -40,6 +40,8 @@ from typing import Any
 MOST_FREE_PAGES = "most_free_pages"
 FALLBACK = "fallback"
 HOLD = "hold"
+#: The routers an app can use: vattn's FreePageRouter, or Serve's default power of two choices.
+ROUTERS = ("free-pages", "power-of-two")
 
 
 def _is_int(v: Any) -> bool:

@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 
+from cluster.routing import ROUTERS
+
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
@@ -19,7 +21,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve_parser.add_argument("--max-model-len", type=int, default=4096)
     serve_parser.add_argument("--max-running", type=int, default=64)
-    serve_parser.add_argument("--router", default="free-pages", choices=["free-pages", "power-of-two"],
+    serve_parser.add_argument("--router", default=ROUTERS[0], choices=ROUTERS,
                               help="free-pages: the replica with the most free KV pages; power-of-two: Serve's default")
     serve_parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     serve_parser.add_argument("--host", default="127.0.0.1")
