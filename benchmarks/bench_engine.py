@@ -84,21 +84,18 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     generated, started = 0, time.perf_counter()
     generated_untimed, untimed = 0, 0.0
     other_steps = 0.0  # prefill and mixed steps
-    profiled = host_profile = None
+    # Profiled steps, after this many timed decode steps, are kept out of the timed total: the
+    # profiler's start-up (CUPTI) is paid by whichever mode runs first, so the modes compare fairly.
+    profilers: dict[int, tuple[str, Any, int]] = {20: ("device", profile_steps, 5), 40: ("host", profile_host, 10)}
+    profiles: dict[str, Any] = {}
     while engine.has_work():
         running = list(engine.scheduler.running)
         decoding = bool(running) and not engine.scheduler.waiting and all(r.pending_tokens == 1 for r in running)
         context = sum(r.num_tokens for r in running)
         step_start = time.perf_counter()
-        if profile and decoding and profiled is None and len(decode_steps) == 20:
-            # NOTE: the profiler's start-up (CUPTI) is paid by whichever mode runs first: its steps
-            # are kept out of the timed total so the modes compare fairly.
-            profiled, outputs = profile_steps(engine, 5)
-            generated_untimed += sum(len(o.token_ids) for o in outputs)
-            untimed += time.perf_counter() - step_start
-            continue
-        if profile and decoding and host_profile is None and len(decode_steps) == 40:
-            host_profile, outputs = profile_host(engine, 10)
+        if profile and decoding and len(decode_steps) in profilers:
+            name, run_profiler, steps = profilers.pop(len(decode_steps))
+            profiles[name], outputs = run_profiler(engine, steps)
             generated_untimed += sum(len(o.token_ids) for o in outputs)
             untimed += time.perf_counter() - step_start
             continue
@@ -134,10 +131,10 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     if full:
         seconds, batch, context = sorted(full)[len(full) // 2]
         result["decode_step"] = decode_analysis(runner, seconds, batch, context, bytes_per_token, args)
-    if profiled:
-        result["profile_top_ops"], result["profiled_device_ms_per_step"] = profiled
-    if host_profile:
-        result["host_profile"] = host_profile
+    if "device" in profiles:
+        result["profile_top_ops"], result["profiled_device_ms_per_step"] = profiles["device"]
+    if "host" in profiles:
+        result["host_profile"] = profiles["host"]
     del engine, runner, kv
     gc.collect()
     if torch.cuda.is_available():
@@ -224,7 +221,8 @@ def profile_host(engine: LLMEngine, steps: int) -> tuple[dict[str, Any], list[An
     profiler.disable()
     wall_ms = (time.perf_counter() - started) * 1e3 / steps
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    stages = ("schedule", "_plan", "execute", "run", "plan_graph", "step_async", "_sample", "sample", "build", "padded")
+    stages = ("schedule", "_launch", "_plan", "execute", "run", "plan_graph", "step_async", "sample", "_complete",
+              "build", "build_padded")
     cumulative: dict[str, float] = {}
     own = []
     for (path, line, name), (_, calls, tottime, cumtime, _) in stats.items():

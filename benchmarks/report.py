@@ -28,6 +28,11 @@ def environment_line(path: Path, env: dict[str, Any]) -> str:
             f"Python {env['python']}, {env['date']}")
 
 
+def note_lines(data: dict[str, Any]) -> list[str]:
+    """A result file's ``note`` (how it was made, when runs were merged) as a paragraph."""
+    return [data["note"], ""] if data.get("note") else []
+
+
 def mapping_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Page mapping (`bench_mapping.py`)", "", environment_line(path, data["environment"]), ""]
     latency = data["map_latency"]
@@ -48,7 +53,7 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Engine, offline (`bench_engine.py`)", "",
              environment_line(path, data["environment"])
              + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}", "",
-             *([data["note"], ""] if data.get("note") else []),
+             *note_lines(data),
              ("vs paged: against the paged mode run the same way (CUDA graphs or eager, asynchronous or `-sync` "
               "scheduling); HF against paged."), "",
              "| workload | mode | attention | tokens/s | vs paged | mapping wait % | KV waste % | preemptions |",
@@ -105,8 +110,7 @@ def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
     lines = ["### Router (`bench_router.py`)", "",
              environment_line(path, data["environment"])
              + f"; {deployment['replicas']} replicas of `{deployment['model']}` at {deployment['replica_cpus']} CPU, "
-             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", "",
-             *([data["note"], ""] if data.get("note") else [])]
+             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", "", *note_lines(data)]
     for run in router_runs(data):
         schedule = run["schedule"]
         lines += [(f"{run['rate_per_s']:g} requests/s: {schedule['requests']} requests ({schedule['long']} long) "
@@ -153,9 +157,7 @@ def soak_tables(path: Path, data: dict[str, Any]) -> list[str]:
             return ", ".join(f"{k} {v}" for k, v in value.items())
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    lines = ["### GPU soak (`soak_gpu.py`)", "", environment_line(path, data["environment"]), ""]
-    if data.get("note"):
-        lines += [data["note"], ""]
+    lines = ["### GPU soak (`soak_gpu.py`)", "", environment_line(path, data["environment"]), "", *note_lines(data)]
     lines += ["| figure | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for key in keys:
         lines.append(f"| {key} | " + " | ".join(cell(r[key]) if key in r else "" for r in runs.values()) + " |")
