@@ -194,6 +194,8 @@ class Scheduler:
         """The oldest step in flight has finished on the device: release the slots that only it
         held back."""
         self.in_flight.popleft()
+        if not self._deferred:  # the common step: nothing held back
+            return
         held = frozenset().union(*self.in_flight)
         for request, slot in self._deferred:
             if request not in held:
