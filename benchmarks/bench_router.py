@@ -4,6 +4,8 @@
                                                      # at 0.8, 1.6 and 2.4 requests/s
     python -m benchmarks.bench_router --rates 1.2    # other arrival rates (comma-separated)
     python -m benchmarks.bench_router --smoke        # a tiny run, for CI
+    python -m benchmarks.bench_router --gpu          # 3 replicas of Llama-3-8B shapes (synthetic bf16),
+                                                     # one GPU each, at 8, 16 and 24 requests/s
 
 One seeded open-loop schedule (Poisson arrivals; a mix of long requests, with long prompts and long
 outputs, and short ones) is replayed against the same app deployed once per router
@@ -22,7 +24,8 @@ waiting requests hold no pages yet). Every request is a streaming ``/v1/completi
 * from the ingress's ``/metrics``: the free-page router's decisions by reason and by replica (Serve's
   power-of-two router keeps no tally, so its counts are zero; the per-replica tokens show its split).
 
-Serve's power-of-two router draws its pairs from an unseeded RNG: only the schedule is repeatable.
+The app is deployed once per router and replays every rate's schedule in turn (at rest in
+between). Serve's power-of-two router draws its pairs from an unseeded RNG: only the schedule is repeatable.
 Results go to ``benchmarks/results/router-<device>-<date>.json``: ``runs`` holds one entry per rate
 (its workload, schedule, results per router and comparison).
 """
@@ -77,13 +80,15 @@ class Deployment:
     replicas: int = 3
     replica_cpus: float = 0.5  # 3 replicas + the ingress fit 2 cores
     kv_cache_bytes: int = 28 * MiB  # per replica: ~630 tokens of SmolLM2-135M (fp32, 45 KiB a token)
-    page_size: int = 256 * 1024
+    page_size: int | None = 256 * 1024  # None: the engine's 2 MiB
     max_model_len: int = 1024
     max_running: int = 16
     routing_stats_period_s: float = 0.5
+    growth_reserve: float = 0.5  # admission's reserve for running requests' growth (replica.growth_reserve)
+    device: str = "cpu"
 
     def app_args(self, router: str) -> dict[str, Any]:
-        return {**asdict(self), "router": router, "device": "cpu"}
+        return {**asdict(self), "router": router}
 
 
 FULL = (Workload(), Deployment())
@@ -94,6 +99,13 @@ TUNING = ("Tuned on a 2-core x86_64 host. Run 1, 1.5 requests/s (long 256-448 + 
           "and 28 MiB (about one long request per replica): little pressure, 1 preemption each. This setting, "
           "0.8 requests/s, sits between the two. 1.6 and 2.4 requests/s replay the same requests with arrivals "
           "2 and 3 times as dense: the replicas fall behind (~1.2 requests/s served) and queues build.")
+# One GPU per replica. Each replica's KV budget is cut to 2 GiB (16,384 tokens: four or five long
+# requests) so that pages run out at arrival rates one ingress streams comfortably.
+GPU = (Workload(requests=200, rate_per_s=8.0, long_prompt=(2048, 4096), long_output=(128, 256),
+                short_prompt=(128, 512), short_output=(16, 64)),
+       Deployment(model="synthetic", replica_cpus=2.0, kv_cache_bytes=2048 * MiB, page_size=None,
+                  max_model_len=4352, max_running=64, device="auto"))
+GPU_RATES = (8.0, 16.0, 24.0)
 SMOKE = (Workload(requests=6, rate_per_s=4.0, long_fraction=0.5, long_prompt=(48, 64), long_output=(6, 8),
                   short_prompt=(4, 8), short_output=(2, 4)),
          Deployment(replicas=2, kv_cache_bytes=8 * MiB, max_model_len=128, max_running=4))
@@ -180,8 +192,10 @@ def by_class(arrivals: list[Arrival], outcomes: list[Outcome]) -> dict[str, Any]
     return out
 
 
-def run_router(router: str, deployment: Deployment, arrivals: list[Arrival], base_url: str) -> dict[str, Any]:
-    """Deploys the app with ``router``, warms it, replays ``arrivals``, deletes the app."""
+def run_router(router: str, deployment: Deployment, schedules: list[list[Arrival]],
+               base_url: str) -> list[dict[str, Any]]:
+    """Deploys the app with ``router``, warms it, replays each schedule in turn (from rest), deletes
+    the app; one result per schedule."""
     from ray import serve
 
     from cluster.app import build_app
@@ -189,17 +203,26 @@ def run_router(router: str, deployment: Deployment, arrivals: list[Arrival], bas
 
     app_name, model = f"bench-router-{router}", served_model_name(deployment.model)
     serve.run(build_app(deployment.app_args(router)), name=app_name, route_prefix="/")
+    results = []
     try:
-        warm = [replace(a, at_s=0.0, max_tokens=2) for a in arrivals if a.kind == "short"][: 2 * deployment.replicas]
-        asyncio.run(replay(base_url, model, warm))
-        time.sleep(2 * deployment.routing_stats_period_s + 0.5)  # fresh page counts for the router
-        before, tally_before = replica_stats(app_name), router_tally(base_url)
-        load_before = os.getloadavg()
-        outcomes, wall, peak = asyncio.run(replay(base_url, model, arrivals))
-        load_after = os.getloadavg()
-        after, tally_after = wait_at_rest(app_name), router_tally(base_url)
+        shorts = [a for arrivals in schedules for a in arrivals if a.kind == "short"]
+        asyncio.run(replay(base_url, model, [replace(a, at_s=0.0, max_tokens=2) for a in shorts[: 2 * deployment.replicas]]))
+        for arrivals in schedules:
+            wait_at_rest(app_name)
+            time.sleep(2 * deployment.routing_stats_period_s + 0.5)  # fresh page counts for the router
+            results.append(measure(app_name, base_url, model, arrivals))
     finally:
         serve.delete(app_name)
+    return results
+
+
+def measure(app_name: str, base_url: str, model: str, arrivals: list[Arrival]) -> dict[str, Any]:
+    """Replays ``arrivals`` against the deployed app; the client's, engines' and router's view."""
+    before, tally_before = replica_stats(app_name), router_tally(base_url)
+    load_before = os.getloadavg()
+    outcomes, wall, peak = asyncio.run(replay(base_url, model, arrivals))
+    load_after = os.getloadavg()
+    after, tally_after = wait_at_rest(app_name), router_tally(base_url)
     summary = outcome_summary(outcomes, wall, peak)
     replicas = {rid: {k: after[rid][k] - before.get(rid, {}).get(k, 0)
                       for k in ("preemptions_total", "prompt_tokens_total", "generation_tokens_total")}
@@ -236,12 +259,17 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    size.add_argument("--gpu", action="store_true", help="one GPU per replica, Llama-3-8B shapes")
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, run in this order")
     parser.add_argument("--requests", type=int, help="override the workload's request count")
     parser.add_argument("--rate", type=float, help="one arrival rate (requests/s) instead of the defaults")
-    parser.add_argument("--rates", help="comma-separated arrival rates, one run each (default: 0.8,1.6,2.4; smoke: 4)")
+    parser.add_argument("--rates", help="comma-separated arrival rates, one run each (default: 0.8,1.6,2.4; "
+                                        "gpu: 8,16,24; smoke: 4)")
+    parser.add_argument("--replicas", type=int, help="override the number of replicas")
     parser.add_argument("--kv-cache-mib", type=int, help="override the KV budget per replica")
+    parser.add_argument("--growth-reserve", type=float, help="override admission's growth reserve (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
@@ -250,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     routers = [r for r in args.routers.split(",") if r]
     if unknown := set(routers) - set(ROUTERS):
         parser.error(f"unknown routers {sorted(unknown)}; known: {', '.join(ROUTERS)}")
-    workload, deployment = SMOKE if args.smoke else FULL
+    workload, deployment = SMOKE if args.smoke else GPU if args.gpu else FULL
     workload = replace(workload, seed=args.seed, requests=args.requests or workload.requests)
     if args.rates:
         try:
@@ -260,11 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.rate:
         rates = [args.rate]
     else:
-        rates = [workload.rate_per_s] if args.smoke else list(FULL_RATES)
+        rates = [workload.rate_per_s] if args.smoke else list(GPU_RATES if args.gpu else FULL_RATES)
     if not rates or any(r <= 0 for r in rates):
         parser.error("arrival rates must be > 0")
-    if args.kv_cache_mib:
-        deployment = replace(deployment, kv_cache_bytes=args.kv_cache_mib * MiB)
+    overrides = {"kv_cache_bytes": args.kv_cache_mib and args.kv_cache_mib * MiB, "replicas": args.replicas,
+                 "growth_reserve": args.growth_reserve}
+    deployment = replace(deployment, **{k: v for k, v in overrides.items() if v is not None})
 
     import ray
     from ray import serve
@@ -278,30 +307,36 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if args.gpu and gpus < deployment.replicas:
+            raise SystemExit(f"--gpu needs a GPU per replica: {deployment.replicas} replicas, {gpus} GPUs")
         model_dir = resolve_model_dir(deployment.model)
         vocab = ModelConfig.from_hf_dir(model_dir).vocab_size if model_dir else 32000
         base_url = f"http://127.0.0.1:{args.port}"
-        runs = []
-        for rate in rates:
-            run_workload = replace(workload, rate_per_s=rate)
-            arrivals = schedule(run_workload, vocab)
-            results = {}
-            for router in routers:
-                results[router] = run_router(router, deployment, arrivals, base_url)
-                print(f"{rate:g}/s", router, json.dumps({k: results[router][k] for k in
+        workloads = [replace(workload, rate_per_s=rate) for rate in rates]
+        schedules = [schedule(w, vocab) for w in workloads]
+        by_router = {}
+        for router in routers:
+            by_router[router] = run_router(router, deployment, schedules, base_url)
+            for rate, result in zip(rates, by_router[router]):
+                print(f"{rate:g}/s", router, json.dumps({k: result[k] for k in
                                                        ("ok", "errors", "ttft_s", "e2e_s", "preemptions",
                                                         "requests_per_s", "output_tokens_per_s", "router_decisions")}))
-            runs.append({"rate_per_s": rate, "workload": asdict(run_workload), "schedule": schedule_summary(arrivals),
-                         "results": results, "comparison": compare(results)})
-            print(f"{rate:g}/s", json.dumps(runs[-1]["comparison"], indent=2))
+        runs = []
+        for i, (run_workload, arrivals) in enumerate(zip(workloads, schedules)):
+            results = {router: by_router[router][i] for router in routers}
+            runs.append({"rate_per_s": run_workload.rate_per_s, "workload": asdict(run_workload),
+                         "schedule": schedule_summary(arrivals), "results": results, "comparison": compare(results)})
+            print(f"{run_workload.rate_per_s:g}/s", json.dumps(runs[-1]["comparison"], indent=2))
     finally:
         if owned:
             serve.shutdown()
             ray.shutdown()
+    backend = "cuda" if deployment.device != "cpu" and gpus else "cpu"
     payload = {
-        "environment": describe_device("cpu") | {"host_cpus": os.cpu_count()},
-        "settings": {"smoke": args.smoke, "tuning": None if args.smoke else TUNING, "routers": routers,
-                     "rates_per_s": rates, "deployment": asdict(deployment)},
+        "environment": describe_device(backend) | {"host_cpus": os.cpu_count(), "gpus": gpus},
+        "settings": {"smoke": args.smoke, "gpu": args.gpu, "tuning": None if args.smoke or args.gpu else TUNING,
+                     "routers": routers, "rates_per_s": rates, "deployment": asdict(deployment)},
         "runs": runs,
     }
     if not args.no_save:

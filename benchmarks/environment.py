@@ -27,10 +27,11 @@ def describe_device(backend: str) -> dict[str, Any]:
         info["device"] = torch.cuda.get_device_name()
         info["cuda_runtime"] = torch.version.cuda
         try:
-            info["driver"] = subprocess.run(
+            lines = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                 capture_output=True, text=True, check=True,
-            ).stdout.strip()
+            ).stdout.split()  # one line per GPU
+            info["driver"] = lines[0] if lines else "unknown"
         except (OSError, subprocess.CalledProcessError):
             info["driver"] = "unknown"
     else:

@@ -30,6 +30,9 @@ class AppOptions:
     max_running: int = 64
     kv_cache_bytes: int | None = None
     page_size: int | None = None
+    #: The share of running requests' remaining max_tokens that admission keeps pages for at
+    #: first (EngineConfig.growth_reserve; 0: admit on free pages alone).
+    growth_reserve: float = 0.5
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
     #: How long a request no replica has free KV pages for may wait at the free-page router
@@ -79,7 +82,7 @@ class AppOptions:
             model=self.model, attention=self.backend, kv_layout=self.kv_layout,
             device="cuda" if self.uses_gpu() else "cpu", max_model_len=self.max_model_len,
             max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes, page_size=self.page_size,
-            tensor_parallel_size=self.tp,
+            growth_reserve=self.growth_reserve, tensor_parallel_size=self.tp,
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 

@@ -71,11 +71,13 @@ class VattnReplica:
         limit = min(self.config.max_model_len, self.engine.engine.model_config.max_position_embeddings)
         return ModelInfo(self.name, limit, tokens_per_physical_page(kv))
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """What ``cluster.routing.ReplicaStats`` reads: free pages now, the pages the waiting
         requests need to be admitted (``queued_pages``) and the pages every request would hold at
-        its ``max_tokens`` (``committed_pages``), taken together under the engine's lock."""
-        stats, queued, committed = self.engine.call(lambda engine: (
+        its ``max_tokens`` (``committed_pages``), taken together between two engine steps. Async,
+        as the other methods that read the engine: Serve runs a plain method on the event loop
+        that streams the tokens, which would stall while the engine finishes its step."""
+        stats, queued, committed = await self.engine.call_async(lambda engine: (
             engine.stats(), engine.scheduler.waiting_pages(), engine.scheduler.committed_pages()))
         kv = self.engine.engine.kv.config
         return {
@@ -90,12 +92,12 @@ class VattnReplica:
             "timestamp": time.time(),
         }
 
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
+    async def stats(self) -> EngineStats:
+        return await self.engine.call_async(LLMEngine.stats)
 
-    def stats_dict(self) -> dict[str, Any]:
+    async def stats_dict(self) -> dict[str, Any]:
         """The engine's stats as plain data, with this replica's id under ``"replica"``."""
-        return {**dataclasses.asdict(self.engine.stats()), "replica": self.replica_id}
+        return {**dataclasses.asdict(await self.stats()), "replica": self.replica_id}
 
     def check_health(self) -> None:
         if self.engine.engine.broken:

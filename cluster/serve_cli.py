@@ -21,6 +21,9 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve_parser.add_argument("--max-model-len", type=int, default=4096)
     serve_parser.add_argument("--max-running", type=int, default=64)
+    serve_parser.add_argument("--growth-reserve", type=float, default=0.5,
+                              help="share of running requests' remaining max_tokens admission keeps KV pages for "
+                                   "at first; it learns from preemptions (0: admit on free pages alone)")
     serve_parser.add_argument("--router", default=ROUTERS[0], choices=ROUTERS,
                               help="free-pages: the replica with the most free KV pages; power-of-two: Serve's default")
     serve_parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -46,7 +49,8 @@ def serve_main(args: argparse.Namespace) -> int:
     app = build_app({
         "model": args.model, "tp": args.tp, "replicas": args.replicas, "backend": args.backend,
         "kv_layout": args.kv_layout, "device": args.device, "max_model_len": args.max_model_len,
-        "max_running": args.max_running, "api_key": args.api_key, "router": args.router,
+        "max_running": args.max_running, "growth_reserve": args.growth_reserve, "api_key": args.api_key,
+        "router": args.router,
     })
     started = time.monotonic()
     print(f"deploying {args.model} ({args.replicas} replica(s) x tp {args.tp}) ...", flush=True)

@@ -2,6 +2,11 @@
 await per-request async iterators of ``RequestOutput`` deltas. The engine is warmed up first
 (``LLMEngine.warm_up``: decode CUDA graphs captured on a GPU). Leaving the iterator early (client
 disconnect, cancellation) aborts the request and frees its slot at once.
+
+Callers (new requests, aborts, stats) take turns with the loop: between two steps the loop lets
+every waiting caller in first, so none waits longer than the step that is running (a plain lock
+the loop re-takes at once would keep them out for many steps under load). The async methods wait
+in a worker thread, never on the caller's event loop, which streams every other request's tokens.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from replica.engine import LLMEngine
@@ -29,6 +35,8 @@ class AsyncLLMEngine:
         if captured:
             log.info("captured %d decode CUDA graphs", captured)
         self._lock = threading.Lock()  # guards the engine: the loop thread and callers
+        self._turn = threading.Condition()  # guards _callers; the loop waits on it between steps
+        self._callers = 0  # callers waiting for the engine or using it
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._ids = itertools.count()
@@ -42,7 +50,7 @@ class AsyncLLMEngine:
 
     def check(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Tokenizes and validates without queueing (raises ValueError for impossible requests)."""
-        with self._lock:
+        with self._engine():
             token_ids = self.engine.tokenize(prompt)
             self.engine.check_fits(len(token_ids), params.max_tokens)
         return token_ids
@@ -52,9 +60,13 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params)  # ValueError for impossible requests
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        loop = asyncio.get_running_loop()
+
+        def add(engine: LLMEngine) -> None:
+            engine.add_request(request_id, prompt, params)  # ValueError for impossible requests
+            self._queues[request_id] = (loop, queue)
+
+        await self.call_async(add)
         self._wake.set()
         finished = False
         try:
@@ -68,17 +80,34 @@ class AsyncLLMEngine:
             self._queues.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
+        with self._engine():
             self.engine.abort(request_id)
 
     def stats(self) -> EngineStats:
-        with self._lock:
+        with self._engine():
             return self.engine.stats()
 
     def call(self, function: Callable[[LLMEngine], Any]) -> Any:
-        """Runs ``function(engine)`` under the engine's lock (for stats and maintenance)."""
-        with self._lock:
+        """Runs ``function(engine)`` between steps (for stats and maintenance)."""
+        with self._engine():
             return function(self.engine)
+
+    async def call_async(self, function: Callable[[LLMEngine], Any]) -> Any:
+        """``call`` from an event loop: waits for the engine in a worker thread."""
+        return await asyncio.to_thread(self.call, function)
+
+    @contextmanager
+    def _engine(self) -> Iterator[LLMEngine]:
+        """The engine, to a caller: it goes before the loop's next step."""
+        with self._turn:
+            self._callers += 1
+        try:
+            with self._lock:
+                yield self.engine
+        finally:
+            with self._turn:
+                self._callers -= 1
+                self._turn.notify_all()
 
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
@@ -91,6 +120,8 @@ class AsyncLLMEngine:
     def _loop(self) -> None:
         while not self._stopping:
             self._wake.wait()
+            with self._turn:  # callers first; a flood of them delays a step by 50 ms at most
+                self._turn.wait_for(lambda: self._callers == 0, timeout=0.05)
             with self._lock:
                 if not self.engine.has_work():
                     self._wake.clear()

@@ -34,6 +34,7 @@ import torch
 from replica.detokenizer import OutputStream
 from replica.engine_config import EngineConfig
 from replica.engine_stats import EngineStats, LatencyLog
+from replica.growth_reserve import GrowthReserve
 from replica.kv_stats import KVCacheStats
 from replica.model import ModelConfig, embedded_model_dir
 from replica.model_runner import ModelRunner, StepPlan
@@ -108,7 +109,8 @@ class LLMEngine:
         self.model_config = model_config
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
         self.eos_token_ids = tuple(model_config.eos_token_ids)
-        self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages)
+        self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages,
+                                   GrowthReserve.from_config(config.growth_reserve))
         self.requests: dict[str, Request] = {}
         #: Overlap the host's work with the device's (one rank: a TP step is synchronous).
         self.async_scheduling = config.async_scheduling and self.tp is None

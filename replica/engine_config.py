@@ -38,6 +38,10 @@ class EngineConfig:
     #: with the device's (replica.engine); tensor-parallel replicas run steps synchronously.
     async_scheduling: bool = True
     watermark_pages: int = 1
+    #: Admission keeps back pages for this fraction of the running requests' remaining
+    #: ``max_tokens`` at first; the fraction then learns from preemptions (replica.growth_reserve).
+    #: 0: admit on free pages alone.
+    growth_reserve: float = 0.5
     seed: int = 0
     #: The shapes of model="synthetic" (random weights); None means Llama-3-8B.
     synthetic: ModelConfig | None = None
@@ -54,6 +58,8 @@ class EngineConfig:
         for name in ("max_model_len", "max_running", "max_batch_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.growth_reserve <= 1:
+            raise ValueError(f"EngineConfig.growth_reserve must be in [0, 1], got {self.growth_reserve}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -2,10 +2,12 @@
 
 Each step gets a token budget. Running requests go first (decodes take one token, prefills a
 chunk), then waiting requests are admitted in arrival order while the budget, the slot count and
-the allocator's pages allow (keeping ``watermark_pages`` spare so running requests can grow).
-When a running request cannot get its pages, the most recently admitted request is preempted by
-recompute: its slot is released and it waits at the head of the queue. KVCacheOutOfMemory never
-escapes this class.
+the allocator's pages allow: a request is admitted when its whole prompt and expected growth fit
+beside ``watermark_pages`` spare and the pages the running requests will need for the rest of
+their prompts and their expected growth (``replica.growth_reserve``: a ratio of their remaining
+``max_tokens`` learnt from this replica's preemptions). When a running request cannot get its
+pages, the most recently admitted request is preempted by recompute: its slot is released and it
+waits at the head of the queue. KVCacheOutOfMemory never escapes this class.
 
 When a step's token budget is spent, the requests that would be admitted next (up to one more
 step's budget) are admitted *ahead*: they get their slot now and their first chunk's pages are
@@ -26,6 +28,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from replica.growth_reserve import GrowthReserve
 from replica.kv_allocator import KVCacheAllocator, KVCacheOutOfMemory
 from replica.request import Request, RequestStatus
 
@@ -40,11 +43,13 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheAllocator, max_batch_tokens: int, max_running: int, watermark_pages: int = 0) -> None:
+    def __init__(self, kv: KVCacheAllocator, max_batch_tokens: int, max_running: int, watermark_pages: int = 0,
+                 growth: GrowthReserve | None = None) -> None:
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
         self.max_running = min(max_running, kv.config.max_slots)
         self.watermark_pages = watermark_pages
+        self.growth = growth or GrowthReserve.from_config(0.0)  # default: admission by free pages alone
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preemptions_total = 0
@@ -107,6 +112,7 @@ class Scheduler:
             if not self._admit(tokens, wait=False):
                 break
             ahead -= tokens
+        self.growth.stepped()
         order = sorted(chosen, key=lambda r: r.slot if r.slot is not None else -1)
         return ScheduledStep(
             requests=tuple(order),
@@ -120,8 +126,11 @@ class Scheduler:
         if len(self.running) >= self.max_running:
             return False
         request = self.waiting[0]
-        spare = self.watermark_pages * self.kv.config.num_ranges
-        if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < self._pages(tokens):
+        spare = self.watermark_pages * self.kv.config.num_ranges + self.growth.pages(self.running, self._pages)
+        # Its whole prompt and expected growth must fit beside the running requests'; alone, its
+        # first chunk is enough (a request that fits the cache at all can always start).
+        need = self._pages(request.num_tokens + self.growth.expected_tokens(request)) if self.running else self._pages(tokens)
+        if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < need:
             return False
         slot = self.kv.acquire(tokens_hint=request.max_total_tokens)
         try:
@@ -168,6 +177,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.preemptions += 1
         self.preemptions_total += 1
+        self.growth.preempted()
         self.waiting.appendleft(request)
 
     def finish(self, request: Request, reason: str) -> None:
