@@ -5,7 +5,7 @@
     python -m benchmarks.bench_router --rates 1.2    # other arrival rates (comma-separated)
     python -m benchmarks.bench_router --smoke        # a tiny run, for CI
     python -m benchmarks.bench_router --gpu          # 3 replicas of Llama-3-8B shapes (synthetic bf16),
-                                                     # one GPU each, at 8, 16 and 24 requests/s
+                                                     # one GPU each, at 12, 20 and 28 requests/s
 
 One seeded open-loop schedule (Poisson arrivals; a mix of long requests, with long prompts and long
 outputs, and short ones) is replayed against the same app deployed once per router
@@ -99,13 +99,14 @@ TUNING = ("Tuned on a 2-core x86_64 host. Run 1, 1.5 requests/s (long 256-448 + 
           "and 28 MiB (about one long request per replica): little pressure, 1 preemption each. This setting, "
           "0.8 requests/s, sits between the two. 1.6 and 2.4 requests/s replay the same requests with arrivals "
           "2 and 3 times as dense: the replicas fall behind (~1.2 requests/s served) and queues build.")
-# One GPU per replica. Each replica's KV budget is cut to 2 GiB (16,384 tokens: four or five long
-# requests) so that pages run out at arrival rates one ingress streams comfortably.
+# One GPU per replica. Each replica's KV budget is cut to 1 GiB (8,192 tokens: two or three long
+# requests) so that pages run out at arrival rates one ingress streams comfortably. 12 requests/s
+# keeps up, 20 is about what 3 replicas serve (~16/s), 28 overloads them.
 GPU = (Workload(requests=200, rate_per_s=8.0, long_prompt=(2048, 4096), long_output=(128, 256),
                 short_prompt=(128, 512), short_output=(16, 64)),
-       Deployment(model="synthetic", replica_cpus=2.0, kv_cache_bytes=2048 * MiB, page_size=None,
+       Deployment(model="synthetic", replica_cpus=2.0, kv_cache_bytes=1024 * MiB, page_size=None,
                   max_model_len=4352, max_running=64, device="auto"))
-GPU_RATES = (8.0, 16.0, 24.0)
+GPU_RATES = (12.0, 20.0, 28.0)
 SMOKE = (Workload(requests=6, rate_per_s=4.0, long_fraction=0.5, long_prompt=(48, 64), long_output=(6, 8),
                   short_prompt=(4, 8), short_output=(2, 4)),
          Deployment(replicas=2, kv_cache_bytes=8 * MiB, max_model_len=128, max_running=4))
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, help="override the workload's request count")
     parser.add_argument("--rate", type=float, help="one arrival rate (requests/s) instead of the defaults")
     parser.add_argument("--rates", help="comma-separated arrival rates, one run each (default: 0.8,1.6,2.4; "
-                                        "gpu: 8,16,24; smoke: 4)")
+                                        "gpu: 12,20,28; smoke: 4)")
     parser.add_argument("--replicas", type=int, help="override the number of replicas")
     parser.add_argument("--kv-cache-mib", type=int, help="override the KV budget per replica")
     parser.add_argument("--growth-reserve", type=float, help="override admission's growth reserve (0: off)")

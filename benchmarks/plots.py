@@ -85,7 +85,7 @@ def router(data: dict[str, Any], out: Path) -> Path:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at], fontsize=8)
     ax.set_ylabel("seconds")
-    ax.set_title("Time to first token by router and arrival rate")
+    ax.set_title(f"Time to first token by router and arrival rate, {data['environment']['device']}")
     ax.legend(fontsize=8)
     return _save(fig, out / "router.png")
 

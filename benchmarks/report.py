@@ -15,12 +15,14 @@ RESULTS = HERE / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def every(prefix: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The result files of ``prefix``, newest first (by the date they were measured)."""
+    found = [(p, json.loads(p.read_text())) for p in RESULTS.glob(f"{prefix}-*.json") if "smoke" not in p.name]
+    return sorted(found, key=lambda item: item[1]["environment"]["date"], reverse=True)
+
+
 def newest(prefix: str) -> tuple[Path, dict[str, Any]] | None:
-    paths = sorted(p for p in RESULTS.glob(f"{prefix}-*.json") if "smoke" not in p.name)
-    if not paths:
-        return None
-    path = max(paths, key=lambda p: json.loads(p.read_text())["environment"]["date"])
-    return path, json.loads(path.read_text())
+    return next(iter(every(prefix)), None)
 
 
 def environment_line(path: Path, env: dict[str, Any]) -> str:
@@ -107,10 +109,11 @@ def router_runs(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
     deployment = data["settings"]["deployment"]
-    lines = ["### Router (`bench_router.py`)", "",
+    gpus = f", one GPU each ({data['environment']['gpus']} on the host)" if data["environment"].get("gpus") else ""
+    lines = [f"### Router (`bench_router.py`), {data['environment']['device']}", "",
              environment_line(path, data["environment"])
-             + f"; {deployment['replicas']} replicas of `{deployment['model']}` at {deployment['replica_cpus']} CPU, "
-             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", "", *note_lines(data)]
+             + f"; {deployment['replicas']} replicas of `{deployment['model']}` at {deployment['replica_cpus']} CPU"
+             f"{gpus}, KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", "", *note_lines(data)]
     for run in router_runs(data):
         schedule = run["schedule"]
         lines += [(f"{run['rate_per_s']:g} requests/s: {schedule['requests']} requests ({schedule['long']} long) "
@@ -137,10 +140,16 @@ def router_variant_tables(variants: dict[str, Any]) -> list[str]:
     """Other router settings measured with the same schedules (``variants``: name -> runs)."""
     lines = []
     for name, variant in variants.items():
-        lines += [f"Variant: {name}", "", "| requests/s | router | TTFT p50 ms | TTFT p99 ms | preemptions | requests/s served |",
+        where = []
+        if "environment" in variant:
+            where.append(variant["environment"]["device"])
+        if "deployment" in variant:
+            where.append(f"KV budget {variant['deployment']['kv_cache_bytes'] / 2**20:.0f} MiB per replica")
+        lines += [f"Variant: {name}" + (f" ({', '.join(where)})" if where else ""), "",
+                  "| requests/s | router | TTFT p50 ms | TTFT p99 ms | preemptions | requests/s served |",
                   "|---|---|---|---|---|---|"]
         for run in variant["runs"]:
-            for router, r in ((k, v) for k, v in run.items() if k != "rate_per_s"):
+            for router, r in ((k, v) for k, v in run.items() if isinstance(v, dict) and "ttft_s" in v):
                 lines.append(f"| {run['rate_per_s']:g} | {router} | {_ms(r['ttft_s']['p50'])} | {_ms(r['ttft_s']['p99'])} | "
                              f"{r['preemptions']} | {r['requests_per_s']:.2f} |")
         lines.append("")
@@ -168,15 +177,22 @@ TABLES = (("mapping", mapping_tables), ("engine", engine_tables), ("soak", soak_
           ("router", router_tables))
 PLOT_FILES = {"engine": ("engine_throughput.png", "decode_step.png"), "mapping": ("mapping.png",),
               "router": ("router.png",)}
+#: Results shown from every file, newest first (the router on GPUs and on CPU); the rest: the newest.
+EVERY_FILE = ("router",)
 
 
-def render(found: dict[str, tuple[Path, dict[str, Any]]]) -> str:
+def render(found: dict[str, tuple[Path, dict[str, Any]]],
+           older: dict[str, list[tuple[Path, dict[str, Any]]]] | None = None) -> str:
+    """The tables of ``found`` (the newest file of each prefix, with its plots), each followed by
+    the tables of ``older`` files of the same prefix."""
     sections: list[str] = []
     for prefix, table in TABLES:
         if prefix in found:
             sections += table(*found[prefix])
             sections += [f"![{name}](results/{name})" for name in PLOT_FILES.get(prefix, ())
                          if (RESULTS / name).exists()] + [""]
+            for item in (older or {}).get(prefix, []):
+                sections += table(*item)
     return "\n".join(sections)
 
 
@@ -184,13 +200,14 @@ def main() -> None:
     from benchmarks.plots import write_plots
 
     found = {prefix: result for prefix, _ in TABLES if (result := newest(prefix))}
+    older = {prefix: every(prefix)[1:] for prefix in EVERY_FILE}
     for path in write_plots(found, RESULTS):
         print(f"wrote {path}")
     readme = HERE / "README.md"
     text = readme.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render(found)}\n{END}{tail}")
+    readme.write_text(f"{head}{START}\n{render(found, older)}\n{END}{tail}")
     print(f"updated {readme}")
 
 

@@ -1,0 +1,63 @@
+"""Callers of the async engine (new requests, aborts, stats) take turns with its loop: between two
+steps the loop lets waiting callers in first, so a caller waits for the step that is running and
+no more, however busy the engine (a plain lock that the loop re-takes at once would keep callers
+out for many steps)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from replica import AsyncLLMEngine, EngineConfig, SamplingParams
+from tests.models import tiny_llm
+
+from .test_engine import PROMPTS
+
+
+def test_a_caller_waits_at_most_for_the_step_in_flight(tiny_dir: Path) -> None:
+    llm = tiny_llm(tiny_dir)
+    steps = 0
+    step = llm.engine.step
+
+    def counted_step():  # type: ignore[no-untyped-def]
+        nonlocal steps
+        outputs = step()
+        steps += 1
+        time.sleep(0.002)  # a step that holds the engine a while, as a GPU step does
+        return outputs
+
+    llm.engine.step = counted_step  # type: ignore[method-assign]
+    engine = AsyncLLMEngine(EngineConfig(), engine=llm.engine)
+    busy = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)  # ~200 steps
+    waited: list[int] = []
+
+    async def load() -> None:
+        streams = [engine.generate(p, busy) for p in PROMPTS]
+        await asyncio.gather(*(consume(s) for s in streams))
+
+    async def consume(stream) -> None:  # type: ignore[no-untyped-def]
+        async for _ in stream:
+            pass
+
+    def caller() -> None:
+        deadline = time.monotonic() + 60
+        while steps < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for _ in range(20):
+            before = steps
+            seen = engine.call(lambda _: steps)
+            waited.append(seen - before)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        asyncio.run(load())
+    finally:
+        thread.join()
+        engine.shutdown()
+    assert len(waited) == 20
+    # The step running when the caller asked, and one more that may begin between its two reads.
+    assert max(waited) <= 2, waited
