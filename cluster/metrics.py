@@ -104,6 +104,9 @@ ENGINE_METRICS = (
               REPLICA_LABELS, "prompt_tokens_total"),
     MetricDef("vattn_generation_tokens_total", "counter", "Tokens generated.", REPLICA_LABELS,
               "generation_tokens_total"),
+    MetricDef("vattn_admission_growth_reserve_ratio", "gauge",
+              "Share of the running requests' remaining max_tokens admission keeps KV pages for "
+              "(rises on preemptions, decays without).", REPLICA_LABELS, "growth_reserve_ratio"),
 )
 LATENCY_METRICS = (
     MetricDef("vattn_time_to_first_token_seconds", "histogram", "Arrival to first token.", REPLICA_LABELS,
@@ -160,6 +163,7 @@ class EngineSnapshot:
     prompt_tokens_total: int
     generation_tokens_total: int
     latency: Mapping[str, Samples] = field(default_factory=dict)
+    growth_reserve_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,7 @@ def take_snapshot(model: str, replica: str, engine: LLMEngine) -> ReplicaSnapsho
     return ReplicaSnapshot(model, replica, EngineSnapshot(
         stats.running, stats.waiting, stats.preemptions_total, stats.prompt_tokens_total,
         stats.generation_tokens_total, {name: tuple(getattr(drained, name)) for name in LATENCY_FIELDS},
+        stats.growth_reserve_ratio,
     ), (rank_snapshot(engine.config.rank, engine.kv),))
 
 

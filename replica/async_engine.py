@@ -4,9 +4,10 @@ await per-request async iterators of ``RequestOutput`` deltas. The engine is war
 disconnect, cancellation) aborts the request and frees its slot at once.
 
 Callers (new requests, aborts, stats) take turns with the loop: between two steps the loop lets
-every waiting caller in first, so none waits longer than the step that is running (a plain lock
-the loop re-takes at once would keep them out for many steps under load). The async methods wait
-in a worker thread, never on the caller's event loop, which streams every other request's tokens.
+every waiting caller in first, so none waits longer than the step that is running (with a plain
+lock, which the loop may re-take at once, a caller could wait for many steps under load). The
+async methods wait in a worker thread, never on the caller's event loop, which streams every
+other request's tokens.
 """
 
 from __future__ import annotations
@@ -66,7 +67,17 @@ class AsyncLLMEngine:
             engine.add_request(request_id, prompt, params)  # ValueError for impossible requests
             self._queues[request_id] = (loop, queue)
 
-        await self.call_async(add)
+        adding = asyncio.ensure_future(self.call_async(add))
+        try:
+            await asyncio.shield(adding)
+        except asyncio.CancelledError:  # the caller left while its request was being added
+
+            def forget(done: asyncio.Future[None]) -> None:
+                if done.exception() is None:
+                    loop.run_in_executor(None, self._forget, request_id)
+
+            adding.add_done_callback(forget)
+            raise
         self._wake.set()
         finished = False
         try:
@@ -75,9 +86,15 @@ class AsyncLLMEngine:
                 finished = output.finished
                 yield output
         finally:
-            if not finished:
-                self.abort(request_id)
-            self._queues.pop(request_id, None)
+            if finished:
+                self._queues.pop(request_id, None)
+            else:
+                self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Aborts a request nobody reads any more."""
+        self._queues.pop(request_id, None)
+        self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         with self._engine():

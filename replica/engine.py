@@ -336,6 +336,7 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             kv=self._kv_stats(),
             latency=self.latency.snapshot(),
+            growth_reserve_ratio=self.scheduler.growth.ratio,
         )
 
     def _kv_stats(self) -> KVCacheStats:

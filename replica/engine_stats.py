@@ -78,3 +78,6 @@ class EngineStats:
     generation_tokens_total: int
     kv: KVCacheStats
     latency: LatencySamples
+    #: The share of running requests' remaining max_tokens admission keeps pages for now
+    #: (replica.growth_reserve).
+    growth_reserve_ratio: float = 0.0

@@ -49,7 +49,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = min(max_running, kv.config.max_slots)
         self.watermark_pages = watermark_pages
-        self.growth = growth or GrowthReserve.from_config(0.0)  # default: admission by free pages alone
+        self.growth = growth or GrowthReserve.from_config(0.0)  # default: no growth reserve, whole prompts only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preemptions_total = 0

@@ -61,3 +61,37 @@ def test_a_caller_waits_at_most_for_the_step_in_flight(tiny_dir: Path) -> None:
     assert len(waited) == 20
     # The step running when the caller asked, and one more that may begin between its two reads.
     assert max(waited) <= 2, waited
+
+
+def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(tiny_dir: Path) -> None:
+    engine = AsyncLLMEngine(EngineConfig(), engine=tiny_llm(tiny_dir).engine)
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+
+    async def leave_early() -> None:
+        async def first_token() -> None:
+            async for _ in engine.generate(PROMPTS[0], params, request_id="gone"):
+                break
+
+        with engine._engine():  # a long step: the request waits to be added
+            task = asyncio.create_task(first_token())
+            await asyncio.sleep(0.05)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        # The add still runs (in its worker thread); then the request is forgotten.
+        seen, deadline = False, time.monotonic() + 2
+        while not seen and time.monotonic() < deadline:
+            seen = engine.call(lambda e: "gone" in e.requests)
+            await asyncio.sleep(0.005)
+        deadline = time.monotonic() + 10
+        while engine.call(lambda e: "gone" in e.requests or e.has_work()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(leave_early())
+        assert engine.call(lambda e: "gone" not in e.requests and not e.has_work())
+        assert engine.stats().kv.slots_running == 0
+    finally:
+        engine.shutdown()

@@ -45,7 +45,8 @@ def kv_stats(**changes: float) -> dict[str, float]:
 def snapshot(replica: str = "r1", ranks: tuple[int, ...] = (0,), ttft: tuple[float, ...] = (),
              generated: int = 0, map_latencies: tuple[float, ...] = ()) -> ReplicaSnapshot:
     engine = EngineSnapshot(running=2, waiting=1, preemptions_total=3, prompt_tokens_total=100,
-                            generation_tokens_total=generated, latency={"ttft": ttft, "itl": (0.01, 0.02)})
+                            generation_tokens_total=generated, latency={"ttft": ttft, "itl": (0.01, 0.02)},
+                            growth_reserve_ratio=0.35)
     return ReplicaSnapshot("m", replica, engine, tuple(RankSnapshot(r, kv_stats(), map_latencies) for r in ranks))
 
 
@@ -151,6 +152,7 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     assert len(samples["vattn_kv_pages_free"]) == 3  # r1 ranks 0 and 1, r2 rank 0
     engine_r1 = (("model", "m"), ("replica", "r1"))
     assert samples["vattn_generation_tokens_total"] == {engine_r1: 10, (("model", "m"), ("replica", "r2")): 4}
+    assert samples["vattn_admission_growth_reserve_ratio"][engine_r1] == 0.35
     assert samples["vattn_time_to_first_token_seconds_bucket"][(("le", "0.025"), *engine_r1)] == 1
     assert samples["vattn_time_to_first_token_seconds_bucket"][(("le", "+Inf"), *engine_r1)] == 2
     assert samples["vattn_time_to_first_token_seconds_count"][engine_r1] == 2
@@ -187,6 +189,7 @@ def test_take_snapshot_reads_the_engine_and_drains_its_samples_once(engine: LLME
         engine.step()
     first = take_snapshot("m", "r1", engine)
     assert first.engine is not None and first.engine.generation_tokens_total == 18
+    assert first.engine.growth_reserve_ratio == engine.scheduler.growth.ratio
     assert len(first.engine.latency["ttft"]) == 3 and len(first.engine.latency["e2e"]) == 3
     assert len(first.engine.latency["itl"]) == 15 and len(first.engine.latency["queue"]) == 3
     [rank] = first.ranks
