@@ -102,7 +102,7 @@ TUNING = ("Tuned on a 2-core x86_64 host. Run 1, 1.5 requests/s (long 256-448 + 
 # One GPU per replica. Each replica's KV budget is cut to 1 GiB (8,192 tokens: two or three long
 # requests) so that pages run out at arrival rates one ingress streams comfortably. 12 requests/s
 # keeps up, 20 is about what 3 replicas serve (~16/s), 28 overloads them.
-GPU = (Workload(requests=200, rate_per_s=8.0, long_prompt=(2048, 4096), long_output=(128, 256),
+GPU = (Workload(requests=200, rate_per_s=12.0, long_prompt=(2048, 4096), long_output=(128, 256),
                 short_prompt=(128, 512), short_output=(16, 64)),
        Deployment(model="synthetic", replica_cpus=2.0, kv_cache_bytes=1024 * MiB, page_size=None,
                   max_model_len=4352, max_running=64, device="auto"))

@@ -34,7 +34,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MOST_FREE_PAGES = "most_free_pages"
@@ -110,6 +110,7 @@ class RankedChoice:
     reason: str  # MOST_FREE_PAGES, FALLBACK or HOLD
     free_pages: int | None  # headroom of the first choice (None on fallback)
     oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
+    headrooms: dict[str, int] = field(default_factory=dict)  # every ranked candidate's headroom
 
     @property
     def first(self) -> str | None:
@@ -142,7 +143,8 @@ def rank_replicas(
     ordered = sorted(candidates, key=key)
     first = ordered[0][1]
     assert first is not None
-    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.headroom, age)
+    headrooms = {rid: s.headroom for rid, s in ordered if s is not None}
+    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.headroom, age, headrooms)
 
 
 class RoutingDecisions:
@@ -163,6 +165,7 @@ class RoutingDecisions:
             self.last_reason: str | None = None
             self.last_replica: str | None = None
             self.last_stats_age_s: float | None = None
+            self.last_headrooms: dict[str, int] = {}  # of every candidate, at the last ranking
 
     def record(self, choice: RankedChoice) -> None:
         with self._lock:
@@ -170,6 +173,7 @@ class RoutingDecisions:
             if choice.first is not None:
                 self.by_replica[choice.first] += 1
                 self.last_free_pages = choice.free_pages
+                self.last_headrooms = dict(choice.headrooms)
             self.last_reason, self.last_replica = choice.reason, choice.first
             self.last_stats_age_s = choice.oldest_stats_age_s
 
@@ -177,7 +181,7 @@ class RoutingDecisions:
         """A consistent copy: by_reason, by_replica (dicts) and the last_* fields."""
         with self._lock:
             return {
-                k: dict(v) if isinstance(v, Counter) else v
+                k: dict(v) if isinstance(v, (Counter, dict)) else v
                 for k, v in vars(self).items()
                 if not k.startswith("_")
             }

@@ -110,8 +110,10 @@ def _route_one(handle) -> str:
     return handle.generate.remote(REQUEST).result(timeout_s=10)
 
 
-def _wait_until_routed_to(handle, replica_id: str, free_pages: int) -> None:
-    """Send single requests until the router ranks ``replica_id`` first from fresh stats."""
+def _wait_until_routed_to(handle, replica_id: str, free_pages: int, full: str) -> None:
+    """Send single requests until the router ranks ``replica_id`` first from fresh stats, and
+    ranks ``full`` by its fresh stats too (Serve polls each replica on its own: a loaded host can
+    leave the router with ``full``'s stats from before the test changed them)."""
 
     def ok():
         served = _route_one(handle)
@@ -121,6 +123,7 @@ def _wait_until_routed_to(handle, replica_id: str, free_pages: int) -> None:
             and snap["last_reason"] == MOST_FREE_PAGES
             and snap["last_replica"] == replica_id
             and snap["last_free_pages"] == free_pages
+            and snap["last_headrooms"].get(full, free_pages) < 10
         )
 
     _wait(ok, 15, f"stats of {replica_id} to reach the router")
@@ -166,7 +169,7 @@ def _assert_burst_ranks_first(handle, roomy: str, full: str) -> None:
     request to the next rank only when the first one's queue-length probe times out (0.1 s at
     first), which a loaded CI host does now and then; that is Serve's availability fallback, not
     the router's choice, so the test asserts the ranking and that ``roomy`` served."""
-    _wait_until_routed_to(handle, roomy, 1000)
+    _wait_until_routed_to(handle, roomy, 1000, full)
     before = DECISIONS.snapshot()["by_replica"].get(roomy, 0)
     served = _burst(handle)
     assert DECISIONS.snapshot()["by_replica"][roomy] - before >= N_REQUESTS + 3

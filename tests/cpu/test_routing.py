@@ -241,6 +241,7 @@ def test_routing_decisions_tally():
     assert snap["by_reason"] == {MOST_FREE_PAGES: 2, FALLBACK: 1}
     assert snap["by_replica"] == {"a": 1, "b": 1}
     assert snap["last_free_pages"] == 300 and snap["last_replica"] == "a"
+    assert snap["last_headrooms"] == {"a": 300, "b": 20}  # every candidate of the last ranking
 
     def hammer():
         for _ in range(1000):
