@@ -31,7 +31,7 @@ class AppOptions:
     kv_cache_bytes: int | None = None
     page_size: int | None = None
     #: The share of running requests' remaining max_tokens that admission keeps pages for at
-    #: first (EngineConfig.growth_reserve; 0: admit on free pages alone).
+    #: first (EngineConfig.growth_reserve; 0: whole prompts only).
     growth_reserve: float = 0.5
     api_key: str | None = None
     routing_stats_period_s: float = 0.5

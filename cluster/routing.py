@@ -108,13 +108,17 @@ class RankedChoice:
 
     ranks: list[list[str]]
     reason: str  # MOST_FREE_PAGES, FALLBACK or HOLD
-    free_pages: int | None  # headroom of the first choice (None on fallback)
     oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
     headrooms: dict[str, int] = field(default_factory=dict)  # every ranked candidate's headroom
 
     @property
     def first(self) -> str | None:
         return self.ranks[0][0] if self.ranks else None
+
+    @property
+    def free_pages(self) -> int | None:
+        """Headroom of the first choice (None when none was ranked)."""
+        return self.headrooms.get(self.first) if self.first is not None else None
 
 
 def rank_replicas(
@@ -128,11 +132,11 @@ def rank_replicas(
     stamps = [s.timestamp for _, s in candidates if s is not None]
     age = now - min(stamps) if stamps and len(stamps) == len(candidates) else None
     if pages_needed is None or age is None or age > max_age_s:
-        return RankedChoice([], FALLBACK, None, age)
+        return RankedChoice([], FALLBACK, age)
     if hold:
         candidates = [(rid, s) for rid, s in candidates if s is not None and s.effective_free_pages >= pages_needed]
         if not candidates:
-            return RankedChoice([], HOLD, None, age)
+            return RankedChoice([], HOLD, age)
 
     def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, int, int, str]:
         rid, s = item
@@ -141,10 +145,8 @@ def rank_replicas(
         return (room < pages_needed, -room, s.running + s.waiting, rid)
 
     ordered = sorted(candidates, key=key)
-    first = ordered[0][1]
-    assert first is not None
     headrooms = {rid: s.headroom for rid, s in ordered if s is not None}
-    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, first.headroom, age, headrooms)
+    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, age, headrooms)
 
 
 class RoutingDecisions:

@@ -23,7 +23,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve_parser.add_argument("--max-running", type=int, default=64)
     serve_parser.add_argument("--growth-reserve", type=float, default=0.5,
                               help="share of running requests' remaining max_tokens admission keeps KV pages for "
-                                   "at first; it learns from preemptions (0: admit on free pages alone)")
+                                   "at first; it learns from preemptions (0: whole prompts only)")
     serve_parser.add_argument("--router", default=ROUTERS[0], choices=ROUTERS,
                               help="free-pages: the replica with the most free KV pages; power-of-two: Serve's default")
     serve_parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")

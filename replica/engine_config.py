@@ -40,7 +40,7 @@ class EngineConfig:
     watermark_pages: int = 1
     #: Admission keeps back pages for this fraction of the running requests' remaining
     #: ``max_tokens`` at first; the fraction then learns from preemptions (replica.growth_reserve).
-    #: 0: admit on free pages alone.
+    #: 0: no growth reserve, only the rest of each prompt is kept back.
     growth_reserve: float = 0.5
     seed: int = 0
     #: The shapes of model="synthetic" (random weights); None means Llama-3-8B.

@@ -60,7 +60,7 @@ class GrowthReserve:
 
     @classmethod
     def from_config(cls, initial: float) -> GrowthReserve:
-        """``EngineConfig.growth_reserve``: the initial ratio; 0 turns the reserve off."""
+        """``EngineConfig.growth_reserve``: the initial ratio; 0 keeps it at 0 (prompts only)."""
         if initial == 0:
             return cls(initial=0.0, minimum=0.0, decay_per_step=0.0, raise_per_preemption=0.0)
         return cls(initial=initial, minimum=min(cls.minimum, initial))

@@ -128,8 +128,8 @@ class ModelRunner:
         size = self.graphs.size_for(plan.query_lens) if self.graphs is not None else None
         if size is not None:
             assert self.graphs is not None
-            logits = self.graphs.run(plan.slots, plan.context_lens, plan.input_ids, size,
-                                     lambda ids: self._patch(ids, patches, previous_tokens))
+            patch = (lambda ids: self._patch(ids, patches, previous_tokens)) if patches else None
+            logits = self.graphs.run(plan.slots, plan.context_lens, plan.input_ids, size, patch)
             self._map_next_step(plan)  # while the GPU replays the graph
             if plan.sample_rows == tuple(range(len(plan.slots))):
                 return logits

@@ -158,16 +158,12 @@ class Scheduler:
     def _back(self, request: Request, tokens: int) -> bool:
         """Backs ``tokens`` of a running request, preempting the newest requests as needed.
         False if ``request`` itself had to be preempted."""
-        assert request.slot is not None
-        while True:
-            try:
-                self.kv.ensure(request.slot, tokens)
-                return True
-            except KVCacheOutOfMemory:
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is request:
-                    return False
+        while not self._fits(request, tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is request:
+                return False
+        return True
 
     def preempt(self, request: Request) -> None:
         """Recompute later: free the slot now, keep the output, wait at the head of the queue."""
