@@ -85,6 +85,11 @@ class KVCacheAllocator:
             return self._tensors[2 * layer + kv]
         return self._tensors[0][:, :, layer, kv]  # [slots, tokens, layers, 2, heads, dim] -> strided
 
+    def token_capacity(self) -> int:
+        """Tokens the physical budget backs, over all slots."""
+        config = self.config
+        return config.budget_pages // config.num_ranges * config.page_size // config.bytes_per_token
+
     @property
     def reservations(self) -> tuple[Reservation, ...]:
         """The reserved ranges (K/V per layer, or K and V), in the order described in kv_config."""

@@ -28,6 +28,10 @@ class KVCacheViews(Protocol):
 
     def v_cache(self, layer: int) -> torch.Tensor: ...
 
+    def token_capacity(self) -> int:
+        """Tokens the cache's physical budget holds, over all slots (bounds one step's keys)."""
+        ...
+
 
 class AttentionBackend(ABC):
     name: str = ""

@@ -13,6 +13,7 @@ import torch
 
 from replica.attention.base import AttentionBackend, KVCacheViews
 from replica.attention.batch import StepBatch
+from replica.attention.flashinfer_limits import PrefillKernel, choose_prefill_kernel
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -26,11 +27,14 @@ class FlashInferKernels:
     after one plan replays correctly after the next."""
 
     def __init__(self, device: torch.device, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 page_size: int, dtype: torch.dtype, scale: float) -> None:
+                 page_size: int, dtype: torch.dtype, scale: float, prefill_kernel: PrefillKernel) -> None:
         import flashinfer  # optional dependency: the gpu extra
 
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        #: fa3 (FlashInfer's "auto" on Hopper) only where its 32-bit addressing reaches the cache.
+        self.prefill_kernel = prefill_kernel
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                      backend=prefill_kernel.backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
         self.graph_decodes: dict[int, object] = {}  # batch size -> cuda-graph-mode decode wrapper
         self.active: object = self.decode
@@ -89,7 +93,10 @@ class FlashInferBackend(AttentionBackend):
     ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         k0 = cache.k_cache(0)
-        self.kernels = FlashInferKernels(k0.device, num_q_heads, num_kv_heads, head_dim, k0.shape[1], dtype, self.scale)
+        rows = k0.shape[0] * k0.shape[1]  # every slot's every token
+        prefill_kernel = choose_prefill_kernel(rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()))
+        self.kernels = FlashInferKernels(k0.device, num_q_heads, num_kv_heads, head_dim, k0.shape[1], dtype, self.scale,
+                                         prefill_kernel)
         # Host-side planning inputs: plan() reads them on the CPU, so device copies would sync.
         self.page_indptr = torch.arange(k0.shape[0] + 1, dtype=torch.int32).pin_memory()
 

@@ -21,6 +21,7 @@ import torch
 from replica.attention.base import AttentionBackend
 from replica.attention.batch import StepBatch
 from replica.attention.flashinfer_backend import FlashInferKernels
+from replica.attention.flashinfer_limits import choose_prefill_kernel
 from replica.attention.sdpa import sdpa_per_sequence
 from replica.paged.block_manager import PagedKVCache
 
@@ -75,8 +76,11 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
+        k0 = cache.k_cache(0)
+        rows = k0.shape[0] * k0.shape[1]  # every block's every token
+        prefill_kernel = choose_prefill_kernel(rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()))
         self.kernels = FlashInferKernels(cache.device, num_q_heads, num_kv_heads, head_dim, self.block_size, dtype,
-                                         self.scale)
+                                         self.scale, prefill_kernel)
 
     def _pages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr, kv_indices, last_page_len) of the batch's blocks. indptr and last_page_len are

@@ -74,6 +74,10 @@ class PagedKVCache:
     def v_cache(self, layer: int) -> torch.Tensor:
         return self._v[self._layer(layer)]
 
+    def token_capacity(self) -> int:
+        """Tokens the preallocated blocks hold, over all slots."""
+        return self.config.num_blocks * self.config.block_size
+
     def _layer(self, layer: int) -> int:
         if not 0 <= layer < self.config.num_layers:
             raise IndexError(f"layer {layer} outside [0, {self.config.num_layers})")

@@ -1,0 +1,63 @@
+"""Which FlashInfer prefill kernel can address a given KV cache: a pure rule, testable anywhere.
+
+FlashInfer's Hopper (sm90, "fa3") paged prefill turns each page into per-token row numbers and
+addresses K/V row ``r`` as ``uint32(r) * (row stride / 16 bytes)``: a 32-bit product, so it reaches
+only the first 2**32 16-byte units (64 GiB) after the cache's base pointer, and wraps silently
+beyond (an illegal memory access on the device). Its row numbers go into one preallocated int32
+buffer of 16M entries per step. The Ampere-style kernel ("fa2") computes offsets in 64 bits.
+
+The interleaved vAttention layout stores a token's K and V of every layer together, so one layer's
+rows are ``layers * 2 * kv_heads * head_dim`` elements apart (128 KiB for Llama-3-8B): at 4,704
+tokens per slot, slot 112 already starts beyond 64 GiB. Measured on an H200 (FlashInfer 0.5.3):
+prefill over slots >= 112 of such a cache faults with fa3; per_layer and paged caches (rows 2 KiB
+apart) never come near the limit.
+
+    fa3 fits  <=>  rows * row_stride_bytes <= 2**32 * 16   and   step_kv_tokens <= 16 * 2**20
+
+where ``rows`` is every row the kernel may be handed (slots * tokens_per_slot, or blocks *
+block_size) and ``step_kv_tokens`` bounds the keys of one step (the cache's capacity in tokens).
+When it does not fit, prefill runs on fa2 (decode always runs on FlashInfer's tensor-core decode,
+which addresses in 64 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: fa3 multiplies a row number by the row stride in 16-byte units, in 32 bits.
+FA3_ADDRESS_UNIT_BYTES = 16
+FA3_ADDRESSABLE_BYTES = (1 << 32) * FA3_ADDRESS_UNIT_BYTES
+#: fa3's per-step buffer of int32 row numbers (FlashInfer allocates 16M entries).
+FA3_MAX_STEP_KV_TOKENS = 16 * 1024 * 1024
+#: Row numbers are int32 in every FlashInfer kernel.
+MAX_ROWS = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class PrefillKernel:
+    """The FlashInfer prefill backend for a cache and why (a sentence with the numbers)."""
+
+    backend: str  # "auto" (FlashInfer picks fa3 on Hopper) or "fa2"
+    reason: str
+
+
+def choose_prefill_kernel(rows: int, row_stride_bytes: int, step_kv_tokens: int) -> PrefillKernel:
+    """``auto`` when fa3's 32-bit addressing reaches every row, else ``fa2``. Raises ValueError
+    when no FlashInfer kernel can index the cache (more than 2**31 - 1 rows)."""
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"the KV cache has {rows:,} token rows; FlashInfer indexes at most {MAX_ROWS:,} "
+            "(lower max_running or max_model_len)"
+        )
+    span = rows * row_stride_bytes
+    if span > FA3_ADDRESSABLE_BYTES:
+        return PrefillKernel("fa2", (
+            f"{rows:,} rows {row_stride_bytes:,} B apart span {span / 2**30:.1f} GiB; FlashInfer's "
+            f"Hopper prefill addresses {FA3_ADDRESSABLE_BYTES / 2**30:.0f} GiB"
+        ))
+    if step_kv_tokens > FA3_MAX_STEP_KV_TOKENS:
+        return PrefillKernel("fa2", (
+            f"a step may attend over {step_kv_tokens:,} keys; FlashInfer's Hopper prefill indexes "
+            f"{FA3_MAX_STEP_KV_TOKENS:,}"
+        ))
+    return PrefillKernel("auto", f"{rows:,} rows span {span / 2**30:.1f} GiB: within fa3's reach")

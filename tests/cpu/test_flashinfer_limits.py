@@ -1,0 +1,62 @@
+"""The rule that keeps FlashInfer's Hopper prefill (32-bit row addressing) off caches it cannot
+reach: the interleaved layout at many long slots goes to fa2, everything else keeps fa3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica.attention.flashinfer_limits import (
+    FA3_ADDRESSABLE_BYTES,
+    FA3_MAX_STEP_KV_TOKENS,
+    MAX_ROWS,
+    choose_prefill_kernel,
+)
+from replica.kv_config import KVCacheConfig
+from replica.paged.paged_config import PagedKVConfig
+
+
+def llama8b(layout: str, slots: int, tokens: int) -> KVCacheConfig:
+    return KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_slots=slots,
+                         max_tokens=tokens, page_size=2 << 20, budget_bytes=100 << 30, layout=layout)
+
+
+def kernel_for(config: KVCacheConfig) -> str:
+    """What the vAttention FlashInfer backend asks for: rows of one layer's view, their stride."""
+    rows = config.max_slots * config.tokens_per_slot
+    stride = config.bytes_per_token if config.layout.value == "interleaved" else config.num_kv_heads * 128 * 2
+    return choose_prefill_kernel(rows, stride, rows).backend
+
+
+def test_the_reported_crash_configuration_is_kept_off_fa3() -> None:
+    # Llama-3-8B shapes, max_model_len ~4,700: slot 112 starts beyond fa3's 64 GiB (the H200 fault).
+    config = llama8b("interleaved", 256, 4700)
+    assert config.bytes_per_token == 128 * 1024
+    assert kernel_for(config) == "fa2"
+    assert kernel_for(llama8b("interleaved", 111, 4700)) == "auto"  # 111 * 4704 rows * 128 KiB < 64 GiB
+    assert kernel_for(llama8b("interleaved", 112, 4700)) == "fa2"
+    assert kernel_for(llama8b("interleaved", 256, 650)) == "auto"  # ran on the H200
+
+
+def test_per_layer_and_paged_caches_keep_fa3() -> None:
+    assert kernel_for(llama8b("per_layer", 256, 32768)) == "auto"
+    paged = PagedKVConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_slots=256,
+                          max_tokens=32768, budget_bytes=100 << 30)
+    rows = paged.num_blocks * paged.block_size
+    assert choose_prefill_kernel(rows, 8 * 128 * 2, rows).backend == "auto"
+
+
+def test_boundaries_are_exact() -> None:
+    stride = 128 * 1024
+    rows = FA3_ADDRESSABLE_BYTES // stride
+    assert choose_prefill_kernel(rows, stride, 1).backend == "auto"
+    over = choose_prefill_kernel(rows + 1, stride, 1)
+    assert over.backend == "fa2" and "64 GiB" in over.reason
+    assert choose_prefill_kernel(10, 16, FA3_MAX_STEP_KV_TOKENS).backend == "auto"
+    many = choose_prefill_kernel(10, 16, FA3_MAX_STEP_KV_TOKENS + 1)
+    assert many.backend == "fa2" and f"{FA3_MAX_STEP_KV_TOKENS:,}" in many.reason
+
+
+def test_a_cache_no_kernel_can_index_is_refused_with_the_numbers() -> None:
+    with pytest.raises(ValueError, match=r"2,147,483,648 token rows.*max_running or max_model_len"):
+        choose_prefill_kernel(MAX_ROWS + 1, 16, 1)
