@@ -17,8 +17,8 @@ import torch
 
 from replica.attention import StepBatch
 from replica.attention.flashinfer_backend import FlashInferBackend
-from replica.kv_allocator import KVCacheAllocator
-from replica.kv_config import KVCacheConfig
+from replica.kv.allocator import KVCacheAllocator
+from replica.kv.config import KVCacheConfig
 from replica.vmm import open_device
 
 #: (sequences, context already cached, new tokens each)

@@ -200,7 +200,7 @@ def run_router(router: str, deployment: Deployment, schedules: list[list[Arrival
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.replica_deployment import served_model_name
+    from cluster.protocol import served_model_name
 
     app_name, model = f"bench-router-{router}", served_model_name(deployment.model)
     serve.run(build_app(deployment.app_args(router)), name=app_name, route_prefix="/")
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from benchmarks.environment import describe_device, save
-    from replica.engine import resolve_model_dir
+    from replica.model.source import resolve_model_dir
     from replica.model import ModelConfig
 
     owned = not ray.is_initialized()  # in tests the session's Ray and Serve are used as they are

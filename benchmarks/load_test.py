@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.environment import describe_device, save
     from cluster.app import build_app
-    from cluster.replica_deployment import served_model_name
+    from cluster.protocol import served_model_name
 
     url, books_app = args.url, None
     if url is None:

@@ -30,13 +30,10 @@ from cluster import openai_api as api
 from cluster import routing
 from cluster.metrics import MetricsExporter, ReplicaSeries, RouterView
 from cluster.metrics_hub import create_hub
-from cluster.protocol import GenerateRequest, ModelInfo
-from cluster.replica_deployment import served_model_name
-from replica.engine import RequestRejected
-from replica.llm import apply_chat_template
-from replica.model import ModelConfig
+from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
+from replica.errors import ReplicaBroken, RequestRejected
+from replica.model.source import apply_chat_template
 from replica.request import RequestOutput
-from replica.tp import ReplicaBroken
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="vattn", description="OpenAI-compatible LLM serving on vAttention")
@@ -100,22 +97,20 @@ def _rejection(error: RequestRejected) -> str:
     return str(getattr(error, "cause", None) or error)
 
 
-def _json(body: dict[str, Any], last: RequestOutput) -> JSONResponse:
+def _json(body: dict[str, Any], accepted: RequestOutput) -> JSONResponse:
     """The body, with the replica that served it in a header (for operators and tests)."""
-    return JSONResponse(body, headers={"x-vattn-replica": last.replica or ""})
+    return JSONResponse(body, headers={"x-vattn-replica": accepted.replica or ""})
 
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class VattnIngress:
     def __init__(self, replica: DeploymentHandle, model: str, api_key: str | None = None) -> None:
-        from replica.engine import load_tokenizer, resolve_model_dir
+        from replica.model.source import load_tokenizer, resolve_model_dir
 
         self.replica = replica
         model_dir = resolve_model_dir(model)
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
-        # Token-id prompts must index the embedding: one id outside it would fail the whole step.
-        self.vocab_size = (ModelConfig.from_hf_dir(model_dir) if model_dir else ModelConfig.llama3_8b()).vocab_size
         app.state.api_key = api_key or None
         self._info: ModelInfo | None = None
         self.model_name = served_model_name(model)
@@ -155,14 +150,14 @@ class VattnIngress:
     @app.post("/v1/completions")
     async def completions(self, body: api.CompletionRequest) -> Any:
         info = await self.check_model(body.model)
-        token_ids = self.tokenize(body.prompt)
-        request = self.request(api.new_id("cmpl"), token_ids, body, body.logprobs, info)
+        request = self.request(api.new_id("cmpl"), self.tokenize(body.prompt), body, body.logprobs)
+        stream, accepted = await self.start(request)
         if body.stream:
-            return self.sse(request, info, chat=False)
-        text, last = await self.collect(request)
-        logprobs = {"token_logprobs": list(last[1])} if body.logprobs is not None else None
-        return _json(api.completion_body(request.request_id, info.name, text, last[0].finish_reason,
-                                         request.prompt_tokens, last[0].completion_tokens, logprobs), last[0])
+            return self.sse(request, stream, accepted, info, chat=False)
+        text, last, logprobs = await self.collect(stream)
+        body_logprobs = {"token_logprobs": logprobs} if body.logprobs is not None else None
+        return _json(api.completion_body(request.request_id, info.name, text, last.finish_reason,
+                                         request.prompt_tokens, last.completion_tokens, body_logprobs), accepted)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: api.ChatCompletionRequest) -> Any:
@@ -172,12 +167,13 @@ class VattnIngress:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = apply_chat_template(self.tokenizer, messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        request = self.request(api.new_id("chatcmpl"), self.tokenize(prompt), body, logprobs, info)
+        request = self.request(api.new_id("chatcmpl"), self.tokenize(prompt), body, logprobs)
+        stream, accepted = await self.start(request)
         if body.stream:
-            return self.sse(request, info, chat=True)
-        text, last = await self.collect(request)
-        return _json(api.chat_body(request.request_id, info.name, text, last[0].finish_reason,
-                                   request.prompt_tokens, last[0].completion_tokens), last[0])
+            return self.sse(request, stream, accepted, info, chat=True)
+        text, last, _ = await self.collect(stream)
+        return _json(api.chat_body(request.request_id, info.name, text, last.finish_reason,
+                                   request.prompt_tokens, last.completion_tokens), accepted)
 
     # ---- helpers -------------------------------------------------------------------------------
     async def check_model(self, model: str | None) -> ModelInfo:
@@ -187,59 +183,64 @@ class VattnIngress:
                            "not_found_error", "model", "model_not_found")
         return info
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int]) -> tuple[int, ...]:
+        """Text to token ids here (the router sizes requests by them); ids pass as they are: the
+        replica's engine validates every request (``LLMEngine.check``)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            return list(self.tokenizer.encode(prompt))
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
-        return list(prompt)
+            return tuple(self.tokenizer.encode(prompt))
+        return tuple(prompt)
 
-    def request(self, request_id: str, token_ids: list[int], body: api.SamplingFields,
-                logprobs: int | None, info: ModelInfo) -> GenerateRequest:
+    @staticmethod
+    def request(request_id: str, token_ids: tuple[int, ...], body: api.SamplingFields,
+                logprobs: int | None) -> GenerateRequest:
         try:
             params = body.sampling_params(logprobs)
         except ValueError as error:
             raise ApiError(400, str(error)) from None
-        if not token_ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        total = len(token_ids) + params.max_tokens
-        if total > info.max_model_len:
-            raise ApiError(400, f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                                f"exceeds the context limit of {info.max_model_len} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        return GenerateRequest(request_id, tuple(token_ids), params)
+        return GenerateRequest(request_id, token_ids, params)
 
-    def stream(self, request: GenerateRequest) -> Any:
-        return self.replica.options(stream=True).generate.remote(request)
+    async def start(self, request: GenerateRequest) -> tuple[Any, RequestOutput]:
+        """Sends the request to a replica and waits for its acceptance (the empty first delta):
+        a request the engine rejects is a 400 before any response starts, streaming or not."""
+        stream = self.replica.options(stream=True).generate.remote(request)
+        try:
+            accepted = await stream.__anext__()
+        except RequestRejected as error:  # the engine's validation: never servable
+            cause = getattr(error, "cause", None) or error
+            raise ApiError(400, str(cause), param=getattr(cause, "param", None),
+                           code=getattr(cause, "code", None)) from None
+        except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
+            raise ApiError(503, f"the replica is unavailable, retry: {_rejection(error)}", "server_error") from None
+        except RayActorError:  # the replica died: Serve is replacing it
+            raise ApiError(503, "the replica serving this request died; retry", "server_error") from None
+        return stream, accepted
 
-    async def collect(self, request: GenerateRequest) -> tuple[str, tuple[RequestOutput, list[float]]]:
+    async def collect(self, stream: Any) -> tuple[str, RequestOutput, list[float]]:
+        """The rest of an accepted request: its text, last delta and chosen tokens' logprobs."""
         text, logprobs, last = "", [], None
         try:
-            async for output in self.stream(request):
+            async for output in stream:
                 self.raise_failed(output)
                 text += output.text
                 logprobs += output.logprobs or ()
                 last = output
-        except RequestRejected as error:  # the replica's cache can never hold it
-            raise ApiError(400, _rejection(error), param="max_tokens") from None
         except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
             raise ApiError(503, f"the replica is unavailable, retry: {_rejection(error)}", "server_error") from None
         except RayActorError:  # the replica died mid-request: Serve is replacing it
             raise ApiError(503, "the replica serving this request died; retry", "server_error") from None
         assert last is not None
-        return text, (last, logprobs)
+        return text, last, logprobs
 
     @staticmethod
     def raise_failed(output: RequestOutput) -> None:
         if output.error:
             raise ApiError(500, f"generation failed: {output.error}", "server_error")
 
-    def sse(self, request: GenerateRequest, info: ModelInfo, chat: bool) -> StreamingResponse:
+    def sse(self, request: GenerateRequest, response: Any, accepted: RequestOutput, info: ModelInfo,
+            chat: bool) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
-            response = self.stream(request)
             try:
                 if chat:
                     yield api.sse_event(api.chat_chunk(request.request_id, info.name, {"role": "assistant"}, None))
@@ -256,9 +257,6 @@ class VattnIngress:
                         chunk["usage"] = api.usage(request.prompt_tokens, output.completion_tokens)
                     yield api.sse_event(chunk)
                 yield "data: [DONE]\n\n"
-            except RequestRejected as error:  # raised before the first token
-                yield api.sse_event(api.error_payload(_rejection(error), param="max_tokens"))
-                yield "data: [DONE]\n\n"
             except ReplicaBroken as error:
                 yield api.sse_event(api.error_payload(f"the replica is unavailable, retry: {_rejection(error)}",
                                                       "server_error"))
@@ -269,4 +267,5 @@ class VattnIngress:
             finally:
                 response.cancel()  # a no-op when finished; frees the slot when the client left
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"x-vattn-replica": accepted.replica or ""})

@@ -36,7 +36,7 @@ from prometheus_client.utils import floatToGoString
 from cluster.routing import FALLBACK, MOST_FREE_PAGES
 
 if TYPE_CHECKING:
-    from replica.engine import LLMEngine
+    from replica.engine_stats import EngineSnapshot, RankKVSnapshot
 
 Kind = Literal["gauge", "counter", "histogram"]
 REPLICA_LABELS = ("model", "replica")
@@ -56,8 +56,8 @@ MAX_PENDING_SAMPLES = 20_000
 @dataclass(frozen=True)
 class MetricDef:
     """One exported series family. ``source`` names what it is read from: a key of
-    ``KVCacheStats.as_dict()``, an ``EngineSnapshot`` field, a ``LatencySamples`` field (the key of
-    ``EngineSnapshot.latency``) or a key of ``RoutingDecisions.snapshot()``."""
+    ``KVCacheStats.as_dict()``, an ``EngineMetrics`` field, a ``LatencySamples`` field (the key of
+    ``EngineMetrics.latency``) or a key of ``RoutingDecisions.snapshot()``."""
 
     name: str
     kind: Kind
@@ -82,7 +82,8 @@ KV_METRICS = (
     _kv("vattn_kv_pages_available", "gauge", "pages_available",
         "KV pages a new request could get now (free, creatable, cached, eager surplus)."),
     _kv("vattn_kv_page_size_bytes", "gauge", "page_size_bytes", "Bytes of one physical KV page."),
-    _kv("vattn_kv_page_size_tokens", "gauge", "tokens_per_page", "Tokens one KV page of one range holds."),
+    _kv("vattn_kv_page_size_tokens", "gauge", "tokens_per_page",
+        "Tokens one physical KV page holds, counting every range a token occupies."),
     _kv("vattn_kv_cache_usage_ratio", "gauge", "usage_ratio", "KV pages in use over the budget (0..1)."),
     _kv("vattn_kv_wasted_bytes", "gauge", "wasted_bytes", "Bytes mapped under running slots that hold no token."),
     _kv("vattn_kv_released_bytes_total", "counter", "bytes_released_total",
@@ -124,14 +125,14 @@ ROUTER_DECISIONS = MetricDef("vattn_router_decisions_total", "counter",
 ROUTER_REQUESTS = MetricDef("vattn_router_requests_total", "counter",
                             "Requests the free-page router ranked this replica first for.",
                             (*ROUTER_LABELS, "replica"), "by_replica")
-ROUTER_FREE_PAGES = MetricDef("vattn_router_last_free_pages", "gauge",
-                              "KV headroom (free pages less its queue's, capped by the budget less its requests' "
-                              "max_tokens) of the replica chosen by the last ranked decision.", ROUTER_LABELS,
-                              "last_free_pages")
+ROUTER_HEADROOM = MetricDef("vattn_router_last_headroom_pages", "gauge",
+                            "KV headroom in pages (available pages less its queue's, capped by the budget less its "
+                            "requests' max_tokens) of the replica chosen by the last ranked decision.", ROUTER_LABELS,
+                            "last_headroom_pages")
 ROUTER_STATS_AGE = MetricDef("vattn_router_last_stats_age_seconds", "gauge",
                              "Age of the oldest replica stats at the last decision.", ROUTER_LABELS,
                              "last_stats_age_s")
-ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_REQUESTS, ROUTER_FREE_PAGES, ROUTER_STATS_AGE)
+ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_REQUESTS, ROUTER_HEADROOM, ROUTER_STATS_AGE)
 
 METRICS: tuple[MetricDef, ...] = (*KV_METRICS, MAP_LATENCY, *ENGINE_METRICS, *LATENCY_METRICS, *ROUTER_METRICS)
 """Every series family /metrics exports."""
@@ -153,7 +154,7 @@ class RankSnapshot:
 
 
 @dataclass(frozen=True)
-class EngineSnapshot:
+class EngineMetrics:
     """The scheduler's gauges and counters' totals now; ``latency``: samples since the previous
     snapshot, by ``LatencySamples`` field (ttft, itl, e2e, queue)."""
 
@@ -173,7 +174,7 @@ class ReplicaSnapshot:
 
     model: str
     replica: str
-    engine: EngineSnapshot | None
+    engine: EngineMetrics | None
     ranks: tuple[RankSnapshot, ...] = ()
 
     def then(self, later: ReplicaSnapshot) -> ReplicaSnapshot:
@@ -196,25 +197,22 @@ def _newest(samples: Samples) -> Samples:
     return samples[-MAX_PENDING_SAMPLES:]
 
 
-def take_snapshot(model: str, replica: str, engine: LLMEngine) -> ReplicaSnapshot:
-    """Reads an ``LLMEngine`` and its own rank's cache (call it under the engine's lock). It drains
-    the engine's latency log and the cache's map latencies: nothing else may drain them."""
-    stats = engine.stats()
-    drained = engine.latency.drain()
-    return ReplicaSnapshot(model, replica, EngineSnapshot(
+def take_snapshot(model: str, replica: str, snapshot: EngineSnapshot) -> ReplicaSnapshot:
+    """What a replica pushes, from its engine's frozen ``LLMEngine.snapshot()`` (which drained the
+    latency samples and this rank's map latencies: nothing else may drain them)."""
+    stats = snapshot.stats
+    return ReplicaSnapshot(model, replica, EngineMetrics(
         stats.running, stats.waiting, stats.preemptions_total, stats.prompt_tokens_total,
-        stats.generation_tokens_total, {name: tuple(getattr(drained, name)) for name in LATENCY_FIELDS},
+        stats.generation_tokens_total, {name: tuple(getattr(stats.latency, name)) for name in LATENCY_FIELDS},
         stats.growth_reserve_ratio,
-    ), (rank_snapshot(engine.config.rank, engine.kv),))
+    ), (rank_snapshot(snapshot.rank_kv),))
 
 
-def rank_snapshot(rank: int, kv: Any) -> RankSnapshot:
-    """One rank's cache (a ``KVCacheAllocator``, a ``PagedKVCache`` or a recording wrapper): its
-    own books (under tensor parallelism ``engine.stats().kv`` holds the minimum over ranks of the
-    available pages instead) and its map latencies, drained. A process that hosts another rank
-    pushes ``ReplicaSnapshot(model, replica, None, (rank_snapshot(rank, kv),))`` itself."""
-    drain = getattr(kv, "drain_map_latencies", None)  # the paged comparison cache maps nothing
-    return RankSnapshot(rank, kv.stats().as_dict(), tuple(drain()) if drain is not None else ())
+def rank_snapshot(rank_kv: RankKVSnapshot) -> RankSnapshot:
+    """One rank's cache: its own books (under tensor parallelism the engine's stats hold the least
+    available pages over ranks instead) and its map latencies. A process that hosts another rank
+    pushes ``ReplicaSnapshot(model, replica, None, (rank_snapshot(...),))`` itself."""
+    return RankSnapshot(rank_kv.rank, rank_kv.kv.as_dict(), rank_kv.map_latencies)
 
 
 # ---- what the hub keeps -----------------------------------------------------------------------
@@ -263,7 +261,7 @@ class ReplicaSeries:
     model: str
     replica: str
     updated: float
-    engine: EngineSnapshot | None = None
+    engine: EngineMetrics | None = None
     latency: dict[str, HistogramData] = field(
         default_factory=lambda: {m.source: HistogramData(m.buckets) for m in LATENCY_METRICS})
     ranks: dict[int, RankSeries] = field(default_factory=dict)
@@ -377,7 +375,7 @@ class VattnCollector(Collector):
         for replica, count in sorted(decisions.get("by_replica", {}).items()):
             _add(family, ROUTER_REQUESTS, [model, replica], count)
         yield family
-        for metric in (ROUTER_FREE_PAGES, ROUTER_STATS_AGE):
+        for metric in (ROUTER_HEADROOM, ROUTER_STATS_AGE):
             family = _family(metric)
             if decisions.get(metric.source) is not None:
                 _add(family, metric, [model], decisions[metric.source])

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
 
 
 class ErrorBody(BaseModel):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,12 @@ class ModelInfo:
     name: str
     max_model_len: int
     tokens_per_page: float
+
+
+def served_model_name(model: str) -> str:
+    """The model name the OpenAI API shows for an EngineConfig.model."""
+    if model == "embedded":
+        return "SmolLM2-135M-Instruct"
+    if model == "synthetic":
+        return "synthetic-llama"
+    return Path(model).name

@@ -58,7 +58,7 @@ class RankActor:
     def _snapshot(self, model: str, replica: str) -> ReplicaSnapshot:
         assert self.worker is not None
         with self.lock:
-            return ReplicaSnapshot(model, replica, None, (rank_snapshot(self.rank, self.worker.runner.kv),))
+            return ReplicaSnapshot(model, replica, None, (rank_snapshot(self.worker.kv_snapshot()),))
 
     def ready(self) -> RankStatus:
         if self.worker is None:

@@ -15,29 +15,20 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from cluster.metrics import ReplicaSnapshot, take_snapshot
 from cluster.metrics_hub import MetricsPusher
-from cluster.protocol import GenerateRequest, ModelInfo
+from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.async_engine import AsyncLLMEngine
 from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig
-from replica.engine_stats import EngineStats
+from replica.engine_stats import EngineStats, RoutingStats
 from replica.request import RequestOutput
 
 log = logging.getLogger(__name__)
-
-
-def served_model_name(model: str) -> str:
-    if model == "embedded":
-        return "SmolLM2-135M-Instruct"
-    if model == "synthetic":
-        return "synthetic-llama"
-    return Path(model).name
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
@@ -60,37 +51,29 @@ class VattnReplica:
     def _metrics_snapshot(self) -> ReplicaSnapshot:
         """Gauges, counters and the latency samples since the last call: it drains the engine's
         latency log and map latencies, so the pusher is its only caller."""
-        return self.engine.call(lambda engine: take_snapshot(self.name, self.replica_id, engine))
+        return take_snapshot(self.name, self.replica_id, self.engine.call(LLMEngine.snapshot))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        async for output in self.engine.generate(list(request.prompt_token_ids), request.params, request.request_id):
-            yield dataclasses.replace(output, replica=self.replica_id)
+        """The request's deltas; the first, empty, says the engine accepted it (``announce``)."""
+        outputs = self.engine.generate(request.prompt_token_ids, request.params, request.request_id, announce=True)
+        accepted = await anext(outputs)
+        yield dataclasses.replace(accepted, replica=self.replica_id)  # names the replica once
+        async for output in outputs:
+            yield output
 
-    def model_info(self) -> ModelInfo:
-        kv = self.engine.engine.kv.config
-        limit = min(self.config.max_model_len, self.engine.engine.model_config.max_position_embeddings)
-        return ModelInfo(self.name, limit, tokens_per_physical_page(kv))
+    async def model_info(self) -> ModelInfo:
+        limit, tokens_per_page = await self.engine.call_async(
+            lambda engine: (engine.context_limit, engine.routing_stats().tokens_per_page))
+        return ModelInfo(self.name, limit, tokens_per_page)
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """What ``cluster.routing.ReplicaStats`` reads: free pages now, the pages the waiting
-        requests need to be admitted (``queued_pages``) and the pages every request would hold at
-        its ``max_tokens`` (``committed_pages``), taken together between two engine steps. Async,
-        as the other methods that read the engine: Serve runs a plain method on the event loop
-        that streams the tokens, which would stall while the engine finishes its step."""
-        stats, queued, committed = await self.engine.call_async(lambda engine: (
-            engine.stats(), engine.scheduler.waiting_pages(), engine.scheduler.committed_pages()))
-        kv = self.engine.engine.kv.config
-        return {
-            # A broken replica (a rank gone) fits nothing: the router ranks it last.
-            "free_pages": 0 if self.engine.engine.broken else stats.kv.pages_available,
-            "queued_pages": queued,
-            "committed_pages": committed,
-            "total_pages": stats.kv.pages_total,
-            "tokens_per_page": tokens_per_physical_page(kv),
-            "running": stats.running,
-            "waiting": stats.waiting,
-            "timestamp": time.time(),
-        }
+        """What ``cluster.routing.ReplicaStats`` reads (``RoutingStats``: pages available now, the
+        pages the waiting requests need, the pages every request would hold at its max_tokens),
+        taken together between two engine steps. Async, as the other methods that read the
+        engine: Serve runs a plain method on the event loop that streams the tokens, which would
+        stall while the engine finishes its step."""
+        stats: RoutingStats = await self.engine.call_async(LLMEngine.routing_stats)
+        return {**dataclasses.asdict(stats), "timestamp": time.time()}
 
     async def stats(self) -> EngineStats:
         return await self.engine.call_async(LLMEngine.stats)
@@ -100,8 +83,9 @@ class VattnReplica:
         return {**dataclasses.asdict(await self.stats()), "replica": self.replica_id}
 
     def check_health(self) -> None:
-        if self.engine.engine.broken:
-            raise RuntimeError(f"a tensor-parallel rank failed: {self.engine.engine.broken}")
+        broken = self.engine.broken()
+        if broken is not None:
+            raise RuntimeError(f"a tensor-parallel rank failed: {broken}")
         if not self.engine.alive():
             raise RuntimeError("the engine loop has stopped")
 
@@ -116,9 +100,3 @@ def make_engine(config: EngineConfig, metrics: tuple[str, str, float] | None = N
 
     gpus = 1.0 if config.torch_device().type == "cuda" else 0.0
     return LLMEngine(config, tp_runtime=RayRankRuntime(gpus_per_rank=gpus, metrics=metrics))
-
-
-def tokens_per_physical_page(kv: Any) -> float:
-    """Tokens one physical page holds, counting every range a token occupies (K and V, and every
-    layer's range in the per_layer layout): a request of T tokens needs about T / this many pages."""
-    return float(kv.page_size / (kv.bytes_per_token * kv.num_ranges))

@@ -56,7 +56,7 @@ class FreePageRouter(RequestRouter):
         if taken_at != stats.timestamp:
             return stats  # newer stats already count what was sent
         committed = None if stats.committed_pages is None else stats.committed_pages + pages
-        return dataclasses.replace(stats, free_pages=max(stats.free_pages - pages, 0), committed_pages=committed)
+        return dataclasses.replace(stats, available_pages=max(stats.available_pages - pages, 0), committed_pages=committed)
 
     def remember(self, replica_id: str, stats: routing.ReplicaStats | None, pages: int) -> None:
         if stats is None:

@@ -1,9 +1,13 @@
-"""Free-page routing policy for vattn replicas (pure Python, no Ray imports).
+"""KV-headroom routing policy for vattn replicas (pure Python, no Ray imports).
 
 Rule: a replica's *headroom* is what a new request can count on, in KV pages:
 
-    effective free = max(free_pages - queued_pages, 0)
-    headroom       = min(effective free, total_pages - committed_pages)   (may be negative)
+    available after the queue = max(available_pages - queued_pages, 0)
+    headroom                  = min(available after the queue, total_pages - committed_pages)
+                                (may be negative)
+
+``available_pages`` are the pages a new request could get now (the least over the replica's TP
+ranks).
 
 ``queued_pages`` are the pages its waiting requests need to be admitted (prompt plus tokens already
 generated): they hold no pages yet, so without them a replica with a long queue would still look
@@ -16,11 +20,11 @@ goes first to the replica with the most headroom; replicas that cannot fit it (`
 come after every replica that can, still ordered by headroom (the least over-committed first).
 Ties break on fewer ``running + waiting`` requests, then on replica id, so the order is
 deterministic. Each rank holds one replica, so Serve's queue-length tie-break inside a rank cannot
-reorder them. With ``hold``, replicas whose effective free pages cannot fit the request now are
+reorder them. With ``hold``, replicas whose available pages after the queue cannot fit the request are
 left out, and when none can, the reason is ``"hold"`` and no replica is chosen: the request waits
 at the router (Serve retries with backoff) for the first replica with room, instead of queueing
 at one replica behind requests that hold its pages (and pushing it into preemption when it is
-admitted there). Holding goes by the pages free now, not by the promises: requests that stop
+admitted there). Holding goes by the pages available now, not by the promises: requests that stop
 long before their ``max_tokens`` must not keep a half-empty replica from getting work. The
 caller bounds how long a request is held. If ``n`` is unknown, or any candidate's stats are
 missing, malformed or older than ``max_age_s``, the policy returns reason ``"fallback"`` and the
@@ -56,7 +60,7 @@ def _is_real(v: Any) -> bool:
 class ReplicaStats:
     """What a replica's ``record_routing_stats()`` reports (see the contract in the module doc)."""
 
-    free_pages: int  # min over TP ranks of pages a new request could get now
+    available_pages: int  # pages a new request could get now (the least over TP ranks)
     total_pages: int
     tokens_per_page: float
     running: int
@@ -66,22 +70,22 @@ class ReplicaStats:
     committed_pages: int | None = None  # pages all its requests hold at max_tokens (None: not reported)
 
     @property
-    def effective_free_pages(self) -> int:
-        """Free pages less those the queue will take first (never below 0)."""
-        return max(self.free_pages - self.queued_pages, 0)
+    def available_after_queue(self) -> int:
+        """Available pages less those the queue will take first (never below 0)."""
+        return max(self.available_pages - self.queued_pages, 0)
 
     @property
     def headroom(self) -> int:
         """What a new request can count on (the module's rule); negative when over-committed."""
         if self.committed_pages is None:
-            return self.effective_free_pages
-        return min(self.effective_free_pages, self.total_pages - self.committed_pages)
+            return self.available_after_queue
+        return min(self.available_after_queue, self.total_pages - self.committed_pages)
 
     @classmethod
     def from_dict(cls, d: Any) -> ReplicaStats | None:
         """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok).
         ``queued_pages`` and ``committed_pages`` are optional but must be valid when present."""
-        ints = ("free_pages", "total_pages", "running", "waiting")
+        ints = ("available_pages", "total_pages", "running", "waiting")
         if not (isinstance(d, Mapping) and all(_is_int(d.get(k)) for k in ints)):
             return None
         tpp, ts, queued = d.get("tokens_per_page"), d.get("timestamp"), d.get("queued_pages", 0)
@@ -90,8 +94,8 @@ class ReplicaStats:
             return None
         if committed is not None and not (_is_int(committed) and committed >= 0):
             return None
-        free, total, run, wait = (d[k] for k in ints)
-        return cls(free, total, float(tpp), run, wait, float(ts), queued, committed)
+        available, total, run, wait = (d[k] for k in ints)
+        return cls(available, total, float(tpp), run, wait, float(ts), queued, committed)
 
 
 def pages_needed(request: Any, tokens_per_page: float) -> int | None:
@@ -116,7 +120,7 @@ class RankedChoice:
         return self.ranks[0][0] if self.ranks else None
 
     @property
-    def free_pages(self) -> int | None:
+    def headroom_pages(self) -> int | None:
         """Headroom of the first choice (None when none was ranked)."""
         return self.headrooms.get(self.first) if self.first is not None else None
 
@@ -134,7 +138,7 @@ def rank_replicas(
     if pages_needed is None or age is None or age > max_age_s:
         return RankedChoice([], FALLBACK, age)
     if hold:
-        candidates = [(rid, s) for rid, s in candidates if s is not None and s.effective_free_pages >= pages_needed]
+        candidates = [(rid, s) for rid, s in candidates if s is not None and s.available_after_queue >= pages_needed]
         if not candidates:
             return RankedChoice([], HOLD, age)
 
@@ -163,7 +167,7 @@ class RoutingDecisions:
         with self._lock:
             self.by_reason: Counter[str] = Counter()
             self.by_replica: Counter[str] = Counter()
-            self.last_free_pages: int | None = None
+            self.last_headroom_pages: int | None = None  # of the first choice
             self.last_reason: str | None = None
             self.last_replica: str | None = None
             self.last_stats_age_s: float | None = None
@@ -174,7 +178,7 @@ class RoutingDecisions:
             self.by_reason[choice.reason] += 1
             if choice.first is not None:
                 self.by_replica[choice.first] += 1
-                self.last_free_pages = choice.free_pages
+                self.last_headroom_pages = choice.headroom_pages
                 self.last_headrooms = dict(choice.headrooms)
             self.last_reason, self.last_replica = choice.reason, choice.first
             self.last_stats_age_s = choice.oldest_stats_age_s

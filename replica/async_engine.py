@@ -49,27 +49,30 @@ class AsyncLLMEngine:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def check(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
-        """Tokenizes and validates without queueing (raises ValueError for impossible requests)."""
-        with self._engine():
-            token_ids = self.engine.tokenize(prompt)
-            self.engine.check_fits(len(token_ids), params.max_tokens)
-        return token_ids
+    def broken(self) -> str | None:
+        """Why the replica takes no more requests (a rank was lost), else None."""
+        return self.engine.broken
 
     async def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None,
+        announce: bool = False,
     ) -> AsyncIterator[RequestOutput]:
+        """The request's deltas, the last one ``finished``. Raises RequestRejected (a ValueError)
+        before anything is queued if it can never be served. With ``announce`` the first output is
+        an empty delta sent as soon as the request is queued: a remote caller learns at once
+        whether the engine accepted it (the ingress answers a rejection with a 400)."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
-        def add(engine: LLMEngine) -> None:
-            engine.add_request(request_id, prompt, params)  # ValueError for impossible requests
+        def add(engine: LLMEngine) -> int:
+            request = engine.add_request(request_id, prompt, params)  # RequestRejected if impossible
             self._queues[request_id] = (loop, queue)
+            return len(request.prompt_token_ids)
 
         adding = asyncio.ensure_future(self.call_async(add))
         try:
-            await asyncio.shield(adding)
+            prompt_tokens = await asyncio.shield(adding)
         except asyncio.CancelledError:  # the caller left while its request was being added
 
             def forget(done: asyncio.Future[None]) -> None:
@@ -81,6 +84,8 @@ class AsyncLLMEngine:
         self._wake.set()
         finished = False
         try:
+            if announce:
+                yield RequestOutput(request_id, "", (), False, None, prompt_tokens, 0)
             while not finished:
                 output = await queue.get()
                 finished = output.finished

@@ -10,8 +10,8 @@ import time
 import torch
 
 from replica.engine_config import EngineConfig
-from replica.kv_allocator import KVCacheAllocator
-from replica.kv_config import KVCacheConfig
+from replica.kv.allocator import KVCacheAllocator
+from replica.kv.config import KVCacheConfig
 from replica.llm import LLM, apply_chat_template
 from replica.sampling import SamplingParams
 from replica.vmm import open_device

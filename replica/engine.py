@@ -22,57 +22,34 @@ fails the step's requests, one failing later breaks the replica (``broken``; eve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from replica.detokenizer import OutputStream
 from replica.engine_config import EngineConfig
-from replica.engine_stats import EngineStats, LatencyLog
+from replica.engine_stats import EngineSnapshot, EngineStats, LatencyLog, RankKVSnapshot, RoutingStats
 from replica.growth_reserve import GrowthReserve
-from replica.kv_stats import KVCacheStats
-from replica.model import ModelConfig, embedded_model_dir
+from replica.kv.base import KVCache
+from replica.kv.stats import KVCacheStats
+from replica.model.source import load_tokenizer, model_source
 from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
 from replica.sampling import HostCopy, SamplingParams, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
-from replica.tp import ReplicaBroken, StepFailed
+from replica.errors import ReplicaBroken, RequestRejected
+from replica.tp import StepFailed
 
 if TYPE_CHECKING:
-    from replica.kv_allocator import KVCacheAllocator
     from replica.tp.driver import TensorParallelDriver
     from replica.tp.runtime import RankRuntime
 
 log = logging.getLogger(__name__)
-
-
-class RequestRejected(ValueError):
-    """A request that can never be served (too long for a slot or for the whole cache)."""
-
-
-def resolve_model_dir(model: str) -> Path | None:
-    if model == "synthetic":
-        return None
-    if model == "embedded":
-        return embedded_model_dir()
-    path = Path(model).expanduser()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{model!r} is not a Hugging Face model directory (no config.json)")
-    return path
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    """The directory's tokenizer, or None when it ships none (token-id prompts only)."""
-    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @dataclass(frozen=True)
@@ -88,10 +65,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tp_runtime: RankRuntime | None = None) -> None:
         self.config = config
         self.device = config.torch_device()
-        model_dir = resolve_model_dir(config.model)
-        model_config = (
-            ModelConfig.from_hf_dir(model_dir) if model_dir else config.synthetic or ModelConfig.llama3_8b()
-        )
+        model_dir, model_config = model_source(config.model, config.synthetic)
         #: Rank 0's side of the tensor-parallel group (None when tensor_parallel_size == 1).
         self.tp: TensorParallelDriver | None = None
         #: Why the replica takes no more requests (a rank was lost), else None.
@@ -101,8 +75,8 @@ class LLMEngine:
 
             self.tp = TensorParallelDriver(config, model_config, tp_runtime)
             self.runner = self.tp.runner
-            # The scheduler's allocator calls are recorded and replayed on the other ranks.
-            self.kv = cast("KVCacheAllocator", self.tp.kv)
+            # The scheduler's cache calls are recorded and replayed on the other ranks.
+            self.kv: KVCache = self.tp.kv
         else:
             self.runner = ModelRunner(config, model_dir, model_config)
             self.kv = self.runner.kv  # the scheduler decides with this rank's pages
@@ -123,18 +97,18 @@ class LLMEngine:
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestRejected("this model has no tokenizer: send token ids")
+                raise RequestRejected("this model has no tokenizer: send token ids", "prompt")
             return list(self.tokenizer.encode(prompt))
-        return [int(t) for t in prompt]
+        return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
-        """Queues a request, or raises RequestRejected (a ValueError) if it can never be served."""
+        """Queues a request, or raises RequestRejected (a ValueError) if it can never be served;
+        nothing is queued then."""
         if self.broken is not None:
             raise ReplicaBroken(self.broken)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenize(prompt)
-        self.check_fits(len(token_ids), params.max_tokens)
+        token_ids = self.check(self.tokenize(prompt), params)
         stream = (
             OutputStream(self.tokenizer, token_ids, params, self.eos_token_ids) if self.tokenizer is not None else None
         )
@@ -144,20 +118,33 @@ class LLMEngine:
         self.scheduler.add(request)
         return request
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens == 0:
-            raise RequestRejected("the prompt is empty")
-        total = prompt_tokens + max_tokens
-        limit = min(self.config.max_model_len, self.model_config.max_position_embeddings)
-        if total > limit:
+    @property
+    def context_limit(self) -> int:
+        """The most tokens (prompt + max_tokens) one request may hold."""
+        return min(self.config.max_model_len, self.model_config.max_position_embeddings)
+
+    def check(self, token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """Every check a request passes before it is queued, in one place (the serving layer calls
+        it through the replica): a non-empty prompt of ids in the vocabulary whose prompt +
+        max_tokens fits the context limit and the whole cache. Returns the ids as a list; raises
+        RequestRejected (a ValueError) naming the problem."""
+        if not token_ids:
+            raise RequestRejected("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(f"token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt")
+        total = len(token_ids) + params.max_tokens
+        if total > self.context_limit:
             raise RequestRejected(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
-                f"context limit of {limit} tokens"
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"context limit of {self.context_limit} tokens", "max_tokens", "context_length_exceeded"
             )
-        kv = self.kv.config
-        pages = kv.page_groups_for(total) * kv.num_ranges
-        if pages > kv.budget_pages:
-            raise RequestRejected(f"{total} tokens need {pages} KV pages; the whole cache has {kv.budget_pages}")
+        pages = self.kv.pages_for(total)
+        if pages > self.kv.budget_pages:
+            raise RequestRejected(f"{total} tokens need {pages} KV pages; the whole cache has {self.kv.budget_pages}",
+                                  "max_tokens")
+        return list(token_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its slot at once."""
@@ -213,10 +200,12 @@ class LLMEngine:
                 launched = self._launch(scheduled, previous)
             except StepFailed as failure:  # tensor parallel, so nothing was in flight
                 return self._fail(list(self.requests.values()) if failure.broken else list(scheduled.requests), failure)
-            except BaseException:
-                if previous is not None:  # keep the books: its slots are released, its outputs lost
-                    self._complete(previous)
-                raise
+            except Exception as error:  # the step's requests fail; the engine goes on
+                log.exception("a step of %d requests failed", len(scheduled.requests))
+                if previous is not None:
+                    outputs += self._complete(previous)
+                return outputs + self._fail(list(scheduled.requests), StepFailed(f"{type(error).__name__}: {error}",
+                                                                                 broken=False))
         if previous is not None:
             outputs += self._complete(previous)
         if launched is not None and self.async_scheduling:
@@ -327,7 +316,10 @@ class LLMEngine:
             return "stop"
         return "length" if len(request.output_token_ids) >= params.max_tokens else None
 
-    def stats(self) -> EngineStats:
+    def stats(self, drain_latency: bool = False) -> EngineStats:
+        """The scheduler's gauges, the counters' totals and the KV books (under tensor parallelism
+        ``pages_available`` is the least over ranks). ``latency``: the recent window of samples,
+        or with ``drain_latency`` the samples since the last drain (taken away)."""
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -335,15 +327,38 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             kv=self._kv_stats(),
-            latency=self.latency.snapshot(),
+            latency=self.latency.drain() if drain_latency else self.latency.snapshot(),
             growth_reserve_ratio=self.scheduler.growth.ratio,
+        )
+
+    def snapshot(self) -> EngineSnapshot:
+        """Everything the serving layer reports about this replica, frozen: the stats with the
+        latency samples since the previous snapshot, this rank's own cache (map latencies
+        drained), and why the replica is broken. Drains: one caller (the metrics pusher)."""
+        return EngineSnapshot(self.stats(drain_latency=True), self.rank_kv_snapshot(), self.broken)
+
+    def rank_kv_snapshot(self) -> RankKVSnapshot:
+        """This process's rank cache: its own books and the map latencies since the last call."""
+        return RankKVSnapshot(self.config.rank, self.runner.kv.stats(), tuple(self.runner.kv.drain_map_latencies()))
+
+    def routing_stats(self) -> RoutingStats:
+        """What the router weighs (``cluster.routing``), taken at once between two steps."""
+        stats = self._kv_stats()
+        return RoutingStats(
+            available_pages=0 if self.broken is not None else stats.pages_available,
+            queued_pages=self.scheduler.waiting_pages(),
+            committed_pages=self.scheduler.committed_pages(),
+            total_pages=stats.pages_total,
+            tokens_per_page=self.kv.tokens_per_page,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
         )
 
     def _kv_stats(self) -> KVCacheStats:
         stats = self.kv.stats()
         if self.tp is None:
             return stats
-        return replace(stats, pages_available=self.tp.free_pages())  # the minimum over ranks
+        return dataclasses.replace(stats, pages_available=self.tp.min_available_pages_over_ranks())
 
     def shutdown(self) -> None:
         """Stops the other ranks of a tensor-parallel replica (nothing to do with one rank)."""

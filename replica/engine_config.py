@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.kv_config import KVLayout
+from replica.kv.config import KVLayout
 from replica.model import ModelConfig
 
 
@@ -16,10 +16,10 @@ class EngineConfig:
     model: str = "embedded"
     dtype: str = "auto"  # "auto": bf16 on GPU, the checkpoint's dtype (float32) on CPU
     device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
-    attention: str = "auto"  # see replica.attention.BACKENDS (replica.paged.PAGED_BACKENDS when paged)
+    attention: str = "auto"  # see replica.attention.BACKENDS (replica.attention.paged.PAGED_BACKENDS when paged)
     kv_layout: KVLayout = KVLayout.INTERLEAVED
     #: "vattention" (contiguous virtual slots) or "paged" (the PagedAttention comparison mode:
-    #: preallocated ``block_size``-token blocks and block tables, replica.paged).
+    #: preallocated ``block_size``-token blocks and block tables, replica.kv.paged).
     kv_mode: str = "vattention"
     block_size: int = 16  # tokens per block, paged mode only
     #: Physical KV budget; None takes ``gpu_memory_utilization`` of free GPU memory (1 GiB on CPU).

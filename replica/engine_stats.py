@@ -7,7 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from replica.kv_stats import KVCacheStats
+from replica.kv.stats import KVCacheStats
 from replica.request import Request
 
 
@@ -81,3 +81,40 @@ class EngineStats:
     #: The share of running requests' remaining max_tokens admission keeps pages for now
     #: (replica.growth_reserve).
     growth_reserve_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class RankKVSnapshot:
+    """One rank's KV cache: its own books and the seconds of its map runs since the last snapshot."""
+
+    rank: int
+    kv: KVCacheStats
+    map_latencies: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What a replica reports about itself (``LLMEngine.snapshot``): the stats, whose ``latency``
+    holds the samples since the previous snapshot; this process's rank cache; and why the replica
+    is broken (None while it serves)."""
+
+    stats: EngineStats
+    rank_kv: RankKVSnapshot
+    broken: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What the KV-headroom router weighs (``cluster.routing``), in physical pages:
+    ``available_pages``: a new request could get these now (the least over TP ranks; 0 when the
+    replica is broken); ``queued_pages``: what the waiting requests need to be admitted;
+    ``committed_pages``: what every request would hold at its max_tokens; ``tokens_per_page``:
+    tokens one page holds, counting every range a token occupies."""
+
+    available_pages: int
+    queued_pages: int
+    committed_pages: int
+    total_pages: int
+    tokens_per_page: float
+    running: int
+    waiting: int

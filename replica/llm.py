@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig
+from replica.model.source import apply_chat_template
 from replica.sampling import SamplingParams
 
 
@@ -34,6 +36,7 @@ class LLM:
         if tp is not None:
             config["tensor_parallel_size"] = tp
         self.engine = LLMEngine(EngineConfig(model=model, **config))
+        self._ids = itertools.count()
 
     def shutdown(self) -> None:
         """Stops the other tensor-parallel ranks, if any."""
@@ -51,9 +54,13 @@ class LLM:
         """Runs every prompt to completion (continuous batching); results in prompt order."""
         params = params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        ids = [f"offline-{i}" for i in range(len(prompts))]
-        for request_id, prompt, request_params in zip(ids, prompts, per_prompt):
-            self.engine.add_request(request_id, prompt, request_params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        # The whole batch is checked before any of it is queued: a bad prompt leaves nothing behind.
+        token_ids = [self.engine.check(self.engine.tokenize(p), q) for p, q in zip(prompts, per_prompt)]
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt_ids, request_params in zip(ids, token_ids, per_prompt):
+            self.engine.add_request(request_id, prompt_ids, request_params)
         texts = {i: "" for i in ids}
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         logprobs: dict[str, list[float]] = {i: [] for i in ids}
@@ -65,6 +72,9 @@ class LLM:
                 logprobs[output.request_id] += output.logprobs or ()
                 if output.finished:
                     finished[output.request_id] = output
+        failed = [o for o in finished.values() if o.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(ids)} requests failed: {failed[0].error}")
         return [
             Completion(
                 texts[i], tuple(tokens[i]), finished[i].finish_reason, finished[i].prompt_tokens,
@@ -81,13 +91,3 @@ class LLM:
         """Applies the tokenizer's chat template to each conversation, then generates."""
         prompts = [apply_chat_template(self.tokenizer, messages) for messages in conversations]
         return self.generate(prompts, params)
-
-
-def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer, so no chat template")
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
-    # A plain fallback for tokenizers without a template.
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nassistant:"

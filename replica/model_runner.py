@@ -8,6 +8,7 @@ logits of the rows that sample. On one CUDA device, decode steps replay CUDA gra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,10 +18,9 @@ import torch.distributed as dist
 from replica.attention import AttentionBackend, StepBatch, make_attention_backend
 from replica.decode_graphs import DecodeGraphs
 from replica.engine_config import EngineConfig
-from replica.kv_allocator import KVCacheAllocator
-from replica.kv_config import KVCacheConfig
+from replica.attention.paged import make_paged_attention_backend
+from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
 from replica.model import ModelConfig, load_model
-from replica.paged import PagedKVCache, PagedKVConfig, make_paged_attention_backend
 from replica.sampling import to_device
 from replica.vmm import DEFAULT_PAGE_SIZE, open_device
 
@@ -89,7 +89,12 @@ class ModelRunner:
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
 
-    def _make_kv_cache(self) -> KVCacheAllocator | PagedKVCache:
+    @property
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        """The model's decoder layers, in order (fault injection hooks one under TP tests)."""
+        return self.model.model.layers  # type: ignore[return-value]
+
+    def _make_kv_cache(self) -> KVCache:
         config = self.config
         budget = config.kv_cache_bytes
         if budget is None:
@@ -98,6 +103,8 @@ class ModelRunner:
                 budget = int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
             else:
                 budget = 1 << 30
+        #: The KV budget this rank was built with (the ranks of a TP replica agree on the least).
+        self.kv_budget_bytes = max(budget, 0)
         if config.kv_mode == "paged":  # the comparison mode: the same byte budget, preallocated
             return PagedKVCache(PagedKVConfig(
                 num_layers=self.model_config.num_layers, num_kv_heads=self.model.num_local_kv_heads,

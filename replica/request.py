@@ -6,10 +6,14 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
+from typing import TYPE_CHECKING
 
-from replica.detokenizer import OutputStream
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from replica.detokenizer import OutputStream
 
 
 class RequestStatus(Enum):

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from replica.growth_reserve import GrowthReserve
-from replica.kv_allocator import KVCacheAllocator, KVCacheOutOfMemory
+from replica.kv.base import KVCache, KVCacheOutOfMemory
 from replica.request import Request, RequestStatus
 
 
@@ -43,11 +43,11 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheAllocator, max_batch_tokens: int, max_running: int, watermark_pages: int = 0,
+    def __init__(self, kv: KVCache, max_batch_tokens: int, max_running: int, watermark_pages: int = 0,
                  growth: GrowthReserve | None = None) -> None:
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
-        self.max_running = min(max_running, kv.config.max_slots)
+        self.max_running = min(max_running, kv.max_slots)
         self.watermark_pages = watermark_pages
         self.growth = growth or GrowthReserve.from_config(0.0)  # default: no growth reserve, whole prompts only
         self.waiting: deque[Request] = deque()
@@ -126,7 +126,7 @@ class Scheduler:
         if len(self.running) >= self.max_running:
             return False
         request = self.waiting[0]
-        spare = self.watermark_pages * self.kv.config.num_ranges + self.growth.pages(self.running, self._pages)
+        spare = self.watermark_pages * self._page_group() + self.growth.pages(self.running, self._pages)
         # Its whole prompt and expected growth must fit beside the running requests'; alone, its
         # first chunk is enough (a request that fits the cache at all can always start).
         need = self._pages(request.num_tokens + self.growth.expected_tokens(request)) if self.running else self._pages(tokens)
@@ -144,7 +144,11 @@ class Scheduler:
         return True
 
     def _pages(self, tokens: int) -> int:
-        return self.kv.config.page_groups_for(tokens) * self.kv.config.num_ranges
+        return self.kv.pages_for(tokens)
+
+    def _page_group(self) -> int:
+        """Physical pages a slot's growth takes at once (one per range of the vAttention cache)."""
+        return self.kv.pages_for(1)
 
     def _fits(self, request: Request, tokens: int) -> bool:
         """Backs ``tokens`` of a running request without preempting; False if it cannot."""

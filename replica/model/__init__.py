@@ -1,38 +1,47 @@
 """Llama-family model layer of the engine: config, tensor-parallel layers, model, weight loading.
 
 Attention is not part of the model: :meth:`LlamaForCausalLM.forward` takes an ``attention``
-callable from the engine, which owns the KV cache.
+callable from the engine, which owns the KV cache. Names load on first use (PEP 562): the light
+modules (``config``, ``embedded``, ``source``) import without torch.
 """
 
-from .config import ModelConfig, RopeScaling
-from .embedded import embedded_model_dir
-from .layers import (
-    ColumnParallelLinear,
-    ParallelLMHead,
-    RMSNorm,
-    RotaryEmbedding,
-    RowParallelLinear,
-    SwiGLUMLP,
-    VocabParallelEmbedding,
-)
-from .llama import AttentionFn, LlamaForCausalLM
-from .weights import MissingWeightsError, init_synthetic_weights, load_hf_weights, load_model
+from __future__ import annotations
 
-__all__ = [
-    "AttentionFn",
-    "ColumnParallelLinear",
-    "LlamaForCausalLM",
-    "MissingWeightsError",
-    "ModelConfig",
-    "ParallelLMHead",
-    "RMSNorm",
-    "RopeScaling",
-    "RotaryEmbedding",
-    "RowParallelLinear",
-    "SwiGLUMLP",
-    "VocabParallelEmbedding",
-    "embedded_model_dir",
-    "init_synthetic_weights",
-    "load_hf_weights",
-    "load_model",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ModelConfig": "config", "RopeScaling": "config",
+    "embedded_model_dir": "embedded",
+    "ColumnParallelLinear": "layers", "ParallelLMHead": "layers", "RMSNorm": "layers",
+    "RotaryEmbedding": "layers", "RowParallelLinear": "layers", "SwiGLUMLP": "layers",
+    "VocabParallelEmbedding": "layers",
+    "AttentionFn": "llama", "LlamaForCausalLM": "llama",
+    "MissingWeightsError": "weights", "init_synthetic_weights": "weights", "load_hf_weights": "weights",
+    "load_model": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'replica.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"replica.model.{module}"), name)
+
+
+if TYPE_CHECKING:
+    from replica.model.config import ModelConfig, RopeScaling
+    from replica.model.embedded import embedded_model_dir
+    from replica.model.layers import (
+        ColumnParallelLinear,
+        ParallelLMHead,
+        RMSNorm,
+        RotaryEmbedding,
+        RowParallelLinear,
+        SwiGLUMLP,
+        VocabParallelEmbedding,
+    )
+    from replica.model.llama import AttentionFn, LlamaForCausalLM
+    from replica.model.weights import MissingWeightsError, init_synthetic_weights, load_hf_weights, load_model

@@ -2,9 +2,9 @@
 torch.distributed (NCCL on GPU, gloo on CPU). Rank 0 runs the engine and its scheduler; each step
 it sends the others the plan and its allocator calls (the page plan) to replay.
 
-Modules: ``plan`` (messages, statuses, the tp-size check), ``recording`` (the allocator recorder and
-replay), ``worker`` (RankWorker: one rank), ``runtime`` (RankRuntime, LocalProcessRuntime),
-``driver`` (TensorParallelDriver: rank 0). Only the light modules are imported here; import
+Modules: ``plan`` (messages, statuses, the tp-size check), ``worker`` (RankWorker: one rank), ``runtime`` (RankRuntime, LocalProcessRuntime),
+``driver`` (TensorParallelDriver: rank 0); the page plan's recorder and replay live with the caches
+(``replica.kv.recording``). Only the light modules are imported here; import
 ``worker``, ``runtime`` and ``driver`` from their modules.
 """
 
@@ -17,18 +17,13 @@ from replica.tp.plan import (
     StepMessage,
     check_tensor_parallel,
 )
-from replica.tp.recording import AllocatorCall, RecordingAllocator, ReplayMismatch, replay
 
 __all__ = [
-    "AllocatorCall",
     "RankStatus",
-    "RecordingAllocator",
-    "ReplayMismatch",
     "ReplicaBroken",
     "Shutdown",
     "StatusCode",
     "StepFailed",
     "StepMessage",
     "check_tensor_parallel",
-    "replay",
 ]

@@ -37,7 +37,7 @@ from replica.tp.plan import (
     books,
     check_tensor_parallel,
 )
-from replica.tp.recording import RecordingAllocator
+from replica.kv.recording import RecordingKVCache
 from replica.tp.runtime import LocalProcessRuntime, RankRuntime
 from replica.tp.worker import RankWorker, default_timeout
 
@@ -80,7 +80,7 @@ class TensorParallelDriver:
             self.shutdown()
             raise RuntimeError("the tensor-parallel replica did not start: " + "; ".join(failed))
         self.runner: ModelRunner = self.worker.runner
-        self.kv = RecordingAllocator(self.runner.kv)
+        self.kv = RecordingKVCache(self.runner.kv)
         self.rank_pages = {s.rank: s.reclaimable_pages for s in ready}
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class TensorParallelDriver:
         self.rank_pages.update({s.rank: s.reclaimable_pages for s in statuses})
 
     # ---- state ---------------------------------------------------------------------------------
-    def free_pages(self) -> int:
+    def min_available_pages_over_ranks(self) -> int:
         """Pages a new request could get on every rank: the minimum over ranks (the others' as of
         their last status; their books only lag rank 0's by calls not yet replayed)."""
         return min([int(self.kv.reclaimable_pages()), *self.rank_pages.values()])

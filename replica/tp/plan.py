@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from replica.errors import ReplicaBroken
 from replica.model import ModelConfig
 from replica.model_runner import StepPlan
-from replica.tp.recording import AllocatorCall
+from replica.kv.recording import AllocatorCall
 
 
 class StatusCode(IntEnum):
@@ -78,10 +79,6 @@ class StepFailed(RuntimeError):
     def __init__(self, message: str, broken: bool) -> None:
         super().__init__(message)
         self.broken = broken
-
-
-class ReplicaBroken(RuntimeError):
-    """The replica lost a rank (or its state diverged) and takes no more requests."""
 
 
 def tp_sizes(model_config: ModelConfig) -> list[int]:

@@ -29,10 +29,12 @@ import torch
 import torch.distributed as dist
 
 from replica.engine_config import EngineConfig
+from replica.engine_stats import RankKVSnapshot
 from replica.model import ModelConfig
+from replica.model.source import model_source
 from replica.model_runner import ModelRunner
 from replica.tp.plan import RankStatus, Shutdown, StatusCode, StepMessage, books
-from replica.tp.recording import replay
+from replica.kv.recording import replay
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +88,6 @@ def rank_config(config: EngineConfig, rank: int, world_size: int) -> EngineConfi
     return replace(config, rank=rank, world_size=world_size, device=str(rank_device(config, rank)))
 
 
-def model_source(config: EngineConfig) -> tuple[Path | None, ModelConfig]:
-    """The model directory (None for synthetic weights) and its config, as the engine resolves them."""
-    from replica.engine import resolve_model_dir  # here: replica.engine imports replica.tp
-
-    model_dir = resolve_model_dir(config.model)
-    if model_dir is not None:
-        return model_dir, ModelConfig.from_hf_dir(model_dir)
-    return None, config.synthetic or ModelConfig.llama3_8b()
-
-
 class RankWorker:
     """Joins the group seeded at ``master_addr:master_port`` (rank 0 hosts it) and loads its shard.
 
@@ -130,16 +122,16 @@ class RankWorker:
             self.shutdown()
             raise
         if self.fault is not None and self.fault.phase == "model":
-            layers = self.runner.model.model.layers
+            layers = self.runner.decoder_layers
             layers[len(layers) // 2].register_forward_pre_hook(self._model_fault)
 
     def _load(self) -> ModelRunner:
         runner: ModelRunner | None = None
         error: BaseException | None = None
         try:
-            model_dir, model_config = model_source(self.config)
+            model_dir, model_config = model_source(self.config.model, self.config.synthetic)
             runner = ModelRunner(self.config, model_dir, model_config, process_group=self.group)
-            budget = runner.kv.config.budget_bytes
+            budget = runner.kv_budget_bytes
         except Exception as caught:  # noqa: BLE001 - re-raised below, after the collective
             error, budget = caught, -1
         agreed = self._all_reduce(budget, dist.ReduceOp.MIN)
@@ -164,6 +156,11 @@ class RankWorker:
     def status(self, step: int, code: StatusCode = StatusCode.OK, error: str | None = None) -> RankStatus:
         kv = self.runner.kv
         return RankStatus(self.rank, step, code, int(kv.reclaimable_pages()), error, books(kv))
+
+    def kv_snapshot(self) -> RankKVSnapshot:
+        """This rank's cache: its books and the map latencies since the last call (drained)."""
+        kv = self.runner.kv
+        return RankKVSnapshot(self.rank, kv.stats(), tuple(kv.drain_map_latencies()))
 
     def ready(self) -> RankStatus:
         return self.status(-1)

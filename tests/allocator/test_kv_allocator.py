@@ -273,5 +273,38 @@ def test_stats_account_for_waste_exactly(make_allocator: MakeAllocator) -> None:
     page, ranges = allocator.config.page_size, allocator.config.num_ranges
     assert stats.pages_in_use == 3 * ranges
     assert stats.wasted_bytes == ranges * (3 * page - (T + 3) * allocator.config.bytes_per_token)
-    assert stats.tokens_per_page == T
+    assert stats.tokens_per_page == T / ranges  # a token occupies every range: T tokens take `ranges` pages
     assert allocator.config.layout is KVLayout.PER_LAYER
+
+
+def test_the_interface_contracts_refuse_bad_calls_before_changing_anything(make_allocator: MakeAllocator) -> None:
+    """The KVCache contracts (replica.kv.base): ValueError up front; a step that cannot be backed
+    leaves books that claim no unbacked token."""
+    allocator = make_allocator(budget_pages=4, layout="interleaved", eager_pages=0)
+    slot = allocator.acquire()
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError):
+            allocator.ensure(slot, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            allocator.step_async({slot: bad})  # type: ignore[dict-item]
+    with pytest.raises(ValueError):
+        allocator.acquire(-3)
+    with pytest.raises(ValueError, match="not an int in"):
+        allocator.release(10_000)
+    assert allocator.stats().pages_created == 0  # nothing was mapped by the refused calls
+    far = 6 * T  # beyond what the 4-page budget can back (a slot holds 8 pages)
+    assert allocator.wait(allocator.step_async({slot: far})) == (slot,)
+    assert allocator.length(slot) <= 4 * T and allocator.stats().wasted_bytes >= 0
+    allocator.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("field, value", [("idle_seconds", -1), ("idle_seconds", float("nan")),
+                                          ("budget_bytes", 1.5e9), ("eager_pages", 1.0), ("max_slots", True)])
+def test_config_refuses_values_of_the_wrong_kind(field: str, value: object) -> None:
+    from replica.kv import KVCacheConfig
+
+    good = dict(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, max_slots=4, max_tokens=64,
+                page_size=4096, budget_bytes=1 << 20)
+    KVCacheConfig(**good)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=field):
+        KVCacheConfig(**{**good, field: value})  # type: ignore[arg-type]

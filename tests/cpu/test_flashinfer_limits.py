@@ -12,8 +12,8 @@ from replica.attention.flashinfer_limits import (
     MAX_ROWS,
     choose_prefill_kernel,
 )
-from replica.kv_config import KVCacheConfig
-from replica.paged.paged_config import PagedKVConfig
+from replica.kv.config import KVCacheConfig
+from replica.kv.paged_config import PagedKVConfig
 
 
 def llama8b(layout: str, slots: int, tokens: int) -> KVCacheConfig:

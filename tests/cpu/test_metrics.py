@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.metrics import (
     MAX_PENDING_SAMPLES,
     METRICS,
-    EngineSnapshot,
+    EngineMetrics,
     HistogramData,
     MetricsExporter,
     MetricsStore,
@@ -26,7 +26,7 @@ from cluster.metrics import (
 )
 from cluster.metrics_hub import MetricsPusher
 from replica import EngineConfig, LLMEngine, SamplingParams
-from replica.kv_stats import KVCacheStats
+from replica.kv.stats import KVCacheStats
 from tests.models import save_random_llama
 
 DASHBOARDS = sorted((Path(__file__).resolve().parents[2] / "dashboards").glob("*.json"))
@@ -44,7 +44,7 @@ def kv_stats(**changes: float) -> dict[str, float]:
 
 def snapshot(replica: str = "r1", ranks: tuple[int, ...] = (0,), ttft: tuple[float, ...] = (),
              generated: int = 0, map_latencies: tuple[float, ...] = ()) -> ReplicaSnapshot:
-    engine = EngineSnapshot(running=2, waiting=1, preemptions_total=3, prompt_tokens_total=100,
+    engine = EngineMetrics(running=2, waiting=1, preemptions_total=3, prompt_tokens_total=100,
                             generation_tokens_total=generated, latency={"ttft": ttft, "itl": (0.01, 0.02)},
                             growth_reserve_ratio=0.35)
     return ReplicaSnapshot("m", replica, engine, tuple(RankSnapshot(r, kv_stats(), map_latencies) for r in ranks))
@@ -129,7 +129,7 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     store = MetricsStore()
     store.push(snapshot("r1", ranks=(0, 1), ttft=(0.02, 0.3), generated=10, map_latencies=(2e-5,)))
     store.push(snapshot("r2", generated=4))
-    decisions = {"by_reason": {"most_free_pages": 5}, "by_replica": {"r1": 3, "r2": 2}, "last_free_pages": 42,
+    decisions = {"by_reason": {"most_free_pages": 5}, "by_replica": {"r1": 3, "r2": 2}, "last_headroom_pages": 42,
                  "last_stats_age_s": 0.25, "last_reason": "most_free_pages", "last_replica": "r2"}
     text = MetricsExporter().render(store.series(), RouterView("m", decisions)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -159,11 +159,11 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     assert samples["vattn_router_decisions_total"] == {(("model", "m"), ("reason", "fallback")): 0,
                                                        (("model", "m"), ("reason", "most_free_pages")): 5}
     assert samples["vattn_router_requests_total"][(("model", "m"), ("replica", "r1"))] == 3
-    assert samples["vattn_router_last_free_pages"] == {(("model", "m"),): 42}
+    assert samples["vattn_router_last_headroom_pages"] == {(("model", "m"),): 42}
 
 
 def test_without_decisions_or_replicas_the_families_are_empty_not_missing() -> None:
-    decisions = {"by_reason": {}, "by_replica": {}, "last_free_pages": None, "last_stats_age_s": None}
+    decisions = {"by_reason": {}, "by_replica": {}, "last_headroom_pages": None, "last_stats_age_s": None}
     text = MetricsExporter().render([], RouterView("m", decisions)).decode()
     samples = scrape(text)
     assert samples == {"vattn_router_decisions_total": {(("model", "m"), ("reason", "fallback")): 0,
@@ -187,7 +187,7 @@ def test_take_snapshot_reads_the_engine_and_drains_its_samples_once(engine: LLME
         engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     while engine.has_work():
         engine.step()
-    first = take_snapshot("m", "r1", engine)
+    first = take_snapshot("m", "r1", engine.snapshot())
     assert first.engine is not None and first.engine.generation_tokens_total == 18
     assert first.engine.growth_reserve_ratio == engine.scheduler.growth.ratio
     assert len(first.engine.latency["ttft"]) == 3 and len(first.engine.latency["e2e"]) == 3
@@ -195,7 +195,7 @@ def test_take_snapshot_reads_the_engine_and_drains_its_samples_once(engine: LLME
     [rank] = first.ranks
     assert rank.rank == 0 and rank.kv == engine.kv.stats().as_dict()
     assert 0 < len(rank.map_latencies) <= rank.kv["map_calls"]
-    second = take_snapshot("m", "r1", engine)
+    second = take_snapshot("m", "r1", engine.snapshot())
     assert second.engine is not None and all(not s for s in second.engine.latency.values())
     assert second.ranks[0].map_latencies == ()
     store = MetricsStore()
@@ -219,7 +219,7 @@ def test_under_tensor_parallelism_rank_0_reports_its_own_cache(
         engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
         while engine.has_work():
             engine.step()
-        snap = take_snapshot("m", "r1", engine)
+        snap = take_snapshot("m", "r1", engine.snapshot())
         [rank] = snap.ranks
         assert rank.rank == 0 and rank.kv == engine.kv.stats().as_dict() and rank.map_latencies
         assert snap.engine is not None and snap.engine.generation_tokens_total == 5

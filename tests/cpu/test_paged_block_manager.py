@@ -23,8 +23,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from replica.kv_allocator import KVCacheOutOfMemory
-from replica.paged import PagedKVCache, PagedKVConfig
+from replica.kv import KVCacheOutOfMemory
+from replica.kv import PagedKVCache, PagedKVConfig
 
 SCALE = int(os.environ.get("VATTN_STATEFUL_SCALE", "1"))
 STEPS = 50
@@ -144,7 +144,7 @@ class PagedMachine(RuleBasedStateMachine):
         for slot, length in self.lengths.items():
             assert cache.length(slot) == self.told[slot]
             blocks = cache.block_ids(slot)
-            assert len(blocks) == config.page_groups_for(self.reserved[slot]), "not exactly the blocks reserved"
+            assert len(blocks) == config.blocks_for(self.reserved[slot]), "not exactly the blocks reserved"
             assert table[slot, : len(blocks)].tolist() == list(blocks)
             waste += (len(blocks) * config.block_size - self.told[slot]) * config.bytes_per_token
             if length:
@@ -182,8 +182,16 @@ def test_out_of_memory_and_slot_errors_carry_the_numbers() -> None:
         cache.acquire()
     with pytest.raises(ValueError, match="holds 0..32"):
         cache.ensure(b, 33)
-    with pytest.raises(ValueError, match="reports 5 tokens but backs 0 blocks"):
-        cache.step_async({b: 5})
+    # A length the slot cannot back comes back unbacked; its books keep what it backs (nothing).
+    assert cache.wait(cache.step_async({b: 5})) == (b,) and cache.length(b) == 0
+    cache.check_invariants(deep=True)
+    for bad in (-1, 2.5, True, 32):  # 32: a step after 32 tokens passes the 32-token slot
+        with pytest.raises(ValueError):
+            cache.step_async({b: bad})
+    with pytest.raises(ValueError, match="20.5 tokens asked"):
+        cache.ensure(b, 20.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not an int in"):
+        cache.length(7)
     cache.release(a)
     with pytest.raises(ValueError, match="is free, not running"):
         cache.length(a)

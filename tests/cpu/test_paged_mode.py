@@ -12,7 +12,8 @@ import torch
 
 from replica import EngineConfig, RequestRejected, SamplingParams
 from replica.attention import StepBatch
-from replica.paged import PagedKVCache, PagedKVConfig, make_paged_attention_backend
+from replica.attention.paged import make_paged_attention_backend
+from replica.kv import PagedKVCache, PagedKVConfig
 from tests.attention.test_attention_backends import (
     DECODE,
     HEAD_DIM,
@@ -129,7 +130,7 @@ def test_paged_mode_matches_vattention_token_for_token(tiny_dir: Path, vattentio
     assert isinstance(kv, PagedKVCache) and llm.engine.runner.attention.name == "paged-sdpa"
     assert kv.config.num_blocks * kv.config.page_size <= 256 * 4096 < (kv.config.num_blocks + 1) * kv.config.page_size
     # What the router scrapes: tokens per physical page is the block size.
-    assert kv.config.page_size / (kv.config.bytes_per_token * kv.config.num_ranges) == block_size
+    assert kv.tokens_per_page == kv.stats().tokens_per_page == block_size
     outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outputs] == vattention_outputs
     stats = llm.engine.stats().kv

@@ -42,7 +42,7 @@ def test_replica_near_budget_loses_to_one_with_room():
     c = rank([("a", stats(12)), ("b", stats(400))])
     assert c.reason == MOST_FREE_PAGES
     assert ids(c) == ["b", "a"]
-    assert c.free_pages == 400 and c.first == "b"
+    assert c.headroom_pages == 400 and c.first == "b"
 
 
 def test_replica_that_cannot_fit_goes_last_even_if_idle():
@@ -56,7 +56,7 @@ def test_replicas_that_cannot_fit_ordered_by_free_pages():
     c = rank([("x", stats(1)), ("y", stats(5)), ("z", stats(50))], need=60)
     assert c.reason == MOST_FREE_PAGES
     assert ids(c) == ["z", "y", "x"]
-    assert c.free_pages == 50
+    assert c.headroom_pages == 50
 
 
 def test_exact_fit_counts_as_fitting():
@@ -76,7 +76,7 @@ def test_exact_fit_counts_as_fitting():
 def test_missing_or_stale_stats_fall_back(cands):
     c = rank(cands)
     assert c.reason == FALLBACK
-    assert c.ranks == [] and c.free_pages is None and c.first is None
+    assert c.ranks == [] and c.headroom_pages is None and c.first is None
 
 
 def test_unknown_need_falls_back():
@@ -107,9 +107,9 @@ def test_long_queue_ranks_after_fewer_free_pages_without_queue():
     idle = stats(100)
     c = rank([("queued", queued), ("idle", idle)])
     assert ids(c) == ["idle", "queued"]
-    assert c.free_pages == 100
+    assert c.headroom_pages == 100
     c = rank([("queued", queued), ("less", stats(60, running=1))])
-    assert ids(c) == ["less", "queued"] and c.free_pages == 60
+    assert ids(c) == ["less", "queued"] and c.headroom_pages == 60
 
 
 def test_queue_decides_who_can_fit():
@@ -120,10 +120,10 @@ def test_queue_decides_who_can_fit():
 
 def test_queue_beyond_free_pages_counts_as_zero():
     deep = stats(50, waiting=9, queued=500)  # effective 0, not -450
-    assert deep.effective_free_pages == 0
+    assert deep.available_after_queue == 0
     c = rank([("deep", deep), ("tight", stats(5, running=1))], need=10)
     assert ids(c) == ["tight", "deep"]  # neither fits: ordered by effective free pages
-    assert c.free_pages == 5
+    assert c.headroom_pages == 5
 
 
 def test_saturated_queues_tie_at_zero_and_break_on_fewer_requests():
@@ -134,12 +134,12 @@ def test_saturated_queues_tie_at_zero_and_break_on_fewer_requests():
     ]
     for perm in itertools.permutations(cands):
         c = rank(list(perm))
-        assert ids(c) == ["r1", "r2", "r0"] and c.free_pages == 0
+        assert ids(c) == ["r1", "r2", "r0"] and c.headroom_pages == 0
 
 
 def test_no_queue_ranks_as_before():
     cands = [("a", stats(12)), ("b", stats(400)), ("c", stats(90, running=5))]
-    with_zero = [(rid, stats(s.free_pages, s.running, s.waiting, queued=0)) for rid, s in cands]
+    with_zero = [(rid, stats(s.available_pages, s.running, s.waiting, queued=0)) for rid, s in cands]
     assert ids(rank(cands)) == ids(rank(with_zero)) == ["b", "c", "a"]
 
 
@@ -151,7 +151,7 @@ def test_one_replica_per_rank():
 
 def test_from_dict_accepts_contract_and_rejects_malformed():
     good = {
-        "free_pages": 7,
+        "available_pages": 7,
         "total_pages": 100,
         "tokens_per_page": 16,
         "running": 1,
@@ -164,8 +164,8 @@ def test_from_dict_accepts_contract_and_rejects_malformed():
     assert ReplicaStats.from_dict(None) is None
     assert ReplicaStats.from_dict({}) is None
     for key, bad in [
-        ("free_pages", -1),
-        ("free_pages", 3.5),
+        ("available_pages", -1),
+        ("available_pages", 3.5),
         ("running", True),
         ("tokens_per_page", 0),
         ("tokens_per_page", float("nan")),
@@ -177,10 +177,10 @@ def test_from_dict_accepts_contract_and_rejects_malformed():
 
 
 def test_from_dict_queued_pages_is_optional_but_checked():
-    good = {"free_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
+    good = {"available_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
     assert ReplicaStats.from_dict(good) == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 0)  # older replicas
     s = ReplicaStats.from_dict({**good, "queued_pages": 30})
-    assert s == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 30) and s.effective_free_pages == 40
+    assert s == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 30) and s.available_after_queue == 40
     for bad in (-1, 2.5, True, "30", None):
         assert ReplicaStats.from_dict({**good, "queued_pages": bad}) is None, bad
 
@@ -191,16 +191,16 @@ def test_headroom_counts_what_running_requests_will_grow_into():
     a, b = stats(500, running=8, committed=950), stats(200, running=3, committed=300)
     assert (a.headroom, b.headroom) == (50, 200)
     c = rank([("a", a), ("b", b)])
-    assert ids(c) == ["b", "a"] and c.free_pages == 200
+    assert ids(c) == ["b", "a"] and c.headroom_pages == 200
     # Both over-committed: the less over-committed first, even with more requests.
     c = rank([("x", stats(30, running=2, committed=1300)), ("y", stats(10, running=9, committed=1100))])
-    assert ids(c) == ["y", "x"] and c.free_pages == -100
+    assert ids(c) == ["y", "x"] and c.headroom_pages == -100
     # The queue still counts: headroom is never above the effective free pages.
     assert stats(300, queued=250, committed=100).headroom == 50
 
 
 def test_from_dict_committed_pages_is_optional_but_checked():
-    good = {"free_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
+    good = {"available_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
     assert ReplicaStats.from_dict(good).committed_pages is None
     s = ReplicaStats.from_dict({**good, "committed_pages": 80})
     assert s is not None and s.committed_pages == 80 and s.headroom == 20
@@ -240,7 +240,7 @@ def test_routing_decisions_tally():
     snap = d.snapshot()
     assert snap["by_reason"] == {MOST_FREE_PAGES: 2, FALLBACK: 1}
     assert snap["by_replica"] == {"a": 1, "b": 1}
-    assert snap["last_free_pages"] == 300 and snap["last_replica"] == "a"
+    assert snap["last_headroom_pages"] == 300 and snap["last_replica"] == "a"
     assert snap["last_headrooms"] == {"a": 300, "b": 20}  # every candidate of the last ranking
 
     def hammer():

@@ -18,7 +18,7 @@ from replica import EngineConfig, LLMEngine
 from replica.attention import available
 from replica.model import kernels
 from replica.model_runner import StepPlan
-from replica.paged import PagedKVCache
+from replica.kv import PagedKVCache
 from tests.gpu.test_engine_gpu import assert_logits_close, small_llama
 
 pytestmark = pytest.mark.gpu

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from replica import EngineConfig, LLMEngine
-from replica.paged import PagedKVCache, make_paged_attention_backend
+from replica.attention.paged import make_paged_attention_backend
+from replica.kv import PagedKVCache
 from tests.cpu.test_paged_mode import (
     DECODE,
     HEAD_DIM,

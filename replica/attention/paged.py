@@ -23,7 +23,7 @@ from replica.attention.batch import StepBatch
 from replica.attention.flashinfer_backend import FlashInferKernels
 from replica.attention.flashinfer_limits import choose_prefill_kernel
 from replica.attention.sdpa import sdpa_per_sequence
-from replica.paged.block_manager import PagedKVCache
+from replica.kv.paged import PagedKVCache
 
 PAGED_BACKENDS = ("auto", "paged-flashinfer", "paged-sdpa")
 #: The vAttention backend names that have a paged counterpart, so ``attention="sdpa"`` works in

@@ -1,6 +1,6 @@
 """The page plan: rank 0's allocator calls, recorded so the other ranks can replay them.
 
-Rank 0's scheduler talks to a :class:`RecordingAllocator` instead of its allocator. Every call that
+Rank 0's scheduler talks to a :class:`RecordingKVCache` instead of its own cache. Every call that
 changes the allocator's books (``acquire``, ``ensure``, ``release``, ``shrink``) is forwarded and
 appended to a log, outcome included; reads are forwarded as they are. Each step rank 0 drains the
 log into the step's message and every other rank :func:`replay`\\ s it on its own allocator.
@@ -16,22 +16,16 @@ memory alike. :func:`replay` checks both and raises :class:`ReplayMismatch` othe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal
 
-from replica.kv_allocator import KVCacheOutOfMemory
+import torch
+
+from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.stats import KVCacheStats
 
 Op = Literal["acquire", "ensure", "release", "shrink"]
-
-
-class Allocator(Protocol):
-    """What the scheduler changes on a KV cache (KVCacheAllocator and PagedKVCache both fit)."""
-
-    def acquire(self, tokens_hint: int = 0) -> int: ...
-    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None: ...
-    def release(self, slot_index: int) -> None: ...
-    def shrink(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -50,26 +44,19 @@ class ReplayMismatch(RuntimeError):
     """A replayed call had another outcome than on rank 0: this rank's books have diverged."""
 
 
-class RecordingAllocator:
-    """Forwards to ``allocator`` and records its state-changing calls (see the module docstring).
+class RecordingKVCache(KVCache):
+    """Forwards every call to ``cache`` and records the calls that change its books (see the
+    module docstring). Every method of the interface is spelt out here, so a call that changes
+    the books cannot bypass the log unnoticed."""
 
-    Only the names in ``READS`` are forwarded besides the recorded calls; anything else raises
-    AttributeError, so a new state-changing call cannot bypass the log unnoticed.
-    """
-
-    READS = frozenset({
-        "config", "reclaimable_pages", "can_allocate", "stats", "length", "check_invariants",
-        "slot_states", "k_cache", "v_cache", "reservations", "device_pages", "drain_map_latencies",
-        "synchronize", "wait", "done", "block_ids", "block_table",
-    })
-
-    def __init__(self, allocator: Allocator) -> None:
-        self.allocator = allocator
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
         self._calls: list[AllocatorCall] = []
 
+    # ---- recorded ------------------------------------------------------------------------------
     def acquire(self, tokens_hint: int = 0) -> int:
         try:
-            slot = self.allocator.acquire(tokens_hint)
+            slot = self.cache.acquire(tokens_hint)
         except KVCacheOutOfMemory:
             self._calls.append(AllocatorCall("acquire", -1, tokens_hint, True))
             raise
@@ -79,20 +66,24 @@ class RecordingAllocator:
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
         """Recorded without ``wait``: the other ranks map synchronously when they replay it."""
         try:
-            self.allocator.ensure(slot_index, tokens, wait)
+            self.cache.ensure(slot_index, tokens, wait)
         except KVCacheOutOfMemory:
             self._calls.append(AllocatorCall("ensure", slot_index, tokens, True))
             raise
         self._calls.append(AllocatorCall("ensure", slot_index, tokens))
 
     def release(self, slot_index: int) -> None:
-        self.allocator.release(slot_index)
+        self.cache.release(slot_index)
         self._calls.append(AllocatorCall("release", slot_index))
 
     def shrink(self) -> int:
-        released = self.allocator.shrink()
+        released = self.cache.shrink()
         self._calls.append(AllocatorCall("shrink"))
         return released
+
+    def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
+        """Not recorded: every rank's model runner makes this call itself with the same lengths."""
+        return self.cache.step_async(lengths)
 
     def drain(self) -> tuple[AllocatorCall, ...]:
         """The calls recorded since the last drain, oldest first; the log starts empty again."""
@@ -103,15 +94,60 @@ class RecordingAllocator:
     def pending(self) -> int:
         return len(self._calls)
 
-    def __getattr__(self, name: str) -> Any:
-        if name in RecordingAllocator.READS:
-            return getattr(self.allocator, name)
-        raise AttributeError(
-            f"RecordingAllocator does not forward {name!r}: under tensor parallelism every call "
-            f"that changes the KV books must be recorded and replayed on each rank")
+    # ---- forwarded reads -----------------------------------------------------------------------
+    @property
+    def max_slots(self) -> int:
+        return self.cache.max_slots
+
+    @property
+    def tokens_per_slot(self) -> int:
+        return self.cache.tokens_per_slot
+
+    @property
+    def budget_pages(self) -> int:
+        return self.cache.budget_pages
+
+    def pages_for(self, tokens: int) -> int:
+        return self.cache.pages_for(tokens)
+
+    def length(self, slot_index: int) -> int:
+        return self.cache.length(slot_index)
+
+    def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
+        return self.cache.wait(ticket)
+
+    def done(self, ticket: StepTicket | int) -> bool:
+        return self.cache.done(ticket)
+
+    def synchronize(self) -> None:
+        self.cache.synchronize()
+
+    def reclaimable_pages(self) -> int:
+        return self.cache.reclaimable_pages()
+
+    def can_allocate(self, tokens: int) -> bool:
+        return self.cache.can_allocate(tokens)
+
+    def stats(self) -> KVCacheStats:
+        return self.cache.stats()
+
+    def drain_map_latencies(self) -> list[float]:
+        return self.cache.drain_map_latencies()
+
+    def check_invariants(self, deep: bool = False) -> None:
+        self.cache.check_invariants(deep)
+
+    def k_cache(self, layer: int) -> torch.Tensor:
+        return self.cache.k_cache(layer)
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        return self.cache.v_cache(layer)
+
+    def token_capacity(self) -> int:
+        return self.cache.token_capacity()
 
 
-def replay(allocator: Allocator, calls: Iterable[AllocatorCall]) -> None:
+def replay(allocator: KVCache, calls: Iterable[AllocatorCall]) -> None:
     """Makes ``calls`` on ``allocator``; raises ReplayMismatch when an outcome differs from rank
     0's (a different slot, or out of memory on one side only)."""
     for index, call in enumerate(calls):

@@ -1,6 +1,6 @@
 """The vAttention KV cache allocator: which slot a request gets and which pages back it.
 
-A request owns a *slot*: a fixed region of every reserved range (see ``kv_config``), so its K and
+A request owns a *slot*: a fixed region of every reserved range (see ``replica.kv.config``), so its K and
 V are ordinary strided tensors. Physical pages are mapped under a slot as it grows; the mapping
 runs on the extension's background worker (FIFO), so this class only keeps the books and emits
 operations. It is owned by one engine thread and is not thread-safe.
@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from replica.kv_config import KVCacheConfig, KVLayout
-from replica.kv_slots import KVCacheOutOfMemory, SlotState, StepTicket, _Slot, check_slot_tokens
-from replica.kv_stats import KVCacheStats
-from replica.page_pool import PhysicalPagePool
+from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.config import KVCacheConfig, KVLayout
+from replica.kv.page_pool import PhysicalPagePool
+from replica.kv.slots import SlotState, _Slot
+from replica.kv.stats import KVCacheStats
 from replica.vmm import (
     Device,
     MapWorker,
@@ -43,7 +44,7 @@ from replica.vmm import (
 _CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
 
 
-class KVCacheAllocator:
+class KVCacheAllocator(KVCache):
     def __init__(
         self,
         config: KVCacheConfig,
@@ -85,10 +86,25 @@ class KVCacheAllocator:
             return self._tensors[2 * layer + kv]
         return self._tensors[0][:, :, layer, kv]  # [slots, tokens, layers, 2, heads, dim] -> strided
 
-    def token_capacity(self) -> int:
-        """Tokens the physical budget backs, over all slots."""
-        config = self.config
-        return config.budget_pages // config.num_ranges * config.page_size // config.bytes_per_token
+    # ---- geometry ------------------------------------------------------------------------------
+    @property
+    def max_slots(self) -> int:
+        return self.config.max_slots
+
+    @property
+    def tokens_per_slot(self) -> int:
+        return self.config.tokens_per_slot
+
+    @property
+    def budget_pages(self) -> int:
+        return self.config.budget_pages
+
+    def pages_for(self, tokens: int) -> int:
+        """A page group (one page per range) per ``page_size`` bytes of a token's range."""
+        return self.config.page_groups_for(tokens) * self.config.num_ranges
+
+    def _backed_tokens(self, slot: _Slot) -> int:
+        return min(len(slot.groups) * self.config.page_size // self.config.bytes_per_token, self.config.tokens_per_slot)
 
     @property
     def reservations(self) -> tuple[Reservation, ...]:
@@ -103,7 +119,7 @@ class KVCacheAllocator:
     def acquire(self, tokens_hint: int = 0) -> int:
         """Gives a request a slot: the released slot whose mapped pages best fit ``tokens_hint``
         (deferred reclamation pays off here), else an empty one."""
-        need = self.config.page_groups_for(tokens_hint)
+        need = self.config.page_groups_for(self.check_hint(tokens_hint))
         cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
         if cached:
             index = min(cached, key=lambda i: (len(self._slots[i].groups) < need, abs(len(self._slots[i].groups) - need)))
@@ -139,7 +155,7 @@ class KVCacheAllocator:
         ``ensure`` of these tokens waits for it). Raises KVCacheOutOfMemory (nothing lost) if the
         pages cannot be had."""
         slot = self._running(slot_index)
-        check_slot_tokens(slot_index, tokens, self.config.tokens_per_slot)
+        self.check_tokens(slot_index, tokens)
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._grow(slot_index, tokens)
         self._flush()
@@ -161,9 +177,9 @@ class KVCacheAllocator:
         mapped long ago, so the worker has many steps to map the next one. Call ``wait`` (or
         ``ensure``) before the next step writes K/V. Slots that cannot grow even after reclamation
         come back in ``unbacked``."""
-        for slot_index, length in lengths.items():
+        for slot_index in lengths:
             self._running(slot_index)
-            check_slot_tokens(slot_index, length + 1, self.config.tokens_per_slot)
+        self.check_step_lengths(lengths)
         for slot_index, length in lengths.items():
             slot = self._slots[slot_index]
             slot.length, slot.reserved = length, length + 1
@@ -175,6 +191,8 @@ class KVCacheAllocator:
             if len(slot.groups) < need or (len(slot.groups) < self._eager_target(slot.reserved) and available):
                 if not self._grow(slot_index, slot.reserved):
                     unbacked.append(slot_index)
+                    # Its books never claim tokens it cannot store.
+                    slot.length = slot.reserved = min(slot.length, self._backed_tokens(slot))
                 available = self._pool.available
         self._release_idle()
         ticket = StepTicket(self._flush(), tuple(unbacked))
@@ -301,9 +319,7 @@ class KVCacheAllocator:
         return self._last_ticket
 
     def _running(self, slot_index: int) -> _Slot:
-        if not 0 <= slot_index < len(self._slots):
-            raise IndexError(f"slot {slot_index} outside [0, {len(self._slots)})")
-        slot = self._slots[slot_index]
+        slot = self._slots[self.check_slot(slot_index)]
         if slot.state is not SlotState.RUNNING:
             raise ValueError(f"slot {slot_index} is {slot.state.value}, not running")
         return slot
@@ -336,7 +352,7 @@ class KVCacheAllocator:
         worker = self._worker.stats()
         return KVCacheStats(
             page_size_bytes=config.page_size,
-            tokens_per_page=config.page_size / config.bytes_per_token,
+            tokens_per_page=self.tokens_per_page,
             pages_total=config.budget_pages,
             pages_created=self._pool.created,
             pages_free=self._pool.free,
@@ -354,6 +370,7 @@ class KVCacheAllocator:
         )
 
     def drain_map_latencies(self) -> list[float]:
+        """Seconds each map run took since the last call."""
         return list(self._worker.drain_map_latencies())
 
     def check_invariants(self, deep: bool = False) -> None:

@@ -12,7 +12,6 @@ block id, i.e. ``block_size`` tokens of every layer's K and V, so
 
     page_size      = block_size * bytes_per_token      (bytes, all layers, K + V)
     bytes_per_token = 2 * num_layers * kv_heads * head_dim * element_size
-    num_ranges     = 1                                   (a block id is one page, not a group)
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.kv_config import require_positive_ints
+from replica.kv.base import require_non_negative_ints, require_positive_ints
 
 
 @dataclass(frozen=True)
@@ -43,17 +42,11 @@ class PagedKVConfig:
 
     def __post_init__(self) -> None:
         require_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "block_size"))
-        if self.budget_bytes < 0:
-            raise ValueError(f"PagedKVConfig.budget_bytes must be >= 0, got {self.budget_bytes}")
+        require_non_negative_ints(self, ("budget_bytes",))
 
     @property
     def element_size(self) -> int:
         return self.dtype.itemsize
-
-    @property
-    def num_ranges(self) -> int:
-        """Pages per page group: 1, a block id covers every layer's K and V at once."""
-        return 1
 
     @property
     def bytes_per_token(self) -> int:
@@ -82,7 +75,7 @@ class PagedKVConfig:
         """``max_tokens`` rounded up to whole blocks: the most one request may hold."""
         return self.max_blocks_per_seq * self.block_size
 
-    def page_groups_for(self, tokens: int) -> int:
+    def blocks_for(self, tokens: int) -> int:
         """Blocks that hold tokens [0, tokens) of a sequence."""
         return -(-tokens // self.block_size)
 

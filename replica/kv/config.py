@@ -28,13 +28,7 @@ from enum import Enum
 
 import torch
 
-
-def require_positive_ints(config: object, names: tuple[str, ...]) -> None:
-    """Raises ValueError naming the first of ``names`` that is not a positive int."""
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+from replica.kv.base import require_non_negative_ints, require_positive_ints
 
 
 class KVLayout(str, Enum):
@@ -73,9 +67,10 @@ class KVCacheConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))
         require_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size"))
-        for name in ("eager_pages", "max_idle_pages", "budget_bytes", "eager_lookahead_tokens"):
-            if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"KVCacheConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        require_non_negative_ints(self, ("eager_pages", "max_idle_pages", "budget_bytes", "eager_lookahead_tokens"))
+        if isinstance(self.idle_seconds, bool) or not isinstance(self.idle_seconds, (int, float)) \
+                or not self.idle_seconds >= 0:
+            raise ValueError(f"KVCacheConfig.idle_seconds must be a number >= 0, got {self.idle_seconds!r}")
         if self.page_size % self.element_size:
             raise ValueError(f"page size {self.page_size} is not a multiple of {self.dtype}'s size")
 

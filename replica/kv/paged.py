@@ -1,6 +1,7 @@
 """The PagedAttention comparison mode's KV cache: a preallocated pool of fixed-size blocks and one
-block table per request, behind the same interface the scheduler and engine use on
-``KVCacheAllocator`` (duck-typed), so everything above the cache runs unchanged.
+block table per request, behind the one KV-cache interface (``replica.kv.base.KVCache``), so
+everything above the cache runs unchanged. Its page is a block: ``block_size`` tokens of every
+layer's K and V.
 
 A request owns a *slot*: a row of the block table. Its tokens [0, n) live in blocks
 ``blocks[0 .. ceil(n / block_size))``, token t at row ``t % block_size`` of block
@@ -30,10 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replica.kv_allocator import KVCacheOutOfMemory, StepTicket
-from replica.kv_slots import check_slot_tokens
-from replica.kv_stats import KVCacheStats
-from replica.paged.paged_config import PagedKVConfig
+from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.paged_config import PagedKVConfig
+from replica.kv.stats import KVCacheStats
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
 _CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
@@ -47,7 +47,7 @@ class _Sequence:
     blocks: list[int] = field(default_factory=list)
 
 
-class PagedKVCache:
+class PagedKVCache(KVCache):
     def __init__(self, config: PagedKVConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.device = torch.device(device)
@@ -74,9 +74,23 @@ class PagedKVCache:
     def v_cache(self, layer: int) -> torch.Tensor:
         return self._v[self._layer(layer)]
 
-    def token_capacity(self) -> int:
-        """Tokens the preallocated blocks hold, over all slots."""
-        return self.config.num_blocks * self.config.block_size
+    # ---- geometry ------------------------------------------------------------------------------
+    @property
+    def max_slots(self) -> int:
+        return self.config.max_slots
+
+    @property
+    def tokens_per_slot(self) -> int:
+        return self.config.tokens_per_slot
+
+    @property
+    def budget_pages(self) -> int:
+        """The preallocated blocks."""
+        return self.config.num_blocks
+
+    def pages_for(self, tokens: int) -> int:
+        """Blocks that hold ``tokens`` tokens."""
+        return self.config.blocks_for(tokens)
 
     def _layer(self, layer: int) -> int:
         if not 0 <= layer < self.config.num_layers:
@@ -103,6 +117,7 @@ class PagedKVCache:
     def acquire(self, tokens_hint: int = 0) -> int:
         """Gives a request the lowest free slot; blocks come with ``ensure``. The hint does not
         matter here: there is no cached slot to fit."""
+        self.check_hint(tokens_hint)
         index = next((i for i, s in enumerate(self._seqs) if not s.running), None)
         if index is None:
             raise KVCacheOutOfMemory(tokens_hint, 0, len(self._free), 0, f"all {self.config.max_slots} slots are running")
@@ -124,11 +139,11 @@ class PagedKVCache:
     # ---- growth --------------------------------------------------------------------------------
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
         """Backs tokens [0, tokens) of a running slot with exactly the blocks they need and records
-        ``tokens`` as its length (nothing to map: ``wait`` is for KVCacheAllocator's signature).
-        Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
+        ``tokens`` as its length. Blocks are taken synchronously, so they are usable on return with
+        or without ``wait``. Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
         seq = self._running(slot_index)
-        check_slot_tokens(slot_index, tokens, self.config.tokens_per_slot)
-        need = self.config.page_groups_for(tokens)
+        self.check_tokens(slot_index, tokens)
+        need = self.config.blocks_for(tokens)
         if not self._resize(slot_index, need):
             raise KVCacheOutOfMemory(tokens, need - len(seq.blocks), len(self._free), 0)
         seq.length = seq.reserved = tokens
@@ -137,20 +152,19 @@ class PagedKVCache:
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
         """Records each running slot's length and reserves, right away, the blocks the next step
         needs (length + 1 tokens): there is no mapping to overlap with the model. Slots that cannot
-        get a block come back in the ticket's ``unbacked`` (the scheduler preempts them)."""
-        for slot_index, length in lengths.items():
-            seq = self._running(slot_index)
-            check_slot_tokens(slot_index, length + 1, self.config.tokens_per_slot)
-            if length > len(seq.blocks) * self.config.block_size:
-                raise ValueError(f"slot {slot_index} reports {length} tokens but backs {len(seq.blocks)} blocks")
+        get a block come back in the ticket's ``unbacked`` (the scheduler preempts them). The
+        ticket is 0: nothing runs in the background."""
+        for slot_index in lengths:
+            self._running(slot_index)
+        self.check_step_lengths(lengths)
         unbacked = []
         for slot_index, length in lengths.items():
             seq = self._seqs[slot_index]
             seq.length = length
-            if self._resize(slot_index, self.config.page_groups_for(length + 1)):
+            if self._resize(slot_index, self.config.blocks_for(length + 1)):
                 seq.reserved = length + 1
-            else:  # it holds exactly the blocks of ``length`` tokens (checked above)
-                seq.reserved = length
+            else:  # its books never claim tokens it cannot store
+                seq.length = seq.reserved = min(length, len(seq.blocks) * self.config.block_size)
                 unbacked.append(slot_index)
         self._checked()
         return StepTicket(0, tuple(unbacked))
@@ -190,9 +204,7 @@ class PagedKVCache:
         return True
 
     def _running(self, slot_index: int) -> _Sequence:
-        if not 0 <= slot_index < len(self._seqs):
-            raise IndexError(f"slot {slot_index} outside [0, {len(self._seqs)})")
-        seq = self._seqs[slot_index]
+        seq = self._seqs[self.check_slot(slot_index)]
         if not seq.running:
             raise ValueError(f"slot {slot_index} is free, not running")
         return seq
@@ -204,7 +216,7 @@ class PagedKVCache:
 
     def can_allocate(self, tokens: int) -> bool:
         slot_free = any(not s.running for s in self._seqs)
-        return slot_free and self.config.page_groups_for(tokens) <= len(self._free)
+        return slot_free and self.config.blocks_for(tokens) <= len(self._free)
 
     def stats(self) -> KVCacheStats:
         """Pages are blocks (``page_size_bytes`` = one block over all layers, K and V). The pool is
@@ -245,7 +257,7 @@ class PagedKVCache:
                 assert not seq.blocks and seq.length == seq.reserved == 0, f"free slot {index} holds blocks"
                 continue
             assert seq.reserved in (seq.length, seq.length + 1), f"slot {index}: {seq}"
-            assert len(seq.blocks) == self.config.page_groups_for(seq.reserved), f"slot {index}: {seq}"
+            assert len(seq.blocks) == self.config.blocks_for(seq.reserved), f"slot {index}: {seq}"
         if deep:
             table = self.block_table().cpu()
             for index, seq in enumerate(self._seqs):

@@ -1,0 +1,216 @@
+"""The one KV-cache interface the scheduler, engine, model runner and tensor-parallel driver use.
+
+Three implementations, each in its own words:
+
+    KVCacheAllocator  (replica.kv.allocator)  vAttention: contiguous virtual slots, physical pages
+                                              mapped under them in the background
+    PagedKVCache      (replica.kv.paged)      the PagedAttention comparison mode: fixed blocks and
+                                              block tables, nothing to map
+    RecordingKVCache  (replica.kv.recording)  rank 0 of a tensor-parallel replica: forwards to its
+                                              own cache and records what changes the books
+
+A request owns a *slot* (``acquire`` .. ``release``). A running slot has a *length* (tokens
+stored) and backs at least that many tokens; ``ensure`` backs more, ``step_async`` records the
+step's lengths and backs one token more for the next step. Capacity is counted in physical
+*pages*: ``pages_for(tokens)`` is what a slot holding ``tokens`` holds, over every range.
+
+Contracts every implementation keeps (ValueError before anything changes, otherwise):
+    slot indices are ints in [0, max_slots); calls on a slot other than ``acquire`` need it running
+    token counts are ints (not bools) in [0, tokens_per_slot]
+    ``step_async`` lengths are ints with length + 1 within the slot; a slot that cannot be backed
+        that far comes back ``unbacked`` and keeps a length it backs (never more)
+    KVCacheOutOfMemory (never a crash, nothing lost) when pages cannot be had: the scheduler
+        waits or preempts
+    a StepTicket of 0 has nothing to wait for
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from replica.kv.stats import KVCacheStats
+
+
+class KVCacheOutOfMemory(Exception):
+    """The cache cannot back the tokens asked for, even after reclaiming; never a crash — the
+    scheduler answers it by waiting or preempting."""
+
+    def __init__(self, tokens_asked: int, pages_needed: int, pages_free: int, pages_cached: int, why: str = ""):
+        self.tokens_asked = tokens_asked
+        self.pages_needed = pages_needed
+        self.pages_free = pages_free
+        self.pages_cached = pages_cached
+        super().__init__(
+            f"KV cache out of memory{': ' + why if why else ''}: {tokens_asked} tokens asked need "
+            f"{pages_needed} more pages; {pages_free} free (creatable included), {pages_cached} cached"
+        )
+
+
+@dataclass(frozen=True)
+class StepTicket:
+    """The mapping submitted for the next step (0: nothing to wait for); ``unbacked`` slots could
+    not grow (preempt them)."""
+
+    ticket: int
+    unbacked: tuple[int, ...]
+
+
+def require_positive_ints(config: object, names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of ``names`` that is not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def require_non_negative_ints(config: object, names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of ``names`` that is not an int >= 0 (None passes)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (not is_int(value) or value < 0):
+            raise ValueError(f"{type(config).__name__}.{name} must be an int >= 0, got {value!r}")
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCache(ABC):
+    """What the layers above a KV cache call (see the module docstring for the contracts)."""
+
+    # ---- geometry ------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def max_slots(self) -> int:
+        """Requests that can hold a slot at once."""
+
+    @property
+    @abstractmethod
+    def tokens_per_slot(self) -> int:
+        """The most tokens one slot holds (max_model_len rounded up to whole pages)."""
+
+    @property
+    @abstractmethod
+    def budget_pages(self) -> int:
+        """Physical pages the cache may hold at most."""
+
+    @abstractmethod
+    def pages_for(self, tokens: int) -> int:
+        """Physical pages a slot holding ``tokens`` tokens holds (over every range)."""
+
+    @property
+    def tokens_per_page(self) -> float:
+        """Tokens one physical page holds, counting every range a token occupies: a request of
+        T tokens needs about T / this many pages (the router's conversion)."""
+        return self.tokens_per_slot / self.pages_for(self.tokens_per_slot)
+
+    def token_capacity(self) -> int:
+        """Tokens the physical budget holds over all slots (bounds the keys of one step)."""
+        return int(self.budget_pages * self.tokens_per_page)
+
+    # ---- slots ---------------------------------------------------------------------------------
+    @abstractmethod
+    def acquire(self, tokens_hint: int = 0) -> int:
+        """A slot for a new request (running, length 0); KVCacheOutOfMemory if every slot runs."""
+
+    @abstractmethod
+    def release(self, slot_index: int) -> None:
+        """Ends the slot's request."""
+
+    @abstractmethod
+    def length(self, slot_index: int) -> int:
+        """Tokens the running slot stores."""
+
+    # ---- growth --------------------------------------------------------------------------------
+    @abstractmethod
+    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
+        """Backs tokens [0, tokens) of a running slot and records ``tokens`` as its length. With
+        ``wait`` they are usable on return; without, they may still be mapping (a later ``ensure``
+        of them, ``wait`` or ``synchronize`` waits). KVCacheOutOfMemory if they cannot be had."""
+
+    @abstractmethod
+    def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
+        """Records each running slot's length after a step and backs length + 1 tokens for the
+        next step, possibly in the background; slots that cannot grow come back ``unbacked`` with
+        their length cut to what they back."""
+
+    @abstractmethod
+    def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
+        """Waits for a ticket's mapping; returns its unbacked slots."""
+
+    @abstractmethod
+    def done(self, ticket: StepTicket | int) -> bool:
+        """Whether waiting for the ticket would return at once."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Completes every pending operation."""
+
+    # ---- pressure ------------------------------------------------------------------------------
+    @abstractmethod
+    def reclaimable_pages(self) -> int:
+        """Pages a new request could get now (free, creatable, and reclaimable from others)."""
+
+    @abstractmethod
+    def can_allocate(self, tokens: int) -> bool:
+        """Whether a new request of ``tokens`` tokens could get a slot and its pages now."""
+
+    @abstractmethod
+    def shrink(self) -> int:
+        """Gives every page nobody needs back to the device; returns the pages released."""
+
+    # ---- reading -------------------------------------------------------------------------------
+    @abstractmethod
+    def stats(self) -> KVCacheStats:
+        """A frozen snapshot of the books."""
+
+    def drain_map_latencies(self) -> list[float]:
+        """Seconds each map run took since the last call (empty where nothing is mapped)."""
+        return []
+
+    @abstractmethod
+    def check_invariants(self, deep: bool = False) -> None:
+        """Asserts the implementation's written invariants (``deep``: against the device too)."""
+
+    @abstractmethod
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s K as the attention backends read it."""
+
+    @abstractmethod
+    def v_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s V as the attention backends read it."""
+
+    # ---- contracts -----------------------------------------------------------------------------
+    def check_slot(self, slot_index: object) -> int:
+        """``slot_index`` as an int in [0, max_slots), else ValueError."""
+        if not is_int(slot_index) or not 0 <= slot_index < self.max_slots:  # type: ignore[operator]
+            raise ValueError(f"slot {slot_index!r} is not an int in [0, {self.max_slots})")
+        return slot_index  # type: ignore[return-value]
+
+    def check_tokens(self, slot_index: int, tokens: object) -> int:
+        """``tokens`` as an int a slot can hold, else ValueError."""
+        if not is_int(tokens) or not 0 <= tokens <= self.tokens_per_slot:  # type: ignore[operator]
+            raise ValueError(f"slot {slot_index}: {tokens!r} tokens asked; a slot holds 0..{self.tokens_per_slot}")
+        return tokens  # type: ignore[return-value]
+
+    def check_hint(self, tokens_hint: object) -> int:
+        """An ``acquire`` hint: an int >= 0, else ValueError."""
+        if not is_int(tokens_hint) or tokens_hint < 0:  # type: ignore[operator]
+            raise ValueError(f"tokens_hint must be an int >= 0, got {tokens_hint!r}")
+        return tokens_hint  # type: ignore[return-value]
+
+    def check_step_lengths(self, lengths: Mapping[int, int]) -> None:
+        """The ``step_async`` contract: every length an int, length + 1 within the slot."""
+        for slot_index, length in lengths.items():
+            self.check_tokens(slot_index, length)
+            if length + 1 > self.tokens_per_slot:
+                raise ValueError(f"slot {slot_index}: a step after {length} tokens passes the slot's "
+                                 f"{self.tokens_per_slot}")

@@ -1,0 +1,97 @@
+"""The house rules that keep the layers apart, checked on the source: no import cycle among the
+product's modules, the
+serving layer reads the engine only through its frozen snapshots, the HTTP ingress loads no torch,
+and the three KV caches implement the one interface."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("replica", "cluster", "benchmarks")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the product modules it imports anywhere (inside functions too: a deferred import is
+    still a dependency), except under ``if TYPE_CHECKING``."""
+    modules = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+        targets: set[str] = set()
+        for child in ast.walk(tree):
+            if id(child) in skipped:
+                continue
+            if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                for alias in child.names:
+                    candidate = f"{child.module}.{alias.name}"
+                    targets.add(candidate if candidate in modules else child.module)
+            elif isinstance(child, ast.Import):
+                targets.update(alias.name for alias in child.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_product_has_no_import_cycle() -> None:
+    graph = import_graph()
+    assert "replica.engine" in graph and "cluster.ingress" in graph
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_serving_layer_reads_the_engine_through_snapshots_only() -> None:
+    reaching = (".engine.engine.", ".runner.kv", ".scheduler.", "runner.model.model")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in (ROOT / "cluster").rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if any(pattern in line for pattern in reaching)
+    ]
+    assert offenders == []
+
+
+def test_the_http_ingress_imports_no_torch() -> None:
+    code = "import sys, cluster.ingress; print(sorted(m for m in ('torch', 'replica.engine') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_three_caches_implement_the_one_interface() -> None:
+    from replica.kv import KVCache, KVCacheAllocator, PagedKVCache, RecordingKVCache
+
+    for cache in (KVCacheAllocator, PagedKVCache, RecordingKVCache):
+        assert issubclass(cache, KVCache) and not cache.__abstractmethods__, cache

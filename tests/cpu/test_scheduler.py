@@ -1,0 +1,188 @@
+"""The scheduler alone, against a fake cache that implements the one KV-cache interface (no model,
+no extension): admission by pages, chunked prefill, preemption of the newest request by
+recompute, and slots held back while a step that writes them is in flight."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.stats import KVCacheStats
+from replica.request import Request, RequestStatus
+from replica.sampling_params import SamplingParams
+from replica.scheduler import Scheduler
+
+TOKENS_PER_PAGE = 4
+
+
+class FakeKVCache(KVCache):
+    """Pages are counters: a slot holding n tokens holds ceil(n / 4) pages, out of ``budget``."""
+
+    def __init__(self, slots: int, budget: int, tokens_per_slot: int = 64) -> None:
+        self._slots, self._budget, self._tokens = slots, budget, tokens_per_slot
+        self.lengths: dict[int, int] = {}  # running slots
+        self.released: list[int] = []
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots
+
+    @property
+    def tokens_per_slot(self) -> int:
+        return self._tokens
+
+    @property
+    def budget_pages(self) -> int:
+        return self._budget
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // TOKENS_PER_PAGE)
+
+    def _used(self) -> int:
+        return sum(self.pages_for(n) for n in self.lengths.values())
+
+    def acquire(self, tokens_hint: int = 0) -> int:
+        free = [s for s in range(self._slots) if s not in self.lengths]
+        if not free:
+            raise KVCacheOutOfMemory(tokens_hint, 0, 0, 0, "all slots are running")
+        self.lengths[free[0]] = 0
+        return free[0]
+
+    def release(self, slot_index: int) -> None:
+        del self.lengths[slot_index]
+        self.released.append(slot_index)
+
+    def length(self, slot_index: int) -> int:
+        return self.lengths[slot_index]
+
+    def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
+        self.check_tokens(slot_index, tokens)
+        more = self.pages_for(tokens) - self.pages_for(self.lengths[slot_index])
+        if more > self._budget - self._used():
+            raise KVCacheOutOfMemory(tokens, more, self._budget - self._used(), 0)
+        self.lengths[slot_index] = max(tokens, self.lengths[slot_index])
+
+    def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
+        self.lengths.update(lengths)
+        return StepTicket(0, ())
+
+    def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
+        return ()
+
+    def done(self, ticket: StepTicket | int) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def reclaimable_pages(self) -> int:
+        return self._budget - self._used()
+
+    def can_allocate(self, tokens: int) -> bool:
+        return len(self.lengths) < self._slots and self.pages_for(tokens) <= self.reclaimable_pages()
+
+    def shrink(self) -> int:
+        return 0
+
+    def stats(self) -> KVCacheStats:
+        raise NotImplementedError
+
+    def check_invariants(self, deep: bool = False) -> None:
+        assert self._used() <= self._budget
+
+    def k_cache(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def request(name: str, prompt: int, max_tokens: int) -> Request:
+    return Request(name, list(range(prompt)), SamplingParams(max_tokens=max_tokens), None, None)
+
+
+def run_step(scheduler: Scheduler, kv: FakeKVCache) -> list[Request]:
+    """Schedules a step, 'computes' it (prefill chunks advance; decodes produce a token) and
+    returns the requests it ran."""
+    step = scheduler.schedule()
+    assert step is not None
+    scheduler.launched(step.requests)
+    for r, query in zip(step.requests, step.query_lens):
+        r.computed += query
+        if r.computed == r.num_tokens:
+            r.output_token_ids.append(0)
+    scheduler.step_completed()
+    kv.check_invariants()
+    return list(step.requests)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget() -> None:
+    kv = FakeKVCache(slots=4, budget=100)
+    scheduler = Scheduler(kv, max_batch_tokens=16, max_running=4)
+    long = request("long", 40, 4)
+    scheduler.add(long)
+    chunks = []
+    while long.computed < 40:
+        run_step(scheduler, kv)
+        chunks.append(long.computed)
+    assert chunks == [16, 32, 40]
+    assert kv.lengths[long.slot] == 40  # type: ignore[index]
+
+
+def test_admission_waits_for_pages_and_slots() -> None:
+    kv = FakeKVCache(slots=2, budget=12)  # 48 tokens
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=8)
+    assert scheduler.max_running == 2  # bounded by the cache's slots
+    a, b, c = request("a", 24, 4), request("b", 12, 4), request("c", 4, 4)
+    for r in (a, b, c):
+        scheduler.add(r)
+    # a's whole prompt is kept back until its step has run (it counts as still to compute), so b
+    # waits a step although a's pages are already held; then the two slots are full.
+    assert run_step(scheduler, kv) == [a]
+    assert run_step(scheduler, kv) == [a, b] and c.status is RequestStatus.WAITING
+    scheduler.finish(a, "stop")
+    assert kv.released == [0]
+    assert c in run_step(scheduler, kv)
+
+
+def test_out_of_pages_preempts_the_newest_request_by_recompute() -> None:
+    kv = FakeKVCache(slots=4, budget=6)  # 24 tokens
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4)
+    old, new = request("old", 11, 20), request("new", 11, 20)
+    scheduler.add(old)
+    run_step(scheduler, kv)
+    scheduler.add(new)
+    for _ in range(12):
+        run_step(scheduler, kv)
+        if scheduler.preemptions_total:
+            break
+    assert scheduler.preemptions_total == 1 and new.preemptions == 1 and old.preemptions == 0
+    assert new.status is RequestStatus.WAITING and new.computed == 0 and new.slot is None
+    assert scheduler.waiting[0] is new  # at the head of the queue, its output kept
+    assert len(new.output_token_ids) >= 1
+
+
+def test_a_slot_dropped_under_a_step_in_flight_is_released_when_the_step_completes() -> None:
+    kv = FakeKVCache(slots=2, budget=20)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=2)
+    r = request("r", 4, 8)
+    scheduler.add(r)
+    step = scheduler.schedule()
+    assert step is not None
+    scheduler.launched(step.requests)
+    slot = r.slot
+    scheduler.finish(r, "abort")
+    assert slot in kv.lengths and kv.released == []  # the running step still writes it
+    scheduler.step_completed()
+    assert kv.released == [slot]
+
+
+def test_the_fake_cache_keeps_the_interface_contracts() -> None:
+    kv = FakeKVCache(slots=1, budget=4)
+    slot = kv.acquire()
+    with pytest.raises(ValueError):
+        kv.ensure(slot, 2.5)  # type: ignore[arg-type]
+    assert kv.tokens_per_page == TOKENS_PER_PAGE and kv.token_capacity() == 16
