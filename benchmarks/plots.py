@@ -1,10 +1,12 @@
-"""PNG plots of the newest benchmark results, written beside them in ``benchmarks/results/``
+"""PNG plots of benchmark results, written beside each result file and named after it
 (``python -m benchmarks.report`` calls :func:`write_plots`). Needs matplotlib (the ``bench`` extra).
 
-    engine_throughput.png   tokens/s per workload and mode (vAttention vs paged, graphs vs eager, HF)
-    decode_step.png         the full-batch decode step against its practical floor and roofline
-    mapping.png             batched page-mapping throughput by run length
-    router.png              TTFT p50/p99 per router and arrival rate
+    engine-<device>-<date>-throughput.png    tokens/s per workload and mode (vAttention vs paged,
+                                             graphs vs eager, HF)
+    engine-<device>-<date>-decode-step.png   the full-batch decode step against its practical floor
+                                             and roofline
+    mapping-<device>-<date>.png              batched page-mapping throughput by run length
+    router-<device>-<date>.png               TTFT p50/p99 per router and arrival rate
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from benchmarks.results_io import PLOT_NAMES, Result, plot_path, router_runs
+
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
@@ -25,7 +29,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def engine_throughput(data: dict[str, Any], out: Path) -> Path:
+def engine_throughput(data: dict[str, Any], path: Path) -> Path:
     results = data["results"]
     modes = list(dict.fromkeys(r["mode"] for rows in results.values() for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -37,31 +41,34 @@ def engine_throughput(data: dict[str, Any], out: Path) -> Path:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([w + width * (len(modes) - 1) / 2 for w in range(len(results))], list(results))
     ax.set_ylabel("generated tokens/s")
-    ax.set_title(f"Engine throughput, batch {data['settings']['batch']}, {data['environment']['device']}")
+    ax.set_title(f"Engine throughput, batch {data['settings']['batch']}, "
+                 f"{data['environment']['device']}")
     ax.legend(fontsize=8)
-    return _save(fig, out / "engine_throughput.png")
+    return _save(fig, path)
 
 
-def decode_step(data: dict[str, Any], out: Path) -> Path:
-    rows = [r for r in data["results"].get("decode", []) if r.get("decode_step", {}).get("practical_floor_ms")]
+def decode_step(data: dict[str, Any], path: Path) -> Path:
+    rows = [r for r in data["results"].get("decode", [])
+            if r.get("decode_step", {}).get("practical_floor_ms")]
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [r["mode"] for r in rows]
     steps = [r["decode_step"] for r in rows]
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], [s["step_ms"] for s in steps], 0.4, label="engine step (median)")
-    ax.barh([i - 0.2 for i in y], [s["linears_graph_ms"] for s in steps], 0.4, label="floor: linears (CUDA graph)")
+    ax.barh([i - 0.2 for i in y], [s["linears_graph_ms"] for s in steps], 0.4,
+            label="floor: linears (CUDA graph)")
     ax.barh([i - 0.2 for i in y], [s["attention_alone_ms"] for s in steps], 0.4,
             left=[s["linears_graph_ms"] for s in steps], label="floor: attention alone")
-    for i, s in zip(y, steps):
+    for i, s in zip(y, steps, strict=True):
         ax.plot([s["roofline_ms"]] * 2, [i - 0.45, i + 0.45], color="black", linewidth=1)
     ax.set_yticks(list(y), labels)
     ax.set_xlabel("ms per decode step at batch 64 (black line: HBM roofline)")
     ax.set_title("Decode step vs its practical floor")
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, out / "decode_step.png")
+    return _save(fig, path)
 
 
-def mapping(data: dict[str, Any], out: Path) -> Path:
+def mapping(data: dict[str, Any], path: Path) -> Path:
     rows = data["batched"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["run_pages"] for r in rows], [r["gb_per_s"] for r in rows], marker="o")
@@ -69,12 +76,10 @@ def mapping(data: dict[str, Any], out: Path) -> Path:
     ax.set_xlabel("pages mapped per run (2 MiB each)")
     ax.set_ylabel("GB/s mapped")
     ax.set_title(f"Page mapping throughput, {data['environment']['device']}")
-    return _save(fig, out / "mapping.png")
+    return _save(fig, path)
 
 
-def router(data: dict[str, Any], out: Path) -> Path:
-    from benchmarks.report import router_runs
-
+def router(data: dict[str, Any], path: Path) -> Path:
     runs = router_runs(data)
     bars_at = [(f"{router}\n{run['rate_per_s']:g}/s", result) for run in runs
                for router, result in run["results"].items()]
@@ -83,24 +88,26 @@ def router(data: dict[str, Any], out: Path) -> Path:
         values = [result["ttft_s"][key] or 0.0 for _, result in bars_at]
         bars = ax.bar([x + i * 0.4 for x in range(len(bars_at))], values, 0.4, label=f"TTFT {key}")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at], fontsize=8)
+    ax.set_xticks([x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at],
+                  fontsize=8)
     ax.set_ylabel("seconds")
     ax.set_title(f"Time to first token by router and arrival rate, {data['environment']['device']}")
     ax.legend(fontsize=8)
-    return _save(fig, out / "router.png")
+    return _save(fig, path)
 
 
 PLOTS = {"engine": (engine_throughput, decode_step), "mapping": (mapping,), "router": (router,)}
 
 
-def write_plots(newest: dict[str, tuple[Path, dict[str, Any]]], out: Path) -> list[Path]:
-    """Writes every plot whose results exist; ``newest`` maps a result prefix to (path, data)."""
+def write_plots(shown: dict[str, list[Result]]) -> list[Path]:
+    """Writes the plots of every result in ``shown`` (a result prefix -> its (path, data) files),
+    each beside its result file (:func:`benchmarks.results_io.plot_path`)."""
     written = []
     for prefix, plots in PLOTS.items():
-        if prefix in newest:
-            for plot in plots:
+        for result, data in shown.get(prefix, []):
+            for plot, name in zip(plots, PLOT_NAMES[prefix], strict=True):
                 try:
-                    written.append(plot(newest[prefix][1], out))
-                except KeyError:  # an older result without the fields this plot needs
+                    written.append(plot(data, plot_path(result, name)))
+                except KeyError:  # a result without the fields this plot needs
                     continue
     return written
