@@ -2,12 +2,10 @@
 ``serve run cluster.app:build_app model=/path/to/hf-dir tp=2 replicas=2``, and ``serve deploy``
 with a config whose ``import_path`` is ``cluster.app:build_app`` (args under ``args``)."""
 
-from __future__ import annotations
-
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, field_validator
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -18,8 +16,13 @@ from cluster.routing import ROUTERS
 from replica.engine_config import EngineConfig
 
 
-@dataclass(frozen=True)
-class AppOptions:
+class AppOptions(BaseModel):
+    """The application's arguments. Serve validates ``key=value`` strings (``serve run``) and a
+    config's ``args`` against this model and hands ``build_app`` the result; unknown keys and
+    values of the wrong type are refused with a ``pydantic.ValidationError``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
     model: str = "embedded"
     tp: int = 1
     replicas: int = 1
@@ -44,29 +47,13 @@ class AppOptions:
     #: PowerOfTwoChoicesRequestRouter (for comparison: benchmarks.bench_router).
     router: str = "free-pages"
 
-    def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f"AppOptions.router must be one of {', '.join(ROUTERS)}; got {self.router!r}")
-
+    @field_validator("router")
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> AppOptions:
-        """Takes Serve's string args (``key=value`` on the command line) or typed values."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(args) - set(fields)
-        if unknown:
-            raise ValueError(f"unknown vattn app args {sorted(unknown)}; known: {sorted(fields)}")
-        values: dict[str, Any] = {}
-        for name, value in args.items():
-            kind = str(fields[name].type)
-            if value is None or kind.startswith("str"):
-                values[name] = value
-            elif "int" in kind:
-                values[name] = int(value)
-            elif "float" in kind:
-                values[name] = float(value)
-            else:
-                values[name] = value
-        return cls(**values)
+    def _known_router(cls, router: str) -> str:
+        if router not in ROUTERS:
+            known = ", ".join(ROUTERS)
+            raise ValueError(f"AppOptions.router must be one of {known}; got {router!r}")
+        return router
 
     def uses_gpu(self) -> bool:
         if self.device == "cpu":
@@ -81,8 +68,9 @@ class AppOptions:
         config = EngineConfig(
             model=self.model, attention=self.backend, kv_layout=self.kv_layout,
             device="cuda" if self.uses_gpu() else "cpu", max_model_len=self.max_model_len,
-            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes, page_size=self.page_size,
-            growth_reserve=self.growth_reserve, tensor_parallel_size=self.tp,
+            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
+            page_size=self.page_size, growth_reserve=self.growth_reserve,
+            tensor_parallel_size=self.tp,
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
@@ -92,8 +80,11 @@ class AppOptions:
         return router_config(self.routing_stats_period_s, hold_s=self.router_hold_s)
 
 
-def build_app(args: dict[str, Any] | None = None) -> Application:
-    options = AppOptions.from_args(args or {})
+def build_app(args: AppOptions) -> Application:
+    # Serve validates its args against this annotation and passes an AppOptions (so this module
+    # must not use ``from __future__ import annotations``: Serve would see a string); a dict from
+    # Python callers is validated here the same way.
+    options = AppOptions.model_validate(args)
     gpu = options.uses_gpu()
     rank0 = {"CPU": options.replica_cpus, "GPU": 1} if gpu else {"CPU": options.replica_cpus}
     rank = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
@@ -108,7 +99,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         **tp_options,
     )
     replica = deployment.bind(options.engine_config(), options.metrics_period_s)
-    return VattnIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(replica, options.model, options.api_key)
+    ingress = VattnIngress.options(ray_actor_options={"num_cpus": 0.1})
+    return ingress.bind(replica, options.model, options.api_key)
 
 
-app = build_app()
+app = build_app(AppOptions())

@@ -7,8 +7,12 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from cluster.routing import ROUTERS
+
+if TYPE_CHECKING:
+    from cluster.app import AppOptions
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,24 +38,32 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve_parser.set_defaults(run=serve_main)
 
 
+def app_options(args: argparse.Namespace) -> AppOptions:
+    """The application's arguments from ``vattn serve``'s options (same names)."""
+    from cluster.app import AppOptions
+
+    return AppOptions(
+        model=args.model, tp=args.tp, replicas=args.replicas, backend=args.backend,
+        kv_layout=args.kv_layout, device=args.device, max_model_len=args.max_model_len,
+        max_running=args.max_running, growth_reserve=args.growth_reserve, api_key=args.api_key,
+        router=args.router,
+    )
+
+
 def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
     from cluster.app import build_app
 
+    options = app_options(args)  # refused here, before Ray starts, if invalid
     if args.address:
         ray.init(address=args.address)
     else:
         # Logical CPUs: replicas and the ingress are scheduled by these, not by cores.
         ray.init(num_cpus=max(os.cpu_count() or 1, 4) + args.replicas * args.tp, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({
-        "model": args.model, "tp": args.tp, "replicas": args.replicas, "backend": args.backend,
-        "kv_layout": args.kv_layout, "device": args.device, "max_model_len": args.max_model_len,
-        "max_running": args.max_running, "growth_reserve": args.growth_reserve, "api_key": args.api_key,
-        "router": args.router,
-    })
+    app = build_app(options)
     started = time.monotonic()
     print(f"deploying {args.model} ({args.replicas} replica(s) x tp {args.tp}) ...", flush=True)
     serve.run(app, name="vattn", route_prefix="/", blocking=False)

@@ -1,10 +1,10 @@
 """Streaming text for generated tokens: incremental detokenization and stop conditions.
 
-* ``IncrementalDetokenizer`` turns token ids into text deltas one token at a time. It decodes only a
-  small window (prefix offset .. end) and emits what the newest tokens added beyond the window's
-  already-emitted part (prefix offset .. read offset), so tokenizers whose pieces depend on their
-  left neighbour (SentencePiece's leading space) come out right, and nothing is emitted while the
-  text ends in an incomplete UTF-8 character (byte-level / byte-fallback tokens).
+* ``IncrementalDetokenizer`` turns token ids into text deltas one token at a time with the
+  ``tokenizers`` library's ``DecodeStream``: each step decodes only the tokens since the last
+  emitted text, so tokenizers whose pieces depend on their left neighbour (SentencePiece's leading
+  space) come out right, and nothing is emitted while the text ends in an incomplete UTF-8
+  character (byte-level / byte-fallback tokens). A few prompt tokens prime the stream as context.
 * ``StopChecker`` finds stop strings in the streamed text, cuts the output before the earliest one
   and holds back any tail that might still become one, so a client never sees part of a stop string.
 * ``OutputStream`` wires both to one request's ``SamplingParams``: token id in, text delta and
@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 if TYPE_CHECKING:
     from replica.sampling import SamplingParams
@@ -23,17 +26,10 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length"]
 
 _REPLACEMENT = "\ufffd"
-# Prompt tokens decoded ahead of the first generated one, giving it the left context that decides
-# e.g. whether a SentencePiece "▁word" renders with its space. A few tokens suffice.
+
+# Prompt tokens stepped through ahead of the first generated one, giving it the left context that
+# decides e.g. whether a SentencePiece "▁word" renders with its space. A few tokens suffice.
 _CONTEXT_TOKENS = 5
-
-
-class Tokenizer(Protocol):
-    """The part of a Hugging Face tokenizer used here."""
-
-    def decode(
-        self, token_ids: list[int], skip_special_tokens: bool = ..., **kwargs: bool
-    ) -> str: ...
 
 
 class IncrementalDetokenizer:
@@ -41,18 +37,24 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Any,  # a Hugging Face fast tokenizer
         prompt_token_ids: Sequence[int],
         skip_special_tokens: bool = True,
     ) -> None:
-        self._tokenizer = tokenizer
+        self._tokenizer: Tokenizer = tokenizer.backend_tokenizer
         self._skip_special_tokens = skip_special_tokens
-        # Only the decode window is kept: tokens before the prefix offset are never decoded again.
-        self._window: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._window)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # The stream's state, mirrored for ``flush``: the tokens of its last text, and those since.
+        self._read: list[int] = []
+        self._unread: list[int] = []
         self._chunks: list[str] = []
         self.token_ids: list[int] = []
+        # The context's text is not output, nor the bytes of a character it ends inside of.
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        while context and self._decode(context).endswith(_REPLACEMENT):
+            context.pop()
+        for token_id in context:
+            self._step(token_id)
 
     @property
     def text(self) -> str:
@@ -62,37 +64,34 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes (possibly "")."""
         self.token_ids.append(token_id)
-        self._window.append(token_id)
-        return self._advance(final=False)
+        self._chunks.append(self._step(token_id))
+        return self._chunks[-1]
 
     def flush(self) -> str:
-        """Emit text still held for an incomplete character; call once when generation ends."""
-        return self._advance(final=True)
+        """Emit the text held for an incomplete character (it ends in U+FFFD); the last call."""
+        prefix = self._decode(self._read)
+        self._read, self._unread = self._read + self._unread, []
+        self._chunks.append(self._decode(self._read)[len(prefix) :])
+        return self._chunks[-1]
 
     def _decode(self, token_ids: list[int]) -> str:
-        # Cleanup of tokenization spaces rewrites text across the window edge (" ," -> ","), which
-        # would break the prefix arithmetic below.
-        return self._tokenizer.decode(
-            token_ids,
-            skip_special_tokens=self._skip_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
-    def _advance(self, final: bool) -> str:
-        if self._read_offset == len(self._window):
+    def _step(self, token_id: int) -> str:
+        self._unread.append(token_id)
+        try:
+            delta = self._stream.step(self._tokenizer, token_id)
+        except Exception as error:  # tokenizers raises a plain Exception
+            if "Invalid prefix" not in str(error):
+                raise
+            # A decoder rewrote emitted text (e.g. a Replace across tokens): go on from the held
+            # tokens in a new stream, without taking back what was emitted.
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+            unread, self._read, self._unread = self._unread, [], []
+            return "".join([self._step(t) for t in unread])
+        if delta is None:
             return ""
-        prefix_text = self._decode(self._window[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._window[self._prefix_offset :])
-        # A trailing U+FFFD is (almost always) a character whose remaining bytes are in tokens not
-        # generated yet; wait for them. Skipped special tokens add no text and wait too.
-        if len(new_text) <= len(prefix_text) or (not final and new_text.endswith(_REPLACEMENT)):
-            return ""
-        delta = new_text[len(prefix_text) :]
-        # The old read offset becomes the prefix offset; drop the tokens before it.
-        del self._window[: self._read_offset]
-        self._prefix_offset = 0
-        self._read_offset = len(self._window)
-        self._chunks.append(delta)
+        self._read, self._unread = self._unread, []
         return delta
 
 
@@ -203,7 +202,7 @@ class OutputStream:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Any,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         eos_token_ids: Sequence[int] = (),

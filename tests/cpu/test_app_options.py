@@ -20,11 +20,11 @@ def test_the_default_router_is_the_free_page_router() -> None:
 
 
 def test_power_of_two_is_serves_default_router() -> None:
-    assert AppOptions.from_args({"router": "power-of-two"}).router == "power-of-two"
+    assert AppOptions.model_validate({"router": "power-of-two"}).router == "power-of-two"
     assert router_class({"router": "power-of-two"}).endswith(":PowerOfTwoChoicesRequestRouter")
 
 
 @pytest.mark.parametrize("router", ["", "pow2", "Free-Pages", "round-robin"])
 def test_an_unknown_router_is_a_clear_value_error(router: str) -> None:
     with pytest.raises(ValueError, match="router must be one of free-pages, power-of-two"):
-        AppOptions.from_args({"router": router})
+        AppOptions.model_validate({"router": router})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from replica.detokenizer import IncrementalDetokenizer, OutputStream, StopChecker
@@ -105,6 +106,75 @@ def test_prompt_context_is_not_emitted(tokenizer) -> None:
     prompt = _encode(tokenizer, "The quick brown fox jumps over")
     ids = _encode(tokenizer, " the lazy dog.")
     assert "".join(_stream(tokenizer, prompt, ids)) == " the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def sentencepiece() -> PreTrainedTokenizerFast:
+    """Llama-style: "▁" for spaces, one leading space stripped, bytes for characters not in the
+    vocabulary (byte fallback: "€" and "😀" become 3 and 4 byte tokens)."""
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    trained.train_from_iterator(
+        CORPUS * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"])
+    )
+    vocab, merges = trained.get_vocab(), json.loads(trained.to_str())["model"]["merges"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    bpe = Tokenizer(models.BPE(vocab, [tuple(m) for m in merges], unk_token="<unk>",
+                               byte_fallback=True))
+    bpe.add_special_tokens(["<unk>", "</s>"])
+    bpe.normalizer = trained.normalizer
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_leading_space_comes_from_the_prompt(sentencepiece) -> None:
+    world = _encode(sentencepiece, "world")  # "▁world": its space shows only after other text
+    assert "".join(_stream(sentencepiece, [], world)) == "world"
+    assert "".join(_stream(sentencepiece, _encode(sentencepiece, "Hello"), world)) == " world"
+
+
+def test_byte_fallback_characters_split_across_tokens(sentencepiece) -> None:
+    text = "café € 😀 東京 €€"
+    ids = _encode(sentencepiece, text)
+    pieces = sentencepiece.convert_ids_to_tokens(ids)
+    assert pieces.count("<0xE2>") == 3 and pieces.count("<0xF0>") == 1  # "€" x 3, "😀"
+    for prompt in ([], _encode(sentencepiece, "naïve")):
+        deltas = _stream(sentencepiece, prompt, ids)
+        assert "".join(deltas) == (text if not prompt else " " + text)
+        assert all("\ufffd" not in d for d in deltas)
+
+
+def test_a_prompt_ending_inside_a_character_is_not_output(tokenizer) -> None:
+    # A token-id prompt can end inside a character; the generated tokens complete it. Those bytes
+    # are the prompt's: the output is the generated tokens' own text (U+FFFD for the orphan bytes).
+    ids = _encode(tokenizer, "東京 🙂 ß 🚀 brûlée")
+    k = next(k for k in range(1, len(ids)) if _decode(tokenizer, ids[:k]).endswith("\ufffd"))
+    prompt = _encode(tokenizer, "Prompt: ") + ids[:k]
+    deltas = _stream(tokenizer, prompt, ids[k:])
+    assert "".join(deltas) == _decode(tokenizer, ids[k:])
+    assert "Prompt" not in "".join(deltas)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_prompt_context_is_left_out_of_the_output(tokenizer, data) -> None:
+    vocab = len(tokenizer)
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), max_size=20), label="ids")
+    prompt = data.draw(st.lists(st.integers(0, vocab - 1), max_size=8), label="prompt")
+    assert "".join(_stream(tokenizer, prompt, ids)) == _decode(tokenizer, ids)
+
+
+def test_a_decoder_that_rewrites_across_tokens_does_not_stop_the_stream() -> None:
+    # "a" is out when "b" turns it into "X": the stream goes on from the held tokens without
+    # taking back what it emitted (DecodeStream alone raises "Invalid prefix" here).
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 2, "?": 3}, unk_token="?"))
+    tok.decoder = decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X")])
+    detok = IncrementalDetokenizer(PreTrainedTokenizerFast(tokenizer_object=tok), [])
+    assert [detok.add(i) for i in (0, 1, 2, 2)] + [detok.flush()] == ["a", "", "bc", "c", ""]
 
 
 # --- StopChecker ----------------------------------------------------------------------------------

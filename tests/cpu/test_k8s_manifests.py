@@ -576,7 +576,7 @@ def test_serve_config_typos_are_refused() -> None:
 
     config = load_one(SERVE_CONFIG)
     the_app(config)["args"]["tensor_parallel"] = 2
-    with pytest.raises(ValueError, match="unknown vattn app args"):
+    with pytest.raises(ValueError, match="tensor_parallel\n  Extra inputs are not permitted"):
         app_deployments(the_app(config)["args"])
 
 

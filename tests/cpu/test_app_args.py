@@ -1,0 +1,110 @@
+"""The Serve application's arguments: Serve itself validates and coerces them against
+``cluster.app.AppOptions`` (a pydantic model), for ``serve run cluster.app:build_app key=value``,
+``serve deploy`` configs and ``vattn serve`` alike (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+from cluster.app import AppOptions, build_app
+from cluster.cli import main as vattn_main
+from cluster.serve_cli import app_options
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve_builds(args: dict[str, Any]) -> Application:
+    """What ``serve run`` / ``serve deploy`` do with an import path and its args."""
+    return call_user_app_builder_with_args_if_necessary(build_app, args)
+
+
+def bound(app: Application) -> tuple[dict[str, Any], int, tuple[Any, ...]]:
+    """(the replica's engine config, its replica count, the ingress's arguments)."""
+    ingress = app._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    return replica.init_args[0], replica._deployment_config.num_replicas, ingress.init_args
+
+
+def test_serve_sees_the_pydantic_model_on_the_builder() -> None:
+    # A string annotation (``from __future__ import annotations``) would hide it from Serve.
+    [param] = inspect.signature(build_app).parameters.values()
+    assert param.annotation is AppOptions
+
+
+def test_string_args_are_coerced_by_serve() -> None:
+    args = {"model": "synthetic", "replicas": "3", "max_running": "8", "growth_reserve": "0.25",
+            "kv_cache_bytes": "1000000", "router_hold_s": "2", "api_key": "12345"}
+    engine, replicas, ingress_args = bound(serve_builds(args))
+    assert replicas == 3
+    assert engine["max_running"] == 8 and engine["growth_reserve"] == 0.25
+    assert engine["kv_cache_bytes"] == 1_000_000
+    assert ingress_args[1:] == ("synthetic", "12345")
+    options = AppOptions.model_validate(args)
+    assert (options.router_hold_s, options.page_size) == (2.0, None)
+
+
+def test_typed_args_from_python_and_yaml_numbers() -> None:
+    assert bound(build_app({"max_running": 8}))[0]["max_running"] == 8  # a dict from Python
+    assert AppOptions.model_validate({"api_key": 12345}).api_key == "12345"  # YAML's number
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "message"),
+    [
+        ({"tp": "two"}, "tp", "valid integer"),
+        ({"max_running": "1.5"}, "max_running", "valid integer"),
+        ({"growth_reserve": "lots"}, "growth_reserve", "valid number"),
+        ({"kv_cache_bytes": "none"}, "kv_cache_bytes", "valid integer"),
+        ({"replicaz": "2"}, "replicaz", "Extra inputs are not permitted"),
+        ({"router": "pow2"}, "router", "router must be one of free-pages, power-of-two"),
+    ],
+)
+def test_bad_args_are_refused_with_the_field_and_the_reason(
+    args: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as error:
+        serve_builds(args)
+    [problem] = error.value.errors()
+    assert problem["loc"] == (field,)
+    assert message in str(error.value) and "AppOptions" in str(error.value)
+
+
+def test_serve_run_refuses_bad_args_before_starting_ray() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("serve")), "run", "cluster.app:build_app", "tp=two"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "validation error for AppOptions" in result.stderr and "tp" in result.stderr
+
+
+def test_the_serve_config_args_are_valid_options() -> None:
+    config = yaml.safe_load((ROOT / "cluster" / "serve-config.yaml").read_text())
+    [application] = config["applications"]
+    assert application["import_path"] == "cluster.app:build_app"
+    assert AppOptions.model_validate(application["args"]).kv_layout == "interleaved"
+
+
+def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []  # the parsed options, instead of starting Ray
+    monkeypatch.setattr("cluster.serve_cli.serve_main", lambda args: seen.append(args) or 0)
+    argv = ["serve", "--model", "synthetic", "--tp", "2", "--replicas", "3", "--backend", "sdpa",
+            "--kv-layout", "per_layer", "--device", "cpu", "--max-model-len", "512",
+            "--max-running", "4", "--growth-reserve", "0.3", "--router", "power-of-two",
+            "--api-key", "KEY"]
+    assert vattn_main(argv) == 0
+    assert app_options(seen[0]) == AppOptions(
+        model="synthetic", tp=2, replicas=3, backend="sdpa", kv_layout="per_layer", device="cpu",
+        max_model_len=512, max_running=4, growth_reserve=0.3, router="power-of-two",
+        api_key="KEY",
+    )
