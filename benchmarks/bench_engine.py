@@ -5,7 +5,8 @@
     python -m benchmarks.bench_engine --smoke         # tiny model on CPU, seconds (CI)
 
 Workloads: decode-heavy (128-token prompts, 1024 outputs), prefill-heavy (4K prompts, 64 outputs),
-mixed (long prompts drawn like a summarisation trace, a few hundred outputs).
+mixed (long prompts drawn like a summarisation trace, a few hundred outputs), long (4 requests of
+16K-token prompts, 256 outputs: small batch at long context).
 
 Modes: ``vattention`` and ``paged`` (decode steps replayed as CUDA graphs, captured by the
 engine's warm-up before the timed run; asynchronous scheduling), suffixed ``-eager`` (no graphs)
@@ -52,6 +53,8 @@ def workloads(smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024)
         "decode": [(prompt(128), decode_tokens) for _ in range(batch)],
         "prefill": [(prompt(4096), 64) for _ in range(batch)],
         "mixed": mixed,
+        # Few sequences at long context: FlashInfer must split each one's KV across SMs.
+        "long": [(prompt(16000), 256) for _ in range(4)],
     }
 
 
@@ -271,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workloads", default="decode,prefill,mixed")
+    parser.add_argument("--workloads", default="decode,prefill,mixed,long")
     parser.add_argument("--modes", default="vattention,paged,vattention-sync,paged-sync,vattention-eager,paged-eager,hf")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--kv-layout", default="interleaved")

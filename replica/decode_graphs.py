@@ -10,7 +10,9 @@ them, never moved) and the static buffers below, which are refilled in place bef
                               rows of the new tokens, kernel index buffers: ``plan_graph``)
     shared by all graphs:     logits [max B, vocab] (float32), one memory pool
 
-A batch of n sequences runs in the graph of the smallest size >= n (``graph_sizes``). The padding
+A batch of n sequences runs in the graph of the smallest size >= n (``graph_sizes``) and of its
+attention plan's variant (``AttentionBackend.graph_variant``: e.g. the page size FlashInfer sees,
+chosen per step): one graph per (size, variant). The padding
 rows repeat the last sequence (same token, position, slot and length), so they compute what it
 computes and write the same K/V to the same cache row; their logits are dropped.
 
@@ -47,7 +49,7 @@ class DecodeGraphs:
         self.inputs = torch.zeros(2, largest, dtype=torch.long, device=device)  # token ids, positions
         self.input_ids, self.positions = self.inputs[0], self.inputs[1]
         self.logits = torch.empty(largest, model.config.vocab_size, dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, attention variant)
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
@@ -75,10 +77,11 @@ class DecodeGraphs:
             if extra:  # padding repeats the last sequence's token, patched or not
                 self.input_ids[n:size].copy_(self.input_ids[n - 1 : n].expand(extra))
         self.attention.plan_graph(padded)
-        graph = self.graphs.get(size)
+        key = (size, self.attention.graph_variant(padded))
+        graph = self.graphs.get(key)
         if graph is None:
             self._forward(size)  # this step, eagerly on the static buffers: also the warm-up
-            self._capture(size)
+            self._capture(key)
         else:
             graph.replay()
             self.replays += 1
@@ -89,9 +92,9 @@ class DecodeGraphs:
             hidden = self.model(self.input_ids[:size], self.positions[:size], self.attention)
             self.logits[:size].copy_(self.model.compute_logits(hidden))
 
-    def _capture(self, size: int) -> None:
+    def _capture(self, key: tuple[int, int]) -> None:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(size)
-        self.graphs[size] = graph
+            self._forward(key[0])
+        self.graphs[key] = graph

@@ -158,8 +158,9 @@ class LLMEngine:
         return self.scheduler.has_work() or self._launched is not None
 
     def warm_up(self) -> int:
-        """Captures the decode CUDA graph of every batch size before serving, so that no request
-        pays for a capture: for each size, that many throw-away requests decode two tokens, half
+        """Captures the decode CUDA graphs of every batch size (and every variant of its attention
+        plan, ``AttentionBackend.warm_up_shapes``) before serving, so that no request pays for a
+        capture: for each, that many throw-away requests decode two tokens, half
         greedy and half sampled with logprobs (so the sampler's kernels are loaded too: CUDA loads
         a kernel's code into device memory at its first launch). Returns the graphs captured (0
         without graphs). Call it before adding requests."""
@@ -168,14 +169,18 @@ class LLMEngine:
             return 0
         greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         bos = self.model_config.bos_token_id
-        prompt = [bos if bos is not None and bos < self.model_config.vocab_size else 0] * 2
-        for size in graphs.sizes:
-            if size > self.scheduler.max_running:
-                break
+        token = bos if bos is not None and bos < self.model_config.vocab_size else 0
+        # Every graph variant of each size: e.g. FlashInfer sees small pages at long context.
+        sizes = [size for size in graphs.sizes if size <= self.scheduler.max_running]
+        shapes = self.runner.attention.warm_up_shapes(sizes, self.context_limit - greedy.max_tokens)
+        for size, kv_len in shapes:
+            prompt = [token] * max(kv_len, 2)
+            if size * self.kv.pages_for(len(prompt) + greedy.max_tokens) > self.kv.budget_pages:
+                continue  # a cache this small never runs such a batch
             for i in range(size):
                 sampled = SamplingParams(max_tokens=3, temperature=0.8, top_k=50, top_p=0.9, seed=i, logprobs=2,
                                          ignore_eos=True)
-                self.add_request(f"vattn-warm-up-{size}-{i}", prompt, greedy if i % 2 == 0 else sampled)
+                self.add_request(f"vattn-warm-up-{kv_len}-{size}-{i}", prompt, greedy if i % 2 == 0 else sampled)
             while self.has_work():
                 self.step()
         self.kv.synchronize()

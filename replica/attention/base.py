@@ -67,6 +67,17 @@ class AttentionBackend(ABC):
     def _plan_graph(self, batch: StepBatch) -> None:
         raise NotImplementedError(f"the {self.name} backend does not run in CUDA graphs")
 
+    def graph_variant(self, batch: StepBatch) -> int:
+        """Which captured graph of a batch's size replays it: backends whose kernels are planned
+        differently by step (e.g. the page size the kernel sees) return a different key for each
+        plan that a captured graph cannot follow. One variant by default."""
+        return 0
+
+    def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
+        """(batch size, keys per sequence) pairs whose decode steps reach every graph variant of
+        ``sizes``, for the engine's warm-up (keys at most ``max_kv_len``). One variant: short."""
+        return [(size, 1) for size in sizes]
+
     def cache_rows(self, batch: StepBatch) -> torch.Tensor:
         """The row of each new token in a layer's cache seen as [rows, heads, dim]: on the
         vAttention cache, slot * tokens_per_slot + position."""

@@ -1,19 +1,22 @@
 """FlashInfer's paged kernels on the vAttention cache, zero copy: the cache is handed over as a
-paged cache whose page is a whole slot (page_size = tokens_per_slot, one page per sequence,
-kv_indices = slot ids, last_page_len = lengths). Measured on the H100 as fast as a 16-token paged
-cache (shared/notes/h100-probe.md). Decode batches use the tensor-core decode kernel (faster for
-GQA); batches with prefill chunks use the prefill kernel. For CUDA graphs, each graphed batch size
-has its own decode wrapper in FlashInfer's cuda-graph mode (fixed index buffers, planned in place).
-``FlashInferKernels`` holds the wrappers; the paged mode's backend uses it too.
+paged cache whose pages are *virtual*, their size chosen per step (``replica.attention.kernel_pages``):
+a whole slot (page_size = tokens_per_slot, kv_indices = slot ids, last_page_len = lengths) when the
+batch fills the GPU or contexts are short, else 16-token pages over the same memory so that
+FlashInfer can split a long sequence across thread blocks. No block table exists: indices are
+slot * pages_per_slot + j. Decode batches use the tensor-core decode kernel (faster for GQA);
+batches with prefill chunks use the prefill kernel. For CUDA graphs, each graphed batch size and
+page size has its own decode wrapper in FlashInfer's cuda-graph mode (fixed index buffers, planned
+in place). ``FlashInferKernels`` holds the wrappers; the paged mode's backend uses it too.
 """
 
 from __future__ import annotations
 
 import torch
 
-from replica.attention.base import AttentionBackend, KVCacheViews
+from replica.attention.base import AttentionBackend, KVCacheViews, token_rows
 from replica.attention.batch import StepBatch
 from replica.attention.flashinfer_limits import PrefillKernel, choose_prefill_kernel
+from replica.attention.kernel_pages import LONG_CONTEXT_TOKENS, kernel_page_tokens, page_table
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -36,7 +39,7 @@ class FlashInferKernels:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=prefill_kernel.backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
-        self.graph_decodes: dict[int, object] = {}  # batch size -> cuda-graph-mode decode wrapper
+        self.graph_decodes: dict[tuple[int, int], object] = {}  # (batch size, page size) -> cuda-graph wrapper
         self.active: object = self.decode
         self.planned: torch.cuda.Event | None = None  # recorded behind the last plan's copies
         self.head_dim = head_dim
@@ -46,9 +49,10 @@ class FlashInferKernels:
         }
 
     def plan(self, batch: StepBatch, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor,
-             graph_pages: int | None = None) -> None:
+             graph_pages: int | None = None, page_size: int | None = None) -> None:
         """``indptr`` and ``last_page_len`` on the host (FlashInfer plans there: device tensors
-        would sync), ``indices`` on the device.
+        would sync), ``indices`` on the device; ``page_size`` overrides the constructor's (the
+        vAttention backend chooses it per step).
 
         A wrapper's plan fills its pinned host buffer and copies it to the device behind the work
         already queued; with asynchronous scheduling the previous step may still be queued, so
@@ -56,29 +60,32 @@ class FlashInferKernels:
         still on the step before that), then overwrites the buffers."""
         if self.planned is not None:
             self.planned.synchronize()
+        common = self.common if page_size is None else {**self.common, "page_size": page_size}
         if not batch.is_decode:
             self.prefill.plan(batch.cu_query_host, indptr, indices, last_page_len, head_dim_qk=self.head_dim,
-                              causal=True, **self.common)
+                              causal=True, **common)
             self.active = self.prefill
         else:
-            wrapper = self.decode if graph_pages is None else self._graph_decode(batch.num_sequences, graph_pages)
-            wrapper.plan(indptr, indices, last_page_len, head_dim=self.head_dim, **self.common)  # type: ignore[attr-defined]
+            wrapper = (self.decode if graph_pages is None
+                       else self._graph_decode(batch.num_sequences, graph_pages, common["page_size"]))
+            wrapper.plan(indptr, indices, last_page_len, head_dim=self.head_dim, **common)  # type: ignore[attr-defined]
             self.active = wrapper
         self.planned = torch.cuda.Event()
         self.planned.record()
 
-    def _graph_decode(self, batch_size: int, max_pages: int) -> object:
-        if batch_size not in self.graph_decodes:
+    def _graph_decode(self, batch_size: int, max_pages: int, page_size: int) -> object:
+        key = (batch_size, page_size)
+        if key not in self.graph_decodes:
             import flashinfer
 
             device = self.workspace.device
-            self.graph_decodes[batch_size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.graph_decodes[key] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
                 paged_kv_indptr_buffer=torch.empty(batch_size + 1, dtype=torch.int32, device=device),
                 paged_kv_indices_buffer=torch.empty(max_pages, dtype=torch.int32, device=device),
                 paged_kv_last_page_len_buffer=torch.empty(batch_size, dtype=torch.int32, device=device),
             )
-        return self.graph_decodes[batch_size]
+        return self.graph_decodes[key]
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         return self.active.run(q, (k_cache, v_cache))  # type: ignore[attr-defined]
@@ -93,23 +100,55 @@ class FlashInferBackend(AttentionBackend):
     ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         k0 = cache.k_cache(0)
-        rows = k0.shape[0] * k0.shape[1]  # every slot's every token
+        self.tokens_per_slot = k0.shape[1]
+        rows = k0.shape[0] * self.tokens_per_slot  # every slot's every token
         prefill_kernel = choose_prefill_kernel(rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()))
-        self.kernels = FlashInferKernels(k0.device, num_q_heads, num_kv_heads, head_dim, k0.shape[1], dtype, self.scale,
-                                         prefill_kernel)
+        self.kernels = FlashInferKernels(k0.device, num_q_heads, num_kv_heads, head_dim, self.tokens_per_slot, dtype,
+                                         self.scale, prefill_kernel)
         # Host-side planning inputs: plan() reads them on the CPU, so device copies would sync.
         self.page_indptr = torch.arange(k0.shape[0] + 1, dtype=torch.int32).pin_memory()
+        self.page_tokens = self.tokens_per_slot  # what the kernel sees this step
 
-    def _pages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One page (the slot) per sequence: indices are the slots, last_page_len the lengths."""
-        return self.page_indptr[: batch.num_sequences + 1], batch.slots_t, batch.kv_lens_host
+    def _pages(self, batch: StepBatch, page_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indptr, indices, last_page_len) of the batch seen as ``page_tokens``-token pages. One
+        page per slot: indices are the slots, last_page_len the lengths (no work). Smaller pages
+        (small batches only): computed on the host from the slots and lengths."""
+        if page_tokens == self.tokens_per_slot:
+            return self.page_indptr[: batch.num_sequences + 1], batch.slots_t, batch.kv_lens_host
+        indptr, indices, last = page_table(batch.slots, batch.kv_lens, page_tokens, self.tokens_per_slot)
+        host = [torch.tensor(v, dtype=torch.int32, pin_memory=True) for v in (indptr, indices, last)]
+        return host[0], host[1].to(batch.slots_t.device, non_blocking=True), host[2]
+
+    def graph_variant(self, batch: StepBatch) -> int:
+        """The page size the kernel sees: a graph captured with one page size cannot replay another."""
+        return kernel_page_tokens(batch.num_sequences, batch.max_kv_len, self.tokens_per_slot)
+
+    def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
+        """Short contexts for every size, and a long one where the kernel then sees small pages."""
+        long = [(size, LONG_CONTEXT_TOKENS) for size in sizes if LONG_CONTEXT_TOKENS <= max_kv_len
+                and kernel_page_tokens(size, LONG_CONTEXT_TOKENS, self.tokens_per_slot) != self.tokens_per_slot]
+        return [(size, 1) for size in sizes] + long
 
     def plan(self, batch: StepBatch) -> None:
         super().plan(batch)
-        self.kernels.plan(batch, *self._pages(batch))
+        self.page_tokens = self.graph_variant(batch)
+        self.kernels.plan(batch, *self._pages(batch, self.page_tokens), page_size=self.page_tokens)
 
     def _plan_graph(self, batch: StepBatch) -> None:
-        self.kernels.plan(batch, *self._pages(batch), graph_pages=batch.num_sequences)
+        self.page_tokens = self.graph_variant(batch)
+        max_pages = batch.num_sequences * (self.tokens_per_slot // self.page_tokens)
+        self.kernels.plan(batch, *self._pages(batch, self.page_tokens), graph_pages=max_pages,
+                          page_size=self.page_tokens)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        if self.page_tokens != self.tokens_per_slot:
+            k_cache, v_cache = virtual_pages(k_cache, self.page_tokens), virtual_pages(v_cache, self.page_tokens)
         return self.kernels.run(q, k_cache, v_cache)
+
+
+def virtual_pages(cache: torch.Tensor, page_tokens: int) -> torch.Tensor:
+    """[slots, tokens, heads, dim] -> [slots * tokens / page_tokens, page_tokens, heads, dim], the
+    same memory (a slot's tokens are followed by the next slot's in every layout)."""
+    rows = token_rows(cache)
+    return rows.as_strided((rows.shape[0] // page_tokens, page_tokens, *rows.shape[1:]),
+                           (page_tokens * rows.stride(0), *rows.stride()))

@@ -53,14 +53,16 @@ def test_fused_kernels_match_pytorch() -> None:
     close(qkv, expected)
 
 
-def runner_logits(kv_mode: str, attention: str, cuda_graphs: bool) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+def runner_logits(kv_mode: str, attention: str, cuda_graphs: bool,
+                  lengths: tuple[int, ...] = (5, 130, 37, 1, 300)) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     llm = LLMEngine(EngineConfig(
         model="synthetic", synthetic=dataclasses.replace(small_llama(), vocab_size=32000), attention=attention,
-        kv_mode=kv_mode, max_running=8, max_model_len=1024, kv_cache_bytes=1 << 30, seed=7, cuda_graphs=cuda_graphs,
+        kv_mode=kv_mode, max_running=8, max_model_len=max(1024, 2 * max(lengths)), kv_cache_bytes=1 << 30, seed=7,
+        cuda_graphs=cuda_graphs,
     ))
     runner, kv = llm.runner, llm.runner.kv
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 32000, (n,), generator=generator).tolist() for n in (5, 130, 37, 1, 300)]
+    prompts = [torch.randint(0, 32000, (n,), generator=generator).tolist() for n in lengths]
     slots = [kv.acquire() for _ in prompts]
     for slot, prompt in zip(slots, prompts):
         kv.ensure(slot, len(prompt) + 8)
@@ -105,3 +107,18 @@ def test_graph_decode_matches_eager(kv_mode: str, attention: str) -> None:
     assert [t.shape for t in graphed] == [t.shape for t in eager]
     assert_logits_close(tuple(graphed), tuple(eager))
     close(graphed_cache, eager_cache)
+
+
+def test_graph_decode_at_long_context_on_small_virtual_pages_matches_sdpa() -> None:
+    """Few sequences at long context: FlashInfer sees 16-token virtual pages (split across SMs),
+    in the prefill, in eager decode and in the graphs captured for that page size."""
+    if not available("flashinfer", torch.device("cuda")):
+        pytest.skip("flashinfer is not installed")
+    lengths = (5, 2100, 37, 1, 3000)
+    graphed, graphed_cache, replays = runner_logits("vattention", "flashinfer", True, lengths)
+    torch.cuda.empty_cache()
+    reference, reference_cache, _ = runner_logits("vattention", "sdpa", False, lengths)
+    assert replays == 2
+    assert_logits_close(tuple(graphed), tuple(reference))
+    close(graphed_cache, reference_cache)
+

@@ -82,3 +82,33 @@ def test_a_256_slot_engine_with_long_context_warms_up_and_serves_every_slot(layo
     assert finished == 256
     assert max(slots_seen) == 255
     engine.kv.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_small_batches_at_long_context_see_virtual_pages_and_match_sdpa(layout: str) -> None:
+    """Two to three sequences past 2K keys: the kernel sees 16-token virtual pages over the slots."""
+    needs_flashinfer()
+    device = open_device("cuda")
+    config = KVCacheConfig(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
+                           max_slots=8, max_tokens=8192, page_size=device.page_size, budget_bytes=8 << 30,
+                           layout=layout)
+    kv = KVCacheAllocator(config, device)
+    slots = [kv.acquire() for _ in range(8)]
+    generator = torch.Generator().manual_seed(1)
+    for shape in ([(3000, 1), (5000, 1)], [(4000, 100), (2500, 1), (7000, 1)]):
+        used = slots[-len(shape):]
+        for slot, (context, query) in zip(used, shape):
+            kv.ensure(slot, context + query)
+            for cache in (kv.k_cache(0), kv.v_cache(0)):
+                cache[slot, :context] = torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
+        batch = StepBatch.build(used, [c for c, _ in shape], [q for _, q in shape], torch.device("cuda"))
+        q, k, v = (torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
+                   for h in (Q_HEADS, KV_HEADS, KV_HEADS))
+        outs = []
+        for name in ("sdpa", "flashinfer"):
+            backend = make_attention_backend(name, kv, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16,
+                                             torch.device("cuda"))
+            backend.plan(batch)
+            outs.append(backend(0, q, k, v))
+        assert backend.page_tokens == 16  # type: ignore[attr-defined]
+        torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)

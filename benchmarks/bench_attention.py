@@ -1,0 +1,94 @@
+"""Decode attention alone, per shape: the vAttention cache shown to FlashInfer as one page per slot,
+as the page size the engine chooses (``replica.attention.kernel_pages``), and the paged mode's
+16-token blocks.
+
+    python -m benchmarks.bench_attention            # one GPU, FlashInfer installed
+
+Two model shapes (Llama-3-8B: 32 q / 8 kv heads; Qwen2.5-7B: 28 q / 4 kv heads; head_dim 128,
+bf16, tensor-core decode), batches 1-256, contexts 1K-32K where the KV fits 40 GiB; median of 20
+launches of one layer's kernel (CUDA events). Writes ``benchmarks/results/attention-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import roofline
+from benchmarks.environment import describe_device, save
+from replica.attention import StepBatch
+from replica.attention.flashinfer_backend import FlashInferBackend
+from replica.attention.paged import PagedFlashInferBackend
+from replica.kv import KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
+from replica.vmm import open_device
+
+SHAPES = {"llama3-8b": (32, 8), "qwen2.5-7b": (28, 4)}
+BATCHES = (1, 4, 8, 16, 64, 256)
+CONTEXTS = (1024, 4096, 16384, 32768)
+BUDGET = 40 << 30
+
+
+def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str, Any]:
+    device = open_device("cuda")
+    dtype, head_dim = torch.bfloat16, 128
+    config = KVCacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, max_slots=batch,
+                           max_tokens=context, page_size=device.page_size, budget_bytes=BUDGET)
+    kv = KVCacheAllocator(config, device)
+    slots = [kv.acquire() for _ in range(batch)]
+    for slot in slots:
+        kv.ensure(slot, context)
+    step = StepBatch.build(slots, [context - 1] * batch, [1] * batch, torch.device("cuda"))
+    q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=dtype)
+    backend = FlashInferBackend(kv, q_heads, kv_heads, head_dim, dtype)
+    k0, v0 = kv.k_cache(0), kv.v_cache(0)
+    backend.plan(step)
+    chosen_page = backend.page_tokens
+    chosen = roofline.time_cuda(lambda: backend.attend(q, k0, v0), repeats=20)
+    backend.kernels.plan(step, *backend._pages(step, backend.tokens_per_slot), page_size=backend.tokens_per_slot)
+    backend.page_tokens = backend.tokens_per_slot
+    one_page = roofline.time_cuda(lambda: backend.attend(q, k0, v0), repeats=20)
+    del backend, kv
+    paged = PagedKVCache(PagedKVConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                                       max_slots=batch, max_tokens=context,
+                                       budget_bytes=batch * context * 2 * kv_heads * head_dim * 2),
+                         torch.device("cuda"))
+    for slot in [paged.acquire() for _ in range(batch)]:
+        paged.ensure(slot, context)
+    paged_backend = PagedFlashInferBackend(paged, q_heads, kv_heads, head_dim, dtype)
+    paged_backend.plan(step)
+    pk, pv = paged.k_cache(0), paged.v_cache(0)
+    paged16 = roofline.time_cuda(lambda: paged_backend.attend(q, pk, pv), repeats=20)
+    del paged_backend, paged
+    torch.cuda.empty_cache()
+    kv_bytes = batch * context * 2 * kv_heads * head_dim * 2
+    return {"batch": batch, "context": context, "chosen_page_tokens": chosen_page,
+            "one_page_us": one_page * 1e6, "chosen_us": chosen * 1e6, "paged16_us": paged16 * 1e6,
+            "chosen_over_paged16": chosen / paged16, "one_page_over_paged16": one_page / paged16,
+            "chosen_hbm_tb_s": kv_bytes / chosen / 1e12}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for shape, (q_heads, kv_heads) in SHAPES.items():
+        rows = []
+        for batch in BATCHES:
+            for context in CONTEXTS:
+                if batch * context * 2 * kv_heads * 128 * 2 > BUDGET // 2:
+                    continue
+                rows.append(one_case(q_heads, kv_heads, batch, context))
+                print(shape, rows[-1], flush=True)
+        results[shape] = rows
+    payload = {"benchmark": "attention", "environment": describe_device("cuda"),
+               "settings": {"shapes": SHAPES, "head_dim": 128, "dtype": "bfloat16", "kernel": "FlashInfer tensor-core decode"},
+               "results": results}
+    print(f"wrote {save('attention', payload, Path(args.out) if args.out else None)}")
+
+
+if __name__ == "__main__":
+    main()

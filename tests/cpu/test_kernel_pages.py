@@ -1,0 +1,69 @@
+"""The page size FlashInfer sees, chosen per step, and the page table built from slot ids alone:
+small virtual pages exactly where a one-page slot cannot be split (few sequences, long context)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from replica.attention.base import token_rows
+from replica.attention.flashinfer_backend import virtual_pages
+from replica.attention.kernel_pages import (
+    LONG_CONTEXT_TOKENS,
+    SMALL_PAGE_TOKENS,
+    SPLIT_BELOW_SEQUENCES,
+    kernel_page_tokens,
+    page_table,
+)
+
+SLOT = 4704  # Llama-3-8B interleaved, max_model_len ~4,700: a multiple of 16
+
+
+def test_small_batches_at_long_context_see_small_pages() -> None:
+    assert kernel_page_tokens(1, 8000, 8192) == SMALL_PAGE_TOKENS
+    assert kernel_page_tokens(4, 4096, SLOT) == SMALL_PAGE_TOKENS
+    assert kernel_page_tokens(SPLIT_BELOW_SEQUENCES - 1, LONG_CONTEXT_TOKENS, SLOT) == SMALL_PAGE_TOKENS
+
+
+def test_full_batches_and_short_contexts_keep_one_page_per_slot() -> None:
+    assert kernel_page_tokens(SPLIT_BELOW_SEQUENCES, 8000, 8192) == 8192
+    assert kernel_page_tokens(256, 30000, 32768) == 32768
+    assert kernel_page_tokens(1, LONG_CONTEXT_TOKENS - 1, SLOT) == SLOT
+    assert kernel_page_tokens(1, 8000, 8200) == 8200  # 16 does not divide the slot: one page
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 64 * 16)), min_size=1, max_size=6, unique_by=lambda t: t[0]),
+       st.sampled_from([16, 64, 1024]))
+def test_the_page_table_covers_each_sequence_token_for_token(batch, page: int) -> None:
+    slots, lens = [s for s, _ in batch], [n for _, n in batch]
+    indptr, indices, last = page_table(slots, lens, page, 1024)
+    per_slot = 1024 // page
+    for i, (slot, n) in enumerate(zip(slots, lens)):
+        pages = indices[indptr[i]:indptr[i + 1]]
+        rows = [p * page + r for p in pages[:-1] for r in range(page)] + [pages[-1] * page + r for r in range(last[i])]
+        assert rows == [slot * per_slot * page + t for t in range(n)]  # slot's tokens, in order
+        assert 1 <= last[i] <= page
+
+
+def test_a_page_that_does_not_divide_the_slot_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not divide"):
+        page_table([0], [5], 48, 1024)
+    with pytest.raises(ValueError, match="holds 1..1024"):
+        page_table([0], [0], 16, 1024)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_virtual_pages_view_the_same_memory(layout: str) -> None:
+    slots, tokens, layers, heads, dim = 3, 64, 2, 2, 4
+    if layout == "interleaved":
+        whole = torch.arange(slots * tokens * layers * 2 * heads * dim, dtype=torch.float32)
+        k = whole.view(slots, tokens, layers, 2, heads, dim)[:, :, 1, 0]
+    else:
+        k = torch.arange(slots * tokens * heads * dim, dtype=torch.float32).view(slots, tokens, heads, dim)
+    paged = virtual_pages(k, 16)
+    assert paged.shape == (slots * tokens // 16, 16, heads, dim)
+    assert paged.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(paged.reshape(-1, heads, dim), token_rows(k).reshape(-1, heads, dim))
+    assert torch.equal(paged[5, 3], k[1, 5 * 16 - tokens + 3])  # page 5 = slot 1's second page
