@@ -5,14 +5,17 @@ as the page size the engine chooses (``replica.attention.kernel_pages``), and th
     python -m benchmarks.bench_attention            # one GPU, FlashInfer installed
 
 Two model shapes (Llama-3-8B: 32 q / 8 kv heads; Qwen2.5-7B: 28 q / 4 kv heads; head_dim 128,
-bf16, tensor-core decode), batches 1-256, contexts 1K-32K where the KV fits 40 GiB; median of 20
-launches of one layer's kernel (CUDA events). Writes ``benchmarks/results/attention-<device>-<date>.json``.
+bf16, tensor-core decode), batches 1-256, contexts 1K-32K where the KV fits 20 GiB; one layer's
+kernel captured in a CUDA graph as the engine's decode steps run it (no host time between
+launches), median of 5 timings of 20 replays. The vAttention cache is one layer's interleaved range
+(K and V of a token side by side). Writes ``benchmarks/results/attention-<device>-<date>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +34,22 @@ CONTEXTS = (1024, 4096, 16384, 32768)
 BUDGET = 40 << 30
 
 
+def graph_seconds(run: Callable[[], object], replays: int = 20) -> float:
+    """Seconds per launch of ``run`` captured in a CUDA graph (as the engine's decode steps run:
+    no host time between kernels), median of 5 timings of ``replays`` back-to-back replays."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    def replay_all() -> None:
+        for _ in range(replays):
+            graph.replay()
+
+    return roofline.time_cuda(replay_all, repeats=5) / replays
+
+
 def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str, Any]:
     device = open_device("cuda")
     dtype, head_dim = torch.bfloat16, 128
@@ -40,16 +59,17 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     slots = [kv.acquire() for _ in range(batch)]
     for slot in slots:
         kv.ensure(slot, context)
-    step = StepBatch.build(slots, [context - 1] * batch, [1] * batch, torch.device("cuda"))
+    step = StepBatch.build_padded(slots, [context - 1] * batch, batch, torch.device("cuda"))
     q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=dtype)
     backend = FlashInferBackend(kv, q_heads, kv_heads, head_dim, dtype)
     k0, v0 = kv.k_cache(0), kv.v_cache(0)
-    backend.plan(step)
+    backend.plan_graph(step)  # the page size the engine chooses
     chosen_page = backend.page_tokens
-    chosen = roofline.time_cuda(lambda: backend.attend(q, k0, v0), repeats=20)
-    backend.kernels.plan(step, *backend._pages(step, backend.tokens_per_slot), page_size=backend.tokens_per_slot)
-    backend.page_tokens = backend.tokens_per_slot
-    one_page = roofline.time_cuda(lambda: backend.attend(q, k0, v0), repeats=20)
+    chosen = graph_seconds(lambda: backend.attend(q, k0, v0))
+    whole = backend.tokens_per_slot
+    backend.kernels.plan(step, *backend._pages(step, whole), graph_pages=batch, page_size=whole)
+    backend.page_tokens = whole
+    one_page = graph_seconds(lambda: backend.attend(q, k0, v0))
     del backend, kv
     paged = PagedKVCache(PagedKVConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                                        max_slots=batch, max_tokens=context,
@@ -58,9 +78,9 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     for slot in [paged.acquire() for _ in range(batch)]:
         paged.ensure(slot, context)
     paged_backend = PagedFlashInferBackend(paged, q_heads, kv_heads, head_dim, dtype)
-    paged_backend.plan(step)
+    paged_backend.plan_graph(step)
     pk, pv = paged.k_cache(0), paged.v_cache(0)
-    paged16 = roofline.time_cuda(lambda: paged_backend.attend(q, pk, pv), repeats=20)
+    paged16 = graph_seconds(lambda: paged_backend.attend(q, pk, pv))
     del paged_backend, paged
     torch.cuda.empty_cache()
     kv_bytes = batch * context * 2 * kv_heads * head_dim * 2

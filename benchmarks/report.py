@@ -240,11 +240,27 @@ def soak_tables(path: Path, data: dict[str, Any]) -> list[str]:
     return lines
 
 
-TABLES = (("mapping", mapping_tables), ("engine", engine_tables), ("soak", soak_tables),
-          ("load", load_tables), ("router", router_tables))
-#: Results shown from every file, newest first (the router on GPUs and on CPU); the rest: the
-#: newest file only.
-EVERY_FILE = ("router",)
+def attention_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    lines = ["### Decode attention alone (`bench_attention.py`)", "",
+             environment_line(path, data["environment"])
+             + "; FlashInfer tensor-core decode, head_dim 128, bf16, one layer, in a CUDA graph", "",
+             ("one page: each slot shown as one page; chosen: the page size the engine picks "
+              "(`replica/attention/kernel_pages.py`); paged-16: the paged mode's 16-token blocks."), "",
+             *header("shape", "batch", "context", "chosen page", "one page µs", "chosen µs", "paged-16 µs",
+                     "chosen / paged-16", "chosen TB/s")]
+    for shape, rows in data["results"].items():
+        for r in rows:
+            lines.append(row(shape, r["batch"], r["context"], r["chosen_page_tokens"], num(r["one_page_us"], ".1f"),
+                             num(r["chosen_us"], ".1f"), num(r["paged16_us"], ".1f"),
+                             num(r["chosen_over_paged16"], ".3f", "x"), num(r["chosen_hbm_tb_s"], ".2f")))
+    return lines + [""]
+
+
+TABLES = (("mapping", mapping_tables), ("engine", engine_tables), ("attention", attention_tables),
+          ("soak", soak_tables), ("load", load_tables), ("router", router_tables))
+#: Results shown from every file, newest first (the engine and the router on each device); the
+#: rest: the newest file only.
+EVERY_FILE = ("engine", "router")
 
 
 def shown_results() -> dict[str, list[Result]]:

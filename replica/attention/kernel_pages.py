@@ -6,21 +6,24 @@ page ``s * (tokens_per_slot / P) + j`` of the cache viewed as ``[rows / P, P, he
 block table exists; the indices are arithmetic on the slot ids and lengths.
 
 FlashInfer splits a long KV across thread blocks by pages, so a slot shown as one page runs on
-one block per (sequence, KV head): measured on an H200 (tensor-core decode, 32 q / 8 kv heads,
-d 128, bf16; ``shared/notes/h200-probe.md``), a batch of 1 at 8K tokens takes 77.5 µs as one page
-and 30.8 µs as 16-token pages, a batch of 4 at 4K 49.8 vs 30.3 µs; from a batch of 16 on, or below
-~2K tokens, the page size does not matter or one page is slightly faster (fewer indices):
+one block per (sequence, KV head). Measured on an H200 with the kernel in a CUDA graph, as decode
+steps run (``python -m benchmarks.bench_attention``,
+``benchmarks/results/attention-nvidia-h200-2026-12-01.json``; tensor-core decode, head_dim 128,
+bf16): a Llama-3-8B-shaped batch of 1 at 16K keys takes 228 µs as one page and 28 µs as 16-token
+pages (the paged mode's 16-token blocks: 28 µs), a batch of 8 at 4K 67 vs 44 µs, a batch of 1 at
+1K 21 µs against 11.5 µs on 16-token blocks; from 16 sequences x 8 KV heads = 128 blocks on (the
+H200 has 132 SMs) the page size does not matter (within 3%, 7% at 16 x 32K):
 
-    P = tokens_per_slot   if sequences >= SPLIT_BELOW_SEQUENCES or max kv_len < LONG_CONTEXT_TOKENS
+    P = tokens_per_slot   if sequences * kv_heads >= SPLIT_BELOW_BLOCKS or max kv_len < LONG_CONTEXT_TOKENS
     P = 16                otherwise (when 16 divides tokens_per_slot; else one page per slot)
 """
 
 from __future__ import annotations
 
-#: From this many sequences on the batch fills the GPU without splitting a sequence's KV.
-SPLIT_BELOW_SEQUENCES = 16
-#: Below this many keys a sequence gains nothing from being split.
-LONG_CONTEXT_TOKENS = 2048
+#: From this many (sequence, KV head) blocks on the batch fills the GPU without splitting a KV.
+SPLIT_BELOW_BLOCKS = 128
+#: From this many keys on a sequence gains from being split (measured down to 1K: 1.85x).
+LONG_CONTEXT_TOKENS = 1024
 #: Virtual pages of this many tokens (FlashInfer's split granularity is one page).
 SMALL_PAGE_TOKENS = 16
 
@@ -31,10 +34,11 @@ def small_page(tokens_per_slot: int) -> int | None:
     return SMALL_PAGE_TOKENS if tokens_per_slot % SMALL_PAGE_TOKENS == 0 and tokens_per_slot > SMALL_PAGE_TOKENS else None
 
 
-def kernel_page_tokens(sequences: int, max_kv_len: int, tokens_per_slot: int) -> int:
-    """The page size (tokens) the kernel sees this step (the rule in the module docstring)."""
+def kernel_page_tokens(sequences: int, kv_heads: int, max_kv_len: int, tokens_per_slot: int) -> int:
+    """The page size (tokens) the kernel sees this step (the rule in the module docstring);
+    ``kv_heads``: this rank's."""
     small = small_page(tokens_per_slot)
-    if small is None or sequences >= SPLIT_BELOW_SEQUENCES or max_kv_len < LONG_CONTEXT_TOKENS:
+    if small is None or sequences * kv_heads >= SPLIT_BELOW_BLOCKS or max_kv_len < LONG_CONTEXT_TOKENS:
         return tokens_per_slot
     return small
 

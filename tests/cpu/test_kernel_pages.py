@@ -13,7 +13,7 @@ from replica.attention.flashinfer_backend import virtual_pages
 from replica.attention.kernel_pages import (
     LONG_CONTEXT_TOKENS,
     SMALL_PAGE_TOKENS,
-    SPLIT_BELOW_SEQUENCES,
+    SPLIT_BELOW_BLOCKS,
     kernel_page_tokens,
     page_table,
 )
@@ -22,16 +22,18 @@ SLOT = 4704  # Llama-3-8B interleaved, max_model_len ~4,700: a multiple of 16
 
 
 def test_small_batches_at_long_context_see_small_pages() -> None:
-    assert kernel_page_tokens(1, 8000, 8192) == SMALL_PAGE_TOKENS
-    assert kernel_page_tokens(4, 4096, SLOT) == SMALL_PAGE_TOKENS
-    assert kernel_page_tokens(SPLIT_BELOW_SEQUENCES - 1, LONG_CONTEXT_TOKENS, SLOT) == SMALL_PAGE_TOKENS
+    assert kernel_page_tokens(1, 8, 8000, 8192) == SMALL_PAGE_TOKENS
+    assert kernel_page_tokens(4, 8, 4096, SLOT) == SMALL_PAGE_TOKENS
+    assert kernel_page_tokens(15, 8, LONG_CONTEXT_TOKENS, SLOT) == SMALL_PAGE_TOKENS
+    assert kernel_page_tokens(16, 4, 32768, 32768) == SMALL_PAGE_TOKENS  # Qwen2.5-7B: 64 blocks
 
 
 def test_full_batches_and_short_contexts_keep_one_page_per_slot() -> None:
-    assert kernel_page_tokens(SPLIT_BELOW_SEQUENCES, 8000, 8192) == 8192
-    assert kernel_page_tokens(256, 30000, 32768) == 32768
-    assert kernel_page_tokens(1, LONG_CONTEXT_TOKENS - 1, SLOT) == SLOT
-    assert kernel_page_tokens(1, 8000, 8200) == 8200  # 16 does not divide the slot: one page
+    assert kernel_page_tokens(SPLIT_BELOW_BLOCKS // 8, 8, 8000, 8192) == 8192  # Llama-3-8B: 16 x 8 blocks
+    assert kernel_page_tokens(32, 4, 8000, 8192) == 8192
+    assert kernel_page_tokens(256, 8, 30000, 32768) == 32768
+    assert kernel_page_tokens(1, 8, LONG_CONTEXT_TOKENS - 1, SLOT) == SLOT
+    assert kernel_page_tokens(1, 8, 8000, 8200) == 8200  # 16 does not divide the slot: one page
 
 
 @given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 64 * 16)), min_size=1, max_size=6, unique_by=lambda t: t[0]),
