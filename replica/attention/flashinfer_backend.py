@@ -121,12 +121,13 @@ class FlashInferBackend(AttentionBackend):
 
     def graph_variant(self, batch: StepBatch) -> int:
         """The page size the kernel sees: a graph captured with one page size cannot replay another."""
-        return kernel_page_tokens(batch.num_sequences, batch.max_kv_len, self.tokens_per_slot)
+        return kernel_page_tokens(batch.num_sequences, self.num_kv_heads, batch.max_kv_len, self.tokens_per_slot)
 
     def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
         """Short contexts for every size, and a long one where the kernel then sees small pages."""
         long = [(size, LONG_CONTEXT_TOKENS) for size in sizes if LONG_CONTEXT_TOKENS <= max_kv_len
-                and kernel_page_tokens(size, LONG_CONTEXT_TOKENS, self.tokens_per_slot) != self.tokens_per_slot]
+                and kernel_page_tokens(size, self.num_kv_heads, LONG_CONTEXT_TOKENS, self.tokens_per_slot)
+                != self.tokens_per_slot]
         return [(size, 1) for size in sizes] + long
 
     def plan(self, batch: StepBatch) -> None:

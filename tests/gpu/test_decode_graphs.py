@@ -117,8 +117,12 @@ def test_graph_decode_at_long_context_on_small_virtual_pages_matches_sdpa() -> N
     lengths = (5, 2100, 37, 1, 3000)
     graphed, graphed_cache, replays = runner_logits("vattention", "flashinfer", True, lengths)
     torch.cuda.empty_cache()
-    reference, reference_cache, _ = runner_logits("vattention", "sdpa", False, lengths)
+    eager, eager_cache, _ = runner_logits("vattention", "flashinfer", False, lengths)
+    torch.cuda.empty_cache()
+    reference, _, _ = runner_logits("vattention", "sdpa", False, lengths)
     assert replays == 2
+    assert_logits_close(tuple(graphed), tuple(eager))
+    close(graphed_cache, eager_cache)  # the graphs write what eager steps write
+    # Against sdpa only the logits: a later layer's K inherits bf16 differences of the layers below.
     assert_logits_close(tuple(graphed), tuple(reference))
-    close(graphed_cache, reference_cache)
 
