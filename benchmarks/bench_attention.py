@@ -70,7 +70,6 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     backend.kernels.plan(step, *backend._pages(step, whole), graph_pages=batch, page_size=whole)
     backend.page_tokens = whole
     one_page = graph_seconds(lambda: backend.attend(q, k0, v0))
-    del backend, kv
     paged = PagedKVCache(PagedKVConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                                        max_slots=batch, max_tokens=context,
                                        budget_bytes=batch * context * 2 * kv_heads * head_dim * 2),
@@ -81,8 +80,6 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     paged_backend.plan_graph(step)
     pk, pv = paged.k_cache(0), paged.v_cache(0)
     paged16 = graph_seconds(lambda: paged_backend.attend(q, pk, pv))
-    del paged_backend, paged
-    torch.cuda.empty_cache()
     kv_bytes = batch * context * 2 * kv_heads * head_dim * 2
     return {"batch": batch, "context": context, "chosen_page_tokens": chosen_page,
             "one_page_us": one_page * 1e6, "chosen_us": chosen * 1e6, "paged16_us": paged16 * 1e6,
@@ -102,6 +99,7 @@ def main() -> None:
                 if batch * context * 2 * kv_heads * 128 * 2 > BUDGET // 2:
                     continue
                 rows.append(one_case(q_heads, kv_heads, batch, context))
+                torch.cuda.empty_cache()  # the case's caches are gone: give their memory back
                 print(shape, rows[-1], flush=True)
         results[shape] = rows
     payload = {"benchmark": "attention", "environment": describe_device("cuda"),

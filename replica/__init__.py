@@ -6,42 +6,39 @@ Names load on first use (PEP 562), so a light consumer (the HTTP ingress imports
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-#: name -> the module that defines it
+from replica.lazy import lazy_exports
+
+#: name -> the module (in this package) that defines it
 _EXPORTS = {
-    "LLM": "replica.llm",
-    "Completion": "replica.llm",
-    "AsyncLLMEngine": "replica.async_engine",
-    "LLMEngine": "replica.engine",
-    "EngineConfig": "replica.engine_config",
-    "RequestRejected": "replica.errors",
-    "ReplicaBroken": "replica.errors",
-    "KVCache": "replica.kv.base",
-    "KVCacheAllocator": "replica.kv.allocator",
-    "KVCacheOutOfMemory": "replica.kv.base",
-    "StepTicket": "replica.kv.base",
-    "KVCacheConfig": "replica.kv.config",
-    "KVLayout": "replica.kv.config",
-    "KVCacheStats": "replica.kv.stats",
-    "RequestOutput": "replica.request",
-    "SamplingParams": "replica.sampling_params",
-    "CudaUnavailable": "replica.vmm",
-    "Device": "replica.vmm",
-    "VmmError": "replica.vmm",
-    "cuda_available": "replica.vmm",
-    "open_device": "replica.vmm",
+    "LLM": "llm",
+    "Completion": "llm",
+    "AsyncLLMEngine": "async_engine",
+    "LLMEngine": "engine",
+    "EngineConfig": "engine_config",
+    "RequestRejected": "errors",
+    "ReplicaBroken": "errors",
+    "KVCache": "kv.base",
+    "KVCacheAllocator": "kv.allocator",
+    "KVCacheOutOfMemory": "kv.base",
+    "StepTicket": "kv.base",
+    "KVCacheConfig": "kv.config",
+    "KVLayout": "kv.config",
+    "KVCacheStats": "kv.stats",
+    "RequestOutput": "request",
+    "SamplingParams": "sampling_params",
+    "CudaUnavailable": "vmm",
+    "Device": "vmm",
+    "VmmError": "vmm",
+    "cuda_available": "vmm",
+    "open_device": "vmm",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'replica' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

@@ -4,8 +4,9 @@ first use (PEP 562): ``replica.kv.stats`` and ``replica.kv.base`` import without
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from replica.lazy import lazy_exports
 
 _EXPORTS = {
     "KVCache": "base", "KVCacheOutOfMemory": "base", "StepTicket": "base",
@@ -19,11 +20,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'replica.kv' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"replica.kv.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

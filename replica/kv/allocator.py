@@ -87,18 +87,6 @@ class KVCacheAllocator(KVCache):
         return self._tensors[0][:, :, layer, kv]  # [slots, tokens, layers, 2, heads, dim] -> strided
 
     # ---- geometry ------------------------------------------------------------------------------
-    @property
-    def max_slots(self) -> int:
-        return self.config.max_slots
-
-    @property
-    def tokens_per_slot(self) -> int:
-        return self.config.tokens_per_slot
-
-    @property
-    def budget_pages(self) -> int:
-        return self.config.budget_pages
-
     def pages_for(self, tokens: int) -> int:
         """A page group (one page per range) per ``page_size`` bytes of a token's range."""
         return self.config.page_groups_for(tokens) * self.config.num_ranges

@@ -29,6 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -83,24 +84,40 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class KVGeometry(Protocol):
+    """What a cache's config states about its shape (KVCacheConfig and PagedKVConfig do)."""
+
+    max_slots: int
+
+    @property
+    def tokens_per_slot(self) -> int: ...
+
+    @property
+    def budget_pages(self) -> int: ...
+
+
 class KVCache(ABC):
-    """What the layers above a KV cache call (see the module docstring for the contracts)."""
+    """What the layers above a KV cache call (see the module docstring for the contracts). A cache
+    built on a config (``self.config``, a KVGeometry) gets its geometry from it; one that wraps
+    another cache overrides the three properties."""
+
+    config: KVGeometry
 
     # ---- geometry ------------------------------------------------------------------------------
     @property
-    @abstractmethod
     def max_slots(self) -> int:
         """Requests that can hold a slot at once."""
+        return self.config.max_slots
 
     @property
-    @abstractmethod
     def tokens_per_slot(self) -> int:
         """The most tokens one slot holds (max_model_len rounded up to whole pages)."""
+        return self.config.tokens_per_slot
 
     @property
-    @abstractmethod
     def budget_pages(self) -> int:
         """Physical pages the cache may hold at most."""
+        return self.config.budget_pages
 
     @abstractmethod
     def pages_for(self, tokens: int) -> int:

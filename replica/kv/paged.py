@@ -75,19 +75,6 @@ class PagedKVCache(KVCache):
         return self._v[self._layer(layer)]
 
     # ---- geometry ------------------------------------------------------------------------------
-    @property
-    def max_slots(self) -> int:
-        return self.config.max_slots
-
-    @property
-    def tokens_per_slot(self) -> int:
-        return self.config.tokens_per_slot
-
-    @property
-    def budget_pages(self) -> int:
-        """The preallocated blocks."""
-        return self.config.num_blocks
-
     def pages_for(self, tokens: int) -> int:
         """Blocks that hold ``tokens`` tokens."""
         return self.config.blocks_for(tokens)

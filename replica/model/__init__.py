@@ -7,8 +7,9 @@ modules (``config``, ``embedded``, ``source``) import without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from replica.lazy import lazy_exports
 
 _EXPORTS = {
     "ModelConfig": "config", "RopeScaling": "config",
@@ -24,11 +25,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'replica.model' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"replica.model.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
