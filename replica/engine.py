@@ -94,12 +94,12 @@ class LLMEngine:
         self.generation_tokens_total = 0
 
     # ---- requests ------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestRejected("this model has no tokenizer: send token ids", "prompt")
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
+            return tuple(self.tokenizer.encode(prompt))
+        return tuple(prompt)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
         """Queues a request, or raises RequestRejected (a ValueError) if it can never be served;
@@ -123,10 +123,11 @@ class LLMEngine:
         """The most tokens (prompt + max_tokens) one request may hold."""
         return min(self.config.max_model_len, self.model_config.max_position_embeddings)
 
-    def check(self, token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+    def check(self, token_ids: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
         """Every check a request passes before it is queued, in one place (the serving layer calls
         it through the replica): a non-empty prompt of ids in the vocabulary whose prompt +
-        max_tokens fits the context limit and the whole cache. Returns the ids as a list; raises
+        max_tokens fits the context limit and the whole cache. Returns the ids as a tuple (the one
+        prompt type from the ingress to the request); raises
         RequestRejected (a ValueError) naming the problem."""
         if not token_ids:
             raise RequestRejected("the prompt is empty", "prompt")
@@ -144,7 +145,7 @@ class LLMEngine:
         if pages > self.kv.budget_pages:
             raise RequestRejected(f"{total} tokens need {pages} KV pages; the whole cache has {self.kv.budget_pages}",
                                   "max_tokens")
-        return list(token_ids)
+        return tuple(token_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its slot at once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -54,7 +55,7 @@ class Request:
     """
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]  # as the serving layer sent them (GenerateRequest's type)
     params: SamplingParams
     stream: OutputStream | None
     generator: torch.Generator | None
@@ -91,10 +92,10 @@ class Request:
         """Tokens the slot must hold at most: the prompt and every token it may generate."""
         return len(self.prompt_token_ids) + self.params.max_tokens
 
-    def token_ids(self, start: int, stop: int) -> list[int]:
+    def token_ids(self, start: int, stop: int) -> Sequence[int]:
         prompt = len(self.prompt_token_ids)
         if stop <= prompt:
             return self.prompt_token_ids[start:stop]
         if start >= prompt:  # decode: no copy of the whole history on every step
             return self.output_token_ids[start - prompt : stop - prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
+        return (*self.prompt_token_ids[start:], *self.output_token_ids[: stop - prompt])
