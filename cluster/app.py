@@ -30,7 +30,7 @@ class AppOptions(BaseModel):
     kv_layout: str = "interleaved"
     device: str = "auto"  # "auto": GPUs when the cluster has them
     max_model_len: int = 4096
-    max_running: int = 64
+    max_running: int | None = None  # None: 256 slots on a GPU, 64 on a CPU (EngineConfig)
     kv_cache_bytes: int | None = None
     page_size: int | None = None
     #: The share of running requests' remaining max_tokens that admission keeps pages for at

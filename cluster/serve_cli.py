@@ -24,7 +24,8 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve_parser.add_argument("--kv-layout", default="interleaved", choices=["interleaved", "per_layer"])
     serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve_parser.add_argument("--max-model-len", type=int, default=4096)
-    serve_parser.add_argument("--max-running", type=int, default=64)
+    serve_parser.add_argument("--max-running", type=int, default=None,
+                              help="slots per replica (default: 256 on a GPU, 64 on a CPU)")
     serve_parser.add_argument("--growth-reserve", type=float, default=0.5,
                               help="share of running requests' remaining max_tokens admission keeps KV pages for "
                                    "at first; it learns from preemptions (0: whole prompts only)")

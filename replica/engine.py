@@ -63,6 +63,7 @@ class LaunchedStep:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tp_runtime: RankRuntime | None = None) -> None:
+        config = config.resolved()
         self.config = config
         self.device = config.torch_device()
         model_dir, model_config = model_source(config.model, config.synthetic)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,8 +27,12 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     page_size: int | None = None  # None: 2 MiB
     max_model_len: int = 4096  # tokens per request (prompt + output); rounded up to whole pages
-    max_running: int = 64  # slots
-    max_batch_tokens: int = 2048  # per step: decodes + prefill chunks
+    #: Slots (requests running at once). None: 256 on a GPU (a slot's virtual range costs no
+    #: memory until it is used: the KV budget, not the slot count, bounds the batch), 64 on a CPU.
+    max_running: int | None = None
+    #: Tokens per step (decodes + prefill chunks). None: 8192 on a GPU; 512 on a CPU, where a step
+    #: of 2K prompt tokens takes seconds and would hold every running request back that long.
+    max_batch_tokens: int | None = None
     eager_pages: int = 1
     #: An eager page is mapped only once a slot is this close to its mapped end (KVCacheConfig).
     eager_lookahead_tokens: int | None = 4
@@ -56,12 +60,20 @@ class EngineConfig:
         if self.kv_mode not in ("vattention", "paged"):
             raise ValueError(f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}")
         for name in ("max_model_len", "max_running", "max_batch_tokens", "block_size", "tensor_parallel_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive, got {value}")
         if not 0 <= self.growth_reserve <= 1:
             raise ValueError(f"EngineConfig.growth_reserve must be in [0, 1], got {self.growth_reserve}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def resolved(self) -> EngineConfig:
+        """This config with the device-dependent defaults filled in (``max_running``,
+        ``max_batch_tokens``)."""
+        cuda = self.torch_device().type == "cuda"
+        return replace(self, max_running=self.max_running or (256 if cuda else 64),
+                       max_batch_tokens=self.max_batch_tokens or (8192 if cuda else 512))
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
