@@ -15,8 +15,9 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from cluster.router import FreePageRouter, router_config
-from cluster.routing import DECISIONS, FALLBACK, MOST_FREE_PAGES
+from cluster.router import FreePageRouter, router_config  # noqa: E402
+from cluster.routing import DECISIONS, FALLBACK, MOST_FREE_PAGES  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,7 @@ def _build_app():
             if free is None:
                 return {}  # no stats yet: the router must fall back
             return {
-                "free_pages": free,
+                "available_pages": free,
                 "total_pages": 1000,
                 "tokens_per_page": TOKENS_PER_PAGE,
                 "running": 0,
@@ -96,16 +97,6 @@ def serve_app(ray_session):
         serve.delete("router_live")
 
 
-def _wait(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def _route_one(handle) -> str:
     return handle.generate.remote(REQUEST).result(timeout_s=10)
 
@@ -122,11 +113,11 @@ def _wait_until_routed_to(handle, replica_id: str, free_pages: int, full: str) -
             served == replica_id
             and snap["last_reason"] == MOST_FREE_PAGES
             and snap["last_replica"] == replica_id
-            and snap["last_free_pages"] == free_pages
+            and snap["last_headroom_pages"] == free_pages
             and snap["last_headrooms"].get(full, free_pages) < 10
         )
 
-    _wait(ok, 15, f"stats of {replica_id} to reach the router")
+    wait_until(ok, 15, f"stats of {replica_id} to reach the router")
 
 
 def _burst(handle) -> list[str]:
@@ -141,7 +132,7 @@ def _burst(handle) -> list[str]:
 def test_requests_go_to_replica_with_free_pages(serve_app):
     board, handle = serve_app
     DECISIONS.reset()
-    a, b = _wait(
+    a, b = wait_until(
         lambda: (r := ray.get(board.registered.remote())) and len(r) == 2 and r,
         20,
         "both replicas to register",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from replica import AsyncLLMEngine, EngineConfig, SamplingParams
+from tests.helpers import wait_until, wait_until_async
 from tests.models import tiny_llm
 
 from .test_engine import PROMPTS
@@ -42,9 +43,7 @@ def test_a_caller_waits_at_most_for_the_step_in_flight(tiny_dir: Path) -> None:
             pass
 
     def caller() -> None:
-        deadline = time.monotonic() + 60
-        while steps < 5 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_until(lambda: steps >= 5, 60, "five engine steps", interval=0.001)
         for _ in range(20):
             before = steps
             seen = engine.call(lambda _: steps)
@@ -63,9 +62,21 @@ def test_a_caller_waits_at_most_for_the_step_in_flight(tiny_dir: Path) -> None:
     assert max(waited) <= 2, waited
 
 
-def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(tiny_dir: Path) -> None:
+def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(
+    tiny_dir: Path,
+) -> None:
     engine = AsyncLLMEngine(EngineConfig(), engine=tiny_llm(tiny_dir).engine)
     params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+
+    added = threading.Event()
+    add_request = engine.engine.add_request
+
+    def recorded_add(*args, **kwargs):  # type: ignore[no-untyped-def]
+        request = add_request(*args, **kwargs)
+        added.set()
+        return request
+
+    engine.engine.add_request = recorded_add  # type: ignore[method-assign]
 
     async def leave_early() -> None:
         async def first_token() -> None:
@@ -74,20 +85,23 @@ def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(t
 
         with engine._engine():  # a long step: the request waits to be added
             task = asyncio.create_task(first_token())
-            await asyncio.sleep(0.05)
+            # The add has asked for the engine (this test holds it): it waits, as behind a step.
+            await wait_until_async(
+                lambda: engine._callers == 2, 10, "the add to wait for the engine"
+            )
             task.cancel()
         try:
             await task
         except asyncio.CancelledError:
             pass
         # The add still runs (in its worker thread); then the request is forgotten.
-        seen, deadline = False, time.monotonic() + 2
-        while not seen and time.monotonic() < deadline:
-            seen = engine.call(lambda e: "gone" in e.requests)
-            await asyncio.sleep(0.005)
-        deadline = time.monotonic() + 10
-        while engine.call(lambda e: "gone" in e.requests or e.has_work()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until_async(added.is_set, 10, "the request to be added")
+        await wait_until_async(
+            lambda: engine.call(lambda e: "gone" not in e.requests and not e.has_work()),
+            10,
+            "the request to be forgotten",
+            interval=0.01,
+        )
 
     try:
         asyncio.run(leave_early())

@@ -1,0 +1,365 @@
+"""The OpenAI surface of the live app, with the real `openai` client (and raw HTTP where a client
+cannot send the body): invalid Unicode, request limits, refused / ignored / unknown fields,
+include_usage, logprobs, the default max_tokens and ``/v1/models/{id}``.
+
+Two apps: the embedded SmolLM2 at ``/`` with a 1,024-token context (small limits, quick default
+generations), and at ``/big`` a small random Llama with the embedded tokenizer and a 65,536-token
+context, whose biggest acceptable prompts take the ingress a while to tokenize.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from cluster.app import AppOptions, build_app
+from replica.model import embedded_model_dir
+from replica.model.source import load_tokenizer
+from tests.cluster.conftest import BASE_URL
+from tests.models import save_random_llama
+
+pytestmark = pytest.mark.integration
+MODEL = "SmolLM2-135M-Instruct"
+CONTEXT = 1024
+BIG_CONTEXT = 65536
+SEA = [{"role": "user", "content": "Write one sentence about the sea."}]
+FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session: None) -> Iterator[openai.OpenAI]:
+    options = AppOptions(model="embedded", max_running=8, replica_cpus=1, max_model_len=CONTEXT)
+    serve.run(build_app(options), name="openai-surface", route_prefix="/")
+    try:
+        yield openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        serve.delete("openai-surface")
+
+
+@pytest.fixture(scope="module")
+def big(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = save_random_llama(
+        tmp_path_factory.mktemp("big-context"),
+        0,
+        vocab_size=49152,
+        max_position_embeddings=BIG_CONTEXT,
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(embedded_model_dir() / name, path / name)
+    options = AppOptions(model=str(path), max_running=2, replica_cpus=1, max_model_len=BIG_CONTEXT)
+    serve.run(build_app(options), name="openai-surface-big", route_prefix="/big")
+    try:
+        yield f"{BASE_URL}/big"
+    finally:
+        serve.delete("openai-surface-big")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return load_tokenizer(embedded_model_dir())
+
+
+def post_raw(path: str, raw: str | bytes, base: str = BASE_URL, **kwargs: Any) -> httpx.Response:
+    content = raw.encode() if isinstance(raw, str) else raw
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{base}{path}", content=content, headers=headers, timeout=120, **kwargs)
+
+
+def openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["type"] == "invalid_request_error"
+    return error
+
+
+def still_answers(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    assert reply.usage.completion_tokens == 2
+
+
+# ---- 1. invalid Unicode --------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        ("/v1/completions", r'{"prompt": "a\ud800b", "max_tokens": 2', "prompt"),
+        (
+            "/v1/chat/completions",
+            r'{"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2',
+            "messages.0.content",
+        ),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field_not_a_500(
+    served: openai.OpenAI, path: str, raw: str, param: str, stream: bool
+) -> None:
+    body = raw + (', "stream": true}' if stream else "}")
+    error = openai_error(post_raw(path, body), 400)
+    assert error["param"] == param and "lone UTF-16 surrogate" in error["message"]
+    still_answers(served)
+
+
+# ---- 2. request limits ---------------------------------------------------------------------------
+def test_health_answers_while_a_big_prompt_is_being_tokenized(big: str, tokenizer: Any) -> None:
+    # 5 M characters fit 65,536 tokens of up to 81 bytes by their length, not once tokenized.
+    prompt = "word " * 1_000_000
+    started = time.perf_counter()
+    tokens = len(tokenizer.encode(prompt))
+    tokenize_s = time.perf_counter() - started
+    assert tokens > BIG_CONTEXT and tokenize_s > 0.2, (tokens, tokenize_s)
+    assert httpx.get(f"{big}/v1/models", timeout=60).status_code == 200  # the limits are known
+    outcome: dict[str, Any] = {}
+
+    def send() -> None:
+        body = {"prompt": prompt, "max_tokens": 1}
+        outcome["response"] = httpx.post(f"{big}/v1/completions", json=body, timeout=120)
+
+    big_request = threading.Thread(target=send)
+    big_request.start()
+    latencies = []
+    while big_request.is_alive():  # /health, again and again, until the big request is answered
+        sent = time.perf_counter()
+        assert httpx.get(f"{big}/health", timeout=60).json() == {"status": "ok"}
+        latencies.append(time.perf_counter() - sent)
+    big_request.join()
+    # The big prompt was tokenized (its token count is in the error), and meanwhile /health kept
+    # answering: had tokenizing held the event loop, one /health would have waited for all of it.
+    error = openai_error(outcome["response"], 400)
+    assert f"prompt ({tokens} tokens)" in error["message"]
+    assert error["code"] == "context_length_exceeded"
+    assert len(latencies) >= 3 and max(latencies) < tokenize_s / 2, (latencies, tokenize_s)
+
+
+def test_a_prompt_with_more_characters_than_the_context_holds_is_a_400(
+    served: openai.OpenAI,
+) -> None:
+    limit = CONTEXT * 81  # the embedded tokenizer's longest token: a newline and 80 spaces
+    with pytest.raises(openai.BadRequestError) as refused:
+        served.completions.create(model=MODEL, prompt="x" * (limit + 1), max_tokens=1)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "prompt"
+    assert f"has {limit + 1} characters" in refused.value.message
+    messages = [{"role": "user", "content": "y" * limit}, {"role": "user", "content": "y"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        served.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert refused.value.param == "messages" and "characters" in refused.value.message
+
+
+def test_a_body_bigger_than_any_prompt_that_fits_is_a_413(served: openai.OpenAI) -> None:
+    limit = 6 * CONTEXT * 81 + (1 << 20)
+    big_body = json.dumps({"prompt": "x" * (limit + 1), "max_tokens": 1})
+    error = openai_error(post_raw("/v1/completions", big_body), 413)
+    assert error["code"] == "request_too_large" and f"{CONTEXT} tokens" in error["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(limit // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}'
+
+    openai_error(post_raw("/v1/completions", chunks()), 413)
+    still_answers(served)
+
+
+# ---- 3. refused, ignored and unknown fields ------------------------------------------------------
+REFUSED: list[tuple[str, dict[str, Any]]] = [
+    ("presence_penalty", {"presence_penalty": 0.5}),
+    ("frequency_penalty", {"frequency_penalty": 1.0}),
+    ("logit_bias", {"logit_bias": {"504": -100}}),
+    ("n", {"n": 2}),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+    ("tool_choice", {"tool_choice": "required"}),
+    ("response_format", {"response_format": {"type": "json_object"}}),
+]
+
+
+@pytest.mark.parametrize(("field", "extra"), REFUSED, ids=[f for f, _ in REFUSED])
+def test_an_unsupported_chat_field_is_a_400_naming_it(
+    served: openai.OpenAI, field: str, extra: dict[str, Any]
+) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            served.chat.completions.create(
+                model=MODEL, messages=FRANCE, max_tokens=4, stream=stream, **extra
+            )
+        assert refused.value.param == field and refused.value.code == "unsupported_parameter"
+        assert f"{field} is not supported yet" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("field", "extra"),
+    [("best_of", {"best_of": 2}), ("echo", {"echo": True}), ("suffix", {"suffix": "!"})],
+)
+def test_an_unsupported_completions_field_is_a_400_naming_it(
+    served: openai.OpenAI, field: str, extra: dict[str, Any]
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        served.completions.create(model=MODEL, prompt="Hi", max_tokens=2, **extra)
+    assert refused.value.param == field and "not supported yet" in refused.value.message
+
+
+def test_neutral_values_and_ignored_metadata_change_nothing(served: openai.OpenAI) -> None:
+    plain = served.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
+    dressed = served.chat.completions.create(
+        model=MODEL,
+        messages=FRANCE,
+        temperature=0,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        n=1,
+        tool_choice="none",
+        response_format={"type": "text"},
+        user="ada",
+        metadata={"team": "tests"},
+        store=False,
+        service_tier="auto",
+        safety_identifier="hash",
+        prompt_cache_key="k",
+    )
+    assert dressed.choices[0].message.content == plain.choices[0].message.content
+    assert "Paris" in plain.choices[0].message.content
+
+
+def test_an_unknown_field_is_a_400_naming_it(served: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        served.chat.completions.create(
+            model=MODEL, messages=FRANCE, max_tokens=2, extra_body={"min_p": 0.1}
+        )
+    assert refused.value.param == "min_p" and refused.value.code == "unknown_parameter"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_include_usage_ends_the_stream_with_the_usage_and_no_choices(
+    served: openai.OpenAI, chat: bool
+) -> None:
+    options = {"include_usage": True}
+    if chat:
+        kwargs = {"messages": FRANCE, "max_tokens": 20, "temperature": 0}
+        whole = served.chat.completions.create(model=MODEL, **kwargs)
+        stream = served.chat.completions.create(
+            model=MODEL, stream=True, stream_options=options, **kwargs
+        )
+    else:
+        kwargs = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+        whole = served.completions.create(model=MODEL, **kwargs)
+        stream = served.completions.create(
+            model=MODEL, stream=True, stream_options=options, **kwargs
+        )
+    chunks = list(stream)
+    *content, last = chunks
+    assert last.choices == [] and last.usage == whole.usage
+    assert all(c.usage is None and len(c.choices) == 1 for c in content)
+    assert content[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+# ---- 4. logprobs ---------------------------------------------------------------------------------
+def assert_greedy_entries(entries: list[Any], top: int) -> None:
+    """Greedy: each token is the likeliest, with the likeliest's logprob; alternatives sorted."""
+    for entry in entries:
+        assert len(entry.top_logprobs) == top
+        assert entry.token == entry.top_logprobs[0].token
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
+        assert entry.bytes == list(entry.top_logprobs[0].bytes)
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+
+
+def test_chat_logprobs_match_the_sampled_tokens_streaming_or_not(served: openai.OpenAI) -> None:
+    kwargs = {"messages": SEA, "max_tokens": 12, "temperature": 0, "logprobs": True}
+    whole = served.chat.completions.create(model=MODEL, top_logprobs=3, **kwargs)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens == 12
+    text = bytes(b for entry in entries for b in entry.bytes).decode()
+    assert text == whole.choices[0].message.content
+    assert_greedy_entries(entries, 3)
+    chunks = list(
+        served.chat.completions.create(model=MODEL, top_logprobs=3, stream=True, **kwargs)
+    )
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+    for chunk in chunks[1:]:  # each chunk carries the logprobs of the tokens it adds
+        logprobs = chunk.choices[0].logprobs
+        assert len(logprobs.content) == 1
+    # logprobs without top_logprobs: the chosen tokens only.
+    bare = served.chat.completions.create(model=MODEL, **kwargs).choices[0].logprobs.content
+    assert [e.token for e in bare] == [e.token for e in entries]
+    assert all(e.top_logprobs == [] for e in bare)
+
+
+def test_chat_logprobs_end_with_the_stop_token(served: openai.OpenAI) -> None:
+    reply = served.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, logprobs=True
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    assert entries[-1].token == "<|im_end|>"
+    assert "".join(e.token for e in entries[:-1]) == reply.choices[0].message.content
+
+
+def test_completion_logprobs_match_the_sampled_tokens_streaming_or_not(
+    served: openai.OpenAI,
+) -> None:
+    kwargs = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    whole = served.completions.create(model=MODEL, logprobs=2, **kwargs)
+    choice = whole.choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == whole.usage.completion_tokens == 8
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(8)]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == logprob == max(top.values())  # greedy: the likeliest
+        assert 2 <= len(top) <= 3  # the 2 likeliest and the chosen one
+    chunks = list(served.completions.create(model=MODEL, logprobs=2, stream=True, **kwargs))
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert tokens == logprobs.tokens and offsets == logprobs.text_offset
+
+
+# ---- 5. the default max_tokens -------------------------------------------------------------------
+def test_a_plain_chat_call_is_not_cut_at_16_tokens(served: openai.OpenAI) -> None:
+    reply = served.chat.completions.create(model=MODEL, messages=SEA, temperature=0)
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens > 16
+    assert reply.choices[0].message.content.endswith(".")
+
+
+def test_without_max_tokens_a_completion_may_use_the_rest_of_the_context(
+    served: openai.OpenAI,
+) -> None:
+    prompt = [(7 * i) % 4000 + 100 for i in range(CONTEXT - 5)]
+    reply = served.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5 and reply.usage.total_tokens == CONTEXT
+    with pytest.raises(openai.BadRequestError) as full:
+        served.completions.create(model=MODEL, prompt=[100] * CONTEXT)
+    assert full.value.code == "context_length_exceeded"
+
+
+# ---- 6. /v1/models/{id} --------------------------------------------------------------------------
+def test_models_retrieve_returns_the_model_and_another_id_is_a_404(served: openai.OpenAI) -> None:
+    model = served.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model" and model.owned_by == "vattn"
+    assert model.model_dump()["max_model_len"] == CONTEXT
+    with pytest.raises(openai.NotFoundError) as missing:
+        served.models.retrieve("gpt-9")
+    assert missing.value.code == "model_not_found" and "gpt-9" in missing.value.message
+    with pytest.raises(openai.NotFoundError):
+        served.models.retrieve("org/" + MODEL)

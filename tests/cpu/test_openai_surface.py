@@ -1,0 +1,509 @@
+"""The OpenAI surface without a server: the request models (every field honoured, refused or
+ignored; invalid Unicode refused), the ingress's validation errors, its request limits (body size,
+prompt characters, the context), tokenizing off the event loop, the default max_tokens, and the
+shapes of logprobs, usage chunks and model cards, checked against the `openai` package's types."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.testclient import TestClient
+from openai.types import Completion, Model
+from openai.types import completion_create_params as openai_completion_params
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import completion_create_params as openai_chat_params
+from pydantic import ValidationError
+
+from cluster import ingress
+from cluster import openai_api as api
+from replica import cli as replica_cli
+from replica.model.source import load_tokenizer, resolve_model_dir
+from tests.helpers import wait_until_async
+
+USER = [{"role": "user", "content": "hi"}]
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    """The request models behind the ingress's validation-error handler, echoing what passed."""
+    test_app = FastAPI()
+    test_app.add_exception_handler(RequestValidationError, ingress._validation_error)  # type: ignore[arg-type]
+
+    @test_app.post("/v1/completions")
+    async def completions(body: api.CompletionRequest) -> dict[str, Any]:
+        return body.model_dump(exclude_unset=True)
+
+    @test_app.post("/v1/chat/completions")
+    async def chat(body: api.ChatCompletionRequest) -> dict[str, Any]:
+        return body.model_dump(exclude_unset=True)
+
+    with TestClient(test_app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return load_tokenizer(resolve_model_dir("embedded"))
+
+
+@pytest.fixture(scope="module")
+def strings(tokenizer: Any) -> api.TokenStrings:
+    return api.TokenStrings(tokenizer)
+
+
+def error_of(response: httpx.Response, status: int = 400) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and isinstance(error["message"], str)
+    return error
+
+
+# ---- 1. invalid Unicode --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        ("/v1/completions", r'{"prompt": "a\ud800b"}', "prompt"),
+        ("/v1/completions", r'{"prompt": "a\ud800b", "stream": true}', "prompt"),
+        ("/v1/completions", r'{"prompt": ["\udfff"]}', "prompt"),
+        ("/v1/completions", r'{"prompt": "hi", "stop": ["ok", "\ud800"]}', "stop"),
+        (
+            "/v1/chat/completions",
+            r'{"messages": [{"role": "user", "content": "\ud800"}]}',
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            r'{"messages": [{"role": "user", "content": "\ud800"}], "stream": true}',
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udbff"}]}]}',
+            "messages.0.content",
+        ),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(
+    client: TestClient, path: str, raw: str, param: str
+) -> None:
+    error = error_of(client.post(path, content=raw.encode(), headers=JSON))
+    assert error["param"] == param
+    assert "lone UTF-16 surrogate" in error["message"] and param in error["message"]
+
+
+def test_a_field_named_by_a_lone_surrogate_is_still_a_well_formed_400(client: TestClient) -> None:
+    raw = r'{"prompt": "hi", "\ud800": 1}'
+    error = error_of(client.post("/v1/completions", content=raw.encode(), headers=JSON))
+    assert "valid string" in error["message"]
+
+
+# ---- 3. every field honoured, refused or ignored -------------------------------------------------
+REFUSED: list[tuple[str, dict[str, Any]]] = [
+    ("presence_penalty", {"presence_penalty": 0.5}),
+    ("frequency_penalty", {"frequency_penalty": -1}),
+    ("logit_bias", {"logit_bias": {"42": -100}}),
+    ("n", {"n": 2}),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("tool_choice", {"tool_choice": "required"}),
+    ("tool_choice", {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    ("functions", {"functions": [{"name": "f"}]}),
+    ("function_call", {"function_call": {"name": "f"}}),
+    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {}}}),
+    ("modalities", {"modalities": ["text", "audio"]}),
+    ("audio", {"audio": {"voice": "alloy", "format": "wav"}}),
+    ("prediction", {"prediction": {"type": "content", "content": "x"}}),
+    ("reasoning_effort", {"reasoning_effort": "low"}),
+    ("verbosity", {"verbosity": "low"}),
+    ("web_search_options", {"web_search_options": {}}),
+    ("moderation", {"moderation": {"model": "x"}}),
+]
+REFUSED_COMPLETIONS: list[tuple[str, dict[str, Any]]] = [
+    ("best_of", {"best_of": 3}),
+    ("echo", {"echo": True}),
+    ("suffix", {"suffix": "end"}),
+    ("presence_penalty", {"presence_penalty": 1}),
+    ("logit_bias", {"logit_bias": {"42": 100}}),
+    ("n", {"n": 3}),
+]
+
+
+@pytest.mark.parametrize(("field", "extra"), REFUSED, ids=[f"chat-{f}" for f, _ in REFUSED])
+def test_an_unsupported_chat_field_is_a_400_naming_it(
+    client: TestClient, field: str, extra: dict[str, Any]
+) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": USER, **extra})
+    error = error_of(response)
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+    assert error["message"].startswith(f"{field} is not supported yet")
+
+
+@pytest.mark.parametrize(
+    ("field", "extra"), REFUSED_COMPLETIONS, ids=[f"cmpl-{f}" for f, _ in REFUSED_COMPLETIONS]
+)
+def test_an_unsupported_completions_field_is_a_400_naming_it(
+    client: TestClient, field: str, extra: dict[str, Any]
+) -> None:
+    error = error_of(client.post("/v1/completions", json={"prompt": "hi", **extra}))
+    assert error["param"] == field and "is not supported yet" in error["message"]
+
+
+def test_n_keeps_the_message_clients_know() -> None:
+    with pytest.raises(ValidationError, match="only n = 1"):
+        api.CompletionRequest.model_validate({"prompt": "hi", "n": 3})
+
+
+def test_unsupported_message_fields_and_content_parts_are_400s_naming_them(
+    client: TestClient,
+) -> None:
+    calls = {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}
+    error = error_of(client.post("/v1/chat/completions", json={"messages": [calls]}))
+    assert error["param"] == "messages.0.tool_calls"
+    assert error["message"].startswith("messages.0: tool_calls is not supported yet")
+    tool = {"role": "tool", "content": "42", "tool_call_id": "1"}
+    error = error_of(client.post("/v1/chat/completions", json={"messages": [*USER, tool]}))
+    assert error["param"] == "messages.1.tool_call_id"
+    image = [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {}}]
+    body = {"messages": [{"role": "user", "content": image}]}
+    error = error_of(client.post("/v1/chat/completions", json=body))
+    assert error["param"] == "messages.0.content.1.type"
+    assert "'image_url' is not supported yet" in error["message"]
+
+
+NEUTRAL_CHAT = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "n": 1,
+    "tools": [],
+    "tool_choice": "none",
+    "functions": None,
+    "function_call": "auto",
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+    "audio": None,
+    "reasoning_effort": None,
+}
+NEUTRAL_COMPLETIONS = {"best_of": 1, "echo": False, "suffix": None, "n": None, "logit_bias": None}
+
+
+def test_unsupported_fields_at_their_neutral_values_are_accepted(client: TestClient) -> None:
+    chat = client.post("/v1/chat/completions", json={"messages": USER, **NEUTRAL_CHAT})
+    assert chat.status_code == 200, chat.text
+    completions = client.post("/v1/completions", json={"prompt": "hi", **NEUTRAL_COMPLETIONS})
+    assert completions.status_code == 200, completions.text
+
+
+def test_ignored_fields_are_accepted_and_dropped(client: TestClient) -> None:
+    chat_extra = {name: {"any": ["value"]} for name in api.IGNORED["chat"]}
+    messages = [{"role": "user", "content": "hi", "name": "ada"}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, **chat_extra})
+    assert chat.status_code == 200, chat.text
+    assert chat.json() == {"messages": [{"role": "user", "content": "hi"}]}
+    completions = client.post("/v1/completions", json={"prompt": "hi", "user": 5})
+    assert completions.status_code == 200 and completions.json() == {"prompt": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.1}, "repetition_penalty"),
+        ("/v1/chat/completions", {"messages": USER, "min_p": 0.1}, "min_p"),
+        ("/v1/chat/completions", {"messages": [{**USER[0], "cache": 1}]}, "messages.0.cache"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "stream": True, "stream_options": {"x": 1}},
+            "stream_options.x",
+        ),
+    ],
+)
+def test_an_unknown_field_is_a_400_naming_it(
+    client: TestClient, path: str, body: dict[str, Any], param: str
+) -> None:
+    error = error_of(client.post(path, json=body))
+    assert error["param"] == param and error["code"] == "unknown_parameter"
+    assert f"{param}: unknown field" in error["message"]
+
+
+def openai_fields(params: Any) -> set[str]:
+    return set(params.CompletionCreateParamsBase.__annotations__) | {"stream"}
+
+
+@pytest.mark.parametrize(
+    ("params", "model", "scope"),
+    [
+        (openai_chat_params, api.ChatCompletionRequest, "chat"),
+        (openai_completion_params, api.CompletionRequest, "completions"),
+    ],
+)
+def test_every_field_of_the_openai_package_is_honoured_refused_or_ignored(
+    params: Any, model: type[api.SamplingFields], scope: str
+) -> None:
+    fields = openai_fields(params)
+    undecided = fields - set(model.model_fields) - api.IGNORED[scope]
+    assert not undecided, f"decide whether vattn honours, refuses or ignores {undecided}"
+    assert not (set(model.model_fields) & api.IGNORED[scope])
+
+
+def test_stream_options_include_usage_is_accepted_with_stream_only(client: TestClient) -> None:
+    options = {"include_usage": True}
+    body = {"messages": USER, "stream": True, "stream_options": options}
+    assert api.ChatCompletionRequest.model_validate(body).include_usage
+    assert not api.ChatCompletionRequest.model_validate(
+        {**body, "stream_options": None}
+    ).include_usage
+    error = error_of(client.post("/v1/chat/completions", json={**body, "stream": False}))
+    assert error["param"] == "stream_options" and "stream: true" in error["message"]
+    obfuscated = {**body, "stream_options": {"include_obfuscation": True}}
+    error = error_of(client.post("/v1/chat/completions", json=obfuscated))
+    assert error["param"] == "stream_options.include_obfuscation"
+
+
+def test_top_logprobs_are_bounded_and_need_logprobs(client: TestClient) -> None:
+    error = error_of(
+        client.post("/v1/chat/completions", json={"messages": USER, "top_logprobs": 2})
+    )
+    assert error["param"] == "top_logprobs" and "logprobs: true" in error["message"]
+    body = {"messages": USER, "logprobs": True, "top_logprobs": 21}
+    assert error_of(client.post("/v1/chat/completions", json=body))["param"] == "top_logprobs"
+    ok = api.ChatCompletionRequest.model_validate({**body, "top_logprobs": 20})
+    assert ok.logprobs_asked() == 20
+    assert api.ChatCompletionRequest.model_validate({"messages": USER}).logprobs_asked() is None
+    assert (
+        api.ChatCompletionRequest.model_validate(
+            {"messages": USER, "logprobs": True}
+        ).logprobs_asked()
+        == 0
+    )
+    error = error_of(client.post("/v1/completions", json={"prompt": "hi", "logprobs": 21}))
+    assert error["param"] == "logprobs"
+
+
+# ---- 2. request limits ---------------------------------------------------------------------------
+def test_the_token_alphabet_gives_each_tokens_exact_bytes(
+    tokenizer: Any, strings: api.TokenStrings
+) -> None:
+    text = "Hé, 東京 \U0001f600 ok\n   indented\tcode <|im_end|>"
+    ids = tokenizer.encode(text)
+    assert b"".join(strings.bytes(i) or b"" for i in ids) == text.encode()
+    assert strings.text(2) == "<|im_end|>" and strings.text(10**9) == "token_id:1000000000"
+    longest = max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))
+    assert strings.max_bytes == longest == 81  # a newline and 80 spaces
+
+
+def test_a_prompt_with_more_characters_than_the_context_can_hold_is_refused_unread() -> None:
+    limits = api.RequestLimits(context_tokens=4096, max_token_bytes=81)
+    assert limits.prompt_too_long(4096 * 81) is None
+    reason = limits.prompt_too_long(4096 * 81 + 1)
+    assert reason is not None and "exceeds the context limit of 4096 tokens" in reason
+    assert limits.max_body_bytes == 6 * 4096 * 81 + (1 << 20)
+
+
+class FakeIngress:
+    """What ``VattnIngress`` keeps, without Serve: its class's methods run on this state."""
+
+    cls = ingress.VattnIngress.func_or_class
+
+    def __new__(cls, tokenizer: Any) -> Any:
+        instance = object.__new__(FakeIngress.cls)
+        instance.tokenizer = tokenizer
+        return instance
+
+
+def test_tokenize_refuses_a_prompt_too_long_by_its_characters_before_tokenizing() -> None:
+    class Untouchable:
+        def encode(self, text: str) -> list[int]:
+            raise AssertionError("tokenized a prompt that cannot fit")
+
+    fake = FakeIngress(Untouchable())
+    limits = api.RequestLimits(context_tokens=10, max_token_bytes=4)
+    with pytest.raises(ingress.ApiError) as refused:
+        asyncio.run(fake.tokenize("x" * 41, limits, "prompt"))
+    assert refused.value.status == 400
+    assert refused.value.payload["error"]["code"] == "context_length_exceeded"
+
+
+def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    class SlowTokenizer:
+        def encode(self, text: str) -> list[int]:
+            started.set()
+            assert release.wait(30), "the test never released the tokenizer"
+            return [7, 8, 9]
+
+    fake = FakeIngress(SlowTokenizer())
+    limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
+
+    async def scenario() -> None:
+        tokenizing = asyncio.create_task(fake.tokenize("a big prompt", limits, "prompt"))
+        await wait_until_async(started.is_set, 30, "the tokenizer to start")
+        # The tokenizer is blocked in its thread; the event loop still answers /health.
+        assert await asyncio.wait_for(fake.health(), 5) == {"status": "ok"}
+        assert not tokenizing.done()
+        release.set()
+        assert await tokenizing == (7, 8, 9)
+
+    asyncio.run(scenario())
+
+
+def echo_app() -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    return app
+
+
+def test_a_body_bigger_than_any_prompt_that_fits_is_a_413_before_it_is_parsed() -> None:
+    limits = api.RequestLimits(context_tokens=1, max_token_bytes=1)  # 6 B + 1 MiB
+    limit = limits.max_body_bytes
+
+    async def limits_of_ingress() -> api.RequestLimits:
+        return limits
+
+    guarded = ingress.BodyLimit(echo_app(), limits_of_ingress)
+
+    async def post(path: str, content: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=guarded)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.post(path, content=content)
+
+    async def chunks(total: int) -> Any:  # no Content-Length: the size is counted as it comes
+        for _ in range(total // 65536):
+            yield b"x" * 65536
+
+    fits = asyncio.run(post("/v1/completions", b"x" * limit))
+    assert fits.status_code == 200 and fits.text == str(limit)  # replayed whole to the app
+    for content in (b"x" * (limit + 1), chunks(limit + 65536)):
+        error = error_of(asyncio.run(post("/v1/completions", content)), 413)
+        assert error["code"] == "request_too_large" and "1 tokens" in error["message"]
+    assert asyncio.run(post("/other", b"x" * (limit + 1))).status_code == 200  # only /v1/
+
+
+# ---- 5. default max_tokens -----------------------------------------------------------------------
+def test_without_max_tokens_a_request_may_generate_the_rest_of_the_context() -> None:
+    limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
+    plain = api.ChatCompletionRequest.model_validate({"messages": USER})
+    request = FakeIngress.cls.request("chatcmpl", (1,) * 30, plain, None, limits, "messages")
+    assert request.max_tokens == 70
+    newer = api.ChatCompletionRequest.model_validate({"messages": USER, "max_completion_tokens": 5})
+    assert FakeIngress.cls.request("c", (1,) * 30, newer, None, limits, "messages").max_tokens == 5
+    both = api.ChatCompletionRequest.model_validate(
+        {"messages": USER, "max_tokens": 9, "max_completion_tokens": 5}
+    )
+    assert both.requested_max_tokens() == 5
+    completion = api.CompletionRequest.model_validate({"prompt": [1, 2]})
+    assert FakeIngress.cls.request("c", (1, 2), completion, 3, limits, "prompt").max_tokens == 98
+    with pytest.raises(ingress.ApiError) as full:
+        FakeIngress.cls.request("c", (1,) * 100, completion, None, limits, "prompt")
+    assert "exceeds the context limit of 100 tokens" in full.value.payload["error"]["message"]
+    assert full.value.payload["error"]["param"] == "prompt"
+
+
+def test_vattn_generate_defaults_to_the_rest_of_the_context() -> None:
+    parser = replica_cli.argparse.ArgumentParser()
+    replica_cli.add_commands(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["generate", "hi"]).max_tokens is None
+    assert parser.parse_args(["generate", "hi", "--max-tokens", "7"]).max_tokens == 7
+
+    class Engine:
+        context_limit = 50
+
+        def tokenize(self, prompt: str) -> tuple[int, ...]:
+            return tuple(range(len(prompt.split())))
+
+    assert replica_cli.rest_of_context(Engine(), "three word prompt") == 47
+    assert replica_cli.rest_of_context(Engine(), "w " * 80) == 1  # the engine refuses it
+
+
+# ---- 4. logprobs' shapes -------------------------------------------------------------------------
+def test_chat_logprobs_have_openais_shape(tokenizer: Any, strings: api.TokenStrings) -> None:
+    ids = tokenizer.encode(" Paris 東")
+    logprobs = api.Logprobs(strings, chat=True)
+    tops = [((t, -0.25), (tokenizer.encode(" London")[0], -3.0)) for t in ids]
+    logprobs.add(ids[:2], [-0.25, -0.5], tops[:2])
+    first = logprobs.take()
+    logprobs.add(ids[2:], [-0.75] * (len(ids) - 2), tops[2:])
+    rest = logprobs.take()
+    content = first["content"] + rest["content"]
+    assert [e["token"] for e in content] == [strings.text(i) for i in ids]
+    assert b"".join(bytes(e["bytes"]) for e in content) == " Paris 東".encode()
+    assert content[0]["logprob"] == -0.25 and content[1]["logprob"] == -0.5
+    assert [t["token"] for t in content[0]["top_logprobs"]] == [strings.text(ids[0]), " London"]
+    assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
+    assert set(content[0]["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+    reply = ChatCompletion.model_validate(
+        api.chat_body(
+            "chatcmpl-1", "m", " Paris 東", "stop", 3, len(ids), first | {"content": content}
+        )
+    )
+    assert reply.choices[0].logprobs.content[0].top_logprobs[1].logprob == -3.0
+    chunk = ChatCompletionChunk.model_validate(
+        api.chat_chunk("chatcmpl-1", "m", {"content": " Paris"}, None, first)
+    )
+    assert chunk.choices[0].logprobs.content[1].token == strings.text(ids[1])
+
+
+def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: api.TokenStrings) -> None:
+    text = "ok 😀!"
+    ids = tokenizer.encode(text)
+    logprobs = api.Logprobs(strings, chat=False)
+    other = tokenizer.encode(" no")[0]
+    logprobs.add(ids, [-1.0] * len(ids), [((other, -0.5),)] * len(ids))
+    shaped = logprobs.take()
+    assert set(shaped) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert shaped["tokens"] == [strings.text(i) for i in ids]
+    assert shaped["token_logprobs"] == [-1.0] * len(ids)
+    # The `logprobs` most likely tokens, and the chosen one.
+    assert shaped["top_logprobs"][0] == {" no": -0.5, strings.text(ids[0]): -1.0}
+    # Where each token's text starts in the completion; a token ending inside a character starts
+    # where the character does.
+    starts = [text.encode()[: sum(len(strings.bytes(j)) for j in ids[:i])] for i in range(len(ids))]
+    assert shaped["text_offset"] == [len(s.decode(errors="ignore")) for s in starts]
+    reply = Completion.model_validate(
+        api.completion_body("cmpl-1", "m", text, "length", 1, 5, shaped)
+    )
+    assert reply.choices[0].logprobs.text_offset == shaped["text_offset"]
+
+
+def test_logprobs_json_can_carry() -> None:
+    strings = api.TokenStrings(None)
+    logprobs = api.Logprobs(strings, chat=True)
+    logprobs.add((5,), (float("-inf"),), (((6, float("nan")),),))
+    [entry] = logprobs.take()["content"]
+    assert entry == {
+        "token": "token_id:5",
+        "logprob": -9999.0,
+        "bytes": None,
+        "top_logprobs": [{"token": "token_id:6", "logprob": -9999.0, "bytes": None}],
+    }
+    json.dumps(entry, allow_nan=False)
+
+
+# ---- 3. include_usage, 6. model cards ------------------------------------------------------------
+def test_the_usage_chunk_has_no_choices_and_the_usage() -> None:
+    chunk = ChatCompletionChunk.model_validate(api.usage_chunk("chatcmpl-1", "m", True, 7, 3))
+    assert chunk.choices == [] and chunk.usage.total_tokens == 10
+    completion = Completion.model_validate(api.usage_chunk("cmpl-1", "m", False, 7, 3))
+    assert completion.choices == [] and completion.usage.completion_tokens == 3
+
+
+def test_the_model_card_is_an_openai_model() -> None:
+    card = Model.model_validate(api.model_card("SmolLM2-135M-Instruct", 4096))
+    assert card.id == "SmolLM2-135M-Instruct" and card.object == "model"
