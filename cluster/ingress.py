@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP front (FastAPI through ``@serve.ingress``).
 
 It tokenizes (so the router can size requests in pages), validates, and streams replies over SSE.
-Bad input is a 400 with an OpenAI-style error body; a wrong API key is a 401; a client that goes
-away cancels its request, which frees its slot.
+Bad input is a 400 with an OpenAI-style error body; a wrong API key is a 401; a body too big for
+any prompt that fits the context is a 413, refused before it is parsed; a client that goes away
+cancels its request, which frees its slot. Tokenizing runs in a thread, off the event loop, so
+``/health`` and other requests are answered meanwhile; a prompt with more characters than the
+context could hold is refused before it is tokenized (``openai_api.RequestLimits``).
 
 ``GET /metrics`` is the Prometheus endpoint of the whole app (see ``cluster.metrics``): the
 replicas' series from the metrics hub, which this ingress creates and owns, plus the decisions of
@@ -12,9 +15,11 @@ the free-page router, which runs in this process (its handle to the replicas rou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +30,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster import openai_api as api
 from cluster import routing
@@ -40,8 +46,14 @@ app = FastAPI(title="vattn", description="OpenAI-compatible LLM serving on vAtte
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.payload = status, api.error_payload(message, kind, param, code)
 
@@ -58,26 +70,106 @@ async def _unexpected(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(api.error_payload("internal error", "server_error"), status_code=500)
 
 
+#: Validation errors' types -> the OpenAI error code they are answered with.
+_CODES = {
+    "unsupported_field": "unsupported_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "invalid_unicode": "invalid_value",
+}
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
     problems = error.errors()
     first = problems[0] if problems else {}
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body" and first.get("type") != "json_invalid")
-    message = "; ".join(_describe(e) for e in problems)
-    return JSONResponse(api.error_payload(message or "invalid request", param=where or None), status_code=400)
+    param = None if first.get("type") == "json_invalid" else _path(first) or None
+    message = "; ".join(_describe(e) for e in problems) or "invalid request"
+    payload = api.error_payload(message, param=param, code=_CODES.get(first.get("type", "")))
+    return JSONResponse(payload, status_code=400)
+
+
+def _where(problem: Any) -> str:
+    """The place of a problem in the body (``messages.0.content``), "" for the body itself."""
+    return ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+
+
+def _path(problem: Any) -> str:
+    """The problem's field: its place, and the field a model validator names under it."""
+    field = (problem.get("ctx") or {}).get("field")
+    return ".".join(part for part in (_where(problem), field) if part)
 
 
 def _describe(problem: Any) -> str:
-    if problem.get("type") == "json_invalid":
+    kind, where = problem.get("type"), _where(problem)
+    if kind == "json_invalid":
         return f"the body is not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})"
-    where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
-    return f"{where}: {problem.get('msg')}"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field (not part of the API vattn serves)"
+    if (problem.get("ctx") or {}).get("field") is not None and not where:
+        return str(problem.get("msg"))  # a model validator's message names its field
+    return f"{where or 'body'}: {problem.get('msg')}"
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     return JSONResponse(api.error_payload(str(error.detail), kind), status_code=error.status_code)
+
+
+class BodyLimit:
+    """Refuses a ``/v1/`` request whose body is bigger than ``limit()`` bytes with a 413, before
+    anything parses it: by its Content-Length, else while reading it (at most the limit is read
+    here, then replayed to the app; what follows, e.g. a disconnect, comes from the client)."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], Awaitable[api.RequestLimits]]) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "/v1/" not in scope["path"]:
+            await self.app(scope, receive, send)
+            return
+        try:
+            limits = await self.limit()
+        except Exception:  # noqa: BLE001 - the endpoint meets the same failure and answers it
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            await self.refuse(limits, scope, receive, send)
+            return
+        read: deque[Message] = deque()
+        size = 0
+        while True:
+            message = await receive()
+            read.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limits.max_body_bytes:
+                await self.refuse(limits, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return read.popleft() if read else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refuse(limits: api.RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
+        payload = api.error_payload(limits.body_too_big(), code="request_too_large")
+        await JSONResponse(payload, status_code=413)(scope, receive, send)
+
+
+async def _ingress_limits() -> api.RequestLimits:
+    ingress: VattnIngress = serve.get_replica_context().servable_object
+    return await ingress.limits()
+
+
+# Inside the API key's check (added below it, so it runs after it): no key, no body read.
+app.add_middleware(BodyLimit, limit=_ingress_limits)
 
 
 @app.middleware("http")
@@ -87,8 +179,10 @@ async def _authorize(request: Request, call_next: Any) -> Any:
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not secrets.compare_digest(given.encode(), expected.encode()):
-            return JSONResponse(api.error_payload("invalid or missing API key", "authentication_error",
-                                                  code="invalid_api_key"), status_code=401)
+            payload = api.error_payload(
+                "invalid or missing API key", "authentication_error", code="invalid_api_key"
+            )
+            return JSONResponse(payload, status_code=401)
     return await call_next(request)
 
 
@@ -102,6 +196,16 @@ def _json(body: dict[str, Any], accepted: RequestOutput) -> JSONResponse:
     return JSONResponse(body, headers={"x-vattn-replica": accepted.replica or ""})
 
 
+def _context_exceeded(prompt_tokens: int, context: int, param: str) -> ApiError:
+    return ApiError(
+        400,
+        f"prompt ({prompt_tokens} tokens) + at least 1 generated token exceeds the context limit "
+        f"of {context} tokens",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class VattnIngress:
@@ -111,6 +215,7 @@ class VattnIngress:
         self.replica = replica
         model_dir = resolve_model_dir(model)
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
+        self.tokens = api.TokenStrings(self.tokenizer)
         app.state.api_key = api_key or None
         self._info: ModelInfo | None = None
         self.model_name = served_model_name(model)
@@ -122,6 +227,11 @@ class VattnIngress:
             self._info = await self.replica.model_info.remote()
         return self._info
 
+    async def limits(self) -> api.RequestLimits:
+        """How big a request may be (from the replica's context limit and this tokenizer)."""
+        info = await self.info()
+        return api.RequestLimits(info.max_model_len, self.tokens.max_bytes)
+
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -129,7 +239,8 @@ class VattnIngress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         series = await self.hub_series()
-        body = self.exporter.render(series, RouterView(self.model_name, routing.DECISIONS.snapshot()))
+        decisions = RouterView(self.model_name, routing.DECISIONS.snapshot())
+        body = self.exporter.render(series, decisions)
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     async def hub_series(self) -> list[ReplicaSeries]:
@@ -144,62 +255,125 @@ class VattnIngress:
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         info = await self.info()
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0,
-                                            "owned_by": "vattn", "max_model_len": info.max_model_len}]}
+        return {"object": "list", "data": [api.model_card(info.name, info.max_model_len)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """The served model's card (``client.models.retrieve``); any other id is a 404."""
+        info = await self.info()
+        if model_id != info.name:
+            raise self.unknown_model(model_id, info)
+        return api.model_card(info.name, info.max_model_len)
 
     @app.post("/v1/completions")
     async def completions(self, body: api.CompletionRequest) -> Any:
         info = await self.check_model(body.model)
-        request = self.request(api.new_id("cmpl"), self.tokenize(body.prompt), body, body.logprobs)
+        limits = await self.limits()
+        if isinstance(body.prompt, str):
+            token_ids = await self.tokenize(body.prompt, limits, "prompt")
+        else:
+            token_ids = tuple(body.prompt)
+        request = self.request("cmpl", token_ids, body, body.logprobs, limits, "prompt")
         stream, accepted = await self.start(request)
+        logprobs = api.Logprobs(self.tokens, chat=False) if body.logprobs is not None else None
         if body.stream:
-            return self.sse(request, stream, accepted, info, chat=False)
-        text, last, logprobs = await self.collect(stream)
-        body_logprobs = {"token_logprobs": logprobs} if body.logprobs is not None else None
-        return _json(api.completion_body(request.request_id, info.name, text, last.finish_reason,
-                                         request.prompt_tokens, last.completion_tokens, body_logprobs), accepted)
+            return self.sse(request, stream, accepted, info, False, logprobs, body.include_usage)
+        text, last = await self.collect(stream, logprobs)
+        reply = api.completion_body(
+            request.request_id,
+            info.name,
+            text,
+            last.finish_reason,
+            request.prompt_tokens,
+            last.completion_tokens,
+            logprobs.take() if logprobs is not None else None,
+        )
+        return _json(reply, accepted)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: api.ChatCompletionRequest) -> Any:
         info = await self.check_model(body.model)
         if self.tokenizer is None:
-            raise ApiError(400, "this model has no tokenizer, so no chat template: use /v1/completions with token ids")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = apply_chat_template(self.tokenizer, messages)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        request = self.request(api.new_id("chatcmpl"), self.tokenize(prompt), body, logprobs)
+            raise ApiError(
+                400,
+                "this model has no tokenizer, so no chat template: use /v1/completions with "
+                "token ids",
+            )
+        limits = await self.limits()
+        chars = sum(len(m.text()) for m in body.messages)
+        if (too_long := limits.prompt_too_long(chars)) is not None:
+            raise ApiError(400, too_long, param="messages", code="context_length_exceeded")
+        token_ids = await asyncio.to_thread(self.chat_ids, body.template_messages())
+        logprobs_asked = body.logprobs_asked()
+        request = self.request("chatcmpl", token_ids, body, logprobs_asked, limits, "messages")
         stream, accepted = await self.start(request)
+        logprobs = api.Logprobs(self.tokens, chat=True) if logprobs_asked is not None else None
         if body.stream:
-            return self.sse(request, stream, accepted, info, chat=True)
-        text, last, _ = await self.collect(stream)
-        return _json(api.chat_body(request.request_id, info.name, text, last.finish_reason,
-                                   request.prompt_tokens, last.completion_tokens), accepted)
+            return self.sse(request, stream, accepted, info, True, logprobs, body.include_usage)
+        text, last = await self.collect(stream, logprobs)
+        reply = api.chat_body(
+            request.request_id,
+            info.name,
+            text,
+            last.finish_reason,
+            request.prompt_tokens,
+            last.completion_tokens,
+            logprobs.take() if logprobs is not None else None,
+        )
+        return _json(reply, accepted)
 
     # ---- helpers -------------------------------------------------------------------------------
     async def check_model(self, model: str | None) -> ModelInfo:
         info = await self.info()
         if model and model != info.name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {info.name!r}",
-                           "not_found_error", "model", "model_not_found")
+            raise self.unknown_model(model, info)
         return info
 
-    def tokenize(self, prompt: str | list[int]) -> tuple[int, ...]:
-        """Text to token ids here (the router sizes requests by them); ids pass as they are: the
-        replica's engine validates every request (``LLMEngine.check``)."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            return tuple(self.tokenizer.encode(prompt))
-        return tuple(prompt)
+    @staticmethod
+    def unknown_model(model: str, info: ModelInfo) -> ApiError:
+        return ApiError(
+            404,
+            f"model {model!r} does not exist; this server serves {info.name!r}",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
+
+    async def tokenize(self, prompt: str, limits: api.RequestLimits, param: str) -> tuple[int, ...]:
+        """Text to token ids here (the router sizes requests by them), in a thread so that the
+        event loop goes on meanwhile; a prompt too long to fit by its characters alone is refused
+        first. (Token-id prompts pass as they are: the replica's engine validates every request,
+        ``LLMEngine.check``.)"""
+        if self.tokenizer is None:
+            message = "this model has no tokenizer: send the prompt as token ids"
+            raise ApiError(400, message, param=param)
+        if (too_long := limits.prompt_too_long(len(prompt))) is not None:
+            raise ApiError(400, too_long, param=param, code="context_length_exceeded")
+        return tuple(await asyncio.to_thread(self.tokenizer.encode, prompt))
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
+        """A conversation's prompt ids (the chat template, then the tokenizer); run in a thread."""
+        return tuple(self.tokenizer.encode(apply_chat_template(self.tokenizer, messages)))
 
     @staticmethod
-    def request(request_id: str, token_ids: tuple[int, ...], body: api.SamplingFields,
-                logprobs: int | None) -> GenerateRequest:
+    def request(
+        prefix: str,
+        token_ids: tuple[int, ...],
+        body: api.SamplingFields,
+        logprobs: int | None,
+        limits: api.RequestLimits,
+        param: str,
+    ) -> GenerateRequest:
+        """The replica's request. Without max_tokens it may generate the rest of the context (as
+        OpenAI and vLLM do), so a prompt that fills the context is refused here."""
+        room = limits.context_tokens - len(token_ids)
+        if room < 1:
+            raise _context_exceeded(len(token_ids), limits.context_tokens, param)
         try:
-            params = body.sampling_params(logprobs)
+            params = body.sampling_params(logprobs, default_max_tokens=room)
         except ValueError as error:
             raise ApiError(400, str(error)) from None
-        return GenerateRequest(request_id, token_ids, params)
+        return GenerateRequest(api.new_id(prefix), token_ids, params)
 
     async def start(self, request: GenerateRequest) -> tuple[Any, RequestOutput]:
         """Sends the request to a replica and waits for its acceptance (the empty first delta):
@@ -209,63 +383,114 @@ class VattnIngress:
             accepted = await stream.__anext__()
         except RequestRejected as error:  # the engine's validation: never servable
             cause = getattr(error, "cause", None) or error
-            raise ApiError(400, str(cause), param=getattr(cause, "param", None),
-                           code=getattr(cause, "code", None)) from None
+            raise ApiError(
+                400,
+                str(cause),
+                param=getattr(cause, "param", None),
+                code=getattr(cause, "code", None),
+            ) from None
         except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
-            raise ApiError(503, f"the replica is unavailable, retry: {_rejection(error)}", "server_error") from None
+            message = f"the replica is unavailable, retry: {_rejection(error)}"
+            raise ApiError(503, message, "server_error") from None
         except RayActorError:  # the replica died: Serve is replacing it
-            raise ApiError(503, "the replica serving this request died; retry", "server_error") from None
+            message = "the replica serving this request died; retry"
+            raise ApiError(503, message, "server_error") from None
         return stream, accepted
 
-    async def collect(self, stream: Any) -> tuple[str, RequestOutput, list[float]]:
-        """The rest of an accepted request: its text, last delta and chosen tokens' logprobs."""
-        text, logprobs, last = "", [], None
+    async def collect(
+        self, stream: Any, logprobs: api.Logprobs | None
+    ) -> tuple[str, RequestOutput]:
+        """The rest of an accepted request: its text and last delta; its tokens' logprobs go to
+        ``logprobs``."""
+        text, last = "", None
         try:
             async for output in stream:
                 self.raise_failed(output)
                 text += output.text
-                logprobs += output.logprobs or ()
+                if logprobs is not None:
+                    logprobs.add(output.token_ids, output.logprobs, output.top_logprobs)
                 last = output
         except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
-            raise ApiError(503, f"the replica is unavailable, retry: {_rejection(error)}", "server_error") from None
+            message = f"the replica is unavailable, retry: {_rejection(error)}"
+            raise ApiError(503, message, "server_error") from None
         except RayActorError:  # the replica died mid-request: Serve is replacing it
-            raise ApiError(503, "the replica serving this request died; retry", "server_error") from None
+            message = "the replica serving this request died; retry"
+            raise ApiError(503, message, "server_error") from None
         assert last is not None
-        return text, last, logprobs
+        return text, last
 
     @staticmethod
     def raise_failed(output: RequestOutput) -> None:
         if output.error:
             raise ApiError(500, f"generation failed: {output.error}", "server_error")
 
-    def sse(self, request: GenerateRequest, response: Any, accepted: RequestOutput, info: ModelInfo,
-            chat: bool) -> StreamingResponse:
+    def sse(
+        self,
+        request: GenerateRequest,
+        response: Any,
+        accepted: RequestOutput,
+        info: ModelInfo,
+        chat: bool,
+        logprobs: api.Logprobs | None,
+        include_usage: bool,
+    ) -> StreamingResponse:
+        """The reply as server-sent events: a chunk per delta (chat's first names the role), each
+        with its tokens' logprobs when asked; the last delta's chunk carries the usage, unless
+        ``stream_options.include_usage`` asks OpenAI's way: ``"usage": null`` in every chunk
+        and a last chunk with the usage and no choices. Then ``data: [DONE]``."""
+        request_id, name = request.request_id, info.name
+
+        def chunk(output: RequestOutput | None) -> dict[str, Any]:
+            if output is None:  # chat's first chunk
+                body = api.chat_chunk(request_id, name, {"role": "assistant"}, None)
+            else:
+                shaped = None
+                if logprobs is not None:
+                    logprobs.add(output.token_ids, output.logprobs, output.top_logprobs)
+                    shaped = logprobs.take()
+                reason = output.finish_reason
+                if chat:
+                    delta = {"content": output.text} if output.text else {}
+                    body = api.chat_chunk(request_id, name, delta, reason, shaped)
+                else:
+                    body = api.completion_chunk(request_id, name, output.text, reason, shaped)
+            if include_usage:
+                body["usage"] = None
+            elif output is not None and output.finished:
+                body["usage"] = api.usage(request.prompt_tokens, output.completion_tokens)
+            return body
+
+        def failure(message: str) -> str:
+            return api.sse_event(api.error_payload(message, "server_error"))
+
         async def events() -> AsyncIterator[str]:
+            last = None
             try:
                 if chat:
-                    yield api.sse_event(api.chat_chunk(request.request_id, info.name, {"role": "assistant"}, None))
+                    yield api.sse_event(chunk(None))
                 async for output in response:
                     if output.error:
-                        yield api.sse_event(api.error_payload(f"generation failed: {output.error}", "server_error"))
+                        yield failure(f"generation failed: {output.error}")
                         break
-                    if chat:
-                        chunk = api.chat_chunk(request.request_id, info.name, {"content": output.text} if output.text else {},
-                                               output.finish_reason)
-                    else:
-                        chunk = api.completion_chunk(request.request_id, info.name, output.text, output.finish_reason)
-                    if output.finished:
-                        chunk["usage"] = api.usage(request.prompt_tokens, output.completion_tokens)
-                    yield api.sse_event(chunk)
+                    yield api.sse_event(chunk(output))
+                    last = output
+                if include_usage and last is not None and last.finished:
+                    usage = api.usage_chunk(
+                        request_id, name, chat, request.prompt_tokens, last.completion_tokens
+                    )
+                    yield api.sse_event(usage)
                 yield "data: [DONE]\n\n"
             except ReplicaBroken as error:
-                yield api.sse_event(api.error_payload(f"the replica is unavailable, retry: {_rejection(error)}",
-                                                      "server_error"))
+                yield failure(f"the replica is unavailable, retry: {_rejection(error)}")
                 yield "data: [DONE]\n\n"
             except RayActorError:
-                yield api.sse_event(api.error_payload("the replica serving this request died; retry", "server_error"))
+                yield failure("the replica serving this request died; retry")
                 yield "data: [DONE]\n\n"
             finally:
                 response.cancel()  # a no-op when finished; frees the slot when the client left
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"x-vattn-replica": accepted.replica or ""})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"x-vattn-replica": accepted.replica or ""},
+        )

@@ -1,19 +1,103 @@
-"""OpenAI-compatible request and response bodies, and OpenAI-style errors.
+"""OpenAI-compatible request and response bodies, OpenAI-style errors, and logprobs' shapes.
 
-Only what vattn serves is accepted: one choice (n = 1), text or token-id prompts, the sampling
-fields below. Unknown fields are ignored as OpenAI's clients send many optional ones.
+Every field of a request is honoured, refused or ignored, each list in one place:
+
+* honoured: the fields the request models below declare (OpenAI's, plus vLLM's ``top_k``,
+  ``stop_token_ids`` and ``ignore_eos``), less those of ``UNSUPPORTED``;
+* ``UNSUPPORTED``: OpenAI fields vattn does not implement yet. They are accepted only at the value
+  that asks for nothing (e.g. ``presence_penalty`` 0, ``n`` 1) or null; any other value is a 400
+  that names the field and says it is not supported yet;
+* ``IGNORED``: metadata that changes nothing in what is generated (``user``, ``metadata``,
+  ``store``, ...), accepted and dropped;
+* any other field is a 400 naming it (an unknown field).
+
+Text that is not valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON can
+escape) is a 400 naming the field rather than reaching the tokenizer.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from replica.sampling_params import SamplingParams
+from replica.sampling_params import MAX_LOGPROBS, SamplingParams
+
+#: Fields of OpenAI's API that change nothing in what vattn generates: accepted and ignored, by
+#: where they appear. The README's "The HTTP API" lists the same.
+IGNORED: dict[str, frozenset[str]] = {
+    "completions": frozenset({"user"}),
+    "chat": frozenset(
+        {
+            "user",
+            "metadata",
+            "store",
+            "service_tier",
+            "safety_identifier",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "prompt_cache_options",
+            "parallel_tool_calls",  # about tools, which are refused unless absent
+        }
+    ),
+    "message": frozenset({"name"}),
+    "stream_options": frozenset(),
+}
+
+#: OpenAI fields vattn does not implement yet -> the values that ask for nothing (null is always
+#: one). At those values a field is accepted; at any other it is refused with a 400 naming it.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    # completions and chat
+    "n": (1,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "include_obfuscation": (False,),  # in stream_options: vattn sends no obfuscation field
+    # completions
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    # chat
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # "auto" with no tools calls none
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "moderation": (),
+    "web_search_options": (),
+    # chat messages
+    "tool_calls": ([],),
+    "tool_call_id": (),
+    "refusal": (),
+}
+
+#: The most UTF-8 bytes one character of a request body can take as JSON: a control character
+#: escaped as ``\u0000`` is 6 bytes for 1 byte of text.
+JSON_BYTES_PER_TEXT_BYTE = 6
+#: What a body may hold besides its prompt (other fields, message framing, whitespace).
+BODY_SLACK_BYTES = 1 << 20
+#: A token's bytes at most, for a model without a tokenizer (its prompts are token ids).
+DEFAULT_TOKEN_BYTES = 16
+#: The logprob OpenAI reports for an impossible token (JSON has no -Infinity).
+MIN_LOGPROB = -9999.0
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8 (a lone surrogate becomes ``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ErrorBody(BaseModel):
@@ -23,48 +107,148 @@ class ErrorBody(BaseModel):
     code: str | None = None
 
 
-def error_payload(message: str, kind: str = "invalid_request_error", param: str | None = None,
-                  code: str | None = None) -> dict[str, Any]:
-    return {"error": ErrorBody(message=message, type=kind, param=param, code=code).model_dump()}
+def error_payload(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    param = None if param is None else _printable(param)
+    body = ErrorBody(message=_printable(message), type=kind, param=param, code=code)
+    return {"error": body.model_dump()}
 
 
-class SamplingFields(BaseModel):
+def field_error(field: str, message: str, kind: str = "field_error") -> PydanticCustomError:
+    """A validation error about ``field``, a path relative to where it is raised (a model
+    validator: the model; a field validator: the field), with ``message`` as it is."""
+    return PydanticCustomError(kind, message, {"field": field})
+
+
+def _is_neutral(value: Any, neutrals: tuple[Any, ...]) -> bool:
+    if value is None:
+        return True
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutrals)
+
+
+def unsupported_message(field: str) -> str:
+    neutrals = UNSUPPORTED[field]
+    accepted = " or ".join(f"{field} = {json.dumps(v)}" for v in neutrals)
+    return f"{field} is not supported yet: only {accepted + ' or ' if accepted else ''}null works"
+
+
+def _check_text(value: str) -> str:
+    """Refuses text that is not valid Unicode (a field validator's: the error's place is the
+    field's): the tokenizer cannot encode a lone surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        point = f"U+{ord(value[error.start]):04X}"
+        message = f"contains a lone UTF-16 surrogate ({point}), which is not valid Unicode text"
+        raise PydanticCustomError("invalid_unicode", message) from None
+    return value
+
+
+class Strict(BaseModel):
+    """A request object: unknown fields are refused, ``IGNORED`` ones dropped, ``UNSUPPORTED``
+    ones refused unless neutral."""
+
+    model_config = ConfigDict(extra="forbid")
+    scope: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ignored = IGNORED[cls.scope]
+            return {k: v for k, v in data.items() if k not in ignored}
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> Strict:
+        for name in type(self).model_fields:
+            if name in UNSUPPORTED and not _is_neutral(getattr(self, name), UNSUPPORTED[name]):
+                raise field_error(name, unsupported_message(name), "unsupported_field")
+        return self
+
+
+class StreamOptions(Strict):
+    scope: ClassVar[str] = "stream_options"
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class SamplingFields(Strict):
+    """What completions and chat share."""
+
     model: str | None = None
-    max_tokens: int | None = Field(default=None, description="tokens to generate (default 16)")
-    max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int | None = Field(
+        default=None, description="tokens to generate (default: the rest of the context)"
+    )
+    max_completion_tokens: int | None = Field(default=None, description="max_tokens' newer name")
+    temperature: float | None = None
+    top_p: float | None = None
     top_k: int = 0
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    stream: bool = False
-    n: int = 1
-    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
-    @field_validator("n")
+    @field_validator("stop")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n = 1 is supported")
-        return n
+    def _valid_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for text in [stop] if isinstance(stop, str) else stop or ():
+            _check_text(text)
+        return stop
 
-    def sampling_params(self, logprobs: int | None = None) -> SamplingParams:
-        """Raises ValueError naming the bad field (turned into a 400)."""
-        max_tokens = self.max_completion_tokens or self.max_tokens
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise field_error("stream_options", "stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a chunk of usage and no choices (OpenAI's stream_options)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        """max_completion_tokens (chat's newer name) or max_tokens; None when neither is set."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def sampling_params(self, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
+        """Raises ValueError naming the bad field (turned into a 400). Without max_tokens the
+        request may generate ``default_max_tokens`` (the rest of the context)."""
+        max_tokens = self.requested_max_tokens()
         return SamplingParams(
-            max_tokens=16 if max_tokens is None else max_tokens,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop or (),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
 
 class CompletionRequest(SamplingFields):
+    scope: ClassVar[str] = "completions"
+
     prompt: str | list[int] | list[str]
-    logprobs: int | None = None
-    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -72,62 +256,372 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ValueError("one prompt per request is supported")
-            return prompt[0]
-        return prompt  # type: ignore[return-value]
+            prompt = prompt[0]
+        return _check_text(prompt) if isinstance(prompt, str) else prompt  # type: ignore[return-value]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
+    scope: ClassVar[str] = "message"
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    refusal: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(
+        cls, content: str | list[dict[str, Any]] | None
+    ) -> str | list[dict[str, Any]] | None:
+        if isinstance(content, str):
+            return _check_text(content)
+        for i, part in enumerate(content or ()):
+            kind = part.get("type")
+            if kind != "text":
+                shown = repr(kind)[:40] if isinstance(kind, str) else "missing"
+                raise field_error(
+                    f"{i}.type",
+                    f"content part {i} of type {shown} is not supported yet: only text parts",
+                    "unsupported_field",
+                )
+            if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise field_error(
+                    str(i), f'content part {i} must be {{"type": "text", "text": "..."}}'
+                )
+            _check_text(part["text"])
+        return content
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # the parts format: keep the text parts
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):  # the parts format: text parts only
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(SamplingFields):
+    scope: ClassVar[str] = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    moderation: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise field_error("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_asked(self) -> int | None:
+        """The engine's ``SamplingParams.logprobs``: alternatives per token, or None for none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
+# ---- limits -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestLimits:
+    """How big a request can be and still fit the context: no token of the model spans more than
+    ``max_token_bytes`` bytes of text (so more characters than ``context_tokens`` tokens of that
+    size cannot fit), and no body needs more than ``JSON_BYTES_PER_TEXT_BYTE`` bytes of JSON per
+    byte of that text, plus some slack for the other fields."""
+
+    context_tokens: int
+    max_token_bytes: int
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.context_tokens * self.max_token_bytes
+
+    @property
+    def max_body_bytes(self) -> int:
+        return JSON_BYTES_PER_TEXT_BYTE * self.max_prompt_chars + BODY_SLACK_BYTES
+
+    def prompt_too_long(self, chars: int) -> str | None:
+        """Why a prompt of ``chars`` characters cannot fit, or None when it may."""
+        if chars <= self.max_prompt_chars:
+            return None
+        return (
+            f"the prompt has {chars} characters, more than {self.max_prompt_chars}: it exceeds "
+            f"the context limit of {self.context_tokens} tokens (no token of this model spans "
+            f"more than {self.max_token_bytes} bytes)"
+        )
+
+    def body_too_big(self) -> str:
+        return (
+            f"the request body has more than {self.max_body_bytes} bytes: its prompt cannot fit "
+            f"the context limit of {self.context_tokens} tokens"
+        )
+
+
+# ---- token strings and logprobs ------------------------------------------------------------------
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in chars)
+    for n, b in enumerate(extra):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+def _is_byte_level(decoder: dict[str, Any] | None) -> bool:
+    if not decoder:
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(_is_byte_level(d) for d in decoder.get("decoders", ()))
+    return decoder.get("type") == "ByteLevel"
+
+
+class TokenStrings:
+    """Token ids -> each token's own UTF-8 bytes and text, as OpenAI's logprobs show them: a
+    token that holds part of a character has text like ``"\\xe2\\x80"`` and its exact bytes.
+    Byte-level BPE pieces (GPT-2, Llama 3, Qwen, SmolLM) map back through their alphabet,
+    SentencePiece ones through ``▁`` and ``<0xNN>``. Without a tokenizer a token reads
+    ``token_id:N`` and has no bytes."""
+
+    def __init__(self, tokenizer: Any | None) -> None:
+        self._bytes: list[bytes | None] = []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            self.max_bytes = DEFAULT_TOKEN_BYTES
+            return
+        decoder = json.loads(backend.to_str()).get("decoder")
+        alphabet = _byte_level_alphabet() if _is_byte_level(decoder) else None
+        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        size = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        for token_id in range(size):
+            piece = added.get(token_id)
+            if piece is not None:
+                self._bytes.append(piece.encode("utf-8", "backslashreplace"))
+            else:
+                self._bytes.append(self._piece_bytes(backend.id_to_token(token_id), alphabet))
+        self.max_bytes = max((len(b) for b in self._bytes if b is not None), default=1)
+
+    @staticmethod
+    def _piece_bytes(piece: str | None, alphabet: dict[str, int] | None) -> bytes | None:
+        if piece is None:
+            return None
+        if alphabet is not None and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("▁", " ").encode("utf-8", "backslashreplace")
+
+    def bytes(self, token_id: int) -> bytes | None:
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else None
+
+    def text(self, token_id: int) -> str:
+        raw = self.bytes(token_id)
+        return f"token_id:{token_id}" if raw is None else raw.decode("utf-8", "backslashreplace")
+
+    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        """Chat's ``{token, logprob, bytes}`` of one token."""
+        raw = self.bytes(token_id)
+        return {
+            "token": self.text(token_id),
+            "logprob": finite(logprob),
+            "bytes": None if raw is None else list(raw),
+        }
+
+
+def finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (and NaN) become OpenAI's -9999.0."""
+    return logprob if math.isfinite(logprob) and logprob > MIN_LOGPROB else MIN_LOGPROB
+
+
+TopPairs = Sequence[tuple[int, float]]
+
+
+class Logprobs:
+    """One request's logprobs in OpenAI's shapes, built as its tokens come in.
+
+    Chat: ``{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}],
+    "refusal": None}``, the ``top_logprobs`` most likely tokens at each position. Completions:
+    ``{tokens, token_logprobs, top_logprobs, text_offset}``, each ``top_logprobs`` dict holding
+    the ``logprobs`` most likely tokens and the chosen one (so up to ``logprobs`` + 1), each
+    ``text_offset`` where the token's text starts in the completion (a token that ends inside a
+    character starts where that character does). There is one entry per generated token, the
+    stop token included. ``take()`` returns those of the tokens added since the last take: a
+    stream's chunk, or the whole reply when taken once.
+    """
+
+    def __init__(self, strings: TokenStrings, chat: bool) -> None:
+        self.strings, self.chat = strings, chat
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._offset = 0
+        self._pending: list[tuple[int, float, TopPairs]] = []
+
+    def add(
+        self,
+        token_ids: Sequence[int],
+        logprobs: Sequence[float] | None,
+        top_logprobs: Sequence[TopPairs] | None,
+    ) -> None:
+        for i, token_id in enumerate(token_ids):
+            logprob = logprobs[i] if logprobs is not None and i < len(logprobs) else -math.inf
+            top = top_logprobs[i] if top_logprobs is not None and i < len(top_logprobs) else ()
+            self._pending.append((token_id, logprob, top))
+
+    def take(self) -> dict[str, Any]:
+        pending, self._pending = self._pending, []
+        if self.chat:
+            content = [
+                {
+                    **self.strings.entry(token_id, logprob),
+                    "top_logprobs": [self.strings.entry(t, lp) for t, lp in top],
+                }
+                for token_id, logprob, top in pending
+            ]
+            return {"content": content, "refusal": None}
+        shaped: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        for token_id, logprob, top in pending:
+            text = self.strings.text(token_id)
+            alternatives = {self.strings.text(t): finite(lp) for t, lp in top}
+            alternatives.setdefault(text, finite(logprob))
+            shaped["tokens"].append(text)
+            shaped["token_logprobs"].append(finite(logprob))
+            shaped["top_logprobs"].append(alternatives)
+            shaped["text_offset"].append(self._offset)
+            raw = self.strings.bytes(token_id)
+            self._offset += len(self._decoder.decode(raw if raw is not None else text.encode()))
+        return shaped
+
+
+# ---- response bodies -----------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
-                    prompt_tokens: int, completion_tokens: int, logprobs: Any = None) -> dict[str, Any]:
     return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def model_card(name: str, max_model_len: int) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "vattn",
+        "max_model_len": max_model_len,
+    }
+
+
+def completion_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Any = None,
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
-              prompt_tokens: int, completion_tokens: int, logprobs: Any = None) -> dict[str, Any]:
+def chat_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Any = None,
+) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
     return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": logprobs, "finish_reason": finish_reason}],
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def completion_chunk(
+    request_id: str, model: str, text: str, finish_reason: str | None, logprobs: Any = None
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
 
 
-def chat_chunk(request_id: str, model: str, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def chat_chunk(
+    request_id: str,
+    model: str,
+    delta: dict[str, str],
+    finish_reason: str | None,
+    logprobs: Any = None,
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(
+    request_id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def sse_event(payload: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -18,8 +19,14 @@ from replica.vmm import open_device
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'")
-    parser.add_argument("--backend", default="auto", help="attention backend: auto, flashinfer, torch-fa2, flash-attn, sdpa")
+    parser.add_argument(
+        "--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'"
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="attention backend: auto, flashinfer, torch-fa2, flash-attn, sdpa",
+    )
     parser.add_argument("--kv-layout", default="interleaved", choices=["interleaved", "per_layer"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -29,8 +36,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, attention=args.backend, kv_layout=args.kv_layout, device=args.device,
-        dtype=args.dtype, max_model_len=args.max_model_len, max_running=args.max_running,
+        model=args.model,
+        attention=args.backend,
+        kv_layout=args.kv_layout,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_running=args.max_running,
     )
 
 
@@ -40,29 +52,46 @@ def generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if not args.raw and llm.tokenizer is not None:
         prompt = apply_chat_template(llm.tokenizer, [{"role": "user", "content": args.prompt}])
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    max_tokens = args.max_tokens or rest_of_context(llm.engine, prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, seed=args.seed)
     [out] = llm.generate([prompt], params)
     print(out.text)
     stats = llm.engine.stats()
     print(
-        f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}, {time.monotonic() - started:.1f} s "
-        f"with loading; attention {llm.engine.runner.attention.name}, KV {stats.kv.summary()}]",
+        f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}, "
+        f"{time.monotonic() - started:.1f} s with loading; "
+        f"attention {llm.engine.runner.attention.name}, KV {stats.kv.summary()}]",
         file=sys.stderr,
     )
     return 0
+
+
+def rest_of_context(engine: Any, prompt: str) -> int:
+    """``generate``'s default max_tokens: what the context holds after the prompt (at least 1: a
+    prompt that fills the context is then refused by the engine, with its length)."""
+    return max(1, engine.context_limit - len(engine.tokenize(prompt)))
 
 
 def demo(args: argparse.Namespace) -> int:
     """Serves a few simulated requests through the KV allocator and shows its books."""
     device = open_device(args.vmm)
     config = KVCacheConfig(
-        num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float16, max_slots=8,
-        max_tokens=2048, page_size=device.page_size, budget_bytes=64 * device.page_size,
+        num_layers=30,
+        num_kv_heads=3,
+        head_dim=64,
+        dtype=torch.float16,
+        max_slots=8,
+        max_tokens=2048,
+        page_size=device.page_size,
+        budget_bytes=64 * device.page_size,
         layout=args.kv_layout,
     )
     allocator = KVCacheAllocator(config, device)
-    print(f"backend: {device.name}, page {device.page_size // 1024} KiB, layout {config.layout.value}, "
-          f"{config.tokens_per_slot} tokens per slot, budget {config.budget_pages} pages")
+    print(
+        f"backend: {device.name}, page {device.page_size // 1024} KiB, "
+        f"layout {config.layout.value}, {config.tokens_per_slot} tokens per slot, "
+        f"budget {config.budget_pages} pages"
+    )
     prompts = [300, 1200, 90, 700]
     slots = {}
     for prompt in prompts:
@@ -78,7 +107,9 @@ def demo(args: argparse.Namespace) -> int:
     for slot in list(slots):
         allocator.release(slot)
     print(f"after release (pages cached for reuse): {allocator.stats().summary()}")
-    print(f"shrink released {allocator.shrink()} pages to the device: {allocator.stats().summary()}")
+    print(
+        f"shrink released {allocator.shrink()} pages to the device: {allocator.stats().summary()}"
+    )
     allocator.check_invariants(deep=True)
     return 0
 
@@ -86,7 +117,9 @@ def demo(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     gen = commands.add_parser("generate", help="generate once, offline (no server)")
     gen.add_argument("prompt")
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument(
+        "--max-tokens", type=int, default=None, help="default: the rest of the context"
+    )
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="no chat template")
@@ -94,7 +127,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     gen.set_defaults(run=generate)
     demo_parser = commands.add_parser("demo", help="show the KV allocator at work")
     demo_parser.add_argument("--vmm", default="auto", choices=["auto", "cuda", "host"])
-    demo_parser.add_argument("--kv-layout", default="interleaved", choices=["interleaved", "per_layer"])
+    demo_parser.add_argument(
+        "--kv-layout", default="interleaved", choices=["interleaved", "per_layer"]
+    )
     demo_parser.set_defaults(run=demo)
 
 
