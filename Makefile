@@ -33,8 +33,8 @@ bench-mapping: setup
 	$(PY) -m benchmarks.bench_mapping
 
 lint: setup
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check replica cluster tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info replica/_vmm*.so

@@ -12,7 +12,11 @@ from setuptools import setup
 
 
 def _cuda_include_dir() -> str | None:
-    candidates = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    candidates = [
+        os.environ.get("CUDA_HOME", ""),
+        os.environ.get("CUDA_PATH", ""),
+        "/usr/local/cuda",
+    ]
     candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for root in candidates:
         if root and os.path.exists(os.path.join(root, "include", "cuda.h")):

@@ -14,8 +14,8 @@ launches), median of 5 timings of 20 replays. The vAttention cache is one layer'
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,8 +53,16 @@ def graph_seconds(run: Callable[[], object], replays: int = 20) -> float:
 def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str, Any]:
     device = open_device("cuda")
     dtype, head_dim = torch.bfloat16, 128
-    config = KVCacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, max_slots=batch,
-                           max_tokens=context, page_size=device.page_size, budget_bytes=BUDGET)
+    config = KVCacheConfig(
+        num_layers=1,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        max_slots=batch,
+        max_tokens=context,
+        page_size=device.page_size,
+        budget_bytes=BUDGET,
+    )
     kv = KVCacheAllocator(config, device)
     slots = [kv.acquire() for _ in range(batch)]
     for slot in slots:
@@ -70,10 +78,18 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     backend.kernels.plan(step, *backend._pages(step, whole), graph_pages=batch, page_size=whole)
     backend.page_tokens = whole
     one_page = graph_seconds(lambda: backend.attend(q, k0, v0))
-    paged = PagedKVCache(PagedKVConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                                       max_slots=batch, max_tokens=context,
-                                       budget_bytes=batch * context * 2 * kv_heads * head_dim * 2),
-                         torch.device("cuda"))
+    paged = PagedKVCache(
+        PagedKVConfig(
+            num_layers=1,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            max_slots=batch,
+            max_tokens=context,
+            budget_bytes=batch * context * 2 * kv_heads * head_dim * 2,
+        ),
+        torch.device("cuda"),
+    )
     for slot in [paged.acquire() for _ in range(batch)]:
         paged.ensure(slot, context)
     paged_backend = PagedFlashInferBackend(paged, q_heads, kv_heads, head_dim, dtype)
@@ -81,14 +97,23 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     pk, pv = paged.k_cache(0), paged.v_cache(0)
     paged16 = graph_seconds(lambda: paged_backend.attend(q, pk, pv))
     kv_bytes = batch * context * 2 * kv_heads * head_dim * 2
-    return {"batch": batch, "context": context, "chosen_page_tokens": chosen_page,
-            "one_page_us": one_page * 1e6, "chosen_us": chosen * 1e6, "paged16_us": paged16 * 1e6,
-            "chosen_over_paged16": chosen / paged16, "one_page_over_paged16": one_page / paged16,
-            "chosen_hbm_tb_s": kv_bytes / chosen / 1e12}
+    return {
+        "batch": batch,
+        "context": context,
+        "chosen_page_tokens": chosen_page,
+        "one_page_us": one_page * 1e6,
+        "chosen_us": chosen * 1e6,
+        "paged16_us": paged16 * 1e6,
+        "chosen_over_paged16": chosen / paged16,
+        "one_page_over_paged16": one_page / paged16,
+        "chosen_hbm_tb_s": kv_bytes / chosen / 1e12,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results: dict[str, list[dict[str, Any]]] = {}
@@ -102,9 +127,17 @@ def main() -> None:
                 torch.cuda.empty_cache()  # the case's caches are gone: give their memory back
                 print(shape, rows[-1], flush=True)
         results[shape] = rows
-    payload = {"benchmark": "attention", "environment": describe_device("cuda"),
-               "settings": {"shapes": SHAPES, "head_dim": 128, "dtype": "bfloat16", "kernel": "FlashInfer tensor-core decode"},
-               "results": results}
+    payload = {
+        "benchmark": "attention",
+        "environment": describe_device("cuda"),
+        "settings": {
+            "shapes": SHAPES,
+            "head_dim": 128,
+            "dtype": "bfloat16",
+            "kernel": "FlashInfer tensor-core decode",
+        },
+        "results": results,
+    }
     print(f"wrote {save('attention', payload, Path(args.out) if args.out else None)}")
 
 

@@ -36,7 +36,9 @@ from replica.model import ModelConfig
 Workload = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
 
-def workloads(smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024) -> dict[str, Workload]:
+def workloads(
+    smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024
+) -> dict[str, Workload]:
     rng = random.Random(seed)
     vocab = model_shapes(smoke).vocab_size
 
@@ -44,10 +46,14 @@ def workloads(smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024)
         return [rng.randrange(3, vocab) for _ in range(length)]
 
     if smoke:
-        return {"decode": [(prompt(16), 24) for _ in range(batch)],
-                "prefill": [(prompt(96), 4) for _ in range(batch)]}
+        return {
+            "decode": [(prompt(16), 24) for _ in range(batch)],
+            "prefill": [(prompt(96), 4) for _ in range(batch)],
+        }
     mixed = []
-    for _ in range(batch):  # summarisation-like: long inputs (lognormal around ~1.8K), short outputs
+    for _ in range(
+        batch
+    ):  # summarisation-like: long inputs (lognormal around ~1.8K), short outputs
         mixed.append((prompt(min(int(rng.lognormvariate(7.5, 0.5)), 6000)), rng.randint(128, 384)))
     return {
         "decode": [(prompt(128), decode_tokens) for _ in range(batch)],
@@ -62,15 +68,26 @@ def model_shapes(smoke: bool) -> ModelConfig:
     return ModelConfig.tiny() if smoke else ModelConfig.llama3_8b()
 
 
-def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: bool) -> dict[str, Any]:
+def run_vattn(
+    mode: str, workload: Workload, args: argparse.Namespace, profile: bool
+) -> dict[str, Any]:
     kv_mode, *options = mode.split("-")
     max_len = max(len(p) + n for p, n in workload)
-    engine = LLMEngine(EngineConfig(
-        model="synthetic", synthetic=model_shapes(args.smoke), kv_mode=kv_mode, attention=args.attention,
-        kv_layout=args.kv_layout, max_running=len(workload), max_model_len=max_len + 16,
-        max_batch_tokens=args.max_batch_tokens, page_size=args.page_size, cuda_graphs="eager" not in options,
-        async_scheduling="sync" not in options,
-    ))
+    engine = LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=model_shapes(args.smoke),
+            kv_mode=kv_mode,
+            attention=args.attention,
+            kv_layout=args.kv_layout,
+            max_running=len(workload),
+            max_model_len=max_len + 16,
+            max_batch_tokens=args.max_batch_tokens,
+            page_size=args.page_size,
+            cuda_graphs="eager" not in options,
+            async_scheduling="sync" not in options,
+        )
+    )
     runner, kv = engine.runner, engine.kv
     # Warm-up outside the timed run: compiles and plans the kernels, captures the decode graphs.
     engine.add_request("warmup", workload[0][0][:32], SamplingParams(max_tokens=4, ignore_eos=True))
@@ -81,7 +98,13 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     for i, ((prompt, _), p) in enumerate(zip(workload, params)):
         engine.add_request(f"r{i}", prompt, p)
     waited_before = kv.stats().wait_seconds
-    bytes_per_token = 2 * runner.model_config.num_layers * runner.model.num_local_kv_heads * runner.model_config.head_dim * runner.dtype.itemsize
+    bytes_per_token = (
+        2
+        * runner.model_config.num_layers
+        * runner.model.num_local_kv_heads
+        * runner.model_config.head_dim
+        * runner.dtype.itemsize
+    )
     decode_steps: list[tuple[float, int, int]] = []  # (seconds, batch, KV tokens read)
     waste: list[float] = []
     generated, started = 0, time.perf_counter()
@@ -89,11 +112,18 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     other_steps = 0.0  # prefill and mixed steps
     # Profiled steps, after this many timed decode steps, are kept out of the timed total: the
     # profiler's start-up (CUPTI) is paid by whichever mode runs first, so the modes compare fairly.
-    profilers: dict[int, tuple[str, Any, int]] = {20: ("device", profile_steps, 5), 40: ("host", profile_host, 10)}
+    profilers: dict[int, tuple[str, Any, int]] = {
+        20: ("device", profile_steps, 5),
+        40: ("host", profile_host, 10),
+    }
     profiles: dict[str, Any] = {}
     while engine.has_work():
         running = list(engine.scheduler.running)
-        decoding = bool(running) and not engine.scheduler.waiting and all(r.pending_tokens == 1 for r in running)
+        decoding = (
+            bool(running)
+            and not engine.scheduler.waiting
+            and all(r.pending_tokens == 1 for r in running)
+        )
         context = sum(r.num_tokens for r in running)
         step_start = time.perf_counter()
         if profile and decoding and len(decode_steps) in profilers:
@@ -115,10 +145,16 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     elapsed = time.perf_counter() - started - untimed
     stats = kv.stats()
     result: dict[str, Any] = {
-        "mode": mode, "attention": runner.attention.name, "cuda_graphs": runner.graphs is not None,
-        "graphs_captured": graphs_captured, "graph_replays": runner.graphs.replays if runner.graphs else 0,
-        "requests": len(workload), "generated_tokens": generated + generated_untimed, "seconds": elapsed,
-        "tokens_per_s": generated / elapsed, "non_decode_steps_s": other_steps,
+        "mode": mode,
+        "attention": runner.attention.name,
+        "cuda_graphs": runner.graphs is not None,
+        "graphs_captured": graphs_captured,
+        "graph_replays": runner.graphs.replays if runner.graphs else 0,
+        "requests": len(workload),
+        "generated_tokens": generated + generated_untimed,
+        "seconds": elapsed,
+        "tokens_per_s": generated / elapsed,
+        "non_decode_steps_s": other_steps,
         "mapping_wait_pct": 100 * (stats.wait_seconds - waited_before) / elapsed,
         "kv_waste_pct_mean": 100 * statistics.mean(waste) if waste else 0.0,
         "preemptions": engine.stats().preemptions_total,
@@ -126,14 +162,20 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     if decode_steps:
         times = sorted(s[0] * 1e3 for s in decode_steps)
         result["decode_steps"] = {
-            "count": len(times), "mean_ms": statistics.mean(times), "p50_ms": times[len(times) // 2],
-            "p90_ms": times[int(0.9 * (len(times) - 1))], "p99_ms": times[int(0.99 * (len(times) - 1))],
-            "max_ms": times[-1], "total_s": sum(times) / 1e3,
+            "count": len(times),
+            "mean_ms": statistics.mean(times),
+            "p50_ms": times[len(times) // 2],
+            "p90_ms": times[int(0.9 * (len(times) - 1))],
+            "p99_ms": times[int(0.99 * (len(times) - 1))],
+            "max_ms": times[-1],
+            "total_s": sum(times) / 1e3,
         }
     full = [s for s in decode_steps if s[1] == len(workload)] or decode_steps
     if full:
         seconds, batch, context = sorted(full)[len(full) // 2]
-        result["decode_step"] = decode_analysis(runner, seconds, batch, context, bytes_per_token, args)
+        result["decode_step"] = decode_analysis(
+            runner, seconds, batch, context, bytes_per_token, args
+        )
     if "device" in profiles:
         result["profile_top_ops"], result["profiled_device_ms_per_step"] = profiles["device"]
     if "host" in profiles:
@@ -145,22 +187,37 @@ def run_vattn(mode: str, workload: Workload, args: argparse.Namespace, profile: 
     return result
 
 
-def decode_analysis(runner: Any, seconds: float, batch: int, context: int, bytes_per_token: int,
-                    args: argparse.Namespace) -> dict[str, Any]:
+def decode_analysis(
+    runner: Any,
+    seconds: float,
+    batch: int,
+    context: int,
+    bytes_per_token: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     model = runner.model
     kv_bytes = context * bytes_per_token
-    ideal = roofline.roofline_seconds(roofline.weight_bytes(model), kv_bytes, roofline.linear_flops(model, batch))
+    ideal = roofline.roofline_seconds(
+        roofline.weight_bytes(model), kv_bytes, roofline.linear_flops(model, batch)
+    )
     out: dict[str, Any] = {
-        "batch": batch, "kv_tokens": context, "step_ms": seconds * 1e3, "roofline_ms": ideal * 1e3,
+        "batch": batch,
+        "kv_tokens": context,
+        "step_ms": seconds * 1e3,
+        "roofline_ms": ideal * 1e3,
         "roofline_share": ideal / seconds,
     }
     if runner.device.type == "cuda" and not args.smoke:
         graph, eager = roofline.linears_graph_seconds(model, batch)
         attention = attention_alone_seconds(runner, batch, context // batch)
         floor = graph + attention
-        out.update(linears_graph_ms=graph * 1e3, linears_eager_ms=eager * 1e3,
-                   attention_alone_ms=attention * 1e3, practical_floor_ms=floor * 1e3,
-                   step_over_floor=seconds / floor)
+        out.update(
+            linears_graph_ms=graph * 1e3,
+            linears_eager_ms=eager * 1e3,
+            attention_alone_ms=attention * 1e3,
+            practical_floor_ms=floor * 1e3,
+            step_over_floor=seconds / floor,
+        )
     return out
 
 
@@ -171,7 +228,13 @@ def attention_alone_seconds(runner: Any, batch: int, length: int) -> float:
     for slot in slots:
         kv.ensure(slot, length)
     step = StepBatch.build(sorted(slots), [length - 1] * batch, [1] * batch, runner.device)
-    q = torch.randn(batch, runner.model.num_local_heads, config.head_dim, device=runner.device, dtype=runner.dtype)
+    q = torch.randn(
+        batch,
+        runner.model.num_local_heads,
+        config.head_dim,
+        device=runner.device,
+        dtype=runner.dtype,
+    )
     attention.plan(step)
 
     def all_layers() -> None:
@@ -184,12 +247,16 @@ def attention_alone_seconds(runner: Any, batch: int, length: int) -> float:
     return seconds
 
 
-def profile_steps(engine: LLMEngine, steps: int) -> tuple[tuple[list[dict[str, Any]], float], list[Any]]:
+def profile_steps(
+    engine: LLMEngine, steps: int
+) -> tuple[tuple[list[dict[str, Any]], float], list[Any]]:
     """Where a decode step's time goes: the top operators over ``steps`` steps, and the device's
     busy time per step (all kernels; the rest of a step is host time the GPU waits for)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     outputs: list[Any] = []
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -203,9 +270,16 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[tuple[list[dict[str, A
     device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps
     rows = []
     for event in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:12]:
-        rows.append({"op": event.key, "calls": event.count,
-                     "self_device_ms_per_step": getattr(event, "self_device_time_total", 0) / 1e3 / steps,
-                     "self_cpu_ms_per_step": event.self_cpu_time_total / 1e3 / steps})
+        rows.append(
+            {
+                "op": event.key,
+                "calls": event.count,
+                "self_device_ms_per_step": getattr(event, "self_device_time_total", 0)
+                / 1e3
+                / steps,
+                "self_cpu_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
+            }
+        )
     return (rows, device_ms), outputs
 
 
@@ -224,8 +298,19 @@ def profile_host(engine: LLMEngine, steps: int) -> tuple[dict[str, Any], list[An
     profiler.disable()
     wall_ms = (time.perf_counter() - started) * 1e3 / steps
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    stages = ("schedule", "_launch", "_plan", "execute", "run", "plan_graph", "step_async", "sample", "_complete",
-              "build", "build_padded")
+    stages = (
+        "schedule",
+        "_launch",
+        "_plan",
+        "execute",
+        "run",
+        "plan_graph",
+        "step_async",
+        "sample",
+        "_complete",
+        "build",
+        "build_padded",
+    )
     cumulative: dict[str, float] = {}
     own = []
     for (path, line, name), (_, calls, tottime, cumtime, _) in stats.items():
@@ -233,8 +318,15 @@ def profile_host(engine: LLMEngine, steps: int) -> tuple[dict[str, Any], list[An
         if name in stages and ("replica" in path):
             cumulative[where] = cumtime * 1e3 / steps
         own.append((tottime * 1e3 / steps, calls // steps, where))
-    top = [{"function": w, "calls_per_step": c, "own_ms_per_step": t} for t, c, w in sorted(own, reverse=True)[:15]]
-    return {"wall_ms_per_step_profiled": wall_ms, "stages_cumulative_ms": cumulative, "top_own_time": top}, outputs
+    top = [
+        {"function": w, "calls_per_step": c, "own_ms_per_step": t}
+        for t, c, w in sorted(own, reverse=True)[:15]
+    ]
+    return {
+        "wall_ms_per_step_profiled": wall_ms,
+        "stages_cumulative_ms": cumulative,
+        "top_own_time": top,
+    }, outputs
 
 
 def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dict[str, Any]:
@@ -243,9 +335,14 @@ def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dic
 
     shapes = model_shapes(args.smoke)
     config = LlamaConfig(
-        vocab_size=shapes.vocab_size, hidden_size=shapes.hidden_size, intermediate_size=shapes.intermediate_size,
-        num_hidden_layers=shapes.num_layers, num_attention_heads=shapes.num_heads,
-        num_key_value_heads=shapes.num_kv_heads, max_position_embeddings=8192, rope_theta=shapes.rope_theta,
+        vocab_size=shapes.vocab_size,
+        hidden_size=shapes.hidden_size,
+        intermediate_size=shapes.intermediate_size,
+        num_hidden_layers=shapes.num_layers,
+        num_attention_heads=shapes.num_heads,
+        num_key_value_heads=shapes.num_kv_heads,
+        max_position_embeddings=8192,
+        rope_theta=shapes.rope_theta,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -256,8 +353,14 @@ def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dic
     with torch.no_grad():
         model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         if device == "cuda":
             torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -266,22 +369,35 @@ def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dic
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"mode": "hf-transformers-generate", "requests": len(workload), "new_tokens_each": new_tokens,
-            "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
+    return {
+        "mode": "hf-transformers-generate",
+        "requests": len(workload),
+        "new_tokens_each": new_tokens,
+        "generated_tokens": generated,
+        "seconds": elapsed,
+        "tokens_per_s": generated / elapsed,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workloads", default="decode,prefill,mixed,long")
-    parser.add_argument("--modes", default="vattention,paged,vattention-sync,paged-sync,vattention-eager,paged-eager,hf")
+    parser.add_argument(
+        "--modes",
+        default="vattention,paged,vattention-sync,paged-sync,vattention-eager,paged-eager,hf",
+    )
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--kv-layout", default="interleaved")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--page-size", type=int, default=None)
     parser.add_argument("--hf-new-tokens", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=1024, help="outputs per request, decode-heavy")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=1024, help="outputs per request, decode-heavy"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -296,7 +412,9 @@ def main() -> None:
         for mode in modes:
             if mode == "hf":
                 if name == "decode":
-                    rows.append(run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1])))
+                    rows.append(
+                        run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1]))
+                    )
                 continue
             if "-" in mode and name != "decode":
                 continue
@@ -311,7 +429,9 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
-    path = save("engine" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None)
+    path = save(
+        "engine" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None
+    )
     print(f"wrote {path}")
 
 

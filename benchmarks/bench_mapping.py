@@ -46,10 +46,14 @@ def map_latency(device: Device, pages: int) -> dict[str, float]:
         start = time.perf_counter()
         pool.release([page])
         timings["release"].append(time.perf_counter() - start)
-    return {f"{name}_us_median": statistics.median(values) * 1e6 for name, values in timings.items()}
+    return {
+        f"{name}_us_median": statistics.median(values) * 1e6 for name, values in timings.items()
+    }
 
 
-def batched_throughput(device: Device, pages: int, run_lengths: list[int]) -> list[dict[str, float]]:
+def batched_throughput(
+    device: Device, pages: int, run_lengths: list[int]
+) -> list[dict[str, float]]:
     """Maps `pages` pre-created pages in runs of k contiguous pages (one access grant per run)."""
     pool = PagePool(device.backend)
     reservation = Reservation(pool, pages)
@@ -57,29 +61,43 @@ def batched_throughput(device: Device, pages: int, run_lengths: list[int]) -> li
     worker = MapWorker(pool)
     results = []
     for run in run_lengths:
-        ops = [Op.map(reservation, first, list(range(first, first + run))) for first in range(0, pages - run + 1, run)]
+        ops = [
+            Op.map(reservation, first, list(range(first, first + run)))
+            for first in range(0, pages - run + 1, run)
+        ]
         mapped = len(ops) * run
         start = time.perf_counter()
         worker.wait(worker.submit(ops))
         seconds = time.perf_counter() - start
         worker.wait(worker.submit([Op.unmap(reservation, 0, mapped)]))
-        results.append({
-            "run_pages": run,
-            "pages": mapped,
-            "us_per_page": seconds / mapped * 1e6,
-            "gb_per_s": mapped * device.page_size / seconds / 1e9,
-        })
+        results.append(
+            {
+                "run_pages": run,
+                "pages": mapped,
+                "us_per_page": seconds / mapped * 1e6,
+                "gb_per_s": mapped * device.page_size / seconds / 1e9,
+            }
+        )
     return results
 
 
-def simulated_decode(device: Device, pages_per_step: int, steps: int, step_ms: float) -> dict[str, Any]:
+def simulated_decode(
+    device: Device, pages_per_step: int, steps: int, step_ms: float
+) -> dict[str, Any]:
     """`pages_per_step` pages (over 2 ranges: K and V) are mapped each step behind a fake step."""
     slots = max(pages_per_step // 2, 1)
     # One token fills one page per range, so each slot needs one new page group every step.
     config = KVCacheConfig(
-        num_layers=1, num_kv_heads=1, head_dim=device.page_size // 2, dtype=torch.bfloat16,
-        max_slots=slots, max_tokens=steps + 2, page_size=device.page_size,
-        budget_bytes=slots * 2 * (steps + 2) * device.page_size, layout="per_layer", eager_pages=0,
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=device.page_size // 2,
+        dtype=torch.bfloat16,
+        max_slots=slots,
+        max_tokens=steps + 2,
+        page_size=device.page_size,
+        budget_bytes=slots * 2 * (steps + 2) * device.page_size,
+        layout="per_layer",
+        eager_pages=0,
     )
     allocator = KVCacheAllocator(config, device)
     for _ in range(slots):
@@ -126,7 +144,9 @@ def simulated_decode(device: Device, pages_per_step: int, steps: int, step_ms: f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "host"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--step-ms", type=float, default=10.0)
@@ -141,13 +161,18 @@ def main() -> None:
         "environment": describe_device(device.name) | {"page_size": device.page_size},
         "map_latency": map_latency(device, pages),
         "batched": batched_throughput(device, pages, [1, 8, 64, 512] if not args.smoke else [1, 8]),
-        "decode_overlap": [simulated_decode(device, demand, steps, args.step_ms) for demand in demands],
+        "decode_overlap": [
+            simulated_decode(device, demand, steps, args.step_ms) for demand in demands
+        ],
     }
     path = save("mapping", payload, Path(args.out) if args.out else None)
     print(f"wrote {path}")
     print(f"map latency (us/page): {payload['map_latency']}")
     for row in payload["batched"]:
-        print(f"runs of {row['run_pages']:4d}: {row['us_per_page']:7.1f} us/page  {row['gb_per_s']:6.1f} GB/s")
+        print(
+            f"runs of {row['run_pages']:4d}: {row['us_per_page']:7.1f} us/page  "
+            f"{row['gb_per_s']:6.1f} GB/s"
+        )
     for row in payload["decode_overlap"]:
         print(
             f"{row['pages_per_step']:4d} pages/step: wait {row['wait_ms_mean']:.3f} ms "

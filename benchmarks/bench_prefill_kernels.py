@@ -30,8 +30,17 @@ def main() -> None:
 
     device = open_device("cuda")
     for layout in ("interleaved", "per_layer"):
-        config = KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_slots=64,
-                               max_tokens=4700, page_size=device.page_size, budget_bytes=40 << 30, layout=layout)
+        config = KVCacheConfig(
+            num_layers=32,
+            num_kv_heads=8,
+            head_dim=128,
+            dtype=torch.bfloat16,
+            max_slots=64,
+            max_tokens=4700,
+            page_size=device.page_size,
+            budget_bytes=40 << 30,
+            layout=layout,
+        )
         kv = KVCacheAllocator(config, device)
         slots = [kv.acquire() for _ in range(64)]
         for slot in slots:
@@ -39,22 +48,39 @@ def main() -> None:
         backend = FlashInferBackend(kv, 32, 8, 128, torch.bfloat16)
         for kernel in ("auto", "fa2"):
             backend.kernels.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                backend.kernels.workspace, "NHD", backend=kernel)
+                backend.kernels.workspace, "NHD", backend=kernel
+            )
             for n, context, query in CASES:
-                batch = StepBatch.build(slots[-n:], [context] * n, [query] * n, torch.device("cuda"))
+                batch = StepBatch.build(
+                    slots[-n:], [context] * n, [query] * n, torch.device("cuda")
+                )
                 q = torch.randn(batch.num_tokens, 32, 128, dtype=torch.bfloat16, device="cuda")
                 backend.plan(batch)
                 k0, v0 = kv.k_cache(0), kv.v_cache(0)
                 for _ in range(3):
                     backend.attend(q, k0, v0)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 for _ in range(20):
                     backend.attend(q, k0, v0)
                 end.record()
                 torch.cuda.synchronize()
-                print(json.dumps({"layout": layout, "backend": kernel, "seqs": n, "context": context, "query": query,
-                                  "us": round(start.elapsed_time(end) / 20 * 1000, 1)}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "layout": layout,
+                            "backend": kernel,
+                            "seqs": n,
+                            "context": context,
+                            "query": query,
+                            "us": round(start.elapsed_time(end) / 20 * 1000, 1),
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def describe_device(backend: str) -> dict[str, Any]:
         try:
             lines = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.split()  # one line per GPU
             info["driver"] = lines[0] if lines else "unknown"
         except (OSError, subprocess.CalledProcessError):
@@ -43,7 +45,13 @@ def save(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Pat
     """Writes ``<name>-<device>-<date>.json`` and returns its path."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = str(payload["environment"]["device"]).lower().replace(" ", "-").replace("(", "").replace(")", "")
+    device = (
+        str(payload["environment"]["device"])
+        .lower()
+        .replace(" ", "-")
+        .replace("(", "")
+        .replace(")", "")
+    )
     date = str(payload["environment"]["date"])[:10]
     path = out_dir / f"{name}-{device}-{date}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -35,30 +35,47 @@ def engine_throughput(data: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):  # a mode appears only in the workloads it ran
-        points = [(w + i * width, r["tokens_per_s"]) for w, rows in enumerate(results.values())
-                  for r in rows if r["mode"] == mode]
+        points = [
+            (w + i * width, r["tokens_per_s"])
+            for w, rows in enumerate(results.values())
+            for r in rows
+            if r["mode"] == mode
+        ]
         bars = ax.bar([x for x, _ in points], [v for _, v in points], width, label=mode)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([w + width * (len(modes) - 1) / 2 for w in range(len(results))], list(results))
     ax.set_ylabel("generated tokens/s")
-    ax.set_title(f"Engine throughput, batch {data['settings']['batch']}, "
-                 f"{data['environment']['device']}")
+    ax.set_title(
+        f"Engine throughput, batch {data['settings']['batch']}, {data['environment']['device']}"
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def decode_step(data: dict[str, Any], path: Path) -> Path:
-    rows = [r for r in data["results"].get("decode", [])
-            if r.get("decode_step", {}).get("practical_floor_ms")]
+    rows = [
+        r
+        for r in data["results"].get("decode", [])
+        if r.get("decode_step", {}).get("practical_floor_ms")
+    ]
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [r["mode"] for r in rows]
     steps = [r["decode_step"] for r in rows]
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], [s["step_ms"] for s in steps], 0.4, label="engine step (median)")
-    ax.barh([i - 0.2 for i in y], [s["linears_graph_ms"] for s in steps], 0.4,
-            label="floor: linears (CUDA graph)")
-    ax.barh([i - 0.2 for i in y], [s["attention_alone_ms"] for s in steps], 0.4,
-            left=[s["linears_graph_ms"] for s in steps], label="floor: attention alone")
+    ax.barh(
+        [i - 0.2 for i in y],
+        [s["linears_graph_ms"] for s in steps],
+        0.4,
+        label="floor: linears (CUDA graph)",
+    )
+    ax.barh(
+        [i - 0.2 for i in y],
+        [s["attention_alone_ms"] for s in steps],
+        0.4,
+        left=[s["linears_graph_ms"] for s in steps],
+        label="floor: attention alone",
+    )
     for i, s in zip(y, steps, strict=True):
         ax.plot([s["roofline_ms"]] * 2, [i - 0.45, i + 0.45], color="black", linewidth=1)
     ax.set_yticks(list(y), labels)
@@ -81,15 +98,19 @@ def mapping(data: dict[str, Any], path: Path) -> Path:
 
 def router(data: dict[str, Any], path: Path) -> Path:
     runs = router_runs(data)
-    bars_at = [(f"{router}\n{run['rate_per_s']:g}/s", result) for run in runs
-               for router, result in run["results"].items()]
+    bars_at = [
+        (f"{router}\n{run['rate_per_s']:g}/s", result)
+        for run in runs
+        for router, result in run["results"].items()
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars_at)), 3.5))
     for i, key in enumerate(("p50", "p99")):
         values = [result["ttft_s"][key] or 0.0 for _, result in bars_at]
         bars = ax.bar([x + i * 0.4 for x in range(len(bars_at))], values, 0.4, label=f"TTFT {key}")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at],
-                  fontsize=8)
+    ax.set_xticks(
+        [x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at], fontsize=8
+    )
     ax.set_ylabel("seconds")
     ax.set_title(f"Time to first token by router and arrival rate, {data['environment']['device']}")
     ax.legend(fontsize=8)

@@ -58,8 +58,10 @@ def header(*names: str) -> list[str]:
 
 def environment_line(path: Path, env: dict[str, Any]) -> str:
     driver = f", driver {env['driver']}" if env.get("driver") else ""
-    return (f"`{path.name}`: {env['device']}{driver}, torch {env['torch']}, "
-            f"Python {env['python']}, {env['date']}")
+    return (
+        f"`{path.name}`: {env['device']}{driver}, torch {env['torch']}, "
+        f"Python {env['python']}, {env['date']}"
+    )
 
 
 def note_lines(data: dict[str, Any]) -> list[str]:
@@ -68,34 +70,71 @@ def note_lines(data: dict[str, Any]) -> list[str]:
 
 
 def mapping_tables(path: Path, data: dict[str, Any]) -> list[str]:
-    lines = ["### Page mapping (`bench_mapping.py`)", "",
-             environment_line(path, data["environment"]), ""]
+    lines = [
+        "### Page mapping (`bench_mapping.py`)",
+        "",
+        environment_line(path, data["environment"]),
+        "",
+    ]
     lines += header("one page", "median µs")
-    lines += [row(name.removesuffix("_us_median"), num(value, ".1f"))
-              for name, value in data["map_latency"].items()]
+    lines += [
+        row(name.removesuffix("_us_median"), num(value, ".1f"))
+        for name, value in data["map_latency"].items()
+    ]
     lines += ["", *header("run of pages", "µs per page", "GB/s")]
-    lines += [row(r["run_pages"], num(r["us_per_page"], ".1f"), num(r["gb_per_s"], ".1f"))
-              for r in data["batched"]]
-    lines += ["", *header("pages per step", "step ms", "caller's wait ms", "wait % of step",
-                          "submit ms", "worker busy %")]
+    lines += [
+        row(r["run_pages"], num(r["us_per_page"], ".1f"), num(r["gb_per_s"], ".1f"))
+        for r in data["batched"]
+    ]
+    lines += [
+        "",
+        *header(
+            "pages per step",
+            "step ms",
+            "caller's wait ms",
+            "wait % of step",
+            "submit ms",
+            "worker busy %",
+        ),
+    ]
     for r in data["decode_overlap"]:
-        lines.append(row(r["pages_per_step"], num(r.get("step_ms_mean"), ".2f"),
-                         num(r.get("wait_ms_mean"), ".3f"), num(r.get("wait_pct_of_step"), ".2f"),
-                         num(r.get("submit_ms_mean"), ".3f"),
-                         num(r.get("worker_busy_pct_of_step"), ".1f")))
+        lines.append(
+            row(
+                r["pages_per_step"],
+                num(r.get("step_ms_mean"), ".2f"),
+                num(r.get("wait_ms_mean"), ".3f"),
+                num(r.get("wait_pct_of_step"), ".2f"),
+                num(r.get("submit_ms_mean"), ".3f"),
+                num(r.get("worker_busy_pct_of_step"), ".1f"),
+            )
+        )
     return lines + [""]
 
 
 def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
-    lines = ["### Engine, offline (`bench_engine.py`)", "",
-             environment_line(path, data["environment"])
-             + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}",
-             "",
-             *note_lines(data),
-             ("vs paged: against the paged mode run the same way (CUDA graphs or eager, "
-              "asynchronous or `-sync` scheduling); HF against paged."), "",
-             *header("workload", "mode", "attention", "tokens/s", "vs paged", "mapping wait %",
-                     "KV waste %", "preemptions")]
+    lines = [
+        "### Engine, offline (`bench_engine.py`)",
+        "",
+        environment_line(path, data["environment"])
+        + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}",
+        "",
+        *note_lines(data),
+        (
+            "vs paged: against the paged mode run the same way (CUDA graphs or eager, "
+            "asynchronous or `-sync` scheduling); HF against paged."
+        ),
+        "",
+        *header(
+            "workload",
+            "mode",
+            "attention",
+            "tokens/s",
+            "vs paged",
+            "mapping wait %",
+            "KV waste %",
+            "preemptions",
+        ),
+    ]
     for workload, rows in data["results"].items():
         by_mode = {r["mode"]: r for r in rows}
         for r in rows:
@@ -105,29 +144,55 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
                 variant = ""
             paged = by_mode.get("paged" + variant)
             ratio = r["tokens_per_s"] / paged["tokens_per_s"] if paged else None
-            lines.append(row(workload, mode, r.get("attention", MISSING),
-                             num(r["tokens_per_s"], ".0f"), num(ratio, ".2f", "x"),
-                             num(r.get("mapping_wait_pct"), ".2f"),
-                             num(r.get("kv_waste_pct_mean"), ".2f"), num(r.get("preemptions"))))
-    lines += ["", ("Decode step at full batch (median), against the roofline and the practical "
-                   "floor:"), ""]
-    lines += header("workload", "mode", "step ms", "roofline ms", "share of roofline",
-                    "linears (graph) ms", "attention ms", "floor ms", "step / floor", "GPU busy ms")
+            lines.append(
+                row(
+                    workload,
+                    mode,
+                    r.get("attention", MISSING),
+                    num(r["tokens_per_s"], ".0f"),
+                    num(ratio, ".2f", "x"),
+                    num(r.get("mapping_wait_pct"), ".2f"),
+                    num(r.get("kv_waste_pct_mean"), ".2f"),
+                    num(r.get("preemptions")),
+                )
+            )
+    lines += [
+        "",
+        ("Decode step at full batch (median), against the roofline and the practical floor:"),
+        "",
+    ]
+    lines += header(
+        "workload",
+        "mode",
+        "step ms",
+        "roofline ms",
+        "share of roofline",
+        "linears (graph) ms",
+        "attention ms",
+        "floor ms",
+        "step / floor",
+        "GPU busy ms",
+    )
     for workload, rows in data["results"].items():
         for r in rows:
             step = r.get("decode_step")
             if not step:
                 continue
             share = step.get("roofline_share")
-            lines.append(row(
-                workload, r["mode"], num(step.get("step_ms"), ".2f"),
-                num(step.get("roofline_ms"), ".2f"),
-                num(None if share is None else 100 * share, ".0f", "%"),
-                num(step.get("linears_graph_ms"), ".2f"),
-                num(step.get("attention_alone_ms"), ".2f"),
-                num(step.get("practical_floor_ms"), ".2f"),
-                num(step.get("step_over_floor"), ".2f", "x"),
-                num(r.get("profiled_device_ms_per_step"), ".2f")))
+            lines.append(
+                row(
+                    workload,
+                    r["mode"],
+                    num(step.get("step_ms"), ".2f"),
+                    num(step.get("roofline_ms"), ".2f"),
+                    num(None if share is None else 100 * share, ".0f", "%"),
+                    num(step.get("linears_graph_ms"), ".2f"),
+                    num(step.get("attention_alone_ms"), ".2f"),
+                    num(step.get("practical_floor_ms"), ".2f"),
+                    num(step.get("step_over_floor"), ".2f", "x"),
+                    num(r.get("profiled_device_ms_per_step"), ".2f"),
+                )
+            )
     return lines + [""]
 
 
@@ -135,10 +200,17 @@ def load_tables(path: Path, data: dict[str, Any]) -> list[str]:
     setup = data.get("setup", {})
     where = ""
     if "replicas" in setup:
-        where = (f"; {setup['replicas']} replicas of `{setup['model']}`, "
-                 f"{setup.get('host_cpus', MISSING)} host CPUs")
-    lines = ["### Load (`load_test.py`)", "", environment_line(path, data["environment"]) + where,
-             "", *header("figure", "value")]
+        where = (
+            f"; {setup['replicas']} replicas of `{setup['model']}`, "
+            f"{setup.get('host_cpus', MISSING)} host CPUs"
+        )
+    lines = [
+        "### Load (`load_test.py`)",
+        "",
+        environment_line(path, data["environment"]) + where,
+        "",
+        *header("figure", "value"),
+    ]
     summary = data.get("summary") or data.get("load", {})  # load_test writes it under "load"
     lines += [row(key, text(value)) for key, value in summary.items()]
     return lines + [""]
@@ -151,43 +223,75 @@ def _ms(value: float | None) -> str:
 def _comparison_line(comparison: dict[str, Any], results: dict[str, Any]) -> str:
     ratio = comparison.get("p99_ttft_power_of_two_over_free_pages")
     fewer = comparison.get("preemption_reduction")
-    counts = " vs ".join(str(results[r]["preemptions"]) for r in ("free-pages", "power-of-two")
-                         if r in results)
+    counts = " vs ".join(
+        str(results[r]["preemptions"]) for r in ("free-pages", "power-of-two") if r in results
+    )
     if fewer is None:
         fewer_text = f"{MISSING} (power-of-two preempts none)"
     elif fewer < 0:
         fewer_text = f"none ({counts})"
     else:
         fewer_text = f"{100 * fewer:.0f}%"
-    return (f"p99 TTFT, power-of-two over free-pages: {num(ratio, '.2f', 'x')} (target ≥ 1.3x); "
-            f"preemptions avoided by free-pages: {fewer_text} (target ≥ 50%).")
+    return (
+        f"p99 TTFT, power-of-two over free-pages: {num(ratio, '.2f', 'x')} (target ≥ 1.3x); "
+        f"preemptions avoided by free-pages: {fewer_text} (target ≥ 50%)."
+    )
 
 
 def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
     deployment, env = data["settings"]["deployment"], data["environment"]
     gpus = f", one GPU each ({env['gpus']} on the host)" if env.get("gpus") else ""
-    lines = [f"### Router (`bench_router.py`), {env['device']}", "",
-             environment_line(path, env)
-             + f"; {deployment['replicas']} replicas of `{deployment['model']}` at "
-             f"{deployment['replica_cpus']} CPU{gpus}, "
-             f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each", "",
-             *note_lines(data)]
+    lines = [
+        f"### Router (`bench_router.py`), {env['device']}",
+        "",
+        environment_line(path, env)
+        + f"; {deployment['replicas']} replicas of `{deployment['model']}` at "
+        f"{deployment['replica_cpus']} CPU{gpus}, "
+        f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each",
+        "",
+        *note_lines(data),
+    ]
     for run in router_runs(data):
         schedule = run["schedule"]
-        lines += [(f"{run['rate_per_s']:g} requests/s: {schedule['requests']} requests "
-                   f"({schedule['long']} long) arriving over "
-                   f"{schedule['last_arrival_s']:.0f} s"), "",
-                  *header("router", "ok", "errors", "TTFT p50 ms", "TTFT p99 ms", "e2e p50 ms",
-                          "e2e p99 ms", "preemptions", "requests/s", "output tokens/s",
-                          "decisions")]
+        lines += [
+            (
+                f"{run['rate_per_s']:g} requests/s: {schedule['requests']} requests "
+                f"({schedule['long']} long) arriving over "
+                f"{schedule['last_arrival_s']:.0f} s"
+            ),
+            "",
+            *header(
+                "router",
+                "ok",
+                "errors",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "e2e p50 ms",
+                "e2e p99 ms",
+                "preemptions",
+                "requests/s",
+                "output tokens/s",
+                "decisions",
+            ),
+        ]
         for router, r in run["results"].items():
             by_reason = r["router_decisions"]["by_reason"]
             decisions = text(by_reason) if by_reason else f"{MISSING} (Serve's)"
-            lines.append(row(router, r["ok"], r["errors"], _ms(r["ttft_s"]["p50"]),
-                             _ms(r["ttft_s"]["p99"]), _ms(r["e2e_s"]["p50"]),
-                             _ms(r["e2e_s"]["p99"]), r["preemptions"],
-                             num(r["requests_per_s"], ".2f"), num(r["output_tokens_per_s"], ".1f"),
-                             decisions))
+            lines.append(
+                row(
+                    router,
+                    r["ok"],
+                    r["errors"],
+                    _ms(r["ttft_s"]["p50"]),
+                    _ms(r["ttft_s"]["p99"]),
+                    _ms(r["e2e_s"]["p50"]),
+                    _ms(r["e2e_s"]["p99"]),
+                    r["preemptions"],
+                    num(r["requests_per_s"], ".2f"),
+                    num(r["output_tokens_per_s"], ".1f"),
+                    decisions,
+                )
+            )
         if run.get("comparison"):
             lines += ["", _comparison_line(run["comparison"], run["results"])]
         lines.append("")
@@ -204,15 +308,31 @@ def router_variant_tables(variants: dict[str, Any]) -> list[str]:
         if "deployment" in variant:
             budget = variant["deployment"]["kv_cache_bytes"] / 2**20
             where.append(f"KV budget {budget:.0f} MiB per replica")
-        lines += [f"Variant: {name}" + (f" ({', '.join(where)})" if where else ""), "",
-                  *header("requests/s", "router", "TTFT p50 ms", "TTFT p99 ms", "preemptions",
-                          "requests/s served")]
+        lines += [
+            f"Variant: {name}" + (f" ({', '.join(where)})" if where else ""),
+            "",
+            *header(
+                "requests/s",
+                "router",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "preemptions",
+                "requests/s served",
+            ),
+        ]
         for run in variant["runs"]:
             for router, r in run.items():
                 if isinstance(r, dict) and "ttft_s" in r:
-                    lines.append(row(f"{run['rate_per_s']:g}", router, _ms(r["ttft_s"]["p50"]),
-                                     _ms(r["ttft_s"]["p99"]), r["preemptions"],
-                                     num(r["requests_per_s"], ".2f")))
+                    lines.append(
+                        row(
+                            f"{run['rate_per_s']:g}",
+                            router,
+                            _ms(r["ttft_s"]["p50"]),
+                            _ms(r["ttft_s"]["p99"]),
+                            r["preemptions"],
+                            num(r["requests_per_s"], ".2f"),
+                        )
+                    )
         lines.append("")
     return lines
 
@@ -230,8 +350,13 @@ def soak_tables(path: Path, data: dict[str, Any]) -> list[str]:
     """One column per run, one row per reported figure; a run's load phases in a table of their
     own."""
     runs = {name: body["result"] for name, body in data.get("runs", {}).items()}
-    lines = ["### GPU soak (`soak_gpu.py`)", "", environment_line(path, data["environment"]), "",
-             *note_lines(data)]
+    lines = [
+        "### GPU soak (`soak_gpu.py`)",
+        "",
+        environment_line(path, data["environment"]),
+        "",
+        *note_lines(data),
+    ]
     lines += figure_table(runs, skip=("pytest_tail", "phases"))
     for name, result in runs.items():
         if result.get("phases"):
@@ -241,23 +366,55 @@ def soak_tables(path: Path, data: dict[str, Any]) -> list[str]:
 
 
 def attention_tables(path: Path, data: dict[str, Any]) -> list[str]:
-    lines = ["### Decode attention alone (`bench_attention.py`)", "",
-             environment_line(path, data["environment"])
-             + "; FlashInfer tensor-core decode, head_dim 128, bf16, one layer, in a CUDA graph", "",
-             ("one page: each slot shown as one page; chosen: the page size the engine picks "
-              "(`replica/attention/kernel_pages.py`); paged-16: the paged mode's 16-token blocks."), "",
-             *header("shape", "batch", "context", "chosen page", "one page µs", "chosen µs", "paged-16 µs",
-                     "chosen / paged-16", "chosen TB/s")]
+    lines = [
+        "### Decode attention alone (`bench_attention.py`)",
+        "",
+        environment_line(path, data["environment"])
+        + "; FlashInfer tensor-core decode, head_dim 128, bf16, one layer, in a CUDA graph",
+        "",
+        (
+            "one page: each slot shown as one page; chosen: the page size the engine picks "
+            "(`replica/attention/kernel_pages.py`); paged-16: the paged mode's 16-token blocks."
+        ),
+        "",
+        *header(
+            "shape",
+            "batch",
+            "context",
+            "chosen page",
+            "one page µs",
+            "chosen µs",
+            "paged-16 µs",
+            "chosen / paged-16",
+            "chosen TB/s",
+        ),
+    ]
     for shape, rows in data["results"].items():
         for r in rows:
-            lines.append(row(shape, r["batch"], r["context"], r["chosen_page_tokens"], num(r["one_page_us"], ".1f"),
-                             num(r["chosen_us"], ".1f"), num(r["paged16_us"], ".1f"),
-                             num(r["chosen_over_paged16"], ".3f", "x"), num(r["chosen_hbm_tb_s"], ".2f")))
+            lines.append(
+                row(
+                    shape,
+                    r["batch"],
+                    r["context"],
+                    r["chosen_page_tokens"],
+                    num(r["one_page_us"], ".1f"),
+                    num(r["chosen_us"], ".1f"),
+                    num(r["paged16_us"], ".1f"),
+                    num(r["chosen_over_paged16"], ".3f", "x"),
+                    num(r["chosen_hbm_tb_s"], ".2f"),
+                )
+            )
     return lines + [""]
 
 
-TABLES = (("mapping", mapping_tables), ("engine", engine_tables), ("attention", attention_tables),
-          ("soak", soak_tables), ("load", load_tables), ("router", router_tables))
+TABLES = (
+    ("mapping", mapping_tables),
+    ("engine", engine_tables),
+    ("attention", attention_tables),
+    ("soak", soak_tables),
+    ("load", load_tables),
+    ("router", router_tables),
+)
 #: Results shown from every file, newest first (the engine and the router on each device); the
 #: rest: the newest file only.
 EVERY_FILE = ("engine", "router")

@@ -11,15 +11,21 @@ RESULTS = Path(__file__).parent / "results"
 Result = tuple[Path, dict[str, Any]]
 
 #: The plots of each result prefix, by the suffix added to the result file's name ("" for none).
-PLOT_NAMES: dict[str, tuple[str, ...]] = {"engine": ("throughput", "decode-step"), "mapping": ("",),
-                                          "router": ("",)}
+PLOT_NAMES: dict[str, tuple[str, ...]] = {
+    "engine": ("throughput", "decode-step"),
+    "mapping": ("",),
+    "router": ("",),
+}
 
 
 def every(prefix: str, results: Path = RESULTS) -> list[Result]:
     """The result files of ``prefix``, newest first (by the date they were measured); smoke-sized
     runs are left out."""
-    found = [(p, json.loads(p.read_text())) for p in results.glob(f"{prefix}-*.json")
-             if "smoke" not in p.name]
+    found = [
+        (p, json.loads(p.read_text()))
+        for p in results.glob(f"{prefix}-*.json")
+        if "smoke" not in p.name
+    ]
     return sorted(found, key=lambda item: item[1]["environment"]["date"], reverse=True)
 
 
@@ -42,5 +48,11 @@ def router_runs(data: dict[str, Any]) -> list[dict[str, Any]]:
     if "runs" in data:
         return data["runs"]
     settings = data["settings"]
-    return [{"rate_per_s": settings["workload"]["rate_per_s"], "schedule": settings["schedule"],
-             "results": data["results"], "comparison": data.get("comparison")}]
+    return [
+        {
+            "rate_per_s": settings["workload"]["rate_per_s"],
+            "schedule": settings["schedule"],
+            "results": data["results"],
+            "comparison": data.get("comparison"),
+        }
+    ]

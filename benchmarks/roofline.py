@@ -21,7 +21,11 @@ H100_DENSE_BF16_FLOPS = 989e12
 
 def linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every matrix a decode step multiplies by, in execution order (LM head last)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    weights = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+    ]
     heads = [m.weight for m in model.modules() if isinstance(m, ParallelLMHead)]
     return weights + heads[:1]
 
@@ -50,7 +54,9 @@ def time_cuda(fn, repeats: int = 20, warmup: int = 3) -> float:
 def linears_graph_seconds(model: torch.nn.Module, batch: int) -> tuple[float, float]:
     """(CUDA-graph replay, eager) seconds of all linear layers at ``batch`` rows."""
     weights = linear_weights(model)
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
+    inputs = {
+        w.shape[1]: torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in weights
+    }
 
     def run() -> None:
         for weight in weights:

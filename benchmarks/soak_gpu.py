@@ -1,7 +1,8 @@
 """Allocator soak on the GPU (reliability issue, part 6): does the vAttention cache stay correct and
 give its memory back after long, random, full-load use?
 
-    python -m benchmarks.soak_gpu                      # H100: state machine at scale 20 + 5 minutes of load
+    python -m benchmarks.soak_gpu                      # H100: state machine at scale 20 + 5
+    minutes of load
     python -m benchmarks.soak_gpu --smoke              # CPU / host backend, seconds (CI)
 
 1. The hypothesis state machine of ``tests/allocator/test_kv_allocator_state.py`` on the CUDA
@@ -45,14 +46,31 @@ def state_machine(scale: int, device: str) -> dict[str, Any]:
     env = dict(os.environ, VATTN_STATEFUL_SCALE=str(scale))
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         "tests/allocator/test_kv_allocator_state.py", "-k", device],
-        capture_output=True, text=True, env=env, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "tests/allocator/test_kv_allocator_state.py",
+            "-k",
+            device,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     counts = [int(n) for n in re.findall(r"(\d+) operations", proc.stdout)]
     return {
-        "backend": device, "scale": scale, "operations": sum(counts), "seconds": time.perf_counter() - started,
-        "passed": proc.returncode == 0 and bool(counts), "pytest_tail": proc.stdout.strip().splitlines()[-3:],
+        "backend": device,
+        "scale": scale,
+        "operations": sum(counts),
+        "seconds": time.perf_counter() - started,
+        "passed": proc.returncode == 0 and bool(counts),
+        "pytest_tail": proc.stdout.strip().splitlines()[-3:],
     }
 
 
@@ -65,7 +83,9 @@ def device_memory(engine: LLMEngine) -> tuple[int, int]:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
         torch.cuda.empty_cache()
-        return int(torch.cuda.mem_get_info(engine.device)[0]), int(torch.cuda.memory_reserved(engine.device))
+        return int(torch.cuda.mem_get_info(engine.device)[0]), int(
+            torch.cuda.memory_reserved(engine.device)
+        )
     return -engine.kv.stats().pages_created * engine.kv.stats().page_size_bytes, 0
 
 
@@ -74,13 +94,23 @@ def engine_soak(args: argparse.Namespace) -> dict[str, Any]:
     and measure the device's free memory. The first phase may cost memory once (CUDA loads a
     kernel's code at its first launch); a later phase must not cost any more (no leak with use)."""
     cuda = torch.cuda.is_available() and not args.smoke
-    shapes = ModelConfig.llama3_8b() if cuda else dataclasses.replace(ModelConfig.tiny(), max_position_embeddings=4096)
+    shapes = (
+        ModelConfig.llama3_8b()
+        if cuda
+        else dataclasses.replace(ModelConfig.tiny(), max_position_embeddings=4096)
+    )
     max_len = 3584 if cuda else 512
-    engine = LLMEngine(EngineConfig(
-        model="synthetic", synthetic=shapes, device="cuda" if cuda else "cpu", max_running=args.slots,
-        max_model_len=max_len, max_batch_tokens=8192 if cuda else 1024,
-        kv_cache_bytes=args.kv_gib << 30 if cuda else 64 * MIB,
-    ))
+    engine = LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=shapes,
+            device="cuda" if cuda else "cpu",
+            max_running=args.slots,
+            max_model_len=max_len,
+            max_batch_tokens=8192 if cuda else 1024,
+            kv_cache_bytes=args.kv_gib << 30 if cuda else 64 * MIB,
+        )
+    )
     kv = engine.kv
     graphs = engine.warm_up()
     kv.shrink()
@@ -98,36 +128,72 @@ def engine_soak(args: argparse.Namespace) -> dict[str, Any]:
         free_after, torch_after = device_memory(engine)
         after_shrink = kv.stats()
         kv.check_invariants(deep=True)
-        books_ok &= at_rest.slots_running == 0 and at_rest.pages_in_use == 0 and after_shrink.pages_created == 0
-        phases.append({
-            "minutes_under_load": loaded_s / 60, "requests_added_so_far": load.next_id, "steps_so_far": load.steps,
-            "at_rest": {"slots_running": at_rest.slots_running, "pages_in_use": at_rest.pages_in_use,
-                        "pages_cached": at_rest.pages_cached, "pages_free": at_rest.pages_free,
-                        "pages_created": at_rest.pages_created},
-            "shrink_released_pages": released, "pages_created_after_shrink": after_shrink.pages_created,
-            "free_bytes_after": free_after, "torch_reserved_after": torch_after,
-            "free_outside_torch_difference_vs_previous": free_after + torch_after - outside_torch,
-        })
+        books_ok &= (
+            at_rest.slots_running == 0
+            and at_rest.pages_in_use == 0
+            and after_shrink.pages_created == 0
+        )
+        phases.append(
+            {
+                "minutes_under_load": loaded_s / 60,
+                "requests_added_so_far": load.next_id,
+                "steps_so_far": load.steps,
+                "at_rest": {
+                    "slots_running": at_rest.slots_running,
+                    "pages_in_use": at_rest.pages_in_use,
+                    "pages_cached": at_rest.pages_cached,
+                    "pages_free": at_rest.pages_free,
+                    "pages_created": at_rest.pages_created,
+                },
+                "shrink_released_pages": released,
+                "pages_created_after_shrink": after_shrink.pages_created,
+                "free_bytes_after": free_after,
+                "torch_reserved_after": torch_after,
+                "free_outside_torch_difference_vs_previous": free_after
+                + torch_after
+                - outside_torch,
+            }
+        )
         outside_torch = free_after + torch_after
     first, last = phases[0], phases[-1]
     engine_stats = engine.stats()
     return {
         "model": "llama3-8b shapes, synthetic bf16" if cuda else "tiny, float32 (CPU smoke)",
-        "slots": args.slots, "kv_budget_pages": kv.stats().pages_total, "page_size_bytes": kv.stats().page_size_bytes,
-        "graphs_captured": graphs, "async_scheduling": engine.async_scheduling,
-        "minutes_under_load": sum(p["minutes_under_load"] for p in phases), "steps": load.steps,
-        "requests_added": load.next_id, "requests_finished": load.finished, "aborted": load.aborted,
-        "errors": load.errors, "generated_tokens": load.tokens,
+        "slots": args.slots,
+        "kv_budget_pages": kv.stats().pages_total,
+        "page_size_bytes": kv.stats().page_size_bytes,
+        "graphs_captured": graphs,
+        "async_scheduling": engine.async_scheduling,
+        "minutes_under_load": sum(p["minutes_under_load"] for p in phases),
+        "steps": load.steps,
+        "requests_added": load.next_id,
+        "requests_finished": load.finished,
+        "aborted": load.aborted,
+        "errors": load.errors,
+        "generated_tokens": load.tokens,
         "tokens_per_s_under_load": load.tokens / (time.monotonic() - started),
-        "preemptions": engine_stats.preemptions_total, "mapping_wait_s": kv.stats().wait_seconds, "peak": load.peak,
+        "preemptions": engine_stats.preemptions_total,
+        "mapping_wait_s": kv.stats().wait_seconds,
+        "peak": load.peak,
         "phases": phases,
-        "free_bytes_before": free_before, "torch_reserved_before": torch_before,
-        "free_outside_torch_difference": first["free_bytes_after"] + first["torch_reserved_after"] - free_before - torch_before,
-        "free_outside_torch_difference_later_phases": (last["free_bytes_after"] + last["torch_reserved_after"]
-                                                       - first["free_bytes_after"] - first["torch_reserved_after"]),
-        "passed": (load.errors == 0 and books_ok
-                   and last["free_bytes_after"] + last["torch_reserved_after"]
-                   >= first["free_bytes_after"] + first["torch_reserved_after"]),
+        "free_bytes_before": free_before,
+        "torch_reserved_before": torch_before,
+        "free_outside_torch_difference": first["free_bytes_after"]
+        + first["torch_reserved_after"]
+        - free_before
+        - torch_before,
+        "free_outside_torch_difference_later_phases": (
+            last["free_bytes_after"]
+            + last["torch_reserved_after"]
+            - first["free_bytes_after"]
+            - first["torch_reserved_after"]
+        ),
+        "passed": (
+            load.errors == 0
+            and books_ok
+            and last["free_bytes_after"] + last["torch_reserved_after"]
+            >= first["free_bytes_after"] + first["torch_reserved_after"]
+        ),
     }
 
 
@@ -145,14 +211,20 @@ class Load:
         engine, rng = self.engine, self.rng
         started = time.monotonic()
         while time.monotonic() < started + seconds:
-            while len(engine.requests) < 2 * self.slots:  # keep the queue full: offered load > capacity
+            while (
+                len(engine.requests) < 2 * self.slots
+            ):  # keep the queue full: offered load > capacity
                 prompt_len = min(int(rng.lognormvariate(6.3, 1.0)) + 4, self.max_len // 2)
                 params = SamplingParams(
-                    max_tokens=rng.randint(8, self.max_len // 4), temperature=rng.choice((0.0, 0.8)),
-                    seed=rng.randrange(1 << 30), ignore_eos=True,
+                    max_tokens=rng.randint(8, self.max_len // 4),
+                    temperature=rng.choice((0.0, 0.8)),
+                    seed=rng.randrange(1 << 30),
+                    ignore_eos=True,
                 )
                 vocab = engine.model_config.vocab_size
-                engine.add_request(f"s{self.next_id}", [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+                engine.add_request(
+                    f"s{self.next_id}", [rng.randrange(3, vocab) for _ in range(prompt_len)], params
+                )
                 self.next_id += 1
             if rng.random() < 0.01 and engine.scheduler.running:  # clients that go away
                 engine.abort(rng.choice(engine.scheduler.running).request_id)
@@ -161,7 +233,9 @@ class Load:
             stats = engine.kv.stats()
             self.peak["pages_created"] = max(self.peak["pages_created"], stats.pages_created)
             self.peak["pages_in_use"] = max(self.peak["pages_in_use"], stats.pages_in_use)
-            self.peak["requests_waiting"] = max(self.peak["requests_waiting"], len(engine.scheduler.waiting))
+            self.peak["requests_waiting"] = max(
+                self.peak["requests_waiting"], len(engine.scheduler.waiting)
+            )
         loaded = time.monotonic() - started
         while engine.has_work():  # drain: no new requests
             self._step()
@@ -176,11 +250,17 @@ class Load:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, host backend, seconds")
-    parser.add_argument("--scale", type=int, default=20, help="state machine scale (VATTN_STATEFUL_SCALE)")
+    parser.add_argument(
+        "--scale", type=int, default=20, help="state machine scale (VATTN_STATEFUL_SCALE)"
+    )
     parser.add_argument("--minutes", type=float, default=5.0, help="per load phase")
-    parser.add_argument("--phases", type=int, default=2, help="load phases (memory measured after each)")
+    parser.add_argument(
+        "--phases", type=int, default=2, help="load phases (memory measured after each)"
+    )
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--kv-gib", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -198,9 +278,15 @@ def main() -> None:
     if "engine" not in skip:
         results["engine"] = engine_soak(args)
         print("engine", results["engine"], flush=True)
-    payload = {"benchmark": "soak", "environment": describe_device("cuda" if cuda else "host"),
-               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
-    path = save("soak" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None)
+    payload = {
+        "benchmark": "soak",
+        "environment": describe_device("cuda" if cuda else "host"),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": results,
+    }
+    path = save(
+        "soak" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None
+    )
     print(f"wrote {path}")
 
 

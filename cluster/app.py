@@ -66,10 +66,15 @@ class AppOptions(BaseModel):
 
     def engine_config(self) -> dict[str, Any]:
         config = EngineConfig(
-            model=self.model, attention=self.backend, kv_layout=self.kv_layout,
-            device="cuda" if self.uses_gpu() else "cpu", max_model_len=self.max_model_len,
-            max_running=self.max_running, kv_cache_bytes=self.kv_cache_bytes,
-            page_size=self.page_size, growth_reserve=self.growth_reserve,
+            model=self.model,
+            attention=self.backend,
+            kv_layout=self.kv_layout,
+            device="cuda" if self.uses_gpu() else "cpu",
+            max_model_len=self.max_model_len,
+            max_running=self.max_running,
+            kv_cache_bytes=self.kv_cache_bytes,
+            page_size=self.page_size,
+            growth_reserve=self.growth_reserve,
             tensor_parallel_size=self.tp,
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -90,8 +95,11 @@ def build_app(args: AppOptions) -> Application:
     rank = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
     tp_options: dict[str, Any] = {}
     if options.tp > 1:  # one bundle per rank, on one node: bundle 0 is this replica (rank 0)
-        tp_options = {"placement_group_bundles": [rank0] + [rank] * (options.tp - 1),
-                      "placement_group_strategy": "STRICT_PACK", "health_check_period_s": 2}
+        tp_options = {
+            "placement_group_bundles": [rank0] + [rank] * (options.tp - 1),
+            "placement_group_strategy": "STRICT_PACK",
+            "health_check_period_s": 2,
+        }
     deployment = VattnReplica.options(
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},

@@ -72,69 +72,213 @@ def _kv(name: str, kind: Kind, source: str, help: str) -> MetricDef:
 
 
 KV_METRICS = (
-    _kv("vattn_kv_pages_budget", "gauge", "pages_total", "Physical KV pages this rank may create (its budget)."),
-    _kv("vattn_kv_pages_created", "gauge", "pages_created", "Physical KV pages created (free + in use + cached)."),
+    _kv(
+        "vattn_kv_pages_budget",
+        "gauge",
+        "pages_total",
+        "Physical KV pages this rank may create (its budget).",
+    ),
+    _kv(
+        "vattn_kv_pages_created",
+        "gauge",
+        "pages_created",
+        "Physical KV pages created (free + in use + cached).",
+    ),
     _kv("vattn_kv_pages_free", "gauge", "pages_free", "Created KV pages mapped nowhere."),
-    _kv("vattn_kv_pages_mapped", "gauge", "pages_mapped", "KV pages mapped under slots (in use + cached)."),
-    _kv("vattn_kv_pages_in_use", "gauge", "pages_in_use", "KV pages mapped under running requests' slots."),
-    _kv("vattn_kv_pages_cached", "gauge", "pages_cached",
-        "KV pages still mapped under released slots (reclaimed when needed)."),
-    _kv("vattn_kv_pages_available", "gauge", "pages_available",
-        "KV pages a new request could get now (free, creatable, cached, eager surplus)."),
+    _kv(
+        "vattn_kv_pages_mapped",
+        "gauge",
+        "pages_mapped",
+        "KV pages mapped under slots (in use + cached).",
+    ),
+    _kv(
+        "vattn_kv_pages_in_use",
+        "gauge",
+        "pages_in_use",
+        "KV pages mapped under running requests' slots.",
+    ),
+    _kv(
+        "vattn_kv_pages_cached",
+        "gauge",
+        "pages_cached",
+        "KV pages still mapped under released slots (reclaimed when needed).",
+    ),
+    _kv(
+        "vattn_kv_pages_available",
+        "gauge",
+        "pages_available",
+        "KV pages a new request could get now (free, creatable, cached, eager surplus).",
+    ),
     _kv("vattn_kv_page_size_bytes", "gauge", "page_size_bytes", "Bytes of one physical KV page."),
-    _kv("vattn_kv_page_size_tokens", "gauge", "tokens_per_page",
-        "Tokens one physical KV page holds, counting every range a token occupies."),
-    _kv("vattn_kv_cache_usage_ratio", "gauge", "usage_ratio", "KV pages in use over the budget (0..1)."),
-    _kv("vattn_kv_wasted_bytes", "gauge", "wasted_bytes", "Bytes mapped under running slots that hold no token."),
-    _kv("vattn_kv_released_bytes_total", "counter", "bytes_released_total",
-        "Physical KV bytes the elastic pool returned to the device."),
-    _kv("vattn_kv_map_calls_total", "counter", "map_calls", "Map calls (runs of pages, one access grant each)."),
-    _kv("vattn_kv_map_pages_total", "counter", "pages_mapped_total", "KV pages mapped by the mapping worker."),
-    _kv("vattn_kv_map_wait_seconds_total", "counter", "wait_seconds",
-        "Seconds the engine waited for the mapping worker."),
+    _kv(
+        "vattn_kv_page_size_tokens",
+        "gauge",
+        "tokens_per_page",
+        "Tokens one physical KV page holds, counting every range a token occupies.",
+    ),
+    _kv(
+        "vattn_kv_cache_usage_ratio",
+        "gauge",
+        "usage_ratio",
+        "KV pages in use over the budget (0..1).",
+    ),
+    _kv(
+        "vattn_kv_wasted_bytes",
+        "gauge",
+        "wasted_bytes",
+        "Bytes mapped under running slots that hold no token.",
+    ),
+    _kv(
+        "vattn_kv_released_bytes_total",
+        "counter",
+        "bytes_released_total",
+        "Physical KV bytes the elastic pool returned to the device.",
+    ),
+    _kv(
+        "vattn_kv_map_calls_total",
+        "counter",
+        "map_calls",
+        "Map calls (runs of pages, one access grant each).",
+    ),
+    _kv(
+        "vattn_kv_map_pages_total",
+        "counter",
+        "pages_mapped_total",
+        "KV pages mapped by the mapping worker.",
+    ),
+    _kv(
+        "vattn_kv_map_wait_seconds_total",
+        "counter",
+        "wait_seconds",
+        "Seconds the engine waited for the mapping worker.",
+    ),
 )
-MAP_LATENCY = MetricDef("vattn_kv_map_latency_seconds", "histogram", "Latency of one map call (a run of pages).",
-                        RANK_LABELS, "map_latencies", MAP_BUCKETS)
+MAP_LATENCY = MetricDef(
+    "vattn_kv_map_latency_seconds",
+    "histogram",
+    "Latency of one map call (a run of pages).",
+    RANK_LABELS,
+    "map_latencies",
+    MAP_BUCKETS,
+)
 
 ENGINE_METRICS = (
-    MetricDef("vattn_requests_running", "gauge", "Requests running (holding a KV slot).", REPLICA_LABELS, "running"),
-    MetricDef("vattn_requests_waiting", "gauge", "Requests waiting for admission.", REPLICA_LABELS, "waiting"),
-    MetricDef("vattn_preemptions_total", "counter", "Requests preempted (by recompute) for KV pages.",
-              REPLICA_LABELS, "preemptions_total"),
-    MetricDef("vattn_prompt_tokens_total", "counter", "Prompt tokens prefilled (recomputed ones again).",
-              REPLICA_LABELS, "prompt_tokens_total"),
-    MetricDef("vattn_generation_tokens_total", "counter", "Tokens generated.", REPLICA_LABELS,
-              "generation_tokens_total"),
-    MetricDef("vattn_admission_growth_reserve_ratio", "gauge",
-              "Share of the running requests' remaining max_tokens admission keeps KV pages for "
-              "(rises on preemptions, decays without).", REPLICA_LABELS, "growth_reserve_ratio"),
+    MetricDef(
+        "vattn_requests_running",
+        "gauge",
+        "Requests running (holding a KV slot).",
+        REPLICA_LABELS,
+        "running",
+    ),
+    MetricDef(
+        "vattn_requests_waiting",
+        "gauge",
+        "Requests waiting for admission.",
+        REPLICA_LABELS,
+        "waiting",
+    ),
+    MetricDef(
+        "vattn_preemptions_total",
+        "counter",
+        "Requests preempted (by recompute) for KV pages.",
+        REPLICA_LABELS,
+        "preemptions_total",
+    ),
+    MetricDef(
+        "vattn_prompt_tokens_total",
+        "counter",
+        "Prompt tokens prefilled (recomputed ones again).",
+        REPLICA_LABELS,
+        "prompt_tokens_total",
+    ),
+    MetricDef(
+        "vattn_generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        REPLICA_LABELS,
+        "generation_tokens_total",
+    ),
+    MetricDef(
+        "vattn_admission_growth_reserve_ratio",
+        "gauge",
+        "Share of the running requests' remaining max_tokens admission keeps KV pages for "
+        "(rises on preemptions, decays without).",
+        REPLICA_LABELS,
+        "growth_reserve_ratio",
+    ),
 )
 LATENCY_METRICS = (
-    MetricDef("vattn_time_to_first_token_seconds", "histogram", "Arrival to first token.", REPLICA_LABELS,
-              "ttft", TTFT_BUCKETS),
-    MetricDef("vattn_inter_token_latency_seconds", "histogram", "Time between two tokens of a request.",
-              REPLICA_LABELS, "itl", ITL_BUCKETS),
-    MetricDef("vattn_e2e_request_latency_seconds", "histogram", "Arrival to last token.", REPLICA_LABELS,
-              "e2e", E2E_BUCKETS),
-    MetricDef("vattn_request_queue_time_seconds", "histogram", "Arrival to first scheduled.", REPLICA_LABELS,
-              "queue", TTFT_BUCKETS),
+    MetricDef(
+        "vattn_time_to_first_token_seconds",
+        "histogram",
+        "Arrival to first token.",
+        REPLICA_LABELS,
+        "ttft",
+        TTFT_BUCKETS,
+    ),
+    MetricDef(
+        "vattn_inter_token_latency_seconds",
+        "histogram",
+        "Time between two tokens of a request.",
+        REPLICA_LABELS,
+        "itl",
+        ITL_BUCKETS,
+    ),
+    MetricDef(
+        "vattn_e2e_request_latency_seconds",
+        "histogram",
+        "Arrival to last token.",
+        REPLICA_LABELS,
+        "e2e",
+        E2E_BUCKETS,
+    ),
+    MetricDef(
+        "vattn_request_queue_time_seconds",
+        "histogram",
+        "Arrival to first scheduled.",
+        REPLICA_LABELS,
+        "queue",
+        TTFT_BUCKETS,
+    ),
 )
-ROUTER_DECISIONS = MetricDef("vattn_router_decisions_total", "counter",
-                             "Routing decisions of the free-page router, by reason.", (*ROUTER_LABELS, "reason"),
-                             "by_reason")
-ROUTER_REQUESTS = MetricDef("vattn_router_requests_total", "counter",
-                            "Requests the free-page router ranked this replica first for.",
-                            (*ROUTER_LABELS, "replica"), "by_replica")
-ROUTER_HEADROOM = MetricDef("vattn_router_last_headroom_pages", "gauge",
-                            "KV headroom in pages (available pages less its queue's, capped by the budget less its "
-                            "requests' max_tokens) of the replica chosen by the last ranked decision.", ROUTER_LABELS,
-                            "last_headroom_pages")
-ROUTER_STATS_AGE = MetricDef("vattn_router_last_stats_age_seconds", "gauge",
-                             "Age of the oldest replica stats at the last decision.", ROUTER_LABELS,
-                             "last_stats_age_s")
+ROUTER_DECISIONS = MetricDef(
+    "vattn_router_decisions_total",
+    "counter",
+    "Routing decisions of the free-page router, by reason.",
+    (*ROUTER_LABELS, "reason"),
+    "by_reason",
+)
+ROUTER_REQUESTS = MetricDef(
+    "vattn_router_requests_total",
+    "counter",
+    "Requests the free-page router ranked this replica first for.",
+    (*ROUTER_LABELS, "replica"),
+    "by_replica",
+)
+ROUTER_HEADROOM = MetricDef(
+    "vattn_router_last_headroom_pages",
+    "gauge",
+    "KV headroom in pages (available pages less its queue's, capped by the budget less its "
+    "requests' max_tokens) of the replica chosen by the last ranked decision.",
+    ROUTER_LABELS,
+    "last_headroom_pages",
+)
+ROUTER_STATS_AGE = MetricDef(
+    "vattn_router_last_stats_age_seconds",
+    "gauge",
+    "Age of the oldest replica stats at the last decision.",
+    ROUTER_LABELS,
+    "last_stats_age_s",
+)
 ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_REQUESTS, ROUTER_HEADROOM, ROUTER_STATS_AGE)
 
-METRICS: tuple[MetricDef, ...] = (*KV_METRICS, MAP_LATENCY, *ENGINE_METRICS, *LATENCY_METRICS, *ROUTER_METRICS)
+METRICS: tuple[MetricDef, ...] = (
+    *KV_METRICS,
+    MAP_LATENCY,
+    *ENGINE_METRICS,
+    *LATENCY_METRICS,
+    *ROUTER_METRICS,
+)
 """Every series family /metrics exports."""
 
 
@@ -182,12 +326,18 @@ class ReplicaSnapshot:
         engine = later.engine
         if engine is not None and self.engine is not None:
             old, new = self.engine.latency, engine.latency
-            engine = replace(engine, latency={
-                name: _newest(tuple(old.get(name, ())) + tuple(new.get(name, ()))) for name in LATENCY_FIELDS})
+            engine = replace(
+                engine,
+                latency={
+                    name: _newest(tuple(old.get(name, ())) + tuple(new.get(name, ())))
+                    for name in LATENCY_FIELDS
+                },
+            )
         earlier = {r.rank: r for r in self.ranks}
         ranks = tuple(
             replace(r, map_latencies=_newest(earlier[r.rank].map_latencies + r.map_latencies))
-            if r.rank in earlier else r
+            if r.rank in earlier
+            else r
             for r in later.ranks
         )
         return replace(later, engine=engine, ranks=ranks)
@@ -201,11 +351,20 @@ def take_snapshot(model: str, replica: str, snapshot: EngineSnapshot) -> Replica
     """What a replica pushes, from its engine's frozen ``LLMEngine.snapshot()`` (which drained the
     latency samples and this rank's map latencies: nothing else may drain them)."""
     stats = snapshot.stats
-    return ReplicaSnapshot(model, replica, EngineMetrics(
-        stats.running, stats.waiting, stats.preemptions_total, stats.prompt_tokens_total,
-        stats.generation_tokens_total, {name: tuple(getattr(stats.latency, name)) for name in LATENCY_FIELDS},
-        stats.growth_reserve_ratio,
-    ), (rank_snapshot(snapshot.rank_kv),))
+    return ReplicaSnapshot(
+        model,
+        replica,
+        EngineMetrics(
+            stats.running,
+            stats.waiting,
+            stats.preemptions_total,
+            stats.prompt_tokens_total,
+            stats.generation_tokens_total,
+            {name: tuple(getattr(stats.latency, name)) for name in LATENCY_FIELDS},
+            stats.growth_reserve_ratio,
+        ),
+        (rank_snapshot(snapshot.rank_kv),),
+    )
 
 
 def rank_snapshot(rank_kv: RankKVSnapshot) -> RankSnapshot:
@@ -238,7 +397,8 @@ class HistogramData:
             self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative ``(le, count)`` pairs ending with ``+Inf``, as prometheus-client wants them."""
+        """Cumulative ``(le, count)`` pairs ending with ``+Inf``, as prometheus-client wants
+        them."""
         out, running = [], 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts):
             running += count
@@ -263,7 +423,8 @@ class ReplicaSeries:
     updated: float
     engine: EngineMetrics | None = None
     latency: dict[str, HistogramData] = field(
-        default_factory=lambda: {m.source: HistogramData(m.buckets) for m in LATENCY_METRICS})
+        default_factory=lambda: {m.source: HistogramData(m.buckets) for m in LATENCY_METRICS}
+    )
     ranks: dict[int, RankSeries] = field(default_factory=dict)
 
 
@@ -271,7 +432,9 @@ class MetricsStore:
     """Accumulates snapshots per (model, replica) and rank; forgets what stopped pushing for
     ``stale_after_s`` (a replica that died, or a rank that left)."""
 
-    def __init__(self, stale_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stale_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stale_after_s = stale_after_s
         self.clock = clock
         self._series: dict[tuple[str, str], ReplicaSeries] = {}
@@ -290,7 +453,9 @@ class MetricsStore:
         for rank in snapshot.ranks:
             kept = series.ranks.get(rank.rank)
             if kept is None:
-                kept = series.ranks[rank.rank] = RankSeries(rank.kv, HistogramData(MAP_BUCKETS), now)
+                kept = series.ranks[rank.rank] = RankSeries(
+                    rank.kv, HistogramData(MAP_BUCKETS), now
+                )
             kept.kv, kept.updated = rank.kv, now
             kept.map_latency.observe(rank.map_latencies)
 
@@ -317,8 +482,11 @@ class RouterView:
 
 
 def _family(metric: MetricDef) -> Metric:
-    kinds: dict[str, Any] = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
-                             "histogram": HistogramMetricFamily}
+    kinds: dict[str, Any] = {
+        "gauge": GaugeMetricFamily,
+        "counter": CounterMetricFamily,
+        "histogram": HistogramMetricFamily,
+    }
     return kinds[metric.kind](metric.name, metric.help, labels=list(metric.labels))
 
 
@@ -358,7 +526,11 @@ class VattnCollector(Collector):
             family = _family(metric)
             for s in self.series:
                 if s.engine is not None:
-                    value = s.latency[metric.source] if metric.kind == "histogram" else getattr(s.engine, metric.source)
+                    value = (
+                        s.latency[metric.source]
+                        if metric.kind == "histogram"
+                        else getattr(s.engine, metric.source)
+                    )
                     _add(family, metric, [s.model, s.replica], value)
             yield family
 

@@ -47,7 +47,8 @@ class MetricsHub:
 def create_hub() -> Any:
     """The hub, created if absent; the caller (the ingress) becomes its owner."""
     return MetricsHub.options(  # type: ignore[attr-defined]
-        name=HUB_NAME, namespace=HUB_NAMESPACE, get_if_exists=True).remote()
+        name=HUB_NAME, namespace=HUB_NAMESPACE, get_if_exists=True
+    ).remote()
 
 
 def find_hub() -> Any | None:
@@ -64,8 +65,13 @@ class MetricsPusher:
     one; a push that timed out is not repeated (it may have landed: better lose samples than count
     them twice)."""
 
-    def __init__(self, take: Callable[[], ReplicaSnapshot], period_s: float = 1.0,
-                 find: Callable[[], Any | None] = find_hub, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        take: Callable[[], ReplicaSnapshot],
+        period_s: float = 1.0,
+        find: Callable[[], Any | None] = find_hub,
+        timeout_s: float = 10.0,
+    ) -> None:
         self.take, self.period_s, self.find, self.timeout_s = take, period_s, find, timeout_s
         self._hub: Any | None = None
         self._pending: ReplicaSnapshot | None = None
@@ -92,7 +98,10 @@ class MetricsPusher:
             return False
         except GetTimeoutError:
             self._hub, self._pending = None, None
-            log.warning("the metrics hub did not answer in %.0f s; dropped one snapshot's samples", self.timeout_s)
+            log.warning(
+                "the metrics hub did not answer in %.0f s; dropped one snapshot's samples",
+                self.timeout_s,
+            )
             return False
         self._hub, self._pending = hub, None
         return True

@@ -28,7 +28,11 @@ from replica.tp.worker import RankWorker
 log = logging.getLogger(__name__)
 
 #: NVLink multicast stays off (it can take a shared host's GPUs out of service).
-RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+RANK_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 #: Rank actors are named in this namespace (operators and tests find them with ``ray list actors``).
@@ -39,8 +43,15 @@ RANK_NAMESPACE = "vattn"
 class RankActor:
     """Hosts one ``RankWorker``; constructing it joins torch.distributed and loads the shard."""
 
-    def __init__(self, rank: int, world_size: int, address: str, port: int, config: EngineConfig,
-                 metrics: tuple[str, str, float] | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        address: str,
+        port: int,
+        config: EngineConfig,
+        metrics: tuple[str, str, float] | None = None,
+    ) -> None:
         self.rank = rank
         self.error: str | None = None
         self.lock = threading.Lock()  # the metrics thread reads the cache between steps only
@@ -58,7 +69,9 @@ class RankActor:
     def _snapshot(self, model: str, replica: str) -> ReplicaSnapshot:
         assert self.worker is not None
         with self.lock:
-            return ReplicaSnapshot(model, replica, None, (rank_snapshot(self.worker.kv_snapshot()),))
+            return ReplicaSnapshot(
+                model, replica, None, (rank_snapshot(self.worker.kv_snapshot()),)
+            )
 
     def ready(self) -> RankStatus:
         if self.worker is None:
@@ -78,8 +91,12 @@ class RankActor:
 
 
 class RayRankRuntime(RankRuntime):
-    def __init__(self, gpus_per_rank: float = 0.0, cpus_per_rank: float = 1.0,
-                 metrics: tuple[str, str, float] | None = None) -> None:
+    def __init__(
+        self,
+        gpus_per_rank: float = 0.0,
+        cpus_per_rank: float = 1.0,
+        metrics: tuple[str, str, float] | None = None,
+    ) -> None:
         self.gpus_per_rank, self.cpus_per_rank, self.metrics = gpus_per_rank, cpus_per_rank, metrics
         self.actors: list[Any] = []
         self.pending: list[Any] = []
@@ -91,11 +108,16 @@ class RayRankRuntime(RankRuntime):
         group = ray.util.get_current_placement_group()
         for rank in range(1, world_size):
             strategy = (
-                PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank) if group else None
+                PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
+                if group
+                else None
             )
             actor = RankActor.options(
-                name=f"vattn-rank{rank}-{secrets.token_hex(4)}", namespace=RANK_NAMESPACE,
-                num_cpus=self.cpus_per_rank, num_gpus=self.gpus_per_rank, scheduling_strategy=strategy,
+                name=f"vattn-rank{rank}-{secrets.token_hex(4)}",
+                namespace=RANK_NAMESPACE,
+                num_cpus=self.cpus_per_rank,
+                num_gpus=self.gpus_per_rank,
+                scheduling_strategy=strategy,
                 runtime_env={"env_vars": RANK_ENV},
             ).remote(rank, world_size, address, port, engine_config, self.metrics)
             self.actors.append(actor)
@@ -112,9 +134,19 @@ class RayRankRuntime(RankRuntime):
             try:
                 statuses.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
             except GetTimeoutError:
-                statuses.append(RankStatus(rank, -2, StatusCode.BROKEN, 0, f"rank {rank} did not answer in {timeout_s:.0f} s"))
+                statuses.append(
+                    RankStatus(
+                        rank,
+                        -2,
+                        StatusCode.BROKEN,
+                        0,
+                        f"rank {rank} did not answer in {timeout_s:.0f} s",
+                    )
+                )
             except (RayActorError, RayTaskError) as error:
-                statuses.append(RankStatus(rank, -2, StatusCode.BROKEN, 0, f"rank {rank} is gone: {error}"))
+                statuses.append(
+                    RankStatus(rank, -2, StatusCode.BROKEN, 0, f"rank {rank} is gone: {error}")
+                )
         self.pending = []
         return statuses
 

@@ -38,7 +38,9 @@ class VattnReplica:
         self.name = served_model_name(self.config.model)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.engine = AsyncLLMEngine(
-            self.config, engine=make_engine(self.config, (self.name, self.replica_id, metrics_period_s)))
+            self.config,
+            engine=make_engine(self.config, (self.name, self.replica_id, metrics_period_s)),
+        )
         self.metrics = MetricsPusher(self._metrics_snapshot, metrics_period_s)
         self.metrics.start()
         log.info("vattn replica %s ready (pid %d)", self.name, os.getpid())
@@ -55,7 +57,9 @@ class VattnReplica:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """The request's deltas; the first, empty, says the engine accepted it (``announce``)."""
-        outputs = self.engine.generate(request.prompt_token_ids, request.params, request.request_id, announce=True)
+        outputs = self.engine.generate(
+            request.prompt_token_ids, request.params, request.request_id, announce=True
+        )
         accepted = await anext(outputs)
         yield dataclasses.replace(accepted, replica=self.replica_id)  # names the replica once
         async for output in outputs:
@@ -63,7 +67,8 @@ class VattnReplica:
 
     async def model_info(self) -> ModelInfo:
         limit, tokens_per_page = await self.engine.call_async(
-            lambda engine: (engine.context_limit, engine.routing_stats().tokens_per_page))
+            lambda engine: (engine.context_limit, engine.routing_stats().tokens_per_page)
+        )
         return ModelInfo(self.name, limit, tokens_per_page)
 
     async def record_routing_stats(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 for it: free pages less what its queue needs, and no more than its budget less what its requests
 will hold at their ``max_tokens`` (the *headroom*, the rule in ``cluster.routing``).
 
-The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve 2.60's
+The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve
+2.60's
 custom request router API. Serve cloudpickles this module's router class *by value* into the
 deployment config and rebuilds it in every process that holds a handle to the deployment (driver,
 HTTP proxy, ingress replicas), so ``cluster.routing`` must be importable there.
@@ -37,7 +38,9 @@ class FreePageRouter(RequestRouter):
     max_age_s: float = 2.0
     hold_s: float = 0.0
 
-    def initialize_state(self, max_age_s: float = 2.0, hold_s: float = 0.0, **kwargs: object) -> None:
+    def initialize_state(
+        self, max_age_s: float = 2.0, hold_s: float = 0.0, **kwargs: object
+    ) -> None:
         """Called by Serve with ``RequestRouterConfig.request_router_kwargs``: stats older than
         ``max_age_s`` fall back to power of two; a request that no replica has room for waits
         here up to ``hold_s`` (then goes to the replica with the most headroom)."""
@@ -45,7 +48,9 @@ class FreePageRouter(RequestRouter):
         self.hold_s = float(hold_s)
         self.routed: dict[str, tuple[float, int]] = {}
 
-    def discounted(self, replica_id: str, stats: routing.ReplicaStats | None) -> routing.ReplicaStats | None:
+    def discounted(
+        self, replica_id: str, stats: routing.ReplicaStats | None
+    ) -> routing.ReplicaStats | None:
         """Stats less the pages this router has sent the replica since they were taken: a burst
         inside one stats period spreads instead of piling onto the replica that looked freest.
         Newer stats count what was sent, as used pages once admitted or as ``queued_pages`` while
@@ -56,7 +61,9 @@ class FreePageRouter(RequestRouter):
         if taken_at != stats.timestamp:
             return stats  # newer stats already count what was sent
         committed = None if stats.committed_pages is None else stats.committed_pages + pages
-        return dataclasses.replace(stats, available_pages=max(stats.available_pages - pages, 0), committed_pages=committed)
+        return dataclasses.replace(
+            stats, available_pages=max(stats.available_pages - pages, 0), committed_pages=committed
+        )
 
     def remember(self, replica_id: str, stats: routing.ReplicaStats | None, pages: int) -> None:
         if stats is None:
@@ -78,7 +85,9 @@ class FreePageRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        reported = {rid: routing.ReplicaStats.from_dict(r.routing_stats) for rid, r in by_id.items()}
+        reported = {
+            rid: routing.ReplicaStats.from_dict(r.routing_stats) for rid, r in by_id.items()
+        }
         pairs = [(rid, self.discounted(rid, s)) for rid, s in reported.items()]
         need = None
         request = _request_of(pending_request)
@@ -108,7 +117,9 @@ def _request_of(pending_request: PendingRequest | None) -> object | None:
     return pending_request.kwargs.get("request")
 
 
-def router_config(period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 0.0) -> RequestRouterConfig:
+def router_config(
+    period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 0.0
+) -> RequestRouterConfig:
     """RequestRouterConfig for vattn replica deployments.
 
     Replicas are polled for ``record_routing_stats()`` every ``period_s`` (x U(0.9, 1.1)); stats

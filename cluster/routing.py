@@ -20,7 +20,8 @@ goes first to the replica with the most headroom; replicas that cannot fit it (`
 come after every replica that can, still ordered by headroom (the least over-committed first).
 Ties break on fewer ``running + waiting`` requests, then on replica id, so the order is
 deterministic. Each rank holds one replica, so Serve's queue-length tie-break inside a rank cannot
-reorder them. With ``hold``, replicas whose available pages after the queue cannot fit the request are
+reorder them. With ``hold``, replicas whose available pages after the queue cannot fit the request
+are
 left out, and when none can, the reason is ``"hold"`` and no replica is chosen: the request waits
 at the router (Serve retries with backoff) for the first replica with room, instead of queueing
 at one replica behind requests that hold its pages (and pushing it into preemption when it is
@@ -28,7 +29,8 @@ admitted there). Holding goes by the pages available now, not by the promises: r
 long before their ``max_tokens`` must not keep a half-empty replica from getting work. The
 caller bounds how long a request is held. If ``n`` is unknown, or any candidate's stats are
 missing, malformed or older than ``max_age_s``, the policy returns reason ``"fallback"`` and the
-caller routes by power of two choices instead. Stats without ``queued_pages`` or ``committed_pages`` (older replicas) count as
+caller routes by power of two choices instead. Stats without ``queued_pages`` or
+``committed_pages`` (older replicas) count as
 no queue and no promises beyond the free pages.
 """
 
@@ -67,7 +69,9 @@ class ReplicaStats:
     waiting: int
     timestamp: float  # replica's time.time() when the stats were taken
     queued_pages: int = 0  # pages the waiting requests need to be admitted (0 if not reported)
-    committed_pages: int | None = None  # pages all its requests hold at max_tokens (None: not reported)
+    committed_pages: int | None = (
+        None  # pages all its requests hold at max_tokens (None: not reported)
+    )
 
     @property
     def available_after_queue(self) -> int:
@@ -138,7 +142,11 @@ def rank_replicas(
     if pages_needed is None or age is None or age > max_age_s:
         return RankedChoice([], FALLBACK, age)
     if hold:
-        candidates = [(rid, s) for rid, s in candidates if s is not None and s.available_after_queue >= pages_needed]
+        candidates = [
+            (rid, s)
+            for rid, s in candidates
+            if s is not None and s.available_after_queue >= pages_needed
+        ]
         if not candidates:
             return RankedChoice([], HOLD, age)
 

@@ -17,25 +17,48 @@ if TYPE_CHECKING:
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
-    serve_parser.add_argument("--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'")
+    serve_parser.add_argument(
+        "--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'"
+    )
     serve_parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     serve_parser.add_argument("--replicas", type=int, default=1)
-    serve_parser.add_argument("--backend", default="auto", help="attention: auto, flashinfer, torch-fa2, flash-attn, sdpa")
-    serve_parser.add_argument("--kv-layout", default="interleaved", choices=["interleaved", "per_layer"])
+    serve_parser.add_argument(
+        "--backend", default="auto", help="attention: auto, flashinfer, torch-fa2, flash-attn, sdpa"
+    )
+    serve_parser.add_argument(
+        "--kv-layout", default="interleaved", choices=["interleaved", "per_layer"]
+    )
     serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve_parser.add_argument("--max-model-len", type=int, default=4096)
-    serve_parser.add_argument("--max-running", type=int, default=None,
-                              help="slots per replica (default: 256 on a GPU, 64 on a CPU)")
-    serve_parser.add_argument("--growth-reserve", type=float, default=0.5,
-                              help="share of running requests' remaining max_tokens admission keeps KV pages for "
-                                   "at first; it learns from preemptions (0: whole prompts only)")
-    serve_parser.add_argument("--router", default=ROUTERS[0], choices=ROUTERS,
-                              help="free-pages: the replica with the most free KV pages; power-of-two: Serve's default")
-    serve_parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    serve_parser.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        help="slots per replica (default: 256 on a GPU, 64 on a CPU)",
+    )
+    serve_parser.add_argument(
+        "--growth-reserve",
+        type=float,
+        default=0.5,
+        help="share of running requests' remaining max_tokens admission keeps KV pages for "
+        "at first; it learns from preemptions (0: whole prompts only)",
+    )
+    serve_parser.add_argument(
+        "--router",
+        default=ROUTERS[0],
+        choices=ROUTERS,
+        help="free-pages: the replica with the most free KV pages; power-of-two: Serve's default",
+    )
+    serve_parser.add_argument(
+        "--address", default=None, help="join this Ray cluster instead of starting one"
+    )
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--api-key", default=os.environ.get("VATTN_API_KEY"),
-                              help="require 'Authorization: Bearer KEY' (default: $VATTN_API_KEY)")
+    serve_parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VATTN_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $VATTN_API_KEY)",
+    )
     serve_parser.set_defaults(run=serve_main)
 
 
@@ -44,9 +67,16 @@ def app_options(args: argparse.Namespace) -> AppOptions:
     from cluster.app import AppOptions
 
     return AppOptions(
-        model=args.model, tp=args.tp, replicas=args.replicas, backend=args.backend,
-        kv_layout=args.kv_layout, device=args.device, max_model_len=args.max_model_len,
-        max_running=args.max_running, growth_reserve=args.growth_reserve, api_key=args.api_key,
+        model=args.model,
+        tp=args.tp,
+        replicas=args.replicas,
+        backend=args.backend,
+        kv_layout=args.kv_layout,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_running=args.max_running,
+        growth_reserve=args.growth_reserve,
+        api_key=args.api_key,
         router=args.router,
     )
 
@@ -62,7 +92,9 @@ def serve_main(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     else:
         # Logical CPUs: replicas and the ingress are scheduled by these, not by cores.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4) + args.replicas * args.tp, include_dashboard=False)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, 4) + args.replicas * args.tp, include_dashboard=False
+        )
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(options)
     started = time.monotonic()
@@ -73,7 +105,10 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"vattn is serving at {url}/v1 (ready in {time.monotonic() - started:.0f} s)\n")
     print("Try:")
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\")
-    print("    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32}'")
+    print(
+        '    -d \'{"messages": [{"role": "user", "content": '
+        '"What is the capital of France?"}], "max_tokens": 32}\''
+    )
     print("\nCtrl-C stops it.", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

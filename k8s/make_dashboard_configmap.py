@@ -67,7 +67,10 @@ def render(dashboards: dict[str, Any]) -> str:
     """The ConfigMap's YAML text for ``{key: dashboard}``."""
     if not dashboards:
         raise ValueError(f"no dashboards: {DASHBOARDS}/*.json matched nothing")
-    data = {key: json.dumps(value, indent=2, ensure_ascii=False) + "\n" for key, value in dashboards.items()}
+    data = {
+        key: json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+        for key, value in dashboards.items()
+    }
     size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
     if size > MAX_BYTES:
         raise ValueError(f"the dashboards take {size} bytes; a ConfigMap holds at most {MAX_BYTES}")
@@ -81,7 +84,9 @@ def render(dashboards: dict[str, Any]) -> str:
         "data": data,
     }
     sources = ", ".join(f"dashboards/{key}" for key in data)
-    body = yaml.dump(configmap, Dumper=_LiteralDumper, sort_keys=False, width=10_000, allow_unicode=True)
+    body = yaml.dump(
+        configmap, Dumper=_LiteralDumper, sort_keys=False, width=10_000, allow_unicode=True
+    )
     return HEADER.format(sources=sources) + body
 
 
@@ -93,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     text = render(dashboards)
     if args.check:
         if not OUTPUT.exists() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT.relative_to(ROOT)} is stale: run python k8s/make_dashboard_configmap.py",
-                  file=sys.stderr)
+            print(
+                f"{OUTPUT.relative_to(ROOT)} is stale: run python k8s/make_dashboard_configmap.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUTPUT.write_text(text)

@@ -24,7 +24,7 @@ from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig
 from replica.engine_stats import EngineStats
 from replica.request import RequestOutput
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ class AsyncLLMEngine:
         return self.engine.broken
 
     async def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None,
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
         announce: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """The request's deltas, the last one ``finished``. Raises RequestRejected (a ValueError)
@@ -66,7 +69,9 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
 
         def add(engine: LLMEngine) -> int:
-            request = engine.add_request(request_id, prompt, params)  # RequestRejected if impossible
+            request = engine.add_request(
+                request_id, prompt, params
+            )  # RequestRejected if impossible
             self._queues[request_id] = (loop, queue)
             return len(request.prompt_token_ids)
 
@@ -164,8 +169,16 @@ class AsyncLLMEngine:
         for request_id in list(self.engine.requests):
             request = self.engine.requests[request_id]
             self.engine.abort(request_id)
-            failed.append(RequestOutput(
-                request_id, "", (), True, "abort", len(request.prompt_token_ids),
-                len(request.output_token_ids), error=f"{type(error).__name__}: {error}",
-            ))
+            failed.append(
+                RequestOutput(
+                    request_id,
+                    "",
+                    (),
+                    True,
+                    "abort",
+                    len(request.prompt_token_ids),
+                    len(request.output_token_ids),
+                    error=f"{type(error).__name__}: {error}",
+                )
+            )
         return failed

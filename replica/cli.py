@@ -14,7 +14,7 @@ from replica.engine_config import EngineConfig
 from replica.kv.allocator import KVCacheAllocator
 from replica.kv.config import KVCacheConfig
 from replica.llm import LLM, apply_chat_template
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
 from replica.vmm import open_device
 
 

@@ -39,16 +39,25 @@ def graph_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, attention: AttentionBackend, max_batch: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        attention: AttentionBackend,
+        max_batch: int,
+        device: torch.device,
+    ) -> None:
         if not attention.supports_graphs:
             raise ValueError(f"the {attention.name} attention backend cannot run in CUDA graphs")
         self.model, self.attention, self.device = model, attention, device
         self.sizes = graph_sizes(max_batch)
         largest = self.sizes[-1]
-        self.inputs = torch.zeros(2, largest, dtype=torch.long, device=device)  # token ids, positions
+        self.inputs = torch.zeros(
+            2, largest, dtype=torch.long, device=device
+        )  # token ids, positions
         self.input_ids, self.positions = self.inputs[0], self.inputs[1]
-        self.logits = torch.empty(largest, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.logits = torch.empty(
+            largest, model.config.vocab_size, dtype=torch.float32, device=device
+        )
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, attention variant)
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
@@ -60,8 +69,14 @@ class DecodeGraphs:
             return None
         return next(s for s in self.sizes if s >= len(query_lens))
 
-    def run(self, slots: tuple[int, ...], context_lens: tuple[int, ...], input_ids: tuple[int, ...],
-            size: int, patch: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    def run(
+        self,
+        slots: tuple[int, ...],
+        context_lens: tuple[int, ...],
+        input_ids: tuple[int, ...],
+        size: int,
+        patch: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Runs a decode step (sequences in ``slots``, one new token each, ``input_ids`` in their
         order) in the graph of ``size``; returns float32 logits [n, vocab], a view valid until the
         next step. ``patch(ids)`` may then rewrite the step's input ids on the device (tokens the
@@ -69,8 +84,11 @@ class DecodeGraphs:
         n = len(slots)
         padded = StepBatch.build_padded(slots, context_lens, size, self.device)
         extra = size - n
-        host = torch.tensor([input_ids + input_ids[-1:] * extra, context_lens + context_lens[-1:] * extra],
-                            dtype=torch.long, pin_memory=True)
+        host = torch.tensor(
+            [input_ids + input_ids[-1:] * extra, context_lens + context_lens[-1:] * extra],
+            dtype=torch.long,
+            pin_memory=True,
+        )
         self.inputs[:, :size].copy_(host, non_blocking=True)
         if patch is not None:
             patch(self.input_ids[:n])

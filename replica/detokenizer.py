@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 if TYPE_CHECKING:
-    from replica.sampling import SamplingParams
+    from replica.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length"]
 

@@ -33,7 +33,14 @@ import torch
 
 from replica.detokenizer import OutputStream
 from replica.engine_config import EngineConfig
-from replica.engine_stats import EngineSnapshot, EngineStats, LatencyLog, RankKVSnapshot, RoutingStats
+from replica.engine_stats import (
+    EngineSnapshot,
+    EngineStats,
+    LatencyLog,
+    RankKVSnapshot,
+    RoutingStats,
+)
+from replica.errors import ReplicaBroken, RequestRejected
 from replica.growth_reserve import GrowthReserve
 from replica.kv.base import KVCache
 from replica.kv.stats import KVCacheStats
@@ -42,7 +49,6 @@ from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
 from replica.sampling import HostCopy, SamplingParams, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
-from replica.errors import ReplicaBroken, RequestRejected
 from replica.tp import StepFailed
 
 if TYPE_CHECKING:
@@ -84,8 +90,13 @@ class LLMEngine:
         self.model_config = model_config
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
         self.eos_token_ids = tuple(model_config.eos_token_ids)
-        self.scheduler = Scheduler(self.kv, config.max_batch_tokens, config.max_running, config.watermark_pages,
-                                   GrowthReserve.from_config(config.growth_reserve))
+        self.scheduler = Scheduler(
+            self.kv,
+            config.max_batch_tokens,
+            config.max_running,
+            config.watermark_pages,
+            GrowthReserve.from_config(config.growth_reserve),
+        )
         self.requests: dict[str, Request] = {}
         #: Overlap the host's work with the device's (one rank: a TP step is synchronous).
         self.async_scheduling = config.async_scheduling and self.tp is None
@@ -102,7 +113,9 @@ class LLMEngine:
             return tuple(self.tokenizer.encode(prompt))
         return tuple(prompt)
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
+    ) -> Request:
         """Queues a request, or raises RequestRejected (a ValueError) if it can never be served;
         nothing is queued then."""
         if self.broken is not None:
@@ -111,7 +124,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.check(self.tokenize(prompt), params)
         stream = (
-            OutputStream(self.tokenizer, token_ids, params, self.eos_token_ids) if self.tokenizer is not None else None
+            OutputStream(self.tokenizer, token_ids, params, self.eos_token_ids)
+            if self.tokenizer is not None
+            else None
         )
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         request = Request(request_id, token_ids, params, stream, generator)
@@ -133,19 +148,33 @@ class LLMEngine:
         if not token_ids:
             raise RequestRejected("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        bad = next(
+            (
+                t
+                for t in token_ids
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+            ),
+            None,
+        )
         if bad is not None:
-            raise RequestRejected(f"token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt")
+            raise RequestRejected(
+                f"token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt"
+            )
         total = len(token_ids) + params.max_tokens
         if total > self.context_limit:
             raise RequestRejected(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"context limit of {self.context_limit} tokens", "max_tokens", "context_length_exceeded"
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds the "
+                f"context limit of {self.context_limit} tokens",
+                "max_tokens",
+                "context_length_exceeded",
             )
         pages = self.kv.pages_for(total)
         if pages > self.kv.budget_pages:
-            raise RequestRejected(f"{total} tokens need {pages} KV pages; the whole cache has {self.kv.budget_pages}",
-                                  "max_tokens")
+            raise RequestRejected(
+                f"{total} tokens need {pages} KV pages; the whole cache has {self.kv.budget_pages}",
+                "max_tokens",
+            )
         return tuple(token_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -154,7 +183,15 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.finish(request, "abort")
-        return RequestOutput(request_id, "", (), True, "abort", len(request.prompt_token_ids), len(request.output_token_ids))
+        return RequestOutput(
+            request_id,
+            "",
+            (),
+            True,
+            "abort",
+            len(request.prompt_token_ids),
+            len(request.output_token_ids),
+        )
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._launched is not None
@@ -180,9 +217,18 @@ class LLMEngine:
             if size * self.kv.pages_for(len(prompt) + greedy.max_tokens) > self.kv.budget_pages:
                 continue  # a cache this small never runs such a batch
             for i in range(size):
-                sampled = SamplingParams(max_tokens=3, temperature=0.8, top_k=50, top_p=0.9, seed=i, logprobs=2,
-                                         ignore_eos=True)
-                self.add_request(f"vattn-warm-up-{kv_len}-{size}-{i}", prompt, greedy if i % 2 == 0 else sampled)
+                sampled = SamplingParams(
+                    max_tokens=3,
+                    temperature=0.8,
+                    top_k=50,
+                    top_p=0.9,
+                    seed=i,
+                    logprobs=2,
+                    ignore_eos=True,
+                )
+                self.add_request(
+                    f"vattn-warm-up-{kv_len}-{size}-{i}", prompt, greedy if i % 2 == 0 else sampled
+                )
             while self.has_work():
                 self.step()
         self.kv.synchronize()
@@ -206,13 +252,18 @@ class LLMEngine:
             try:
                 launched = self._launch(scheduled, previous)
             except StepFailed as failure:  # tensor parallel, so nothing was in flight
-                return self._fail(list(self.requests.values()) if failure.broken else list(scheduled.requests), failure)
+                return self._fail(
+                    list(self.requests.values()) if failure.broken else list(scheduled.requests),
+                    failure,
+                )
             except Exception as error:  # the step's requests fail; the engine goes on
                 log.exception("a step of %d requests failed", len(scheduled.requests))
                 if previous is not None:
                     outputs += self._complete(previous)
-                return outputs + self._fail(list(scheduled.requests), StepFailed(f"{type(error).__name__}: {error}",
-                                                                                 broken=False))
+                return outputs + self._fail(
+                    list(scheduled.requests),
+                    StepFailed(f"{type(error).__name__}: {error}", broken=False),
+                )
         if previous is not None:
             outputs += self._complete(previous)
         if launched is not None and self.async_scheduling:
@@ -231,7 +282,9 @@ class LLMEngine:
         if self.tp is not None:
             logits = self.tp.execute(plan)
         else:
-            logits = self.runner.execute(plan, patches, previous.tokens if previous is not None else None)
+            logits = self.runner.execute(
+                plan, patches, previous.tokens if previous is not None else None
+            )
         for request, query in zip(scheduled.requests, scheduled.query_lens):
             request.computed += query
         tokens = copy = None
@@ -254,18 +307,30 @@ class LLMEngine:
         for request in requests:
             self.scheduler.finish(request, "abort")
             self.requests.pop(request.request_id, None)
-            outputs.append(RequestOutput(
-                request.request_id, "", (), True, "abort", len(request.prompt_token_ids),
-                len(request.output_token_ids), error=str(failure),
-            ))
+            outputs.append(
+                RequestOutput(
+                    request.request_id,
+                    "",
+                    (),
+                    True,
+                    "abort",
+                    len(request.prompt_token_ids),
+                    len(request.output_token_ids),
+                    error=str(failure),
+                )
+            )
         return outputs
 
-    def _plan(self, scheduled: ScheduledStep) -> tuple[StepPlan, list[Request], tuple[tuple[int, int], ...]]:
+    def _plan(
+        self, scheduled: ScheduledStep
+    ) -> tuple[StepPlan, list[Request], tuple[tuple[int, int], ...]]:
         """The step's plan, the requests it samples, and (input row, row of the previous step's
         sampled tokens) for each token still in flight."""
         input_ids: list[int] = []
         rows, sampled, patches = [], [], []
-        for request, context, query in zip(scheduled.requests, scheduled.context_lens, scheduled.query_lens):
+        for request, context, query in zip(
+            scheduled.requests, scheduled.context_lens, scheduled.query_lens
+        ):
             known = len(request.prompt_token_ids) + len(request.output_token_ids)  # on the host
             input_ids += request.token_ids(context, min(context + query, known))
             if context + query > known:  # its last token is still on the device
@@ -275,10 +340,15 @@ class LLMEngine:
             if context + query == request.num_tokens:  # its last token: sample the next
                 rows.append(len(input_ids) - 1)
                 sampled.append(request)
-            self.prompt_tokens_total += max(0, min(context + query, len(request.prompt_token_ids)) - context)
+            self.prompt_tokens_total += max(
+                0, min(context + query, len(request.prompt_token_ids)) - context
+            )
         plan = StepPlan(
             tuple(r.slot for r in scheduled.requests),  # type: ignore[misc]
-            scheduled.context_lens, scheduled.query_lens, tuple(input_ids), tuple(rows),
+            scheduled.context_lens,
+            scheduled.query_lens,
+            tuple(input_ids),
+            tuple(rows),
         )
         return plan, sampled, tuple(patches)
 
@@ -309,17 +379,30 @@ class LLMEngine:
                 self.scheduler.finish(request, reason)
                 self.requests.pop(request.request_id, None)
                 self.latency.finished(request, now)
-            outputs.append(RequestOutput(
-                request.request_id, text, (token,), reason is not None, reason,
-                len(request.prompt_token_ids), len(request.output_token_ids),
-                (result.logprobs[i],) if result.logprobs is not None and request.params.logprobs is not None else None,
-                (tuple(result.top_logprobs[i]),) if result.top_logprobs is not None and request.params.logprobs else None,
-            ))
+            outputs.append(
+                RequestOutput(
+                    request.request_id,
+                    text,
+                    (token,),
+                    reason is not None,
+                    reason,
+                    len(request.prompt_token_ids),
+                    len(request.output_token_ids),
+                    (result.logprobs[i],)
+                    if result.logprobs is not None and request.params.logprobs is not None
+                    else None,
+                    (tuple(result.top_logprobs[i]),)
+                    if result.top_logprobs is not None and request.params.logprobs
+                    else None,
+                )
+            )
         return outputs
 
     def _finish_without_text(self, request: Request, token: int) -> str | None:
         params = request.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
             return "stop"
         return "length" if len(request.output_token_ids) >= params.max_tokens else None
 
@@ -346,7 +429,9 @@ class LLMEngine:
 
     def rank_kv_snapshot(self) -> RankKVSnapshot:
         """This process's rank cache: its own books and the map latencies since the last call."""
-        return RankKVSnapshot(self.config.rank, self.runner.kv.stats(), tuple(self.runner.kv.drain_map_latencies()))
+        return RankKVSnapshot(
+            self.config.rank, self.runner.kv.stats(), tuple(self.runner.kv.drain_map_latencies())
+        )
 
     def routing_stats(self) -> RoutingStats:
         """What the router weighs (``cluster.routing``), taken at once between two steps."""

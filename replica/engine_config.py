@@ -16,7 +16,9 @@ class EngineConfig:
     model: str = "embedded"
     dtype: str = "auto"  # "auto": bf16 on GPU, the checkpoint's dtype (float32) on CPU
     device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
-    attention: str = "auto"  # see replica.attention.BACKENDS (replica.attention.paged.PAGED_BACKENDS when paged)
+    attention: str = (
+        "auto"  # see replica.attention.BACKENDS (replica.attention.paged.PAGED_BACKENDS when paged)
+    )
     kv_layout: KVLayout = KVLayout.INTERLEAVED
     #: "vattention" (contiguous virtual slots) or "paged" (the PagedAttention comparison mode:
     #: preallocated ``block_size``-token blocks and block tables, replica.kv.paged).
@@ -58,31 +60,54 @@ class EngineConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
         if self.kv_mode not in ("vattention", "paged"):
-            raise ValueError(f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}")
-        for name in ("max_model_len", "max_running", "max_batch_tokens", "block_size", "tensor_parallel_size"):
+            raise ValueError(
+                f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}"
+            )
+        for name in (
+            "max_model_len",
+            "max_running",
+            "max_batch_tokens",
+            "block_size",
+            "tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {value}")
         if not 0 <= self.growth_reserve <= 1:
-            raise ValueError(f"EngineConfig.growth_reserve must be in [0, 1], got {self.growth_reserve}")
+            raise ValueError(
+                f"EngineConfig.growth_reserve must be in [0, 1], got {self.growth_reserve}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
     def resolved(self) -> EngineConfig:
         """This config with the device-dependent defaults filled in (``max_running``,
         ``max_batch_tokens``)."""
         cuda = self.torch_device().type == "cuda"
-        return replace(self, max_running=self.max_running or (256 if cuda else 64),
-                       max_batch_tokens=self.max_batch_tokens or (8192 if cuda else 512))
+        return replace(
+            self,
+            max_running=self.max_running or (256 if cuda else 64),
+            max_batch_tokens=self.max_batch_tokens or (8192 if cuda else 512),
+        )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return torch.device(self.device)
 
-    def torch_dtype(self, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    def torch_dtype(
+        self, device: torch.device, checkpoint_dtype: torch.dtype | None
+    ) -> torch.dtype:
+        names = {
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+        }
         if self.dtype != "auto":
             if self.dtype not in names:
                 raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(names)}")

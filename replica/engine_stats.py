@@ -54,12 +54,16 @@ class LatencyLog:
 
     def drain(self) -> LatencySamples:
         """Returns and forgets the samples recorded so far (for histogram exporters)."""
-        out = LatencySamples(tuple(self._ttft), tuple(self._itl), tuple(self._e2e), tuple(self._queue))
+        out = LatencySamples(
+            tuple(self._ttft), tuple(self._itl), tuple(self._e2e), tuple(self._queue)
+        )
         self._ttft, self._itl, self._e2e, self._queue = [], [], [], []
         return out
 
     def snapshot(self) -> LatencySamples:
-        return LatencySamples(tuple(self._ttft), tuple(self._itl), tuple(self._e2e), tuple(self._queue))
+        return LatencySamples(
+            tuple(self._ttft), tuple(self._itl), tuple(self._e2e), tuple(self._queue)
+        )
 
     def tokens_per_second(self, horizon: float = 10.0) -> float:
         now = time.monotonic()
@@ -85,7 +89,8 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class RankKVSnapshot:
-    """One rank's KV cache: its own books and the seconds of its map runs since the last snapshot."""
+    """One rank's KV cache: its own books and the seconds of its map runs since the last
+    snapshot."""
 
     rank: int
     kv: KVCacheStats

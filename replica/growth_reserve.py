@@ -6,7 +6,8 @@ prompts and then preempts (by recompute: the prompt is computed twice) as soon a
 So admission keeps back the pages each running request will need to reach the rest of its prompt
 and the tokens it is expected to still generate,
 
-    reserve = sum over running r of pages(r.num_tokens + ceil(ratio * r.remaining)) - pages(r.computed)
+    reserve = sum over running r of pages(r.num_tokens + ceil(ratio * r.remaining)) -
+    pages(r.computed)
 
 and admits a request only if the pages left cover its own prompt and expected growth.
 
@@ -52,8 +53,10 @@ class GrowthReserve:
 
     def __post_init__(self) -> None:
         if not 0 <= self.minimum <= self.initial <= 1:
-            raise ValueError(f"GrowthReserve needs 0 <= minimum <= initial <= 1, got minimum={self.minimum}, "
-                             f"initial={self.initial}")
+            raise ValueError(
+                f"GrowthReserve needs 0 <= minimum <= initial <= 1, got minimum={self.minimum}, "
+                f"initial={self.initial}"
+            )
         if self.decay_per_step < 0 or self.raise_per_preemption < 0:
             raise ValueError("GrowthReserve's decay_per_step and raise_per_preemption must be >= 0")
         self.ratio = self.initial
@@ -72,7 +75,10 @@ class GrowthReserve:
     def pages(self, running: Iterable[Growing], pages_for: Callable[[int], int]) -> int:
         """Pages to keep back for ``running`` (the rest of their prompts and their expected
         growth); ``pages_for(tokens)`` is what a slot of that many tokens holds."""
-        return sum(max(0, pages_for(r.num_tokens + self.expected_tokens(r)) - pages_for(r.computed)) for r in running)
+        return sum(
+            max(0, pages_for(r.num_tokens + self.expected_tokens(r)) - pages_for(r.computed))
+            for r in running
+        )
 
     def preempted(self) -> None:
         self.ratio = min(1.0, self.ratio + self.raise_per_preemption)

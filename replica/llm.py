@@ -1,10 +1,10 @@
 """The offline API: generate for a list of prompts, no server.
 
-    from replica import LLM, SamplingParams
-    llm = LLM()                                    # the embedded SmolLM2-135M-Instruct
-    [out] = llm.chat([[{"role": "user", "content": "Name three primary colors."}]],
-                     SamplingParams(max_tokens=32, temperature=0))
-    print(out.text)
+from replica import LLM, SamplingParams
+llm = LLM()                                    # the embedded SmolLM2-135M-Instruct
+[out] = llm.chat([[{"role": "user", "content": "Name three primary colors."}]],
+                 SamplingParams(max_tokens=32, temperature=0))
+print(out.text)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig
 from replica.model.source import apply_chat_template
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class LLM:
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
         # The whole batch is checked before any of it is queued: a bad prompt leaves nothing behind.
-        token_ids = [self.engine.check(self.engine.tokenize(p), q) for p, q in zip(prompts, per_prompt)]
+        token_ids = [
+            self.engine.check(self.engine.tokenize(p), q) for p, q in zip(prompts, per_prompt)
+        ]
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for request_id, prompt_ids, request_params in zip(ids, token_ids, per_prompt):
             self.engine.add_request(request_id, prompt_ids, request_params)
@@ -77,7 +79,10 @@ class LLM:
             raise RuntimeError(f"{len(failed)} of {len(ids)} requests failed: {failed[0].error}")
         return [
             Completion(
-                texts[i], tuple(tokens[i]), finished[i].finish_reason, finished[i].prompt_tokens,
+                texts[i],
+                tuple(tokens[i]),
+                finished[i].finish_reason,
+                finished[i].prompt_tokens,
                 tuple(logprobs[i]) if p.logprobs is not None else None,
             )
             for i, p in zip(ids, per_prompt)

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from replica.attention import AttentionBackend, StepBatch, make_attention_backend
+from replica.attention.paged import make_paged_attention_backend
 from replica.decode_graphs import DecodeGraphs
 from replica.engine_config import EngineConfig
-from replica.attention.paged import make_paged_attention_backend
 from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
 from replica.model import ModelConfig, load_model
 from replica.sampling import to_device
@@ -56,8 +56,15 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device, None)
         self.model = load_model(
-            model_dir or "synthetic", self.dtype, self.device, config.rank, config.world_size,
-            config=model_config, process_group=process_group, seed=config.seed, progress=False,
+            model_dir or "synthetic",
+            self.dtype,
+            self.device,
+            config.rank,
+            config.world_size,
+            config=model_config,
+            process_group=process_group,
+            seed=config.seed,
+            progress=False,
         )
         self.model_config = model_config
         self.kv = self._make_kv_cache()
@@ -74,17 +81,30 @@ class ModelRunner:
         return DecodeGraphs(self.model, self.attention, config.max_running, self.device)
 
     def _make_attention(self) -> AttentionBackend:
-        make_backend = make_paged_attention_backend if isinstance(self.kv, PagedKVCache) else make_attention_backend
+        make_backend = (
+            make_paged_attention_backend
+            if isinstance(self.kv, PagedKVCache)
+            else make_attention_backend
+        )
         return make_backend(
-            self.config.attention, self.kv, self.model.num_local_heads, self.model.num_local_kv_heads,  # type: ignore[arg-type]
-            self.model_config.head_dim, self.dtype, self.device,
+            self.config.attention,
+            self.kv,
+            self.model.num_local_heads,
+            self.model.num_local_kv_heads,  # type: ignore[arg-type]
+            self.model_config.head_dim,
+            self.dtype,
+            self.device,
         )
 
     def rebuild_kv_cache(self, kv_cache_bytes: int) -> None:
         """Replaces the (still empty) KV cache by one of ``kv_cache_bytes``: the ranks of a
         tensor-parallel replica agree on the smallest budget so that their books stay identical."""
         self.config = replace(self.config, kv_cache_bytes=kv_cache_bytes)
-        del self.graphs, self.attention, self.kv  # first free the old cache (paged mode preallocates it)
+        del (
+            self.graphs,
+            self.attention,
+            self.kv,
+        )  # first free the old cache (paged mode preallocates it)
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
@@ -106,12 +126,24 @@ class ModelRunner:
         #: The KV budget this rank was built with (the ranks of a TP replica agree on the least).
         self.kv_budget_bytes = max(budget, 0)
         if config.kv_mode == "paged":  # the comparison mode: the same byte budget, preallocated
-            return PagedKVCache(PagedKVConfig(
-                num_layers=self.model_config.num_layers, num_kv_heads=self.model.num_local_kv_heads,
-                head_dim=self.model_config.head_dim, dtype=self.dtype, max_slots=config.max_running,
-                max_tokens=config.max_model_len, budget_bytes=max(budget, 0), block_size=config.block_size,
-            ), self.device)
-        vmm = open_device("cuda" if self.device.type == "cuda" else "host", config.page_size, self.device.index or 0)
+            return PagedKVCache(
+                PagedKVConfig(
+                    num_layers=self.model_config.num_layers,
+                    num_kv_heads=self.model.num_local_kv_heads,
+                    head_dim=self.model_config.head_dim,
+                    dtype=self.dtype,
+                    max_slots=config.max_running,
+                    max_tokens=config.max_model_len,
+                    budget_bytes=max(budget, 0),
+                    block_size=config.block_size,
+                ),
+                self.device,
+            )
+        vmm = open_device(
+            "cuda" if self.device.type == "cuda" else "host",
+            config.page_size,
+            self.device.index or 0,
+        )
         kv_config = KVCacheConfig(
             num_layers=self.model_config.num_layers,
             num_kv_heads=self.model.num_local_kv_heads,
@@ -127,8 +159,12 @@ class ModelRunner:
         )
         return KVCacheAllocator(kv_config, vmm)
 
-    def execute(self, plan: StepPlan, patches: tuple[tuple[int, int], ...] = (),
-                previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(
+        self,
+        plan: StepPlan,
+        patches: tuple[tuple[int, int], ...] = (),
+        previous_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Runs one step; returns float32 logits [len(sample_rows), vocab]. Each ``(row, source)``
         of ``patches`` sets input token ``row`` to ``previous_tokens[source]`` on the device (a
         token the previous step sampled and the host has not read: asynchronous scheduling)."""
@@ -142,7 +178,10 @@ class ModelRunner:
                 return logits
             return logits[to_device(plan.sample_rows, torch.long, self.device)]
         batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
-        ids, positions, rows = (to_device(v, torch.long, self.device) for v in (plan.input_ids, plan.positions, plan.sample_rows))
+        ids, positions, rows = (
+            to_device(v, torch.long, self.device)
+            for v in (plan.input_ids, plan.positions, plan.sample_rows)
+        )
         self._patch(ids, patches, previous_tokens)
         with torch.inference_mode():
             self.attention.plan(batch)
@@ -150,7 +189,9 @@ class ModelRunner:
             self._map_next_step(plan)  # while the GPU runs the layers just launched
             return self.model.compute_logits(hidden[rows])
 
-    def _patch(self, ids: torch.Tensor, patches: tuple[tuple[int, int], ...], previous: torch.Tensor | None) -> None:
+    def _patch(
+        self, ids: torch.Tensor, patches: tuple[tuple[int, int], ...], previous: torch.Tensor | None
+    ) -> None:
         if not patches:
             return
         assert previous is not None
@@ -161,4 +202,6 @@ class ModelRunner:
         """Books each sequence's new length and submits the pages the next step needs to the
         mapping worker, which maps them while this step computes (this step's own pages were
         mapped before the step was planned)."""
-        self.kv.step_async({s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)})
+        self.kv.step_async(
+            {s: c + q for s, c, q in zip(plan.slots, plan.context_lens, plan.query_lens)}
+        )

@@ -6,7 +6,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-
 from typing import TYPE_CHECKING
 
 from replica.sampling_params import SamplingParams

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from replica.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
+from replica.sampling_params import SamplingParams
 
 # Smallest exponential noise used in the race; exponential_ may return 0, and 0/0 would be NaN for
 # masked tokens (argmax treats NaN as the maximum).

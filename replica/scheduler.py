@@ -43,13 +43,21 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_batch_tokens: int, max_running: int, watermark_pages: int = 0,
-                 growth: GrowthReserve | None = None) -> None:
+    def __init__(
+        self,
+        kv: KVCache,
+        max_batch_tokens: int,
+        max_running: int,
+        watermark_pages: int = 0,
+        growth: GrowthReserve | None = None,
+    ) -> None:
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
         self.max_running = min(max_running, kv.max_slots)
         self.watermark_pages = watermark_pages
-        self.growth = growth or GrowthReserve.from_config(0.0)  # default: no growth reserve, whole prompts only
+        self.growth = growth or GrowthReserve.from_config(
+            0.0
+        )  # default: no growth reserve, whole prompts only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preemptions_total = 0
@@ -57,7 +65,9 @@ class Scheduler:
         self.in_flight: deque[frozenset[Request]] = deque()
         #: The last ``schedule(preempt=False)`` stopped where it would have had to preempt.
         self.blocked = False
-        self._deferred: list[tuple[Request, int]] = []  # (request, slot) released once no step holds it
+        self._deferred: list[
+            tuple[Request, int]
+        ] = []  # (request, slot) released once no step holds it
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -126,10 +136,16 @@ class Scheduler:
         if len(self.running) >= self.max_running:
             return False
         request = self.waiting[0]
-        spare = self.watermark_pages * self._page_group() + self.growth.pages(self.running, self._pages)
+        spare = self.watermark_pages * self._page_group() + self.growth.pages(
+            self.running, self._pages
+        )
         # Its whole prompt and expected growth must fit beside the running requests'; alone, its
         # first chunk is enough (a request that fits the cache at all can always start).
-        need = self._pages(request.num_tokens + self.growth.expected_tokens(request)) if self.running else self._pages(tokens)
+        need = (
+            self._pages(request.num_tokens + self.growth.expected_tokens(request))
+            if self.running
+            else self._pages(tokens)
+        )
         if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < need:
             return False
         slot = self.kv.acquire(tokens_hint=request.max_total_tokens)

@@ -104,7 +104,10 @@ def reservation_tensor(
     element = torch.empty((), dtype=dtype).element_size()
     nbytes = math.prod(shape) * element
     if nbytes > reservation.nbytes:
-        raise ValueError(f"shape {shape} of {dtype} needs {nbytes} bytes; the reservation has {reservation.nbytes}")
+        raise ValueError(
+            f"shape {shape} of {dtype} needs {nbytes} bytes; the reservation has "
+            f"{reservation.nbytes}"
+        )
     if device.torch_device.type == "cuda":
         raw = torch.as_tensor(_CudaRange(reservation), device=device.torch_device)
     else:

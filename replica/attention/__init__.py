@@ -24,8 +24,13 @@ def available(name: str, device: torch.device) -> bool:
 
 
 def make_attention_backend(
-    name: str, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device,
+    name: str,
+    cache: KVCacheViews,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> AttentionBackend:
     """``auto`` picks flashinfer, then torch-fa2 on CUDA, else sdpa."""
     if name not in BACKENDS:
@@ -33,7 +38,9 @@ def make_attention_backend(
     if name == "auto":
         name = next(n for n in ("flashinfer", "torch-fa2", "sdpa") if available(n, device))
     if not available(name, device):
-        raise ValueError(f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)")
+        raise ValueError(
+            f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)"
+        )
     if name == "flashinfer":
         from replica.attention.flashinfer_backend import FlashInferBackend
 

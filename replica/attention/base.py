@@ -38,7 +38,9 @@ class AttentionBackend(ABC):
     #: Whether ``plan_graph`` is implemented (decode steps may then run as CUDA graphs).
     supports_graphs: bool = False
 
-    def __init__(self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int
+    ) -> None:
         self.cache = cache
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
@@ -84,7 +86,9 @@ class AttentionBackend(ABC):
         tokens_per_slot = self.cache.k_cache(0).shape[1]
         return batch.token_slots_t * tokens_per_slot + batch.token_positions_t
 
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new tokens at [context, context + query) of their slots; returns the layer's
         caches."""
         assert self.batch is not None, "plan() first"
@@ -93,7 +97,9 @@ class AttentionBackend(ABC):
         token_rows(v_cache).index_copy_(0, self.token_rows, v.to(v_cache.dtype))
         return k_cache, v_cache
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         k_cache, v_cache = self.write_kv(layer, k, v)
         return self.attend(q, k_cache, v_cache)
 

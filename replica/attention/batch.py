@@ -59,7 +59,10 @@ class StepBatch:
 
     @staticmethod
     def build(
-        slots: Sequence[int], context_lens: Sequence[int], query_lens: Sequence[int], device: torch.device
+        slots: Sequence[int],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        device: torch.device,
     ) -> StepBatch:
         if list(slots) != sorted(slots) or len(set(slots)) != len(slots):
             raise ValueError(f"a step's slots must be distinct and ascending, got {list(slots)}")
@@ -70,11 +73,15 @@ class StepBatch:
     def padded(self, size: int, device: torch.device) -> StepBatch:
         """This decode batch grown to ``size`` sequences (``build_padded``)."""
         if not self.is_decode:
-            raise ValueError(f"only a decode batch pads, to at least its {self.num_sequences} sequences")
+            raise ValueError(
+                f"only a decode batch pads, to at least its {self.num_sequences} sequences"
+            )
         return StepBatch.build_padded(self.slots, self.context_lens, size, device)
 
     @staticmethod
-    def build_padded(slots: Sequence[int], context_lens: Sequence[int], size: int, device: torch.device) -> StepBatch:
+    def build_padded(
+        slots: Sequence[int], context_lens: Sequence[int], size: int, device: torch.device
+    ) -> StepBatch:
         """A decode batch (one new token per sequence) grown to ``size`` sequences by repeating its
         last one (same slot, length and position): the fixed-size batch a CUDA graph replays. The
         repeats attend exactly like the last sequence and write the same K/V to the same row."""
@@ -84,13 +91,18 @@ class StepBatch:
             raise ValueError(f"only a decode batch pads, to at least its {len(slots)} sequences")
         extra = size - len(slots)
         return StepBatch._make(
-            tuple(slots) + tuple(slots[-1:]) * extra, tuple(context_lens) + tuple(context_lens[-1:]) * extra,
-            (1,) * size, device,
+            tuple(slots) + tuple(slots[-1:]) * extra,
+            tuple(context_lens) + tuple(context_lens[-1:]) * extra,
+            (1,) * size,
+            device,
         )
 
     @staticmethod
     def _make(
-        slots: Sequence[int], context_lens: Sequence[int], query_lens: Sequence[int], device: torch.device
+        slots: Sequence[int],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        device: torch.device,
     ) -> StepBatch:
         kv_lens = [c + q for c, q in zip(context_lens, query_lens)]
         token_slots = [s for s, q in zip(slots, query_lens) for _ in range(q)]

@@ -19,17 +19,26 @@ class FlashAttnBackend(AttentionBackend):
         assert batch is not None
         if batch.is_decode:  # [B, 1, heads, dim] queries, one per slot
             out = flash_attn_with_kvcache(
-                q.unsqueeze(1), k_cache, v_cache, cache_seqlens=batch.kv_lens_t,
-                cache_batch_idx=batch.slots_t, softmax_scale=self.scale, causal=True,
+                q.unsqueeze(1),
+                k_cache,
+                v_cache,
+                cache_seqlens=batch.kv_lens_t,
+                cache_batch_idx=batch.slots_t,
+                softmax_scale=self.scale,
+                causal=True,
             )
             return out.squeeze(1)
         out = torch.empty_like(q)
         start = 0
         for i, query in enumerate(batch.query_lens):  # prefill chunks: one call per sequence
             out[start : start + query] = flash_attn_with_kvcache(
-                q[start : start + query].unsqueeze(0), k_cache, v_cache,
-                cache_seqlens=batch.kv_lens_t[i : i + 1], cache_batch_idx=batch.slots_t[i : i + 1],
-                softmax_scale=self.scale, causal=True,
+                q[start : start + query].unsqueeze(0),
+                k_cache,
+                v_cache,
+                cache_seqlens=batch.kv_lens_t[i : i + 1],
+                cache_batch_idx=batch.slots_t[i : i + 1],
+                softmax_scale=self.scale,
+                causal=True,
             ).squeeze(0)
             start += query
         return out

@@ -1,5 +1,6 @@
 """FlashInfer's paged kernels on the vAttention cache, zero copy: the cache is handed over as a
-paged cache whose pages are *virtual*, their size chosen per step (``replica.attention.kernel_pages``):
+paged cache whose pages are *virtual*, their size chosen per step
+(``replica.attention.kernel_pages``):
 a whole slot (page_size = tokens_per_slot, kv_indices = slot ids, last_page_len = lengths) when the
 batch fills the GPU or contexts are short, else 16-token pages over the same memory so that
 FlashInfer can split a long sequence across thread blocks. No block table exists: indices are
@@ -29,27 +30,52 @@ class FlashInferKernels:
     fixed tensors (``graph_pages`` entries) that each plan refills in place, so a graph captured
     after one plan replays correctly after the next."""
 
-    def __init__(self, device: torch.device, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 page_size: int, dtype: torch.dtype, scale: float, prefill_kernel: PrefillKernel) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        scale: float,
+        prefill_kernel: PrefillKernel,
+    ) -> None:
         import flashinfer  # optional dependency: the gpu extra
 
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         #: fa3 (FlashInfer's "auto" on Hopper) only where its 32-bit addressing reaches the cache.
         self.prefill_kernel = prefill_kernel
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                      backend=prefill_kernel.backend)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
-        self.graph_decodes: dict[tuple[int, int], object] = {}  # (batch size, page size) -> cuda-graph wrapper
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=prefill_kernel.backend
+        )
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True
+        )
+        self.graph_decodes: dict[
+            tuple[int, int], object
+        ] = {}  # (batch size, page size) -> cuda-graph wrapper
         self.active: object = self.decode
         self.planned: torch.cuda.Event | None = None  # recorded behind the last plan's copies
         self.head_dim = head_dim
         self.common = {
-            "num_qo_heads": num_q_heads, "num_kv_heads": num_kv_heads, "page_size": page_size,
-            "q_data_type": dtype, "kv_data_type": dtype, "sm_scale": scale,
+            "num_qo_heads": num_q_heads,
+            "num_kv_heads": num_kv_heads,
+            "page_size": page_size,
+            "q_data_type": dtype,
+            "kv_data_type": dtype,
+            "sm_scale": scale,
         }
 
-    def plan(self, batch: StepBatch, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor,
-             graph_pages: int | None = None, page_size: int | None = None) -> None:
+    def plan(
+        self,
+        batch: StepBatch,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+        last_page_len: torch.Tensor,
+        graph_pages: int | None = None,
+        page_size: int | None = None,
+    ) -> None:
         """``indptr`` and ``last_page_len`` on the host (FlashInfer plans there: device tensors
         would sync), ``indices`` on the device; ``page_size`` overrides the constructor's (the
         vAttention backend chooses it per step).
@@ -62,12 +88,22 @@ class FlashInferKernels:
             self.planned.synchronize()
         common = self.common if page_size is None else {**self.common, "page_size": page_size}
         if not batch.is_decode:
-            self.prefill.plan(batch.cu_query_host, indptr, indices, last_page_len, head_dim_qk=self.head_dim,
-                              causal=True, **common)
+            self.prefill.plan(
+                batch.cu_query_host,
+                indptr,
+                indices,
+                last_page_len,
+                head_dim_qk=self.head_dim,
+                causal=True,
+                **common,
+            )
             self.active = self.prefill
         else:
-            wrapper = (self.decode if graph_pages is None
-                       else self._graph_decode(batch.num_sequences, graph_pages, common["page_size"]))
+            wrapper = (
+                self.decode
+                if graph_pages is None
+                else self._graph_decode(batch.num_sequences, graph_pages, common["page_size"])
+            )
             wrapper.plan(indptr, indices, last_page_len, head_dim=self.head_dim, **common)  # type: ignore[attr-defined]
             self.active = wrapper
         self.planned = torch.cuda.Event()
@@ -80,10 +116,17 @@ class FlashInferKernels:
 
             device = self.workspace.device
             self.graph_decodes[key] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.empty(batch_size + 1, dtype=torch.int32, device=device),
+                self.workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.empty(
+                    batch_size + 1, dtype=torch.int32, device=device
+                ),
                 paged_kv_indices_buffer=torch.empty(max_pages, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.empty(batch_size, dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.empty(
+                    batch_size, dtype=torch.int32, device=device
+                ),
             )
         return self.graph_decodes[key]
 
@@ -96,38 +139,68 @@ class FlashInferBackend(AttentionBackend):
     supports_graphs = True
 
     def __init__(
-        self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        self,
+        cache: KVCacheViews,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         k0 = cache.k_cache(0)
         self.tokens_per_slot = k0.shape[1]
         rows = k0.shape[0] * self.tokens_per_slot  # every slot's every token
-        prefill_kernel = choose_prefill_kernel(rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()))
-        self.kernels = FlashInferKernels(k0.device, num_q_heads, num_kv_heads, head_dim, self.tokens_per_slot, dtype,
-                                         self.scale, prefill_kernel)
+        prefill_kernel = choose_prefill_kernel(
+            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity())
+        )
+        self.kernels = FlashInferKernels(
+            k0.device,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            self.tokens_per_slot,
+            dtype,
+            self.scale,
+            prefill_kernel,
+        )
         # Host-side planning inputs: plan() reads them on the CPU, so device copies would sync.
         self.page_indptr = torch.arange(k0.shape[0] + 1, dtype=torch.int32).pin_memory()
         self.page_tokens = self.tokens_per_slot  # what the kernel sees this step
 
-    def _pages(self, batch: StepBatch, page_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pages(
+        self, batch: StepBatch, page_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr, indices, last_page_len) of the batch seen as ``page_tokens``-token pages. One
         page per slot: indices are the slots, last_page_len the lengths (no work). Smaller pages
         (small batches only): computed on the host from the slots and lengths."""
         if page_tokens == self.tokens_per_slot:
             return self.page_indptr[: batch.num_sequences + 1], batch.slots_t, batch.kv_lens_host
-        indptr, indices, last = page_table(batch.slots, batch.kv_lens, page_tokens, self.tokens_per_slot)
-        host = [torch.tensor(v, dtype=torch.int32, pin_memory=True) for v in (indptr, indices, last)]
+        indptr, indices, last = page_table(
+            batch.slots, batch.kv_lens, page_tokens, self.tokens_per_slot
+        )
+        host = [
+            torch.tensor(v, dtype=torch.int32, pin_memory=True) for v in (indptr, indices, last)
+        ]
         return host[0], host[1].to(batch.slots_t.device, non_blocking=True), host[2]
 
     def graph_variant(self, batch: StepBatch) -> int:
-        """The page size the kernel sees: a graph captured with one page size cannot replay another."""
-        return kernel_page_tokens(batch.num_sequences, self.num_kv_heads, batch.max_kv_len, self.tokens_per_slot)
+        """The page size the kernel sees: a graph captured with one page size cannot replay
+        another."""
+        return kernel_page_tokens(
+            batch.num_sequences, self.num_kv_heads, batch.max_kv_len, self.tokens_per_slot
+        )
 
     def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
         """Short contexts for every size, and a long one where the kernel then sees small pages."""
-        long = [(size, LONG_CONTEXT_TOKENS) for size in sizes if LONG_CONTEXT_TOKENS <= max_kv_len
-                and kernel_page_tokens(size, self.num_kv_heads, LONG_CONTEXT_TOKENS, self.tokens_per_slot)
-                != self.tokens_per_slot]
+        long = [
+            (size, LONG_CONTEXT_TOKENS)
+            for size in sizes
+            if LONG_CONTEXT_TOKENS <= max_kv_len
+            and kernel_page_tokens(
+                size, self.num_kv_heads, LONG_CONTEXT_TOKENS, self.tokens_per_slot
+            )
+            != self.tokens_per_slot
+        ]
         return [(size, 1) for size in sizes] + long
 
     def plan(self, batch: StepBatch) -> None:
@@ -138,12 +211,19 @@ class FlashInferBackend(AttentionBackend):
     def _plan_graph(self, batch: StepBatch) -> None:
         self.page_tokens = self.graph_variant(batch)
         max_pages = batch.num_sequences * (self.tokens_per_slot // self.page_tokens)
-        self.kernels.plan(batch, *self._pages(batch, self.page_tokens), graph_pages=max_pages,
-                          page_size=self.page_tokens)
+        self.kernels.plan(
+            batch,
+            *self._pages(batch, self.page_tokens),
+            graph_pages=max_pages,
+            page_size=self.page_tokens,
+        )
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         if self.page_tokens != self.tokens_per_slot:
-            k_cache, v_cache = virtual_pages(k_cache, self.page_tokens), virtual_pages(v_cache, self.page_tokens)
+            k_cache, v_cache = (
+                virtual_pages(k_cache, self.page_tokens),
+                virtual_pages(v_cache, self.page_tokens),
+            )
         return self.kernels.run(q, k_cache, v_cache)
 
 
@@ -151,5 +231,7 @@ def virtual_pages(cache: torch.Tensor, page_tokens: int) -> torch.Tensor:
     """[slots, tokens, heads, dim] -> [slots * tokens / page_tokens, page_tokens, heads, dim], the
     same memory (a slot's tokens are followed by the next slot's in every layout)."""
     rows = token_rows(cache)
-    return rows.as_strided((rows.shape[0] // page_tokens, page_tokens, *rows.shape[1:]),
-                           (page_tokens * rows.stride(0), *rows.stride()))
+    return rows.as_strided(
+        (rows.shape[0] // page_tokens, page_tokens, *rows.shape[1:]),
+        (page_tokens * rows.stride(0), *rows.stride()),
+    )

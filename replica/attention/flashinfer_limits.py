@@ -51,13 +51,21 @@ def choose_prefill_kernel(rows: int, row_stride_bytes: int, step_kv_tokens: int)
         )
     span = rows * row_stride_bytes
     if span > FA3_ADDRESSABLE_BYTES:
-        return PrefillKernel("fa2", (
-            f"{rows:,} rows {row_stride_bytes:,} B apart span {span / 2**30:.1f} GiB; FlashInfer's "
-            f"Hopper prefill addresses {FA3_ADDRESSABLE_BYTES / 2**30:.0f} GiB"
-        ))
+        return PrefillKernel(
+            "fa2",
+            (
+                f"{rows:,} rows {row_stride_bytes:,} B apart span {span / 2**30:.1f} GiB; "
+                "FlashInfer's "
+                f"Hopper prefill addresses {FA3_ADDRESSABLE_BYTES / 2**30:.0f} GiB"
+            ),
+        )
     if step_kv_tokens > FA3_MAX_STEP_KV_TOKENS:
-        return PrefillKernel("fa2", (
-            f"a step may attend over {step_kv_tokens:,} keys; FlashInfer's Hopper prefill indexes "
-            f"{FA3_MAX_STEP_KV_TOKENS:,}"
-        ))
+        return PrefillKernel(
+            "fa2",
+            (
+                f"a step may attend over {step_kv_tokens:,} keys; FlashInfer's Hopper prefill "
+                "indexes "
+                f"{FA3_MAX_STEP_KV_TOKENS:,}"
+            ),
+        )
     return PrefillKernel("auto", f"{rows:,} rows span {span / 2**30:.1f} GiB: within fa3's reach")

@@ -14,7 +14,8 @@ pages (the paged mode's 16-token blocks: 28 µs), a batch of 8 at 4K 67 vs 44 µ
 1K 21 µs against 11.5 µs on 16-token blocks; from 16 sequences x 8 KV heads = 128 blocks on (the
 H200 has 132 SMs) the page size does not matter (within 3%, 7% at 16 x 32K):
 
-    P = tokens_per_slot   if sequences * kv_heads >= SPLIT_BELOW_BLOCKS or max kv_len < LONG_CONTEXT_TOKENS
+    P = tokens_per_slot   if sequences * kv_heads >= SPLIT_BELOW_BLOCKS or max kv_len <
+    LONG_CONTEXT_TOKENS
     P = 16                otherwise (when 16 divides tokens_per_slot; else one page per slot)
 """
 
@@ -31,25 +32,39 @@ SMALL_PAGE_TOKENS = 16
 def small_page(tokens_per_slot: int) -> int | None:
     """The small virtual page for slots of ``tokens_per_slot`` tokens: SMALL_PAGE_TOKENS when it
     divides them, else None (slots are then always one page)."""
-    return SMALL_PAGE_TOKENS if tokens_per_slot % SMALL_PAGE_TOKENS == 0 and tokens_per_slot > SMALL_PAGE_TOKENS else None
+    return (
+        SMALL_PAGE_TOKENS
+        if tokens_per_slot % SMALL_PAGE_TOKENS == 0 and tokens_per_slot > SMALL_PAGE_TOKENS
+        else None
+    )
 
 
 def kernel_page_tokens(sequences: int, kv_heads: int, max_kv_len: int, tokens_per_slot: int) -> int:
     """The page size (tokens) the kernel sees this step (the rule in the module docstring);
     ``kv_heads``: this rank's."""
     small = small_page(tokens_per_slot)
-    if small is None or sequences * kv_heads >= SPLIT_BELOW_BLOCKS or max_kv_len < LONG_CONTEXT_TOKENS:
+    if (
+        small is None
+        or sequences * kv_heads >= SPLIT_BELOW_BLOCKS
+        or max_kv_len < LONG_CONTEXT_TOKENS
+    ):
         return tokens_per_slot
     return small
 
 
-def page_table(slots: list[int] | tuple[int, ...], kv_lens: list[int] | tuple[int, ...], page_tokens: int,
-               tokens_per_slot: int) -> tuple[list[int], list[int], list[int]]:
+def page_table(
+    slots: list[int] | tuple[int, ...],
+    kv_lens: list[int] | tuple[int, ...],
+    page_tokens: int,
+    tokens_per_slot: int,
+) -> tuple[list[int], list[int], list[int]]:
     """(indptr, indices, last_page_len) of a batch shown as pages of ``page_tokens`` tokens:
     sequence i covers pages ``indices[indptr[i]:indptr[i + 1]]``, which are
     ``slot_i * (tokens_per_slot / page_tokens) + j`` for j < ceil(kv_len_i / page_tokens)."""
     if tokens_per_slot % page_tokens:
-        raise ValueError(f"a {page_tokens}-token page does not divide a {tokens_per_slot}-token slot")
+        raise ValueError(
+            f"a {page_tokens}-token page does not divide a {tokens_per_slot}-token slot"
+        )
     per_slot = tokens_per_slot // page_tokens
     indptr, indices, last = [0], [], []
     for slot, kv_len in zip(slots, kv_lens):

@@ -34,7 +34,9 @@ ALIASES = {"flashinfer": "paged-flashinfer", "sdpa": "paged-sdpa"}
 class PagedAttentionBackend(AttentionBackend):
     """Writes new K/V through the block table; subclasses attend over the blocks."""
 
-    def __init__(self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int
+    ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         self.paged = cache
         self.block_size = cache.config.block_size
@@ -73,14 +75,29 @@ class PagedFlashInferBackend(PagedAttentionBackend):
     supports_graphs = True
 
     def __init__(
-        self, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        self,
+        cache: PagedKVCache,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         k0 = cache.k_cache(0)
         rows = k0.shape[0] * k0.shape[1]  # every block's every token
-        prefill_kernel = choose_prefill_kernel(rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()))
-        self.kernels = FlashInferKernels(cache.device, num_q_heads, num_kv_heads, head_dim, self.block_size, dtype,
-                                         self.scale, prefill_kernel)
+        prefill_kernel = choose_prefill_kernel(
+            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity())
+        )
+        self.kernels = FlashInferKernels(
+            cache.device,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            self.block_size,
+            dtype,
+            self.scale,
+            prefill_kernel,
+        )
 
     def _pages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr, kv_indices, last_page_len) of the batch's blocks. indptr and last_page_len are
@@ -92,7 +109,9 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         indptr = [0]
         for count in blocks:
             indptr.append(indptr[-1] + count)
-        last_page_len = [kv_len - (count - 1) * size for kv_len, count in zip(batch.kv_lens, blocks)]
+        last_page_len = [
+            kv_len - (count - 1) * size for kv_len, count in zip(batch.kv_lens, blocks)
+        ]
         pinned = device.type == "cuda"
         indptr_host = torch.tensor(indptr, dtype=torch.int32, pin_memory=pinned)
         last_host = torch.tensor(last_page_len, dtype=torch.int32, pin_memory=pinned)
@@ -117,8 +136,13 @@ class PagedFlashInferBackend(PagedAttentionBackend):
 
 
 def make_paged_attention_backend(
-    name: str, cache: PagedKVCache, num_q_heads: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device,
+    name: str,
+    cache: PagedKVCache,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> PagedAttentionBackend:
     """``auto`` picks paged-flashinfer on CUDA when FlashInfer is installed, else paged-sdpa;
     ``flashinfer`` and ``sdpa`` name their paged counterparts."""
@@ -131,6 +155,8 @@ def make_paged_attention_backend(
         name = "paged-flashinfer" if flashinfer_ok else "paged-sdpa"
     if name == "paged-flashinfer":
         if not flashinfer_ok:
-            raise ValueError(f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)")
+            raise ValueError(
+                f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)"
+            )
         return PagedFlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
     return PagedSdpaBackend(cache, num_q_heads, num_kv_heads, head_dim)

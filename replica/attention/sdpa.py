@@ -40,7 +40,9 @@ def sdpa_per_sequence(
         if query > 1:  # query j sits at position context + j and sees keys 0 .. context + j
             positions = torch.arange(kv_len, device=q.device)
             mask = positions[None, :] <= (context + torch.arange(query, device=q.device))[:, None]
-        o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=scale, enable_gqa=True)
+        o_i = F.scaled_dot_product_attention(
+            q_i, k_i, v_i, attn_mask=mask, scale=scale, enable_gqa=True
+        )
         out[start : start + query] = o_i.squeeze(0).transpose(0, 1)
         start += query
     return out

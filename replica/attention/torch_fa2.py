@@ -18,7 +18,9 @@ class TorchFlashBackend(AttentionBackend):
     name = "torch-fa2"
     supports_graphs = True
 
-    def __init__(self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int
+    ) -> None:
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         #: batch size -> static (cu_query, cu_key, seqused_k) read by a captured graph
         self.graph_buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -38,7 +40,9 @@ class TorchFlashBackend(AttentionBackend):
         if size not in self.graph_buffers:
             # A padded batch repeats its last slot: a repeated start offset reads the same keys.
             self.graph_buffers[size] = (
-                torch.empty_like(batch.cu_query_t), torch.empty_like(batch.cu_query_t), torch.empty_like(batch.kv_lens_t),
+                torch.empty_like(batch.cu_query_t),
+                torch.empty_like(batch.cu_query_t),
+                torch.empty_like(batch.kv_lens_t),
             )
         self.cu_q, self.cu_k, self.seqused_k = self.graph_buffers[size]
         self.cu_q.copy_(batch.cu_query_t)
@@ -48,7 +52,17 @@ class TorchFlashBackend(AttentionBackend):
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         out = torch.ops.aten._flash_attention_forward(
-            q, token_rows(k_cache), token_rows(v_cache), self.cu_q, self.cu_k,
-            self.max_q, self.max_k, 0.0, True, False, scale=self.scale, seqused_k=self.seqused_k,
+            q,
+            token_rows(k_cache),
+            token_rows(v_cache),
+            self.cu_q,
+            self.cu_k,
+            self.max_q,
+            self.max_k,
+            0.0,
+            True,
+            False,
+            scale=self.scale,
+            seqused_k=self.seqused_k,
         )[0]
         return out

@@ -9,10 +9,14 @@ from typing import TYPE_CHECKING
 from replica.lazy import lazy_exports
 
 _EXPORTS = {
-    "KVCache": "base", "KVCacheOutOfMemory": "base", "StepTicket": "base",
+    "KVCache": "base",
+    "KVCacheOutOfMemory": "base",
+    "StepTicket": "base",
     "KVCacheAllocator": "allocator",
-    "KVCacheConfig": "config", "KVLayout": "config",
-    "PagedKVCache": "paged", "PagedKVConfig": "paged_config",
+    "KVCacheConfig": "config",
+    "KVLayout": "config",
+    "PagedKVCache": "paged",
+    "PagedKVConfig": "paged_config",
     "RecordingKVCache": "recording",
     "KVCacheStats": "stats",
 }

@@ -1,6 +1,7 @@
 """The vAttention KV cache allocator: which slot a request gets and which pages back it.
 
-A request owns a *slot*: a fixed region of every reserved range (see ``replica.kv.config``), so its K and
+A request owns a *slot*: a fixed region of every reserved range (see ``replica.kv.config``), so its
+K and
 V are ordinary strided tensors. Physical pages are mapped under a slot as it grows; the mapping
 runs on the extension's background worker (FIFO), so this class only keeps the books and emits
 operations. It is owned by one engine thread and is not thread-safe.
@@ -58,13 +59,16 @@ class KVCacheAllocator(KVCache):
                 f"config page size {config.page_size} != backend page size {self.device.page_size}"
             )
         self._clock = clock
-        self._pool = PhysicalPagePool(config.budget_pages, config.max_idle_pages, config.idle_seconds, clock)
+        self._pool = PhysicalPagePool(
+            config.budget_pages, config.max_idle_pages, config.idle_seconds, clock
+        )
         self._pages = PagePool(self.device.backend)
         self._worker = MapWorker(self._pages)
         pages_per_range = config.max_slots * config.pages_per_slot
         self._ranges = [Reservation(self._pages, pages_per_range) for _ in range(config.num_ranges)]
         self._tensors = [
-            reservation_tensor(r, self.device, config.dtype, config.range_shape) for r in self._ranges
+            reservation_tensor(r, self.device, config.dtype, config.range_shape)
+            for r in self._ranges
         ]
         self._slots = [_Slot() for _ in range(config.max_slots)]
         self._ops: list[Op] = []
@@ -84,7 +88,9 @@ class KVCacheAllocator(KVCache):
             raise IndexError(f"layer {layer} outside [0, {self.config.num_layers})")
         if self.config.layout is KVLayout.PER_LAYER:
             return self._tensors[2 * layer + kv]
-        return self._tensors[0][:, :, layer, kv]  # [slots, tokens, layers, 2, heads, dim] -> strided
+        return self._tensors[0][
+            :, :, layer, kv
+        ]  # [slots, tokens, layers, 2, heads, dim] -> strided
 
     # ---- geometry ------------------------------------------------------------------------------
     def pages_for(self, tokens: int) -> int:
@@ -92,7 +98,10 @@ class KVCacheAllocator(KVCache):
         return self.config.page_groups_for(tokens) * self.config.num_ranges
 
     def _backed_tokens(self, slot: _Slot) -> int:
-        return min(len(slot.groups) * self.config.page_size // self.config.bytes_per_token, self.config.tokens_per_slot)
+        return min(
+            len(slot.groups) * self.config.page_size // self.config.bytes_per_token,
+            self.config.tokens_per_slot,
+        )
 
     @property
     def reservations(self) -> tuple[Reservation, ...]:
@@ -110,11 +119,23 @@ class KVCacheAllocator(KVCache):
         need = self.config.page_groups_for(self.check_hint(tokens_hint))
         cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
         if cached:
-            index = min(cached, key=lambda i: (len(self._slots[i].groups) < need, abs(len(self._slots[i].groups) - need)))
+            index = min(
+                cached,
+                key=lambda i: (
+                    len(self._slots[i].groups) < need,
+                    abs(len(self._slots[i].groups) - need),
+                ),
+            )
         else:
             empty = [i for i, s in enumerate(self._slots) if s.state is SlotState.FREE]
             if not empty:
-                raise KVCacheOutOfMemory(tokens_hint, 0, self._pool.available, 0, f"all {self.config.max_slots} slots are running")
+                raise KVCacheOutOfMemory(
+                    tokens_hint,
+                    0,
+                    self._pool.available,
+                    0,
+                    f"all {self.config.max_slots} slots are running",
+                )
             index = empty[0]
         slot = self._slots[index]
         slot.state, slot.length, slot.reserved = SlotState.RUNNING, 0, 0
@@ -149,7 +170,9 @@ class KVCacheAllocator(KVCache):
         self._flush()
         if not grown:
             groups = need - len(slot.groups)
-            raise KVCacheOutOfMemory(tokens, groups * self.config.num_ranges, self._pool.available, self._cached_pages())
+            raise KVCacheOutOfMemory(
+                tokens, groups * self.config.num_ranges, self._pool.available, self._cached_pages()
+            )
         # Waits only for the batch that maps these tokens' pages: eager pages booked ahead may
         # still be mapping (the common decode case: they were submitted steps ago and are done).
         ticket = slot.tickets[need - 1] if need else 0  # tickets ascend with the page index
@@ -176,7 +199,9 @@ class KVCacheAllocator(KVCache):
         for slot_index in lengths:
             slot = self._slots[slot_index]
             need = self.config.page_groups_for(slot.reserved)
-            if len(slot.groups) < need or (len(slot.groups) < self._eager_target(slot.reserved) and available):
+            if len(slot.groups) < need or (
+                len(slot.groups) < self._eager_target(slot.reserved) and available
+            ):
                 if not self._grow(slot_index, slot.reserved):
                     unbacked.append(slot_index)
                     # Its books never claim tokens it cannot store.
@@ -247,7 +272,10 @@ class KVCacheAllocator(KVCache):
         taken = self._pool.take(pages)
         if taken is None:
             return False
-        eager = min(self._eager_target(tokens) - len(slot.groups) - pages // ranges, self._pool.available // ranges)
+        eager = min(
+            self._eager_target(tokens) - len(slot.groups) - pages // ranges,
+            self._pool.available // ranges,
+        )
         extra = self._pool.take(eager * ranges) if eager > 0 else None
         ids = list(taken.ids) + (list(extra.ids) if extra else [])
         if not ids:
@@ -271,12 +299,16 @@ class KVCacheAllocator(KVCache):
             (i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED),
             key=lambda i: self._slots[i].released_at,
         )
-        running = [i for i, s in enumerate(self._slots) if s.state is SlotState.RUNNING and i != exclude]
+        running = [
+            i for i, s in enumerate(self._slots) if s.state is SlotState.RUNNING and i != exclude
+        ]
         for index in cached + running:
             if pages <= 0:
                 return
             slot = self._slots[index]
-            keep = 0 if slot.state is SlotState.CACHED else self.config.page_groups_for(slot.reserved)
+            keep = (
+                0 if slot.state is SlotState.CACHED else self.config.page_groups_for(slot.reserved)
+            )
             surplus_groups = len(slot.groups) - keep
             take = min(surplus_groups, -(-pages // self.config.num_ranges))
             if take > 0:
@@ -313,7 +345,10 @@ class KVCacheAllocator(KVCache):
         return slot
 
     def _cached_pages(self) -> int:
-        return sum(len(s.groups) for s in self._slots if s.state is SlotState.CACHED) * self.config.num_ranges
+        return (
+            sum(len(s.groups) for s in self._slots if s.state is SlotState.CACHED)
+            * self.config.num_ranges
+        )
 
     # ---- accounting ----------------------------------------------------------------------------
     def reclaimable_pages(self) -> int:
@@ -336,7 +371,13 @@ class KVCacheAllocator(KVCache):
         running = [s for s in self._slots if s.state is SlotState.RUNNING]
         in_use = sum(len(s.groups) for s in running) * ranges
         cached = self._cached_pages()
-        wasted = sum(len(s.groups) * config.page_size - s.length * config.bytes_per_token for s in running) * ranges
+        wasted = (
+            sum(
+                len(s.groups) * config.page_size - s.length * config.bytes_per_token
+                for s in running
+            )
+            * ranges
+        )
         worker = self._worker.stats()
         return KVCacheStats(
             page_size_bytes=config.page_size,
@@ -370,13 +411,19 @@ class KVCacheAllocator(KVCache):
         assert len(mapped) == len(set(mapped)), "a page id is mapped twice"
         assert all(len(group) == ranges for s in self._slots for group in s.groups)
         stats = self.stats()
-        assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, stats
+        assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
+            stats
+        )
         for index, slot in enumerate(self._slots):
-            assert len(slot.tickets) == len(slot.groups) and slot.tickets == sorted(slot.tickets), index
+            assert len(slot.tickets) == len(slot.groups) and slot.tickets == sorted(slot.tickets), (
+                index
+            )
             if slot.state is SlotState.FREE:
                 assert not slot.groups, f"free slot {index} holds pages"
             if slot.state is SlotState.RUNNING:
-                assert len(slot.groups) >= self.config.page_groups_for(slot.length), f"slot {index} unbacked"
+                assert len(slot.groups) >= self.config.page_groups_for(slot.length), (
+                    f"slot {index} unbacked"
+                )
         if deep:
             self.synchronize()
             assert len(self._pages) == self._pool.created, (len(self._pages), self._pool.created)

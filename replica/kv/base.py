@@ -40,14 +40,22 @@ class KVCacheOutOfMemory(Exception):
     """The cache cannot back the tokens asked for, even after reclaiming; never a crash — the
     scheduler answers it by waiting or preempting."""
 
-    def __init__(self, tokens_asked: int, pages_needed: int, pages_free: int, pages_cached: int, why: str = ""):
+    def __init__(
+        self,
+        tokens_asked: int,
+        pages_needed: int,
+        pages_free: int,
+        pages_cached: int,
+        why: str = "",
+    ):
         self.tokens_asked = tokens_asked
         self.pages_needed = pages_needed
         self.pages_free = pages_free
         self.pages_cached = pages_cached
         super().__init__(
             f"KV cache out of memory{': ' + why if why else ''}: {tokens_asked} tokens asked need "
-            f"{pages_needed} more pages; {pages_free} free (creatable included), {pages_cached} cached"
+            f"{pages_needed} more pages; {pages_free} free (creatable included), "
+            f"{pages_cached} cached"
         )
 
 
@@ -65,7 +73,9 @@ def require_positive_ints(config: object, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
         if not is_int(value) or value <= 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
+            )
 
 
 def require_non_negative_ints(config: object, names: tuple[str, ...]) -> None:
@@ -215,7 +225,10 @@ class KVCache(ABC):
     def check_tokens(self, slot_index: int, tokens: object) -> int:
         """``tokens`` as an int a slot can hold, else ValueError."""
         if not is_int(tokens) or not 0 <= tokens <= self.tokens_per_slot:  # type: ignore[operator]
-            raise ValueError(f"slot {slot_index}: {tokens!r} tokens asked; a slot holds 0..{self.tokens_per_slot}")
+            raise ValueError(
+                f"slot {slot_index}: {tokens!r} tokens asked; a slot holds "
+                f"0..{self.tokens_per_slot}"
+            )
         return tokens  # type: ignore[return-value]
 
     def check_hint(self, tokens_hint: object) -> int:
@@ -229,5 +242,7 @@ class KVCache(ABC):
         for slot_index, length in lengths.items():
             self.check_tokens(slot_index, length)
             if length + 1 > self.tokens_per_slot:
-                raise ValueError(f"slot {slot_index}: a step after {length} tokens passes the slot's "
-                                 f"{self.tokens_per_slot}")
+                raise ValueError(
+                    f"slot {slot_index}: a step after {length} tokens passes the slot's "
+                    f"{self.tokens_per_slot}"
+                )

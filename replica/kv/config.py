@@ -5,7 +5,8 @@ Two layouts, both first-class:
 ``per_layer`` (the vAttention paper's default): one K and one V range per layer, each
     [max_slots, max_tokens, kv_heads, head_dim]            -> 2 * num_layers ranges
 ``interleaved``: one range for K and V of all layers,
-    [max_slots, max_tokens, num_layers, 2, kv_heads, head_dim] -> 1 range; layer l's K (V) is a strided
+    [max_slots, max_tokens, num_layers, 2, kv_heads, head_dim] -> 1 range; layer l's K (V) is a
+    strided
     view. A page holds whole tokens of every layer, so a slot's last, partly filled page is the
     only waste: half a page per request on average (Llama-3-8B: 16 tokens of a 2 MiB page)
 
@@ -66,11 +67,20 @@ class KVCacheConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))
-        require_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size"))
-        require_non_negative_ints(self, ("eager_pages", "max_idle_pages", "budget_bytes", "eager_lookahead_tokens"))
-        if isinstance(self.idle_seconds, bool) or not isinstance(self.idle_seconds, (int, float)) \
-                or not self.idle_seconds >= 0:
-            raise ValueError(f"KVCacheConfig.idle_seconds must be a number >= 0, got {self.idle_seconds!r}")
+        require_positive_ints(
+            self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size")
+        )
+        require_non_negative_ints(
+            self, ("eager_pages", "max_idle_pages", "budget_bytes", "eager_lookahead_tokens")
+        )
+        if (
+            isinstance(self.idle_seconds, bool)
+            or not isinstance(self.idle_seconds, (int, float))
+            or not self.idle_seconds >= 0
+        ):
+            raise ValueError(
+                f"KVCacheConfig.idle_seconds must be a number >= 0, got {self.idle_seconds!r}"
+            )
         if self.page_size % self.element_size:
             raise ValueError(f"page size {self.page_size} is not a multiple of {self.dtype}'s size")
 
@@ -86,7 +96,9 @@ class KVCacheConfig:
     @property
     def heads_per_range(self) -> int:
         """K or V head vectors one token stores in one range (all layers' K and V, or one)."""
-        return self.num_kv_heads * (2 * self.num_layers if self.layout is KVLayout.INTERLEAVED else 1)
+        return self.num_kv_heads * (
+            2 * self.num_layers if self.layout is KVLayout.INTERLEAVED else 1
+        )
 
     @functools.cached_property
     def bytes_per_token(self) -> int:
@@ -114,5 +126,12 @@ class KVCacheConfig:
     @property
     def range_shape(self) -> tuple[int, ...]:
         if self.layout is KVLayout.INTERLEAVED:
-            return (self.max_slots, self.tokens_per_slot, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+            return (
+                self.max_slots,
+                self.tokens_per_slot,
+                self.num_layers,
+                2,
+                self.num_kv_heads,
+                self.head_dim,
+            )
         return (self.max_slots, self.tokens_per_slot, self.num_kv_heads, self.head_dim)

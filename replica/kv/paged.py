@@ -17,7 +17,8 @@ read (``block_table``). Released or trimmed entries are left stale: only the fir
 Invariants (``check_invariants``), in blocks:
     free + in_use == num_blocks              (in_use: blocks held by running slots)
     no block id is held by two slots, or held and free at once
-    a running slot holds exactly ceil(reserved / block_size) blocks, reserved in {length, length + 1}
+    a running slot holds exactly ceil(reserved / block_size) blocks, reserved in {length, length +
+    1}
     a free slot holds no block
     the device table's first len(blocks) columns of a running slot's row equal its host list
     wasted_bytes == sum over running slots of (blocks * block_size - length) * bytes_per_token
@@ -58,7 +59,9 @@ class PagedKVCache(KVCache):
         # A stack popped from the end, so the first requests get blocks 0, 1, 2, ...
         self._free = list(range(config.num_blocks - 1, -1, -1))
         self._seqs = [_Sequence() for _ in range(config.max_slots)]
-        self._table = torch.zeros((config.max_slots, config.max_blocks_per_seq), dtype=torch.int32, device=self.device)
+        self._table = torch.zeros(
+            (config.max_slots, config.max_blocks_per_seq), dtype=torch.int32, device=self.device
+        )
         # (slot, column) -> block, not yet on the device. A dict: a column rewritten before the
         # flush (slot released and reused) must reach index_put once, duplicates are undefined.
         self._pending: dict[tuple[int, int], int] = {}
@@ -85,7 +88,8 @@ class PagedKVCache(KVCache):
         return layer
 
     def block_table(self) -> torch.Tensor:
-        """The device block table [max_slots, max_blocks_per_seq], with every queued entry written."""
+        """The device block table [max_slots, max_blocks_per_seq], with every queued entry
+        written."""
         if self._pending:
             rows = [(slot, column, block) for (slot, column), block in self._pending.items()]
             entries = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
@@ -107,7 +111,9 @@ class PagedKVCache(KVCache):
         self.check_hint(tokens_hint)
         index = next((i for i, s in enumerate(self._seqs) if not s.running), None)
         if index is None:
-            raise KVCacheOutOfMemory(tokens_hint, 0, len(self._free), 0, f"all {self.config.max_slots} slots are running")
+            raise KVCacheOutOfMemory(
+                tokens_hint, 0, len(self._free), 0, f"all {self.config.max_slots} slots are running"
+            )
         seq = self._seqs[index]
         seq.running, seq.length, seq.reserved = True, 0, 0
         self._checked()
@@ -241,7 +247,9 @@ class PagedKVCache(KVCache):
         assert len(held) + len(self._free) == self.config.num_blocks, (len(held), len(self._free))
         for index, seq in enumerate(self._seqs):
             if not seq.running:
-                assert not seq.blocks and seq.length == seq.reserved == 0, f"free slot {index} holds blocks"
+                assert not seq.blocks and seq.length == seq.reserved == 0, (
+                    f"free slot {index} holds blocks"
+                )
                 continue
             assert seq.reserved in (seq.length, seq.length + 1), f"slot {index}: {seq}"
             assert len(seq.blocks) == self.config.blocks_for(seq.reserved), f"slot {index}: {seq}"
@@ -249,7 +257,9 @@ class PagedKVCache(KVCache):
             table = self.block_table().cpu()
             for index, seq in enumerate(self._seqs):
                 if seq.running:
-                    assert table[index, : len(seq.blocks)].tolist() == seq.blocks, f"slot {index}'s table row"
+                    assert table[index, : len(seq.blocks)].tolist() == seq.blocks, (
+                        f"slot {index}'s table row"
+                    )
 
     def _checked(self) -> None:
         if _CHECK_ALWAYS:

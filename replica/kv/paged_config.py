@@ -41,7 +41,10 @@ class PagedKVConfig:
     block_size: int = 16
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "block_size"))
+        require_positive_ints(
+            self,
+            ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "block_size"),
+        )
         require_non_negative_ints(self, ("budget_bytes",))
 
     @property

@@ -157,7 +157,8 @@ def replay(allocator: KVCache, calls: Iterable[AllocatorCall]) -> None:
                 if slot != call.slot:
                     raise ReplayMismatch(
                         f"call {index}: acquire(tokens_hint={call.tokens}) gave slot {slot}, "
-                        f"rank 0 got slot {call.slot}")
+                        f"rank 0 got slot {call.slot}"
+                    )
             elif call.op == "ensure":
                 allocator.ensure(call.slot, call.tokens)
             elif call.op == "release":
@@ -168,7 +169,9 @@ def replay(allocator: KVCache, calls: Iterable[AllocatorCall]) -> None:
                 raise ReplayMismatch(f"call {index}: unknown allocator call {call.op!r}")
         except KVCacheOutOfMemory as error:
             if not call.out_of_memory:
-                raise ReplayMismatch(f"call {index}: {call} ran out of memory here only: {error}") from error
+                raise ReplayMismatch(
+                    f"call {index}: {call} ran out of memory here only: {error}"
+                ) from error
             continue
         if call.out_of_memory:
             raise ReplayMismatch(f"call {index}: {call} ran out of memory on rank 0 only")

@@ -23,5 +23,7 @@ class _Slot:
     length: int = 0  # tokens stored
     reserved: int = 0  # tokens that must be backed for the coming step (>= length)
     groups: list[tuple[int, ...]] = field(default_factory=list)  # groups[i][r]: page id, range r
-    tickets: list[int] = field(default_factory=list)  # tickets[i]: the worker batch that maps groups[i]
+    tickets: list[int] = field(
+        default_factory=list
+    )  # tickets[i]: the worker batch that maps groups[i]
     released_at: float = 0.0

@@ -14,7 +14,9 @@ class KVCacheStats:
     pages_free: int  # created, mapped nowhere
     pages_in_use: int  # mapped under running slots
     pages_cached: int  # mapped under released slots (deferred reclamation)
-    pages_available: int  # a new request could get these now (free, creatable, cached, eager surplus)
+    pages_available: (
+        int  # a new request could get these now (free, creatable, cached, eager surplus)
+    )
     wasted_bytes: int  # mapped under running slots but holding no token
     slots_running: int
     slots_cached: int
@@ -41,7 +43,8 @@ class KVCacheStats:
         """One line for people: where the pages are and what they cost."""
         mib = 1024 * 1024
         return (
-            f"pages: {self.pages_in_use} in use, {self.pages_cached} cached, {self.pages_free} free, "
+            f"pages: {self.pages_in_use} in use, {self.pages_cached} cached, {self.pages_free} "
+            "free, "
             f"{self.pages_created}/{self.pages_total} created, {self.pages_available} available; "
             f"waste {self.wasted_bytes / mib:.1f} MiB; {self.map_calls} map calls "
             f"({self.map_seconds * 1e3:.2f} ms), waited {self.wait_seconds * 1e3:.2f} ms; "
@@ -50,5 +53,9 @@ class KVCacheStats:
 
     def as_dict(self) -> dict[str, float]:
         out: dict[str, float] = dict(asdict(self))
-        out.update(pages_mapped=self.pages_mapped, bytes_released_total=self.bytes_released_total, usage_ratio=self.usage_ratio)
+        out.update(
+            pages_mapped=self.pages_mapped,
+            bytes_released_total=self.bytes_released_total,
+            usage_ratio=self.usage_ratio,
+        )
         return out

@@ -12,13 +12,21 @@ from typing import TYPE_CHECKING
 from replica.lazy import lazy_exports
 
 _EXPORTS = {
-    "ModelConfig": "config", "RopeScaling": "config",
+    "ModelConfig": "config",
+    "RopeScaling": "config",
     "embedded_model_dir": "embedded",
-    "ColumnParallelLinear": "layers", "ParallelLMHead": "layers", "RMSNorm": "layers",
-    "RotaryEmbedding": "layers", "RowParallelLinear": "layers", "SwiGLUMLP": "layers",
+    "ColumnParallelLinear": "layers",
+    "ParallelLMHead": "layers",
+    "RMSNorm": "layers",
+    "RotaryEmbedding": "layers",
+    "RowParallelLinear": "layers",
+    "SwiGLUMLP": "layers",
     "VocabParallelEmbedding": "layers",
-    "AttentionFn": "llama", "LlamaForCausalLM": "llama",
-    "MissingWeightsError": "weights", "init_synthetic_weights": "weights", "load_hf_weights": "weights",
+    "AttentionFn": "llama",
+    "LlamaForCausalLM": "llama",
+    "MissingWeightsError": "weights",
+    "init_synthetic_weights": "weights",
+    "load_hf_weights": "weights",
     "load_model": "weights",
 }
 
@@ -41,4 +49,9 @@ if TYPE_CHECKING:
         VocabParallelEmbedding,
     )
     from replica.model.llama import AttentionFn, LlamaForCausalLM
-    from replica.model.weights import MissingWeightsError, init_synthetic_weights, load_hf_weights, load_model
+    from replica.model.weights import (
+        MissingWeightsError,
+        init_synthetic_weights,
+        load_hf_weights,
+        load_model,
+    )

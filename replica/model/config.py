@@ -29,7 +29,8 @@ class RopeScaling:
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder.
 
-    ``eos_token_ids`` is a tuple because several checkpoints (Llama-3-Instruct) stop on more than one
+    ``eos_token_ids`` is a tuple because several checkpoints (Llama-3-Instruct) stop on more than
+    one
     token. ``sliding_window`` is reported for Mistral checkpoints that use one; the model itself is
     agnostic (attention is supplied by the engine), so the engine decides whether to honour it.
     """
@@ -60,8 +61,16 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -105,8 +114,11 @@ class ModelConfig:
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (
-            (int(eos),) if eos is not None else ())
+        eos_ids = (
+            tuple(int(e) for e in eos)
+            if isinstance(eos, list)
+            else ((int(eos),) if eos is not None else ())
+        )
         sliding = cfg.get("sliding_window")
         if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None
@@ -138,22 +150,43 @@ class ModelConfig:
     def llama3_8b(cls) -> ModelConfig:
         """Llama-3.1-8B shapes, for synthetic benchmarks (no weights needed)."""
         return cls(
-            model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+            model_type="llama",
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-5,
             rope_theta=500000.0,
-            rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                     original_max_position_embeddings=8192),
-            max_position_embeddings=131072, bos_token_id=128000,
-            eos_token_ids=(128001, 128008, 128009), checkpoint_dtype="bfloat16",
+            rope_scaling=RopeScaling(
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+            max_position_embeddings=131072,
+            bos_token_id=128000,
+            eos_token_ids=(128001, 128008, 128009),
+            checkpoint_dtype="bfloat16",
         )
 
     @classmethod
     def tiny(cls) -> ModelConfig:
         """A few-KB GQA model for unit tests."""
         return cls(
-            model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-            bos_token_id=1, eos_token_ids=(2,),
+            model_type="llama",
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_ids=(2,),
         )
 
 

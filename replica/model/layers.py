@@ -21,7 +21,8 @@ from torch import nn
 from . import kernels
 from .config import RopeScaling
 
-# A full checkpoint tensor: torch.Tensor or safetensors' lazy PySafeSlice (both support basic slicing).
+# A full checkpoint tensor: torch.Tensor or safetensors' lazy PySafeSlice (both support basic
+# slicing).
 TensorSource = Any
 
 
@@ -58,8 +59,14 @@ class ColumnParallelLinear(nn.Module):
     output ``[T, sum(output_sizes) / world_size]`` (no gather: the consumer works on local heads).
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         super().__init__()
         self.input_size, self.output_sizes = input_size, list(output_sizes)
         self.rank, self.world_size = rank, world_size
@@ -71,21 +78,23 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, source: TensorSource,
-                      shard_id: int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, source: TensorSource, shard_id: int | None = None
+    ) -> None:
         """Load merged matrix ``shard_id`` (its full ``[output_sizes[i], ...]`` tensor), or, with
         ``shard_id=None``, an already-fused tensor of all of them concatenated along dim 0."""
         ids = range(len(self.output_sizes)) if shard_id is None else [shard_id]
         full_rows = sum(self.output_sizes[i] for i in ids)
         trailing = (self.input_size,) if param.dim() == 2 else ()
-        _check_shape(f"column-parallel shard {shard_id}", source_shape(source),
-                     (full_rows,) + trailing)
+        _check_shape(
+            f"column-parallel shard {shard_id}", source_shape(source), (full_rows,) + trailing
+        )
         src_base = 0
         for i in ids:
             local = self.local_sizes[i]
             start = src_base + self.rank * local
             dst = sum(self.local_sizes[:i])
-            param[dst:dst + local].copy_(source[start:start + local])
+            param[dst : dst + local].copy_(source[start : start + local])
             src_base += self.output_sizes[i]
 
 
@@ -96,8 +105,15 @@ class RowParallelLinear(nn.Module):
     (this rank's heads / intermediate slice), output ``[T, output_size]`` replicated on every rank.
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, rank: int = 0,
-                 world_size: int = 1, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
@@ -113,16 +129,18 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, source: TensorSource,
-                      shard_id: int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, source: TensorSource, shard_id: int | None = None
+    ) -> None:
         if param is self.bias:
             _check_shape("row-parallel bias", source_shape(source), (self.output_size,))
             param.copy_(source[:])
             return
-        _check_shape("row-parallel weight", source_shape(source),
-                     (self.output_size, self.input_size))
+        _check_shape(
+            "row-parallel weight", source_shape(source), (self.output_size, self.input_size)
+        )
         start = self.rank * self.local_input
-        param.copy_(source[:, start:start + self.local_input])
+        param.copy_(source[:, start : start + self.local_input])
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -132,8 +150,14 @@ class VocabParallelEmbedding(nn.Module):
     ``[ceil(vocab / world_size), hidden]``. Input ids ``[T]``, output ``[T, hidden]``.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int = 0, world_size: int = 1,
-                 process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
@@ -153,13 +177,15 @@ class VocabParallelEmbedding(nn.Module):
         return out
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, source: TensorSource,
-                      shard_id: int | None = None) -> None:
-        _check_shape("vocab-parallel weight", source_shape(source),
-                     (self.vocab_size, self.hidden_size))
+    def weight_loader(
+        self, param: nn.Parameter, source: TensorSource, shard_id: int | None = None
+    ) -> None:
+        _check_shape(
+            "vocab-parallel weight", source_shape(source), (self.vocab_size, self.hidden_size)
+        )
         n = self.vocab_end - self.vocab_start
         if n:
-            param[:n].copy_(source[self.vocab_start:self.vocab_end])
+            param[:n].copy_(source[self.vocab_start : self.vocab_end])
         param[n:].zero_()
 
 
@@ -170,9 +196,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     checkpoint needs no ``lm_head.weight``.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int = 0, world_size: int = 1,
-                 process_group: dist.ProcessGroup | None = None,
-                 tie_to: VocabParallelEmbedding | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+        tie_to: VocabParallelEmbedding | None = None,
+    ) -> None:
         super().__init__(vocab_size, hidden_size, rank, world_size, process_group)
         if tie_to is not None:
             self.weight = tie_to.weight
@@ -183,7 +215,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             parts = [torch.empty_like(logits) for _ in range(self.world_size)]
             dist.all_gather(parts, logits.contiguous(), group=self.process_group)
             logits = torch.cat(parts, dim=-1)
-        return logits[..., :self.vocab_size].float()
+        return logits[..., : self.vocab_size].float()
 
 
 class RMSNorm(nn.Module):
@@ -199,14 +231,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _new_param(hidden_size)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """May update ``x`` and ``residual`` in place (one fused kernel on CUDA)."""
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, source: TensorSource,
-                      shard_id: int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, source: TensorSource, shard_id: int | None = None
+    ) -> None:
         _check_shape("norm weight", source_shape(source), tuple(param.shape))
         param.copy_(source[:])
 
@@ -236,12 +270,15 @@ class RotaryEmbedding(nn.Module):
     ``model.to(torch.bfloat16)`` cannot degrade it; it follows the inputs' device on first use.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling: RopeScaling | None = None) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None = None
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64),
-                             rope_inv_freq(head_dim, theta, scaling))
+        angles = torch.outer(
+            torch.arange(max_positions, dtype=torch.float64),
+            rope_inv_freq(head_dim, theta, scaling),
+        )
         self.cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).float()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -258,14 +295,22 @@ class SwiGLUMLP(nn.Module):
     Input/output ``[T, hidden]``; the intermediate ``[T, intermediate / world_size]`` stays local.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
-                 rank: int = 0, world_size: int = 1,
-                 process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(
-            hidden_size, [intermediate_size, intermediate_size], bias, rank, world_size)
+            hidden_size, [intermediate_size, intermediate_size], bias, rank, world_size
+        )
         self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias, rank, world_size, process_group)
+            intermediate_size, hidden_size, bias, rank, world_size, process_group
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))

@@ -35,7 +35,10 @@ def model_source(model: str, synthetic: ModelConfig | None) -> tuple[Path | None
 
 def load_tokenizer(model_dir: Path) -> Any:
     """The directory's tokenizer, or None when it ships none (token-id prompts only)."""
-    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not any(
+        (model_dir / name).exists()
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
         return None
     from transformers import AutoTokenizer
 
@@ -43,11 +46,16 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt text of a conversation: the tokenizer's chat template, else role-prefixed lines."""
+    """The prompt text of a conversation: the tokenizer's chat template, else role-prefixed
+    lines."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so no chat template")
     if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+        return str(
+            tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        )
     # A plain fallback for tokenizers without a template.
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nassistant:"

@@ -35,9 +35,14 @@ _MERGED = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -73,8 +78,13 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
     return mapping
 
 
-def load_hf_weights(model: LlamaForCausalLM, model_dir: str | Path, rank: int | None = None,
-                    world_size: int | None = None, progress: bool = True) -> None:
+def load_hf_weights(
+    model: LlamaForCausalLM,
+    model_dir: str | Path,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> None:
     """Load an HF safetensors checkpoint into ``model`` (already built for ``rank``/``world_size``).
 
     ``rank``/``world_size`` default to the model's and, if given, must agree with it (the shard
@@ -84,33 +94,49 @@ def load_hf_weights(model: LlamaForCausalLM, model_dir: str | Path, rank: int | 
     rank = model.rank if rank is None else rank
     world_size = model.world_size if world_size is None else world_size
     if (rank, world_size) != (model.rank, model.world_size):
-        raise ValueError(f"model was built for rank {model.rank}/{model.world_size}, "
-                         f"asked to load rank {rank}/{world_size}")
+        raise ValueError(
+            f"model was built for rank {model.rank}/{model.world_size}, "
+            f"asked to load rank {rank}/{world_size}"
+        )
     model_dir = Path(model_dir)
     weight_map = _weight_map(model_dir)
     params = list(model.named_parameters())  # tied lm_head is deduplicated away
     wanted = {hf: name for name, _ in params for hf, _ in checkpoint_names(name)}
     missing = sorted(hf for hf in wanted if hf not in weight_map)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8
-                                          else "")
+        shown = ", ".join(missing[:8]) + (
+            f" ... ({len(missing)} in all)" if len(missing) > 8 else ""
+        )
         raise MissingWeightsError(f"checkpoint {model_dir} is missing weights: {shown}")
-    unused = [n for n in weight_map if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)
-              and not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
+    unused = [
+        n
+        for n in weight_map
+        if n not in wanted
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and model.config.tie_word_embeddings)
+    ]
     if unused:
-        logger.warning("ignoring %d checkpoint tensors not used by the model: %s", len(unused),
-                       ", ".join(sorted(unused)[:8]))
+        logger.warning(
+            "ignoring %d checkpoint tensors not used by the model: %s",
+            len(unused),
+            ", ".join(sorted(unused)[:8]),
+        )
     with contextlib.ExitStack() as stack:
         handles: dict[str, object] = {}
-        bar = tqdm(params, desc=f"loading {model_dir.name} (rank {rank})", unit="tensor",
-                   disable=not progress or rank != 0)
+        bar = tqdm(
+            params,
+            desc=f"loading {model_dir.name} (rank {rank})",
+            unit="tensor",
+            disable=not progress or rank != 0,
+        )
         for name, param in bar:
             module = model.get_submodule(name.rpartition(".")[0])
             for hf_name, shard_id in checkpoint_names(name):
                 file = weight_map[hf_name]
                 if file not in handles:
                     handles[file] = stack.enter_context(
-                        safe_open(str(model_dir / file), framework="pt", device="cpu"))
+                        safe_open(str(model_dir / file), framework="pt", device="cpu")
+                    )
                 source = handles[file].get_slice(hf_name)  # type: ignore[attr-defined]
                 module.weight_loader(param, source, shard_id)
 
@@ -159,11 +185,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(source: str | Path, dtype: torch.dtype | str = "auto",
-               device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-               config: ModelConfig | None = None,
-               process_group: dist.ProcessGroup | None = None, seed: int = 0,
-               progress: bool = True) -> LlamaForCausalLM:
+def load_model(
+    source: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    config: ModelConfig | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> LlamaForCausalLM:
     """Build this rank's shard of a model directly in ``dtype`` on ``device`` and fill it.
 
     ``source`` is an HF model directory or ``"synthetic"`` (random weights; ``config`` defaults to

@@ -2,7 +2,8 @@
 torch.distributed (NCCL on GPU, gloo on CPU). Rank 0 runs the engine and its scheduler; each step
 it sends the others the plan and its allocator calls (the page plan) to replay.
 
-Modules: ``plan`` (messages, statuses, the tp-size check), ``worker`` (RankWorker: one rank), ``runtime`` (RankRuntime, LocalProcessRuntime),
+Modules: ``plan`` (messages, statuses, the tp-size check), ``worker`` (RankWorker: one rank),
+``runtime`` (RankRuntime, LocalProcessRuntime),
 ``driver`` (TensorParallelDriver: rank 0); the page plan's recorder and replay live with the caches
 (``replica.kv.recording``). Only the light modules are imported here; import
 ``worker``, ``runtime`` and ``driver`` from their modules.
@@ -10,7 +11,6 @@ Modules: ``plan`` (messages, statuses, the tp-size check), ``worker`` (RankWorke
 
 from replica.tp.plan import (
     RankStatus,
-    ReplicaBroken,
     Shutdown,
     StatusCode,
     StepFailed,
@@ -20,7 +20,6 @@ from replica.tp.plan import (
 
 __all__ = [
     "RankStatus",
-    "ReplicaBroken",
     "Shutdown",
     "StatusCode",
     "StepFailed",

@@ -26,18 +26,18 @@ import torch
 import torch.distributed as dist
 
 from replica.engine_config import EngineConfig
+from replica.errors import ReplicaBroken
+from replica.kv.recording import RecordingKVCache
 from replica.model import ModelConfig
 from replica.model_runner import ModelRunner, StepPlan
 from replica.tp.plan import (
     RankStatus,
-    ReplicaBroken,
     StatusCode,
     StepFailed,
     StepMessage,
     books,
     check_tensor_parallel,
 )
-from replica.kv.recording import RecordingKVCache
 from replica.tp.runtime import LocalProcessRuntime, RankRuntime
 from replica.tp.worker import RankWorker, default_timeout
 
@@ -53,14 +53,20 @@ class TensorParallelDriver:
     ``runner`` is rank 0's ModelRunner; ``kv`` is the recording allocator the scheduler must use.
     """
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig,
-                 runtime: RankRuntime | None = None, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        runtime: RankRuntime | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         tp = config.tensor_parallel_size
         check_tensor_parallel(model_config, tp)
         if dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is already initialised in this process: it can be rank 0 of "
-                "one tensor-parallel replica at a time (shut the other engine down first)")
+                "one tensor-parallel replica at a time (shut the other engine down first)"
+            )
         self.timeout_s = timeout_s or default_timeout()
         self.runtime = runtime or LocalProcessRuntime(timeout_s=self.timeout_s)
         self.broken: str | None = None
@@ -73,9 +79,12 @@ class TensorParallelDriver:
             self.runtime.shutdown()
             raise RuntimeError(
                 f"the tensor-parallel replica did not start: rank 0: {error}"
-                + "".join(f"; {e}" for e in others)) from error
+                + "".join(f"; {e}" for e in others)
+            ) from error
         ready = self.runtime.collect(self.timeout_s)
-        failed = [s.error or f"rank {s.rank}: {s.code.name}" for s in ready if s.code is not StatusCode.OK]
+        failed = [
+            s.error or f"rank {s.rank}: {s.code.name}" for s in ready if s.code is not StatusCode.OK
+        ]
         if failed:
             self.shutdown()
             raise RuntimeError("the tensor-parallel replica did not start: " + "; ".join(failed))
@@ -99,8 +108,11 @@ class TensorParallelDriver:
         except Exception as error:
             log.exception("rank 0 failed running the model")
             self.worker.abort()  # the others may be waiting in a collective for rank 0
-            self._fail(message, self.runtime.collect(GRACE_S),
-                       f"rank 0 failed running the model: {type(error).__name__}: {error}")
+            self._fail(
+                message,
+                self.runtime.collect(GRACE_S),
+                f"rank 0 failed running the model: {type(error).__name__}: {error}",
+            )
         self._check(message, self.runtime.collect(self.timeout_s))
         return logits
 
@@ -128,22 +140,37 @@ class TensorParallelDriver:
         """Raises StepFailed unless every rank did ``message`` and its books equal rank 0's."""
         mine = books(self.kv)
         for i, status in enumerate(statuses):
-            if status.code is StatusCode.OK and status.step == message.step and status.books != mine:
+            if (
+                status.code is StatusCode.OK
+                and status.step == message.step
+                and status.books != mine
+            ):
                 statuses[i] = RankStatus(
-                    status.rank, status.step, StatusCode.BROKEN, 0,
-                    f"rank {status.rank}'s KV books {status.books} differ from rank 0's {mine}")
+                    status.rank,
+                    status.step,
+                    StatusCode.BROKEN,
+                    0,
+                    f"rank {status.rank}'s KV books {status.books} differ from rank 0's {mine}",
+                )
         if any(s.code is not StatusCode.OK or s.step != message.step for s in statuses):
             self._fail(message, statuses)
         self._note_pages(statuses)
 
-    def _fail(self, message: StepMessage, statuses: list[RankStatus], own: str | None = None) -> NoReturn:
+    def _fail(
+        self, message: StepMessage, statuses: list[RankStatus], own: str | None = None
+    ) -> NoReturn:
         """Raises StepFailed for ``message``; broken unless every failure was STEP_FAILED."""
         errors = [own] if own else []
         broken = own is not None
         for status in statuses:
             if status.step != message.step and status.code is StatusCode.OK:
-                status = RankStatus(status.rank, status.step, StatusCode.BROKEN, 0,
-                                    f"rank {status.rank} answered step {status.step}, not {message.step}")
+                status = RankStatus(
+                    status.rank,
+                    status.step,
+                    StatusCode.BROKEN,
+                    0,
+                    f"rank {status.rank} answered step {status.step}, not {message.step}",
+                )
             if status.code is not StatusCode.OK:
                 errors.append(status.error or f"rank {status.rank}: {status.code.name}")
                 broken = broken or status.code is StatusCode.BROKEN
@@ -172,7 +199,9 @@ class TensorParallelDriver:
         rather than hanging the caller). Idempotent."""
         self.runtime.stop()
         if hasattr(self, "worker"):
-            leave = threading.Thread(target=self.worker.shutdown, name="vattn-tp-leave", daemon=True)
+            leave = threading.Thread(
+                target=self.worker.shutdown, name="vattn-tp-leave", daemon=True
+            )
             leave.start()
             leave.join(GRACE_S)
             if leave.is_alive():

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from replica.errors import ReplicaBroken
+from replica.kv.recording import AllocatorCall
 from replica.model import ModelConfig
 from replica.model_runner import StepPlan
-from replica.kv.recording import AllocatorCall
 
 
 class StatusCode(IntEnum):
@@ -100,14 +99,17 @@ def check_tensor_parallel(model_config: ModelConfig, tp: int) -> None:
     if tp > kv:
         raise ValueError(
             f"tensor_parallel_size={tp} exceeds the model's {kv} KV heads: every rank must hold at "
-            f"least one whole KV head (KV heads are not replicated); valid sizes: {valid}")
+            f"least one whole KV head (KV heads are not replicated); valid sizes: {valid}"
+        )
     if kv % tp:
         raise ValueError(
             f"tensor_parallel_size={tp} does not divide the model's {kv} KV heads "
             f"({heads} query heads): every rank must hold the same number of whole KV heads; "
-            f"valid sizes: {valid}")
+            f"valid sizes: {valid}"
+        )
     for what, n in (("query heads", heads), ("intermediate size", model_config.intermediate_size)):
         if n % tp:
             raise ValueError(
                 f"tensor_parallel_size={tp} does not divide the model's {what} ({n}); "
-                f"valid sizes: {valid}")
+                f"valid sizes: {valid}"
+            )

@@ -94,8 +94,15 @@ def rank_main() -> None:
         worker = RankWorker(rank, world_size, master_addr, master_port, config, timeout_s=timeout_s)
     except BaseException as error:
         log.exception("rank %d could not start", rank)
-        conn.send(RankStatus(rank, -1, StatusCode.BROKEN, 0,
-                             f"rank {rank} could not start: {type(error).__name__}: {error}"))
+        conn.send(
+            RankStatus(
+                rank,
+                -1,
+                StatusCode.BROKEN,
+                0,
+                f"rank {rank} could not start: {type(error).__name__}: {error}",
+            )
+        )
         return
     conn.send(worker.ready())
     worker.run(conn)
@@ -111,8 +118,9 @@ class LocalProcessRuntime(RankRuntime):
     ``threads`` sets each rank's torch CPU threads (default on CPU: the cores shared out evenly).
     """
 
-    def __init__(self, timeout_s: float | None = None, threads: int | None = None,
-                 address: str = "127.0.0.1") -> None:
+    def __init__(
+        self, timeout_s: float | None = None, threads: int | None = None, address: str = "127.0.0.1"
+    ) -> None:
         self.timeout_s = timeout_s or default_timeout()
         self.threads = threads
         self.address = address
@@ -133,16 +141,32 @@ class LocalProcessRuntime(RankRuntime):
         listener = self._listener = Listener((self.address, 0), authkey=authkey)
         host, listen_port = listener.address
         root = str(Path(__file__).resolve().parents[2])  # so `replica` imports in the rank
-        env = {**os.environ, AUTHKEY_ENV: authkey.hex(),
-               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        env = {
+            **os.environ,
+            AUTHKEY_ENV: authkey.hex(),
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        }
         for rank in range(1, world_size):
-            self._procs.append(subprocess.Popen(
-                [sys.executable, "-c", "from replica.tp.runtime import rank_main; rank_main()",
-                 str(rank), str(world_size), self.address, str(port), host, str(listen_port)],
-                env=env))
+            self._procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        "from replica.tp.runtime import rank_main; rank_main()",
+                        str(rank),
+                        str(world_size),
+                        self.address,
+                        str(port),
+                        host,
+                        str(listen_port),
+                    ],
+                    env=env,
+                )
+            )
         setup = (engine_config, self.timeout_s, threads)
         self._accepting = threading.Thread(
-            target=self._accept, args=(listener, world_size - 1, setup), daemon=True)
+            target=self._accept, args=(listener, world_size - 1, setup), daemon=True
+        )
         self._accepting.start()
         return self.address, port
 

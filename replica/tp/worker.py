@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,11 +29,10 @@ import torch.distributed as dist
 
 from replica.engine_config import EngineConfig
 from replica.engine_stats import RankKVSnapshot
-from replica.model import ModelConfig
+from replica.kv.recording import replay
 from replica.model.source import model_source
 from replica.model_runner import ModelRunner
 from replica.tp.plan import RankStatus, Shutdown, StatusCode, StepMessage, books
-from replica.kv.recording import replay
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +93,20 @@ class RankWorker:
     load (each rank learns it from the budget all-reduce, where a failed rank contributes -1).
     """
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 engine_config: EngineConfig, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        engine_config: EngineConfig,
+        timeout_s: float | None = None,
+    ) -> None:
         if dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is already initialised in this process: one process hosts one "
-                "rank of one tensor-parallel replica (shut the other engine down first)")
+                "rank of one tensor-parallel replica (shut the other engine down first)"
+            )
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s or default_timeout()
         self.config = rank_config(engine_config, rank, world_size)
@@ -109,8 +115,11 @@ class RankWorker:
             torch.cuda.set_device(self.device)
         dist.init_process_group(
             "nccl" if self.device.type == "cuda" else "gloo",
-            init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=self.timeout_s))
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=self.timeout_s),
+        )
         self.group = dist.group.WORLD
         self._next_step = 0
         fault = Fault.from_env()
@@ -150,10 +159,13 @@ class RankWorker:
 
     # ---- steps ---------------------------------------------------------------------------------
     def agree(self, code: StatusCode) -> StatusCode:
-        """The worst status over all ranks (a collective: every rank calls it once per model step)."""
+        """The worst status over all ranks (a collective: every rank calls it once per model
+        step)."""
         return StatusCode(self._all_reduce(int(code), dist.ReduceOp.MAX))
 
-    def status(self, step: int, code: StatusCode = StatusCode.OK, error: str | None = None) -> RankStatus:
+    def status(
+        self, step: int, code: StatusCode = StatusCode.OK, error: str | None = None
+    ) -> RankStatus:
         kv = self.runner.kv
         return RankStatus(self.rank, step, code, int(kv.reclaimable_pages()), error, books(kv))
 
@@ -169,7 +181,10 @@ class RankWorker:
         """Replays the page plan, agrees with the other ranks, runs the model (rank >= 1)."""
         code, error = StatusCode.OK, None
         if message.step != self._next_step:
-            code, error = StatusCode.BROKEN, f"got message {message.step}, expected {self._next_step}"
+            code, error = (
+                StatusCode.BROKEN,
+                f"got message {message.step}, expected {self._next_step}",
+            )
         else:
             self._next_step += 1
             try:
@@ -180,7 +195,10 @@ class RankWorker:
         if message.plan is None:
             return self.status(message.step, code, error)
         if code is StatusCode.OK and self._fault_now(message.step, "prepare"):
-            code, error = StatusCode.STEP_FAILED, self._describe("preparing", InjectedFault("injected fault"))
+            code, error = (
+                StatusCode.STEP_FAILED,
+                self._describe("preparing", InjectedFault("injected fault")),
+            )
         try:
             agreed = self.agree(code)
         except Exception as caught:
@@ -229,7 +247,8 @@ class RankWorker:
         return f"rank {self.rank} failed {doing}: {type(error).__name__}: {error}"
 
     def abort(self) -> None:
-        """Leaves the process group now: peers blocked in a collective with this rank fail at once."""
+        """Leaves the process group now: peers blocked in a collective with this rank fail at
+        once."""
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -32,7 +32,9 @@ def check(allocator, slot: int, stop: int) -> None:
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
-def test_writes_land_at_their_offsets_and_survive_other_slots(make_allocator: MakeAllocator, layout: str) -> None:
+def test_writes_land_at_their_offsets_and_survive_other_slots(
+    make_allocator: MakeAllocator, layout: str
+) -> None:
     allocator = make_allocator(layout=layout, budget_pages=256)
     config = allocator.config
     a, b = allocator.acquire(), allocator.acquire()
@@ -43,11 +45,23 @@ def test_writes_land_at_their_offsets_and_survive_other_slots(make_allocator: Ma
     # The bytes are where the layout says: slot, token, (layer, K/V,) head.
     layer = config.num_layers - 1
     k = allocator.k_cache(layer)
-    assert k.shape == (config.max_slots, config.tokens_per_slot, config.num_kv_heads, config.head_dim)
+    assert k.shape == (
+        config.max_slots,
+        config.tokens_per_slot,
+        config.num_kv_heads,
+        config.head_dim,
+    )
     element = config.element_size
-    offset = (k[a, 7, 1].data_ptr() - allocator.reservations[0 if layout == "interleaved" else 2 * layer].base) // element
+    offset = (
+        k[a, 7, 1].data_ptr()
+        - allocator.reservations[0 if layout == "interleaved" else 2 * layer].base
+    ) // element
     if layout == "interleaved":
-        expected = ((((a * config.tokens_per_slot + 7) * config.num_layers + layer) * 2 + 0) * config.num_kv_heads + 1) * config.head_dim
+        expected = (
+            (((a * config.tokens_per_slot + 7) * config.num_layers + layer) * 2 + 0)
+            * config.num_kv_heads
+            + 1
+        ) * config.head_dim
         v = allocator.v_cache(layer)[a, 7, 1].data_ptr() - allocator.reservations[0].base
         assert v // element == expected + config.num_kv_heads * config.head_dim  # V follows K
     else:
@@ -120,7 +134,9 @@ def test_best_fit_reuse_of_released_slots(make_allocator: MakeAllocator) -> None
 
 
 def test_deferred_reclamation_keeps_pages_until_needed(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=0, budget_pages=8, layout="per_layer", num_layers=1)  # 2 ranges -> 4 groups
+    allocator = make_allocator(
+        eager_pages=0, budget_pages=8, layout="per_layer", num_layers=1
+    )  # 2 ranges -> 4 groups
     first, other = allocator.acquire(), allocator.acquire()
     allocator.ensure(first, 3 * T)
     allocator.release(first)
@@ -143,14 +159,20 @@ def test_no_deferred_reclamation_unmaps_at_release(make_allocator: MakeAllocator
     allocator.check_invariants(deep=True)
 
 
-def test_eager_pages_stay_ahead_of_a_growing_slot_and_are_reclaimed_first(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=2, budget_pages=16, layout="per_layer", num_layers=1)  # 8 groups, 8 per slot
+def test_eager_pages_stay_ahead_of_a_growing_slot_and_are_reclaimed_first(
+    make_allocator: MakeAllocator,
+) -> None:
+    allocator = make_allocator(
+        eager_pages=2, budget_pages=16, layout="per_layer", num_layers=1
+    )  # 8 groups, 8 per slot
     a = allocator.acquire()
     allocator.ensure(a, T)  # 1 group needed, 2 eager
     assert allocator.stats().pages_in_use == 6
     for length in range(T, 4 * T):  # the slot never grows into a group mapped in the same step
         allocator.wait(allocator.step_async({a: length}))
-        assert allocator.stats().pages_in_use == 2 * (allocator.config.page_groups_for(length + 1) + 2)
+        assert allocator.stats().pages_in_use == 2 * (
+            allocator.config.page_groups_for(length + 1) + 2
+        )
     b = allocator.acquire()
     allocator.ensure(b, 3 * T)  # 2 free groups and 1 of a's eager ones
     c = allocator.acquire()
@@ -174,8 +196,12 @@ def test_eager_page_waits_for_the_lookahead(make_allocator: MakeAllocator) -> No
     allocator.check_invariants(deep=True)
 
 
-def test_reclaims_eager_pages_of_running_slots_under_pressure(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(eager_pages=3, budget_pages=8, layout="per_layer", num_layers=1)  # 4 groups
+def test_reclaims_eager_pages_of_running_slots_under_pressure(
+    make_allocator: MakeAllocator,
+) -> None:
+    allocator = make_allocator(
+        eager_pages=3, budget_pages=8, layout="per_layer", num_layers=1
+    )  # 4 groups
     a = allocator.acquire()
     allocator.ensure(a, 1)  # 1 needed + 3 eager = the whole pool
     b = allocator.acquire()
@@ -185,14 +211,21 @@ def test_reclaims_eager_pages_of_running_slots_under_pressure(make_allocator: Ma
 
 
 def test_out_of_memory_names_the_numbers_and_loses_nothing(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(budget_pages=6, layout="per_layer", num_layers=1, eager_pages=0)  # 3 groups
+    allocator = make_allocator(
+        budget_pages=6, layout="per_layer", num_layers=1, eager_pages=0
+    )  # 3 groups
     slot = allocator.acquire()
     allocator.ensure(slot, T)
     fill(allocator, slot, 0, T)
     with pytest.raises(KVCacheOutOfMemory) as raised:
         allocator.ensure(slot, 5 * T)
     error = raised.value
-    assert (error.tokens_asked, error.pages_needed, error.pages_free, error.pages_cached) == (5 * T, 8, 4, 0)
+    assert (error.tokens_asked, error.pages_needed, error.pages_free, error.pages_cached) == (
+        5 * T,
+        8,
+        4,
+        0,
+    )
     assert "80 tokens asked need 8 more pages; 4 free" in str(error)
     assert allocator.length(slot) == T
     check(allocator, slot, T)
@@ -215,8 +248,13 @@ def test_slot_limits_are_clear_errors(make_allocator: MakeAllocator) -> None:
 def test_elastic_pool_releases_idle_pages_and_shrink(make_allocator: MakeAllocator) -> None:
     clock = Clock()
     allocator = make_allocator(
-        deferred_reclamation=False, eager_pages=0, max_idle_pages=2, idle_seconds=5.0, clock=clock,
-        layout="per_layer", num_layers=1,
+        deferred_reclamation=False,
+        eager_pages=0,
+        max_idle_pages=2,
+        idle_seconds=5.0,
+        clock=clock,
+        layout="per_layer",
+        num_layers=1,
     )
     slot = allocator.acquire()
     allocator.ensure(slot, 4 * T)  # 8 pages
@@ -235,8 +273,12 @@ def test_elastic_pool_releases_idle_pages_and_shrink(make_allocator: MakeAllocat
     allocator.check_invariants(deep=True)
 
 
-def test_step_async_maps_in_the_background_while_the_caller_runs(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(max_slots=16, budget_pages=16 * 8 * 2, layout="per_layer", num_layers=1, eager_pages=0)
+def test_step_async_maps_in_the_background_while_the_caller_runs(
+    make_allocator: MakeAllocator,
+) -> None:
+    allocator = make_allocator(
+        max_slots=16, budget_pages=16 * 8 * 2, layout="per_layer", num_layers=1, eager_pages=0
+    )
     slots = [allocator.acquire() for _ in range(16)]
     lengths = {slot: 8 * T - 1 for slot in slots}  # the next step needs every page: 256 pages
     ticket = allocator.step_async(lengths)
@@ -255,7 +297,9 @@ def test_step_async_maps_in_the_background_while_the_caller_runs(make_allocator:
 
 
 def test_step_async_reports_unbacked_slots(make_allocator: MakeAllocator) -> None:
-    allocator = make_allocator(budget_pages=4, layout="per_layer", num_layers=1, eager_pages=0)  # 2 groups
+    allocator = make_allocator(
+        budget_pages=4, layout="per_layer", num_layers=1, eager_pages=0
+    )  # 2 groups
     a, b = allocator.acquire(), allocator.acquire()
     allocator.ensure(a, T)
     allocator.ensure(b, T)
@@ -273,11 +317,15 @@ def test_stats_account_for_waste_exactly(make_allocator: MakeAllocator) -> None:
     page, ranges = allocator.config.page_size, allocator.config.num_ranges
     assert stats.pages_in_use == 3 * ranges
     assert stats.wasted_bytes == ranges * (3 * page - (T + 3) * allocator.config.bytes_per_token)
-    assert stats.tokens_per_page == T / ranges  # a token occupies every range: T tokens take `ranges` pages
+    assert (
+        stats.tokens_per_page == T / ranges
+    )  # a token occupies every range: T tokens take `ranges` pages
     assert allocator.config.layout is KVLayout.PER_LAYER
 
 
-def test_the_interface_contracts_refuse_bad_calls_before_changing_anything(make_allocator: MakeAllocator) -> None:
+def test_the_interface_contracts_refuse_bad_calls_before_changing_anything(
+    make_allocator: MakeAllocator,
+) -> None:
     """The KVCache contracts (replica.kv.base): ValueError up front; a step that cannot be backed
     leaves books that claim no unbacked token."""
     allocator = make_allocator(budget_pages=4, layout="interleaved", eager_pages=0)
@@ -298,13 +346,29 @@ def test_the_interface_contracts_refuse_bad_calls_before_changing_anything(make_
     allocator.check_invariants(deep=True)
 
 
-@pytest.mark.parametrize("field, value", [("idle_seconds", -1), ("idle_seconds", float("nan")),
-                                          ("budget_bytes", 1.5e9), ("eager_pages", 1.0), ("max_slots", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("idle_seconds", -1),
+        ("idle_seconds", float("nan")),
+        ("budget_bytes", 1.5e9),
+        ("eager_pages", 1.0),
+        ("max_slots", True),
+    ],
+)
 def test_config_refuses_values_of_the_wrong_kind(field: str, value: object) -> None:
     from replica.kv import KVCacheConfig
 
-    good = dict(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, max_slots=4, max_tokens=64,
-                page_size=4096, budget_bytes=1 << 20)
+    good = dict(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        max_slots=4,
+        max_tokens=64,
+        page_size=4096,
+        budget_bytes=1 << 20,
+    )
     KVCacheConfig(**good)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=field):
         KVCacheConfig(**{**good, field: value})  # type: ignore[arg-type]

@@ -52,17 +52,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         lookahead=st.none() | st.integers(0, 2 * TOKENS_PER_PAGE),
         deferred=st.booleans(),
     )
-    def build(self, layout: str, budget_pages: int, eager: int, lookahead: int | None, deferred: bool) -> None:
+    def build(
+        self, layout: str, budget_pages: int, eager: int, lookahead: int | None, deferred: bool
+    ) -> None:
         self.allocator: KVCacheAllocator = self.make(
-            layout=layout, num_layers=2, max_slots=5, max_tokens=6 * TOKENS_PER_PAGE,
-            budget_pages=budget_pages, eager_pages=eager, eager_lookahead_tokens=lookahead,
+            layout=layout,
+            num_layers=2,
+            max_slots=5,
+            max_tokens=6 * TOKENS_PER_PAGE,
+            budget_pages=budget_pages,
+            eager_pages=eager,
+            eager_lookahead_tokens=lookahead,
             deferred_reclamation=deferred,
-            max_idle_pages=2, idle_seconds=1.0, clock=self.clock,
+            max_idle_pages=2,
+            idle_seconds=1.0,
+            clock=self.clock,
         )
 
     def stamp(self, slot: int, start: int, stop: int) -> None:
         if stop > start:
-            values = torch.arange(start, stop, dtype=torch.float32, device=self.allocator.device.torch_device)
+            values = torch.arange(
+                start, stop, dtype=torch.float32, device=self.allocator.device.torch_device
+            )
             self.allocator.k_cache(1)[slot, start:stop] = (values + slot * 1000)[:, None, None]
             self.allocator.v_cache(0)[slot, start:stop] = (-values - slot * 1000)[:, None, None]
 
@@ -132,7 +143,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         allocator = self.allocator
         allocator.check_invariants(deep=True)  # no page mapped twice, books == extension
         stats = allocator.stats()
-        assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created <= stats.pages_total
+        assert (
+            stats.pages_free + stats.pages_in_use + stats.pages_cached
+            == stats.pages_created
+            <= stats.pages_total
+        )
         config, per_slot = allocator.config, allocator.config.pages_per_slot
         mapped = allocator.reservations[0].page_ids()
         waste = 0
@@ -141,7 +156,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             groups = sum(page >= 0 for page in mapped[slot * per_slot : (slot + 1) * per_slot])
             assert groups >= config.page_groups_for(length), "a stored token is not backed"
             stored = self.reported[slot]
-            waste += (groups * config.page_size - stored * config.bytes_per_token) * config.num_ranges
+            waste += (
+                groups * config.page_size - stored * config.bytes_per_token
+            ) * config.num_ranges
             if length:
                 values = torch.arange(length, dtype=torch.float32) + slot * 1000
                 k = allocator.k_cache(1)[slot, :length, 0, 0].cpu()
@@ -167,4 +184,3 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
     minimum = (2000 if kv_device.name == "host" else 500) * scale * SCALE
     print(f"{machine.operations} operations")
     assert machine.operations >= minimum, f"only {machine.operations} operations ran"
-

@@ -22,8 +22,15 @@ DECODE = [(9, 1), (40, 1), (1, 1), (100, 1)]
 def build(device_name: str, layout: str, dtype: torch.dtype) -> KVCacheAllocator:
     device = open_device(device_name, 64 * 1024 if device_name == "host" else None)
     config = KVCacheConfig(
-        num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=dtype, max_slots=8,
-        max_tokens=256, page_size=device.page_size, budget_bytes=256 * device.page_size, layout=layout,
+        num_layers=LAYERS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=dtype,
+        max_slots=8,
+        max_tokens=256,
+        page_size=device.page_size,
+        budget_bytes=256 * device.page_size,
+        layout=layout,
     )
     return KVCacheAllocator(config, device)
 
@@ -38,7 +45,9 @@ def step(allocator: KVCacheAllocator, shape: list[tuple[int, int]], seed: int = 
         allocator.ensure(slot, context + query)
         for layer in range(LAYERS):
             for cache in (allocator.k_cache(layer), allocator.v_cache(layer)):
-                cache[slot, :context] = torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).to(device, dtype)
+                cache[slot, :context] = torch.randn(
+                    context, KV_HEADS, HEAD_DIM, generator=generator
+                ).to(device, dtype)
         slots.append(slot)
     batch = StepBatch.build(slots, [c for c, _ in shape], [q for _, q in shape], device)
     tokens = batch.num_tokens
@@ -54,7 +63,9 @@ def run(backend: AttentionBackend, batch: StepBatch, q, k, v, layer: int = 1) ->
     return backend(layer, q, k, v)
 
 
-def naive_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor]], batch: StepBatch) -> torch.Tensor:
+def naive_attention(
+    q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor]], batch: StepBatch
+) -> torch.Tensor:
     """Float64 causal GQA attention, one query and head at a time; ``keys[i]`` holds sequence
     i's K and V ([tokens, kv_heads, dim], at least context + query tokens)."""
     out = []
@@ -66,14 +77,20 @@ def naive_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor
             visible = context + j + 1
             for head in range(Q_HEADS):
                 kv_head = head // (Q_HEADS // KV_HEADS)
-                scores = k_seq[:visible, kv_head] @ q[start + j, head].double() / math.sqrt(HEAD_DIM)
+                scores = (
+                    k_seq[:visible, kv_head] @ q[start + j, head].double() / math.sqrt(HEAD_DIM)
+                )
                 out.append(torch.softmax(scores, 0) @ v_seq[:visible, kv_head])
         start += query
     return torch.stack(out).view(-1, Q_HEADS, HEAD_DIM)
 
 
-def naive(allocator: KVCacheAllocator, batch: StepBatch, q: torch.Tensor, layer: int = 1) -> torch.Tensor:
-    keys = [(allocator.k_cache(layer)[slot], allocator.v_cache(layer)[slot]) for slot in batch.slots]
+def naive(
+    allocator: KVCacheAllocator, batch: StepBatch, q: torch.Tensor, layer: int = 1
+) -> torch.Tensor:
+    keys = [
+        (allocator.k_cache(layer)[slot], allocator.v_cache(layer)[slot]) for slot in batch.slots
+    ]
     return naive_attention(q, keys, batch)
 
 
@@ -82,7 +99,9 @@ def naive(allocator: KVCacheAllocator, batch: StepBatch, q: torch.Tensor, layer:
 def test_sdpa_matches_naive_attention_and_writes_the_cache(layout: str, shape) -> None:
     allocator = build("host", layout, torch.float32)
     batch, q, k, v = step(allocator, shape)
-    backend = make_attention_backend("sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu"))
+    backend = make_attention_backend(
+        "sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu")
+    )
     out = run(backend, batch, q, k, v)
     rows = torch.arange(batch.num_tokens)
     written = allocator.k_cache(1)[batch.token_slots_t, batch.token_positions_t]
@@ -112,8 +131,12 @@ def test_gpu_backends_match_sdpa(name: str, layout: str, shape) -> None:
         pytest.skip(f"{name} is not installed")
     allocator = build("cuda", layout, torch.bfloat16)
     batch, q, k, v = step(allocator, shape)
-    reference = make_attention_backend("sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    reference = make_attention_backend(
+        "sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device
+    )
     expected = run(reference, batch, q, k, v)
-    backend = make_attention_backend(name, allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    backend = make_attention_backend(
+        name, allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device
+    )
     out = run(backend, batch, q, k, v)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

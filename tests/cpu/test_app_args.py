@@ -42,8 +42,15 @@ def test_serve_sees_the_pydantic_model_on_the_builder() -> None:
 
 
 def test_string_args_are_coerced_by_serve() -> None:
-    args = {"model": "synthetic", "replicas": "3", "max_running": "8", "growth_reserve": "0.25",
-            "kv_cache_bytes": "1000000", "router_hold_s": "2", "api_key": "12345"}
+    args = {
+        "model": "synthetic",
+        "replicas": "3",
+        "max_running": "8",
+        "growth_reserve": "0.25",
+        "kv_cache_bytes": "1000000",
+        "router_hold_s": "2",
+        "api_key": "12345",
+    }
     engine, replicas, ingress_args = bound(serve_builds(args))
     assert replicas == 3
     assert engine["max_running"] == 8 and engine["growth_reserve"] == 0.25
@@ -82,7 +89,11 @@ def test_bad_args_are_refused_with_the_field_and_the_reason(
 def test_serve_run_refuses_bad_args_before_starting_ray() -> None:
     result = subprocess.run(
         [str(Path(sys.executable).with_name("serve")), "run", "cluster.app:build_app", "tp=two"],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "validation error for AppOptions" in result.stderr and "tp" in result.stderr
@@ -98,13 +109,42 @@ def test_the_serve_config_args_are_valid_options() -> None:
 def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []  # the parsed options, instead of starting Ray
     monkeypatch.setattr("cluster.serve_cli.serve_main", lambda args: seen.append(args) or 0)
-    argv = ["serve", "--model", "synthetic", "--tp", "2", "--replicas", "3", "--backend", "sdpa",
-            "--kv-layout", "per_layer", "--device", "cpu", "--max-model-len", "512",
-            "--max-running", "4", "--growth-reserve", "0.3", "--router", "power-of-two",
-            "--api-key", "KEY"]
+    argv = [
+        "serve",
+        "--model",
+        "synthetic",
+        "--tp",
+        "2",
+        "--replicas",
+        "3",
+        "--backend",
+        "sdpa",
+        "--kv-layout",
+        "per_layer",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "512",
+        "--max-running",
+        "4",
+        "--growth-reserve",
+        "0.3",
+        "--router",
+        "power-of-two",
+        "--api-key",
+        "KEY",
+    ]
     assert vattn_main(argv) == 0
     assert app_options(seen[0]) == AppOptions(
-        model="synthetic", tp=2, replicas=3, backend="sdpa", kv_layout="per_layer", device="cpu",
-        max_model_len=512, max_running=4, growth_reserve=0.3, router="power-of-two",
+        model="synthetic",
+        tp=2,
+        replicas=3,
+        backend="sdpa",
+        kv_layout="per_layer",
+        device="cpu",
+        max_model_len=512,
+        max_running=4,
+        growth_reserve=0.3,
+        router="power-of-two",
         api_key="KEY",
     )

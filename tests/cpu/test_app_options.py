@@ -10,7 +10,11 @@ from cluster.app import AppOptions, build_app
 def router_class(args: dict[str, object]) -> str:
     from ray.serve._private.build_app import build_app as serve_build
 
-    [replica] = [d for d in serve_build(build_app(args), name="vattn").deployments if d.name == "VattnReplica"]
+    [replica] = [
+        d
+        for d in serve_build(build_app(args), name="vattn").deployments
+        if d.name == "VattnReplica"
+    ]
     return replica._deployment_config.request_router_config.request_router_class
 
 

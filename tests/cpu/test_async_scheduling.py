@@ -20,9 +20,15 @@ Workload = list[tuple[list[int], SamplingParams]]
 @pytest.fixture(scope="module")
 def engines(tiny_dir: Path) -> dict[tuple[bool, str], LLM]:
     """(asynchronous?, cache size) -> engine; "tight" preempts (8 tokens a page, 12 pages)."""
-    sizes = {"roomy": {}, "tight": {"kv_cache_bytes": 12 * 4096, "max_batch_tokens": 16, "eager_pages": 0}}
-    return {(mode, name): tiny_llm(tiny_dir, async_scheduling=mode, **config)
-            for mode in (True, False) for name, config in sizes.items()}
+    sizes = {
+        "roomy": {},
+        "tight": {"kv_cache_bytes": 12 * 4096, "max_batch_tokens": 16, "eager_pages": 0},
+    }
+    return {
+        (mode, name): tiny_llm(tiny_dir, async_scheduling=mode, **config)
+        for mode in (True, False)
+        for name, config in sizes.items()
+    }
 
 
 def run(llm: LLM, workload: Workload) -> tuple[dict[str, list[RequestOutput]], int]:
@@ -48,7 +54,9 @@ def summary(outputs: dict[str, list[RequestOutput]]) -> dict[str, tuple[object, 
     """Tokens, how each request ended, the top-logprob tokens and the chosen tokens' logprobs."""
     return {
         rid: (
-            [t for o in outs for t in o.token_ids], outs[-1].finish_reason, outs[-1].completion_tokens,
+            [t for o in outs for t in o.token_ids],
+            outs[-1].finish_reason,
+            outs[-1].completion_tokens,
             [[t for t, _ in tops] for o in outs for tops in (o.top_logprobs or ())],
             [lp for o in outs for lp in (o.logprobs or ())],
         )
@@ -73,13 +81,20 @@ params = st.builds(
     logprobs=st.none() | st.integers(0, 2),
     stop_token_ids=st.lists(st.integers(3, 127), max_size=8),  # stops mid-stream now and then
 )
-workloads = st.lists(st.tuples(st.lists(st.integers(3, 127), min_size=1, max_size=40), params), min_size=1, max_size=7)
+workloads = st.lists(
+    st.tuples(st.lists(st.integers(3, 127), min_size=1, max_size=40), params),
+    min_size=1,
+    max_size=7,
+)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(workload=workloads, size=st.sampled_from(["roomy", "tight"]))
-def test_async_and_sync_engines_give_the_same_outputs(engines: dict[tuple[bool, str], LLM], workload: Workload,
-                                                      size: str) -> None:
+def test_async_and_sync_engines_give_the_same_outputs(
+    engines: dict[tuple[bool, str], LLM], workload: Workload, size: str
+) -> None:
     overlapped, steps = run(engines[True, size], workload)
     synchronous, sync_steps = run(engines[False, size], workload)
     assert_same(summary(overlapped), summary(synchronous))
@@ -88,13 +103,18 @@ def test_async_and_sync_engines_give_the_same_outputs(engines: dict[tuple[bool, 
 
 def test_a_request_that_stops_while_its_next_step_runs_gets_no_extra_token(tiny_dir: Path) -> None:
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    reference = tiny_llm(tiny_dir, async_scheduling=False).generate([[5, 17, 33]], greedy)[0].token_ids
+    reference = (
+        tiny_llm(tiny_dir, async_scheduling=False).generate([[5, 17, 33]], greedy)[0].token_ids
+    )
     stop = reference[5]
     first = reference.index(stop)  # the first time that token comes
     llm = tiny_llm(tiny_dir, async_scheduling=True)
     engine = llm.engine
-    engine.add_request("s", [5, 17, 33], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
-                                                        stop_token_ids=[stop]))
+    engine.add_request(
+        "s",
+        [5, 17, 33],
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop]),
+    )
     engine.add_request("long", [9, 9, 9], greedy)
     seen: list[int] = []
     while engine.has_work():
@@ -113,7 +133,9 @@ def test_a_request_that_stops_while_its_next_step_runs_gets_no_extra_token(tiny_
 def test_the_last_token_is_not_computed_past_max_tokens(tiny_dir: Path) -> None:
     """A request whose last token is in flight is not scheduled again: as many steps as tokens."""
     llm = tiny_llm(tiny_dir, async_scheduling=True)
-    outputs, steps = run(llm, [([5, 17, 33], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))])
+    outputs, steps = run(
+        llm, [([5, 17, 33], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))]
+    )
     assert len(summary(outputs)["r0"][0]) == 6
     assert steps == 6 + 1  # the prefill samples the first token; the last call only reads one
     assert llm.engine.runner.kv.stats().pages_in_use == 0

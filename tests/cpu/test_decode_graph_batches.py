@@ -38,5 +38,9 @@ def test_only_decode_batches_pad() -> None:
 
 
 def test_cpu_engines_run_eagerly() -> None:
-    llm = LLMEngine(EngineConfig(model="synthetic", synthetic=ModelConfig.tiny(), max_running=4, max_model_len=256))
+    llm = LLMEngine(
+        EngineConfig(
+            model="synthetic", synthetic=ModelConfig.tiny(), max_running=4, max_model_len=256
+        )
+    )
     assert llm.runner.graphs is None and llm.warm_up() == 0

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from replica.detokenizer import IncrementalDetokenizer, OutputStream, StopChecker
-from replica.sampling import SamplingParams
+from replica.sampling_params import SamplingParams
 
 CORPUS = [
     "naïve café 東京 🙂 hello world",
@@ -122,12 +122,19 @@ def sentencepiece() -> PreTrainedTokenizerFast:
     vocab, merges = trained.get_vocab(), json.loads(trained.to_str())["model"]["merges"]
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    bpe = Tokenizer(models.BPE(vocab, [tuple(m) for m in merges], unk_token="<unk>",
-                               byte_fallback=True))
+    bpe = Tokenizer(
+        models.BPE(vocab, [tuple(m) for m in merges], unk_token="<unk>", byte_fallback=True)
+    )
     bpe.add_special_tokens(["<unk>", "</s>"])
     bpe.normalizer = trained.normalizer
-    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    bpe.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
 
 
@@ -267,7 +274,7 @@ def test_stop_checker_matches_reference(text: str, stops: list[str], cuts: list[
     assert checker.finish_reason == ("stop" if hits else "length")
 
 
-# --- OutputStream (detokenizer + stop checker + limits) --------------------------------------------
+# --- OutputStream (detokenizer + stop checker + limits) -------------------------------------------
 
 
 def _run_stream(tok, params: SamplingParams, ids: list[int], eos: list[int] | None = None):

@@ -25,9 +25,14 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=max_new_tokens, pad_token_id=0)
-        outputs.append(generated[0, len(prompt):].tolist())
+            generated = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=0,
+            )
+        outputs.append(generated[0, len(prompt) :].tolist())
     return outputs
 
 
@@ -39,7 +44,9 @@ def test_greedy_matches_transformers_on_a_batch(tiny_dir: Path, layout: str) -> 
 
 
 def test_chunked_prefill_and_preemption_keep_outputs_identical(tiny_dir: Path) -> None:
-    expected = tiny_llm(tiny_dir).generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    expected = tiny_llm(tiny_dir).generate(
+        PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    )
     # 8 tokens a page (interleaved): 10 pages back 80 tokens in all, far below 4 x ~60 tokens.
     small = tiny_llm(tiny_dir, kv_cache_bytes=10 * 4096, max_batch_tokens=8, eager_pages=0)
     outputs = small.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
@@ -54,8 +61,12 @@ def test_seeded_sampling_is_reproducible_in_any_batch(tiny_dir: Path) -> None:
     llm = tiny_llm(tiny_dir)
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
     alone = llm.generate([PROMPTS[0]], seeded)[0].token_ids
-    mixed = llm.generate(PROMPTS, [seeded, *[SamplingParams(max_tokens=9, temperature=1.0)] * 3])[0].token_ids
-    other_seed = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True))
+    mixed = llm.generate(PROMPTS, [seeded, *[SamplingParams(max_tokens=9, temperature=1.0)] * 3])[
+        0
+    ].token_ids
+    other_seed = llm.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True)
+    )
     assert alone == mixed
     assert other_seed[0].token_ids != alone
 
@@ -76,8 +87,12 @@ def test_impossible_requests_are_rejected_up_front(tiny_dir: Path) -> None:
 def test_abort_frees_the_slot_at_once(tiny_dir: Path) -> None:
     llm = tiny_llm(tiny_dir)
     engine = llm.engine
-    engine.add_request("keep", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
-    engine.add_request("drop", PROMPTS[1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    engine.add_request(
+        "keep", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    )
+    engine.add_request(
+        "drop", PROMPTS[1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    )
     tokens = []
     for _ in range(3):
         tokens += [t for o in engine.step() if o.request_id == "keep" for t in o.token_ids]
@@ -106,7 +121,9 @@ def test_streaming_deltas_add_up_and_leaving_early_aborts(tiny_dir: Path) -> Non
 
     async def main() -> tuple[list[int], int]:
         streamed = [t async for o in engine.generate(PROMPTS[2], GREEDY) for t in o.token_ids]
-        partial = engine.generate(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        partial = engine.generate(
+            PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        )
         async for _ in partial:
             break  # the client goes away after the first token
         await partial.aclose()
@@ -130,12 +147,20 @@ def smollm() -> LLM:
 
 
 def test_embedded_model_answers_and_matches_transformers(smollm: LLM) -> None:
-    questions = ["What is the capital of France? Answer in one sentence.", "Name three primary colors."]
+    questions = [
+        "What is the capital of France? Answer in one sentence.",
+        "Name three primary colors.",
+    ]
     conversations = [[{"role": "user", "content": q}] for q in questions]
     outputs = smollm.chat(conversations, SamplingParams(max_tokens=24, temperature=0))
     assert "Paris" in outputs[0].text
-    prompts = [smollm.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    prompts = [
+        smollm.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations
+    ]
+    prompts = [
+        list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
+        for p in prompts
+    ]
     expected = hf_greedy(embedded_model_dir(), prompts, 24)
     eos = smollm.engine.eos_token_ids
     trimmed = [e[: next((i + 1 for i, t in enumerate(e) if t in eos), len(e))] for e in expected]
@@ -151,7 +176,9 @@ def test_a_full_step_admits_the_next_requests_ahead(tiny_dir: Path) -> None:
     engine = llm.engine
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, params)
-    first = engine.step()  # r0 (3 tokens) and 18 of r1's 23: full; r2 (9) is admitted ahead, r3 too (1)
+    first = (
+        engine.step()
+    )  # r0 (3 tokens) and 18 of r1's 23: full; r2 (9) is admitted ahead, r3 too (1)
     assert [r.request_id for r in engine.scheduler.running] == ["r0", "r1", "r2", "r3"]
     assert [r.computed for r in engine.scheduler.running] == [3, 18, 0, 0]
     assert engine.stats().kv.slots_running == 4 and not engine.scheduler.waiting
@@ -189,7 +216,10 @@ def test_committed_pages_count_every_request_at_its_max_tokens(tiny_dir: Path) -
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (4, 30, 17, 9)]
     for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
         engine.add_request(f"r{i}", prompt, p)
-    pages = [config.page_groups_for(len(prompt) + p.max_tokens) * config.num_ranges for prompt, p in zip(PROMPTS, params)]
+    pages = [
+        config.page_groups_for(len(prompt) + p.max_tokens) * config.num_ranges
+        for prompt, p in zip(PROMPTS, params)
+    ]
     assert engine.scheduler.committed_pages() == sum(pages)
     engine.step()  # two run, two wait: the same promises
     assert engine.scheduler.committed_pages() == sum(pages)

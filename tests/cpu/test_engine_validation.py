@@ -24,7 +24,9 @@ def test_a_batch_with_one_bad_prompt_queues_nothing(tiny_dir: Path) -> None:
     assert len(out.token_ids) == 4
 
 
-def test_a_request_that_fails_inside_a_step_is_failed_and_removed(tiny_dir: Path, monkeypatch) -> None:
+def test_a_request_that_fails_inside_a_step_is_failed_and_removed(
+    tiny_dir: Path, monkeypatch
+) -> None:
     llm = tiny_llm(tiny_dir, async_scheduling=False)
     engine = llm.engine
     real = engine.runner.execute
@@ -41,7 +43,11 @@ def test_a_request_that_fails_inside_a_step_is_failed_and_removed(tiny_dir: Path
     outputs = engine.step()
     assert calls["n"] == 1  # the fault happened
     [failed] = outputs
-    assert failed.request_id == "doomed" and failed.finished and "injected kernel failure" in (failed.error or "")
+    assert (
+        failed.request_id == "doomed"
+        and failed.finished
+        and "injected kernel failure" in (failed.error or "")
+    )
     assert not engine.has_work() and "doomed" not in engine.requests
     engine.kv.check_invariants(deep=True)
     engine.add_request("after", [5, 6, 7], GREEDY)

@@ -17,14 +17,27 @@ from replica.kv.paged_config import PagedKVConfig
 
 
 def llama8b(layout: str, slots: int, tokens: int) -> KVCacheConfig:
-    return KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_slots=slots,
-                         max_tokens=tokens, page_size=2 << 20, budget_bytes=100 << 30, layout=layout)
+    return KVCacheConfig(
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        max_slots=slots,
+        max_tokens=tokens,
+        page_size=2 << 20,
+        budget_bytes=100 << 30,
+        layout=layout,
+    )
 
 
 def kernel_for(config: KVCacheConfig) -> str:
     """What the vAttention FlashInfer backend asks for: rows of one layer's view, their stride."""
     rows = config.max_slots * config.tokens_per_slot
-    stride = config.bytes_per_token if config.layout.value == "interleaved" else config.num_kv_heads * 128 * 2
+    stride = (
+        config.bytes_per_token
+        if config.layout.value == "interleaved"
+        else config.num_kv_heads * 128 * 2
+    )
     return choose_prefill_kernel(rows, stride, rows).backend
 
 
@@ -33,15 +46,24 @@ def test_the_reported_crash_configuration_is_kept_off_fa3() -> None:
     config = llama8b("interleaved", 256, 4700)
     assert config.bytes_per_token == 128 * 1024
     assert kernel_for(config) == "fa2"
-    assert kernel_for(llama8b("interleaved", 111, 4700)) == "auto"  # 111 * 4704 rows * 128 KiB < 64 GiB
+    assert (
+        kernel_for(llama8b("interleaved", 111, 4700)) == "auto"
+    )  # 111 * 4704 rows * 128 KiB < 64 GiB
     assert kernel_for(llama8b("interleaved", 112, 4700)) == "fa2"
     assert kernel_for(llama8b("interleaved", 256, 650)) == "auto"  # ran on the H200
 
 
 def test_per_layer_and_paged_caches_keep_fa3() -> None:
     assert kernel_for(llama8b("per_layer", 256, 32768)) == "auto"
-    paged = PagedKVConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_slots=256,
-                          max_tokens=32768, budget_bytes=100 << 30)
+    paged = PagedKVConfig(
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        max_slots=256,
+        max_tokens=32768,
+        budget_bytes=100 << 30,
+    )
     rows = paged.num_blocks * paged.block_size
     assert choose_prefill_kernel(rows, 8 * 128 * 2, rows).backend == "auto"
 

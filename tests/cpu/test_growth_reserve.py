@@ -35,11 +35,15 @@ def test_reserve_counts_the_rest_of_each_prompt_and_its_expected_growth_in_whole
     # done -> 0; a prompt of 20 computed to 8: 20 + 4 = 24 tokens: 3 pages, 1 held -> 2
     assert reserve.pages(running, pages_of_8) == 4
     assert [reserve.expected_tokens(r) for r in running] == [16, 1, 0, 4]
-    assert GrowthReserve.from_config(0.0).pages(running, pages_of_8) == 2  # the rest of the prompt only
+    assert (
+        GrowthReserve.from_config(0.0).pages(running, pages_of_8) == 2
+    )  # the rest of the prompt only
 
 
 @given(st.floats(0.0, 1.0), st.lists(st.booleans(), max_size=300))
-def test_ratio_stays_within_bounds_rises_on_preemption_and_decays_otherwise(initial: float, events: list[bool]) -> None:
+def test_ratio_stays_within_bounds_rises_on_preemption_and_decays_otherwise(
+    initial: float, events: list[bool]
+) -> None:
     reserve = GrowthReserve.from_config(initial)
     for preempted in events:
         before = reserve.ratio
@@ -59,11 +63,18 @@ def test_bad_settings_are_refused() -> None:
 
 def test_reserving_growth_preempts_less_and_changes_no_output(tiny_dir: Path) -> None:
     """Four requests that each grow by 40 tokens into a cache of 10 pages of 8 tokens: admitting on
-    free pages alone fills it with prompts and preempts; reserving the growth admits fewer at once."""
+    free pages alone fills it with prompts and preempts; reserving the growth admits fewer at
+    once."""
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     runs = {}
     for reserve in (0.0, 1.0):
-        llm = tiny_llm(tiny_dir, kv_cache_bytes=10 * 4096, max_batch_tokens=8, eager_pages=0, growth_reserve=reserve)
+        llm = tiny_llm(
+            tiny_dir,
+            kv_cache_bytes=10 * 4096,
+            max_batch_tokens=8,
+            eager_pages=0,
+            growth_reserve=reserve,
+        )
         outputs = llm.generate(PROMPTS, params)
         runs[reserve] = ([o.token_ids for o in outputs], llm.engine.stats().preemptions_total)
         assert llm.engine.stats().kv.pages_in_use == 0

@@ -1,4 +1,5 @@
-"""Offline checks of the Kubernetes deployment (k8s/) and the Serve config (cluster/serve-config.yaml).
+"""Offline checks of the Kubernetes deployment (k8s/) and the Serve config
+(cluster/serve-config.yaml).
 
 No cluster is needed: the RayService is validated against KubeRay's CRD schema and the PodMonitor
 against the Prometheus Operator's (both converted to JSON Schema, see tests/data/README.md); the
@@ -43,7 +44,7 @@ MAX_RAYSERVICE_NAME = 47
 DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 
-# ---- loading --------------------------------------------------------------------------------------
+# ---- loading -------------------------------------------------------------------------------------
 def load_one(path: Path) -> dict[str, Any]:
     docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     assert len(docs) == 1, f"{path} should hold one document, has {len(docs)}"
@@ -79,8 +80,10 @@ def serve_config_of(rayservice: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_configs() -> dict[str, dict[str, Any]]:
-    return {"cluster/serve-config.yaml": load_one(SERVE_CONFIG),
-            "k8s/rayservice.yaml serveConfigV2": serve_config_of(load_one(RAYSERVICE))}
+    return {
+        "cluster/serve-config.yaml": load_one(SERVE_CONFIG),
+        "k8s/rayservice.yaml serveConfigV2": serve_config_of(load_one(RAYSERVICE)),
+    }
 
 
 def the_app(config: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +109,7 @@ def ports_by_name(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
 
 
-# ---- checks the schemas cannot make ---------------------------------------------------------------
+# ---- checks the schemas cannot make --------------------------------------------------------------
 def gpu_count(value: Any) -> int | None:
     """A whole GPU count from a quantity (GPUs are not divisible), None when absent."""
     if value is None:
@@ -121,17 +124,23 @@ def manifest_problems(rayservice: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     name = rayservice.get("metadata", {}).get("name", "")
     if len(name) > MAX_RAYSERVICE_NAME or not DNS1035.fullmatch(name):
-        problems.append(f"metadata.name {name!r} must be a DNS-1035 label of <= {MAX_RAYSERVICE_NAME} chars")
+        problems.append(
+            f"metadata.name {name!r} must be a DNS-1035 label of <= {MAX_RAYSERVICE_NAME} chars"
+        )
     spec = cluster_spec(rayservice)
     app_args = the_app(serve_config_of(rayservice))["args"]
     tp = int(app_args.get("tp", 1))
     groups = [("headGroupSpec", spec["headGroupSpec"])]
-    groups += [(f"workerGroupSpecs[{g.get('groupName')}]", g) for g in spec.get("workerGroupSpecs", [])]
+    groups += [
+        (f"workerGroupSpecs[{g.get('groupName')}]", g) for g in spec.get("workerGroupSpecs", [])
+    ]
     for where, group in groups:
         params = group.get("rayStartParams", {})
         for key, value in params.items():
             if not isinstance(value, str):
-                problems.append(f"{where}.rayStartParams.{key} must be a quoted string, got {value!r}")
+                problems.append(
+                    f"{where}.rayStartParams.{key} must be a quoted string, got {value!r}"
+                )
         containers = group["template"]["spec"].get("containers", [])
         if not containers:
             problems.append(f"{where} has no container")
@@ -141,8 +150,10 @@ def manifest_problems(rayservice: dict[str, Any]) -> list[str]:
             limit = gpu_count(resources.get("limits", {}).get(GPU))
             request = gpu_count(resources.get("requests", {}).get(GPU))
             if limit != request:
-                problems.append(f"{where}.{container['name']}: {GPU} limit {limit} and request "
-                                f"{request} must both be set, and equal")
+                problems.append(
+                    f"{where}.{container['name']}: {GPU} limit {limit} and request "
+                    f"{request} must both be set, and equal"
+                )
         gpus = gpu_count(ray_container(group).get("resources", {}).get("limits", {}).get(GPU)) or 0
         declared = params.get("num-gpus")
         if where == "headGroupSpec":
@@ -150,20 +161,32 @@ def manifest_problems(rayservice: dict[str, Any]) -> list[str]:
                 problems.append(f"the head must hold no GPUs: num-gpus {declared!r}, {GPU} {gpus}")
             continue
         if declared != str(gpus):
-            problems.append(f"{where}: rayStartParams num-gpus {declared!r} != the pod's {GPU} {gpus}")
+            problems.append(
+                f"{where}: rayStartParams num-gpus {declared!r} != the pod's {GPU} {gpus}"
+            )
         if gpus != tp:
-            problems.append(f"{where}: each GPU pod must hold one tensor-parallel group: {GPU} {gpus} != tp {tp}")
+            problems.append(
+                f"{where}: each GPU pod must hold one tensor-parallel group: {GPU} {gpus} != "
+                f"tp {tp}"
+            )
         low, high, count = group.get("minReplicas"), group.get("maxReplicas"), group.get("replicas")
         if low is None or high is None:
             problems.append(f"{where} must set minReplicas and maxReplicas explicitly")
         elif not 0 <= low <= (count if count is not None else low) <= high:
-            problems.append(f"{where}: need 0 <= minReplicas {low} <= replicas {count} <= maxReplicas {high}")
+            problems.append(
+                f"{where}: need 0 <= minReplicas {low} <= replicas {count} <= maxReplicas {high}"
+            )
     workers = spec.get("workerGroupSpecs", [])
-    pods = sum(g.get("minReplicas", 0) for g in workers if gpu_count(
-        ray_container(g).get("resources", {}).get("limits", {}).get(GPU)))
+    pods = sum(
+        g.get("minReplicas", 0)
+        for g in workers
+        if gpu_count(ray_container(g).get("resources", {}).get("limits", {}).get(GPU))
+    )
     replicas = int(app_args.get("replicas", 1))
     if pods < replicas:
-        problems.append(f"{replicas} replicas of tp {tp} need {replicas} GPU pods; minReplicas give {pods}")
+        problems.append(
+            f"{replicas} replicas of tp {tp} need {replicas} GPU pods; minReplicas give {pods}"
+        )
     return problems
 
 
@@ -180,7 +203,8 @@ def strict_problems(annotation: Any, value: Any, where: str) -> list[str]:
     in ``annotation`` names, and values of fields typed ``Union[Dict, SomeModel]``.
 
     Serve's schemas ignore unknown keys (forward compatibility), so a misspelt option would be
-    dropped without a word; and pydantic takes a mapping given to ``Union[Dict, RequestRouterConfig]``
+    dropped without a word; and pydantic takes a mapping given to ``Union[Dict,
+    RequestRouterConfig]``
     as the plain ``Dict``, so e.g. a negative stats period would only fail at deploy time."""
     origin = typing.get_origin(annotation)
     if origin in (list, typing.List) and isinstance(value, list):  # noqa: UP006
@@ -194,7 +218,9 @@ def strict_problems(annotation: Any, value: Any, where: str) -> list[str]:
         return []
     found: list[str] = []
     for model in models:
-        names = {alias for name, f in model.model_fields.items() for alias in (name, f.alias) if alias}
+        names = {
+            alias for name, f in model.model_fields.items() for alias in (name, f.alias) if alias
+        }
         found = [f"unknown key {where}.{key}" for key in value if key not in names]
         for key, sub in value.items():
             if key in model.model_fields:
@@ -225,7 +251,9 @@ def relabel_keeps(relabelings: list[dict[str, Any]], meta: dict[str, str]) -> bo
         action = rule.get("action", "replace").lower()
         if action not in ("keep", "drop"):
             continue
-        joined = rule.get("separator", ";").join(meta.get(s, "") for s in rule.get("sourceLabels", []))
+        joined = rule.get("separator", ";").join(
+            meta.get(s, "") for s in rule.get("sourceLabels", [])
+        )
         matched = re.fullmatch(rule.get("regex", "(.*)"), joined) is not None
         if matched != (action == "keep"):
             return False
@@ -244,8 +272,14 @@ def pod_templates(rayservice: dict[str, Any]) -> dict[str, tuple[dict[str, str],
     pods = {}
     for name, node_type, group in groups:
         labels = dict(group["template"].get("metadata", {}).get("labels", {}))
-        labels.update({"ray.io/is-ray-node": "yes", "ray.io/node-type": node_type,
-                       "ray.io/group": name, "ray.io/cluster": cluster})
+        labels.update(
+            {
+                "ray.io/is-ray-node": "yes",
+                "ray.io/node-type": node_type,
+                "ray.io/group": name,
+                "ray.io/cluster": cluster,
+            }
+        )
         pods[name] = (labels, ports_by_name(ray_container(group)))
     return pods
 
@@ -259,18 +293,24 @@ def podmonitor_problems(podmonitor: dict[str, Any], rayservice: dict[str, Any]) 
     pods = pod_templates(rayservice)
     selected = {g: p for g, p in pods.items() if all(p[0].get(k) == v for k, v in want.items())}
     if set(selected) != set(pods):
-        problems.append(f"the selector {want} misses pod groups {sorted(set(pods) - set(selected))}")
+        problems.append(
+            f"the selector {want} misses pod groups {sorted(set(pods) - set(selected))}"
+        )
     for endpoint in podmonitor["spec"]["podMetricsEndpoints"]:
         port = endpoint.get("port")
         kept = []
         for group, (labels, ports) in selected.items():
-            meta = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
-                    for k, v in labels.items()}
+            meta = {
+                "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+                for k, v in labels.items()
+            }
             if relabel_keeps(endpoint.get("relabelings", []), meta):
                 kept.append(group)
                 if port not in ports:
-                    problems.append(f"endpoint port {port!r} is not a named port of the {group} pods "
-                                    f"(they have {sorted(ports)})")
+                    problems.append(
+                        f"endpoint port {port!r} is not a named port of the {group} pods "
+                        f"(they have {sorted(ports)})"
+                    )
         if not kept:
             problems.append(f"endpoint port {port!r} keeps no pod")
     return problems
@@ -287,11 +327,13 @@ def app_deployments(args: dict[str, Any]) -> dict[str, Any]:
     return {d.name: d for d in serve_build(app, name="vattn").deployments}
 
 
-# ---- the RayService -------------------------------------------------------------------------------
+# ---- the RayService ------------------------------------------------------------------------------
 def test_crd_schemas_record_their_source() -> None:
     readme = (DATA / "README.md").read_text()
-    for name, source in (("rayservice-crd-schema.json", "ray-project/kuberay"),
-                         ("podmonitor-crd-schema.json", "prometheus-operator/prometheus-operator")):
+    for name, source in (
+        ("rayservice-crd-schema.json", "ray-project/kuberay"),
+        ("podmonitor-crd-schema.json", "prometheus-operator/prometheus-operator"),
+    ):
         comment = json.loads((DATA / name).read_text())["$comment"]
         assert source in comment and " tag v" in comment, comment
         assert name in readme and source in readme
@@ -306,7 +348,9 @@ def test_rayservice_passes_kuberay_and_gpu_layout_checks(rayservice: dict[str, A
     spec = cluster_spec(rayservice)
     args = the_app(serve_config_of(rayservice))["args"]
     [workers] = spec["workerGroupSpecs"]
-    assert workers["minReplicas"] == workers["maxReplicas"] == workers["replicas"] == args["replicas"]
+    assert (
+        workers["minReplicas"] == workers["maxReplicas"] == workers["replicas"] == args["replicas"]
+    )
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     assert workers["rayStartParams"]["num-gpus"] == str(args["tp"])
 
@@ -320,7 +364,9 @@ def test_rayservice_images_and_versions(rayservice: dict[str, Any]) -> None:
     dockerfile = (K8S / "Dockerfile").read_text()
     [base] = re.findall(r"^ARG RAY_IMAGE=(\S+)$", dockerfile, flags=re.MULTILINE)
     assert base.startswith(f"rayproject/ray:{spec['rayVersion']}-py311"), base
-    for path in re.findall(r"^COPY --chown=\S+ (.+) /tmp/vattn-src/?\S*$", dockerfile, flags=re.MULTILINE):
+    for path in re.findall(
+        r"^COPY --chown=\S+ (.+) /tmp/vattn-src/?\S*$", dockerfile, flags=re.MULTILINE
+    ):
         for source in path.split():
             assert (ROOT / source).exists(), f"k8s/Dockerfile copies {source}, which does not exist"
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
@@ -347,7 +393,7 @@ def test_rayservice_ports(rayservice: dict[str, Any]) -> None:
     assert config["proxy_location"] == "EveryNode"
 
 
-# ---- the Serve configs ----------------------------------------------------------------------------
+# ---- the Serve configs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("source", sorted(serve_configs()))
 def test_serve_config_matches_ray_schema(source: str) -> None:
     config = serve_configs()[source]
@@ -364,7 +410,9 @@ def test_rayservice_deploys_the_example_serve_config_on_gpus(rayservice: dict[st
     assert cluster_args["device"] == "cuda" and isinstance(cluster_args["tp"], int)
     assert set(local_args) == set(cluster_args)
     differ = {k for k in local_args if local_args[k] != cluster_args[k]}
-    assert differ <= CLUSTER_ARGS, f"only {sorted(CLUSTER_ARGS)} may differ, also: {sorted(differ - CLUSTER_ARGS)}"
+    assert differ <= CLUSTER_ARGS, (
+        f"only {sorted(CLUSTER_ARGS)} may differ, also: {sorted(differ - CLUSTER_ARGS)}"
+    )
 
     def without_args(config: dict[str, Any]) -> dict[str, Any]:
         config = copy.deepcopy(config)
@@ -395,8 +443,12 @@ def test_rayservice_pods_fit_the_app(rayservice: dict[str, Any]) -> None:
     replica = app_deployments(args)["VattnReplica"]
     actor = replica.ray_actor_options
     bundles = replica._replica_config.placement_group_bundles
-    per_replica_gpus = sum(b.get("GPU", 0) for b in bundles) if bundles else actor.get("num_gpus", 0)
-    per_replica_cpus = sum(b.get("CPU", 0) for b in bundles) if bundles else actor.get("num_cpus", 1)
+    per_replica_gpus = (
+        sum(b.get("GPU", 0) for b in bundles) if bundles else actor.get("num_gpus", 0)
+    )
+    per_replica_cpus = (
+        sum(b.get("CPU", 0) for b in bundles) if bundles else actor.get("num_cpus", 1)
+    )
     assert per_replica_gpus >= 1, "device cuda must ask for GPUs"
     [workers] = cluster_spec(rayservice)["workerGroupSpecs"]
     limits = ray_container(workers)["resources"]["limits"]
@@ -425,26 +477,34 @@ def test_router_override_is_the_free_page_router(source: str) -> None:
     assert RequestRouterConfig(**given).model_dump() == expected.model_dump()
 
 
-# ---- monitoring -----------------------------------------------------------------------------------
+# ---- monitoring ----------------------------------------------------------------------------------
 def test_podmonitor_matches_prometheus_operator_crd(podmonitor: dict[str, Any]) -> None:
     assert schema_errors("podmonitor-crd-schema.json", podmonitor) == []
 
 
-def test_podmonitor_scrapes_ray_and_vattn(podmonitor: dict[str, Any], rayservice: dict[str, Any]) -> None:
+def test_podmonitor_scrapes_ray_and_vattn(
+    podmonitor: dict[str, Any], rayservice: dict[str, Any]
+) -> None:
     assert podmonitor_problems(podmonitor, rayservice) == []
     endpoints = {e["port"]: e for e in podmonitor["spec"]["podMetricsEndpoints"]}
     assert set(endpoints) == {"metrics", "serve"}
     assert endpoints["serve"]["path"] == endpoints["metrics"]["path"] == "/metrics"
     pods = pod_templates(rayservice)
-    meta = {g: {"__meta_kubernetes_pod_label_ray_io_node_type": labels["ray.io/node-type"]}
-            for g, (labels, _) in pods.items()}
+    meta = {
+        g: {"__meta_kubernetes_pod_label_ray_io_node_type": labels["ray.io/node-type"]}
+        for g, (labels, _) in pods.items()
+    }
     # Ray's metrics from every pod; vattn's aggregated /metrics from the head only.
     assert all(relabel_keeps(endpoints["metrics"].get("relabelings", []), m) for m in meta.values())
-    assert [g for g, m in meta.items() if relabel_keeps(endpoints["serve"]["relabelings"], m)] == ["headgroup"]
+    assert [g for g, m in meta.items() if relabel_keeps(endpoints["serve"]["relabelings"], m)] == [
+        "headgroup"
+    ]
 
 
 def _configmap_module() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("make_dashboard_configmap", K8S / "make_dashboard_configmap.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_dashboard_configmap", K8S / "make_dashboard_configmap.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -465,9 +525,11 @@ def test_dashboard_configmap_is_generated_from_the_dashboards() -> None:
     for path in files:
         assert re.fullmatch(r"[-._a-zA-Z0-9]+", path.name)
         assert json.loads(data[path.name]) == json.loads(path.read_text()), (
-            f"{path.name} differs from dashboards/: run python k8s/make_dashboard_configmap.py")
+            f"{path.name} differs from dashboards/: run python k8s/make_dashboard_configmap.py"
+        )
     assert CONFIGMAP.read_text() == maker.render(maker.load_dashboards(files)), (
-        "run python k8s/make_dashboard_configmap.py")
+        "run python k8s/make_dashboard_configmap.py"
+    )
     assert sum(len(k.encode()) + len(v.encode()) for k, v in data.items()) <= maker.MAX_BYTES
 
 
@@ -483,10 +545,13 @@ def test_dashboard_configmap_maker_refuses_bad_input(tmp_path: Path) -> None:
         maker.render({})
     (tmp_path / "broken.json").write_text(json.dumps({"title": "t", "panels": [{"id": 1}]}))
     text = maker.render(maker.load_dashboards(maker.dashboard_files(tmp_path)))
-    assert json.loads(yaml.safe_load(text)["data"]["broken.json"]) == {"title": "t", "panels": [{"id": 1}]}
+    assert json.loads(yaml.safe_load(text)["data"]["broken.json"]) == {
+        "title": "t",
+        "panels": [{"id": 1}],
+    }
 
 
-# ---- the checks catch broken manifests ------------------------------------------------------------
+# ---- the checks catch broken manifests -----------------------------------------------------------
 def _workers(manifest: dict[str, Any]) -> dict[str, Any]:
     return cluster_spec(manifest)["workerGroupSpecs"][0]
 
@@ -508,8 +573,10 @@ def test_gpu_request_unequal_to_limit_is_refused(rayservice: dict[str, Any]) -> 
 def test_unquoted_ray_start_param_is_refused(rayservice: dict[str, Any]) -> None:
     broken = copy.deepcopy(rayservice)
     _workers(broken)["rayStartParams"]["num-gpus"] = 1
-    assert any("rayStartParams.num-gpus" in e and "is not of type 'string'" in e
-               for e in schema_errors("rayservice-crd-schema.json", broken))
+    assert any(
+        "rayStartParams.num-gpus" in e and "is not of type 'string'" in e
+        for e in schema_errors("rayservice-crd-schema.json", broken)
+    )
     assert any("must be a quoted string" in p for p in manifest_problems(broken))
     # As YAML text: an unquoted number parses as an int.
     text = RAYSERVICE.read_text().replace('num-gpus: "1"', "num-gpus: 1", 1)
@@ -542,8 +609,13 @@ def test_gpu_count_mismatches_are_refused(rayservice: dict[str, Any]) -> None:
 
 def test_crd_schema_refuses_unknown_fields_and_wrong_types(rayservice: dict[str, Any]) -> None:
     misspelt = copy.deepcopy(rayservice)
-    ray_container(_workers(misspelt))["resource"] = ray_container(_workers(misspelt)).pop("resources")
-    assert any("'resource' was unexpected" in e for e in schema_errors("rayservice-crd-schema.json", misspelt))
+    ray_container(_workers(misspelt))["resource"] = ray_container(_workers(misspelt)).pop(
+        "resources"
+    )
+    assert any(
+        "'resource' was unexpected" in e
+        for e in schema_errors("rayservice-crd-schema.json", misspelt)
+    )
 
     wrong_type = copy.deepcopy(rayservice)
     _workers(wrong_type)["replicas"] = "2"
@@ -566,10 +638,14 @@ def test_serve_config_typos_are_refused() -> None:
     router["request_router_clas"] = router.pop("request_router_class")
     ServeDeploySchema.model_validate(config)  # Serve itself would ignore the misspelt key
     assert serve_config_problems(config) == [
-        "unknown key config.applications[0].deployments[0].request_router_config.request_router_clas"]
+        "unknown key "
+        "config.applications[0].deployments[0].request_router_config.request_router_clas"
+    ]
 
     config = load_one(SERVE_CONFIG)
-    override(the_app(config), "VattnReplica")["request_router_config"]["request_routing_stats_period_s"] = -1
+    override(the_app(config), "VattnReplica")["request_router_config"][
+        "request_routing_stats_period_s"
+    ] = -1
     ServeDeploySchema.model_validate(config)  # taken as a plain Dict
     [problem] = serve_config_problems(config)
     assert "request_routing_stats_period_s" in problem and "greater than 0" in problem
@@ -580,20 +656,28 @@ def test_serve_config_typos_are_refused() -> None:
         app_deployments(the_app(config)["args"])
 
 
-def test_podmonitor_problems_are_found(podmonitor: dict[str, Any], rayservice: dict[str, Any]) -> None:
+def test_podmonitor_problems_are_found(
+    podmonitor: dict[str, Any], rayservice: dict[str, Any]
+) -> None:
     wrong_port = copy.deepcopy(podmonitor)
     wrong_port["spec"]["podMetricsEndpoints"][1]["port"] = "http"
-    assert any("'http' is not a named port" in p for p in podmonitor_problems(wrong_port, rayservice))
+    assert any(
+        "'http' is not a named port" in p for p in podmonitor_problems(wrong_port, rayservice)
+    )
 
     wrong_selector = copy.deepcopy(podmonitor)
     wrong_selector["spec"]["selector"]["matchLabels"]["ray.io/node-type"] = "head"
-    assert any("misses pod groups ['gpu']" in p for p in podmonitor_problems(wrong_selector, rayservice))
+    assert any(
+        "misses pod groups ['gpu']" in p for p in podmonitor_problems(wrong_selector, rayservice)
+    )
 
     no_serve_port = copy.deepcopy(rayservice)
     head = ray_container(cluster_spec(no_serve_port)["headGroupSpec"])
     head["ports"] = [p for p in head["ports"] if p["name"] != "serve"]
-    assert any("'serve' is not a named port of the headgroup" in p
-               for p in podmonitor_problems(podmonitor, no_serve_port))
+    assert any(
+        "'serve' is not a named port of the headgroup" in p
+        for p in podmonitor_problems(podmonitor, no_serve_port)
+    )
 
     misspelt = copy.deepcopy(podmonitor)
     misspelt["spec"]["podMetricsEndpoints"][0]["intervl"] = "15s"

@@ -29,22 +29,33 @@ def test_small_batches_at_long_context_see_small_pages() -> None:
 
 
 def test_full_batches_and_short_contexts_keep_one_page_per_slot() -> None:
-    assert kernel_page_tokens(SPLIT_BELOW_BLOCKS // 8, 8, 8000, 8192) == 8192  # Llama-3-8B: 16 x 8 blocks
+    assert (
+        kernel_page_tokens(SPLIT_BELOW_BLOCKS // 8, 8, 8000, 8192) == 8192
+    )  # Llama-3-8B: 16 x 8 blocks
     assert kernel_page_tokens(32, 4, 8000, 8192) == 8192
     assert kernel_page_tokens(256, 8, 30000, 32768) == 32768
     assert kernel_page_tokens(1, 8, LONG_CONTEXT_TOKENS - 1, SLOT) == SLOT
     assert kernel_page_tokens(1, 8, 8000, 8200) == 8200  # 16 does not divide the slot: one page
 
 
-@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 64 * 16)), min_size=1, max_size=6, unique_by=lambda t: t[0]),
-       st.sampled_from([16, 64, 1024]))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 7), st.integers(1, 64 * 16)),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda t: t[0],
+    ),
+    st.sampled_from([16, 64, 1024]),
+)
 def test_the_page_table_covers_each_sequence_token_for_token(batch, page: int) -> None:
     slots, lens = [s for s, _ in batch], [n for _, n in batch]
     indptr, indices, last = page_table(slots, lens, page, 1024)
     per_slot = 1024 // page
     for i, (slot, n) in enumerate(zip(slots, lens)):
-        pages = indices[indptr[i]:indptr[i + 1]]
-        rows = [p * page + r for p in pages[:-1] for r in range(page)] + [pages[-1] * page + r for r in range(last[i])]
+        pages = indices[indptr[i] : indptr[i + 1]]
+        rows = [p * page + r for p in pages[:-1] for r in range(page)] + [
+            pages[-1] * page + r for r in range(last[i])
+        ]
         assert rows == [slot * per_slot * page + t for t in range(n)]  # slot's tokens, in order
         assert 1 <= last[i] <= page
 
@@ -63,7 +74,9 @@ def test_virtual_pages_view_the_same_memory(layout: str) -> None:
         whole = torch.arange(slots * tokens * layers * 2 * heads * dim, dtype=torch.float32)
         k = whole.view(slots, tokens, layers, 2, heads, dim)[:, :, 1, 0]
     else:
-        k = torch.arange(slots * tokens * heads * dim, dtype=torch.float32).view(slots, tokens, heads, dim)
+        k = torch.arange(slots * tokens * heads * dim, dtype=torch.float32).view(
+            slots, tokens, heads, dim
+        )
     paged = virtual_pages(k, 16)
     assert paged.shape == (slots * tokens // 16, 16, heads, dim)
     assert paged.data_ptr() == k.data_ptr()

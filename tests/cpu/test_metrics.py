@@ -34,20 +34,45 @@ DASHBOARDS = sorted((Path(__file__).resolve().parents[2] / "dashboards").glob("*
 
 def kv_stats(**changes: float) -> dict[str, float]:
     stats = KVCacheStats(
-        page_size_bytes=2 << 20, tokens_per_page=16.0, pages_total=100, pages_created=40, pages_free=10,
-        pages_in_use=20, pages_cached=10, pages_available=80, wasted_bytes=12345, slots_running=3,
-        slots_cached=2, map_calls=7, pages_mapped_total=30, map_seconds=0.01, wait_seconds=0.25,
+        page_size_bytes=2 << 20,
+        tokens_per_page=16.0,
+        pages_total=100,
+        pages_created=40,
+        pages_free=10,
+        pages_in_use=20,
+        pages_cached=10,
+        pages_available=80,
+        wasted_bytes=12345,
+        slots_running=3,
+        slots_cached=2,
+        map_calls=7,
+        pages_mapped_total=30,
+        map_seconds=0.01,
+        wait_seconds=0.25,
         pages_released_total=5,
     )
     return dataclasses.replace(stats, **changes).as_dict()  # type: ignore[arg-type]
 
 
-def snapshot(replica: str = "r1", ranks: tuple[int, ...] = (0,), ttft: tuple[float, ...] = (),
-             generated: int = 0, map_latencies: tuple[float, ...] = ()) -> ReplicaSnapshot:
-    engine = EngineMetrics(running=2, waiting=1, preemptions_total=3, prompt_tokens_total=100,
-                            generation_tokens_total=generated, latency={"ttft": ttft, "itl": (0.01, 0.02)},
-                            growth_reserve_ratio=0.35)
-    return ReplicaSnapshot("m", replica, engine, tuple(RankSnapshot(r, kv_stats(), map_latencies) for r in ranks))
+def snapshot(
+    replica: str = "r1",
+    ranks: tuple[int, ...] = (0,),
+    ttft: tuple[float, ...] = (),
+    generated: int = 0,
+    map_latencies: tuple[float, ...] = (),
+) -> ReplicaSnapshot:
+    engine = EngineMetrics(
+        running=2,
+        waiting=1,
+        preemptions_total=3,
+        prompt_tokens_total=100,
+        generation_tokens_total=generated,
+        latency={"ttft": ttft, "itl": (0.01, 0.02)},
+        growth_reserve_ratio=0.35,
+    )
+    return ReplicaSnapshot(
+        "m", replica, engine, tuple(RankSnapshot(r, kv_stats(), map_latencies) for r in ranks)
+    )
 
 
 def scrape(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -112,7 +137,9 @@ def test_unsent_samples_go_with_the_next_snapshot() -> None:
     merged = first.then(second)
     assert merged.engine is not None and merged.engine.latency["ttft"] == (1.0, 2.0)
     assert merged.engine.generation_tokens_total == 9 and merged.ranks[0].map_latencies == (1e-5,)
-    huge = snapshot(ttft=tuple(float(i) for i in range(MAX_PENDING_SAMPLES))).then(snapshot(ttft=(-1.0,)))
+    huge = snapshot(ttft=tuple(float(i) for i in range(MAX_PENDING_SAMPLES))).then(
+        snapshot(ttft=(-1.0,))
+    )
     assert huge.engine is not None and len(huge.engine.latency["ttft"]) == MAX_PENDING_SAMPLES
     assert huge.engine.latency["ttft"][-1] == -1.0
 
@@ -129,8 +156,14 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     store = MetricsStore()
     store.push(snapshot("r1", ranks=(0, 1), ttft=(0.02, 0.3), generated=10, map_latencies=(2e-5,)))
     store.push(snapshot("r2", generated=4))
-    decisions = {"by_reason": {"most_free_pages": 5}, "by_replica": {"r1": 3, "r2": 2}, "last_headroom_pages": 42,
-                 "last_stats_age_s": 0.25, "last_reason": "most_free_pages", "last_replica": "r2"}
+    decisions = {
+        "by_reason": {"most_free_pages": 5},
+        "by_replica": {"r1": 3, "r2": 2},
+        "last_headroom_pages": 42,
+        "last_stats_age_s": 0.25,
+        "last_reason": "most_free_pages",
+        "last_replica": "r2",
+    }
     text = MetricsExporter().render(store.series(), RouterView("m", decisions)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for metric in METRICS:
@@ -151,23 +184,37 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     assert samples["vattn_kv_map_latency_seconds_count"][r1] == 1
     assert len(samples["vattn_kv_pages_free"]) == 3  # r1 ranks 0 and 1, r2 rank 0
     engine_r1 = (("model", "m"), ("replica", "r1"))
-    assert samples["vattn_generation_tokens_total"] == {engine_r1: 10, (("model", "m"), ("replica", "r2")): 4}
+    assert samples["vattn_generation_tokens_total"] == {
+        engine_r1: 10,
+        (("model", "m"), ("replica", "r2")): 4,
+    }
     assert samples["vattn_admission_growth_reserve_ratio"][engine_r1] == 0.35
     assert samples["vattn_time_to_first_token_seconds_bucket"][(("le", "0.025"), *engine_r1)] == 1
     assert samples["vattn_time_to_first_token_seconds_bucket"][(("le", "+Inf"), *engine_r1)] == 2
     assert samples["vattn_time_to_first_token_seconds_count"][engine_r1] == 2
-    assert samples["vattn_router_decisions_total"] == {(("model", "m"), ("reason", "fallback")): 0,
-                                                       (("model", "m"), ("reason", "most_free_pages")): 5}
+    assert samples["vattn_router_decisions_total"] == {
+        (("model", "m"), ("reason", "fallback")): 0,
+        (("model", "m"), ("reason", "most_free_pages")): 5,
+    }
     assert samples["vattn_router_requests_total"][(("model", "m"), ("replica", "r1"))] == 3
     assert samples["vattn_router_last_headroom_pages"] == {(("model", "m"),): 42}
 
 
 def test_without_decisions_or_replicas_the_families_are_empty_not_missing() -> None:
-    decisions = {"by_reason": {}, "by_replica": {}, "last_headroom_pages": None, "last_stats_age_s": None}
+    decisions = {
+        "by_reason": {},
+        "by_replica": {},
+        "last_headroom_pages": None,
+        "last_stats_age_s": None,
+    }
     text = MetricsExporter().render([], RouterView("m", decisions)).decode()
     samples = scrape(text)
-    assert samples == {"vattn_router_decisions_total": {(("model", "m"), ("reason", "fallback")): 0,
-                                                        (("model", "m"), ("reason", "most_free_pages")): 0}}
+    assert samples == {
+        "vattn_router_decisions_total": {
+            (("model", "m"), ("reason", "fallback")): 0,
+            (("model", "m"), ("reason", "most_free_pages")): 0,
+        }
+    }
     assert len(re.findall(r"^# TYPE ", text, re.MULTILINE)) == len(METRICS)
 
 
@@ -178,13 +225,22 @@ def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(engine_dir: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(engine_dir), page_size=4096, max_model_len=256, max_running=4,
-                                  kv_cache_bytes=64 * 4096))
+    return LLMEngine(
+        EngineConfig(
+            model=str(engine_dir),
+            page_size=4096,
+            max_model_len=256,
+            max_running=4,
+            kv_cache_bytes=64 * 4096,
+        )
+    )
 
 
 def test_take_snapshot_reads_the_engine_and_drains_its_samples_once(engine: LLMEngine) -> None:
     for i in range(3):
-        engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        engine.add_request(
+            f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        )
     while engine.has_work():
         engine.step()
     first = take_snapshot("m", "r1", engine.snapshot())
@@ -207,16 +263,27 @@ def test_take_snapshot_reads_the_engine_and_drains_its_samples_once(engine: LLME
 
 
 def test_under_tensor_parallelism_rank_0_reports_its_own_cache(
-        engine_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rank 0 of a 2-rank replica (local processes): its own books through the recording
     allocator, not the engine's minimum over ranks."""
     monkeypatch.setenv("VATTN_TP_TIMEOUT_S", "30")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine = LLMEngine(EngineConfig(model=str(engine_dir), page_size=4096, max_model_len=256, max_running=4,
-                                    kv_cache_bytes=64 * 4096, tensor_parallel_size=2))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(engine_dir),
+            page_size=4096,
+            max_model_len=256,
+            max_running=4,
+            kv_cache_bytes=64 * 4096,
+            tensor_parallel_size=2,
+        )
+    )
     try:
-        engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        engine.add_request(
+            "a", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        )
         while engine.has_work():
             engine.step()
         snap = take_snapshot("m", "r1", engine.snapshot())
@@ -243,14 +310,23 @@ def test_dashboards_use_the_current_schema_and_only_exported_series(path: Path) 
     dashboard = json.loads(path.read_text())
     assert dashboard["schemaVersion"] >= 39
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert (
+        variables["datasource"]["type"] == "datasource"
+        and variables["datasource"]["query"] == "prometheus"
+    )
     for name in ("model", "replica"):
         assert variables[name]["type"] == "query"
-        assert re.fullmatch(rf"label_values\(vattn_\w+(\{{.*\}})?, {name}\)", variables[name]["query"]["query"])
+        assert re.fullmatch(
+            rf"label_values\(vattn_\w+(\{{.*\}})?, {name}\)", variables[name]["query"]["query"]
+        )
     panels = _panels(dashboard)
     assert len({p["id"] for p in panels}) == len(panels)
-    exported = {m.name for m in METRICS} | {f"{m.name}_{s}" for m in METRICS if m.kind == "histogram"
-                                             for s in ("bucket", "sum", "count")}
+    exported = {m.name for m in METRICS} | {
+        f"{m.name}_{s}"
+        for m in METRICS
+        if m.kind == "histogram"
+        for s in ("bucket", "sum", "count")
+    }
     for panel in panels:
         if panel["type"] == "row":
             continue
@@ -260,4 +336,6 @@ def test_dashboards_use_the_current_schema_and_only_exported_series(path: Path) 
             used = set(re.findall(r"\bvattn_\w+", target["expr"]))
             assert used and used <= exported, (panel["title"], used - exported)
             if "rate(" in target["expr"] or "increase(" in target["expr"]:
-                assert "[$__rate_interval]" in target["expr"] or "[$__range]" in target["expr"], target["expr"]
+                assert "[$__rate_interval]" in target["expr"] or "[$__range]" in target["expr"], (
+                    target["expr"]
+                )

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # so the --tp-worker subprocess finds `replica`
     sys.path.insert(0, str(REPO))
 
-from replica.model import (
+from replica.model import (  # noqa: E402 - after the sys.path entry above
     LlamaForCausalLM,
     MissingWeightsError,
     ModelConfig,
@@ -38,17 +38,44 @@ ARRIVAL = 2
 NEW_TOKENS = 6
 VOCAB = 131  # odd, so vocab-parallel padding is exercised at world_size 2
 
-_BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
-         "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256,
-         "rms_norm_eps": 1e-6, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+_BASE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
 HF_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama_gqa_tied": ("llama", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
-    "llama_untied_bias": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": False,
-                                    "attention_bias": True, "mlp_bias": True}),
-    "llama3_rope_mqa": ("llama", {
-        "num_key_value_heads": 1, "head_dim": 32, "rope_theta": 10000.0, "rope_scaling": {
-            "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "llama_untied_bias": (
+        "llama",
+        {
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": False,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
+    ),
+    "llama3_rope_mqa": (
+        "llama",
+        {
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "rope_theta": 10000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
     "qwen2_bias": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
     "mistral": ("mistral", {"num_key_value_heads": 2, "sliding_window": None}),
 }
@@ -56,9 +83,12 @@ HF_CONFIGS: dict[str, tuple[str, dict]] = {
 
 def _hf_classes(kind: str) -> tuple[type, type]:
     import transformers as tf
-    return {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-            "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
+
+    return {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[kind]
 
 
 def make_hf_checkpoint(name: str, path: Path) -> torch.nn.Module:
@@ -87,11 +117,12 @@ class RefAttention:
         self.kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout: list[tuple[int, int]] = []  # (seq_id, tokens in this step), packing order
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                 ) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         outs, off = [], 0
         for seq, n in self.layout:
-            k_new, v_new = k[off:off + n], v[off:off + n]
+            k_new, v_new = k[off : off + n], v[off : off + n]
             k_old, v_old = self.kv.get((seq, layer), (k_new[:0], v_new[:0]))
             keys, values = torch.cat([k_old, k_new]), torch.cat([v_old, v_new])
             self.kv[(seq, layer)] = (keys, values)
@@ -99,10 +130,12 @@ class RefAttention:
             rep = q.shape[1] // k.shape[1]
             mask = torch.arange(total)[None, :] <= (past + torch.arange(n))[:, None]
             out = F.scaled_dot_product_attention(
-                q[off:off + n].transpose(0, 1),
+                q[off : off + n].transpose(0, 1),
                 keys.repeat_interleave(rep, dim=1).transpose(0, 1),
                 values.repeat_interleave(rep, dim=1).transpose(0, 1),
-                attn_mask=mask, scale=self.scale)
+                attn_mask=mask,
+                scale=self.scale,
+            )
             outs.append(out.transpose(0, 1))
             off += n
         return torch.cat(outs)
@@ -114,8 +147,9 @@ def make_prompts(vocab: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def run_engine(model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: int
-               ) -> tuple[list[list[int]], list[torch.Tensor]]:
+def run_engine(
+    model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: int
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy-generate ``new_tokens`` per prompt with packed steps (continuous-batching style).
 
     Returns per sequence the generated tokens and the logits ``[len(prompt) + new - 1, vocab]`` of
@@ -144,7 +178,7 @@ def run_engine(model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: in
         assert logits.dtype == torch.float32 and logits.shape == (len(ids), model.config.vocab_size)
         off = 0
         for s, n in layout:
-            logits_rows[s].append(logits[off:off + n])
+            logits_rows[s].append(logits[off : off + n])
             generated[s].append(int(logits[off + n - 1].argmax()))
             off += n
         active = [s for s in active if len(generated[s]) < new_tokens]
@@ -152,17 +186,26 @@ def run_engine(model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: in
     return generated, [torch.cat(rows) for rows in logits_rows]
 
 
-def check_against_hf(hf_model: torch.nn.Module, prompts: list[list[int]],
-                     generated: list[list[int]], logits: list[torch.Tensor]) -> None:
+def check_against_hf(
+    hf_model: torch.nn.Module,
+    prompts: list[list[int]],
+    generated: list[list[int]],
+    logits: list[torch.Tensor],
+) -> None:
     for prompt, gen, ours in zip(prompts, generated, logits):
         full = torch.tensor([prompt + gen])
         with torch.no_grad():
             ref = hf_model(full).logits[0, :-1].float()
-            hf_gen = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones_like(
-                torch.tensor([prompt])), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=None, pad_token_id=0)
+            hf_gen = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones_like(torch.tensor([prompt])),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-        assert gen == hf_gen[0, len(prompt):].tolist()
+        assert gen == hf_gen[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
@@ -177,18 +220,46 @@ def test_matches_hf(name: str, tmp_path: Path) -> None:
 
 
 def test_config_parsing() -> None:
-    cfg = ModelConfig.from_dict({
-        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
-        "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "eos_token_id": [7, 9], "bos_token_id": 1, "torch_dtype": "bfloat16"})
-    assert (cfg.head_dim, cfg.num_kv_heads, cfg.eos_token_ids, cfg.eos_token_id) == (4, 2, (7, 9), 7)
+    cfg = ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "eos_token_id": [7, 9],
+            "bos_token_id": 1,
+            "torch_dtype": "bfloat16",
+        }
+    )
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.eos_token_ids, cfg.eos_token_id) == (
+        4,
+        2,
+        (7, 9),
+        7,
+    )
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling is not None
     assert cfg.rope_scaling.factor == 8.0 and cfg.checkpoint_dtype == "bfloat16"
-    qwen = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8,
-                                  "intermediate_size": 16, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "sliding_window": 4096})
+    qwen = ModelConfig.from_dict(
+        {
+            "model_type": "qwen2",
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "sliding_window": 4096,
+        }
+    )
     assert qwen.attention_bias and not qwen.o_proj_bias and qwen.sliding_window is None
     big = ModelConfig.llama3_8b()
     assert (big.num_layers, big.num_kv_heads, big.vocab_size, big.head_dim) == (32, 8, 128256, 128)
@@ -199,10 +270,17 @@ def test_unknown_model_type_and_rope(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="gpt2"):
         ModelConfig.from_hf_dir(tmp_path)
     with pytest.raises(ValueError, match="yarn"):
-        ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
-                               "intermediate_size": 16, "num_hidden_layers": 1,
-                               "num_attention_heads": 2,
-                               "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        ModelConfig.from_dict(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )
 
 
 def test_bad_world_size() -> None:
@@ -218,6 +296,7 @@ def test_bad_world_size() -> None:
 
 def test_missing_weight_is_reported(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
+
     make_hf_checkpoint("llama_untied_bias", tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight"], tensors["lm_head.weight"]
@@ -237,13 +316,16 @@ def test_synthetic_bf16() -> None:
     assert [len(g) for g in generated] == [3, 3]
     again = LlamaForCausalLM(ModelConfig.tiny())
     init_synthetic_weights(again, seed=3)
-    assert torch.equal(again.model.layers[1].self_attn.qkv_proj.weight.bfloat16(),
-                       model.model.layers[1].self_attn.qkv_proj.weight)
+    assert torch.equal(
+        again.model.layers[1].self_attn.qkv_proj.weight.bfloat16(),
+        model.model.layers[1].self_attn.qkv_proj.weight,
+    )
 
 
 def test_column_parallel_shards() -> None:
     """Per-matrix and pre-fused loading agree, and each rank holds its rows of every matrix."""
     from replica.model import ColumnParallelLinear
+
     q, k, v = torch.randn(8, 6), torch.randn(4, 6), torch.randn(4, 6)
     for rank in range(2):
         split = ColumnParallelLinear(6, [8, 4, 4], rank=rank, world_size=2)
@@ -251,8 +333,9 @@ def test_column_parallel_shards() -> None:
         for i, t in enumerate((q, k, v)):
             split.weight_loader(split.weight, t, i)
         fused.weight_loader(fused.weight, torch.cat([q, k, v]))
-        want = torch.cat([q[4 * rank:4 * rank + 4], k[2 * rank:2 * rank + 2],
-                          v[2 * rank:2 * rank + 2]])
+        want = torch.cat(
+            [q[4 * rank : 4 * rank + 4], k[2 * rank : 2 * rank + 2], v[2 * rank : 2 * rank + 2]]
+        )
         assert torch.equal(split.weight, want) and torch.equal(fused.weight, want)
     with pytest.raises(ValueError, match="shape"):
         split.weight_loader(split.weight, torch.randn(5, 6), 1)
@@ -261,8 +344,10 @@ def test_column_parallel_shards() -> None:
 def _tp_worker(rank: int, world_size: int, model_dir: str, out: str) -> None:
     """One rank of the TP test: load its shard, run the engine loop, rank 0 saves the results."""
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{out}.rdzv", rank=rank,
-                            world_size=world_size)
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out}.rdzv", rank=rank, world_size=world_size
+    )
     try:
         model = load_model(model_dir, torch.float32, "cpu", rank, world_size, progress=False)
         assert model.num_local_heads == 4 // world_size
@@ -277,12 +362,29 @@ def _tp_worker(rank: int, world_size: int, model_dir: str, out: str) -> None:
 def test_tensor_parallel_gloo(name: str, tmp_path: Path) -> None:
     hf_model = make_hf_checkpoint(name, tmp_path / "ckpt")
     out = tmp_path / "result.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--tp-worker", str(r), "2",
-                               str(tmp_path / "ckpt"), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--tp-worker",
+                str(r),
+                "2",
+                str(tmp_path / "ckpt"),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     logs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     result = torch.load(out)
@@ -291,14 +393,22 @@ def test_tensor_parallel_gloo(name: str, tmp_path: Path) -> None:
 
 def test_embedded_smollm2() -> None:
     from transformers import AutoTokenizer
+
     model_dir = embedded_model_dir()
     assert embedded_model_dir() == model_dir  # second call hits the cache
     config = ModelConfig.from_hf_dir(model_dir)
-    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
-            config.vocab_size, config.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    assert (
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.vocab_size,
+        config.tie_word_embeddings,
+    ) == (30, 576, 9, 3, 49152, True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    messages = [{"role": "user",
-                 "content": "What is the capital of France? Answer in one sentence."}]
+    messages = [
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     model = load_model(model_dir, torch.float32, "cpu", progress=False)

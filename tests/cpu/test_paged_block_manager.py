@@ -23,8 +23,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from replica.kv import KVCacheOutOfMemory
-from replica.kv import PagedKVCache, PagedKVConfig
+from replica.kv import KVCacheOutOfMemory, PagedKVCache, PagedKVConfig
 
 SCALE = int(os.environ.get("VATTN_STATEFUL_SCALE", "1"))
 STEPS = 50
@@ -32,10 +31,18 @@ EXAMPLES = 100 * SCALE  # up to 100 x 50 operations; the test asserts >= 2,000 r
 LAYERS, HEADS, DIM = 2, 2, 4
 
 
-def make_cache(block_size: int, num_blocks: int, max_tokens: int, max_slots: int = 5) -> PagedKVCache:
+def make_cache(
+    block_size: int, num_blocks: int, max_tokens: int, max_slots: int = 5
+) -> PagedKVCache:
     config = PagedKVConfig(
-        num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, dtype=torch.float32, max_slots=max_slots,
-        max_tokens=max_tokens, budget_bytes=0, block_size=block_size,
+        num_layers=LAYERS,
+        num_kv_heads=HEADS,
+        head_dim=DIM,
+        dtype=torch.float32,
+        max_slots=max_slots,
+        max_tokens=max_tokens,
+        budget_bytes=0,
+        block_size=block_size,
     )
     budget = num_blocks * config.page_size + config.page_size // 2  # a partial block is not a block
     return PagedKVCache(dataclasses.replace(config, budget_bytes=budget))
@@ -53,7 +60,11 @@ class PagedMachine(RuleBasedStateMachine):
         self.told: dict[int, int] = {}
         self.reserved: dict[int, int] = {}
 
-    @initialize(block_size=st.sampled_from([1, 3, 4, 16]), num_blocks=st.integers(0, 30), blocks_per_seq=st.integers(1, 8))
+    @initialize(
+        block_size=st.sampled_from([1, 3, 4, 16]),
+        num_blocks=st.integers(0, 30),
+        blocks_per_seq=st.integers(1, 8),
+    )
     def build(self, block_size: int, num_blocks: int, blocks_per_seq: int) -> None:
         max_tokens = blocks_per_seq * block_size - (block_size // 2)  # rounded up to whole blocks
         self.cache = make_cache(block_size, num_blocks, max_tokens)
@@ -89,7 +100,9 @@ class PagedMachine(RuleBasedStateMachine):
         except KVCacheOutOfMemory as error:
             assert error.pages_needed > 0 and error.pages_cached == 0
             assert error.pages_needed > error.pages_free == self.cache.reclaimable_pages()
-            assert self.cache.length(slot) == self.told[slot] and self.cache.block_ids(slot) == blocks
+            assert (
+                self.cache.length(slot) == self.told[slot] and self.cache.block_ids(slot) == blocks
+            )
             return
         self.stamp(slot, old, tokens)
         self.lengths[slot] = self.told[slot] = self.reserved[slot] = tokens
@@ -136,7 +149,12 @@ class PagedMachine(RuleBasedStateMachine):
         cache, config = self.cache, self.cache.config
         cache.check_invariants(deep=True)  # no block twice, free + in use == total, table == books
         stats = cache.stats()
-        assert stats.pages_free + stats.pages_in_use == stats.pages_created == stats.pages_total == config.num_blocks
+        assert (
+            stats.pages_free + stats.pages_in_use
+            == stats.pages_created
+            == stats.pages_total
+            == config.num_blocks
+        )
         assert stats.pages_cached == 0 and stats.pages_available == stats.pages_free
         assert stats.slots_running == len(self.lengths)
         waste = 0
@@ -144,12 +162,18 @@ class PagedMachine(RuleBasedStateMachine):
         for slot, length in self.lengths.items():
             assert cache.length(slot) == self.told[slot]
             blocks = cache.block_ids(slot)
-            assert len(blocks) == config.blocks_for(self.reserved[slot]), "not exactly the blocks reserved"
+            assert len(blocks) == config.blocks_for(self.reserved[slot]), (
+                "not exactly the blocks reserved"
+            )
             assert table[slot, : len(blocks)].tolist() == list(blocks)
             waste += (len(blocks) * config.block_size - self.told[slot]) * config.bytes_per_token
             if length:
-                rows = torch.tensor([blocks[t // config.block_size] * config.block_size + t % config.block_size
-                                     for t in range(length)])
+                rows = torch.tensor(
+                    [
+                        blocks[t // config.block_size] * config.block_size + t % config.block_size
+                        for t in range(length)
+                    ]
+                )
                 values = torch.arange(length, dtype=torch.float32) + slot * 1000
                 k = cache.k_cache(1).view(-1, HEADS, DIM)[rows, 0, 0]
                 v = cache.v_cache(0).view(-1, HEADS, DIM)[rows, 1, -1]
@@ -161,8 +185,11 @@ def test_paged_cache_state_machine() -> None:
     run_state_machine_as_test(
         PagedMachine,
         settings=settings(
-            max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
-            suppress_health_check=[HealthCheck.too_slow], database=None,
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+            database=None,
         ),
     )
     print(f"{PagedMachine.operations} operations")

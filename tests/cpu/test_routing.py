@@ -25,8 +25,14 @@ from cluster.routing import (
 NOW = 1_000.0
 
 
-def stats(free: int, running: int = 0, waiting: int = 0, age: float = 0.1, queued: int = 0,
-          committed: int | None = None) -> ReplicaStats:
+def stats(
+    free: int,
+    running: int = 0,
+    waiting: int = 0,
+    age: float = 0.1,
+    queued: int = 0,
+    committed: int | None = None,
+) -> ReplicaStats:
     return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age, queued, committed)
 
 
@@ -139,7 +145,9 @@ def test_saturated_queues_tie_at_zero_and_break_on_fewer_requests():
 
 def test_no_queue_ranks_as_before():
     cands = [("a", stats(12)), ("b", stats(400)), ("c", stats(90, running=5))]
-    with_zero = [(rid, stats(s.available_pages, s.running, s.waiting, queued=0)) for rid, s in cands]
+    with_zero = [
+        (rid, stats(s.available_pages, s.running, s.waiting, queued=0)) for rid, s in cands
+    ]
     assert ids(rank(cands)) == ids(rank(with_zero)) == ["b", "c", "a"]
 
 
@@ -175,10 +183,18 @@ def test_from_dict_accepts_contract_and_rejects_malformed():
     assert ReplicaStats.from_dict({k: v for k, v in good.items() if k != "waiting"}) is None
 
 
-
 def test_from_dict_queued_pages_is_optional_but_checked():
-    good = {"available_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
-    assert ReplicaStats.from_dict(good) == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 0)  # older replicas
+    good = {
+        "available_pages": 70,
+        "total_pages": 100,
+        "tokens_per_page": 16,
+        "running": 1,
+        "waiting": 2,
+        "timestamp": 5.0,
+    }
+    assert ReplicaStats.from_dict(good) == ReplicaStats(
+        70, 100, 16.0, 1, 2, 5.0, 0
+    )  # older replicas
     s = ReplicaStats.from_dict({**good, "queued_pages": 30})
     assert s == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 30) and s.available_after_queue == 40
     for bad in (-1, 2.5, True, "30", None):
@@ -193,14 +209,23 @@ def test_headroom_counts_what_running_requests_will_grow_into():
     c = rank([("a", a), ("b", b)])
     assert ids(c) == ["b", "a"] and c.headroom_pages == 200
     # Both over-committed: the less over-committed first, even with more requests.
-    c = rank([("x", stats(30, running=2, committed=1300)), ("y", stats(10, running=9, committed=1100))])
+    c = rank(
+        [("x", stats(30, running=2, committed=1300)), ("y", stats(10, running=9, committed=1100))]
+    )
     assert ids(c) == ["y", "x"] and c.headroom_pages == -100
     # The queue still counts: headroom is never above the effective free pages.
     assert stats(300, queued=250, committed=100).headroom == 50
 
 
 def test_from_dict_committed_pages_is_optional_but_checked():
-    good = {"available_pages": 70, "total_pages": 100, "tokens_per_page": 16, "running": 1, "waiting": 2, "timestamp": 5.0}
+    good = {
+        "available_pages": 70,
+        "total_pages": 100,
+        "tokens_per_page": 16,
+        "running": 1,
+        "waiting": 2,
+        "timestamp": 5.0,
+    }
     assert ReplicaStats.from_dict(good).committed_pages is None
     s = ReplicaStats.from_dict({**good, "committed_pages": 80})
     assert s is not None and s.committed_pages == 80 and s.headroom == 20
@@ -213,7 +238,10 @@ def test_hold_leaves_out_replicas_without_free_pages_for_the_request():
     # headroom; holding goes by what is free now, so a takes it and b is left out.
     a, b = stats(50, running=4, committed=995), stats(5)
     assert (a.headroom, b.headroom) == (5, 5)
-    assert ids(rank([("a", a), ("b", b)], need=10)) == ["b", "a"]  # equal headroom: fewer requests first
+    assert ids(rank([("a", a), ("b", b)], need=10)) == [
+        "b",
+        "a",
+    ]  # equal headroom: fewer requests first
     c = rank_replicas([("a", a), ("b", b)], 10, NOW, 2.0, hold=True)
     assert c.reason == MOST_FREE_PAGES and ids(c) == ["a"]
     c = rank_replicas([("a", stats(3)), ("b", stats(40, queued=35))], 10, NOW, 2.0, hold=True)
@@ -260,9 +288,17 @@ def test_routing_decisions_tally():
 # FreePageRouter.choose_replicas with fake replicas (needs ray installed, not a running cluster).
 
 
-def _replica(rid: str, free: int | None, queued: int | None = None, committed: int | None = None) -> SimpleNamespace:
-    routing_stats = {} if free is None else {**asdict(stats(free, queued=queued or 0, committed=committed)),
-                                             "timestamp": time.time()}
+def _replica(
+    rid: str, free: int | None, queued: int | None = None, committed: int | None = None
+) -> SimpleNamespace:
+    routing_stats = (
+        {}
+        if free is None
+        else {
+            **asdict(stats(free, queued=queued or 0, committed=committed)),
+            "timestamp": time.time(),
+        }
+    )
     if queued is None:
         routing_stats.pop("queued_pages", None)  # as an older replica reports
     if committed is None:
@@ -282,7 +318,9 @@ def _router():
 def _choose(replicas, request, router=None, waited_s: float = 0.0) -> list[list[str]]:
     router = router or _router()
     ctx = SimpleNamespace(should_backoff=False)
-    pending = SimpleNamespace(args=[request], kwargs={}, routing_context=ctx, created_at=time.time() - waited_s)
+    pending = SimpleNamespace(
+        args=[request], kwargs={}, routing_context=ctx, created_at=time.time() - waited_s
+    )
     out = asyncio.run(router.choose_replicas(replicas, pending))
     assert ctx.should_backoff is True
     return [[r.replica_id.unique_id for r in rank] for rank in out]
@@ -327,7 +365,10 @@ def test_a_burst_discount_adds_to_the_queue():
 def test_a_burst_discount_adds_to_the_commitments():
     router = _router()
     # 900 pages free each, but a has promised 850 of its 1000 and b 800: b has 50 more headroom.
-    reps = [_replica("a", 900, queued=0, committed=850), _replica("b", 900, queued=0, committed=800)]
+    reps = [
+        _replica("a", 900, queued=0, committed=850),
+        _replica("b", 900, queued=0, committed=800),
+    ]
     request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
     firsts = [_choose(reps, request, router)[0][0] for _ in range(12)]
     assert firsts == ["b"] * 5 + ["a", "b"] * 3 + ["a"]  # b's 50 pages, then turn about
@@ -340,4 +381,7 @@ def test_router_holds_a_request_no_replica_has_room_for_until_hold_s():
     request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages
     assert _choose(full, request, router) == []  # Serve retries with backoff
     assert _choose([_replica("a", 3), _replica("b", 80)], request, router) == [["b"]]
-    assert _choose(full, request, router, waited_s=6.0) == [["b"], ["a"]]  # held long enough: best effort
+    assert _choose(full, request, router, waited_s=6.0) == [
+        ["b"],
+        ["a"],
+    ]  # held long enough: best effort

@@ -82,7 +82,9 @@ class FakeKVCache(KVCache):
         return self._budget - self._used()
 
     def can_allocate(self, tokens: int) -> bool:
-        return len(self.lengths) < self._slots and self.pages_for(tokens) <= self.reclaimable_pages()
+        return (
+            len(self.lengths) < self._slots and self.pages_for(tokens) <= self.reclaimable_pages()
+        )
 
     def shrink(self) -> int:
         return 0

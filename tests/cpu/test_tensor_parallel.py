@@ -28,9 +28,9 @@ from replica import (
     SamplingParams,
     open_device,
 )
-from replica.request import RequestOutput
-from replica.kv.recording import RecordingKVCache, ReplayMismatch, replay
 from replica.errors import ReplicaBroken
+from replica.kv.recording import RecordingKVCache, ReplayMismatch, replay
+from replica.request import RequestOutput
 from replica.tp import check_tensor_parallel
 from replica.tp.plan import books
 from tests.cpu.test_engine import PROMPTS, hf_greedy
@@ -42,7 +42,8 @@ LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
 @pytest.fixture(autouse=True)
 def one_thread_per_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Ranks share 2 cores: one torch thread each (rank 0 included), a bounded collective timeout."""
+    """Ranks share 2 cores: one torch thread each (rank 0 included), a bounded collective
+    timeout."""
     monkeypatch.setenv("VATTN_TP_TIMEOUT_S", "30")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -60,8 +61,9 @@ def llm(model: str, **config: object) -> Iterator[LLM]:
         engine.shutdown()
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, prefix: str = "r"
-        ) -> dict[str, list[RequestOutput]]:
+def run(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, prefix: str = "r"
+) -> dict[str, list[RequestOutput]]:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{prefix}{i}", prompt, params)
     outputs: dict[str, list[RequestOutput]] = defaultdict(list)
@@ -85,9 +87,17 @@ def assert_books_agree(engine: LLMEngine) -> None:
 
 # ---- the page plan, without processes ------------------------------------------------------------
 def make_allocator(budget_pages: int = 24) -> KVCacheAllocator:
-    config = KVCacheConfig(num_layers=2, num_kv_heads=1, head_dim=64, dtype=torch.float32,
-                           max_slots=6, max_tokens=8 * 16, page_size=4096,
-                           budget_bytes=budget_pages * 4096, eager_pages=1)
+    config = KVCacheConfig(
+        num_layers=2,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=6,
+        max_tokens=8 * 16,
+        page_size=4096,
+        budget_bytes=budget_pages * 4096,
+        eager_pages=1,
+    )
     return KVCacheAllocator(config, open_device("host", 4096))
 
 
@@ -140,18 +150,22 @@ def test_replay_detects_divergence_and_unrecorded_calls() -> None:
 
 
 def test_impossible_tp_sizes_are_refused_up_front() -> None:
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide the model's 3 KV heads.*valid sizes: 1, 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor_parallel_size=2 does not divide the model's 3 KV heads.*valid sizes: 1, 3",
+    ):
         LLM("embedded", tp=2)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4 exceeds the model's 3 KV heads"):
         LLM("embedded", tp=4)
     from replica.model import ModelConfig
+
     check_tensor_parallel(ModelConfig.llama3_8b(), 8)
     with pytest.raises(ValueError, match="tensor_parallel_size must be positive|must be >= 1"):
         LLM("embedded", tp=0)
     assert not dist.is_initialized()
 
 
-# ---- whole replicas --------------------------------------------------------------------------------
+# ---- whole replicas ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
 def test_tp2_greedy_matches_tp1_and_transformers(tiny_dir: Path, kv_mode: str) -> None:
     expected = hf_greedy(tiny_dir, PROMPTS, GREEDY.max_tokens)
@@ -170,8 +184,11 @@ def test_tp2_preemption_keeps_outputs_identical(tiny_dir: Path) -> None:
     with llm(str(tiny_dir), **SMALL_KV) as single:
         expected = [o.token_ids for o in single.generate(PROMPTS, LONG)]
     # Each rank holds 1 KV head: 32 tokens a page, 2 ranges; 6 pages back 96 tokens in all.
-    with llm(str(tiny_dir), tp=2, **{**SMALL_KV, "kv_cache_bytes": 6 * 4096, "max_batch_tokens": 8,
-                                     "eager_pages": 0}) as pair:
+    with llm(
+        str(tiny_dir),
+        tp=2,
+        **{**SMALL_KV, "kv_cache_bytes": 6 * 4096, "max_batch_tokens": 8, "eager_pages": 0},
+    ) as pair:
         outputs = pair.generate(PROMPTS, LONG)
         assert pair.engine.stats().preemptions_total > 0
         assert_books_agree(pair.engine)
@@ -183,7 +200,10 @@ def test_embedded_smollm2_tp3_matches_tp1() -> None:
     params = SamplingParams(max_tokens=8, temperature=0)
     with llm("embedded", **small) as single:
         prompt = single.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+            [{"role": "user", "content": "What is the capital of France?"}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         expected = single.generate([prompt], params)[0]
     with llm("embedded", tp=3, **small) as triple:
         got = triple.generate([prompt], params)[0]
@@ -191,7 +211,9 @@ def test_embedded_smollm2_tp3_matches_tp1() -> None:
     assert got.token_ids == expected.token_ids and got.text == expected.text
 
 
-def test_rank_failing_before_the_model_fails_only_that_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rank_failing_before_the_model_fails_only_that_step(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with llm(str(tiny_dir), **SMALL_KV) as single:
         expected = [list(o.token_ids) for o in single.generate(PROMPTS[:2], GREEDY)]
     monkeypatch.setenv("VATTN_TP_FAULT", "1:2:prepare")  # rank 1 raises at message 2
@@ -209,7 +231,8 @@ def test_rank_failing_before_the_model_fails_only_that_step(tiny_dir: Path, monk
 
 
 def test_rank_failing_inside_the_model_breaks_the_replica_without_a_hang(
-        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VATTN_TP_FAULT", "1:2:model")
     with llm(str(tiny_dir), tp=2, **SMALL_KV) as pair:
         engine = pair.engine
@@ -218,7 +241,10 @@ def test_rank_failing_inside_the_model_breaks_the_replica_without_a_hang(
         assert time.monotonic() - started < 20  # not the 30 s collective timeout
         errors = {k: v[-1].error for k, v in outputs.items()}
         assert len(errors) == len(PROMPTS)
-        assert all(e is not None and "rank 1 failed running the model: InjectedFault" in e for e in errors.values())
+        assert all(
+            e is not None and "rank 1 failed running the model: InjectedFault" in e
+            for e in errors.values()
+        )
         assert engine.broken is not None and not engine.has_work()
         with pytest.raises(ReplicaBroken):
             engine.add_request("late", PROMPTS[0], GREEDY)

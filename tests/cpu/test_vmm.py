@@ -81,8 +81,14 @@ def test_unmapped_page_reads_zero_after_reuse_and_data_follows_the_page(pool: Pa
 
 def test_tensors_keep_the_reservation_alive() -> None:
     config = KVCacheConfig(
-        num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=2,
-        max_tokens=64, page_size=PAGE, budget_bytes=16 * PAGE,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=2,
+        max_tokens=64,
+        page_size=PAGE,
+        budget_bytes=16 * PAGE,
     )
     allocator = KVCacheAllocator(config, open_device("host", PAGE))
     slot = allocator.acquire()
@@ -108,12 +114,26 @@ def test_backend_choice_and_errors() -> None:
 
 def test_config_rounds_slots_to_whole_pages() -> None:
     config = KVCacheConfig(
-        num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float32, max_slots=4,
-        max_tokens=2048, page_size=2 * 1024 * 1024, budget_bytes=0,
+        num_layers=30,
+        num_kv_heads=3,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=4,
+        max_tokens=2048,
+        page_size=2 * 1024 * 1024,
+        budget_bytes=0,
     )
     assert config.bytes_per_token == 2 * 30 * 3 * 64 * 4  # K and V of every layer (interleaved)
     assert config.tokens_per_slot % 2048 == 0 and config.tokens_per_slot >= 2048
     assert config.tokens_per_slot * config.bytes_per_token % config.page_size == 0
     with pytest.raises(ValueError, match="max_slots must be a positive int"):
-        KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32, max_slots=0,
-                      max_tokens=8, page_size=PAGE, budget_bytes=0)
+        KVCacheConfig(
+            num_layers=1,
+            num_kv_heads=1,
+            head_dim=8,
+            dtype=torch.float32,
+            max_slots=0,
+            max_tokens=8,
+            page_size=PAGE,
+            budget_bytes=0,
+        )

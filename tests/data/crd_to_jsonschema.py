@@ -35,8 +35,12 @@ from typing import Any
 
 import yaml
 
-DROPPED = ("x-kubernetes-validations", "x-kubernetes-list-map-keys", "x-kubernetes-map-type",
-           "x-kubernetes-list-type")
+DROPPED = (
+    "x-kubernetes-validations",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+    "x-kubernetes-list-type",
+)
 
 
 def convert(node: Any) -> Any:
@@ -98,14 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("crd", nargs="?", help="the CRD YAML file (default: stdin)")
     parser.add_argument("--version", required=True, help="the served version, e.g. v1")
-    parser.add_argument("--source", required=True, help="where the CRD came from (kept in $comment)")
+    parser.add_argument(
+        "--source", required=True, help="where the CRD came from (kept in $comment)"
+    )
     args = parser.parse_args(argv)
     text = Path(args.crd).read_text() if args.crd else sys.stdin.read()
     crd = next(doc for doc in yaml.safe_load_all(text) if doc)
     group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
     schema = convert(served_schema(crd, args.version))
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$comment"] = f"{group}/{args.version} {kind} from {args.source}; see crd_to_jsonschema.py"
+    schema["$comment"] = (
+        f"{group}/{args.version} {kind} from {args.source}; see crd_to_jsonschema.py"
+    )
     # apiVersion and kind are fixed for this resource; the CRD leaves them as free strings.
     schema["properties"]["apiVersion"] = {"const": f"{group}/{args.version}"}
     schema["properties"]["kind"] = {"const": kind}

@@ -17,13 +17,22 @@ from tests.gpu.test_engine_gpu import small_llama
 pytestmark = pytest.mark.gpu
 
 
-def generate(async_scheduling: bool, kv_mode: str, attention: str,
-             params: list[SamplingParams]) -> tuple[dict[str, list[int]], LLMEngine]:
-    engine = LLMEngine(EngineConfig(
-        model="synthetic", synthetic=dataclasses.replace(small_llama(), vocab_size=32000), attention=attention,
-        kv_mode=kv_mode, max_running=16, max_model_len=1024, kv_cache_bytes=1 << 30, seed=7,
-        async_scheduling=async_scheduling,
-    ))
+def generate(
+    async_scheduling: bool, kv_mode: str, attention: str, params: list[SamplingParams]
+) -> tuple[dict[str, list[int]], LLMEngine]:
+    engine = LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=dataclasses.replace(small_llama(), vocab_size=32000),
+            attention=attention,
+            kv_mode=kv_mode,
+            max_running=16,
+            max_model_len=1024,
+            kv_cache_bytes=1 << 30,
+            seed=7,
+            async_scheduling=async_scheduling,
+        )
+    )
     engine.warm_up()
     for i, p in enumerate(params):
         engine.add_request(f"r{i}", [3 + (7 * i + j) % 1000 for j in range(5 + 13 * i)], p)
@@ -34,14 +43,22 @@ def generate(async_scheduling: bool, kv_mode: str, attention: str,
     return tokens, engine
 
 
-@pytest.mark.parametrize(("kv_mode", "attention"), [("vattention", "flashinfer"), ("vattention", "torch-fa2"),
-                                                    ("paged", "paged-flashinfer")])
+@pytest.mark.parametrize(
+    ("kv_mode", "attention"),
+    [("vattention", "flashinfer"), ("vattention", "torch-fa2"), ("paged", "paged-flashinfer")],
+)
 def test_async_scheduling_returns_the_synchronous_tokens(kv_mode: str, attention: str) -> None:
-    if not available("flashinfer" if attention == "paged-flashinfer" else attention, torch.device("cuda")):
+    if not available(
+        "flashinfer" if attention == "paged-flashinfer" else attention, torch.device("cuda")
+    ):
         pytest.skip(f"{attention} is not available")
     # 11 requests: graphs of 16 with padding; greedy and seeded sampling; different lengths.
-    params = [SamplingParams(max_tokens=20 + 3 * i, ignore_eos=True, temperature=0 if i % 2 else 0.8, seed=i)
-              for i in range(11)]
+    params = [
+        SamplingParams(
+            max_tokens=20 + 3 * i, ignore_eos=True, temperature=0 if i % 2 else 0.8, seed=i
+        )
+        for i in range(11)
+    ]
     overlapped, engine = generate(True, kv_mode, attention, params)
     synchronous, _ = generate(False, kv_mode, attention, params)
     assert overlapped == synchronous
@@ -50,9 +67,13 @@ def test_async_scheduling_returns_the_synchronous_tokens(kv_mode: str, attention
     # Stops: greedy requests that stop at their 4th token's first appearance, which they reach
     # while all 11 still run (the same batches as without stops); each stop is seen one step
     # after that request's next step was launched.
-    greedy = [SamplingParams(max_tokens=20 + 3 * i, ignore_eos=True, temperature=0) for i in range(11)]
+    greedy = [
+        SamplingParams(max_tokens=20 + 3 * i, ignore_eos=True, temperature=0) for i in range(11)
+    ]
     reference, _ = generate(False, kv_mode, attention, greedy)
-    stops = [dataclasses.replace(p, stop_token_ids=[reference[f"r{i}"][3]]) for i, p in enumerate(greedy)]
+    stops = [
+        dataclasses.replace(p, stop_token_ids=[reference[f"r{i}"][3]]) for i, p in enumerate(greedy)
+    ]
     stopped, engine = generate(True, kv_mode, attention, stops)
     for i in range(11):
         expected = reference[f"r{i}"]

@@ -10,15 +10,24 @@ import torch
 from replica import KVCacheAllocator, KVCacheConfig, open_device
 
 pytestmark = pytest.mark.gpu
-driver = pytest.importorskip("cuda.bindings.driver", reason="cuda-python (the gpu extra) is not installed")
+driver = pytest.importorskip(
+    "cuda.bindings.driver", reason="cuda-python (the gpu extra) is not installed"
+)
 
 MIB = 1024 * 1024
 
 
 def make(layout: str = "per_layer", budget_mib: int = 512, **overrides: object) -> KVCacheAllocator:
     config = KVCacheConfig(
-        num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_slots=8,
-        max_tokens=4096, page_size=2 * MIB, budget_bytes=budget_mib * MIB, layout=layout,
+        num_layers=4,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        max_slots=8,
+        max_tokens=4096,
+        page_size=2 * MIB,
+        budget_bytes=budget_mib * MIB,
+        layout=layout,
         **overrides,  # type: ignore[arg-type]
     )
     return KVCacheAllocator(config, open_device("cuda"))
@@ -53,7 +62,10 @@ def test_driver_agrees_with_the_books(layout: str) -> None:
     checked = 0
     for reservation in allocator.reservations:
         for index, page_id in enumerate(reservation.page_ids()):
-            assert driver_says_mapped(reservation.base + index * page) == (page_id >= 0), (index, page_id)
+            assert driver_says_mapped(reservation.base + index * page) == (page_id >= 0), (
+                index,
+                page_id,
+            )
             checked += page_id >= 0
     assert checked == allocator.stats().pages_mapped > 0
 
@@ -71,7 +83,9 @@ def test_torch_kernels_read_and_write_the_cache(layout: str) -> None:
     keys = k[slot, :2048].transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, dim], strided, in place
     values = v[slot, :2048].transpose(0, 1).unsqueeze(0)
     out = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
-    reference = torch.nn.functional.scaled_dot_product_attention(q, keys.contiguous(), values.contiguous())
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.contiguous(), values.contiguous()
+    )
     torch.testing.assert_close(out, reference)
     # The tensor is the reserved range itself (no copy). NOTE: never let pytest print a cache
     # tensor: its repr reads unmapped pages, an illegal address on the GPU.

@@ -16,9 +16,9 @@ import torch
 
 from replica import EngineConfig, LLMEngine
 from replica.attention import available
+from replica.kv import PagedKVCache
 from replica.model import kernels
 from replica.model_runner import StepPlan
-from replica.kv import PagedKVCache
 from tests.gpu.test_engine_gpu import assert_logits_close, small_llama
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +37,9 @@ def test_fused_kernels_match_pytorch() -> None:
     weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16, generator=g) + 0.5
     for res in (None, residual):
         got = kernels.add_rms_norm(x.clone(), None if res is None else res.clone(), weight, 1e-5)
-        expected = kernels.add_rms_norm(x.cpu(), None if res is None else res.cpu(), weight.cpu(), 1e-5)
+        expected = kernels.add_rms_norm(
+            x.cpu(), None if res is None else res.cpu(), weight.cpu(), 1e-5
+        )
         close(got[0], expected[0])
         close(got[1], expected[1])
     gate_up = torch.randn(37, 2 * 1024, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -47,19 +49,31 @@ def test_fused_kernels_match_pytorch() -> None:
     cos_sin = torch.randn(4096, 128, device="cuda", generator=g)
     positions = torch.randint(0, 4096, (37,), device="cuda", generator=g)
     expected = qkv.cpu()
-    for tensor, table, pos in ((qkv, cos_sin, positions), (expected, cos_sin.cpu(), positions.cpu())):
+    for tensor, table, pos in (
+        (qkv, cos_sin, positions),
+        (expected, cos_sin.cpu(), positions.cpu()),
+    ):
         q, k, _ = tensor.split([32 * 128, 8 * 128, 8 * 128], dim=-1)
         kernels.rotate_in_place(pos, q.view(37, 32, 128), k.view(37, 8, 128), table)
     close(qkv, expected)
 
 
-def runner_logits(kv_mode: str, attention: str, cuda_graphs: bool,
-                  lengths: tuple[int, ...] = (5, 130, 37, 1, 300)) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    llm = LLMEngine(EngineConfig(
-        model="synthetic", synthetic=dataclasses.replace(small_llama(), vocab_size=32000), attention=attention,
-        kv_mode=kv_mode, max_running=8, max_model_len=max(1024, 2 * max(lengths)), kv_cache_bytes=1 << 30, seed=7,
-        cuda_graphs=cuda_graphs,
-    ))
+def runner_logits(
+    kv_mode: str, attention: str, cuda_graphs: bool, lengths: tuple[int, ...] = (5, 130, 37, 1, 300)
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    llm = LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=dataclasses.replace(small_llama(), vocab_size=32000),
+            attention=attention,
+            kv_mode=kv_mode,
+            max_running=8,
+            max_model_len=max(1024, 2 * max(lengths)),
+            kv_cache_bytes=1 << 30,
+            seed=7,
+            cuda_graphs=cuda_graphs,
+        )
+    )
     runner, kv = llm.runner, llm.runner.kv
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 32000, (n,), generator=generator).tolist() for n in lengths]
@@ -68,15 +82,26 @@ def runner_logits(kv_mode: str, attention: str, cuda_graphs: bool,
         kv.ensure(slot, len(prompt) + 8)
     lengths = [len(p) for p in prompts]
     rows = tuple(sum(lengths[: i + 1]) - 1 for i in range(len(prompts)))
-    logits = [runner.execute(StepPlan(tuple(slots), (0,) * 5, tuple(lengths), tuple(t for p in prompts for t in p), rows)).clone()]
+    logits = [
+        runner.execute(
+            StepPlan(
+                tuple(slots), (0,) * 5, tuple(lengths), tuple(t for p in prompts for t in p), rows
+            )
+        ).clone()
+    ]
     # Fixed next tokens: argmax of random-weight logits can flip between kernels on a near tie.
     for step in range(4):
         live = slots if step < 2 else slots[:3]  # 5 sequences (graph of 8), then 3 (graph of 4)
         sample = tuple(range(len(live))) if step != 3 else (0, 2)
-        plan = StepPlan(tuple(live), tuple(lengths[: len(live)]), (1,) * len(live),
-                        tuple(1000 + 7 * step + i for i in range(len(live))), sample)
+        plan = StepPlan(
+            tuple(live),
+            tuple(lengths[: len(live)]),
+            (1,) * len(live),
+            tuple(1000 + 7 * step + i for i in range(len(live))),
+            sample,
+        )
         logits.append(runner.execute(plan).clone())
-        lengths = [n + 1 for n in lengths[: len(live)]] + lengths[len(live):]
+        lengths = [n + 1 for n in lengths[: len(live)]] + lengths[len(live) :]
     kv.synchronize()
     torch.cuda.synchronize()
     cache = cached_keys(kv, layer=3, slot=slots[2], length=lengths[2])
@@ -89,16 +114,25 @@ def cached_keys(kv: object, layer: int, slot: int, length: int) -> torch.Tensor:
     k_cache = kv.k_cache(layer)  # type: ignore[attr-defined]
     if isinstance(kv, PagedKVCache):
         size = kv.config.block_size
-        rows = [block * size + offset for block in kv.block_ids(slot) for offset in range(size)][:length]
+        rows = [block * size + offset for block in kv.block_ids(slot) for offset in range(size)][
+            :length
+        ]
         return k_cache.reshape(-1, *k_cache.shape[2:])[rows].float().cpu()
     return k_cache[slot, :length].float().cpu()
 
 
-@pytest.mark.parametrize(("kv_mode", "attention"), [
-    ("vattention", "flashinfer"), ("vattention", "torch-fa2"), ("paged", "paged-flashinfer"),
-])
+@pytest.mark.parametrize(
+    ("kv_mode", "attention"),
+    [
+        ("vattention", "flashinfer"),
+        ("vattention", "torch-fa2"),
+        ("paged", "paged-flashinfer"),
+    ],
+)
 def test_graph_decode_matches_eager(kv_mode: str, attention: str) -> None:
-    if not available("flashinfer" if "flashinfer" in attention else attention, torch.device("cuda")):
+    if not available(
+        "flashinfer" if "flashinfer" in attention else attention, torch.device("cuda")
+    ):
         pytest.skip(f"{attention} is not installed")
     graphed, graphed_cache, replays = runner_logits(kv_mode, attention, cuda_graphs=True)
     torch.cuda.empty_cache()
@@ -125,4 +159,3 @@ def test_graph_decode_at_long_context_on_small_virtual_pages_matches_sdpa() -> N
     close(graphed_cache, eager_cache)  # the graphs write what eager steps write
     # Against sdpa only the logits: a later layer's K inherits bf16 differences of the layers below.
     assert_logits_close(tuple(graphed), tuple(reference))
-

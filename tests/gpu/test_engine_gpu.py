@@ -21,13 +21,23 @@ def small_llama(layers: int = 4) -> ModelConfig:
 
 
 def engine(attention: str, layout: str) -> LLMEngine:
-    return LLMEngine(EngineConfig(
-        model="synthetic", synthetic=small_llama(), attention=attention, kv_layout=layout,
-        max_running=8, max_model_len=2048, kv_cache_bytes=2 << 30, seed=7,
-    ))
+    return LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=small_llama(),
+            attention=attention,
+            kv_layout=layout,
+            max_running=8,
+            max_model_len=2048,
+            kv_cache_bytes=2 << 30,
+            seed=7,
+        )
+    )
 
 
-def prefill_then_decode_logits(llm: LLMEngine, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_then_decode_logits(
+    llm: LLMEngine, prompts: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs one prefill step and one decode step through model + cache + backend directly."""
     runner = llm.runner
     device, kv, model, attention = runner.device, runner.kv, runner.model, runner.attention
@@ -59,13 +69,17 @@ def test_backends_match_sdpa_through_the_model(name: str, layout: str) -> None:
     if not available(name, torch.device("cuda")):
         pytest.skip(f"{name} is not installed")
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 128000, (n,), generator=generator).tolist() for n in (5, 130, 37, 1, 600)]
+    prompts = [
+        torch.randint(0, 128000, (n,), generator=generator).tolist() for n in (5, 130, 37, 1, 600)
+    ]
     reference = prefill_then_decode_logits(engine("sdpa", layout), prompts)
     torch.cuda.empty_cache()
     assert_logits_close(prefill_then_decode_logits(engine(name, layout), prompts), reference)
 
 
-def assert_logits_close(tested: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
+def assert_logits_close(
+    tested: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]
+) -> None:
     """Within bf16 tolerance: max abs difference <= 3 % of the largest logit, cosine > 0.999."""
     for got, expected in zip(tested, reference):
         scale = expected.abs().max()
@@ -74,7 +88,8 @@ def assert_logits_close(tested: tuple[torch.Tensor, ...], reference: tuple[torch
 
 
 def serve_a_batch_of_64(llm: LLMEngine) -> int:
-    """64 requests of 64..190 prompt tokens and 32 outputs each, to completion; returns the steps."""
+    """64 requests of 64..190 prompt tokens and 32 outputs each, to completion; returns the
+    steps."""
     generator = torch.Generator().manual_seed(1)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     for i in range(64):
@@ -94,6 +109,8 @@ def serve_a_batch_of_64(llm: LLMEngine) -> int:
 
 
 def test_llama3_8b_shapes_serve_a_batch_of_64() -> None:
-    llm = LLMEngine(EngineConfig(model="synthetic", max_running=64, max_model_len=1024, attention="auto"))
+    llm = LLMEngine(
+        EngineConfig(model="synthetic", max_running=64, max_model_len=1024, attention="auto")
+    )
     steps = serve_a_batch_of_64(llm)
     print(f"attention={llm.runner.attention.name} steps={steps} {llm.stats().kv.summary()}")

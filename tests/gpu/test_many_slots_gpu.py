@@ -12,7 +12,14 @@ import dataclasses
 import pytest
 import torch
 
-from replica import EngineConfig, KVCacheAllocator, KVCacheConfig, LLMEngine, SamplingParams, open_device
+from replica import (
+    EngineConfig,
+    KVCacheAllocator,
+    KVCacheConfig,
+    LLMEngine,
+    SamplingParams,
+    open_device,
+)
 from replica.attention import StepBatch, available, make_attention_backend
 from replica.model import ModelConfig
 
@@ -30,9 +37,17 @@ def needs_flashinfer() -> None:
 def test_attention_at_slot_255_of_a_long_cache_matches_sdpa(layout: str) -> None:
     needs_flashinfer()
     device = open_device("cuda")
-    config = KVCacheConfig(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
-                           max_slots=256, max_tokens=4700, page_size=device.page_size, budget_bytes=8 << 30,
-                           layout=layout)
+    config = KVCacheConfig(
+        num_layers=LAYERS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=torch.bfloat16,
+        max_slots=256,
+        max_tokens=4700,
+        page_size=device.page_size,
+        budget_bytes=8 << 30,
+        layout=layout,
+    )
     kv = KVCacheAllocator(config, device)
     slots = [kv.acquire() for _ in range(256)]
     used = [slots[0], slots[128], slots[255]]
@@ -42,12 +57,22 @@ def test_attention_at_slot_255_of_a_long_cache_matches_sdpa(layout: str) -> None
         kv.ensure(slot, context + query)
         for layer in (0, LAYERS - 1):
             for cache in (kv.k_cache(layer), kv.v_cache(layer)):
-                cache[slot, :context] = torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
-    batch = StepBatch.build(used, [c for c, _ in shape], [q for _, q in shape], torch.device("cuda"))
-    q, k, v = (torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
-               for h in (Q_HEADS, KV_HEADS, KV_HEADS))
-    backends = [make_attention_backend(name, kv, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cuda"))
-                for name in ("sdpa", "flashinfer")]
+                cache[slot, :context] = (
+                    torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
+                )
+    batch = StepBatch.build(
+        used, [c for c, _ in shape], [q for _, q in shape], torch.device("cuda")
+    )
+    q, k, v = (
+        torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
+        for h in (Q_HEADS, KV_HEADS, KV_HEADS)
+    )
+    backends = [
+        make_attention_backend(
+            name, kv, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cuda")
+        )
+        for name in ("sdpa", "flashinfer")
+    ]
     expected_kernel = "fa2" if layout == "interleaved" else "auto"
     assert backends[1].kernels.prefill_kernel.backend == expected_kernel  # type: ignore[attr-defined]
     for layer in (0, LAYERS - 1):
@@ -62,11 +87,21 @@ def test_attention_at_slot_255_of_a_long_cache_matches_sdpa(layout: str) -> None
 @pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
 def test_a_256_slot_engine_with_long_context_warms_up_and_serves_every_slot(layout: str) -> None:
     needs_flashinfer()
-    model = dataclasses.replace(ModelConfig.llama3_8b(), num_layers=8)  # 32 KiB a token: 64 GiB at 2M rows
-    engine = LLMEngine(EngineConfig(
-        model="synthetic", synthetic=model, kv_layout=layout, max_running=256, max_model_len=12288,
-        max_batch_tokens=8192, kv_cache_bytes=16 << 30, seed=3,
-    ))
+    model = dataclasses.replace(
+        ModelConfig.llama3_8b(), num_layers=8
+    )  # 32 KiB a token: 64 GiB at 2M rows
+    engine = LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=model,
+            kv_layout=layout,
+            max_running=256,
+            max_model_len=12288,
+            max_batch_tokens=8192,
+            kv_cache_bytes=16 << 30,
+            seed=3,
+        )
+    )
     kernel = engine.runner.attention.kernels.prefill_kernel  # type: ignore[attr-defined]
     assert kernel.backend == ("fa2" if layout == "interleaved" else "auto"), kernel.reason
     assert engine.warm_up() > 30  # 1, 2, 4, 8, 16, ..., 256
@@ -86,28 +121,44 @@ def test_a_256_slot_engine_with_long_context_warms_up_and_serves_every_slot(layo
 
 @pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
 def test_small_batches_at_long_context_see_virtual_pages_and_match_sdpa(layout: str) -> None:
-    """Two to three sequences past 2K keys: the kernel sees 16-token virtual pages over the slots."""
+    """Two to three sequences past 2K keys: the kernel sees 16-token virtual pages over the
+    slots."""
     needs_flashinfer()
     device = open_device("cuda")
-    config = KVCacheConfig(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
-                           max_slots=8, max_tokens=8192, page_size=device.page_size, budget_bytes=8 << 30,
-                           layout=layout)
+    config = KVCacheConfig(
+        num_layers=LAYERS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=torch.bfloat16,
+        max_slots=8,
+        max_tokens=8192,
+        page_size=device.page_size,
+        budget_bytes=8 << 30,
+        layout=layout,
+    )
     kv = KVCacheAllocator(config, device)
     slots = [kv.acquire() for _ in range(8)]
     generator = torch.Generator().manual_seed(1)
     for shape in ([(3000, 1), (5000, 1)], [(4000, 100), (2500, 1), (7000, 1)]):
-        used = slots[-len(shape):]
+        used = slots[-len(shape) :]
         for slot, (context, query) in zip(used, shape):
             kv.ensure(slot, context + query)
             for cache in (kv.k_cache(0), kv.v_cache(0)):
-                cache[slot, :context] = torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
-        batch = StepBatch.build(used, [c for c, _ in shape], [q for _, q in shape], torch.device("cuda"))
-        q, k, v = (torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
-                   for h in (Q_HEADS, KV_HEADS, KV_HEADS))
+                cache[slot, :context] = (
+                    torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
+                )
+        batch = StepBatch.build(
+            used, [c for c, _ in shape], [q for _, q in shape], torch.device("cuda")
+        )
+        q, k, v = (
+            torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
+            for h in (Q_HEADS, KV_HEADS, KV_HEADS)
+        )
         outs = []
         for name in ("sdpa", "flashinfer"):
-            backend = make_attention_backend(name, kv, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16,
-                                             torch.device("cuda"))
+            backend = make_attention_backend(
+                name, kv, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cuda")
+            )
             backend.plan(batch)
             outs.append(backend(0, q, k, v))
         assert backend.page_tokens == 16  # type: ignore[attr-defined]

@@ -52,10 +52,14 @@ def test_paged_flashinfer_matches_paged_sdpa(block_size: int, shape) -> None:
     cache = build_cache(block_size, torch.bfloat16, "cuda")
     batch, q, k, v = paged_step(cache, shape)
     device = cache.device
-    reference = make_paged_attention_backend("paged-sdpa", cache, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    reference = make_paged_attention_backend(
+        "paged-sdpa", cache, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device
+    )
     reference.plan(batch)
     expected = reference(1, q, k, v)
-    backend = make_paged_attention_backend("auto", cache, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    backend = make_paged_attention_backend(
+        "auto", cache, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device
+    )
     assert backend.name == "paged-flashinfer"
     backend.plan(batch)
     out = backend(1, q, k, v)
@@ -66,10 +70,18 @@ def test_paged_flashinfer_matches_paged_sdpa(block_size: int, shape) -> None:
 
 
 def engine(kv_mode: str, attention: str) -> LLMEngine:
-    return LLMEngine(EngineConfig(
-        model="synthetic", synthetic=small_llama(), attention=attention, kv_mode=kv_mode,
-        max_running=8, max_model_len=2048, kv_cache_bytes=2 << 30, seed=7,
-    ))
+    return LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=small_llama(),
+            attention=attention,
+            kv_mode=kv_mode,
+            max_running=8,
+            max_model_len=2048,
+            kv_cache_bytes=2 << 30,
+            seed=7,
+        )
+    )
 
 
 @pytest.mark.parametrize("name", ["paged-sdpa", "paged-flashinfer"])
@@ -78,7 +90,9 @@ def test_paged_mode_matches_vattention_through_the_model(name: str) -> None:
         pytest.skip("flashinfer is not installed")
     generator = torch.Generator().manual_seed(0)
     # 130 and 600 tokens span several 16-token blocks and end mid-block; 1 and 5 fit one block.
-    prompts = [torch.randint(0, 128000, (n,), generator=generator).tolist() for n in (5, 130, 37, 1, 600)]
+    prompts = [
+        torch.randint(0, 128000, (n,), generator=generator).tolist() for n in (5, 130, 37, 1, 600)
+    ]
     reference = prefill_then_decode_logits(engine("vattention", "sdpa"), prompts)
     gc.collect()
     torch.cuda.empty_cache()
@@ -89,8 +103,13 @@ def test_paged_mode_matches_vattention_through_the_model(name: str) -> None:
 
 
 def test_paged_mode_serves_a_batch_of_64_at_llama3_8b_shapes() -> None:
-    llm = LLMEngine(EngineConfig(model="synthetic", kv_mode="paged", max_running=64, max_model_len=1024))
+    llm = LLMEngine(
+        EngineConfig(model="synthetic", kv_mode="paged", max_running=64, max_model_len=1024)
+    )
     steps = serve_a_batch_of_64(llm)
     stats = llm.stats()
     assert stats.kv.pages_in_use == 0
-    print(f"attention={llm.runner.attention.name} steps={steps} blocks={llm.kv.config.num_blocks} {stats.kv.summary()}")
+    print(
+        f"attention={llm.runner.attention.name} steps={steps} "
+        f"blocks={llm.kv.config.num_blocks} {stats.kv.summary()}"
+    )

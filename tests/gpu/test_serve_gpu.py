@@ -30,8 +30,11 @@ def cluster():
 
 
 def complete(prompt: list[int], max_tokens: int) -> dict:
-    response = httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", timeout=300, json={
-        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    response = httpx.post(
+        f"http://127.0.0.1:{PORT}/v1/completions",
+        timeout=300,
+        json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -42,8 +45,17 @@ def test_serve_a_llama3_8b_shaped_model(cluster: None, tp: int) -> None:
         pytest.skip(f"tp {tp} needs {tp} GPUs; this machine has {torch.cuda.device_count()}")
     from cluster.app import build_app
 
-    app = build_app({"model": "synthetic", "device": "cuda", "backend": "flashinfer", "tp": tp,
-                     "max_model_len": 1024, "max_running": 16, "replica_cpus": 1})
+    app = build_app(
+        {
+            "model": "synthetic",
+            "device": "cuda",
+            "backend": "flashinfer",
+            "tp": tp,
+            "max_model_len": 1024,
+            "max_running": 16,
+            "replica_cpus": 1,
+        }
+    )
     serve.run(app, name=f"gpu-tp{tp}", route_prefix="/")
     try:
         body = complete(list(range(1000, 1100)), 16)
