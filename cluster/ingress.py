@@ -274,21 +274,7 @@ class VattnIngress:
         else:
             token_ids = tuple(body.prompt)
         request = self.request("cmpl", token_ids, body, body.logprobs, limits, "prompt")
-        stream, accepted = await self.start(request)
-        logprobs = api.Logprobs(self.tokens, chat=False) if body.logprobs is not None else None
-        if body.stream:
-            return self.sse(request, stream, accepted, info, False, logprobs, body.include_usage)
-        text, last = await self.collect(stream, logprobs)
-        reply = api.completion_body(
-            request.request_id,
-            info.name,
-            text,
-            last.finish_reason,
-            request.prompt_tokens,
-            last.completion_tokens,
-            logprobs.take() if logprobs is not None else None,
-        )
-        return _json(reply, accepted)
+        return await self.answer(request, info, body, body.logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: api.ChatCompletionRequest) -> Any:
@@ -306,12 +292,25 @@ class VattnIngress:
         token_ids = await asyncio.to_thread(self.chat_ids, body.template_messages())
         logprobs_asked = body.logprobs_asked()
         request = self.request("chatcmpl", token_ids, body, logprobs_asked, limits, "messages")
+        return await self.answer(request, info, body, logprobs_asked, chat=True)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    async def answer(
+        self,
+        request: GenerateRequest,
+        info: ModelInfo,
+        body: Any,
+        logprobs_asked: int | None,
+        chat: bool,
+    ) -> Any:
+        """Sends the request and answers with its stream of chunks or its whole body."""
         stream, accepted = await self.start(request)
-        logprobs = api.Logprobs(self.tokens, chat=True) if logprobs_asked is not None else None
+        logprobs = api.Logprobs(self.tokens, chat=chat) if logprobs_asked is not None else None
         if body.stream:
-            return self.sse(request, stream, accepted, info, True, logprobs, body.include_usage)
+            return self.sse(request, stream, accepted, info, chat, logprobs, body.include_usage)
         text, last = await self.collect(stream, logprobs)
-        reply = api.chat_body(
+        make_body = api.chat_body if chat else api.completion_body
+        reply = make_body(
             request.request_id,
             info.name,
             text,
@@ -322,7 +321,6 @@ class VattnIngress:
         )
         return _json(reply, accepted)
 
-    # ---- helpers -------------------------------------------------------------------------------
     async def check_model(self, model: str | None) -> ModelInfo:
         info = await self.info()
         if model and model != info.name:

@@ -535,6 +535,20 @@ def model_card(name: str, max_model_len: int) -> dict[str, Any]:
     }
 
 
+def envelope(
+    request_id: str, kind: str, model: str, choices: list[Any], **extra: Any
+) -> dict[str, Any]:
+    """What every response body and chunk carries around its choices (``kind``: its object)."""
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
+
+
 def completion_body(
     request_id: str,
     model: str,
@@ -545,14 +559,13 @@ def completion_body(
     logprobs: Any = None,
 ) -> dict[str, Any]:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return envelope(
+        request_id,
+        "text_completion",
+        model,
+        [choice],
+        usage=usage(prompt_tokens, completion_tokens),
+    )
 
 
 def chat_body(
@@ -570,27 +583,20 @@ def chat_body(
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return envelope(
+        request_id,
+        "chat.completion",
+        model,
+        [choice],
+        usage=usage(prompt_tokens, completion_tokens),
+    )
 
 
 def completion_chunk(
     request_id: str, model: str, text: str, finish_reason: str | None, logprobs: Any = None
 ) -> dict[str, Any]:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return envelope(request_id, "text_completion", model, [choice])
 
 
 def chat_chunk(
@@ -601,27 +607,15 @@ def chat_chunk(
     logprobs: Any = None,
 ) -> dict[str, Any]:
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return envelope(request_id, "chat.completion.chunk", model, [choice])
 
 
 def usage_chunk(
     request_id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return envelope(request_id, kind, model, [], usage=usage(prompt_tokens, completion_tokens))
 
 
 def sse_event(payload: dict[str, Any]) -> str:

@@ -95,7 +95,7 @@ class DecodeGraphs:
             if extra:  # padding repeats the last sequence's token, patched or not
                 self.input_ids[n:size].copy_(self.input_ids[n - 1 : n].expand(extra))
         self.attention.plan_graph(padded)
-        key = (size, self.attention.graph_variant(padded))
+        key = (size, self.attention.planned_variant)
         graph = self.graphs.get(key)
         if graph is None:
             self._forward(size)  # this step, eagerly on the static buffers: also the warm-up

@@ -48,6 +48,7 @@ class AttentionBackend(ABC):
         self.scale = head_dim**-0.5
         self.batch: StepBatch | None = None
         self.graph_rows: dict[int, torch.Tensor] = {}  # batch size -> static cache rows
+        self.planned_variant = 0  # of the last plan_graph
 
     def plan(self, batch: StepBatch) -> None:
         """Prepares the step (once for all layers)."""
@@ -64,6 +65,8 @@ class AttentionBackend(ABC):
             static = self.graph_rows[batch.num_sequences] = torch.empty_like(rows)
         static.copy_(rows, non_blocking=True)
         self.batch, self.token_rows = batch, static
+        #: The graph variant this plan needs (``graph_variant``), computed once per step.
+        self.planned_variant = self.graph_variant(batch)
         self._plan_graph(batch)
 
     def _plan_graph(self, batch: StepBatch) -> None:

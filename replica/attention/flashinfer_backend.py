@@ -209,7 +209,7 @@ class FlashInferBackend(AttentionBackend):
         self.kernels.plan(batch, *self._pages(batch, self.page_tokens), page_size=self.page_tokens)
 
     def _plan_graph(self, batch: StepBatch) -> None:
-        self.page_tokens = self.graph_variant(batch)
+        self.page_tokens = self.planned_variant  # plan_graph chose it
         max_pages = batch.num_sequences * (self.tokens_per_slot // self.page_tokens)
         self.kernels.plan(
             batch,

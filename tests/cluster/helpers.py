@@ -182,3 +182,24 @@ def router_decisions(model: str) -> dict[str, float]:
         for s in family.samples
         if s.name == "vattn_router_decisions_total" and s.labels["model"] == model
     }
+
+
+def streaming_in_flight(
+    prompt: list[int], max_tokens: int, streams: int, whole: int
+) -> list[Completion]:
+    """Starts ``streams`` streamed and ``whole`` plain completions (prompt + one id each) and
+    returns them once every stream has had a token and none has ended: requests in flight."""
+    requests = [
+        Completion([*prompt, 10 + i], max_tokens, stream=i < streams)
+        for i in range(streams + whole)
+    ]
+    streamed = requests[:streams]
+    wait_until(
+        lambda: all(s.first.is_set() or s.ended.is_set() for s in streamed),
+        60,
+        "a first token on every stream",
+    )
+    assert all(s.chunks >= 1 and not s.ended.is_set() for s in streamed), [
+        s.describe() for s in streamed
+    ]
+    return requests

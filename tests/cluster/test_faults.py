@@ -17,7 +17,13 @@ from ray import serve
 
 from cluster.app import build_app
 from tests.cluster.conftest import BASE_URL
-from tests.cluster.helpers import HANG_S, Completion, replica_actors, replica_loads, replica_stats
+from tests.cluster.helpers import (
+    HANG_S,
+    replica_actors,
+    replica_loads,
+    replica_stats,
+    streaming_in_flight,
+)
 from tests.helpers import wait_until
 from tests.models import save_random_llama
 
@@ -81,20 +87,9 @@ def holding(count: int) -> dict[str, int] | None:
 def test_a_killed_replica_fails_in_flight_requests_and_is_replaced(two_replicas: None) -> None:
     before = replica_actors(APP)
     assert len(before) == 2
-    requests = [
-        Completion([7, 8, 9, 10 + i], MAX_TOKENS, stream=i < STREAMS)
-        for i in range(STREAMS + WHOLE)
-    ]
-    streams = requests[:STREAMS]
     # In flight: every stream has had tokens, and the replicas hold every request.
-    wait_until(
-        lambda: all(s.first.is_set() or s.ended.is_set() for s in streams),
-        60,
-        "a first token on every stream",
-    )
-    assert all(s.chunks >= 1 and not s.ended.is_set() for s in streams), [
-        s.describe() for s in streams
-    ]
+    requests = streaming_in_flight([7, 8, 9], MAX_TOKENS, STREAMS, WHOLE)
+    streams = requests[:STREAMS]
     loads = wait_until(
         lambda: holding(len(requests)), 60, f"the replicas to hold all {len(requests)} requests"
     )

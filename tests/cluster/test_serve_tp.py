@@ -18,7 +18,7 @@ from cluster.app import build_app
 from cluster.rank_actors import RANK_NAMESPACE
 from replica import LLM, SamplingParams
 from tests.cluster.conftest import BASE_URL
-from tests.cluster.helpers import HANG_S, Completion, replica_actors, replica_loads
+from tests.cluster.helpers import HANG_S, replica_actors, replica_loads, streaming_in_flight
 from tests.helpers import wait_until
 from tests.models import save_random_llama
 
@@ -138,20 +138,9 @@ def test_a_killed_rank_fails_its_replicas_in_flight_requests_and_serve_replaces_
 ) -> None:
     before, replicas_before = set(rank_actors()), replica_actors(APP)
     assert len(before) == 2 and len(replicas_before) == 2
-    requests = [
-        Completion([60, 61, 62, 10 + i], MAX_TOKENS, stream=i < STREAMS)
-        for i in range(STREAMS + WHOLE)
-    ]
-    streams = requests[:STREAMS]
     # In flight on both replicas (the killed rank's replica is known only once Serve replaces it).
-    wait_until(
-        lambda: all(s.first.is_set() or s.ended.is_set() for s in streams),
-        60,
-        "a first token on every stream",
-    )
-    assert all(s.chunks >= 1 and not s.ended.is_set() for s in streams), [
-        s.describe() for s in streams
-    ]
+    requests = streaming_in_flight([60, 61, 62], MAX_TOKENS, STREAMS, WHOLE)
+    streams = requests[:STREAMS]
     loads = wait_until(
         lambda: holding(len(requests)),
         60,

@@ -90,16 +90,34 @@ class FakeKVCache(KVCache):
         return 0
 
     def stats(self) -> KVCacheStats:
-        raise NotImplementedError
+        used = self._used()
+        return KVCacheStats(
+            page_size_bytes=1,
+            tokens_per_page=float(TOKENS_PER_PAGE),
+            pages_total=self._budget,
+            pages_created=used,
+            pages_free=0,
+            pages_in_use=used,
+            pages_cached=0,
+            pages_available=self._budget - used,
+            wasted_bytes=0,
+            slots_running=len(self.lengths),
+            slots_cached=0,
+            map_calls=0,
+            pages_mapped_total=0,
+            map_seconds=0.0,
+            wait_seconds=0.0,
+            pages_released_total=0,
+        )
 
     def check_invariants(self, deep: bool = False) -> None:
         assert self._used() <= self._budget
 
     def k_cache(self, layer: int) -> torch.Tensor:
-        raise NotImplementedError
+        return torch.empty(self._slots, self._tokens, 0, 0)  # pages are counters: no memory
 
     def v_cache(self, layer: int) -> torch.Tensor:
-        raise NotImplementedError
+        return self.k_cache(layer)
 
 
 def request(name: str, prompt: int, max_tokens: int) -> Request:

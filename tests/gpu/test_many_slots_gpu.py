@@ -33,29 +33,35 @@ def needs_flashinfer() -> None:
         pytest.skip("flashinfer is not installed")
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
-def test_attention_at_slot_255_of_a_long_cache_matches_sdpa(layout: str) -> None:
-    needs_flashinfer()
+def long_cache(layout: str, slots: int, tokens: int) -> KVCacheAllocator:
+    """A Llama-3-8B-shaped cache of ``slots`` slots of ``tokens`` tokens, 8 GiB of pages."""
     device = open_device("cuda")
     config = KVCacheConfig(
         num_layers=LAYERS,
         num_kv_heads=KV_HEADS,
         head_dim=HEAD_DIM,
         dtype=torch.bfloat16,
-        max_slots=256,
-        max_tokens=4700,
+        max_slots=slots,
+        max_tokens=tokens,
         page_size=device.page_size,
         budget_bytes=8 << 30,
         layout=layout,
     )
-    kv = KVCacheAllocator(config, device)
-    slots = [kv.acquire() for _ in range(256)]
-    used = [slots[0], slots[128], slots[255]]
-    shape = [(0, 300), (40, 1), (700, 20)]  # a prompt, a decode, a chunk on a long context
-    generator = torch.Generator().manual_seed(0)
+    return KVCacheAllocator(config, device)
+
+
+def random_step(
+    kv: KVCacheAllocator,
+    used: list[int],
+    shape: list[tuple[int, int]],
+    layers: tuple[int, ...],
+    generator: torch.Generator,
+):
+    """Backs ``used`` slots for (context, new tokens) ``shape``, fills the contexts of ``layers``
+    with random K/V; returns the step's batch and its random q, k, v."""
     for slot, (context, query) in zip(used, shape):
         kv.ensure(slot, context + query)
-        for layer in (0, LAYERS - 1):
+        for layer in layers:
             for cache in (kv.k_cache(layer), kv.v_cache(layer)):
                 cache[slot, :context] = (
                     torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
@@ -67,6 +73,18 @@ def test_attention_at_slot_255_of_a_long_cache_matches_sdpa(layout: str) -> None
         torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
         for h in (Q_HEADS, KV_HEADS, KV_HEADS)
     )
+    return batch, q, k, v
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_attention_at_slot_255_of_a_long_cache_matches_sdpa(layout: str) -> None:
+    needs_flashinfer()
+    kv = long_cache(layout, 256, 4700)
+    slots = [kv.acquire() for _ in range(256)]
+    used = [slots[0], slots[128], slots[255]]
+    shape = [(0, 300), (40, 1), (700, 20)]  # a prompt, a decode, a chunk on a long context
+    generator = torch.Generator().manual_seed(0)
+    batch, q, k, v = random_step(kv, used, shape, (0, LAYERS - 1), generator)
     backends = [
         make_attention_backend(
             name, kv, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cuda")
@@ -124,36 +142,11 @@ def test_small_batches_at_long_context_see_virtual_pages_and_match_sdpa(layout: 
     """Two to three sequences past 2K keys: the kernel sees 16-token virtual pages over the
     slots."""
     needs_flashinfer()
-    device = open_device("cuda")
-    config = KVCacheConfig(
-        num_layers=LAYERS,
-        num_kv_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        dtype=torch.bfloat16,
-        max_slots=8,
-        max_tokens=8192,
-        page_size=device.page_size,
-        budget_bytes=8 << 30,
-        layout=layout,
-    )
-    kv = KVCacheAllocator(config, device)
+    kv = long_cache(layout, 8, 8192)
     slots = [kv.acquire() for _ in range(8)]
     generator = torch.Generator().manual_seed(1)
     for shape in ([(3000, 1), (5000, 1)], [(4000, 100), (2500, 1), (7000, 1)]):
-        used = slots[-len(shape) :]
-        for slot, (context, query) in zip(used, shape):
-            kv.ensure(slot, context + query)
-            for cache in (kv.k_cache(0), kv.v_cache(0)):
-                cache[slot, :context] = (
-                    torch.randn(context, KV_HEADS, HEAD_DIM, generator=generator).cuda().bfloat16()
-                )
-        batch = StepBatch.build(
-            used, [c for c, _ in shape], [q for _, q in shape], torch.device("cuda")
-        )
-        q, k, v = (
-            torch.randn(batch.num_tokens, h, HEAD_DIM, generator=generator).cuda().bfloat16()
-            for h in (Q_HEADS, KV_HEADS, KV_HEADS)
-        )
+        batch, q, k, v = random_step(kv, slots[-len(shape) :], shape, (0,), generator)
         outs = []
         for name in ("sdpa", "flashinfer"):
             backend = make_attention_backend(
