@@ -39,7 +39,8 @@ PYBIND11_MODULE(_vmm, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("__len__", &PagePool::size)
       .def("__contains__", &PagePool::contains)
-      .def("is_mapped", &PagePool::is_mapped, py::arg("id"));
+      .def("is_mapped", &PagePool::is_mapped, py::arg("id"))
+      .def("mappings", &PagePool::mappings, py::arg("id"));
 
   py::class_<Reservation, std::shared_ptr<Reservation>>(m, "Reservation", py::buffer_protocol())
       .def(py::init<std::shared_ptr<PagePool>, std::size_t>(), py::arg("pool"),

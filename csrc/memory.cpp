@@ -19,7 +19,7 @@ void PagePool::create(const std::vector<PageId>& ids) {
     // The driver call runs unlocked: it is slow and touches no state of ours.
     PhysicalPage page(backend_);
     std::lock_guard<std::mutex> lock(mutex_);
-    pages_.emplace(id, Entry{std::move(page), false});
+    pages_.emplace(id, Entry{std::move(page), 0});
   }
 }
 
@@ -30,9 +30,10 @@ void PagePool::release(const std::vector<PageId>& ids) {
     if (it == pages_.end()) {
       throw std::invalid_argument("release of unknown page id " + std::to_string(id));
     }
-    if (it->second.mapped) {
+    if (it->second.mappings > 0) {
       throw std::invalid_argument("release of page id " + std::to_string(id) +
-                                  " while it is mapped");
+                                  " while it is mapped (" + std::to_string(it->second.mappings) +
+                                  " mappings)");
     }
   }
   for (PageId id : ids) pages_.erase(id);
@@ -51,7 +52,13 @@ bool PagePool::contains(PageId id) const {
 bool PagePool::is_mapped(PageId id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = pages_.find(id);
-  return it != pages_.end() && it->second.mapped;
+  return it != pages_.end() && it->second.mappings > 0;
+}
+
+std::int64_t PagePool::mappings(PageId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pages_.find(id);
+  return it == pages_.end() ? 0 : it->second.mappings;
 }
 
 PageHandle PagePool::claim_for_mapping(PageId id) {
@@ -60,17 +67,14 @@ PageHandle PagePool::claim_for_mapping(PageId id) {
   if (it == pages_.end()) {
     throw std::invalid_argument("map of unknown page id " + std::to_string(id));
   }
-  if (it->second.mapped) {
-    throw std::invalid_argument("page id " + std::to_string(id) + " is already mapped");
-  }
-  it->second.mapped = true;
+  ++it->second.mappings;  // another mapping of a mapped page is an alias
   return it->second.page.handle();
 }
 
 void PagePool::mark_unmapped(PageId id) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = pages_.find(id);
-  if (it != pages_.end()) it->second.mapped = false;
+  if (it != pages_.end() && it->second.mappings > 0) --it->second.mappings;
 }
 
 Reservation::Reservation(std::shared_ptr<PagePool> pool, std::size_t num_pages)

@@ -36,15 +36,17 @@ class PagePool {
   std::size_t size() const;
   bool contains(PageId id) const;
   bool is_mapped(PageId id) const;
+  // How many page slots map the page now (0 for an unknown id).
+  std::int64_t mappings(PageId id) const;
 
-  // Used by Reservation: look a page up and flip its mapped flag (throws on misuse).
+  // Used by Reservation: look a page up and count one more (one fewer) mapping of it.
   PageHandle claim_for_mapping(PageId id);
   void mark_unmapped(PageId id);
 
  private:
   struct Entry {
     PhysicalPage page;
-    bool mapped = false;
+    std::int64_t mappings = 0;
   };
   std::shared_ptr<Backend> backend_;
   mutable std::mutex mutex_;

@@ -9,12 +9,27 @@ operations. It is owned by one engine thread and is not thread-safe.
 Page groups: every range maps the same page indices of a slot together, so growth is counted in
 groups of ``num_ranges`` physical pages.
 
+Prefix sharing (``config.prefix_cache``): a slot's full page groups are indexed by the prefix key
+of the tokens they hold (``replica.kv.prefix``) once those tokens are written (a running slot's
+prompt, at ``step_async``; everything it stored, at ``release``). ``acquire`` with a prompt takes
+the longest indexed prefix: a released slot that already holds the start of it is continued in
+place, and the groups it lacks are *aliased*: the same physical pages mapped again at the same page
+indices of the new slot (zero copy, no block table). Indexed groups are immutable: a slot writes
+only at and above its ``frozen`` groups. A page is freed when its last mapping goes; reclaiming the
+least recently released slots first is the prefix cache's LRU eviction as well as deferred
+reclamation (a page a running slot maps is never freed by it)::
+
+    slot 3 (released):  | g0 | g1 | g2 | g3'|        g0..g2 indexed, g3' partial (private)
+    slot 5 (running):   | g0 | g1 | n2 | n3 |        aliases g0, g1; writes from n2 on
+
 Invariants (``check_invariants``), in physical pages:
     free + in_use + cached == created <= budget
-    in_use  = pages mapped under running slots (eager pages included)
-    cached  = pages mapped under released slots, kept for reuse (deferred reclamation)
-    no page id is mapped at two places, and free ids are mapped nowhere
-    a running slot backs every token below its length
+    in_use  = distinct pages mapped under running slots (eager pages included)
+    cached  = pages mapped only under released slots, kept for reuse (deferred reclamation)
+    a page's mapping count == the slots mapping its group, always at the same page index; a page
+        mapped twice is indexed; free ids are mapped nowhere; two groups share no page
+    a running slot backs every token below its length, and length >= frozen * tokens_per_group;
+        an indexed group of a slot lies below its ``frozen``
     wasted_bytes == sum over running slots of (mapped bytes - length * bytes_per_token)
 """
 
@@ -22,13 +37,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.config import KVCacheConfig, KVLayout
 from replica.kv.page_pool import PhysicalPagePool
+from replica.kv.prefix import extend_keys, root_key, usable_blocks
 from replica.kv.slots import SlotState, _Slot
 from replica.kv.stats import KVCacheStats
 from replica.vmm import (
@@ -74,6 +91,22 @@ class KVCacheAllocator(KVCache):
         self._ops: list[Op] = []
         self._last_ticket = 0
         self._wait_seconds = 0.0
+        self._prefix = config.prefix_cache and config.tokens_per_group > 0
+        self._root = root_key(
+            "vattention",
+            config.prefix_key,
+            config.layout.value,
+            config.dtype,
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+            config.page_size,
+        )
+        self._index: dict[int, tuple[int, ...]] = {}  # prefix key -> the group holding its block
+        self._key_of: dict[tuple[int, ...], int] = {}  # the inverse
+        self.prefix_queries_tokens = 0  # prompt tokens looked up by acquire
+        self.prefix_hits_tokens = 0  # of which found cached
+        self.prefix_evicted_pages = 0  # indexed pages dropped from the index
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -113,39 +146,133 @@ class KVCacheAllocator(KVCache):
         return len(self._pages)
 
     # ---- slots ---------------------------------------------------------------------------------
-    def acquire(self, tokens_hint: int = 0) -> int:
-        """Gives a request a slot: the released slot whose mapped pages best fit ``tokens_hint``
+    def acquire(self, tokens_hint: int = 0, prompt: Sequence[int] = ()) -> int:
+        """Gives a request a slot. With the prefix cache, the slot starts with the longest cached
+        prefix of ``prompt`` (its length: ``cached_tokens(prompt)``): in place in the released
+        slot that holds most of it, else aliased into a free slot, else into the least recently
+        released one. Without, the released slot whose mapped pages best fit ``tokens_hint``
         (deferred reclamation pays off here), else an empty one."""
         need = self.config.page_groups_for(self.check_hint(tokens_hint))
+        prompt = tuple(prompt)
+        hit, keys = self._lookup(prompt)
+        index = self._continuation(hit) if hit else None
+        if index is None:
+            index = self._pick_slot(need, tokens_hint)
+        slot = self._slots[index]
+        kept = 0  # leading groups of the slot that are already the prefix's
+        while kept < min(len(hit), len(slot.groups)) and slot.groups[kept] == hit[kept]:
+            kept += 1
+        aliased = hit[kept:]
+        # Counted before the slot's own pages go: a hit group only this slot held stays alive.
+        self._pool.share([page for group in aliased for page in group])
+        if slot.state is SlotState.CACHED:
+            if aliased:
+                self._shrink_slot(index, kept)
+            else:
+                self._keep_private(index, kept)
+        if aliased:
+            base = index * self.config.pages_per_slot + kept
+            slot.groups.extend(aliased)
+            slot.tickets.extend([self._last_ticket + 1] * len(aliased))
+            for r, reservation in enumerate(self._ranges):
+                self._ops.append(Op.map(reservation, base, [group[r] for group in aliased]))
+        cached_tokens = len(hit) * self.config.tokens_per_group
+        if self._prefix:
+            self.prefix_queries_tokens += len(prompt)
+            self.prefix_hits_tokens += cached_tokens
+        slot.state, slot.length, slot.reserved = SlotState.RUNNING, cached_tokens, cached_tokens
+        slot.token_ids, slot.keys, slot.frozen = prompt, keys[: len(hit)], len(hit)
+        self._flush()
+        self._checked()
+        return index
+
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        """Tokens of ``prompt`` that ``acquire`` would find cached now (whole page groups, never
+        the last prompt token)."""
+        return len(self._lookup(tuple(prompt))[0]) * self.config.tokens_per_group
+
+    def _lookup(self, prompt: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list[int]]:
+        """The indexed groups holding the longest usable prefix of ``prompt``, and the keys
+        computed on the way (one more than the groups where the chain broke)."""
+        if not self._prefix or not prompt or not self._index:
+            return [], []
+        per_group = self.config.tokens_per_group
+        keys: list[int] = []
+        hit: list[tuple[int, ...]] = []
+        for blocks in range(1, usable_blocks(len(prompt), per_group) + 1):
+            extend_keys(keys, self._root, prompt, per_group, blocks)
+            group = self._index.get(keys[-1])
+            if group is None:
+                break
+            hit.append(group)
+        return hit, keys
+
+    def _continuation(self, hit: list[tuple[int, ...]]) -> int | None:
+        """The released slot holding the longest start of ``hit`` (most recently released among
+        equals), or None."""
+        best, best_key = None, (0, 0.0)
+        for index, slot in enumerate(self._slots):
+            if slot.state is not SlotState.CACHED or not slot.groups or slot.groups[0] != hit[0]:
+                continue
+            kept = 1
+            while kept < min(len(hit), len(slot.groups)) and slot.groups[kept] == hit[kept]:
+                kept += 1
+            if (kept, slot.released_at) > best_key:
+                best, best_key = index, (kept, slot.released_at)
+        return best
+
+    def _pick_slot(self, need: int, tokens_hint: int) -> int:
+        """A slot without a prefix to continue: with the prefix cache a free slot first (released
+        ones hold prefixes), then the least recently released; without, the best fit."""
         cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
+        empty = [i for i, s in enumerate(self._slots) if s.state is SlotState.FREE]
+        if self._prefix and (empty or cached):
+            return empty[0] if empty else min(cached, key=lambda i: self._slots[i].released_at)
         if cached:
-            index = min(
+            return min(
                 cached,
                 key=lambda i: (
                     len(self._slots[i].groups) < need,
                     abs(len(self._slots[i].groups) - need),
                 ),
             )
-        else:
-            empty = [i for i, s in enumerate(self._slots) if s.state is SlotState.FREE]
-            if not empty:
-                raise KVCacheOutOfMemory(
-                    tokens_hint,
-                    0,
-                    self._pool.available,
-                    0,
-                    f"all {self.config.max_slots} slots are running",
-                )
-            index = empty[0]
-        slot = self._slots[index]
-        slot.state, slot.length, slot.reserved = SlotState.RUNNING, 0, 0
-        self._checked()
-        return index
+        if empty:
+            return empty[0]
+        raise KVCacheOutOfMemory(
+            tokens_hint,
+            0,
+            self._pool.available,
+            0,
+            f"all {self.config.max_slots} slots are running",
+        )
 
-    def release(self, slot_index: int) -> None:
+    def _keep_private(self, slot_index: int, keep: int) -> None:
+        """A released slot about to be written from group ``keep`` on: keeps the following groups
+        only it maps (their memory is reused, their index entries go) and unmaps the rest."""
+        slot = self._slots[slot_index]
+        end = keep
+        while end < len(slot.groups) and all(self._pool.mappings(p) == 1 for p in slot.groups[end]):
+            self._unindex(slot.groups[end])
+            end += 1
+        self._shrink_slot(slot_index, end)
+
+    def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         """Ends a request. Its pages stay mapped (cached) until the pool needs them, unless
-        deferred reclamation is off."""
+        deferred reclamation is off. With the prefix cache, ``token_ids`` are the tokens whose
+        K/V the slot holds (at most its length; without them, its prompt): its full groups are
+        indexed for later requests."""
         slot = self._running(slot_index)
+        if self._prefix:
+            stored = tuple(token_ids)[: slot.length] if token_ids else slot.token_ids
+            frozen = slot.frozen * self.config.tokens_per_group
+            if stored[:frozen] != slot.token_ids[:frozen]:
+                raise ValueError(
+                    f"slot {slot_index}: the released tokens differ from the {frozen} cached ones"
+                )
+            stored = stored[: slot.length]
+            del slot.keys[slot.frozen :]
+            slot.token_ids = stored
+            self._register(slot, len(stored))
         slot.state, slot.length, slot.reserved = SlotState.CACHED, 0, 0
         slot.released_at = self._clock()
         if not self.config.deferred_reclamation:
@@ -153,6 +280,26 @@ class KVCacheAllocator(KVCache):
         self._release_idle()
         self._flush()
         self._checked()
+
+    def _register(self, slot: _Slot, tokens: int) -> None:
+        """Indexes the slot's full groups holding its known tokens below ``tokens`` (written, or
+        written by the step just launched, before any later step reads them) and freezes them."""
+        per_group = self.config.tokens_per_group
+        limit = min(min(tokens, len(slot.token_ids)) // per_group, len(slot.groups))
+        if limit <= slot.frozen:
+            return
+        extend_keys(slot.keys, self._root, slot.token_ids, per_group, limit)
+        for j in range(slot.frozen, limit):
+            key, group = slot.keys[j], slot.groups[j]
+            if key not in self._index and group not in self._key_of:
+                self._index[key], self._key_of[group] = group, key
+        slot.frozen = limit
+
+    def _unindex(self, group: tuple[int, ...]) -> None:
+        key = self._key_of.pop(group, None)
+        if key is not None:
+            del self._index[key]
+            self.prefix_evicted_pages += len(group)
 
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
@@ -165,6 +312,11 @@ class KVCacheAllocator(KVCache):
         pages cannot be had."""
         slot = self._running(slot_index)
         self.check_tokens(slot_index, tokens)
+        if tokens < slot.frozen * self.config.tokens_per_group:
+            raise ValueError(
+                f"slot {slot_index}: {tokens} tokens asked, below its "
+                f"{slot.frozen * self.config.tokens_per_group} shared, immutable ones"
+            )
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._grow(slot_index, tokens)
         self._flush()
@@ -207,6 +359,9 @@ class KVCacheAllocator(KVCache):
                     # Its books never claim tokens it cannot store.
                     slot.length = slot.reserved = min(slot.length, self._backed_tokens(slot))
                 available = self._pool.available
+        if self._prefix:
+            for slot_index in lengths:
+                self._register(self._slots[slot_index], self._slots[slot_index].length)
         self._release_idle()
         ticket = StepTicket(self._flush(), tuple(unbacked))
         self._checked()
@@ -294,7 +449,9 @@ class KVCacheAllocator(KVCache):
 
     def _reclaim(self, pages: int, exclude: int) -> None:
         """Frees at least ``pages`` if it can: first the pages of released slots (least recently
-        released first), then running slots' pages beyond what their next step needs."""
+        released first, from their ends: a prefix's first pages are the most shared), then running
+        slots' pages beyond what their next step needs. A page another slot still maps is not
+        freed by unmapping it here."""
         cached = sorted(
             (i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED),
             key=lambda i: self._slots[i].released_at,
@@ -309,25 +466,36 @@ class KVCacheAllocator(KVCache):
             keep = (
                 0 if slot.state is SlotState.CACHED else self.config.page_groups_for(slot.reserved)
             )
-            surplus_groups = len(slot.groups) - keep
-            take = min(surplus_groups, -(-pages // self.config.num_ranges))
-            if take > 0:
-                self._shrink_slot(index, len(slot.groups) - take)
-                pages -= take * self.config.num_ranges
+            # One unmap run for the tail that frees enough (pages mapped elsewhere free nothing).
+            end, freeing = len(slot.groups), 0
+            while end > keep and freeing < pages:
+                end -= 1
+                freeing += sum(self._pool.mappings(p) == 1 for p in slot.groups[end])
+            if end < len(slot.groups):
+                pages -= self._shrink_slot(index, end)
 
-    def _shrink_slot(self, slot_index: int, keep_groups: int) -> None:
+    def _shrink_slot(self, slot_index: int, keep_groups: int) -> int:
+        """Unmaps the slot's groups from ``keep_groups`` on; returns the pages that freed (their
+        index entries go: eviction)."""
         slot = self._slots[slot_index]
         dropped = slot.groups[keep_groups:]
         if not dropped:
-            return
+            return 0
         del slot.groups[keep_groups:], slot.tickets[keep_groups:]
+        slot.frozen = min(slot.frozen, keep_groups)
         if slot.state is SlotState.CACHED and not slot.groups:
             slot.state = SlotState.FREE  # nothing left to reuse
+            slot.token_ids, slot.keys, slot.frozen = (), [], 0
         base = slot_index * self.config.pages_per_slot + keep_groups
         for reservation in self._ranges:
             self._ops.append(Op.unmap(reservation, base, len(dropped)))
         # Safe to reuse at once: any later map of these ids is queued after this unmap (FIFO).
-        self._pool.give_back([page for group in dropped for page in group])
+        freed = self._pool.give_back([page for group in dropped for page in group])
+        if freed and self._key_of:
+            for group in dropped:
+                if self._pool.mappings(group[0]) == 0:
+                    self._unindex(group)
+        return len(freed)
 
     def _flush(self) -> int:
         if self._ops:
@@ -344,11 +512,20 @@ class KVCacheAllocator(KVCache):
             raise ValueError(f"slot {slot_index} is {slot.state.value}, not running")
         return slot
 
+    def _page_split(self) -> tuple[int, int]:
+        """(in_use, cached): distinct pages mapped under running slots, and those mapped only
+        under released ones."""
+        ranges = self.config.num_ranges
+        if not self._prefix:  # nothing is shared: count, do not collect
+            in_use = sum(len(s.groups) for s in self._slots if s.state is SlotState.RUNNING)
+            cached = sum(len(s.groups) for s in self._slots if s.state is SlotState.CACHED)
+            return in_use * ranges, cached * ranges
+        running = {g for s in self._slots if s.state is SlotState.RUNNING for g in s.groups}
+        cached_groups = {g for s in self._slots if s.state is SlotState.CACHED for g in s.groups}
+        return len(running) * ranges, len(cached_groups - running) * ranges
+
     def _cached_pages(self) -> int:
-        return (
-            sum(len(s.groups) for s in self._slots if s.state is SlotState.CACHED)
-            * self.config.num_ranges
-        )
+        return self._page_split()[1]
 
     # ---- accounting ----------------------------------------------------------------------------
     def reclaimable_pages(self) -> int:
@@ -369,8 +546,8 @@ class KVCacheAllocator(KVCache):
     def stats(self) -> KVCacheStats:
         config, ranges = self.config, self.config.num_ranges
         running = [s for s in self._slots if s.state is SlotState.RUNNING]
-        in_use = sum(len(s.groups) for s in running) * ranges
-        cached = self._cached_pages()
+        in_use, cached = self._page_split()
+        mapped = Counter(g for s in self._slots for g in s.groups) if self._prefix else Counter()
         wasted = (
             sum(
                 len(s.groups) * config.page_size - s.length * config.bytes_per_token
@@ -396,6 +573,10 @@ class KVCacheAllocator(KVCache):
             map_seconds=float(worker["busy_seconds"]),
             wait_seconds=self._wait_seconds,
             pages_released_total=self._pool.pages_released_total,
+            pages_shared=sum(count > 1 for count in mapped.values()) * ranges,
+            prefix_queries_tokens=self.prefix_queries_tokens,
+            prefix_hits_tokens=self.prefix_hits_tokens,
+            prefix_evicted_pages=self.prefix_evicted_pages,
         )
 
     def drain_map_latencies(self) -> list[float]:
@@ -407,9 +588,20 @@ class KVCacheAllocator(KVCache):
         compares the books with what the extension really mapped."""
         self._pool.check_invariants()
         ranges = self.config.num_ranges
-        mapped = [page for s in self._slots for group in s.groups for page in group]
-        assert len(mapped) == len(set(mapped)), "a page id is mapped twice"
-        assert all(len(group) == ranges for s in self._slots for group in s.groups)
+        mappings = Counter(group for s in self._slots for group in s.groups)
+        pages = [page for group in mappings for page in group]
+        assert len(pages) == len(set(pages)), "two groups share a page"
+        assert all(len(group) == ranges for group in mappings)
+        position: dict[tuple[int, ...], int] = {}
+        for s in self._slots:
+            for j, group in enumerate(s.groups):
+                assert position.setdefault(group, j) == j, f"group {group} at two page indices"
+        for group, count in mappings.items():
+            assert all(self._pool.mappings(p) == count for p in group), (group, count)
+            assert count == 1 or group in self._key_of, f"shared group {group} is not indexed"
+        assert len(self._index) == len(self._key_of)
+        for key, group in self._index.items():
+            assert self._key_of[group] == key and group in mappings, "index entry of no group"
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
             stats
@@ -420,13 +612,24 @@ class KVCacheAllocator(KVCache):
             )
             if slot.state is SlotState.FREE:
                 assert not slot.groups, f"free slot {index} holds pages"
+            assert slot.frozen <= len(slot.groups), f"slot {index} froze unmapped groups"
+            assert all(g not in self._key_of for g in slot.groups[slot.frozen :]), (
+                f"slot {index} may write an indexed group"
+            )
             if slot.state is SlotState.RUNNING:
                 assert len(slot.groups) >= self.config.page_groups_for(slot.length), (
                     f"slot {index} unbacked"
                 )
+                assert slot.length >= slot.frozen * self.config.tokens_per_group, (
+                    f"slot {index} is shorter than its immutable prefix"
+                )
         if deep:
             self.synchronize()
             assert len(self._pages) == self._pool.created, (len(self._pages), self._pool.created)
+            for group, count in mappings.items():
+                assert all(self._pages.mappings(p) == count for p in group), (
+                    f"the extension counts other mappings of {group} than the books ({count})"
+                )
             per_slot = self.config.pages_per_slot
             for r, reservation in enumerate(self._ranges):
                 actual = reservation.page_ids()

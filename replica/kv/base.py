@@ -22,12 +22,19 @@ Contracts every implementation keeps (ValueError before anything changes, otherw
     KVCacheOutOfMemory (never a crash, nothing lost) when pages cannot be had: the scheduler
         waits or preempts
     a StepTicket of 0 has nothing to wait for
+
+Prefix sharing (where the cache has it on): ``acquire(hint, prompt)`` starts the slot with the
+longest cached prefix of ``prompt``, whole pages of it and never its last token; the slot's length
+is that many tokens (``cached_tokens(prompt)`` says how many beforehand) and those pages are
+shared and immutable: ``ensure`` below them is a ValueError. ``release(slot, token_ids)`` hands the
+tokens whose K/V the slot holds, so their full pages serve later requests. Caches without prefix
+sharing take the arguments and start every slot empty.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -145,12 +152,17 @@ class KVCache(ABC):
 
     # ---- slots ---------------------------------------------------------------------------------
     @abstractmethod
-    def acquire(self, tokens_hint: int = 0) -> int:
-        """A slot for a new request (running, length 0); KVCacheOutOfMemory if every slot runs."""
+    def acquire(self, tokens_hint: int = 0, prompt: Sequence[int] = ()) -> int:
+        """A slot for a new request, running, its length the cached prefix of ``prompt`` (0
+        without prefix sharing); KVCacheOutOfMemory if every slot runs."""
 
     @abstractmethod
-    def release(self, slot_index: int) -> None:
-        """Ends the slot's request."""
+    def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
+        """Ends the slot's request; ``token_ids``: the tokens its K/V holds (prefix sharing)."""
+
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        """Tokens of ``prompt`` that ``acquire`` would find cached now (0 without sharing)."""
+        return 0
 
     @abstractmethod
     def length(self, slot_index: int) -> int:

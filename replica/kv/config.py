@@ -64,6 +64,12 @@ class KVCacheConfig:
     #: Free pages beyond this many are released to the device once idle for ``idle_seconds``.
     max_idle_pages: int = 64
     idle_seconds: float = 10.0
+    #: Prefix sharing: released and running slots' full page groups are indexed by their tokens'
+    #: hash chain and aliased under new slots whose prompt starts with them (needs deferred
+    #: reclamation, which keeps the released ones; see ``replica.kv.allocator``).
+    prefix_cache: bool = False
+    #: What else the K/V of a token depends on (the model): part of the prefix keys' root.
+    prefix_key: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))
@@ -118,6 +124,15 @@ class KVCacheConfig:
     @property
     def budget_pages(self) -> int:
         return self.budget_bytes // self.page_size
+
+    @functools.cached_property
+    def tokens_per_group(self) -> int:
+        """Tokens one page group holds whole, the prefix-sharing granularity; 0 when a token
+        straddles two pages (then nothing is shared). Interleaved: a page holds every layer of a
+        token (Llama-3-8B, 2 MiB: 16 tokens); per_layer: one layer's K or V (1,024 tokens)."""
+        if self.page_size % self.bytes_per_token:
+            return 0
+        return self.page_size // self.bytes_per_token
 
     def page_groups_for(self, tokens: int) -> int:
         """Page groups (pages per range) that back tokens [0, tokens) of a slot."""

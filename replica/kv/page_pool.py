@@ -5,9 +5,13 @@ pages have sat unused for ``idle_seconds``, the surplus is released back to the 
 process or model can use it. This class only decides; the caller turns its decisions into
 ``Op.create`` / ``Op.release`` operations for the mapping worker, in order.
 
+Pages may be mapped at several places at once (prefix sharing aliases one physical page under
+several slots): the pool counts the mappings of every handed-out id, and an id goes back to the
+free list only when its last mapping is given back.
+
 Invariants (``check_invariants``):
     len(free) + in_use == created <= budget_pages
-    every created id is either free or handed out, never both
+    every created id is either free (0 mappings) or handed out (>= 1 mapping), never both
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class PhysicalPagePool:
         # Free ids in the order they became free (oldest first), with that time.
         self._free: OrderedDict[int, float] = OrderedDict()
         self._created: set[int] = set()
+        # Handed-out id -> how many places map it (1 unless shared).
+        self._mappings: dict[int, int] = {}
         # Ids below this were issued once; released ids are reused before new ones.
         self._next_id = 0
         self._released_ids: list[int] = []
@@ -77,16 +83,38 @@ class PhysicalPagePool:
             page_id = self._released_ids.pop() if self._released_ids else self._issue()
             self._created.add(page_id)
             new_ids.append(page_id)
+        for page_id in ids + new_ids:
+            self._mappings[page_id] = 1
         return Taken(tuple(ids + new_ids), tuple(new_ids))
 
-    def give_back(self, ids: list[int] | tuple[int, ...]) -> None:
-        """Returns handed-out ids to the free list (they must already be unmapped, or be unmapped
-        by operations queued before any operation that maps them again)."""
-        now = self._clock()
+    def share(self, ids: list[int] | tuple[int, ...]) -> None:
+        """Counts one more mapping of each handed-out id (an alias of a shared page)."""
         for page_id in ids:
-            if page_id not in self._created or page_id in self._free:
+            if page_id not in self._mappings:
+                raise RuntimeError(f"bug: page id {page_id} shared but not handed out")
+            self._mappings[page_id] += 1
+
+    def mappings(self, page_id: int) -> int:
+        """Places that map ``page_id`` (0: free or not created)."""
+        return self._mappings.get(page_id, 0)
+
+    def give_back(self, ids: list[int] | tuple[int, ...]) -> list[int]:
+        """Counts one mapping fewer of each id; ids left with none return to the free list and are
+        returned (they must already be unmapped, or be unmapped by operations queued before any
+        operation that maps them again)."""
+        now = self._clock()
+        freed = []
+        for page_id in ids:
+            count = self._mappings.get(page_id, 0)
+            if count <= 0 or page_id not in self._created or page_id in self._free:
                 raise RuntimeError(f"bug: page id {page_id} given back but not handed out")
+            if count > 1:
+                self._mappings[page_id] = count - 1
+                continue
+            del self._mappings[page_id]
             self._free[page_id] = now
+            freed.append(page_id)
+        return freed
 
     def idle_surplus(self) -> list[int]:
         """Free ids to release now: beyond ``max_idle_pages``, oldest first, idle long enough."""
@@ -125,3 +153,5 @@ class PhysicalPagePool:
         )
         assert set(self._free) <= self._created, "a free id was never created"
         assert not set(self._released_ids) & self._created, "a released id is still created"
+        assert set(self._mappings) == self._created - set(self._free), "handed-out ids differ"
+        assert all(count >= 1 for count in self._mappings.values()), "an id with no mapping"

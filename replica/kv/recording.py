@@ -16,7 +16,7 @@ memory alike. :func:`replay` checks both and raises :class:`ReplayMismatch` othe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,12 +32,16 @@ Op = Literal["acquire", "ensure", "release", "shrink"]
 class AllocatorCall:
     """One recorded call. ``slot``: the slot acquired (acquire) or operated on (ensure, release);
     ``tokens``: the hint (acquire) or the tokens backed (ensure); ``out_of_memory``: the call
-    raised KVCacheOutOfMemory on rank 0 (it may still have reclaimed pages: replay it too)."""
+    raised KVCacheOutOfMemory on rank 0 (it may still have reclaimed pages: replay it too).
+    Prefix sharing: ``token_ids`` is the prompt (acquire) or the stored tokens (release), so every
+    rank indexes and aliases the same pages; ``cached``: the length acquire gave the slot."""
 
     op: Op
     slot: int = -1
     tokens: int = 0
     out_of_memory: bool = False
+    token_ids: tuple[int, ...] = ()
+    cached: int = 0
 
 
 class ReplayMismatch(RuntimeError):
@@ -54,13 +58,15 @@ class RecordingKVCache(KVCache):
         self._calls: list[AllocatorCall] = []
 
     # ---- recorded ------------------------------------------------------------------------------
-    def acquire(self, tokens_hint: int = 0) -> int:
+    def acquire(self, tokens_hint: int = 0, prompt: Sequence[int] = ()) -> int:
+        prompt = tuple(prompt)
         try:
-            slot = self.cache.acquire(tokens_hint)
+            slot = self.cache.acquire(tokens_hint, prompt)
         except KVCacheOutOfMemory:
-            self._calls.append(AllocatorCall("acquire", -1, tokens_hint, True))
+            self._calls.append(AllocatorCall("acquire", -1, tokens_hint, True, prompt))
             raise
-        self._calls.append(AllocatorCall("acquire", slot, tokens_hint))
+        cached = self.cache.length(slot)
+        self._calls.append(AllocatorCall("acquire", slot, tokens_hint, False, prompt, cached))
         return slot
 
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
@@ -72,9 +78,10 @@ class RecordingKVCache(KVCache):
             raise
         self._calls.append(AllocatorCall("ensure", slot_index, tokens))
 
-    def release(self, slot_index: int) -> None:
-        self.cache.release(slot_index)
-        self._calls.append(AllocatorCall("release", slot_index))
+    def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
+        token_ids = tuple(token_ids)
+        self.cache.release(slot_index, token_ids)
+        self._calls.append(AllocatorCall("release", slot_index, token_ids=token_ids))
 
     def shrink(self) -> int:
         released = self.cache.shrink()
@@ -112,6 +119,9 @@ class RecordingKVCache(KVCache):
 
     def length(self, slot_index: int) -> int:
         return self.cache.length(slot_index)
+
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        return self.cache.cached_tokens(prompt)
 
     def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
         return self.cache.wait(ticket)
@@ -153,16 +163,17 @@ def replay(allocator: KVCache, calls: Iterable[AllocatorCall]) -> None:
     for index, call in enumerate(calls):
         try:
             if call.op == "acquire":
-                slot = allocator.acquire(call.tokens)
-                if slot != call.slot:
+                slot = allocator.acquire(call.tokens, call.token_ids)
+                cached = allocator.length(slot)
+                if (slot, cached) != (call.slot, call.cached):
                     raise ReplayMismatch(
-                        f"call {index}: acquire(tokens_hint={call.tokens}) gave slot {slot}, "
-                        f"rank 0 got slot {call.slot}"
+                        f"call {index}: acquire(tokens_hint={call.tokens}) gave slot {slot} with "
+                        f"{cached} cached tokens, rank 0 got slot {call.slot} with {call.cached}"
                     )
             elif call.op == "ensure":
                 allocator.ensure(call.slot, call.tokens)
             elif call.op == "release":
-                allocator.release(call.slot)
+                allocator.release(call.slot, call.token_ids)
             elif call.op == "shrink":
                 allocator.shrink()
             else:

@@ -27,3 +27,9 @@ class _Slot:
         default_factory=list
     )  # tickets[i]: the worker batch that maps groups[i]
     released_at: float = 0.0
+    # Prefix sharing: the token ids the slot's K/V stand for (the prompt while running, the stored
+    # tokens once released), their blocks' prefix keys as far as computed, and how many leading
+    # groups are immutable (indexed, aliased, or equal to an indexed group): nothing writes there.
+    token_ids: tuple[int, ...] = ()
+    keys: list[int] = field(default_factory=list)
+    frozen: int = 0

@@ -25,6 +25,11 @@ class KVCacheStats:
     map_seconds: float  # time the worker spent in the driver
     wait_seconds: float  # time callers waited on the worker
     pages_released_total: int  # returned to the device by the elastic pool
+    # Prefix sharing (0 where it is off).
+    pages_shared: int = 0  # pages mapped under more than one slot (refcount > 1)
+    prefix_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits_tokens: int = 0  # of which were found cached (not computed again)
+    prefix_evicted_pages: int = 0  # indexed pages dropped (reclaimed or overwritten)
 
     @property
     def pages_mapped(self) -> int:
@@ -33,6 +38,15 @@ class KVCacheStats:
     @property
     def bytes_released_total(self) -> int:
         return self.pages_released_total * self.page_size_bytes
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens found cached over those looked up."""
+        return (
+            self.prefix_hits_tokens / self.prefix_queries_tokens
+            if self.prefix_queries_tokens
+            else 0.0
+        )
 
     @property
     def usage_ratio(self) -> float:
@@ -57,5 +71,6 @@ class KVCacheStats:
             pages_mapped=self.pages_mapped,
             bytes_released_total=self.bytes_released_total,
             usage_ratio=self.usage_ratio,
+            prefix_hit_rate=self.prefix_hit_rate,
         )
         return out

@@ -65,9 +65,17 @@ class RankStatus:
 
 def books(allocator: Any) -> tuple[int, ...]:
     """What must be equal on every rank after the same calls: slots running and cached, pages in
-    use and cached (not created or free pages: idle pages go back to the device on a timer)."""
+    use and cached (not created or free pages: idle pages go back to the device on a timer), pages
+    shared and prefix tokens found (every rank aliases the same pages)."""
     stats = allocator.stats()
-    return (stats.slots_running, stats.slots_cached, stats.pages_in_use, stats.pages_cached)
+    return (
+        stats.slots_running,
+        stats.slots_cached,
+        stats.pages_in_use,
+        stats.pages_cached,
+        stats.pages_shared,
+        stats.prefix_hits_tokens,
+    )
 
 
 class StepFailed(RuntimeError):

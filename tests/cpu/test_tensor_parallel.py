@@ -86,7 +86,7 @@ def assert_books_agree(engine: LLMEngine) -> None:
 
 
 # ---- the page plan, without processes ------------------------------------------------------------
-def make_allocator(budget_pages: int = 24) -> KVCacheAllocator:
+def make_allocator(budget_pages: int = 24, prefix_cache: bool = False) -> KVCacheAllocator:
     config = KVCacheConfig(
         num_layers=2,
         num_kv_heads=1,
@@ -97,36 +97,58 @@ def make_allocator(budget_pages: int = 24) -> KVCacheAllocator:
         page_size=4096,
         budget_bytes=budget_pages * 4096,
         eager_pages=1,
+        prefix_cache=prefix_cache,
     )
     return KVCacheAllocator(config, open_device("host", 4096))
 
 
-def test_replaying_the_page_plan_reproduces_the_books() -> None:
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_replaying_the_page_plan_reproduces_the_books(prefix_cache: bool) -> None:
+    """With the prefix cache, prompts share starts, and both ranks book the same steps (which
+    index the prompts' pages): every rank aliases the same pages."""
     rng = random.Random(7)
-    leader, follower = make_allocator(), make_allocator()
+    leader, follower = (
+        make_allocator(prefix_cache=prefix_cache),
+        make_allocator(prefix_cache=prefix_cache),
+    )
     recorder = RecordingKVCache(leader)
     running: list[int] = []
+    prompts: dict[int, list[int]] = {}
+    stems = [[rng.randrange(3) for _ in range(100)] for _ in range(3)]
     for step in range(400):
         choice = rng.random()
         try:
             if choice < 0.3 and len(running) < 6:
-                running.append(recorder.acquire(rng.randrange(1, 128)))
+                prompt = rng.choice(stems)[: rng.randrange(1, 100)] + [7]
+                slot = recorder.acquire(rng.randrange(1, 128), prompt)
+                running.append(slot)
+                prompts[slot] = prompt
+                recorder.ensure(slot, len(prompt))
             elif choice < 0.7 and running:
                 slot = rng.choice(running)
                 recorder.ensure(slot, min(128, leader.length(slot) + rng.randrange(1, 40)))
             elif choice < 0.95 and running:
-                recorder.release(running.pop(rng.randrange(len(running))))
+                slot = running.pop(rng.randrange(len(running)))
+                recorder.release(slot, prompts[slot][: leader.length(slot)])
             else:
                 recorder.shrink()
         except KVCacheOutOfMemory:
             pass
-        if step % 17 == 0:  # a "step": the follower catches up
+        if step % 17 == 0:  # a "step": the follower catches up, both runners book it
             replay(follower, recorder.drain())
             assert books(follower) == books(leader)
+            lengths = {s: leader.length(s) for s in running if leader.length(s) < 128}
+            unbacked = leader.wait(leader.step_async(lengths))
+            assert follower.wait(follower.step_async(lengths)) == unbacked
+            for slot in unbacked:  # preempted, as the scheduler does
+                running.remove(slot)
+                recorder.release(slot, prompts[slot][: leader.length(slot)])
     replay(follower, recorder.drain())
     assert list(follower.slot_states()) == list(leader.slot_states())
     assert [follower.length(s) for s in running] == [leader.length(s) for s in running]
     assert follower.reclaimable_pages() == leader.reclaimable_pages()
+    assert books(follower) == books(leader)
+    assert not prefix_cache or leader.stats().prefix_hits_tokens > 0
     follower.check_invariants(deep=True)
 
 
@@ -136,7 +158,7 @@ def test_replay_detects_divergence_and_unrecorded_calls() -> None:
     recorder.acquire(16)
     diverged = make_allocator()
     diverged.acquire(16)  # this rank already holds slot 0
-    with pytest.raises(ReplayMismatch, match="gave slot 1, rank 0 got slot 0"):
+    with pytest.raises(ReplayMismatch, match="gave slot 1 with 0 cached tokens, rank 0 got slot 0"):
         replay(diverged, recorder.drain())
     slot = recorder.acquire(16)
     with pytest.raises(KVCacheOutOfMemory):

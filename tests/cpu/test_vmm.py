@@ -29,8 +29,6 @@ def test_refuses_what_would_break_the_mapping(pool: PagePool) -> None:
     reservation = Reservation(pool, 4)
     pool.create([0, 1])
     reservation.map_run(0, [0])
-    with pytest.raises(ValueError, match="page id 0 is already mapped"):
-        reservation.map_run(1, [0])
     with pytest.raises(ValueError, match="page slot 0 already holds page id 0"):
         reservation.map_run(0, [1])
     with pytest.raises(ValueError, match="unknown page id 7"):
@@ -43,6 +41,50 @@ def test_refuses_what_would_break_the_mapping(pool: PagePool) -> None:
         pool.create([1])
     with pytest.raises(ValueError, match="holds no page"):
         reservation.unmap_run(1, 1)
+
+
+def test_one_page_mapped_at_two_places_is_the_same_memory(pool: PagePool) -> None:
+    """Aliasing: the page's bytes read the same through both addresses, the kernel shows both
+    mappings on the same memfd offset, and the page is released only after the last unmap."""
+    reservation = Reservation(pool, 4)
+    pool.create([0, 1])
+    reservation.map_run(0, [0, 1])
+    reservation.map_run(3, [0])
+    assert pool.mappings(0) == 2 and pool.mappings(1) == 1
+    memory = torch.frombuffer(memoryview(reservation), dtype=torch.uint8)
+    memory[:PAGE] = torch.arange(PAGE, dtype=torch.int64).remainder(251).to(torch.uint8)
+    assert torch.equal(memory[3 * PAGE : 4 * PAGE], memory[:PAGE])
+    memory[3 * PAGE + 7] = 99  # writes through the alias reach the first address too
+    assert int(memory[7]) == 99
+    offsets = _memfd_offsets(reservation.base, 4)
+    assert offsets[0] == offsets[3] != offsets[1] and offsets[2] is None
+    with pytest.raises(ValueError, match="while it is mapped"):
+        pool.release([0])
+    reservation.unmap_run(0, 1)
+    assert pool.mappings(0) == 1 and int(memory[3 * PAGE + 7]) == 99  # the alias keeps it
+    with pytest.raises(ValueError, match=r"while it is mapped \(1 mappings\)"):
+        pool.release([0])
+    reservation.unmap_run(3, 1)
+    pool.release([0])
+    assert 0 not in pool
+
+
+def _memfd_offsets(base: int, pages: int) -> list[int | None]:
+    """For each page slot of a reservation, the file offset /proc/self/maps shows for the vattn
+    memfd mapped there (None: not mapped to it)."""
+    found: list[int | None] = [None] * pages
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or "vattn-kv" not in line:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            offset = int(fields[2], 16)
+            for i in range(pages):
+                address = base + i * PAGE
+                if start <= address < end:
+                    found[i] = offset + (address - start)
+    return found
 
 
 def test_a_failed_run_maps_nothing(pool: PagePool) -> None:
