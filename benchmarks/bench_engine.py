@@ -6,7 +6,12 @@
 
 Workloads: decode-heavy (128-token prompts, 1024 outputs), prefill-heavy (4K prompts, 64 outputs),
 mixed (long prompts drawn like a summarisation trace, a few hundred outputs), long (4 requests of
-16K-token prompts, 256 outputs: small batch at long context).
+16K-token prompts, 256 outputs: small batch at long context), sharegpt (512 chat requests with
+ShareGPT-like lognormal prompt and output lengths through ``--slots`` slots, so requests queue and
+the batch churns), batch256 (256 requests of 128-token prompts, 512 outputs: the full batch).
+``--shape qwen2.5-7b`` runs a second model shape (28 layers, 28 q / 4 kv heads, qkv bias).
+``--floor`` measures the decode step against its practical floor (the linears in a CUDA graph plus
+attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K where the KV fits.
 
 Modes: ``vattention`` and ``paged`` (decode steps replayed as CUDA graphs, captured by the
 engine's warm-up before the timed run; asynchronous scheduling), suffixed ``-eager`` (no graphs)
@@ -37,10 +42,10 @@ Workload = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
 
 def workloads(
-    smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024
+    smoke: bool, batch: int, seed: int = 0, decode_tokens: int = 1024, shape: str = "llama3-8b"
 ) -> dict[str, Workload]:
     rng = random.Random(seed)
-    vocab = model_shapes(smoke).vocab_size
+    vocab = model_shapes(smoke, shape).vocab_size
 
     def prompt(length: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(length)]
@@ -61,11 +66,42 @@ def workloads(
         "mixed": mixed,
         # Few sequences at long context: FlashInfer must split each one's KV across SMs.
         "long": [(prompt(16000), 256) for _ in range(4)],
+        # ShareGPT-like chat: prompt and output lengths lognormal (means ~300 and ~250 tokens,
+        # long tails), more requests than slots.
+        "sharegpt": [
+            (
+                prompt(max(4, min(int(rng.lognormvariate(5.3, 0.9)), 3000))),
+                max(8, min(int(rng.lognormvariate(5.2, 0.8)), 1500)),
+            )
+            for _ in range(512)
+        ],
+        "batch256": [(prompt(128), 512) for _ in range(256)],
     }
 
 
-def model_shapes(smoke: bool) -> ModelConfig:
-    return ModelConfig.tiny() if smoke else ModelConfig.llama3_8b()
+def qwen2_5_7b() -> ModelConfig:
+    """Qwen2.5-7B-Instruct shapes (synthetic weights): 28 layers, 28 q / 4 kv heads, qkv bias."""
+    return ModelConfig(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        attention_bias=True,
+    )
+
+
+SHAPES = {"llama3-8b": ModelConfig.llama3_8b, "qwen2.5-7b": qwen2_5_7b}
+
+
+def model_shapes(smoke: bool, shape: str = "llama3-8b") -> ModelConfig:
+    return ModelConfig.tiny() if smoke else SHAPES[shape]()
 
 
 def run_vattn(
@@ -76,11 +112,11 @@ def run_vattn(
     engine = LLMEngine(
         EngineConfig(
             model="synthetic",
-            synthetic=model_shapes(args.smoke),
+            synthetic=model_shapes(args.smoke, args.shape),
             kv_mode=kv_mode,
             attention=args.attention,
             kv_layout=args.kv_layout,
-            max_running=len(workload),
+            max_running=min(len(workload), args.slots),
             max_model_len=max_len + 16,
             max_batch_tokens=args.max_batch_tokens,
             page_size=args.page_size,
@@ -154,7 +190,8 @@ def run_vattn(
         "generated_tokens": generated + generated_untimed,
         "seconds": elapsed,
         "tokens_per_s": generated / elapsed,
-        "non_decode_steps_s": other_steps,
+        "non_decode_steps_s": other_steps,  # the prefill phase: steps that carry prompt tokens
+        "decode_phase_s": sum(s[0] for s in decode_steps),
         "mapping_wait_pct": 100 * (stats.wait_seconds - waited_before) / elapsed,
         "kv_waste_pct_mean": 100 * statistics.mean(waste) if waste else 0.0,
         "preemptions": engine.stats().preemptions_total,
@@ -170,7 +207,7 @@ def run_vattn(
             "max_ms": times[-1],
             "total_s": sum(times) / 1e3,
         }
-    full = [s for s in decode_steps if s[1] == len(workload)] or decode_steps
+    full = [s for s in decode_steps if s[1] == min(len(workload), args.slots)] or decode_steps
     if full:
         seconds, batch, context = sorted(full)[len(full) // 2]
         result["decode_step"] = decode_analysis(
@@ -379,6 +416,36 @@ def run_hf(workload: Workload, args: argparse.Namespace, new_tokens: int) -> dic
     }
 
 
+FLOOR_CASES = tuple((b, c) for b in (1, 8, 64, 256) for c in (1024, 16384))
+FLOOR_KV_BYTES = 96 << 30  # what the H200 holds beside an 8B model's weights and activations
+
+
+def floor_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The vAttention mode's decode step at each (batch, context) of FLOOR_CASES against its
+    practical floor: the linears replayed in a CUDA graph plus attention alone, in the same run.
+    Cases whose KV does not fit FLOOR_KV_BYTES are listed as such."""
+    shapes = model_shapes(args.smoke, args.shape)
+    per_token = 2 * shapes.num_layers * shapes.num_kv_heads * shapes.head_dim * 2
+    rng = random.Random(1)
+    rows: list[dict[str, Any]] = []
+    cases = ((1, 64), (4, 64)) if args.smoke else FLOOR_CASES
+    for batch, context in cases:
+        if batch * (context + 32) * per_token > FLOOR_KV_BYTES:
+            rows.append({"batch": batch, "context": context, "fits": False})
+            continue
+        load = [
+            ([rng.randrange(3, shapes.vocab_size) for _ in range(context - 32)], 32)
+            for _ in range(batch)
+        ]
+        slots, args.slots = args.slots, batch
+        result = run_vattn("vattention", load, args, profile=False)
+        args.slots = slots
+        step = result.get("decode_step", {})
+        rows.append({"batch": batch, "context": context, "fits": True} | step)
+        print("floor", rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -398,11 +465,14 @@ def main() -> None:
     parser.add_argument(
         "--decode-tokens", type=int, default=1024, help="outputs per request, decode-heavy"
     )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--slots", type=int, default=128, help="max_running (at most the requests)")
+    parser.add_argument("--floor", action="store_true", help="the decode step vs its floor table")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.smoke:
         args.batch = min(args.batch, 4)
-    loads = workloads(args.smoke, args.batch, decode_tokens=args.decode_tokens)
+    loads = workloads(args.smoke, args.batch, decode_tokens=args.decode_tokens, shape=args.shape)
     modes = args.modes.split(",")
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.workloads.split(","):
@@ -421,11 +491,14 @@ def main() -> None:
             rows.append(run_vattn(mode, loads[name], args, profile=(name == "decode")))
             print(name, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True)
         results[name] = rows
+    if args.floor:
+        results["floor"] = floor_table(args)
     device = "cuda" if torch.cuda.is_available() else "host"
     payload = {
         "benchmark": "engine",
         "environment": describe_device(device),
-        "model": dataclasses.asdict(model_shapes(args.smoke)) | {"weights": "synthetic"},
+        "model": dataclasses.asdict(model_shapes(args.smoke, args.shape))
+        | {"shape": args.shape, "weights": "synthetic"},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
