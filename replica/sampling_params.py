@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_REPETITION_PENALTY = 10.0
 # Below this temperature a row is sampled greedily: dividing logits by ~0 overflows to inf/NaN, and
 # the tempered distribution is already one-hot to float32 precision.
 GREEDY_TEMPERATURE = 1e-5
@@ -19,6 +22,50 @@ _SEED_MAX = (1 << 64) - 1
 def _is_int(value: Any) -> bool:
     # bool is an int subclass; `"max_tokens": true` in a request body is a client bug, not 1.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` (ids as ints or decimal strings, as JSON sends them) or pairs -> pairs
+    sorted by id; biases in [-100, 100] as OpenAI allows."""
+    if value is None:
+        return ()
+    pairs = value.items() if isinstance(value, dict) else value
+    if not isinstance(pairs, (list, tuple, type({}.items()))):
+        raise _bad("logit_bias", value, "must map token ids to biases")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise _bad("logit_bias", value, "must map token ids to biases")
+        token, bias = pair
+        if isinstance(token, str) and token.strip().isdigit():
+            token = int(token)
+        if not _is_int(token) or token < 0:
+            raise _bad("logit_bias", value, f"key {token!r} is not a token id (an integer >= 0)")
+        if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise _bad("logit_bias", value, f"bias {bias!r} is not a number in [-100, 100]")
+        out[token] = float(bias)
+    if len(out) > MAX_LOGIT_BIAS_TOKENS:
+        raise _bad("logit_bias", f"{len(out)} tokens", f"at most {MAX_LOGIT_BIAS_TOKENS}")
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A grammar the output must follow: ``kind`` "json_object" (any JSON object) or
+    "json_schema" (``spec``: the schema as JSON text). ``replica.grammar`` compiles it."""
+
+    kind: str
+    spec: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_object", "json_schema"):
+            raise _bad("guided.kind", self.kind, 'must be "json_object" or "json_schema"')
+        if (self.kind == "json_schema") != isinstance(self.spec, str):
+            raise _bad("guided.spec", self.spec, "a json_schema needs its schema, nothing else")
 
 
 def _bad(name: str, value: Any, why: str) -> ValueError:
@@ -33,6 +80,14 @@ class SamplingParams:
     ``logprobs`` = n returns the chosen token's logprob plus the n most likely alternatives
     (None: no logprobs). ``stop`` strings are excluded from the output text; ``stop_token_ids``
     end generation like EOS does. Invalid values raise ``ValueError`` naming the field.
+
+    Logit adjustments, in the order the sampler applies them (OpenAI's and vLLM's meanings):
+    ``logit_bias`` adds ``bias`` to token ``id`` (pairs, sorted by id; a dict is accepted);
+    ``repetition_penalty`` r divides a positive logit by r and multiplies a negative one by r for
+    every token of the prompt or the output so far; ``frequency_penalty`` subtracts f times the
+    token's count in the output, ``presence_penalty`` subtracts p once if it occurs there; after
+    the temperature, ``min_p`` drops tokens less likely than ``min_p`` times the most likely one.
+    ``guided`` constrains the output to a grammar (``replica.grammar``).
     """
 
     max_tokens: int = 16
@@ -44,6 +99,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -90,6 +151,38 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
             raise _bad("logprobs", lp, f"must be an integer in [0, {MAX_LOGPROBS}] or null")
+
+        for name, low, high in (
+            ("presence_penalty", -2.0, 2.0),
+            ("frequency_penalty", -2.0, 2.0),
+            ("min_p", 0.0, 1.0),
+        ):
+            self._number(name, low, high)
+        r = self.repetition_penalty
+        if not _is_number(r) or not (0 < r <= MAX_REPETITION_PENALTY):
+            raise _bad(
+                "repetition_penalty", r, f"must be a number in (0, {MAX_REPETITION_PENALTY}]"
+            )
+        object.__setattr__(self, "repetition_penalty", float(r))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise _bad("guided", self.guided, "must be a GuidedDecoding")
+
+    def _number(self, name: str, low: float, high: float) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or not low <= value <= high:  # also rejects NaN
+            raise _bad(name, value, f"must be a number in [{low:g}, {high:g}]")
+        object.__setattr__(self, name, float(value))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty reads the tokens seen so far (the sampler keeps their counts)."""
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+        )
 
     @property
     def greedy(self) -> bool:

@@ -80,6 +80,12 @@ params = st.builds(
     seed=st.integers(0, 9),  # seeded: the same draws in both engines
     logprobs=st.none() | st.integers(0, 2),
     stop_token_ids=st.lists(st.integers(3, 127), max_size=8),  # stops mid-stream now and then
+    # Penalties count tokens on the device, the one in flight included (replica.sampling).
+    frequency_penalty=st.sampled_from([0.0, 1.5]),
+    presence_penalty=st.sampled_from([0.0, -1.0]),
+    repetition_penalty=st.sampled_from([1.0, 1.3]),
+    min_p=st.sampled_from([0.0, 0.05]),
+    logit_bias=st.dictionaries(st.integers(3, 127), st.sampled_from([-100.0, 5.0]), max_size=3),
 )
 workloads = st.lists(
     st.tuples(st.lists(st.integers(3, 127), min_size=1, max_size=40), params),

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from replica.sampling import (
     SamplingParams,
+    TokenHistory,
+    all_allowed_bitmask,
     make_generator,
     sample,
     sampling_probs,
@@ -285,3 +287,172 @@ def test_masked_logits_never_drawn() -> None:
     logits[:, ::2] = -math.inf
     ids = sample(logits, [SamplingParams(temperature=1.5)] * 64, [None] * 64).token_ids
     assert (ids % 2 == 1).all()
+
+
+# --- logit adjustments: bias, penalties, min-p, grammar bitmask ----------------------------------
+
+
+def test_adjustment_params_are_validated_and_normalised() -> None:
+    p = SamplingParams(logit_bias={"7": 5, 3: -100}, presence_penalty=1, min_p=0)
+    assert p.logit_bias == ((3, -100.0), (7, 5.0)) and p.presence_penalty == 1.0
+    assert p.penalized and not SamplingParams(min_p=0.5, logit_bias={1: 2}).penalized
+    assert SamplingParams(repetition_penalty=1.3).penalized
+    for field, value in [
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", math.nan),
+        ("repetition_penalty", 0),
+        ("min_p", 1.5),
+        ("logit_bias", {"x": 1}),
+        ("logit_bias", {1: 101}),
+        ("logit_bias", {-1: 1}),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})
+
+
+def test_logit_bias_minus_100_removes_a_token_and_plus_100_forces_one() -> None:
+    logits = _logits(16)
+    best = logits.argmax(-1)
+    # -100 on every row's argmax: greedy never picks it; sampled rows at T = 1 almost never can.
+    banned = [SamplingParams(temperature=0, logit_bias={int(t): -100}) for t in best]
+    got = sample(logits, banned, [None] * 16).token_ids
+    assert (got != best).all()
+    assert torch.equal(got, logits.scatter(1, best[:, None], -math.inf).argmax(-1))
+    forced = [SamplingParams(temperature=1.0, logit_bias={5: 100}, seed=i) for i in range(16)]
+    gens = [make_generator(i, "cpu") for i in range(16)]
+    for _ in range(10):
+        assert (sample(logits, forced, gens).token_ids == 5).all()
+
+
+def _penalized_run(params: SamplingParams, logits: torch.Tensor, steps: int) -> list[int]:
+    """Greedy/sampled decoding of one row whose logits never change: only the penalties (fed by
+    the history of sampled tokens) can move it off its favourite tokens."""
+    history = TokenHistory(V, "cpu", capacity=1)
+    history.add("r", [1, 2, 3])
+    gen = make_generator(params.seed, "cpu") if params.seed is not None else None
+    tokens = []
+    for _ in range(steps):
+        result = sample(logits[None], [params], [gen], history, [history.row("r")])
+        history.record([history.row("r")], result.token_ids)
+        tokens.append(int(result.token_ids[0]))
+    history.check_invariants()
+    return tokens
+
+
+def test_a_penalty_changes_a_repetitive_output() -> None:
+    logits = _logits(1, seed=11)[0]
+    plain = _penalized_run(SamplingParams(temperature=0), logits, 12)
+    assert len(set(plain)) == 1  # fixed logits, greedy: one token forever
+    for params in (
+        SamplingParams(temperature=0, frequency_penalty=2.0),
+        SamplingParams(temperature=0, presence_penalty=2.0),
+        SamplingParams(temperature=0, repetition_penalty=5.0),
+    ):
+        tokens = _penalized_run(params, logits, 12)
+        assert tokens[0] == plain[0] and len(set(tokens)) > 1, params
+    # Presence subtracts p once: the counts of the history equal the tokens generated.
+    history = TokenHistory(V, "cpu", capacity=1)
+    row = history.add("r", [])
+    history.record([row], torch.tensor([4]))
+    history.record([row], torch.tensor([4]))
+    assert history.output_counts[row, 4] == 2 and history.output_counts[row].sum() == 2
+    x = _logits(1)
+    expected = x.clone()
+    expected[0, 4] -= 0.5 + 2 * 0.25
+    got = sampling_probs(
+        x,
+        [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)],
+        history,
+        [row],
+    )
+    assert torch.allclose(got, expected.softmax(-1), atol=1e-6)
+
+
+def test_repetition_penalty_covers_the_prompt_and_divides_positive_logits() -> None:
+    history = TokenHistory(V, "cpu")
+    row = history.add("r", [0, 1])
+    logits = torch.zeros(1, V)
+    logits[0, 0], logits[0, 1], logits[0, 2] = 4.0, -4.0, 3.0
+    got = sampling_probs(logits, [SamplingParams(repetition_penalty=2.0)], history, [row])
+    expected = logits.clone()
+    expected[0, 0], expected[0, 1] = 2.0, -8.0  # the prompt's tokens only; token 2 unseen
+    assert torch.allclose(got, expected.softmax(-1), atol=1e-6)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.12, 0.08])
+    got = sampling_probs(probs.log()[None], [SamplingParams(min_p=0.2)])[0]
+    # 0.2 * 0.5 = 0.1: tokens 0, 1, 2 stay, renormalised.
+    assert (got > 0).nonzero().flatten().tolist() == [0, 1, 2]
+    assert torch.allclose(got[:3], probs[:3] / probs[:3].sum(), atol=1e-6)
+
+
+def test_bitmask_allows_exactly_its_tokens() -> None:
+    logits = _logits(3)
+    mask = all_allowed_bitmask(3, V)
+    mask[0] = 0
+    mask[0, 1] = 1 << 3  # row 0: only token 35
+    mask[1, 0] = 0  # row 1: tokens 32..63
+    for temperature in (0, 1.0):
+        params = [SamplingParams(temperature=temperature)] * 3
+        for _ in range(20):
+            ids = sample(logits, params, [None] * 3, bitmask=mask).token_ids
+            assert ids[0] == 35 and ids[1] >= 32
+    assert torch.equal(
+        sample(logits, [SamplingParams(temperature=0)] * 3, [None] * 3, bitmask=mask).token_ids[2],
+        logits[2].argmax(),
+    )
+
+
+def test_adjusted_batches_equal_one_by_one() -> None:
+    """Each row's tokens are those it gets sampled alone: bias, penalties, min-p, masks and seeds
+    are per row."""
+    logits = _logits(5, seed=21)
+    params = [
+        SamplingParams(temperature=0.9, seed=1, frequency_penalty=0.7, logit_bias={3: 4}),
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+        SamplingParams(temperature=1.2, seed=3, min_p=0.1, top_k=20),
+        SamplingParams(temperature=0, logit_bias={int(logits[3].argmax()): -100}),
+        SamplingParams(temperature=0.7, seed=5, presence_penalty=1.0, top_p=0.9),
+    ]
+    mask = all_allowed_bitmask(5, V)
+    mask[2, 0], mask[2, 1] = 0x0F0F0F0F, 0  # row 2: tokens 0-3, 8-11, 16-19, 24-27
+
+    def run(rows: list[int]) -> list[list[int]]:
+        history = TokenHistory(V, "cpu", capacity=1)
+        keys = [f"r{i}" for i in rows]
+        hrows = [
+            history.add(k, [i, 2 * i]) if params[i].penalized else None for k, i in zip(keys, rows)
+        ]
+        gens = [make_generator(params[i].seed, "cpu") if params[i].seed else None for i in rows]
+        out: list[list[int]] = [[] for _ in rows]
+        for _ in range(15):
+            ids = sample(
+                logits[rows], [params[i] for i in rows], gens, history, hrows, mask[rows]
+            ).token_ids
+            history.record(hrows, ids)
+            for j, t in enumerate(ids.tolist()):
+                out[j].append(t)
+        return out
+
+    batched = run(list(range(5)))
+    assert [run([i])[0] for i in range(5)] == batched
+    assert all(
+        t in range(0, 4) or t in range(8, 12) or t in range(16, 20) or t in range(24, 28)
+        for t in batched[2]
+    )
+
+
+def test_history_rows_are_reused_and_grow() -> None:
+    history = TokenHistory(V, "cpu", capacity=1)
+    a = history.add("a", [5])
+    history.record([a], torch.tensor([9]))
+    b = history.add("b", [])  # grows to 2 rows, keeping a's
+    assert history.capacity == 2 and history.output_counts[a, 9] == 1 and history.in_prompt[a, 5]
+    history.release("a")
+    c = history.add("c", [])
+    assert c == a and history.output_counts[c].sum() == 0 and not history.in_prompt[c].any()
+    with pytest.raises(ValueError):
+        history.add("b", [])
+    history.check_invariants()
+    assert b != c
