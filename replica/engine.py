@@ -41,13 +41,14 @@ from replica.engine_stats import (
     RoutingStats,
 )
 from replica.errors import ReplicaBroken, RequestRejected
+from replica.grammar import GrammarBook
 from replica.growth_reserve import GrowthReserve
 from replica.kv.base import KVCache
 from replica.kv.stats import KVCacheStats
 from replica.model.source import load_tokenizer, model_source
 from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
-from replica.sampling import HostCopy, SamplingParams, make_generator, sample
+from replica.sampling import HostCopy, SamplingParams, TokenHistory, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
 from replica.tp import StepFailed
 
@@ -98,6 +99,9 @@ class LLMEngine:
             GrowthReserve.from_config(config.growth_reserve),
         )
         self.requests: dict[str, Request] = {}
+        #: Penalized requests' seen tokens (on the device) and guided requests' grammars.
+        self.history = TokenHistory(model_config.vocab_size, self.device)
+        self.grammars = GrammarBook(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         #: Overlap the host's work with the device's (one rank: a TP step is synchronous).
         self.async_scheduling = config.async_scheduling and self.tp is None
         self._launched: LaunchedStep | None = None  # the step in flight
@@ -129,6 +133,10 @@ class LLMEngine:
             else None
         )
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
+        if params.guided is not None:
+            self.grammars.add(request_id, params.guided)  # an invalid schema is rejected here
+        if params.penalized:
+            self.history.add(request_id, token_ids)
         request = Request(request_id, token_ids, params, stream, generator)
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -160,6 +168,11 @@ class LLMEngine:
             raise RequestRejected(
                 f"token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt"
             )
+        biased = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if biased is not None:
+            raise RequestRejected(
+                f"logit_bias token id {biased} is outside the vocabulary [0, {vocab})", "logit_bias"
+            )
         total = len(token_ids) + params.max_tokens
         if total > self.context_limit:
             raise RequestRejected(
@@ -182,6 +195,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._forget(request_id)
         self.scheduler.finish(request, "abort")
         return RequestOutput(
             request_id,
@@ -242,6 +256,9 @@ class LLMEngine:
         the outputs of the step launched by the previous call."""
         previous, self._launched = self._launched, None
         outputs: list[RequestOutput] = []
+        if previous is not None and any(r.request_id in self.grammars for r in previous.sampled):
+            outputs += self._complete(previous)  # a grammar's next mask needs the token on the host
+            previous = None
         scheduled = self.scheduler.schedule(preempt=previous is None)
         if scheduled is None and previous is not None and self.scheduler.blocked:
             outputs += self._complete(previous)  # preemption needs the step in flight done
@@ -289,8 +306,18 @@ class LLMEngine:
             request.computed += query
         tokens = copy = None
         if sampled:
+            keys = [r.request_id for r in sampled]
+            history_rows = [self.history.row(k) for k in keys] if self.history.rows else []
             with torch.inference_mode():
-                result = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
+                result = sample(
+                    logits,
+                    [r.params for r in sampled],
+                    [r.generator for r in sampled],
+                    self.history,
+                    history_rows,
+                    self.grammars.bitmask(keys, logits.device) if self.grammars.matchers else None,
+                )
+                self.history.record(history_rows, result.token_ids)  # on the device, in order
             tokens, copy = result.token_ids, result.to_host_async()
             for row, request in enumerate(sampled):
                 request.in_flight += 1
@@ -307,6 +334,7 @@ class LLMEngine:
         for request in requests:
             self.scheduler.finish(request, "abort")
             self.requests.pop(request.request_id, None)
+            self._forget(request.request_id)
             outputs.append(
                 RequestOutput(
                     request.request_id,
@@ -367,6 +395,7 @@ class LLMEngine:
                 continue
             token = result.token_ids[i]
             request.output_token_ids.append(token)
+            self.grammars.accept(request.request_id, token)
             self.generation_tokens_total += 1
             self.latency.token(request, now)
             text, reason = "", None
@@ -378,6 +407,7 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(request, reason)
                 self.requests.pop(request.request_id, None)
+                self._forget(request.request_id)
                 self.latency.finished(request, now)
             outputs.append(
                 RequestOutput(
@@ -394,9 +424,15 @@ class LLMEngine:
                     (tuple(result.top_logprobs[i]),)
                     if result.top_logprobs is not None and request.params.logprobs
                     else None,
+                    cached_tokens=request.cached_tokens,
                 )
             )
         return outputs
+
+    def _forget(self, request_id: str) -> None:
+        """Frees what the sampler kept for a request that ended (its history row, its grammar)."""
+        self.history.release(request_id)
+        self.grammars.release(request_id)
 
     def _finish_without_text(self, request: Request, token: int) -> str | None:
         params = request.params
@@ -444,7 +480,19 @@ class LLMEngine:
             tokens_per_page=self.kv.tokens_per_page,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
+            demand_pages=self._demand_pages(stats),
         )
+
+    def _demand_pages(self, stats: KVCacheStats) -> int:
+        """Pages this replica's requests are expected to hold at once (the autoscaler's input,
+        ``cluster.autoscaling``): those in use, the rest of the running requests' prompts and
+        their expected growth (admission's reserve), and the waiting requests' prompts and
+        expected growth."""
+        growth, pages = self.scheduler.growth, self.kv.pages_for
+        queued = sum(
+            pages(r.num_tokens + growth.expected_tokens(r)) for r in self.scheduler.waiting
+        )
+        return stats.pages_in_use + growth.pages(self.scheduler.running, pages) + queued
 
     def _kv_stats(self) -> KVCacheStats:
         stats = self.kv.stats()
@@ -456,6 +504,11 @@ class LLMEngine:
         """Stops the other ranks of a tensor-parallel replica (nothing to do with one rank)."""
         if self.tp is not None:
             self.tp.shutdown()
+
+    def release_kv_memory(self) -> int:
+        """Gives every KV page no request holds back to the device (``KVCache.shrink``), as a
+        replica does when it stops; returns the pages released."""
+        return self.kv.shrink()
 
     def running_requests(self) -> list[Request]:
         return [r for r in self.scheduler.requests() if r.status is RequestStatus.RUNNING]
