@@ -112,16 +112,64 @@ def one_case(batch: int, context: int) -> dict[str, Any]:
     return row
 
 
+PROBE_ROWS = {  # token row bytes: what one layer's consecutive tokens are apart
+    "2KiB (per-layer)": 2 << 10,
+    "128KiB (interleaved)": 128 << 10,
+    "128KiB+256B": (128 << 10) + 256,
+    "132KiB": 132 << 10,
+    "192KiB": 192 << 10,
+}
+
+
+def stride_probe(batch: int, context: int) -> dict[str, Any]:
+    """The decode kernel alone over one layer's K and V laid out with each token row size of
+    PROBE_ROWS in one ordinary allocation (16-token pages, the same indices): whether the
+    interleaved layout's cost follows the row stride's size (pages touched: TLB reach) or its
+    power-of-two alignment (DRAM channel hashing)."""
+    from replica.attention.flashinfer_backend import FlashInferKernels
+    from replica.attention.flashinfer_limits import choose_prefill_kernel
+
+    page = 16
+    pages = batch * context // page
+    indptr = torch.arange(0, pages + 1, context // page, dtype=torch.int32)
+    indices = torch.arange(pages, dtype=torch.int32, device="cuda")
+    last = torch.full((batch,), page, dtype=torch.int32)
+    step = StepBatch.build_padded(list(range(batch)), [context - 1] * batch, batch, "cuda")
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    kernel = choose_prefill_kernel(1 << 20, 1 << 12, 1 << 12)
+    out: dict[str, Any] = {"batch": batch, "context": context}
+    for name, row_bytes in PROBE_ROWS.items():
+        row = row_bytes // 2  # bf16 elements
+        head_row = KV_HEADS * HEAD_DIM
+        buf = torch.zeros(batch * context * row + 2 * head_row, dtype=torch.bfloat16, device="cuda")
+        shape, strides = (pages, page, KV_HEADS, HEAD_DIM), (page * row, row, HEAD_DIM, 1)
+        k = buf.as_strided(shape, strides)
+        v = buf.as_strided(shape, strides, storage_offset=head_row if row > 2 * head_row else 0)
+        kernels = FlashInferKernels(
+            torch.device("cuda"), Q_HEADS, KV_HEADS, HEAD_DIM, page, torch.bfloat16, 0.088, kernel
+        )
+        kernels.plan(step, indptr, indices, last, graph_pages=pages, page_size=page)
+        out[name] = graph_seconds(lambda kernels=kernels: kernels.run(q, k, v)) * 1e6
+        del buf, kernels
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--probe-only", action="store_true", help="only the row-stride probe")
     args = parser.parse_args()
     rows = []
-    for batch, context in CASES:
+    for batch, context in () if args.probe_only else CASES:
         rows.append(one_case(batch, context))
         print(rows[-1], flush=True)
+    probe = []
+    for batch, context in ((1, 16384), (8, 1024), (8, 4096), (64, 1152)):
+        probe.append(stride_probe(batch, context))
+        print("probe", probe[-1], flush=True)
     payload = {
         "benchmark": "layout",
         "environment": describe_device("cuda"),
@@ -134,6 +182,7 @@ def main() -> None:
             "kernel": "FlashInfer tensor-core decode, KV write by index_copy_",
         },
         "results": rows,
+        "row_stride_probe_us": probe,
     }
     print(f"wrote {save('layout', payload, Path(args.out) if args.out else None)}")
 
