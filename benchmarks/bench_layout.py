@@ -134,7 +134,9 @@ def stride_probe(batch: int, context: int) -> dict[str, Any]:
     indptr = torch.arange(0, pages + 1, context // page, dtype=torch.int32)
     indices = torch.arange(pages, dtype=torch.int32, device="cuda")
     last = torch.full((batch,), page, dtype=torch.int32)
-    step = StepBatch.build_padded(list(range(batch)), [context - 1] * batch, batch, "cuda")
+    step = StepBatch.build_padded(
+        list(range(batch)), [context - 1] * batch, batch, torch.device("cuda")
+    )
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     kernel = choose_prefill_kernel(1 << 20, 1 << 12, 1 << 12)
     out: dict[str, Any] = {"batch": batch, "context": context}
