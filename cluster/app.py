@@ -1,15 +1,20 @@
 """The Serve application: ``serve run cluster.app:app`` (the embedded model, defaults) or
-``serve run cluster.app:build_app model=/path/to/hf-dir tp=2 replicas=2``, and ``serve deploy``
-with a config whose ``import_path`` is ``cluster.app:build_app`` (args under ``args``)."""
+``serve run cluster.app:build_app model=/path/to/hf-dir tp=2 replicas=2`` (or ``min_replicas=1
+max_replicas=3``: autoscaling on KV pressure), and ``serve deploy`` with a config whose
+``import_path`` is ``cluster.app:build_app`` (args under ``args``)."""
 
 import dataclasses
+import warnings
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster import autoscaler
+from cluster.autoscaling import ScalingRule
 from cluster.ingress import VattnIngress
+from cluster.protocol import served_model_name
 from cluster.replica_deployment import VattnReplica
 from cluster.router import router_config
 from cluster.routing import ROUTERS
@@ -25,9 +30,30 @@ class AppOptions(BaseModel):
 
     model: str = "embedded"
     tp: int = 1
+    #: A fixed number of replicas; with ``max_replicas`` set, the number to start with (default:
+    #: ``min_replicas``).
     replicas: int = 1
+    #: Autoscaling (``cluster.autoscaling``) between these bounds, on when ``max_replicas`` is set.
+    min_replicas: int | None = None  # default 1
+    max_replicas: int | None = None
+    #: "kv-pressure": vattn's policy on the replicas' KV demand and queues; "ongoing-requests":
+    #: Serve's default policy (for comparison: benchmarks.bench_autoscaling).
+    autoscaler: str = "kv-pressure"
+    #: Scale up when the replicas' expected KV demand exceeds this share of their pages ...
+    target_kv_utilization: float = 0.8
+    #: ... and down (one replica at a time) once it would fit under this share with one fewer.
+    downscale_kv_utilization: float = 0.5
+    max_waiting_per_replica: float = 8.0  # scale up too when queues are longer than this
+    target_ongoing_requests: float = 2.0  # the ongoing-requests policy's target per replica
+    autoscaling_metrics_interval_s: float = 1.0  # replicas push their autoscaling stats this often
+    upscale_delay_s: float = 2.0  # a scale-up decision must last this long to be applied
+    downscale_delay_s: float = 60.0  # a scale-down decision must last this long
+    #: How long a stopping replica (scale-down, redeploy) may take to finish its requests: sized for
+    #: a long generation (a 4K-token answer at 10 tokens/s takes 410 s).
+    graceful_shutdown_timeout_s: float = 600.0
     backend: str = "auto"
     kv_layout: str = "interleaved"
+    kv_cache_dtype: str = "auto"  # or "fp8" (EngineConfig.kv_cache_dtype)
     device: str = "auto"  # "auto": GPUs when the cluster has them
     max_model_len: int = 4096
     max_running: int | None = None  # None: 256 slots on a GPU, 64 on a CPU (EngineConfig)
@@ -55,6 +81,73 @@ class AppOptions(BaseModel):
             raise ValueError(f"AppOptions.router must be one of {known}; got {router!r}")
         return router
 
+    @field_validator("autoscaler")
+    @classmethod
+    def _known_autoscaler(cls, policy: str) -> str:
+        if policy not in autoscaler.AUTOSCALERS:
+            known = ", ".join(autoscaler.AUTOSCALERS)
+            raise ValueError(f"AppOptions.autoscaler must be one of {known}; got {policy!r}")
+        return policy
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "AppOptions":
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise ValueError("AppOptions.min_replicas needs max_replicas (autoscaling bounds)")
+        if self.max_replicas is not None:
+            self.scaling_rule()  # checks the bounds and utilisations
+            low, high = self.min_replicas or 1, self.max_replicas
+            if "replicas" in self.model_fields_set and not low <= self.replicas <= high:
+                raise ValueError(
+                    f"AppOptions.replicas (the initial count when autoscaling) must lie within "
+                    f"min_replicas {low} and max_replicas {high}; got {self.replicas}"
+                )
+        elif self.replicas < 1:
+            raise ValueError(f"AppOptions.replicas must be >= 1; got {self.replicas}")
+        return self
+
+    def autoscales(self) -> bool:
+        return self.max_replicas is not None
+
+    def scaling_rule(self) -> ScalingRule:
+        """The KV-pressure policy's rule with these bounds (raises ValueError when invalid)."""
+        return ScalingRule(
+            min_replicas=1 if self.min_replicas is None else self.min_replicas,
+            max_replicas=self.replicas if self.max_replicas is None else self.max_replicas,
+            target_utilization=self.target_kv_utilization,
+            downscale_utilization=self.downscale_kv_utilization,
+            max_waiting_per_replica=self.max_waiting_per_replica,
+        )
+
+    def initial_replicas(self) -> int:
+        if not self.autoscales() or "replicas" in self.model_fields_set:
+            return self.replicas
+        return self.scaling_rule().min_replicas
+
+    def replica_count_options(self) -> dict[str, Any]:
+        """``num_replicas``, or the ``autoscaling_config`` (Serve refuses both)."""
+        if not self.autoscales():
+            return {"num_replicas": self.replicas}
+        rule = self.scaling_rule()
+        policy_kwargs = {
+            "model": served_model_name(self.model),
+            "target_utilization": rule.target_utilization,
+            "downscale_utilization": rule.downscale_utilization,
+            "max_waiting_per_replica": rule.max_waiting_per_replica,
+            "max_age_s": max(4 * self.autoscaling_metrics_interval_s, 2.0),
+        }
+        config = autoscaler.autoscaling_config(
+            rule.min_replicas,
+            rule.max_replicas,
+            self.initial_replicas(),
+            policy=self.autoscaler,
+            metrics_interval_s=self.autoscaling_metrics_interval_s,
+            upscale_delay_s=self.upscale_delay_s,
+            downscale_delay_s=self.downscale_delay_s,
+            policy_kwargs=policy_kwargs,
+            target_ongoing_requests=self.target_ongoing_requests,
+        )
+        return {"autoscaling_config": config}
+
     def uses_gpu(self) -> bool:
         if self.device == "cpu":
             return False
@@ -69,6 +162,7 @@ class AppOptions(BaseModel):
             model=self.model,
             attention=self.backend,
             kv_layout=self.kv_layout,
+            kv_cache_dtype=self.kv_cache_dtype,
             device="cuda" if self.uses_gpu() else "cpu",
             max_model_len=self.max_model_len,
             max_running=self.max_running,
@@ -100,12 +194,19 @@ def build_app(args: AppOptions) -> Application:
             "placement_group_strategy": "STRICT_PACK",
             "health_check_period_s": 2,
         }
-    deployment = VattnReplica.options(
-        num_replicas=options.replicas,
-        ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},
-        request_router_config=options.request_router_config(),
-        **tp_options,
-    )
+    with warnings.catch_warnings():
+        # NOTE: Ray 2.60 reads the push interval from the deprecated metrics_interval_s (the
+        # environment variables its warning names are not read yet: cluster.autoscaler).
+        warnings.filterwarnings("ignore", "The `metrics_interval_s` field", DeprecationWarning)
+        deployment = VattnReplica.options(
+            ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},
+            request_router_config=options.request_router_config(),
+            # A stopping replica gets no new requests and finishes the ones it has.
+            graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
+            graceful_shutdown_wait_loop_s=1.0,
+            **options.replica_count_options(),
+            **tp_options,
+        )
     replica = deployment.bind(options.engine_config(), options.metrics_period_s)
     ingress = VattnIngress.options(ray_actor_options={"num_cpus": 0.1})
     return ingress.bind(replica, options.model, options.api_key)

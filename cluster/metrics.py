@@ -6,7 +6,8 @@ counters' totals, latency samples drained since its previous snapshot) and pushe
 ``MetricsHub`` actor (``cluster.metrics_hub``), whose :class:`MetricsStore` folds the samples into
 histograms per (model, replica) and per (model, replica, rank). ``GET /metrics`` on the ingress
 fetches the store's :class:`ReplicaSeries` and renders them, plus the ingress's own router
-decisions, through :class:`VattnCollector` in a registry of its own.
+decisions, through :class:`VattnCollector` in a registry of its own. The KV-pressure autoscaling
+policy, which Serve runs in its controller, pushes an :class:`AutoscalerSnapshot` to the same hub.
 
 Every series is listed in :data:`METRICS`. KV and mapping series carry ``model``, ``replica`` and
 ``rank`` (each rank has its own cache); engine series carry ``model`` and ``replica`` (rank 0
@@ -272,12 +273,78 @@ ROUTER_STATS_AGE = MetricDef(
 )
 ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_REQUESTS, ROUTER_HEADROOM, ROUTER_STATS_AGE)
 
+#: The KV-pressure autoscaler's series (``cluster.autoscaler``; ``source``: an
+#: :class:`AutoscalerSnapshot` field), present while a deployment of the model autoscales with it.
+AUTOSCALER_LABELS = ("model",)
+AUTOSCALER_METRICS = (
+    MetricDef(
+        "vattn_autoscaler_current_replicas",
+        "gauge",
+        "Replicas running when the autoscaling policy last ran.",
+        AUTOSCALER_LABELS,
+        "current",
+    ),
+    MetricDef(
+        "vattn_autoscaler_target_replicas",
+        "gauge",
+        "Replicas Serve targeted when the autoscaling policy last ran.",
+        AUTOSCALER_LABELS,
+        "target",
+    ),
+    MetricDef(
+        "vattn_autoscaler_desired_replicas",
+        "gauge",
+        "Replicas the KV-pressure policy asks for (within min/max; Serve applies a change once "
+        "it has lasted its upscale or downscale delay).",
+        AUTOSCALER_LABELS,
+        "desired",
+    ),
+    MetricDef(
+        "vattn_autoscaler_kv_demand_pages",
+        "gauge",
+        "Policy input: KV pages the replicas' requests are expected to hold, summed.",
+        AUTOSCALER_LABELS,
+        "demand_pages",
+    ),
+    MetricDef(
+        "vattn_autoscaler_kv_budget_pages",
+        "gauge",
+        "Policy input: the KV page budget of one replica (mean over those reporting).",
+        AUTOSCALER_LABELS,
+        "budget_pages",
+    ),
+    MetricDef(
+        "vattn_autoscaler_kv_demand_ratio",
+        "gauge",
+        "Policy input: demand over the targeted replicas' budget (scale-up above the target "
+        "utilisation).",
+        AUTOSCALER_LABELS,
+        "utilization",
+    ),
+    MetricDef(
+        "vattn_autoscaler_waiting_requests",
+        "gauge",
+        "Policy input: requests waiting for admission, summed over replicas.",
+        AUTOSCALER_LABELS,
+        "waiting",
+    ),
+)
+AUTOSCALER_DECISIONS = MetricDef(
+    "vattn_autoscaler_decisions_total",
+    "counter",
+    "Decisions of the KV-pressure autoscaling policy (one per Serve control-loop tick), by reason.",
+    (*AUTOSCALER_LABELS, "reason"),
+    "decisions",
+)
+
 METRICS: tuple[MetricDef, ...] = (
     *KV_METRICS,
     MAP_LATENCY,
     *ENGINE_METRICS,
     *LATENCY_METRICS,
     *ROUTER_METRICS,
+    *AUTOSCALER_METRICS,
+    AUTOSCALER_DECISIONS,
 )
 """Every series family /metrics exports."""
 
@@ -374,6 +441,23 @@ def rank_snapshot(rank_kv: RankKVSnapshot) -> RankSnapshot:
     return RankSnapshot(rank_kv.rank, rank_kv.kv.as_dict(), rank_kv.map_latencies)
 
 
+@dataclass(frozen=True)
+class AutoscalerSnapshot:
+    """What the KV-pressure policy pushes from Serve's controller (``cluster.autoscaler``): the
+    replica counts, its decision and inputs at its last run, and its decisions' totals by
+    reason."""
+
+    model: str
+    current: int
+    target: int
+    desired: int
+    demand_pages: float
+    budget_pages: float
+    utilization: float
+    waiting: float
+    decisions: Mapping[str, int] = field(default_factory=dict)
+
+
 # ---- what the hub keeps -----------------------------------------------------------------------
 @dataclass
 class HistogramData:
@@ -438,9 +522,13 @@ class MetricsStore:
         self.stale_after_s = stale_after_s
         self.clock = clock
         self._series: dict[tuple[str, str], ReplicaSeries] = {}
+        self._autoscalers: dict[str, tuple[AutoscalerSnapshot, float]] = {}  # model -> (, when)
 
-    def push(self, snapshot: ReplicaSnapshot) -> None:
+    def push(self, snapshot: ReplicaSnapshot | AutoscalerSnapshot) -> None:
         now = self.clock()
+        if isinstance(snapshot, AutoscalerSnapshot):
+            self._autoscalers[snapshot.model] = (snapshot, now)
+            return
         key = (snapshot.model, snapshot.replica)
         series = self._series.get(key)
         if series is None:
@@ -459,9 +547,13 @@ class MetricsStore:
             kept.kv, kept.updated = rank.kv, now
             kept.map_latency.observe(rank.map_latencies)
 
-    def series(self) -> list[ReplicaSeries]:
-        """The live series, sorted by (model, replica)."""
+    def series(self) -> list[ReplicaSeries | AutoscalerSnapshot]:
+        """The live series, sorted by (model, replica), then the live autoscalers' latest
+        snapshots, sorted by model."""
         horizon = self.clock() - self.stale_after_s
+        for model, (_, updated) in list(self._autoscalers.items()):
+            if updated < horizon:
+                del self._autoscalers[model]
         for key, series in list(self._series.items()):
             if series.updated < horizon:
                 del self._series[key]
@@ -469,7 +561,10 @@ class MetricsStore:
             for rank, kept in list(series.ranks.items()):
                 if kept.updated < horizon:
                     del series.ranks[rank]
-        return [self._series[key] for key in sorted(self._series)]
+        replicas: list[ReplicaSeries | AutoscalerSnapshot] = [
+            self._series[key] for key in sorted(self._series)
+        ]
+        return replicas + [self._autoscalers[model][0] for model in sorted(self._autoscalers)]
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -502,15 +597,21 @@ class VattnCollector(Collector):
 
     def __init__(self) -> None:
         self.series: list[ReplicaSeries] = []
+        self.autoscalers: list[AutoscalerSnapshot] = []
         self.router: RouterView | None = None
 
-    def update(self, series: list[ReplicaSeries], router: RouterView | None) -> None:
-        self.series, self.router = series, router
+    def update(
+        self, series: list[ReplicaSeries | AutoscalerSnapshot], router: RouterView | None
+    ) -> None:
+        self.series = [s for s in series if isinstance(s, ReplicaSeries)]
+        self.autoscalers = [s for s in series if isinstance(s, AutoscalerSnapshot)]
+        self.router = router
 
     def collect(self) -> Iterator[Metric]:
         yield from self._kv()
         yield from self._engine()
         yield from self._router()
+        yield from self._autoscaler()
 
     def _kv(self) -> Iterator[Metric]:
         for metric in (*KV_METRICS, MAP_LATENCY):
@@ -553,6 +654,18 @@ class VattnCollector(Collector):
                 _add(family, metric, [model], decisions[metric.source])
             yield family
 
+    def _autoscaler(self) -> Iterator[Metric]:
+        for metric in AUTOSCALER_METRICS:
+            family = _family(metric)
+            for snapshot in self.autoscalers:
+                _add(family, metric, [snapshot.model], getattr(snapshot, metric.source))
+            yield family
+        family = _family(AUTOSCALER_DECISIONS)
+        for snapshot in self.autoscalers:
+            for reason, count in sorted(snapshot.decisions.items()):
+                _add(family, AUTOSCALER_DECISIONS, [snapshot.model, reason], count)
+        yield family
+
 
 class MetricsExporter:
     """A registry of its own (not prometheus-client's global one) holding one VattnCollector."""
@@ -562,7 +675,9 @@ class MetricsExporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
 
-    def render(self, series: list[ReplicaSeries], router: RouterView | None) -> bytes:
+    def render(
+        self, series: list[ReplicaSeries | AutoscalerSnapshot], router: RouterView | None
+    ) -> bytes:
         """The Prometheus text exposition format (version 0.0.4)."""
         self.collector.update(series, router)
         return generate_latest(self.registry)

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cluster.metrics import MetricsStore, ReplicaSeries, ReplicaSnapshot
+from cluster.metrics import AutoscalerSnapshot, MetricsStore, ReplicaSeries, ReplicaSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,16 @@ HUB_NAMESPACE = "vattn"
 @ray.remote(num_cpus=0, max_restarts=0)
 class MetricsHub:
     """A :class:`~cluster.metrics.MetricsStore` in an actor: every replica of every node pushes
-    here; the ingress reads the accumulated series on each scrape."""
+    here, and so does the KV-pressure autoscaling policy from Serve's controller; the ingress
+    reads the accumulated series on each scrape."""
 
     def __init__(self, stale_after_s: float = 30.0) -> None:
         self.store = MetricsStore(stale_after_s)
 
-    def push(self, snapshot: ReplicaSnapshot) -> None:
+    def push(self, snapshot: ReplicaSnapshot | AutoscalerSnapshot) -> None:
         self.store.push(snapshot)
 
-    def series(self) -> list[ReplicaSeries]:
+    def series(self) -> list[ReplicaSeries | AutoscalerSnapshot]:
         return self.store.series()
 
 

@@ -2,10 +2,17 @@
 
 It streams ``RequestOutput`` deltas back to the caller, reports what the free-page router needs
 (free KV pages, the pages its queue will take and the pages its requests will hold at their
-``max_tokens``) through ``record_routing_stats``, and pushes its
+``max_tokens``) through ``record_routing_stats``, what the KV-pressure autoscaler needs (the pages
+its requests are expected to hold, its budget, its queue: ``cluster.autoscaling``) through
+``record_autoscaling_stats``, and pushes its
 Prometheus metrics to the metrics hub about once a second (``cluster.metrics_hub``; the ingress
 serves them on ``/metrics``). A caller that stops iterating (client disconnect) cancels the stream,
 which aborts the request and frees its slot.
+
+Stopping (scale-down, redeploy, delete) loses no request: Serve first stops routing to the replica,
+then waits until its ongoing requests finish (``graceful_shutdown_timeout_s``, sized by
+``cluster.app`` for a long generation), then calls ``__del__``, which stops the engine and gives
+its KV pages back to the device.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 from ray import serve
 
+from cluster import autoscaling
 from cluster.metrics import ReplicaSnapshot, take_snapshot
 from cluster.metrics_hub import MetricsPusher
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
@@ -45,10 +53,19 @@ class VattnReplica:
         self.metrics.start()
         log.info("vattn replica %s ready (pid %d)", self.name, os.getpid())
 
-    def __del__(self) -> None:  # Serve calls it when it stops the replica
+    def __del__(self) -> None:
+        """Serve calls it when it stops the replica, once its requests have finished: the engine
+        stops and its KV pages go back to the device (a scaled-down replica leaves nothing
+        mapped)."""
         pusher = getattr(self, "metrics", None)
         if pusher is not None:
             pusher.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine.alive():
+            released = engine.call(LLMEngine.release_kv_memory)
+            engine.call(LLMEngine.shutdown)  # the other tensor-parallel ranks, if any
+            engine.shutdown()  # the engine's loop
+            log.info("vattn replica %s stopped; released %d KV pages", self.replica_id, released)
 
     def _metrics_snapshot(self) -> ReplicaSnapshot:
         """Gauges, counters and the latency samples since the last call: it drains the engine's
@@ -79,6 +96,18 @@ class VattnReplica:
         stall while the engine finishes its step."""
         stats: RoutingStats = await self.engine.call_async(LLMEngine.routing_stats)
         return {**dataclasses.asdict(stats), "timestamp": time.time()}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the KV-pressure autoscaler weighs (``cluster.autoscaling``): the pages this
+        replica's requests are expected to hold, its page budget, its waiting requests. Serve
+        calls it every ``autoscaling_config.metrics_interval_s`` and sends the values to its
+        controller, where ``cluster.autoscaler.KVPressurePolicy`` reads them."""
+        stats: RoutingStats = await self.engine.call_async(LLMEngine.routing_stats)
+        return {
+            autoscaling.DEMAND_PAGES: float(stats.demand_pages),
+            autoscaling.BUDGET_PAGES: float(stats.total_pages),
+            autoscaling.WAITING: float(stats.waiting),
+        }
 
     async def stats(self) -> EngineStats:
         return await self.engine.call_async(LLMEngine.stats)

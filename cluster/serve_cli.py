@@ -1,4 +1,12 @@
-"""``vattn serve``: start (or join) Ray, deploy the app, print how to call it, stop on Ctrl-C."""
+"""``vattn serve``: start (or join) Ray, deploy the app, print how to call it, stop on Ctrl-C.
+
+Stopping (Ctrl-C or SIGTERM) takes a few seconds: a Ray this command started is shut down at once
+with everything in it (a client mid-request sees its connection close), instead of Serve's
+graceful shutdown, which waits for every replica's requests (``graceful_shutdown_timeout_s``,
+sized for long generations) and which the controller gives up on after 30 s. On a cluster it
+joined (``--address``) it deletes its application and lets Serve drain it there: other
+applications and the cluster stay.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +29,35 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         "--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'"
     )
     serve_parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
-    serve_parser.add_argument("--replicas", type=int, default=1)
+    serve_parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="a fixed number of replicas (default 1); with --max-replicas, how many to start",
+    )
+    serve_parser.add_argument(
+        "--min-replicas", type=int, default=None, help="autoscale on KV pressure from (default 1)"
+    )
+    serve_parser.add_argument(
+        "--max-replicas", type=int, default=None, help="autoscale on KV pressure up to this many"
+    )
+    serve_parser.add_argument(
+        "--autoscaler",
+        default="kv-pressure",
+        choices=["kv-pressure", "ongoing-requests"],
+        help="kv-pressure: the replicas' expected KV pages and queues; ongoing-requests: Serve's",
+    )
     serve_parser.add_argument(
         "--backend", default="auto", help="attention: auto, flashinfer, torch-fa2, flash-attn, sdpa"
     )
     serve_parser.add_argument(
         "--kv-layout", default="interleaved", choices=["interleaved", "per_layer"]
+    )
+    serve_parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="KV cache elements: the model's dtype, or fp8 (e4m3: twice the tokens per page)",
     )
     serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve_parser.add_argument("--max-model-len", type=int, default=4096)
@@ -66,12 +97,17 @@ def app_options(args: argparse.Namespace) -> AppOptions:
     """The application's arguments from ``vattn serve``'s options (same names)."""
     from cluster.app import AppOptions
 
+    count = {} if args.replicas is None else {"replicas": args.replicas}
     return AppOptions(
         model=args.model,
         tp=args.tp,
-        replicas=args.replicas,
+        **count,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        autoscaler=args.autoscaler,
         backend=args.backend,
         kv_layout=args.kv_layout,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         max_running=args.max_running,
@@ -88,17 +124,21 @@ def serve_main(args: argparse.Namespace) -> int:
     from cluster.app import build_app
 
     options = app_options(args)  # refused here, before Ray starts, if invalid
+    most = options.max_replicas or options.replicas
     if args.address:
         ray.init(address=args.address)
     else:
         # Logical CPUs: replicas and the ingress are scheduled by these, not by cores.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, 4) + args.replicas * args.tp, include_dashboard=False
-        )
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4) + most * args.tp, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(options)
     started = time.monotonic()
-    print(f"deploying {args.model} ({args.replicas} replica(s) x tp {args.tp}) ...", flush=True)
+    count = (
+        f"{options.min_replicas or 1}-{most} replicas, autoscaled on {options.autoscaler}"
+        if options.autoscales()
+        else f"{options.replicas} replica(s)"
+    )
+    print(f"deploying {args.model} ({count} x tp {args.tp}) ...", flush=True)
     serve.run(app, name="vattn", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
     auth = ' -H "Authorization: Bearer $VATTN_API_KEY"' if args.api_key else ""
@@ -114,7 +154,10 @@ def serve_main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
+    stopping = time.monotonic()
     print("\nshutting down ...", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    if args.address:
+        serve.delete("vattn", _blocking=False)  # Serve drains it on the cluster
+    ray.shutdown()  # a Ray started here goes with everything in it
+    print(f"stopped in {time.monotonic() - stopping:.1f} s", flush=True)
     return 0

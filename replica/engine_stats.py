@@ -114,7 +114,10 @@ class RoutingStats:
     ``available_pages``: a new request could get these now (the least over TP ranks; 0 when the
     replica is broken); ``queued_pages``: what the waiting requests need to be admitted;
     ``committed_pages``: what every request would hold at its max_tokens; ``tokens_per_page``:
-    tokens one page holds, counting every range a token occupies."""
+    tokens one page holds, counting every range a token occupies; ``demand_pages``: what its
+    requests are expected to hold at once (in use, the rest of the running requests' prompts
+    and expected growth, the waiting requests' prompts and expected growth: the autoscaler's
+    input, ``cluster.autoscaling``)."""
 
     available_pages: int
     queued_pages: int
@@ -123,3 +126,4 @@ class RoutingStats:
     tokens_per_page: float
     running: int
     waiting: int
+    demand_pages: int = 0

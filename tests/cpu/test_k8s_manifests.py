@@ -37,7 +37,7 @@ SERVE_CONFIG = ROOT / "cluster" / "serve-config.yaml"
 IMAGE = "vattn:0.1.0"
 GPU = "nvidia.com/gpu"
 #: The Serve args that may differ between cluster/serve-config.yaml and the RayService's copy.
-CLUSTER_ARGS = {"device", "tp", "replicas"}
+CLUSTER_ARGS = {"device", "tp", "replicas", "min_replicas", "max_replicas"}
 #: KubeRay: a RayService name is a DNS-1035 label of at most 47 characters (53 - 6 for the suffix
 #: of its RayCluster's name).
 MAX_RAYSERVICE_NAME = 47
@@ -176,17 +176,30 @@ def manifest_problems(rayservice: dict[str, Any]) -> list[str]:
             problems.append(
                 f"{where}: need 0 <= minReplicas {low} <= replicas {count} <= maxReplicas {high}"
             )
-    workers = spec.get("workerGroupSpecs", [])
-    pods = sum(
-        g.get("minReplicas", 0)
-        for g in workers
+    gpu_groups = [
+        g
+        for g in spec.get("workerGroupSpecs", [])
         if gpu_count(ray_container(g).get("resources", {}).get("limits", {}).get(GPU))
-    )
-    replicas = int(app_args.get("replicas", 1))
+    ]
+    pods = sum(g.get("minReplicas", 0) for g in gpu_groups)
+    autoscaled = app_args.get("max_replicas") is not None
+    replicas = int(app_args.get("min_replicas", 1) if autoscaled else app_args.get("replicas", 1))
     if pods < replicas:
         problems.append(
             f"{replicas} replicas of tp {tp} need {replicas} GPU pods; minReplicas give {pods}"
         )
+    if autoscaled:
+        most = int(app_args["max_replicas"])
+        room = sum(g.get("maxReplicas", 0) for g in gpu_groups)
+        if room < most:
+            problems.append(
+                f"up to {most} replicas of tp {tp} need {most} GPU pods; maxReplicas give {room}"
+            )
+        if most > pods and spec.get("enableInTreeAutoscaling") is not True:
+            problems.append(
+                "Serve scales replicas beyond the minReplicas pods: enableInTreeAutoscaling must "
+                "be true so that KubeRay adds GPU pods for them"
+            )
     return problems
 
 
@@ -348,9 +361,10 @@ def test_rayservice_passes_kuberay_and_gpu_layout_checks(rayservice: dict[str, A
     spec = cluster_spec(rayservice)
     args = the_app(serve_config_of(rayservice))["args"]
     [workers] = spec["workerGroupSpecs"]
-    assert (
-        workers["minReplicas"] == workers["maxReplicas"] == workers["replicas"] == args["replicas"]
-    )
+    # Autoscaled: the GPU pods follow the replicas between the same bounds.
+    assert spec["enableInTreeAutoscaling"] is True
+    assert workers["minReplicas"] == workers["replicas"] == args["min_replicas"]
+    assert workers["maxReplicas"] == args["max_replicas"] > workers["minReplicas"]
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     assert workers["rayStartParams"]["num-gpus"] == str(args["tp"])
 
@@ -434,7 +448,16 @@ def test_serve_config_builds_the_app(source: str) -> None:
         # Serve refuses to deploy a config that overrides a deployment the app does not have.
         assert options["name"] in deployments
     replica = deployments["VattnReplica"]
-    assert replica._deployment_config.num_replicas == int(app["args"]["replicas"])
+    scaling = replica._deployment_config.autoscaling_config
+    assert scaling is not None, "the example configs autoscale"
+    assert (scaling.min_replicas, scaling.max_replicas) == (
+        app["args"]["min_replicas"],
+        app["args"]["max_replicas"],
+    )
+    assert scaling.policy.policy_function == "cluster.autoscaler:KVPressurePolicy"
+    assert scaling.upscale_delay_s < scaling.downscale_delay_s  # up fast, down slowly
+    # A replica scaled down finishes its requests first: minutes, not Serve's default 20 s.
+    assert replica._deployment_config.graceful_shutdown_timeout_s >= 300
 
 
 def test_rayservice_pods_fit_the_app(rayservice: dict[str, Any]) -> None:
@@ -454,7 +477,8 @@ def test_rayservice_pods_fit_the_app(rayservice: dict[str, Any]) -> None:
     limits = ray_container(workers)["resources"]["limits"]
     assert per_replica_gpus <= int(limits[GPU]) == int(args["tp"])
     assert per_replica_cpus <= float(limits["cpu"])
-    assert workers["minReplicas"] * int(limits[GPU]) >= args["replicas"] * per_replica_gpus
+    assert workers["minReplicas"] * int(limits[GPU]) >= args["min_replicas"] * per_replica_gpus
+    assert workers["maxReplicas"] * int(limits[GPU]) >= args["max_replicas"] * per_replica_gpus
 
 
 @pytest.mark.parametrize("source", sorted(serve_configs()))
@@ -599,8 +623,28 @@ def test_gpu_count_mismatches_are_refused(rayservice: dict[str, Any]) -> None:
     assert any("the head must hold no GPUs" in p for p in manifest_problems(gpu_head))
 
     too_few_pods = copy.deepcopy(rayservice)
-    _workers(too_few_pods)["minReplicas"] = _workers(too_few_pods)["replicas"] = 1
-    assert any("need 2 GPU pods" in p for p in manifest_problems(too_few_pods))
+    _workers(too_few_pods)["minReplicas"] = _workers(too_few_pods)["replicas"] = 0
+    assert any("need 1 GPU pods; minReplicas give 0" in p for p in manifest_problems(too_few_pods))
+
+    too_few_at_most = copy.deepcopy(rayservice)
+    _workers(too_few_at_most)["maxReplicas"] = 2
+    assert any(
+        "need 4 GPU pods; maxReplicas give 2" in p for p in manifest_problems(too_few_at_most)
+    )
+
+    no_autoscaler = copy.deepcopy(rayservice)
+    cluster_spec(no_autoscaler)["enableInTreeAutoscaling"] = False
+    assert any(
+        "enableInTreeAutoscaling must be true" in p for p in manifest_problems(no_autoscaler)
+    )
+
+    fixed = copy.deepcopy(rayservice)  # a fixed count needs that many pods at the minimum
+    config = serve_config_of(fixed)
+    args = the_app(config)["args"]
+    del args["min_replicas"], args["max_replicas"]
+    args["replicas"] = 2
+    fixed["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    assert any("2 replicas of tp 1 need 2 GPU pods" in p for p in manifest_problems(fixed))
 
     no_bounds = copy.deepcopy(rayservice)
     del _workers(no_bounds)["maxReplicas"]

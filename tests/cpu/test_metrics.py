@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.metrics import (
     MAX_PENDING_SAMPLES,
     METRICS,
+    AutoscalerSnapshot,
     EngineMetrics,
     HistogramData,
     MetricsExporter,
@@ -156,6 +157,7 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     store = MetricsStore()
     store.push(snapshot("r1", ranks=(0, 1), ttft=(0.02, 0.3), generated=10, map_latencies=(2e-5,)))
     store.push(snapshot("r2", generated=4))
+    store.push(AutoscalerSnapshot("m", 1, 1, 3, 170.0, 100.0, 1.7, 2.0, {"kv_pressure": 4}))
     decisions = {
         "by_reason": {"most_free_pages": 5},
         "by_replica": {"r1": 3, "r2": 2},
@@ -198,6 +200,23 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     }
     assert samples["vattn_router_requests_total"][(("model", "m"), ("replica", "r1"))] == 3
     assert samples["vattn_router_last_headroom_pages"] == {(("model", "m"),): 42}
+    model = (("model", "m"),)
+    assert samples["vattn_autoscaler_desired_replicas"] == {model: 3}
+    assert samples["vattn_autoscaler_current_replicas"] == {model: 1}
+    assert samples["vattn_autoscaler_kv_demand_ratio"] == {model: 1.7}
+    assert samples["vattn_autoscaler_decisions_total"] == {(*model, ("reason", "kv_pressure")): 4}
+
+
+def test_the_store_keeps_the_latest_autoscaler_snapshot_until_it_goes_stale() -> None:
+    clock = Clock()
+    store = MetricsStore(stale_after_s=10, clock=clock)
+    store.push(snapshot("a"))
+    store.push(AutoscalerSnapshot("m", 1, 1, 1, 0.0, 100.0, 0.0, 0.0, {"steady": 1}))
+    store.push(AutoscalerSnapshot("m", 1, 1, 2, 90.0, 100.0, 0.9, 0.0, {"kv_pressure": 1}))
+    [replica, autoscaler] = store.series()
+    assert replica.replica == "a" and autoscaler.desired == 2
+    clock.now += 11
+    assert store.series() == []
 
 
 def test_without_decisions_or_replicas_the_families_are_empty_not_missing() -> None:
