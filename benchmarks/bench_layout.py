@@ -143,10 +143,14 @@ def stride_probe(batch: int, context: int) -> dict[str, Any]:
     for name, row_bytes in PROBE_ROWS.items():
         row = row_bytes // 2  # bf16 elements
         head_row = KV_HEADS * HEAD_DIM
-        buf = torch.zeros(batch * context * row + 2 * head_row, dtype=torch.bfloat16, device="cuda")
+        # K and V of a token side by side in its row; rows too small for both: V in a second half.
+        apart = row >= 2 * head_row
+        size = batch * context * row * (1 if apart else 2) + 2 * head_row
+        buf = torch.zeros(size, dtype=torch.bfloat16, device="cuda")
         shape, strides = (pages, page, KV_HEADS, HEAD_DIM), (page * row, row, HEAD_DIM, 1)
         k = buf.as_strided(shape, strides)
-        v = buf.as_strided(shape, strides, storage_offset=head_row if row > 2 * head_row else 0)
+        v_offset = head_row if apart else batch * context * row
+        v = buf.as_strided(shape, strides, storage_offset=v_offset)
         kernels = FlashInferKernels(
             torch.device("cuda"), Q_HEADS, KV_HEADS, HEAD_DIM, page, torch.bfloat16, 0.088, kernel
         )

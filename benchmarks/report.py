@@ -116,7 +116,9 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
         "### Engine, offline (`bench_engine.py`)",
         "",
         environment_line(path, data["environment"])
-        + f"; Llama-3-8B shapes, synthetic bf16 weights; batch {data['settings']['batch']}",
+        + f"; {SHAPE_NAMES.get(data['settings'].get('shape', 'llama3-8b'), 'Llama-3-8B')} shapes,"
+        + f" synthetic bf16 weights; batch {data['settings']['batch']}"
+        + (f", {data['settings']['slots']} slots" if "slots" in data["settings"] else ""),
         "",
         *note_lines(data),
         (
@@ -133,9 +135,11 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
             "mapping wait %",
             "KV waste %",
             "preemptions",
+            "prefill phase s",
+            "decode phase s",
         ),
     ]
-    for workload, rows in data["results"].items():
+    for workload, rows in mode_rows(data):
         by_mode = {r["mode"]: r for r in rows}
         for r in rows:
             mode = r["mode"]
@@ -154,8 +158,20 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
                     num(r.get("mapping_wait_pct"), ".2f"),
                     num(r.get("kv_waste_pct_mean"), ".2f"),
                     num(r.get("preemptions")),
+                    num(r.get("non_decode_steps_s"), ".2f"),
+                    num(r.get("decode_phase_s"), ".2f"),
                 )
             )
+    ratios = [
+        r["tokens_per_s"] / paged["tokens_per_s"]
+        for _, rows in mode_rows(data)
+        for r in rows
+        if r["mode"] == "vattention"
+        for paged in [next((p for p in rows if p["mode"] == "paged"), None)]
+        if paged
+    ]
+    if ratios:
+        lines += ["", f"Minimum vattention / paged over the workloads: **{min(ratios):.3f}x**."]
     lines += [
         "",
         ("Decode step at full batch (median), against the roofline and the practical floor:"),
@@ -173,7 +189,7 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
         "step / floor",
         "GPU busy ms",
     )
-    for workload, rows in data["results"].items():
+    for workload, rows in mode_rows(data):
         for r in rows:
             step = r.get("decode_step")
             if not step:
@@ -193,6 +209,79 @@ def engine_tables(path: Path, data: dict[str, Any]) -> list[str]:
                     num(r.get("profiled_device_ms_per_step"), ".2f"),
                 )
             )
+    floor = data["results"].get("floor")
+    if floor:
+        lines += [
+            "",
+            "vAttention decode step against its practical floor (linears in a CUDA graph + "
+            "attention alone, same run), by batch and context:",
+            "",
+            *header("batch", "context", "step ms", "floor ms", "step / floor"),
+        ]
+        for r in floor:
+            fits = r.get("fits", True)
+            lines.append(
+                row(
+                    r["batch"],
+                    r["context"],
+                    num(r.get("step_ms"), ".2f") if fits else "KV does not fit",
+                    num(r.get("practical_floor_ms"), ".2f"),
+                    num(r.get("step_over_floor"), ".2f", "x"),
+                )
+            )
+    return lines + [""]
+
+
+SHAPE_NAMES = {"llama3-8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B"}
+
+
+def mode_rows(data: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(workload, rows by mode) of an engine result: every workload but the floor table."""
+    return [(name, rows) for name, rows in data["results"].items() if name != "floor"]
+
+
+def layout_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    lines = [
+        "### What the KV layout costs attention (`bench_layout.py`)",
+        "",
+        environment_line(path, data["environment"])
+        + "; 32 layers, 32 q / 8 kv heads, head_dim 128, bf16, one CUDA graph per step",
+        "",
+        *note_lines(data),
+    ]
+    if data.get("results"):
+        lines += header(
+            "batch",
+            "context",
+            "interleaved µs",
+            "per-layer µs",
+            "paged µs",
+            "interleaved / paged",
+            "per-layer / paged",
+        )
+        for r in data["results"]:
+            lines.append(
+                row(
+                    r["batch"],
+                    r["context"],
+                    num(r["interleaved"]["step_us"], ".0f"),
+                    num(r["per_layer"]["step_us"], ".0f"),
+                    num(r["paged"]["step_us"], ".0f"),
+                    num(r["interleaved_step_over_paged"], ".3f", "x"),
+                    num(r["per_layer_step_over_paged"], ".3f", "x"),
+                )
+            )
+    probe = data.get("row_stride_probe_us")
+    if probe:
+        names = [k for k in probe[0] if k not in ("batch", "context")]
+        lines += [
+            "",
+            "The decode kernel alone over one layer, token rows this many bytes apart (µs):",
+            "",
+            *header("batch", "context", *names),
+        ]
+        for r in probe:
+            lines.append(row(r["batch"], r["context"], *(num(r[n], ".1f") for n in names)))
     return lines + [""]
 
 
@@ -411,13 +500,14 @@ TABLES = (
     ("mapping", mapping_tables),
     ("engine", engine_tables),
     ("attention", attention_tables),
+    ("layout", layout_tables),
     ("soak", soak_tables),
     ("load", load_tables),
     ("router", router_tables),
 )
 #: Results shown from every file, newest first (the engine and the router on each device); the
 #: rest: the newest file only.
-EVERY_FILE = ("engine", "router")
+EVERY_FILE = ("engine", "router", "layout")
 
 
 def shown_results() -> dict[str, list[Result]]:
