@@ -52,7 +52,7 @@ class AppOptions(BaseModel):
     #: a long generation (a 4K-token answer at 10 tokens/s takes 410 s).
     graceful_shutdown_timeout_s: float = 600.0
     backend: str = "auto"
-    kv_layout: str = "interleaved"
+    kv_layout: str = "auto"
     kv_cache_dtype: str = "auto"  # or "fp8" (EngineConfig.kv_cache_dtype)
     device: str = "auto"  # "auto": GPUs when the cluster has them
     max_model_len: int = 4096

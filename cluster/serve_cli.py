@@ -51,7 +51,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         "--backend", default="auto", help="attention: auto, flashinfer, torch-fa2, flash-attn, sdpa"
     )
     serve_parser.add_argument(
-        "--kv-layout", default="interleaved", choices=["interleaved", "per_layer"]
+        "--kv-layout", default="auto", choices=["auto", "interleaved", "per_layer"]
     )
     serve_parser.add_argument(
         "--kv-cache-dtype",

@@ -19,7 +19,9 @@ class EngineConfig:
     attention: str = (
         "auto"  # see replica.attention.BACKENDS (replica.attention.paged.PAGED_BACKENDS when paged)
     )
-    kv_layout: KVLayout = KVLayout.INTERLEAVED
+    #: "auto" (replica.kv.layout_choice: per-layer where its page-group rounding strands at most
+    #: 5% of the KV budget, else interleaved), "interleaved" or "per_layer" (vAttention mode).
+    kv_layout: str = "auto"
     #: "vattention" (contiguous virtual slots) or "paged" (the PagedAttention comparison mode:
     #: preallocated ``block_size``-token blocks and block tables, replica.kv.paged).
     kv_mode: str = "vattention"
@@ -58,7 +60,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
+        if self.kv_layout != "auto":
+            object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
         if self.kv_mode not in ("vattention", "paged"):
             raise ValueError(
                 f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}"

@@ -20,6 +20,7 @@ from replica.attention.paged import make_paged_attention_backend
 from replica.decode_graphs import DecodeGraphs
 from replica.engine_config import EngineConfig
 from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
+from replica.kv.layout_choice import choose_layout
 from replica.model import ModelConfig, load_model
 from replica.sampling import to_device
 from replica.vmm import DEFAULT_PAGE_SIZE, open_device
@@ -153,7 +154,13 @@ class ModelRunner:
             max_tokens=config.max_model_len,
             page_size=config.page_size or DEFAULT_PAGE_SIZE,
             budget_bytes=max(budget, 0),
-            layout=config.kv_layout,
+            layout=choose_layout(
+                config.kv_layout,
+                self.model_config.num_layers,
+                config.max_running,
+                config.page_size or DEFAULT_PAGE_SIZE,
+                max(budget, 0),
+            ),
             eager_pages=config.eager_pages,
             eager_lookahead_tokens=config.eager_lookahead_tokens,
         )
