@@ -27,6 +27,7 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int
     logprobs: tuple[float, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (not computed again)
 
 
 class LLM:
@@ -84,6 +85,7 @@ class LLM:
                 finished[i].finish_reason,
                 finished[i].prompt_tokens,
                 tuple(logprobs[i]) if p.logprobs is not None else None,
+                finished[i].cached_tokens,
             )
             for i, p in zip(ids, per_prompt)
         ]

@@ -37,6 +37,7 @@ class RequestOutput:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
     error: str | None = None  # set when the request failed rather than finished
     replica: str | None = None  # set by the serving layer: which replica produced it
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
 
 
 @dataclass(eq=False)
@@ -72,6 +73,8 @@ class Request:
     #: between launching the next step and reading the previous one's tokens.
     in_flight: int = 0
     in_flight_row: int = -1  # the newest one's row in its step's sampled tokens
+    #: Prompt tokens the prefix cache held when it was first admitted.
+    cached_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +93,10 @@ class Request:
     def max_total_tokens(self) -> int:
         """Tokens the slot must hold at most: the prompt and every token it may generate."""
         return len(self.prompt_token_ids) + self.params.max_tokens
+
+    def known_token_ids(self) -> tuple[int, ...]:
+        """The prompt and the output the host has read (not a token in flight)."""
+        return (*self.prompt_token_ids, *self.output_token_ids)
 
     def token_ids(self, start: int, stop: int) -> Sequence[int]:
         prompt = len(self.prompt_token_ids)

@@ -9,6 +9,12 @@ their prompts and their expected growth (``replica.growth_reserve``: a ratio of 
 pages, the most recently admitted request is preempted by recompute: its slot is released and it
 waits at the head of the queue. KVCacheOutOfMemory never escapes this class.
 
+Prefix sharing: a request is admitted with its known tokens as the prompt, so the cache starts
+its slot with the longest cached prefix (``computed`` starts there: prefill begins at the first
+uncached token), and admission counts only the pages it adds. A slot is released with the tokens
+whose K/V it holds, so a later turn of the conversation, or the request itself after preemption,
+finds them.
+
 When a step's token budget is spent, the requests that would be admitted next (up to one more
 step's budget) are admitted *ahead*: they get their slot now and their first chunk's pages are
 mapped in the background while this step computes, so next step's prefill does not wait for the
@@ -65,9 +71,10 @@ class Scheduler:
         self.in_flight: deque[frozenset[Request]] = deque()
         #: The last ``schedule(preempt=False)`` stopped where it would have had to preempt.
         self.blocked = False
-        self._deferred: list[
-            tuple[Request, int]
-        ] = []  # (request, slot) released once no step holds it
+        # (request, slot, stored tokens) released once no step holds it
+        self._deferred: list[tuple[Request, int, tuple[int, ...]]] = []
+        #: Prompt tokens admitted requests found cached (prefix sharing), over all time.
+        self.prefix_hits_tokens = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -109,8 +116,8 @@ class Scheduler:
             chosen[request] = tokens
             budget -= tokens
         while self.waiting and budget > 0:
-            tokens = min(self.waiting[0].pending_tokens, budget)
-            if not self._admit(tokens, wait=True):
+            tokens = self._admit(budget, wait=True)
+            if not tokens:
                 break
             chosen[self.running[-1]] = tokens
             budget -= tokens
@@ -118,8 +125,8 @@ class Scheduler:
             return None
         ahead = self.max_batch_tokens
         while budget <= 0 and self.waiting and ahead > 0:  # this step is full: admit the next ahead
-            tokens = min(self.waiting[0].pending_tokens, ahead)
-            if not self._admit(tokens, wait=False):
+            tokens = self._admit(ahead, wait=False)
+            if not tokens:
                 break
             ahead -= tokens
         self.growth.stepped()
@@ -130,34 +137,45 @@ class Scheduler:
             context_lens=tuple(r.computed for r in order),
         )
 
-    def _admit(self, tokens: int, wait: bool) -> bool:
-        """Moves the head of the queue to running with a slot backing its first ``tokens`` (their
-        pages mapped by return, or in the background without ``wait``); False if it does not fit."""
+    def _admit(self, budget: int, wait: bool) -> int:
+        """Moves the head of the queue to running with a slot backing its cached prefix and its
+        next ``budget`` tokens at most (their pages mapped by return, or in the background without
+        ``wait``); returns the tokens to compute this step, 0 if it does not fit."""
         if len(self.running) >= self.max_running:
-            return False
+            return 0
         request = self.waiting[0]
+        known = request.known_token_ids()
+        cached = self.kv.cached_tokens(known)
+        tokens = min(request.num_tokens - cached, budget)
         spare = self.watermark_pages * self._page_group() + self.growth.pages(
             self.running, self._pages
         )
         # Its whole prompt and expected growth must fit beside the running requests'; alone, its
-        # first chunk is enough (a request that fits the cache at all can always start).
+        # first chunk is enough (a request that fits the cache at all can always start). Cached
+        # pages are the cache's already: only the pages it adds count.
         need = (
             self._pages(request.num_tokens + self.growth.expected_tokens(request))
+            - self._pages(cached)
             if self.running
             else self._pages(tokens)
         )
         if not self.kv.can_allocate(tokens) or self.kv.reclaimable_pages() - spare < need:
-            return False
-        slot = self.kv.acquire(tokens_hint=request.max_total_tokens)
+            return 0
+        slot = self.kv.acquire(tokens_hint=request.max_total_tokens, prompt=known)
+        cached = self.kv.length(slot)  # what acquire found (the same, unless the cache moved)
+        tokens = min(request.num_tokens - cached, budget)
         try:
-            self.kv.ensure(slot, tokens, wait=wait)
+            self.kv.ensure(slot, cached + tokens, wait=wait)
         except KVCacheOutOfMemory:
-            self.kv.release(slot)
-            return False
+            self.kv.release(slot, known[:cached])
+            return 0
         self.waiting.popleft()
-        request.slot, request.status = slot, RequestStatus.RUNNING
+        request.slot, request.status, request.computed = slot, RequestStatus.RUNNING, cached
+        if request.preemptions == 0:
+            request.cached_tokens = cached  # what its answer reports (OpenAI's cached_tokens)
+        self.prefix_hits_tokens += cached
         self.running.append(request)
-        return True
+        return tokens
 
     def _pages(self, tokens: int) -> int:
         return self.kv.pages_for(tokens)
@@ -206,10 +224,13 @@ class Scheduler:
     def _drop(self, request: Request) -> None:
         self.running.remove(request)
         if request.slot is not None:
+            # The tokens whose K/V the slot holds (a token dropped in flight is not among them).
+            stored = request.known_token_ids()[: request.computed]
             if any(request in step for step in self.in_flight):
-                self._deferred.append((request, request.slot))  # a running step still writes it
+                # A running step still writes it.
+                self._deferred.append((request, request.slot, stored))
             else:
-                self.kv.release(request.slot)  # at once: abort frees the slot immediately
+                self.kv.release(request.slot, stored)  # at once: abort frees the slot immediately
             request.slot = None
 
     def launched(self, requests: Iterable[Request]) -> None:
@@ -223,10 +244,10 @@ class Scheduler:
         if not self._deferred:  # the common step: nothing held back
             return
         held = frozenset().union(*self.in_flight)
-        for request, slot in self._deferred:
+        for request, slot, stored in self._deferred:
             if request not in held:
-                self.kv.release(slot)
-        self._deferred = [(request, slot) for request, slot in self._deferred if request in held]
+                self.kv.release(slot, stored)
+        self._deferred = [entry for entry in self._deferred if entry[0] in held]
 
     def requests(self) -> Iterable[Request]:
         yield from self.running

@@ -208,17 +208,19 @@ class KVCacheAllocator(KVCache):
         return hit, keys
 
     def _continuation(self, hit: list[tuple[int, ...]]) -> int | None:
-        """The released slot holding the longest start of ``hit`` (most recently released among
-        equals), or None."""
+        """The released slot whose whole cached prefix starts ``hit`` (the same conversation,
+        continued), the longest such (most recently released among equals), or None. A slot that
+        cached more than the hit holds another conversation: it is left to its own next turn."""
         best, best_key = None, (0, 0.0)
         for index, slot in enumerate(self._slots):
-            if slot.state is not SlotState.CACHED or not slot.groups or slot.groups[0] != hit[0]:
+            if (
+                slot.state is not SlotState.CACHED
+                or not 0 < slot.frozen <= len(hit)
+                or slot.groups[: slot.frozen] != hit[: slot.frozen]
+            ):
                 continue
-            kept = 1
-            while kept < min(len(hit), len(slot.groups)) and slot.groups[kept] == hit[kept]:
-                kept += 1
-            if (kept, slot.released_at) > best_key:
-                best, best_key = index, (kept, slot.released_at)
+            if (slot.frozen, slot.released_at) > best_key:
+                best, best_key = index, (slot.frozen, slot.released_at)
         return best
 
     def _pick_slot(self, need: int, tokens_hint: int) -> int:

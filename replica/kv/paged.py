@@ -14,9 +14,18 @@ queued entries of a step go to the device in one copy and one index_put when the
 read (``block_table``). Released or trimmed entries are left stale: only the first
 ``ceil(kv_len / block_size)`` columns of a row are ever read.
 
+Prefix cache (``config.prefix_cache``), the block-level equivalent of the vAttention cache's
+aliasing, so the two modes compare fairly: full blocks are indexed by the prefix key of their
+tokens (``replica.kv.prefix``; a running slot's prompt at ``step_async``, everything it stored at
+``release``), ``acquire`` with a prompt starts the slot's table row with the longest indexed prefix
+(reference counts, no copy), indexed blocks are immutable, and a block no slot holds stays indexed
+on an LRU list (``cached``) that ``_take`` empties oldest first when the free list runs dry.
+
 Invariants (``check_invariants``), in blocks:
-    free + in_use == num_blocks              (in_use: blocks held by running slots)
-    no block id is held by two slots, or held and free at once
+    free + in_use + cached == num_blocks     (in_use: distinct blocks held by running slots;
+                                              cached: held by none, indexed, LRU order)
+    a block's reference count == the slots holding it; a block held twice is indexed; free blocks
+    are not indexed; an indexed block of a running slot lies below its ``frozen`` blocks
     a running slot holds exactly ceil(reserved / block_size) blocks, reserved in {length, length +
     1}
     a free slot holds no block
@@ -27,13 +36,15 @@ Invariants (``check_invariants``), in blocks:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.paged_config import PagedKVConfig
+from replica.kv.prefix import extend_keys, root_key, usable_blocks
 from replica.kv.stats import KVCacheStats
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
@@ -46,6 +57,9 @@ class _Sequence:
     length: int = 0  # tokens stored
     reserved: int = 0  # tokens backed for the coming step (length, or length + 1 after a step)
     blocks: list[int] = field(default_factory=list)
+    token_ids: tuple[int, ...] = ()  # the prompt (prefix cache)
+    keys: list[int] = field(default_factory=list)  # its full blocks' prefix keys, as computed
+    frozen: int = 0  # leading blocks that are shared and immutable
 
 
 class PagedKVCache(KVCache):
@@ -68,6 +82,22 @@ class PagedKVCache(KVCache):
         self.table_entries_written = 0  # block ids copied into the device table, over all time
         self.table_flushes = 0  # index_put calls on the device table
         self.blocks_allocated_total = 0
+        self._refs = [0] * config.num_blocks  # slots holding each block
+        self._index: dict[int, int] = {}  # prefix key -> block
+        self._key_of: dict[int, int] = {}  # block -> prefix key
+        self._cached: OrderedDict[int, None] = OrderedDict()  # indexed, held by none; LRU first
+        self._root = root_key(
+            "paged",
+            config.prefix_key,
+            config.block_size,
+            config.dtype,
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.prefix_queries_tokens = 0
+        self.prefix_hits_tokens = 0
+        self.prefix_evicted_pages = 0
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -105,26 +135,87 @@ class PagedKVCache(KVCache):
         return tuple(self._running(slot_index).blocks)
 
     # ---- slots ---------------------------------------------------------------------------------
-    def acquire(self, tokens_hint: int = 0) -> int:
+    def acquire(self, tokens_hint: int = 0, prompt: Sequence[int] = ()) -> int:
         """Gives a request the lowest free slot; blocks come with ``ensure``. The hint does not
-        matter here: there is no cached slot to fit."""
+        matter here: there is no cached slot to fit. With the prefix cache the slot starts with
+        the longest cached prefix of ``prompt`` (shared blocks; its length)."""
         self.check_hint(tokens_hint)
         index = next((i for i, s in enumerate(self._seqs) if not s.running), None)
         if index is None:
             raise KVCacheOutOfMemory(
-                tokens_hint, 0, len(self._free), 0, f"all {self.config.max_slots} slots are running"
+                tokens_hint,
+                0,
+                len(self._free),
+                len(self._cached),
+                f"all {self.config.max_slots} slots are running",
             )
+        prompt = tuple(prompt)
+        hit, keys = self._lookup(prompt)
+        for block in hit:
+            self._refs[block] += 1
+            self._cached.pop(block, None)  # held again: not the LRU's to take
         seq = self._seqs[index]
-        seq.running, seq.length, seq.reserved = True, 0, 0
+        seq.blocks = list(hit)
+        self._pending.update(((index, j), block) for j, block in enumerate(hit))
+        cached = len(hit) * self.config.block_size
+        if self.config.prefix_cache:
+            self.prefix_queries_tokens += len(prompt)
+            self.prefix_hits_tokens += cached
+        seq.running, seq.length, seq.reserved = True, cached, cached
+        seq.token_ids, seq.keys, seq.frozen = prompt, keys[: len(hit)], len(hit)
         self._checked()
         return index
 
-    def release(self, slot_index: int) -> None:
-        """Ends a request; its blocks go back to the free list at once."""
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        return len(self._lookup(tuple(prompt))[0]) * self.config.block_size
+
+    def _lookup(self, prompt: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The indexed blocks of the longest usable prefix of ``prompt``, and the keys computed."""
+        if not self.config.prefix_cache or not prompt or not self._index:
+            return [], []
+        size = self.config.block_size
+        keys: list[int] = []
+        hit: list[int] = []
+        for blocks in range(1, usable_blocks(len(prompt), size) + 1):
+            extend_keys(keys, self._root, prompt, size, blocks)
+            block = self._index.get(keys[-1])
+            if block is None:
+                break
+            hit.append(block)
+        return hit, keys
+
+    def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
+        """Ends a request; its blocks go back to the free list at once, or with the prefix cache,
+        its full blocks of ``token_ids`` (the tokens it stores; default its prompt) are indexed
+        and kept until taken."""
         seq = self._running(slot_index)
+        if self.config.prefix_cache:
+            stored = tuple(token_ids)[: seq.length] if token_ids else seq.token_ids
+            frozen = seq.frozen * self.config.block_size
+            if stored[:frozen] != seq.token_ids[:frozen]:
+                raise ValueError(
+                    f"slot {slot_index}: the released tokens differ from the {frozen} cached ones"
+                )
+            del seq.keys[seq.frozen :]
+            seq.token_ids = stored[: seq.length]
+            self._register(seq, seq.length)
         self._resize(slot_index, 0)
         seq.running, seq.length, seq.reserved = False, 0, 0
+        seq.token_ids, seq.keys, seq.frozen = (), [], 0
         self._checked()
+
+    def _register(self, seq: _Sequence, tokens: int) -> None:
+        """Indexes the sequence's full blocks of known tokens below ``tokens`` and freezes them."""
+        size = self.config.block_size
+        limit = min(min(tokens, len(seq.token_ids)) // size, len(seq.blocks))
+        if limit <= seq.frozen:
+            return
+        extend_keys(seq.keys, self._root, seq.token_ids, size, limit)
+        for j in range(seq.frozen, limit):
+            key, block = seq.keys[j], seq.blocks[j]
+            if key not in self._index and block not in self._key_of:
+                self._index[key], self._key_of[block] = block, key
+        seq.frozen = limit
 
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
@@ -136,9 +227,16 @@ class PagedKVCache(KVCache):
         or without ``wait``. Raises KVCacheOutOfMemory (nothing changed) if blocks run out."""
         seq = self._running(slot_index)
         self.check_tokens(slot_index, tokens)
+        if tokens < seq.frozen * self.config.block_size:
+            raise ValueError(
+                f"slot {slot_index}: {tokens} tokens asked, below its "
+                f"{seq.frozen * self.config.block_size} shared, immutable ones"
+            )
         need = self.config.blocks_for(tokens)
         if not self._resize(slot_index, need):
-            raise KVCacheOutOfMemory(tokens, need - len(seq.blocks), len(self._free), 0)
+            raise KVCacheOutOfMemory(
+                tokens, need - len(seq.blocks), len(self._free), len(self._cached)
+            )
         seq.length = seq.reserved = tokens
         self._checked()
 
@@ -159,6 +257,9 @@ class PagedKVCache(KVCache):
             else:  # its books never claim tokens it cannot store
                 seq.length = seq.reserved = min(length, len(seq.blocks) * self.config.block_size)
                 unbacked.append(slot_index)
+        if self.config.prefix_cache:
+            for slot_index in lengths:
+                self._register(self._seqs[slot_index], self._seqs[slot_index].length)
         self._checked()
         return StepTicket(0, tuple(unbacked))
 
@@ -182,14 +283,29 @@ class PagedKVCache(KVCache):
         list is short."""
         blocks = self._seqs[slot_index].blocks
         if need <= len(blocks):
-            self._free.extend(reversed(blocks[need:]))  # popped again in token order
+            # Tail first: popped again in token order, and a prefix's last blocks are the LRU's
+            # first to go.
+            for block in reversed(blocks[need:]):
+                self._refs[block] -= 1
+                if self._refs[block] == 0:
+                    if block in self._key_of:
+                        self._cached[block] = None
+                    else:
+                        self._free.append(block)
             del blocks[need:]
             return True
         count = need - len(blocks)
-        if count > len(self._free):
+        if count > len(self._free) + len(self._cached):
             return False
+        while len(self._free) < count:  # evict the least recently used cached blocks
+            block, _ = self._cached.popitem(last=False)
+            del self._index[self._key_of.pop(block)]
+            self.prefix_evicted_pages += 1
+            self._free.append(block)
         taken = self._free[-count:][::-1]
         del self._free[-count:]
+        for block in taken:
+            self._refs[block] = 1
         first = len(blocks)
         blocks.extend(taken)
         self._pending.update(((slot_index, first + i), block) for i, block in enumerate(taken))
@@ -204,19 +320,20 @@ class PagedKVCache(KVCache):
 
     # ---- accounting ----------------------------------------------------------------------------
     def reclaimable_pages(self) -> int:
-        """Blocks a new request could get now: the free ones (nothing is cached or eager)."""
-        return len(self._free)
+        """Blocks a new request could get now: the free ones and the cached ones (nothing is
+        eager)."""
+        return len(self._free) + len(self._cached)
 
     def can_allocate(self, tokens: int) -> bool:
         slot_free = any(not s.running for s in self._seqs)
-        return slot_free and self.config.blocks_for(tokens) <= len(self._free)
+        return slot_free and self.config.blocks_for(tokens) <= self.reclaimable_pages()
 
     def stats(self) -> KVCacheStats:
         """Pages are blocks (``page_size_bytes`` = one block over all layers, K and V). The pool is
         created whole, so created == total; mapping and release counters stay 0."""
         config = self.config
         running = [s for s in self._seqs if s.running]
-        in_use = sum(len(s.blocks) for s in running)
+        in_use = config.num_blocks - len(self._free) - len(self._cached)
         wasted_rows = sum(len(s.blocks) * config.block_size - s.length for s in running)
         return KVCacheStats(
             page_size_bytes=config.page_size,
@@ -225,8 +342,8 @@ class PagedKVCache(KVCache):
             pages_created=config.num_blocks,
             pages_free=len(self._free),
             pages_in_use=in_use,
-            pages_cached=0,
-            pages_available=len(self._free),
+            pages_cached=len(self._cached),
+            pages_available=self.reclaimable_pages(),
             wasted_bytes=wasted_rows * config.bytes_per_token,
             slots_running=len(running),
             slots_cached=0,
@@ -235,16 +352,29 @@ class PagedKVCache(KVCache):
             map_seconds=0.0,
             wait_seconds=0.0,
             pages_released_total=0,
+            pages_shared=sum(refs > 1 for refs in self._refs),
+            prefix_queries_tokens=self.prefix_queries_tokens,
+            prefix_hits_tokens=self.prefix_hits_tokens,
+            prefix_evicted_pages=self.prefix_evicted_pages,
         )
 
     def check_invariants(self, deep: bool = False) -> None:
         """Asserts the invariants of the module docstring; ``deep`` also reads the device table
         back and compares it with the host lists."""
-        held = [b for s in self._seqs for b in s.blocks]
-        assert len(held) == len(set(held)), "a block is held by two slots"
-        assert not set(held) & set(self._free), "a block is held and free"
-        assert len(self._free) == len(set(self._free)), "a block is free twice"
-        assert len(held) + len(self._free) == self.config.num_blocks, (len(held), len(self._free))
+        holders = Counter(b for s in self._seqs for b in s.blocks)
+        assert all(len(s.blocks) == len(set(s.blocks)) for s in self._seqs), "a block held twice"
+        assert all(self._refs[b] == holders.get(b, 0) for b in range(self.config.num_blocks)), (
+            "reference counts differ from the slots holding the blocks"
+        )
+        assert all(count == 1 or b in self._key_of for b, count in holders.items()), (
+            "a shared block is not indexed"
+        )
+        free, cached = set(self._free), set(self._cached)
+        assert not set(holders) & (free | cached) and not free & cached, "a block held and free"
+        assert len(self._free) == len(free), "a block is free twice"
+        assert len(holders) + len(free) + len(cached) == self.config.num_blocks
+        assert cached <= set(self._key_of) and not free & set(self._key_of)
+        assert {self._key_of[b]: b for b in self._key_of} == self._index
         for index, seq in enumerate(self._seqs):
             if not seq.running:
                 assert not seq.blocks and seq.length == seq.reserved == 0, (
@@ -252,6 +382,10 @@ class PagedKVCache(KVCache):
                 )
                 continue
             assert seq.reserved in (seq.length, seq.length + 1), f"slot {index}: {seq}"
+            assert seq.length >= seq.frozen * self.config.block_size, f"slot {index}: {seq}"
+            assert all(b not in self._key_of for b in seq.blocks[seq.frozen :]), (
+                f"slot {index} may write an indexed block"
+            )
             assert len(seq.blocks) == self.config.blocks_for(seq.reserved), f"slot {index}: {seq}"
         if deep:
             table = self.block_table().cpu()

@@ -39,6 +39,11 @@ class PagedKVConfig:
     max_tokens: int
     budget_bytes: int
     block_size: int = 16
+    #: Prefix sharing: full blocks indexed by their tokens' hash chain, shared by reference count,
+    #: kept after release until taken (least recently used first); see ``replica.kv.paged``.
+    prefix_cache: bool = False
+    #: What else the K/V of a token depends on (the model): part of the prefix keys' root.
+    prefix_key: str = ""
 
     def __post_init__(self) -> None:
         require_positive_ints(

@@ -4,7 +4,7 @@ recompute, and slots held back while a step that writes them is in flight."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
@@ -19,12 +19,18 @@ TOKENS_PER_PAGE = 4
 
 
 class FakeKVCache(KVCache):
-    """Pages are counters: a slot holding n tokens holds ceil(n / 4) pages, out of ``budget``."""
+    """Pages are counters: a slot holding n tokens holds ceil(n / 4) pages, out of ``budget``.
+    ``shared``: a cached prefix (whole pages, held once) that a prompt starting with it gets."""
 
-    def __init__(self, slots: int, budget: int, tokens_per_slot: int = 64) -> None:
+    def __init__(
+        self, slots: int, budget: int, tokens_per_slot: int = 64, shared: Sequence[int] = ()
+    ) -> None:
         self._slots, self._budget, self._tokens = slots, budget, tokens_per_slot
         self.lengths: dict[int, int] = {}  # running slots
         self.released: list[int] = []
+        self.released_tokens: list[tuple[int, ...]] = []
+        self.shared = tuple(shared)
+        self.base: dict[int, int] = {}  # running slot -> tokens of it that are the shared prefix
 
     @property
     def max_slots(self) -> int:
@@ -42,18 +48,24 @@ class FakeKVCache(KVCache):
         return -(-tokens // TOKENS_PER_PAGE)
 
     def _used(self) -> int:
-        return sum(self.pages_for(n) for n in self.lengths.values())
+        own = sum(self.pages_for(n) - self.pages_for(self.base[s]) for s, n in self.lengths.items())
+        return own + self.pages_for(len(self.shared))
 
-    def acquire(self, tokens_hint: int = 0) -> int:
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        hit = len(self.shared) and tuple(prompt[: len(self.shared)]) == self.shared
+        return len(self.shared) if hit and len(prompt) > len(self.shared) else 0
+
+    def acquire(self, tokens_hint: int = 0, prompt: Sequence[int] = ()) -> int:
         free = [s for s in range(self._slots) if s not in self.lengths]
         if not free:
             raise KVCacheOutOfMemory(tokens_hint, 0, 0, 0, "all slots are running")
-        self.lengths[free[0]] = 0
+        self.lengths[free[0]] = self.base[free[0]] = self.cached_tokens(prompt)
         return free[0]
 
-    def release(self, slot_index: int) -> None:
-        del self.lengths[slot_index]
+    def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
+        del self.lengths[slot_index], self.base[slot_index]
         self.released.append(slot_index)
+        self.released_tokens.append(tuple(token_ids))
 
     def length(self, slot_index: int) -> int:
         return self.lengths[slot_index]
@@ -206,3 +218,29 @@ def test_the_fake_cache_keeps_the_interface_contracts() -> None:
     with pytest.raises(ValueError):
         kv.ensure(slot, 2.5)  # type: ignore[arg-type]
     assert kv.tokens_per_page == TOKENS_PER_PAGE and kv.token_capacity() == 16
+
+
+def test_a_cached_prefix_is_not_computed_again_and_costs_no_pages() -> None:
+    """Admission counts only the pages a request adds; prefill starts at the first uncached token;
+    the slot is released with the tokens whose K/V it holds."""
+    shared = tuple(range(16))  # 4 pages, held once
+    kv = FakeKVCache(slots=4, budget=10, shared=shared)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4)
+    first, second = request("a", 18, 2), request("b", 18, 2)
+    for r in (first, second):
+        scheduler.add(r)
+    step = scheduler.schedule()
+    assert step is not None
+    # 18 + 2 tokens hold 5 pages: the shared 4 and 5 + 5 of their own would not fit 10 pages;
+    # each adds 1 page beyond the shared 4, so both are admitted.
+    assert step.requests == (first, second)
+    assert step.context_lens == (16, 16) and step.query_lens == (2, 2)
+    assert first.cached_tokens == second.cached_tokens == 16
+    assert scheduler.prefix_hits_tokens == 32
+    scheduler.launched(step.requests)
+    for r in step.requests:
+        r.computed += 2
+        r.output_token_ids.append(99)
+    scheduler.step_completed()
+    scheduler.finish(first, "stop")
+    assert kv.released_tokens == [(*range(18),)]  # the computed tokens, not the unfed output

@@ -1,0 +1,75 @@
+"""Prefix sharing end to end on the tiny model: multi-turn conversations over a shared system
+prompt give the same tokens with the prefix cache on and off (greedy and seeded sampling, both KV
+modes, both layouts, with preemption), while the cache skips the prompt tokens it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replica import LLM, SamplingParams
+from tests.models import tiny_llm
+
+SYSTEM = [(7 * i) % 120 + 3 for i in range(40)]  # a shared system prompt
+QUESTIONS = [[11, 12, 13], [21, 22], [31, 32, 33, 34], [41]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+
+
+def chat(llm: LLM, params: SamplingParams, turns: int = 3) -> tuple[list[list[int]], int]:
+    """``turns`` turns of one conversation per question, each turn's prompt the whole history
+    and a new message; returns every answer and the prompt tokens found cached."""
+    histories = [[*SYSTEM, *question] for question in QUESTIONS]
+    answers, cached = [], 0
+    for turn in range(turns):
+        completions = llm.generate(histories, params)
+        for history, completion in zip(histories, completions):
+            answers.append(list(completion.token_ids))
+            cached += completion.cached_tokens
+            history += [*completion.token_ids, 50 + turn, 51 + turn]
+    return answers, cached
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"kv_layout": "interleaved"},
+        {"kv_layout": "per_layer"},
+        {"kv_mode": "paged"},
+        # A cache too small for every conversation at once: preemption and eviction.
+        {"kv_layout": "interleaved", "kv_cache_bytes": 24 * 4096, "eager_pages": 0},
+    ],
+    ids=["interleaved", "per_layer", "paged", "pressed"],
+)
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
+    tiny_dir: Path, config: dict[str, object], params: SamplingParams
+) -> None:
+    off, cached_off = chat(tiny_llm(tiny_dir, prefix_cache=False, **config), params)
+    on_llm = tiny_llm(tiny_dir, prefix_cache=True, **config)
+    on, cached_on = chat(on_llm, params)
+    assert on == off
+    assert cached_off == 0 and cached_on > 0
+    stats = on_llm.engine.stats().kv
+    assert stats.prefix_hits_tokens >= cached_on
+    assert stats.slots_running == 0 and stats.pages_in_use == 0
+    on_llm.engine.kv.check_invariants(deep=True)
+
+
+def test_later_turns_skip_their_history_and_the_system_prompt_is_shared(tiny_dir: Path) -> None:
+    llm = tiny_llm(tiny_dir, prefix_cache=True)
+    per_group = llm.engine.kv.config.tokens_per_group  # 8 tokens a page (interleaved)
+    histories = [[*SYSTEM, *question] for question in QUESTIONS]
+    first = llm.generate(histories[:1], GREEDY)[0]
+    assert first.cached_tokens == 0
+    # The others start like the first: the system prompt's whole pages are aliased.
+    others = llm.generate(histories[1:], GREEDY)
+    assert all(c.cached_tokens == len(SYSTEM) // per_group * per_group for c in others)
+    history = [*histories[0], *first.token_ids, 50, 51]
+    second = llm.generate([history], GREEDY)[0]
+    # The next turn finds the whole first turn but its last, partial page.
+    stored = len(histories[0]) + len(first.token_ids) - 1  # the last token was never fed
+    assert second.cached_tokens == stored // per_group * per_group
+    # One physical copy of the system prompt's pages, mapped under every conversation's slot.
+    assert llm.engine.stats().kv.pages_shared == len(SYSTEM) // per_group
