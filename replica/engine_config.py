@@ -46,6 +46,10 @@ class EngineConfig:
     #: with the device's (replica.engine); tensor-parallel replicas run steps synchronously.
     async_scheduling: bool = True
     watermark_pages: int = 1
+    #: Prefix sharing (replica.kv.allocator; the paged mode's block cache alike): a prompt that
+    #: starts like a cached one (a conversation's earlier turns, a shared system prompt) maps the
+    #: cached pages instead of computing them again.
+    prefix_cache: bool = True
     #: Admission keeps back pages for this fraction of the running requests' remaining
     #: ``max_tokens`` at first; the fraction then learns from preemptions (replica.growth_reserve).
     #: 0: no growth reserve, only the rest of each prompt is kept back.

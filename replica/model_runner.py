@@ -137,6 +137,8 @@ class ModelRunner:
                     max_tokens=config.max_model_len,
                     budget_bytes=max(budget, 0),
                     block_size=config.block_size,
+                    prefix_cache=config.prefix_cache,
+                    prefix_key=self._prefix_key(),
                 ),
                 self.device,
             )
@@ -163,8 +165,17 @@ class ModelRunner:
             ),
             eager_pages=config.eager_pages,
             eager_lookahead_tokens=config.eager_lookahead_tokens,
+            prefix_cache=config.prefix_cache,
+            prefix_key=self._prefix_key(),
         )
         return KVCacheAllocator(kv_config, vmm)
+
+    def _prefix_key(self) -> str:
+        """What a token's K/V depends on besides the tokens before it: the weights (the model, or
+        the synthetic shapes and seed) and their dtype. Every rank keys alike (each indexes its own
+        shard of the heads), so rank 0's keys stand for the replica."""
+        config = self.config
+        return f"{config.model}|{config.synthetic}|{config.seed}|{config.dtype}"
 
     def execute(
         self,
