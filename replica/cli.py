@@ -27,9 +27,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="attention backend: auto, flashinfer, torch-fa2, flash-attn, sdpa",
     )
-    parser.add_argument(
-        "--kv-layout", default="auto", choices=["auto", "interleaved", "per_layer"]
-    )
+    parser.add_argument("--kv-layout", default="auto", choices=["auto", "interleaved", "per_layer"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=4096)
