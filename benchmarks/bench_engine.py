@@ -183,6 +183,7 @@ def run_vattn(
     result: dict[str, Any] = {
         "mode": mode,
         "attention": runner.attention.name,
+        "kv_layout": getattr(getattr(kv.config, "layout", None), "value", "paged blocks"),
         "cuda_graphs": runner.graphs is not None,
         "graphs_captured": graphs_captured,
         "graph_replays": runner.graphs.replays if runner.graphs else 0,
@@ -458,7 +459,7 @@ def main() -> None:
         default="vattention,paged,vattention-sync,paged-sync,vattention-eager,paged-eager,hf",
     )
     parser.add_argument("--attention", default="auto")
-    parser.add_argument("--kv-layout", default="interleaved")
+    parser.add_argument("--kv-layout", default="auto")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--page-size", type=int, default=None)
     parser.add_argument("--hf-new-tokens", type=int, default=128)
