@@ -62,6 +62,9 @@ class AppOptions(BaseModel):
     #: The share of running requests' remaining max_tokens that admission keeps pages for at
     #: first (EngineConfig.growth_reserve; 0: whole prompts only).
     growth_reserve: float = 0.5
+    #: Prefix sharing (EngineConfig.prefix_cache): a prompt that starts like a cached one maps its
+    #: pages instead of computing them again.
+    prefix_cache: bool = True
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
     #: How long a request no replica has free KV pages for may wait at the free-page router
@@ -169,6 +172,7 @@ class AppOptions(BaseModel):
             kv_cache_bytes=self.kv_cache_bytes,
             page_size=self.page_size,
             growth_reserve=self.growth_reserve,
+            prefix_cache=self.prefix_cache,
             tensor_parallel_size=self.tp,
         )
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -75,6 +75,12 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         "at first; it learns from preemptions (0: whole prompts only)",
     )
     serve_parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="compute every prompt whole (the default shares cached prefixes' KV pages)",
+    )
+    serve_parser.add_argument(
         "--router",
         default=ROUTERS[0],
         choices=ROUTERS,
@@ -112,6 +118,7 @@ def app_options(args: argparse.Namespace) -> AppOptions:
         max_model_len=args.max_model_len,
         max_running=args.max_running,
         growth_reserve=args.growth_reserve,
+        prefix_cache=args.prefix_cache,
         api_key=args.api_key,
         router=args.router,
     )

@@ -54,6 +54,7 @@ def test_string_args_are_coerced_by_serve() -> None:
     engine, replicas, ingress_args = bound(serve_builds(args))
     assert replicas == 3
     assert engine["max_running"] == 8 and engine["growth_reserve"] == 0.25
+    assert engine["prefix_cache"] is True  # on unless --no-prefix-cache
     assert engine["kv_cache_bytes"] == 1_000_000
     assert ingress_args[1:] == ("synthetic", "12345")
     options = AppOptions.model_validate(args)
@@ -129,6 +130,7 @@ def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch
         "4",
         "--growth-reserve",
         "0.3",
+        "--no-prefix-cache",
         "--router",
         "power-of-two",
         "--api-key",
@@ -145,6 +147,7 @@ def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch
         max_model_len=512,
         max_running=4,
         growth_reserve=0.3,
+        prefix_cache=False,
         router="power-of-two",
         api_key="KEY",
     )
