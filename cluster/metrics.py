@@ -153,6 +153,30 @@ KV_METRICS = (
         "wait_seconds",
         "Seconds the engine waited for the mapping worker.",
     ),
+    _kv(
+        "vattn_prefix_cache_queries_tokens_total",
+        "counter",
+        "prefix_queries_tokens",
+        "Prompt tokens looked up in the prefix cache.",
+    ),
+    _kv(
+        "vattn_prefix_cache_hits_tokens_total",
+        "counter",
+        "prefix_hits_tokens",
+        "Prompt tokens found in the prefix cache (not computed again).",
+    ),
+    _kv(
+        "vattn_kv_pages_shared",
+        "gauge",
+        "pages_shared",
+        "KV pages mapped under more than one slot (prefix sharing).",
+    ),
+    _kv(
+        "vattn_prefix_cache_evicted_pages_total",
+        "counter",
+        "prefix_evicted_pages",
+        "Indexed prefix pages dropped from the prefix cache (reclaimed or overwritten).",
+    ),
 )
 MAP_LATENCY = MetricDef(
     "vattn_kv_map_latency_seconds",
