@@ -223,3 +223,52 @@ def test_out_of_memory_and_slot_errors_carry_the_numbers() -> None:
     with pytest.raises(ValueError, match="is free, not running"):
         cache.length(a)
     assert cache.can_allocate(12) and not cache.can_allocate(13)
+
+
+# ---- the block-level prefix cache ----------------------------------------------------------------
+def prefix_cache(num_blocks: int, max_slots: int = 4) -> PagedKVCache:
+    cache = make_cache(block_size=4, num_blocks=num_blocks, max_tokens=32, max_slots=max_slots)
+    return PagedKVCache(dataclasses.replace(cache.config, prefix_cache=True))
+
+
+def computed(cache: PagedKVCache, prompt: list[int]) -> int:
+    """Acquires with ``prompt``, computes the rest of it and books the step (which indexes it)."""
+    slot = cache.acquire(0, prompt)
+    cache.ensure(slot, len(prompt))
+    cache.wait(cache.step_async({slot: len(prompt)}))
+    return slot
+
+
+def test_full_blocks_are_shared_by_reference_and_immutable() -> None:
+    cache = prefix_cache(num_blocks=12)
+    prompt = list(range(10))  # 2 full blocks and a partial one
+    first = computed(cache, prompt)
+    second = cache.acquire(0, [*prompt[:9], 99])
+    assert cache.length(second) == 8
+    assert cache.block_ids(second) == cache.block_ids(first)[:2]
+    assert cache.stats().pages_shared == 2
+    with pytest.raises(ValueError, match="immutable"):
+        cache.ensure(second, 7)
+    cache.ensure(second, 10)
+    assert cache.block_ids(second)[2] != cache.block_ids(first)[2]  # its own block from there
+    cache.release(second)  # its own references go; the first slot keeps the shared blocks
+    assert cache.stats().pages_shared == 0 and cache.length(first) == 10
+    cache.check_invariants(deep=True)
+
+
+def test_released_blocks_stay_cached_until_taken_least_recently_used_first() -> None:
+    cache = prefix_cache(num_blocks=6)
+    old, new = [1] * 8, [2] * 8
+    for prompt in (old, new):
+        slot = computed(cache, prompt)  # 2 blocks + 1 for the next step's token
+        cache.release(slot, prompt)
+    stats = cache.stats()
+    assert (stats.pages_cached, stats.pages_free, stats.pages_available) == (4, 2, 6)
+    assert cache.cached_tokens([*old, 0]) == cache.cached_tokens([*new, 0]) == 8
+    grower = cache.acquire(0, [3])
+    cache.ensure(grower, 12)  # 3 blocks: the 2 free ones, then the oldest cached: old's last
+    assert cache.cached_tokens([*old, 0]) == 4 and cache.cached_tokens([*new, 0]) == 8
+    assert cache.stats().prefix_evicted_pages == 1
+    again = cache.acquire(0, [*new, 5])  # held again: off the LRU list
+    assert cache.length(again) == 8 and cache.stats().pages_cached == 1
+    cache.check_invariants(deep=True)

@@ -202,6 +202,23 @@ def test_tp2_greedy_matches_tp1_and_transformers(tiny_dir: Path, kv_mode: str) -
     assert two == one == expected
 
 
+@pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
+def test_tp2_prefix_sharing_aliases_alike_on_every_rank(tiny_dir: Path, kv_mode: str) -> None:
+    """Multi-turn chat over a shared system prompt: tp=2 with the prefix cache gives tp=1's tokens
+    without it, and both ranks' books (shared pages, prefix hits included) agree."""
+    from tests.cpu.test_prefix_engine import GREEDY as CHAT_GREEDY
+    from tests.cpu.test_prefix_engine import chat
+
+    with llm(str(tiny_dir), prefix_cache=False, **SMALL_KV) as single:
+        expected, _ = chat(single, CHAT_GREEDY, turns=2)
+    with llm(str(tiny_dir), tp=2, kv_mode=kv_mode, prefix_cache=True, **SMALL_KV) as pair:
+        answers, cached = chat(pair, CHAT_GREEDY, turns=2)
+        assert cached > 0
+        assert_books_agree(pair.engine)
+        assert pair.engine.stats().kv.prefix_hits_tokens >= cached
+    assert answers == expected
+
+
 def test_tp2_preemption_keeps_outputs_identical(tiny_dir: Path) -> None:
     with llm(str(tiny_dir), **SMALL_KV) as single:
         expected = [o.token_ids for o in single.generate(PROMPTS, LONG)]
