@@ -63,6 +63,11 @@ class VattnReplica:
         engine = getattr(self, "engine", None)
         if engine is not None and engine.alive():
             released = engine.call(LLMEngine.release_kv_memory)
+            if pusher is not None:
+                try:  # the books at the end (nothing created, nothing in use) reach /metrics
+                    pusher.push_once()
+                except Exception:
+                    log.exception("the last metrics push failed")
             engine.call(LLMEngine.shutdown)  # the other tensor-parallel ranks, if any
             engine.shutdown()  # the engine's loop
             log.info("vattn replica %s stopped; released %d KV pages", self.replica_id, released)

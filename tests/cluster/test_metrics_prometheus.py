@@ -1,4 +1,5 @@
-"""Metrics against a real Prometheus: two replicas of a small random model behind the live app,
+"""Metrics against a real Prometheus: two replicas of a small random model behind the live app
+(autoscaled on KV pressure between 2 and 2, so that the autoscaler's series exist too),
 Debian's ``prometheus`` scraping the app's ``/metrics`` every second, and every PromQL
 expression of every dashboard in ``dashboards/`` evaluated through Prometheus's HTTP API.
 
@@ -71,7 +72,9 @@ def app(ray_session: None, model_dir: Path) -> Iterator[str]:
         build_app(
             {
                 "model": str(model_dir),
-                "replicas": 2,
+                "min_replicas": 2,
+                "max_replicas": 2,
+                "autoscaling_metrics_interval_s": 0.5,
                 "max_model_len": 512,
                 "max_running": 8,
                 "kv_cache_bytes": BUDGET_PAGES * PAGE,
@@ -400,6 +403,27 @@ def test_router_decisions_and_the_endpoint(traffic: dict[str, Any], prometheus: 
         "activeTargets"
     ]
     assert [t["health"] for t in targets] == ["up"]
+
+
+def test_the_autoscaler_reports_its_replicas_input_and_decisions(
+    traffic: dict[str, Any], prometheus: Prometheus
+) -> None:
+    selector = traffic["selector"]
+    for name in ("current", "target", "desired"):
+        wait_until(
+            lambda name=name: (
+                prometheus.values(f"vattn_autoscaler_{name}_replicas{{{selector}}}", "model")
+                == {traffic["model"]: 2.0}
+            ),
+            30,
+            f"vattn_autoscaler_{name}_replicas at 2",
+        )
+    budget = prometheus.values(f"vattn_autoscaler_kv_budget_pages{{{selector}}}", "model")
+    assert budget == {traffic["model"]: float(BUDGET_PAGES)}
+    reasons = prometheus.values(f"vattn_autoscaler_decisions_total{{{selector}}}", "reason")
+    # Bounded at 2 both ways: whatever the load asked for, the decision is held at the bounds.
+    assert reasons and set(reasons) <= {"at_min", "at_max", "steady", "no_metrics"}, reasons
+    assert sum(reasons.values()) >= 1
 
 
 # ---- the hub's lifetime (keep these last: they kill the hub, then delete the app) -------------
