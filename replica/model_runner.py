@@ -20,6 +20,7 @@ from replica.attention.paged import make_paged_attention_backend
 from replica.decode_graphs import DecodeGraphs
 from replica.engine_config import EngineConfig
 from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
+from replica.kv.config import resolve_kv_cache_dtype
 from replica.kv.layout_choice import choose_layout
 from replica.model import ModelConfig, load_model
 from replica.sampling import to_device
@@ -56,6 +57,8 @@ class ModelRunner:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device, None)
+        #: The KV cache's element type (fp8 stores K/V quantized: replica.attention.fp8).
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.model = load_model(
             model_dir or "synthetic",
             self.dtype,
@@ -132,7 +135,7 @@ class ModelRunner:
                     num_layers=self.model_config.num_layers,
                     num_kv_heads=self.model.num_local_kv_heads,
                     head_dim=self.model_config.head_dim,
-                    dtype=self.dtype,
+                    dtype=self.kv_dtype,
                     max_slots=config.max_running,
                     max_tokens=config.max_model_len,
                     budget_bytes=max(budget, 0),
@@ -151,7 +154,7 @@ class ModelRunner:
             num_layers=self.model_config.num_layers,
             num_kv_heads=self.model.num_local_kv_heads,
             head_dim=self.model_config.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             max_slots=config.max_running,
             max_tokens=config.max_model_len,
             page_size=config.page_size or DEFAULT_PAGE_SIZE,

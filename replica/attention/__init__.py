@@ -8,6 +8,7 @@ import torch
 
 from replica.attention.base import AttentionBackend, KVCacheViews
 from replica.attention.batch import StepBatch
+from replica.attention.fp8 import is_fp8
 
 BACKENDS = ("auto", "flashinfer", "torch-fa2", "flash-attn", "sdpa")
 
@@ -32,11 +33,14 @@ def make_attention_backend(
     dtype: torch.dtype,
     device: torch.device,
 ) -> AttentionBackend:
-    """``auto`` picks flashinfer, then torch-fa2 on CUDA, else sdpa."""
+    """``auto`` picks flashinfer, then torch-fa2 on CUDA (not for an fp8 cache, which it cannot
+    read), else sdpa. ``dtype`` is the queries'; the cache's is its tensors'."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        name = next(n for n in ("flashinfer", "torch-fa2", "sdpa") if available(n, device))
+        fp8 = is_fp8(cache.k_cache(0).dtype)
+        order = ("flashinfer", "sdpa") if fp8 else ("flashinfer", "torch-fa2", "sdpa")
+        name = next(n for n in order if available(n, device))
     if not available(name, device):
         raise ValueError(
             f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)"

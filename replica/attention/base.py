@@ -8,6 +8,9 @@ model's attention signature ``(layer, q, k, v) -> out``:
 Backends with ``supports_graphs`` can also plan a decode batch of a fixed size for replay in a CUDA
 graph (``plan_graph``): every tensor their per-layer kernels read is then a static buffer of that
 size, refilled in place each step, so the captured kernels see the new step's values.
+
+An fp8 cache (``replica.attention.fp8``) is written quantized with the layer's K and V scales
+(``kv_scales``) and read back through them by every backend that supports it (``supports_fp8``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Protocol
 import torch
 
 from replica.attention.batch import StepBatch
+from replica.attention.fp8 import KVScales, is_fp8, quantize
 
 
 class KVCacheViews(Protocol):
@@ -37,6 +41,8 @@ class AttentionBackend(ABC):
     name: str = ""
     #: Whether ``plan_graph`` is implemented (decode steps may then run as CUDA graphs).
     supports_graphs: bool = False
+    #: Whether ``attend`` reads an fp8 cache (dequantizing with ``kv_scales``).
+    supports_fp8: bool = False
 
     def __init__(
         self, cache: KVCacheViews, num_q_heads: int, num_kv_heads: int, head_dim: int
@@ -49,6 +55,26 @@ class AttentionBackend(ABC):
         self.batch: StepBatch | None = None
         self.graph_rows: dict[int, torch.Tensor] = {}  # batch size -> static cache rows
         self.planned_variant = 0  # of the last plan_graph
+        #: The cache's element type; fp8 caches store K/V quantized with ``kv_scales``.
+        self.kv_dtype = cache.k_cache(0).dtype
+        self.fp8 = is_fp8(self.kv_dtype)
+        if self.fp8 and not self.supports_fp8:
+            raise ValueError(
+                f"the {self.name} attention backend cannot read an fp8 KV cache; use flashinfer "
+                "or sdpa (or kv_cache_dtype='auto')"
+            )
+        self.kv_scales: KVScales | None = None  # set_kv_scales: unit scales until then
+
+    def set_kv_scales(self, scales: KVScales) -> None:
+        """The fp8 cache's per-layer scales; fixed before the first step (and any graph capture:
+        a captured kernel keeps the scale it was launched with)."""
+        self.kv_scales = scales
+
+    def layer_scales(self, layer: int) -> tuple[float, float]:
+        """(K scale, V scale) of ``layer``: 1.0 for a cache that is not fp8 or has no scales."""
+        if not self.fp8 or self.kv_scales is None:
+            return 1.0, 1.0
+        return self.kv_scales.k[layer], self.kv_scales.v[layer]
 
     def plan(self, batch: StepBatch) -> None:
         """Prepares the step (once for all layers)."""
@@ -92,23 +118,33 @@ class AttentionBackend(ABC):
     def write_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores the new tokens at [context, context + query) of their slots; returns the layer's
-        caches."""
+        """Stores the new tokens at [context, context + query) of their slots (quantized with the
+        layer's scales in an fp8 cache); returns the layer's caches."""
         assert self.batch is not None, "plan() first"
         k_cache, v_cache = self.cache.k_cache(layer), self.cache.v_cache(layer)
-        token_rows(k_cache).index_copy_(0, self.token_rows, k.to(k_cache.dtype))
-        token_rows(v_cache).index_copy_(0, self.token_rows, v.to(v_cache.dtype))
+        if not self.fp8:
+            token_rows(k_cache).index_copy_(0, self.token_rows, k.to(k_cache.dtype))
+            token_rows(v_cache).index_copy_(0, self.token_rows, v.to(v_cache.dtype))
+            return k_cache, v_cache
+        k_scale, v_scale = self.layer_scales(layer)
+        # Bytes moved as bytes: index_copy_ has no fp8 kernel on the CPU.
+        for cache, new, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+            stored = quantize(new, scale, cache.dtype).view(torch.uint8)
+            token_rows(cache.view(torch.uint8)).index_copy_(0, self.token_rows, stored)
         return k_cache, v_cache
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         k_cache, v_cache = self.write_kv(layer, k, v)
-        return self.attend(q, k_cache, v_cache)
+        return self.attend(q, k_cache, v_cache, layer)
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """Causal attention of the step's queries over their slots' cached tokens."""
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
+        """Causal attention of the step's queries over their slots' cached tokens; ``layer``
+        picks the K/V scales of an fp8 cache (``layer_scales``)."""
 
 
 def token_rows(cache: torch.Tensor) -> torch.Tensor:

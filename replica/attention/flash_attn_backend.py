@@ -12,7 +12,9 @@ from replica.attention.base import AttentionBackend
 class FlashAttnBackend(AttentionBackend):
     name = "flash-attn"
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
         from flash_attn import flash_attn_with_kvcache
 
         batch = self.batch

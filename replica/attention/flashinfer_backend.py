@@ -8,6 +8,9 @@ slot * pages_per_slot + j. Decode batches use the tensor-core decode kernel (fas
 batches with prefill chunks use the prefill kernel. For CUDA graphs, each graphed batch size and
 page size has its own decode wrapper in FlashInfer's cuda-graph mode (fixed index buffers, planned
 in place). ``FlashInferKernels`` holds the wrappers; the paged mode's backend uses it too.
+
+An fp8 (e4m3) cache is read by the same kernels, planned with ``kv_data_type`` e4m3 and run with
+the layer's ``k_scale`` / ``v_scale``; its prefill runs on fa2 (``choose_prefill_kernel``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class FlashInferKernels:
         dtype: torch.dtype,
         scale: float,
         prefill_kernel: PrefillKernel,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype`` is the queries', ``kv_dtype`` the cache's (None: the same)."""
         import flashinfer  # optional dependency: the gpu extra
 
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
@@ -63,7 +68,7 @@ class FlashInferKernels:
             "num_kv_heads": num_kv_heads,
             "page_size": page_size,
             "q_data_type": dtype,
-            "kv_data_type": dtype,
+            "kv_data_type": kv_dtype or dtype,
             "sm_scale": scale,
         }
 
@@ -130,13 +135,23 @@ class FlashInferKernels:
             )
         return self.graph_decodes[key]
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return self.active.run(q, (k_cache, v_cache))  # type: ignore[attr-defined]
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
+    ) -> torch.Tensor:
+        """``kv_scales``: an fp8 cache's (K, V) dequantization scales for this layer. A scale of 1.0
+        is not passed: FlashInfer would multiply the output by it in a separate kernel."""
+        k_scale, v_scale = (None if s == 1.0 else s for s in kv_scales)
+        return self.active.run(q, (k_cache, v_cache), k_scale=k_scale, v_scale=v_scale)  # type: ignore[attr-defined]
 
 
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_graphs = True
+    supports_fp8 = True
 
     def __init__(
         self,
@@ -151,7 +166,7 @@ class FlashInferBackend(AttentionBackend):
         self.tokens_per_slot = k0.shape[1]
         rows = k0.shape[0] * self.tokens_per_slot  # every slot's every token
         prefill_kernel = choose_prefill_kernel(
-            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity())
+            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()), self.fp8
         )
         self.kernels = FlashInferKernels(
             k0.device,
@@ -162,6 +177,7 @@ class FlashInferBackend(AttentionBackend):
             dtype,
             self.scale,
             prefill_kernel,
+            self.kv_dtype,
         )
         # Host-side planning inputs: plan() reads them on the CPU, so device copies would sync.
         self.page_indptr = torch.arange(k0.shape[0] + 1, dtype=torch.int32).pin_memory()
@@ -218,13 +234,15 @@ class FlashInferBackend(AttentionBackend):
             page_size=self.page_tokens,
         )
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
         if self.page_tokens != self.tokens_per_slot:
             k_cache, v_cache = (
                 virtual_pages(k_cache, self.page_tokens),
                 virtual_pages(v_cache, self.page_tokens),
             )
-        return self.kernels.run(q, k_cache, v_cache)
+        return self.kernels.run(q, k_cache, v_cache, self.layer_scales(layer))
 
 
 def virtual_pages(cache: torch.Tensor, page_tokens: int) -> torch.Tensor:

@@ -18,6 +18,10 @@ where ``rows`` is every row the kernel may be handed (slots * tokens_per_slot, o
 block_size) and ``step_kv_tokens`` bounds the keys of one step (the cache's capacity in tokens).
 When it does not fit, prefill runs on fa2 (decode always runs on FlashInfer's tensor-core decode,
 which addresses in 64 bits).
+
+An fp8 (e4m3) KV cache prefills on fa2 always: with bf16 queries and e4m3 K/V, FlashInfer 0.5.3's
+Hopper prefill fails to compile ("No eligible GMMA operator"), fa2 builds and runs (measured on an
+H200, ``../shared/notes/h200-probe.md``).
 """
 
 from __future__ import annotations
@@ -41,13 +45,20 @@ class PrefillKernel:
     reason: str
 
 
-def choose_prefill_kernel(rows: int, row_stride_bytes: int, step_kv_tokens: int) -> PrefillKernel:
-    """``auto`` when fa3's 32-bit addressing reaches every row, else ``fa2``. Raises ValueError
-    when no FlashInfer kernel can index the cache (more than 2**31 - 1 rows)."""
+def choose_prefill_kernel(
+    rows: int, row_stride_bytes: int, step_kv_tokens: int, fp8_kv: bool = False
+) -> PrefillKernel:
+    """``auto`` when fa3's 32-bit addressing reaches every row and the cache is not fp8, else
+    ``fa2``. Raises ValueError when no FlashInfer kernel can index the cache (more than 2**31 - 1
+    rows)."""
     if rows > MAX_ROWS:
         raise ValueError(
             f"the KV cache has {rows:,} token rows; FlashInfer indexes at most {MAX_ROWS:,} "
             "(lower max_running or max_model_len)"
+        )
+    if fp8_kv:
+        return PrefillKernel(
+            "fa2", "fp8 KV cache: FlashInfer's Hopper prefill does not build for bf16 q + e4m3 KV"
         )
     span = rows * row_stride_bytes
     if span > FA3_ADDRESSABLE_BYTES:

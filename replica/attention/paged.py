@@ -10,6 +10,7 @@ tokens once on the device, so each layer's write is one index_put per K and V.
 ``paged-sdpa``: gathers each sequence's blocks and runs PyTorch SDPA (reference, runs anywhere).
 ``paged-flashinfer``: FlashInfer's paged decode (tensor cores) and prefill kernels, page_size =
 block_size, kv_indices gathered from the device block table on the device (no host sync).
+Both read an fp8 cache (``replica.attention.fp8``): sdpa dequantizes, FlashInfer takes the scales.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class PagedAttentionBackend(AttentionBackend):
 
 class PagedSdpaBackend(PagedAttentionBackend):
     name = "paged-sdpa"
+    supports_fp8 = True
 
     def plan(self, batch: StepBatch) -> None:
         super().plan(batch)
@@ -62,17 +64,27 @@ class PagedSdpaBackend(PagedAttentionBackend):
             for slot, kv_len in zip(batch.slots, batch.kv_lens)
         ]
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
         batch = self.batch
         assert batch is not None
         k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        keys = [(k_flat[rows], v_flat[rows]) for rows in self.rows]  # gathered blocks
-        return sdpa_per_sequence(q, keys, batch.context_lens, batch.query_lens, self.scale)
+        if self.fp8:  # gathered as bytes: indexing kernels need not cover fp8 on every device
+            k_flat, v_flat = k_flat.view(torch.uint8), v_flat.view(torch.uint8)
+        keys = [
+            (k_flat[rows].view(self.kv_dtype), v_flat[rows].view(self.kv_dtype))
+            for rows in self.rows
+        ]  # gathered blocks
+        return sdpa_per_sequence(
+            q, keys, batch.context_lens, batch.query_lens, self.scale, self.layer_scales(layer)
+        )
 
 
 class PagedFlashInferBackend(PagedAttentionBackend):
     name = "paged-flashinfer"
     supports_graphs = True
+    supports_fp8 = True
 
     def __init__(
         self,
@@ -86,7 +98,7 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         k0 = cache.k_cache(0)
         rows = k0.shape[0] * k0.shape[1]  # every block's every token
         prefill_kernel = choose_prefill_kernel(
-            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity())
+            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()), self.fp8
         )
         self.kernels = FlashInferKernels(
             cache.device,
@@ -97,6 +109,7 @@ class PagedFlashInferBackend(PagedAttentionBackend):
             dtype,
             self.scale,
             prefill_kernel,
+            self.kv_dtype,
         )
 
     def _pages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,8 +144,10 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         max_pages = batch.num_sequences * self.paged.config.max_blocks_per_seq
         self.kernels.plan(batch, *self._pages(batch), graph_pages=max_pages)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return self.kernels.run(q, k_cache, v_cache)
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
+        return self.kernels.run(q, k_cache, v_cache, self.layer_scales(layer))
 
 
 def make_paged_attention_backend(

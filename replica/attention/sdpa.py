@@ -1,5 +1,5 @@
 """Reference backend: PyTorch SDPA per sequence over its slot (a view, no copy). Runs anywhere;
-the GPU backends are tested against it."""
+the GPU backends are tested against it. An fp8 cache is dequantized per sequence as it is read."""
 
 from __future__ import annotations
 
@@ -7,16 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from replica.attention.base import AttentionBackend
+from replica.attention.fp8 import dequantize
 
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
+    supports_fp8 = True
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
         batch = self.batch
         assert batch is not None
         keys = [(k_cache[slot], v_cache[slot]) for slot in batch.slots]  # slot views, no copy
-        return sdpa_per_sequence(q, keys, batch.context_lens, batch.query_lens, self.scale)
+        return sdpa_per_sequence(
+            q, keys, batch.context_lens, batch.query_lens, self.scale, self.layer_scales(layer)
+        )
 
 
 def sdpa_per_sequence(
@@ -25,17 +31,20 @@ def sdpa_per_sequence(
     context_lens: tuple[int, ...],
     query_lens: tuple[int, ...],
     scale: float,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Causal SDPA for packed queries q [T, q_heads, dim]; sequence i's K/V are ``keys[i]``, each
-    [>= context + query tokens, kv_heads, dim] (only the first context + query are read)."""
+    [>= context + query tokens, kv_heads, dim] (only the first context + query are read), read as
+    ``q``'s dtype times ``kv_scales`` (K's, V's: an fp8 cache's dequantization)."""
+    k_scale, v_scale = kv_scales
     out = torch.empty_like(q)
     start = 0
     for (k_seq, v_seq), context, query in zip(keys, context_lens, query_lens):
         kv_len = context + query
         # [tokens, heads, dim] -> [1, heads, tokens, dim]
         q_i = q[start : start + query].transpose(0, 1).unsqueeze(0)
-        k_i = k_seq[:kv_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        v_i = v_seq[:kv_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        k_i = dequantize(k_seq[:kv_len], k_scale, q.dtype).transpose(0, 1).unsqueeze(0)
+        v_i = dequantize(v_seq[:kv_len], v_scale, q.dtype).transpose(0, 1).unsqueeze(0)
         mask = None
         if query > 1:  # query j sits at position context + j and sees keys 0 .. context + j
             positions = torch.arange(kv_len, device=q.device)

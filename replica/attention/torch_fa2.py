@@ -50,7 +50,9 @@ class TorchFlashBackend(AttentionBackend):
         self.seqused_k.copy_(batch.kv_lens_t)
         self.max_q, self.max_k = 1, self.cache.k_cache(0).shape[1]  # fixed for every replay
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
         out = torch.ops.aten._flash_attention_forward(
             q,
             token_rows(k_cache),
