@@ -107,6 +107,9 @@ class KVCacheAllocator(KVCache):
         self.prefix_queries_tokens = 0  # prompt tokens looked up by acquire
         self.prefix_hits_tokens = 0  # of which found cached
         self.prefix_evicted_pages = 0  # indexed pages dropped from the index
+        # Slots mapping each group, and running slots mapping it: the page split in O(1).
+        self._group_slots: Counter[tuple[int, ...]] = Counter()
+        self._group_running: Counter[tuple[int, ...]] = Counter()
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -172,7 +175,7 @@ class KVCacheAllocator(KVCache):
                 self._keep_private(index, kept)
         if aliased:
             base = index * self.config.pages_per_slot + kept
-            slot.groups.extend(aliased)
+            self._add_groups(slot, aliased)
             slot.tickets.extend([self._last_ticket + 1] * len(aliased))
             for r, reservation in enumerate(self._ranges):
                 self._ops.append(Op.map(reservation, base, [group[r] for group in aliased]))
@@ -180,7 +183,8 @@ class KVCacheAllocator(KVCache):
         if self._prefix:
             self.prefix_queries_tokens += len(prompt)
             self.prefix_hits_tokens += cached_tokens
-        slot.state, slot.length, slot.reserved = SlotState.RUNNING, cached_tokens, cached_tokens
+        self._set_state(slot, SlotState.RUNNING)
+        slot.length, slot.reserved = cached_tokens, cached_tokens
         slot.token_ids, slot.keys, slot.frozen = prompt, keys[: len(hit)], len(hit)
         self._flush()
         self._checked()
@@ -275,7 +279,8 @@ class KVCacheAllocator(KVCache):
             del slot.keys[slot.frozen :]
             slot.token_ids = stored
             self._register(slot, len(stored))
-        slot.state, slot.length, slot.reserved = SlotState.CACHED, 0, 0
+        self._set_state(slot, SlotState.CACHED)
+        slot.length, slot.reserved = 0, 0
         slot.released_at = self._clock()
         if not self.config.deferred_reclamation:
             self._shrink_slot(slot_index, 0)
@@ -442,7 +447,7 @@ class KVCacheAllocator(KVCache):
             self._ops.append(Op.create(new_ids))
         first = len(slot.groups)
         added = [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
-        slot.groups.extend(added)
+        self._add_groups(slot, added)
         slot.tickets.extend([self._last_ticket + 1] * len(added))  # the next flush carries them
         base = slot_index * self.config.pages_per_slot + first
         for r, reservation in enumerate(self._ranges):
@@ -483,10 +488,11 @@ class KVCacheAllocator(KVCache):
         dropped = slot.groups[keep_groups:]
         if not dropped:
             return 0
+        self._drop_groups(slot, dropped)
         del slot.groups[keep_groups:], slot.tickets[keep_groups:]
         slot.frozen = min(slot.frozen, keep_groups)
         if slot.state is SlotState.CACHED and not slot.groups:
-            slot.state = SlotState.FREE  # nothing left to reuse
+            self._set_state(slot, SlotState.FREE)  # nothing left to reuse
             slot.token_ids, slot.keys, slot.frozen = (), [], 0
         base = slot_index * self.config.pages_per_slot + keep_groups
         for reservation in self._ranges:
@@ -498,6 +504,34 @@ class KVCacheAllocator(KVCache):
                 if self._pool.mappings(group[0]) == 0:
                     self._unindex(group)
         return len(freed)
+
+    def _add_groups(self, slot: _Slot, groups: list[tuple[int, ...]]) -> None:
+        slot.groups.extend(groups)
+        self._group_slots.update(groups)
+        if slot.state is SlotState.RUNNING:
+            self._group_running.update(groups)
+
+    def _drop_groups(self, slot: _Slot, groups: list[tuple[int, ...]]) -> None:
+        """Books ``groups`` (the slot's tail, about to go) as mapped by the slot no more."""
+        counters = [self._group_slots]
+        if slot.state is SlotState.RUNNING:
+            counters.append(self._group_running)
+        for counter in counters:
+            counter.subtract(groups)
+            for group in groups:
+                if counter[group] <= 0:
+                    del counter[group]
+
+    def _set_state(self, slot: _Slot, state: SlotState) -> None:
+        was_running = slot.state is SlotState.RUNNING
+        if was_running and state is not SlotState.RUNNING:
+            self._group_running.subtract(slot.groups)
+            for group in slot.groups:
+                if self._group_running[group] <= 0:
+                    del self._group_running[group]
+        elif state is SlotState.RUNNING and not was_running:
+            self._group_running.update(slot.groups)
+        slot.state = state
 
     def _flush(self) -> int:
         if self._ops:
@@ -517,14 +551,8 @@ class KVCacheAllocator(KVCache):
     def _page_split(self) -> tuple[int, int]:
         """(in_use, cached): distinct pages mapped under running slots, and those mapped only
         under released ones."""
-        ranges = self.config.num_ranges
-        if not self._prefix:  # nothing is shared: count, do not collect
-            in_use = sum(len(s.groups) for s in self._slots if s.state is SlotState.RUNNING)
-            cached = sum(len(s.groups) for s in self._slots if s.state is SlotState.CACHED)
-            return in_use * ranges, cached * ranges
-        running = {g for s in self._slots if s.state is SlotState.RUNNING for g in s.groups}
-        cached_groups = {g for s in self._slots if s.state is SlotState.CACHED for g in s.groups}
-        return len(running) * ranges, len(cached_groups - running) * ranges
+        ranges, running = self.config.num_ranges, len(self._group_running)
+        return running * ranges, (len(self._group_slots) - running) * ranges
 
     def _cached_pages(self) -> int:
         return self._page_split()[1]
@@ -549,7 +577,6 @@ class KVCacheAllocator(KVCache):
         config, ranges = self.config, self.config.num_ranges
         running = [s for s in self._slots if s.state is SlotState.RUNNING]
         in_use, cached = self._page_split()
-        mapped = Counter(g for s in self._slots for g in s.groups) if self._prefix else Counter()
         wasted = (
             sum(
                 len(s.groups) * config.page_size - s.length * config.bytes_per_token
@@ -575,7 +602,7 @@ class KVCacheAllocator(KVCache):
             map_seconds=float(worker["busy_seconds"]),
             wait_seconds=self._wait_seconds,
             pages_released_total=self._pool.pages_released_total,
-            pages_shared=sum(count > 1 for count in mapped.values()) * ranges,
+            pages_shared=sum(count > 1 for count in self._group_slots.values()) * ranges,
             prefix_queries_tokens=self.prefix_queries_tokens,
             prefix_hits_tokens=self.prefix_hits_tokens,
             prefix_evicted_pages=self.prefix_evicted_pages,
@@ -598,6 +625,9 @@ class KVCacheAllocator(KVCache):
         for s in self._slots:
             for j, group in enumerate(s.groups):
                 assert position.setdefault(group, j) == j, f"group {group} at two page indices"
+        assert self._group_slots == mappings, "the group counts differ from the slots"
+        running = Counter(g for s in self._slots if s.state is SlotState.RUNNING for g in s.groups)
+        assert self._group_running == running, "the running group counts differ from the slots"
         for group, count in mappings.items():
             assert all(self._pool.mappings(p) == count for p in group), (group, count)
             assert count == 1 or group in self._key_of, f"shared group {group} is not indexed"
