@@ -35,6 +35,7 @@ Invariants (``check_invariants``), in physical pages:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -57,6 +58,8 @@ from replica.vmm import (
     open_device,
     reservation_tensor,
 )
+
+log = logging.getLogger(__name__)
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
 _CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
@@ -92,6 +95,15 @@ class KVCacheAllocator(KVCache):
         self._last_ticket = 0
         self._wait_seconds = 0.0
         self._prefix = config.prefix_cache and config.tokens_per_group > 0
+        if config.prefix_cache and not self._prefix:
+            # NOTE: a page must end on a token boundary to be shared (a token straddling two
+            # pages would be written through a shared page): e.g. SmolLM2-135M's 3 KV heads give
+            # 23,040-byte tokens, which no 2 MiB page divides.
+            log.warning(
+                "prefix sharing is off: a %d-byte page does not hold whole %d-byte tokens",
+                config.page_size,
+                config.bytes_per_token,
+            )
         self._root = root_key(
             "vattention",
             config.prefix_key,
