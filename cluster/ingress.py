@@ -20,6 +20,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +41,7 @@ from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.errors import ReplicaBroken, RequestRejected
 from replica.model.source import apply_chat_template
 from replica.request import RequestOutput
+from replica.sampling_params import GuidedDecoding
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="vattn", description="OpenAI-compatible LLM serving on vAttention")
@@ -206,6 +208,27 @@ def _context_exceeded(prompt_tokens: int, context: int, param: str) -> ApiError:
     )
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One API call: its id and the replica's requests, one per choice (``n``)."""
+
+    reply_id: str
+    chat: bool
+    requests: tuple[GenerateRequest, ...]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.requests[0].prompt_tokens
+
+
+@dataclass(frozen=True)
+class Tools:
+    """How a chat reply's text becomes tool calls (``openai_api.parse_tool_calls``)."""
+
+    mode: str
+    named: str | None
+
+
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class VattnIngress:
@@ -273,8 +296,8 @@ class VattnIngress:
             token_ids = await self.tokenize(body.prompt, limits, "prompt")
         else:
             token_ids = tuple(body.prompt)
-        request = self.request("cmpl", token_ids, body, body.logprobs, limits, "prompt")
-        return await self.answer(request, info, body, body.logprobs, chat=False)
+        reply = self.reply("cmpl", token_ids, body, body.logprobs, limits, "prompt")
+        return await self.answer(reply, info, body, body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: api.ChatCompletionRequest) -> Any:
@@ -289,37 +312,83 @@ class VattnIngress:
         chars = sum(len(m.text()) for m in body.messages)
         if (too_long := limits.prompt_too_long(chars)) is not None:
             raise ApiError(400, too_long, param="messages", code="context_length_exceeded")
-        token_ids = await asyncio.to_thread(self.chat_ids, body.template_messages())
+        mode = body.tool_mode()
+        if mode == "auto" and not api.emits_hermes_tool_calls(self.tokenizer.chat_template):
+            raise ApiError(
+                400,
+                "tool_choice auto (the default with tools) needs a chat template that emits "
+                "Hermes-style <tool_call> blocks, and this model's does not: use tool_choice "
+                '"none", "required" or a named function {"type": "function", "function": '
+                '{"name": ...}} (generated under that tool\'s JSON schema)',
+                param="tool_choice",
+                code="unsupported_value",
+            )
+        token_ids = await asyncio.to_thread(
+            self.chat_ids, body.template_messages(), body.template_tools()
+        )
         logprobs_asked = body.logprobs_asked()
-        request = self.request("chatcmpl", token_ids, body, logprobs_asked, limits, "messages")
-        return await self.answer(request, info, body, logprobs_asked, chat=True)
+        reply = self.reply(
+            "chatcmpl", token_ids, body, logprobs_asked, limits, "messages", body.guided()
+        )
+        named = body.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
+        tools = Tools(mode, named) if mode in ("named", "required", "auto") else None
+        return await self.answer(reply, info, body, logprobs_asked, tools)
 
     # ---- helpers -------------------------------------------------------------------------------
     async def answer(
         self,
-        request: GenerateRequest,
+        reply: Reply,
         info: ModelInfo,
         body: Any,
         logprobs_asked: int | None,
-        chat: bool,
+        tools: Tools | None = None,
     ) -> Any:
-        """Sends the request and answers with its stream of chunks or its whole body."""
-        stream, accepted = await self.start(request)
-        logprobs = api.Logprobs(self.tokens, chat=chat) if logprobs_asked is not None else None
+        """Sends the reply's requests (one per choice) and answers with their stream of chunks or
+        the whole body."""
+        streams: list[Any] = []
+        try:
+            for request in reply.requests:
+                stream, accepted = await self.start(request)
+                streams.append(stream)
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        chat = reply.chat
+        logprobs = [
+            api.Logprobs(self.tokens, chat=chat) if logprobs_asked is not None else None
+            for _ in streams
+        ]
         if body.stream:
-            return self.sse(request, stream, accepted, info, chat, logprobs, body.include_usage)
-        text, last = await self.collect(stream, logprobs)
-        make_body = api.chat_body if chat else api.completion_body
-        reply = make_body(
-            request.request_id,
+            return self.sse(reply, streams, accepted, info, logprobs, body.include_usage, tools)
+        try:
+            collected = await asyncio.gather(
+                *(self.collect(stream, lp) for stream, lp in zip(streams, logprobs))
+            )
+        finally:
+            for stream in streams:
+                stream.cancel()  # a no-op when finished
+        choices = []
+        for index, ((text, last), lp) in enumerate(zip(collected, logprobs)):
+            shaped = lp.take() if lp is not None else None
+            if not chat:
+                choices.append(api.completion_choice(index, text, last.finish_reason, shaped))
+                continue
+            calls: list[dict[str, Any]] = []
+            if tools is not None:
+                text, calls = api.parse_tool_calls(tools.mode, text, tools.named)
+            choices.append(api.chat_choice(index, text, last.finish_reason, shaped, calls))
+        completion_tokens = sum(last.completion_tokens for _, last in collected)
+        body_out = api.reply_body(
+            reply.reply_id,
             info.name,
-            text,
-            last.finish_reason,
-            request.prompt_tokens,
-            last.completion_tokens,
-            logprobs.take() if logprobs is not None else None,
+            chat,
+            choices,
+            reply.prompt_tokens,
+            completion_tokens,
+            collected[0][1].cached_tokens,  # the prompt is counted once
         )
-        return _json(reply, accepted)
+        return _json(body_out, accepted)
 
     async def check_model(self, model: str | None) -> ModelInfo:
         info = await self.info()
@@ -349,29 +418,46 @@ class VattnIngress:
             raise ApiError(400, too_long, param=param, code="context_length_exceeded")
         return tuple(await asyncio.to_thread(self.tokenizer.encode, prompt))
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
-        """A conversation's prompt ids (the chat template, then the tokenizer); run in a thread."""
-        return tuple(self.tokenizer.encode(apply_chat_template(self.tokenizer, messages)))
+    def chat_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[int, ...]:
+        """A conversation's prompt ids (the chat template, given the tools when there are any,
+        then the tokenizer); run in a thread."""
+        if tools and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = apply_chat_template(self.tokenizer, messages)
+        return tuple(self.tokenizer.encode(text))
 
     @staticmethod
-    def request(
+    def reply(
         prefix: str,
         token_ids: tuple[int, ...],
         body: api.SamplingFields,
         logprobs: int | None,
         limits: api.RequestLimits,
         param: str,
-    ) -> GenerateRequest:
-        """The replica's request. Without max_tokens it may generate the rest of the context (as
-        OpenAI and vLLM do), so a prompt that fills the context is refused here."""
+        guided: GuidedDecoding | None = None,
+    ) -> Reply:
+        """The replica's requests, one per choice (``n``). Without max_tokens each may generate
+        the rest of the context (as OpenAI and vLLM do), so a prompt that fills the context is
+        refused here."""
         room = limits.context_tokens - len(token_ids)
         if room < 1:
             raise _context_exceeded(len(token_ids), limits.context_tokens, param)
+        reply_id = api.new_id(prefix)
         try:
-            params = body.sampling_params(logprobs, default_max_tokens=room)
+            params = [
+                body.sampling_params(logprobs, room, guided, choice)
+                for choice in range(body.choices)
+            ]
         except ValueError as error:
             raise ApiError(400, str(error)) from None
-        return GenerateRequest(api.new_id(prefix), token_ids, params)
+        ids = [reply_id] if len(params) == 1 else [f"{reply_id}-{i}" for i in range(len(params))]
+        requests = tuple(GenerateRequest(i, token_ids, p) for i, p in zip(ids, params))
+        return Reply(reply_id, prefix == "chatcmpl", requests)
 
     async def start(self, request: GenerateRequest) -> tuple[Any, RequestOutput]:
         """Sends the request to a replica and waits for its acceptance (the empty first delta):
@@ -424,57 +510,101 @@ class VattnIngress:
 
     def sse(
         self,
-        request: GenerateRequest,
-        response: Any,
+        reply: Reply,
+        responses: list[Any],
         accepted: RequestOutput,
         info: ModelInfo,
-        chat: bool,
-        logprobs: api.Logprobs | None,
+        logprobs: list[api.Logprobs | None],
         include_usage: bool,
+        tools: Tools | None,
     ) -> StreamingResponse:
-        """The reply as server-sent events: a chunk per delta (chat's first names the role), each
-        with its tokens' logprobs when asked; the last delta's chunk carries the usage, unless
-        ``stream_options.include_usage`` asks OpenAI's way: ``"usage": null`` in every chunk
-        and a last chunk with the usage and no choices. Then ``data: [DONE]``."""
-        request_id, name = request.request_id, info.name
+        """The reply as server-sent events: the choices' deltas as they come, each chunk with its
+        choice's index and its tokens' logprobs when asked (chat's first chunk per choice names
+        the role). A tool mode holds a choice's text back and sends it at its end, as tool calls
+        when it parses into some (whole, one chunk). The chunk that ends the last choice carries
+        the usage, unless ``stream_options.include_usage`` asks OpenAI's way: ``"usage": null``
+        in every chunk and a last chunk with the usage and no choices. Then ``data: [DONE]``."""
+        reply_id, name, chat = reply.reply_id, info.name, reply.chat
+        held = [""] * len(responses)
+        tokens = [0] * len(responses)
+        cached = [0] * len(responses)  # prompt tokens the prefix cache held
 
-        def chunk(output: RequestOutput | None) -> dict[str, Any]:
-            if output is None:  # chat's first chunk
-                body = api.chat_chunk(request_id, name, {"role": "assistant"}, None)
+        def chunk(index: int, output: RequestOutput, last: bool) -> dict[str, Any]:
+            lp = logprobs[index]
+            shaped = None
+            if lp is not None:
+                lp.add(output.token_ids, output.logprobs, output.top_logprobs)
+                shaped = lp.take()
+            reason, text = output.finish_reason, output.text
+            if not chat:
+                body = api.completion_chunk(reply_id, name, text, reason, shaped, index)
+            elif tools is not None:
+                held[index] += text
+                delta: dict[str, Any] = {}
+                if output.finished:
+                    content, calls = api.parse_tool_calls(tools.mode, held[index], tools.named)
+                    if calls:
+                        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                        reason = "tool_calls" if reason == "stop" else reason
+                    if content:
+                        delta["content"] = content
+                body = api.chat_chunk(reply_id, name, delta, reason, shaped, index)
             else:
-                shaped = None
-                if logprobs is not None:
-                    logprobs.add(output.token_ids, output.logprobs, output.top_logprobs)
-                    shaped = logprobs.take()
-                reason = output.finish_reason
-                if chat:
-                    delta = {"content": output.text} if output.text else {}
-                    body = api.chat_chunk(request_id, name, delta, reason, shaped)
-                else:
-                    body = api.completion_chunk(request_id, name, output.text, reason, shaped)
+                delta = {"content": text} if text else {}
+                body = api.chat_chunk(reply_id, name, delta, reason, shaped, index)
             if include_usage:
                 body["usage"] = None
-            elif output is not None and output.finished:
-                body["usage"] = api.usage(request.prompt_tokens, output.completion_tokens)
+            elif last:
+                body["usage"] = api.usage(reply.prompt_tokens, sum(tokens), cached[0])
             return body
 
         def failure(message: str) -> str:
             return api.sse_event(api.error_payload(message, "server_error"))
 
         async def events() -> AsyncIterator[str]:
-            last = None
+            merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+            async def pump(index: int, response: Any) -> None:
+                try:
+                    async for output in response:
+                        await merged.put((index, output))
+                except Exception as error:  # noqa: BLE001 - answered in the stream below
+                    await merged.put((index, error))
+                await merged.put((index, None))
+
+            pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(responses)]
+            running, finished = len(responses), 0
             try:
                 if chat:
-                    yield api.sse_event(chunk(None))
-                async for output in response:
+                    for index in range(len(responses)):
+                        role = api.chat_chunk(
+                            reply_id, name, {"role": "assistant"}, None, None, index
+                        )
+                        if include_usage:
+                            role["usage"] = None
+                        yield api.sse_event(role)
+                while running:
+                    index, output = await merged.get()
+                    if output is None:
+                        running -= 1
+                        continue
+                    if isinstance(output, BaseException):
+                        raise output
                     if output.error:
                         yield failure(f"generation failed: {output.error}")
                         break
-                    yield api.sse_event(chunk(output))
-                    last = output
-                if include_usage and last is not None and last.finished:
+                    tokens[index] = output.completion_tokens
+                    cached[index] = output.cached_tokens
+                    finished += output.finished
+                    if tools is not None and chat and not output.finished:
+                        held[index] += output.text  # sent, whole, with the choice's last chunk
+                        if (lp := logprobs[index]) is not None:
+                            lp.add(output.token_ids, output.logprobs, output.top_logprobs)
+                        continue
+                    yield api.sse_event(chunk(index, output, finished == len(responses)))
+                if include_usage and finished == len(responses):
                     usage = api.usage_chunk(
-                        request_id, name, chat, request.prompt_tokens, last.completion_tokens
+                        reply_id, name, chat, reply.prompt_tokens, sum(tokens), cached[0]
                     )
                     yield api.sse_event(usage)
                 yield "data: [DONE]\n\n"
@@ -485,7 +615,10 @@ class VattnIngress:
                 yield failure("the replica serving this request died; retry")
                 yield "data: [DONE]\n\n"
             finally:
-                response.cancel()  # a no-op when finished; frees the slot when the client left
+                for task in pumps:
+                    task.cancel()
+                for response in responses:
+                    response.cancel()  # a no-op when finished; frees the slot when the client left
 
         return StreamingResponse(
             events(),

@@ -3,7 +3,8 @@
 Every field of a request is honoured, refused or ignored, each list in one place:
 
 * honoured: the fields the request models below declare (OpenAI's, plus vLLM's ``top_k``,
-  ``stop_token_ids`` and ``ignore_eos``), less those of ``UNSUPPORTED``;
+  ``min_p``, ``repetition_penalty``, ``stop_token_ids`` and ``ignore_eos``), less those of
+  ``UNSUPPORTED``;
 * ``UNSUPPORTED``: OpenAI fields vattn does not implement yet. They are accepted only at the value
   that asks for nothing (e.g. ``presence_penalty`` 0, ``n`` 1) or null; any other value is a 400
   that names the field and says it is not supported yet;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from replica.sampling_params import MAX_LOGPROBS, SamplingParams
+from replica.sampling_params import MAX_LOGPROBS, GuidedDecoding, SamplingParams
 
 #: Fields of OpenAI's API that change nothing in what vattn generates: accepted and ignored, by
 #: where they appear. The README's "The HTTP API" lists the same.
@@ -45,32 +47,33 @@ IGNORED: dict[str, frozenset[str]] = {
             "prompt_cache_key",
             "prompt_cache_retention",
             "prompt_cache_options",
-            "parallel_tool_calls",  # about tools, which are refused unless absent
+            # Calls are as many as the model makes (auto) or asks the schema (required).
+            "parallel_tool_calls",
         }
     ),
     "message": frozenset({"name"}),
     "stream_options": frozenset(),
+    "tool": frozenset(),
+    "function": frozenset(),
+    "tool_choice": frozenset(),
+    "response_format": frozenset(),
+    "json_schema": frozenset(),
 }
+
+#: The most choices one request may ask for (``n``).
+MAX_CHOICES = 16
 
 #: OpenAI fields vattn does not implement yet -> the values that ask for nothing (null is always
 #: one). At those values a field is accepted; at any other it is refused with a 400 naming it.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     # completions and chat
-    "n": (1,),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
     "include_obfuscation": (False,),  # in stream_options: vattn sends no obfuscation field
     # completions
-    "best_of": (1,),
-    "echo": (False,),
+    "echo": (False,),  # echo's prompt logprobs are not computed
     "suffix": ("",),
     # chat
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),  # "auto" with no tools calls none
     "functions": ([],),
     "function_call": ("none", "auto"),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -79,8 +82,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "moderation": (),
     "web_search_options": (),
     # chat messages
-    "tool_calls": ([],),
-    "tool_call_id": (),
     "refusal": (),
 }
 
@@ -195,9 +196,11 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
     logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
@@ -224,20 +227,40 @@ class SamplingFields(Strict):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def sampling_params(self, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def sampling_params(
+        self,
+        logprobs: int | None,
+        default_max_tokens: int,
+        guided: GuidedDecoding | None = None,
+        choice: int = 0,
+    ) -> SamplingParams:
         """Raises ValueError naming the bad field (turned into a 400). Without max_tokens the
-        request may generate ``default_max_tokens`` (the rest of the context)."""
+        request may generate ``default_max_tokens`` (the rest of the context). Choice i of a
+        seeded request with ``n`` > 1 samples with seed + i (else the n choices would be equal)."""
         max_tokens = self.requested_max_tokens()
+        seed = self.seed
+        if seed is not None and choice:
+            seed = (seed + choice) & ((1 << 63) - 1)
         return SamplingParams(
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k,
-            seed=self.seed,
+            seed=seed,
             stop=self.stop or (),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            logit_bias=self.logit_bias,
+            guided=guided,
         )
 
 
@@ -250,6 +273,16 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.choices:
+            message = (
+                f"best_of is not supported yet unless it equals n: only best_of = "
+                f"{self.choices} or null works (vattn returns every sample it draws)"
+            )
+            raise field_error("best_of", message, "unsupported_field")
+        return self
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int]:
@@ -260,12 +293,40 @@ class CompletionRequest(SamplingFields):
         return _check_text(prompt) if isinstance(prompt, str) else prompt  # type: ignore[return-value]
 
 
+class ToolCallFunction(Strict):
+    scope: ClassVar[str] = "function"
+
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    """A tool call of an earlier assistant message (``arguments``: JSON text, as OpenAI sends)."""
+
+    scope: ClassVar[str] = "tool"
+
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+    def template_call(self) -> dict[str, Any]:
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": arguments},
+        }
+
+
 class ChatMessage(Strict):
     scope: ClassVar[str] = "message"
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -299,6 +360,81 @@ class ChatMessage(Strict):
             return "".join(part["text"] for part in self.content)
         return self.content or ""
 
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool calls' arguments as objects, as the
+        Hugging Face templates expect)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_call() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(Strict):
+    scope: ClassVar[str] = "function"
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def arguments_schema(self) -> dict[str, Any]:
+        return self.parameters or {"type": "object"}
+
+
+class Tool(Strict):
+    scope: ClassVar[str] = "tool"
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    scope: ClassVar[str] = "function"
+
+    name: str
+
+
+class NamedToolChoice(Strict):
+    scope: ClassVar[str] = "tool_choice"
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchema(Strict):
+    scope: ClassVar[str] = "json_schema"
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    scope: ClassVar[str] = "response_format"
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise field_error(
+                "json_schema", "json_schema is needed with, and only with, type json_schema"
+            )
+        return self
+
+    def guided(self) -> GuidedDecoding | None:
+        if self.type == "json_object":
+            return GuidedDecoding("json_object")
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return GuidedDecoding("json_schema", json.dumps(self.json_schema.schema_))
+        return None
+
 
 class ChatCompletionRequest(SamplingFields):
     scope: ClassVar[str] = "chat"
@@ -306,11 +442,11 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -325,12 +461,71 @@ class ChatCompletionRequest(SamplingFields):
             raise field_error("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        names = [tool.function.name for tool in self.tools or ()]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            message = f"tool_choice names function {choice.function.name!r}, which tools lacks"
+            raise field_error("tool_choice", message)
+        if choice == "required" and not names:
+            raise field_error("tool_choice", "tool_choice required needs tools")
+        if self.tool_mode() not in (None, "none") and self.guided_format() is not None:
+            message = "response_format json_object / json_schema cannot be combined with tools"
+            raise field_error("response_format", message, "unsupported_field")
+        return self
+
     def logprobs_asked(self) -> int | None:
         """The engine's ``SamplingParams.logprobs``: alternatives per token, or None for none."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates read them (OpenAI's shape), or None without tools."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools]
+
+    def tool_mode(self) -> str | None:
+        """None without tools; else "none", "auto" (the default), "required" or "named"."""
+        if not self.tools:
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def guided_format(self) -> GuidedDecoding | None:
+        return self.response_format.guided() if self.response_format is not None else None
+
+    def guided(self) -> GuidedDecoding | None:
+        """The grammar the output follows: response_format's, or a tool call's JSON (named: its
+        arguments; required: a list of calls, each a tool's name and arguments)."""
+        mode = self.tool_mode()
+        if mode == "named":
+            assert isinstance(self.tool_choice, NamedToolChoice)
+            schema = self.tool(self.tool_choice.function.name).function.arguments_schema()
+            return GuidedDecoding("json_schema", json.dumps(schema))
+        if mode == "required":
+            calls = [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": tool.function.name},
+                        "arguments": tool.function.arguments_schema(),
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for tool in self.tools or ()
+            ]
+            schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+            return GuidedDecoding("json_schema", json.dumps(schema))
+        return self.guided_format()
+
+    def tool(self, name: str) -> Tool:
+        return next(t for t in self.tools or () if t.function.name == name)
 
 
 # ---- limits -------------------------------------------------------------------------------------
@@ -517,11 +712,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens``: prompt tokens the prefix cache held (not computed)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -549,73 +746,138 @@ def envelope(
     }
 
 
-def completion_body(
-    request_id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-    logprobs: Any = None,
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: Any = None
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return envelope(
-        request_id,
-        "text_completion",
-        model,
-        [choice],
-        usage=usage(prompt_tokens, completion_tokens),
-    )
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_body(
-    request_id: str,
-    model: str,
+def chat_choice(
+    index: int,
     text: str,
     finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
     logprobs: Any = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
+    """A reply's choice; with tool calls its content is the text around them (None if none) and
+    a choice that stopped by itself finishes with ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {
+        "index": index,
+        "message": message,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
-    return envelope(
-        request_id,
-        "chat.completion",
-        model,
-        [choice],
-        usage=usage(prompt_tokens, completion_tokens),
-    )
+
+
+def reply_body(
+    request_id: str,
+    model: str,
+    chat: bool,
+    choices: list[dict[str, Any]],
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+) -> dict[str, Any]:
+    """A whole reply: its choices (``completion_choice`` / ``chat_choice``) and the usage (the
+    prompt counted once, every choice's tokens)."""
+    kind = "chat.completion" if chat else "text_completion"
+    counts = usage(prompt_tokens, completion_tokens, cached_tokens)
+    return envelope(request_id, kind, model, choices, usage=counts)
 
 
 def completion_chunk(
-    request_id: str, model: str, text: str, finish_reason: str | None, logprobs: Any = None
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    logprobs: Any = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = completion_choice(index, text, finish_reason, logprobs)
     return envelope(request_id, "text_completion", model, [choice])
 
 
 def chat_chunk(
     request_id: str,
     model: str,
-    delta: dict[str, str],
+    delta: dict[str, Any],
     finish_reason: str | None,
     logprobs: Any = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    """A stream's chunk; a delta with ``tool_calls`` carries each call whole, with its index."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return envelope(request_id, "chat.completion.chunk", model, [choice])
 
 
+def tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": new_id("call"),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+#: The Hermes-style tool-call block (Qwen-family and other templates that list tools): a JSON
+#: object with the function's ``name`` and ``arguments``.
+HERMES_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def emits_hermes_tool_calls(chat_template: str | None) -> bool:
+    """Whether a chat template tells the model to answer tools with ``<tool_call>`` blocks."""
+    return bool(chat_template) and "<tool_call>" in str(chat_template)
+
+
+def parse_tool_calls(
+    mode: str | None, text: str, named: str | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """(content, tool calls) of a reply generated in a tool mode (``ChatCompletionRequest.
+    tool_mode``): named, the text is the arguments' JSON; required, a JSON list of
+    ``{name, arguments}``; auto, Hermes ``<tool_call>`` blocks in the text (the text before the
+    first one is the content). Text that does not parse (e.g. cut by max_tokens) stays content."""
+    if mode == "named" and named is not None:
+        return "", [tool_call(named, text)]
+    if mode == "required":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        calls = [
+            tool_call(item["name"], json.dumps(item["arguments"]))
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("name"), str) and "arguments" in item
+        ]
+        return ("", calls) if calls else (text, [])
+    if mode == "auto":
+        calls = []
+        for block in HERMES_TOOL_CALL.finditer(text):
+            try:
+                call = json.loads(block.group(1))
+            except json.JSONDecodeError:
+                continue
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                calls.append(tool_call(call["name"], json.dumps(call.get("arguments", {}))))
+        if calls:
+            return text[: text.index("<tool_call>")].strip(), calls
+    return text, []
+
+
 def usage_chunk(
-    request_id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int
+    request_id: str,
+    model: str,
+    chat: bool,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    return envelope(request_id, kind, model, [], usage=usage(prompt_tokens, completion_tokens))
+    counts = usage(prompt_tokens, completion_tokens, cached_tokens)
+    return envelope(request_id, kind, model, [], usage=counts)
 
 
 def sse_event(payload: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The OpenAI surface of the live app, with the real `openai` client (and raw HTTP where a client
-cannot send the body): invalid Unicode, request limits, refused / ignored / unknown fields,
-include_usage, logprobs, the default max_tokens and ``/v1/models/{id}``.
+cannot send the body): invalid Unicode (and 1,000 random strings: never a 500), request limits,
+refused / ignored / unknown fields, include_usage, logprobs, the default max_tokens,
+``/v1/models/{id}``, penalties and logit_bias, n choices, structured outputs and tool calls.
 
 Two apps: the embedded SmolLM2 at ``/`` with a 1,024-token context (small limits, quick default
 generations), and at ``/big`` a small random Llama with the embedded tokenizer and a 65,536-token
@@ -171,13 +172,9 @@ def test_a_body_bigger_than_any_prompt_that_fits_is_a_413(served: openai.OpenAI)
 
 # ---- 3. refused, ignored and unknown fields ------------------------------------------------------
 REFUSED: list[tuple[str, dict[str, Any]]] = [
-    ("presence_penalty", {"presence_penalty": 0.5}),
-    ("frequency_penalty", {"frequency_penalty": 1.0}),
-    ("logit_bias", {"logit_bias": {"504": -100}}),
-    ("n", {"n": 2}),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
-    ("tool_choice", {"tool_choice": "required"}),
-    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("functions", {"functions": [{"name": "f", "parameters": {}}]}),
+    ("modalities", {"modalities": ["text", "audio"]}),
+    ("reasoning_effort", {"reasoning_effort": "low"}),
 ]
 
 
@@ -197,6 +194,7 @@ def test_an_unsupported_chat_field_is_a_400_naming_it(
 @pytest.mark.parametrize(
     ("field", "extra"),
     [("best_of", {"best_of": 2}), ("echo", {"echo": True}), ("suffix", {"suffix": "!"})],
+    ids=["best_of", "echo", "suffix"],
 )
 def test_an_unsupported_completions_field_is_a_400_naming_it(
     served: openai.OpenAI, field: str, extra: dict[str, Any]
@@ -232,9 +230,9 @@ def test_neutral_values_and_ignored_metadata_change_nothing(served: openai.OpenA
 def test_an_unknown_field_is_a_400_naming_it(served: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         served.chat.completions.create(
-            model=MODEL, messages=FRANCE, max_tokens=2, extra_body={"min_p": 0.1}
+            model=MODEL, messages=FRANCE, max_tokens=2, extra_body={"typical_p": 0.9}
         )
-    assert refused.value.param == "min_p" and refused.value.code == "unknown_parameter"
+    assert refused.value.param == "typical_p" and refused.value.code == "unknown_parameter"
 
 
 @pytest.mark.parametrize("chat", [True, False])
@@ -363,3 +361,170 @@ def test_models_retrieve_returns_the_model_and_another_id_is_a_404(served: opena
     assert missing.value.code == "model_not_found" and "gpt-9" in missing.value.message
     with pytest.raises(openai.NotFoundError):
         served.models.retrieve("org/" + MODEL)
+
+
+# ---- 7. penalties, logit_bias, n -----------------------------------------------------------------
+REPEAT = "Repeat the word 'yes' ten times: yes yes yes"
+
+
+def completion_tokens(client: openai.OpenAI, **kwargs: Any) -> list[str]:
+    reply = client.completions.create(model=MODEL, temperature=0, logprobs=0, **kwargs)
+    return reply.choices[0].logprobs.tokens
+
+
+def test_a_penalty_changes_a_repetitive_output(served: openai.OpenAI) -> None:
+    plain = completion_tokens(served, prompt=REPEAT, max_tokens=12)
+    assert plain == [" yes"] * 12  # greedy: the model repeats
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized = completion_tokens(served, prompt=REPEAT, max_tokens=12, **penalty)
+        assert penalized[0] == " yes" and penalized.count(" yes") == 1, penalty
+    repeated = completion_tokens(
+        served, prompt=REPEAT, max_tokens=12, extra_body={"repetition_penalty": 3.0}
+    )
+    assert " yes" not in repeated  # in the prompt: penalized from the first token
+
+
+def test_logit_bias_removes_a_token_and_forces_another(
+    served: openai.OpenAI, tokenizer: Any
+) -> None:
+    prompt = "The capital of France is"
+    plain = completion_tokens(served, prompt=prompt, max_tokens=4)
+    assert plain[0] == " Paris"
+    paris, london = (tokenizer.encode(w)[0] for w in (" Paris", " London"))
+    banned = completion_tokens(served, prompt=prompt, max_tokens=4, logit_bias={str(paris): -100})
+    assert " Paris" not in banned
+    forced = served.chat.completions.create(
+        model=MODEL, messages=FRANCE, max_tokens=3, logit_bias={str(london): 100}, seed=1
+    )
+    assert forced.choices[0].message.content == " London" * 3
+
+
+def test_n_choices_streaming_or_not(served: openai.OpenAI) -> None:
+    kwargs = {"messages": SEA, "max_tokens": 6, "n": 3, "seed": 11, "temperature": 1.0}
+    whole = served.chat.completions.create(model=MODEL, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1  # seeds seed, seed + 1, seed + 2
+    assert whole.usage.completion_tokens == 3 * 6
+    streamed = ["", "", ""]
+    chunks = list(
+        served.chat.completions.create(
+            model=MODEL, stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts and chunks[-1].usage == whole.usage
+    completions = served.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=4, n=2, best_of=2, seed=3
+    )
+    assert [c.index for c in completions.choices] == [0, 1]
+
+
+# ---- 8. structured outputs and tools -------------------------------------------------------------
+ANSWER = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "ok": {"type": "boolean"}},
+    "required": ["answer", "ok"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_json_schema_output_validates_for_20_seeds(served: openai.OpenAI) -> None:
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER, "strict": True}}
+    messages = [{"role": "user", "content": "Is the sea blue? Answer in JSON."}]
+    for first in (0, 10):  # n is at most 16
+        reply = served.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=20, n=10, seed=first, response_format=fmt
+        )
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), ANSWER)
+    plain = served.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert plain.choices[0].message.content.startswith("{")
+
+
+def test_an_invalid_schema_is_a_400(served: openai.OpenAI) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        served.chat.completions.create(
+            model=MODEL, messages=FRANCE, max_tokens=4, response_format=fmt
+        )
+    assert refused.value.param == "response_format" and "nope" in refused.value.message
+
+
+def test_a_named_tool_call_parses_into_its_schema(served: openai.OpenAI) -> None:
+    import jsonschema
+
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = {"messages": messages, "tools": [WEATHER], "max_tokens": 40, "temperature": 0}
+    reply = served.chat.completions.create(model=MODEL, tool_choice=choice, **kwargs)
+    [call] = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    chunks = list(
+        served.chat.completions.create(model=MODEL, tool_choice=choice, stream=True, **kwargs)
+    )
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
+    assert [(t.index, t.function.name, t.function.arguments) for t in calls] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    required = served.chat.completions.create(model=MODEL, tool_choice="required", **kwargs)
+    calls = required.choices[0].message.tool_calls
+    assert calls and all(c.function.name == "get_weather" for c in calls)
+    # This model's template has no <tool_call> format: "auto" (the default) says what works.
+    with pytest.raises(openai.BadRequestError) as refused:
+        served.chat.completions.create(model=MODEL, **kwargs)
+    assert refused.value.param == "tool_choice" and '"required"' in refused.value.message
+
+
+# ---- 9. random text never gives a 500 ------------------------------------------------------------
+def test_random_unicode_strings_never_give_a_500(served: openai.OpenAI) -> None:
+    """100 of them end to end (generating a token each); tests/cpu/test_openai_surface.py sends
+    1,000 through the ingress's own path (validation, chat template, tokenizer, limits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.cpu.test_openai_surface import random_texts
+
+    bodies = []
+    for i, text in enumerate(random_texts(100, seed=18)):
+        content = json.dumps(text)  # escapes lone surrogates as \udXXX, as a client's JSON may
+        if i % 2:
+            raw = f'{{"prompt": {content}, "max_tokens": 1}}'
+            bodies.append(("/v1/completions", raw))
+        else:
+            raw = f'{{"messages": [{{"role": "user", "content": {content}}}], "max_tokens": 1}}'
+            bodies.append(("/v1/chat/completions", raw))
+    with httpx.Client(base_url=BASE_URL, timeout=120) as client, ThreadPoolExecutor(8) as pool:
+        headers = {"content-type": "application/json"}
+        responses = list(
+            pool.map(lambda b: client.post(b[0], content=b[1].encode(), headers=headers), bodies)
+        )
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 400}, [r.text for r in responses if r.status_code >= 500][:3]
+    assert statuses.count(200) > 50 and statuses.count(400) > 5  # surrogates are refused
+    for response in responses:
+        assert ("error" in response.json()) == (response.status_code == 400)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,6 @@ from openai.types import Completion, Model
 from openai.types import completion_create_params as openai_completion_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as openai_chat_params
-from pydantic import ValidationError
 
 from cluster import ingress
 from cluster import openai_api as api
@@ -108,17 +108,8 @@ def test_a_field_named_by_a_lone_surrogate_is_still_a_well_formed_400(client: Te
 
 # ---- 3. every field honoured, refused or ignored -------------------------------------------------
 REFUSED: list[tuple[str, dict[str, Any]]] = [
-    ("presence_penalty", {"presence_penalty": 0.5}),
-    ("frequency_penalty", {"frequency_penalty": -1}),
-    ("logit_bias", {"logit_bias": {"42": -100}}),
-    ("n", {"n": 2}),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
-    ("tool_choice", {"tool_choice": "required"}),
-    ("tool_choice", {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
     ("functions", {"functions": [{"name": "f"}]}),
     ("function_call", {"function_call": {"name": "f"}}),
-    ("response_format", {"response_format": {"type": "json_object"}}),
-    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {}}}),
     ("modalities", {"modalities": ["text", "audio"]}),
     ("audio", {"audio": {"voice": "alloy", "format": "wav"}}),
     ("prediction", {"prediction": {"type": "content", "content": "x"}}),
@@ -131,9 +122,7 @@ REFUSED_COMPLETIONS: list[tuple[str, dict[str, Any]]] = [
     ("best_of", {"best_of": 3}),
     ("echo", {"echo": True}),
     ("suffix", {"suffix": "end"}),
-    ("presence_penalty", {"presence_penalty": 1}),
-    ("logit_bias", {"logit_bias": {"42": 100}}),
-    ("n", {"n": 3}),
+    ("best_of", {"best_of": 2, "n": 3}),
 ]
 
 
@@ -157,21 +146,139 @@ def test_an_unsupported_completions_field_is_a_400_naming_it(
     assert error["param"] == field and "is not supported yet" in error["message"]
 
 
-def test_n_keeps_the_message_clients_know() -> None:
-    with pytest.raises(ValidationError, match="only n = 1"):
-        api.CompletionRequest.model_validate({"prompt": "hi", "n": 3})
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
-def test_unsupported_message_fields_and_content_parts_are_400s_naming_them(
-    client: TestClient,
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"n": 17}, "n", "less than or equal to 16"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+            "'g', which tools lacks",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools.0.function.name",
+            "pattern",
+        ),
+        (
+            {"response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+            "json_schema",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "'text'"),
+        (
+            {
+                "tools": [TOOL],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "cannot be combined with tools",
+        ),
+        ({"logit_bias": {"x": 1}}, None, "logit_bias"),
+        ({"presence_penalty": 3}, None, "presence_penalty"),
+    ],
+)
+def test_bad_values_of_supported_fields_are_400s_naming_them(
+    client: TestClient, extra: dict[str, Any], param: str | None, words: str
 ) -> None:
-    calls = {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}
-    error = error_of(client.post("/v1/chat/completions", json={"messages": [calls]}))
-    assert error["param"] == "messages.0.tool_calls"
-    assert error["message"].startswith("messages.0: tool_calls is not supported yet")
-    tool = {"role": "tool", "content": "42", "tool_call_id": "1"}
-    error = error_of(client.post("/v1/chat/completions", json={"messages": [*USER, tool]}))
-    assert error["param"] == "messages.1.tool_call_id"
+    response = client.post("/v1/chat/completions", json={"messages": USER, **extra})
+    if param is None:  # checked when the sampling parameters are built (test_sampling.py)
+        with pytest.raises(ValueError, match=words):
+            api.ChatCompletionRequest.model_validate({"messages": USER, **extra}).sampling_params(
+                None, 10
+            )
+        return
+    error = error_of(response)
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_tool_messages_reach_the_template_in_its_shape(client: TestClient) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    body = api.ChatCompletionRequest.model_validate({"messages": messages, "tools": [TOOL]})
+    shaped = body.template_messages()
+    assert shaped[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
+    assert shaped[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    assert body.template_tools() == [TOOL] and body.tool_mode() == "auto"
+    broken = {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}
+    error = error_of(client.post("/v1/chat/completions", json={"messages": [broken]}))
+    assert error["param"] == "messages.0.tool_calls.0.function"
+
+
+def test_tool_modes_constrain_the_reply_to_the_calls_json() -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    named = api.ChatCompletionRequest.model_validate(
+        {
+            "messages": USER,
+            "tools": [TOOL, weather],
+            "tool_choice": {"type": "function", "function": {"name": "weather"}},
+        }
+    )
+    guided = named.guided()
+    assert guided is not None and json.loads(guided.spec or "") == weather["function"]["parameters"]
+    required = api.ChatCompletionRequest.model_validate(
+        {"messages": USER, "tools": [TOOL, weather], "tool_choice": "required"}
+    ).guided()
+    assert required is not None
+    schema = json.loads(required.spec or "")
+    assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
+    assert api.parse_tool_calls("named", '{"city": "Paris"}', "weather")[1][0]["function"] == {
+        "name": "weather",
+        "arguments": '{"city": "Paris"}',
+    }
+    content, calls = api.parse_tool_calls("required", '[{"name": "f", "arguments": {}}]')
+    assert content == "" and calls[0]["function"]["name"] == "f"
+    call = '{"name": "weather", "arguments": {"city": "Oslo"}}'
+    hermes = f"Let me look.\n<tool_call>\n{call}\n</tool_call>"
+    content, calls = api.parse_tool_calls("auto", hermes)
+    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {
+        "city": "Oslo"
+    }
+    assert api.parse_tool_calls("auto", "no call here") == ("no call here", [])
+    assert api.parse_tool_calls("required", '[{"name": "f", "argu') == ('[{"name": "f", "argu', [])
+    reply = ChatCompletion.model_validate(
+        api.reply_body(
+            "chatcmpl-1", "m", True, [api.chat_choice(0, content, "stop", None, calls)], 3, 9
+        )
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert reply.choices[0].message.tool_calls[0].function.name == "weather"
+    assert api.emits_hermes_tool_calls("{{ '<tool_call>' }}")
+    assert not api.emits_hermes_tool_calls(None)
+
+
+def test_response_format_becomes_a_grammar() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    body = api.ChatCompletionRequest.model_validate({"messages": USER, "response_format": fmt})
+    params = body.sampling_params(None, 10, body.guided())
+    assert params.guided is not None and json.loads(params.guided.spec or "") == schema
+    plain = {"messages": USER, "response_format": {"type": "json_object"}}
+    assert api.ChatCompletionRequest.model_validate(plain).guided().kind == "json_object"  # type: ignore[union-attr]
+
+
+def test_n_choices_get_their_own_seeds() -> None:
+    body = api.CompletionRequest.model_validate({"prompt": "hi", "n": 3, "seed": 5})
+    assert [body.sampling_params(None, 10, None, i).seed for i in range(3)] == [5, 6, 7]
+
+
+def test_content_parts_other_than_text_are_400s_naming_them(client: TestClient) -> None:
     image = [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {}}]
     body = {"messages": [{"role": "user", "content": image}]}
     error = error_of(client.post("/v1/chat/completions", json=body))
@@ -216,8 +323,8 @@ def test_ignored_fields_are_accepted_and_dropped(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.1}, "repetition_penalty"),
-        ("/v1/chat/completions", {"messages": USER, "min_p": 0.1}, "min_p"),
+        ("/v1/completions", {"prompt": "hi", "typical_p": 0.9}, "typical_p"),
+        ("/v1/chat/completions", {"messages": USER, "top_a": 0.1}, "top_a"),
         ("/v1/chat/completions", {"messages": [{**USER[0], "cache": 1}]}, "messages.0.cache"),
         (
             "/v1/completions",
@@ -356,6 +463,57 @@ def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
     asyncio.run(scenario())
 
 
+def random_texts(count: int, seed: int) -> list[str]:
+    """Seeded random strings from all over Unicode, lone surrogates included, 0-12 characters."""
+    rng = random.Random(seed)
+    planes = [(0x20, 0x7F), (0xA0, 0x2FFF), (0xD800, 0xDFFF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF)]
+    texts = []
+    for _ in range(count):
+        low, high = rng.choice(planes)
+        texts.append("".join(chr(rng.randint(low, high)) for _ in range(rng.randint(0, 12))))
+    return texts
+
+
+def test_1000_random_unicode_strings_never_give_a_500(tokenizer: Any) -> None:
+    """The ingress's path from body to the replica's request (validation, chat template,
+    tokenizer, limits, sampling parameters) on 1,000 random strings as prompts, messages and
+    stop strings: each is a 200 or a 400, never an exception (TestClient re-raises those)."""
+    fake = FakeIngress(tokenizer)
+    limits = api.RequestLimits(context_tokens=1024, max_token_bytes=16)
+    test_app = FastAPI()
+    test_app.add_exception_handler(RequestValidationError, ingress._validation_error)  # type: ignore[arg-type]
+    test_app.add_exception_handler(ingress.ApiError, ingress._api_error)  # type: ignore[arg-type]
+
+    @test_app.post("/v1/completions")
+    async def completions(body: api.CompletionRequest) -> dict[str, Any]:
+        assert isinstance(body.prompt, str)
+        ids = await fake.tokenize(body.prompt, limits, "prompt")
+        return {"ids": fake.reply("cmpl", ids, body, None, limits, "prompt").requests[0].max_tokens}
+
+    @test_app.post("/v1/chat/completions")
+    async def chat(body: api.ChatCompletionRequest) -> dict[str, Any]:
+        ids = fake.chat_ids(body.template_messages(), body.template_tools())
+        reply = fake.reply("chatcmpl", ids, body, None, limits, "messages", body.guided())
+        return {"ids": reply.requests[0].max_tokens}
+
+    statuses = []
+    with TestClient(test_app) as test_client:
+        for i, text in enumerate(random_texts(1000, seed=1000)):
+            quoted = json.dumps(text)  # lone surrogates travel as \udXXX escapes
+            if i % 3 == 0:
+                raw = f'{{"prompt": {quoted}}}'
+                response = test_client.post("/v1/completions", content=raw, headers=JSON)
+            elif i % 3 == 1:
+                raw = f'{{"messages": [{{"role": "user", "content": {quoted}}}]}}'
+                response = test_client.post("/v1/chat/completions", content=raw, headers=JSON)
+            else:
+                raw = f'{{"prompt": "hi", "stop": [{quoted}]}}'
+                response = test_client.post("/v1/completions", content=raw, headers=JSON)
+            assert response.status_code in (200, 400), response.text
+            statuses.append(response.status_code)
+    assert statuses.count(200) > 500 and statuses.count(400) > 100
+
+
 def echo_app() -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         body = b""
@@ -400,19 +558,27 @@ def test_a_body_bigger_than_any_prompt_that_fits_is_a_413_before_it_is_parsed() 
 def test_without_max_tokens_a_request_may_generate_the_rest_of_the_context() -> None:
     limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
     plain = api.ChatCompletionRequest.model_validate({"messages": USER})
-    request = FakeIngress.cls.request("chatcmpl", (1,) * 30, plain, None, limits, "messages")
-    assert request.max_tokens == 70
+
+    def max_tokens(prefix: str, ids: tuple[int, ...], body: Any, logprobs: Any, param: str) -> int:
+        reply = FakeIngress.cls.reply(prefix, ids, body, logprobs, limits, param)
+        return reply.requests[0].max_tokens
+
+    assert max_tokens("chatcmpl", (1,) * 30, plain, None, "messages") == 70
     newer = api.ChatCompletionRequest.model_validate({"messages": USER, "max_completion_tokens": 5})
-    assert FakeIngress.cls.request("c", (1,) * 30, newer, None, limits, "messages").max_tokens == 5
+    assert max_tokens("c", (1,) * 30, newer, None, "messages") == 5
     both = api.ChatCompletionRequest.model_validate(
         {"messages": USER, "max_tokens": 9, "max_completion_tokens": 5}
     )
     assert both.requested_max_tokens() == 5
     completion = api.CompletionRequest.model_validate({"prompt": [1, 2]})
-    assert FakeIngress.cls.request("c", (1, 2), completion, 3, limits, "prompt").max_tokens == 98
+    assert max_tokens("c", (1, 2), completion, 3, "prompt") == 98
     with pytest.raises(ingress.ApiError) as full:
-        FakeIngress.cls.request("c", (1,) * 100, completion, None, limits, "prompt")
+        max_tokens("c", (1,) * 100, completion, None, "prompt")
     assert "exceeds the context limit of 100 tokens" in full.value.payload["error"]["message"]
+    three = api.CompletionRequest.model_validate({"prompt": [1, 2], "n": 3, "seed": 1})
+    reply = FakeIngress.cls.reply("cmpl", (1, 2), three, None, limits, "prompt")
+    assert len({r.request_id for r in reply.requests}) == 3
+    assert [r.params.seed for r in reply.requests] == [1, 2, 3]
     assert full.value.payload["error"]["param"] == "prompt"
 
 
@@ -449,8 +615,13 @@ def test_chat_logprobs_have_openais_shape(tokenizer: Any, strings: api.TokenStri
     assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
     assert set(content[0]["top_logprobs"][0]) == {"token", "logprob", "bytes"}
     reply = ChatCompletion.model_validate(
-        api.chat_body(
-            "chatcmpl-1", "m", " Paris 東", "stop", 3, len(ids), first | {"content": content}
+        api.reply_body(
+            "chatcmpl-1",
+            "m",
+            True,
+            [api.chat_choice(0, " Paris 東", "stop", first | {"content": content})],
+            3,
+            len(ids),
         )
     )
     assert reply.choices[0].logprobs.content[0].top_logprobs[1].logprob == -3.0
@@ -477,7 +648,9 @@ def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: api.Tok
     starts = [text.encode()[: sum(len(strings.bytes(j)) for j in ids[:i])] for i in range(len(ids))]
     assert shaped["text_offset"] == [len(s.decode(errors="ignore")) for s in starts]
     reply = Completion.model_validate(
-        api.completion_body("cmpl-1", "m", text, "length", 1, 5, shaped)
+        api.reply_body(
+            "cmpl-1", "m", False, [api.completion_choice(0, text, "length", shaped)], 1, 5
+        )
     )
     assert reply.choices[0].logprobs.text_offset == shaped["text_offset"]
 
