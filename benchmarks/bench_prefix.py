@@ -1,0 +1,238 @@
+"""Prefix sharing: multi-turn chat and a shared system prompt with the prefix cache on and off, in
+both KV modes (vAttention page aliasing vs the paged mode's block cache).
+
+    python -m benchmarks.bench_prefix                 # Llama-3-8B shapes, synthetic bf16, one GPU
+    python -m benchmarks.bench_prefix --smoke         # tiny model on CPU, seconds
+
+Workloads (arrivals interleaved: conversation i starts ``i * --stagger-s`` after the first; each
+next turn is sent when the previous answer is complete):
+  chat    ``--conversations`` (64) conversations of ``--turns`` (5) turns; each turn a user message
+          of 256 tokens and an answer of 256, after a per-conversation 256-token system prompt, so
+          the history grows to ~2.8K tokens; every turn's prompt is the whole history
+  system  ``--conversations`` x 4 one-turn requests: one 1,536-token system prompt shared by all,
+          a 32-token question, a 64-token answer
+
+Per mode and cache setting: mean/p50/p99 time to first token, throughput (generated and prompt
+tokens per second of wall time), prompt tokens found cached over those looked up (the hit rate),
+and that rate over the workload's theoretical maximum: every prompt token that an earlier request
+had already computed (whole pages of it, never a prompt's last token), as if nothing were evicted
+and nothing arrived together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.environment import describe_device, save
+from replica import EngineConfig, LLMEngine, SamplingParams
+from replica.model import ModelConfig
+
+MODES = ("vattention", "paged")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A workload's sizes in tokens."""
+
+    system: int
+    user: int
+    answer: int
+    turns: int
+    shared_system: bool  # one system prompt for every conversation
+
+
+def shapes(smoke: bool) -> dict[str, Shape]:
+    if smoke:
+        return {
+            "chat": Shape(system=24, user=12, answer=10, turns=3, shared_system=False),
+            "system": Shape(system=64, user=4, answer=6, turns=1, shared_system=True),
+        }
+    return {
+        "chat": Shape(system=256, user=256, answer=256, turns=5, shared_system=False),
+        "system": Shape(system=1536, user=32, answer=64, turns=1, shared_system=True),
+    }
+
+
+def model_shape(smoke: bool) -> ModelConfig:
+    return ModelConfig.tiny() if smoke else ModelConfig.llama3_8b()
+
+
+def theoretical_hits(
+    prompts: list[list[int]], stored: list[list[int]], tokens_per_page: int
+) -> int:
+    """Prompt tokens an ideal cache would hold: for each prompt in order, its longest prefix that
+    an earlier request stored (whole pages, never its last token)."""
+    seen: set[tuple[int, ...]] = set()
+    hits = 0
+    for prompt, tokens in zip(prompts, stored):
+        usable = (len(prompt) - 1) // tokens_per_page
+        best = 0
+        for pages in range(1, usable + 1):
+            if tuple(prompt[: pages * tokens_per_page]) not in seen:
+                break
+            best = pages
+        hits += best * tokens_per_page
+        for pages in range(1, len(tokens) // tokens_per_page + 1):
+            seen.add(tuple(tokens[: pages * tokens_per_page]))
+    return hits
+
+
+def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
+    smoke = args.smoke
+    config = EngineConfig(
+        model="synthetic",
+        synthetic=model_shape(smoke),
+        kv_mode=mode,
+        device="cpu" if smoke else "auto",
+        max_model_len=args.max_model_len,
+        max_running=args.slots,
+        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        page_size=4096 if smoke else None,
+        prefix_cache=prefix_cache,
+        seed=1,
+    )
+    engine = LLMEngine(config)
+    engine.warm_up()
+    tokens_per_page = int(engine.kv.tokens_per_page) if mode == "paged" else 0
+    if mode != "paged":
+        tokens_per_page = int(getattr(engine.kv, "config").tokens_per_group)
+    vocab = engine.model_config.vocab_size
+    rng = random.Random(args.seed)
+    stats_before = engine.kv.stats()
+
+    def message(length: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(length)]
+
+    conversations = args.conversations * (4 if shape.shared_system else 1)
+    shared = message(shape.system)
+    histories = [
+        [*(shared if shape.shared_system else message(shape.system)), *message(shape.user)]
+        for _ in range(conversations)
+    ]
+    params = SamplingParams(max_tokens=shape.answer, temperature=0, ignore_eos=True)
+    arrivals = [(i * args.stagger_s, i, 0) for i in range(conversations)]  # (time, conv, turn)
+    heapq.heapify(arrivals)
+    submitted: dict[str, tuple[float, int, int]] = {}
+    first_token: dict[str, float] = {}
+    answers: dict[str, list[int]] = {}
+    prompts: list[list[int]] = []
+    stored: list[list[int]] = []
+    cached_tokens = 0
+    started = time.perf_counter()
+    while arrivals or engine.has_work():
+        now = time.perf_counter() - started
+        while arrivals and arrivals[0][0] <= now:
+            _, conv, turn = heapq.heappop(arrivals)
+            request_id = f"c{conv}-t{turn}"
+            engine.add_request(request_id, histories[conv], params)
+            submitted[request_id] = (now, conv, turn)
+            answers[request_id] = []
+        if not engine.has_work():
+            time.sleep(min(0.001, max(arrivals[0][0] - now, 0.0)) if arrivals else 0.0)
+            continue
+        for output in engine.step():
+            at = time.perf_counter() - started
+            first_token.setdefault(output.request_id, at)
+            answers[output.request_id] += output.token_ids
+            if not output.finished:
+                continue
+            if output.error:
+                raise RuntimeError(f"{output.request_id} failed: {output.error}")
+            _, conv, turn = submitted[output.request_id]
+            cached_tokens += output.cached_tokens
+            prompts.append(list(histories[conv]))
+            stored.append([*histories[conv], *answers[output.request_id][:-1]])
+            if turn + 1 < shape.turns:
+                histories[conv] = [*histories[conv], *answers[output.request_id]]
+                histories[conv] += message(shape.user)
+                heapq.heappush(arrivals, (at, conv, turn + 1))
+    seconds = time.perf_counter() - started
+    ttft = [first_token[r] - submitted[r][0] for r in submitted]
+    stats = engine.kv.stats()
+    queried = stats.prefix_queries_tokens - stats_before.prefix_queries_tokens
+    hits = stats.prefix_hits_tokens - stats_before.prefix_hits_tokens
+    prompt_tokens = sum(len(p) for p in prompts)
+    ideal = theoretical_hits(prompts, stored, tokens_per_page) if tokens_per_page else 0
+    generated = sum(len(a) for a in answers.values())
+    return {
+        "mode": mode,
+        "prefix_cache": prefix_cache,
+        "requests": len(submitted),
+        "seconds": seconds,
+        "ttft_mean_s": statistics.mean(ttft),
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": sorted(ttft)[max(int(len(ttft) * 0.99) - 1, 0)],
+        "generated_tokens_per_s": generated / seconds,
+        "prompt_tokens_per_s": prompt_tokens / seconds,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens_reported": cached_tokens,
+        "prefix_queries_tokens": queried,
+        "prefix_hits_tokens": hits,
+        "hit_rate": hits / queried if queried else 0.0,
+        "theoretical_hit_rate": ideal / prompt_tokens if prompt_tokens else 0.0,
+        "hit_rate_of_theoretical": hits / ideal if ideal else 0.0,
+        "tokens_per_page": tokens_per_page,
+        "pages_shared_at_end": stats.pages_shared,
+        "prefix_evicted_pages": stats.prefix_evicted_pages - stats_before.prefix_evicted_pages,
+        "preemptions": engine.scheduler.preemptions_total,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--workloads", default="chat,system")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=None, help="chat turns (default 5)")
+    parser.add_argument("--stagger-s", type=float, default=0.05)
+    parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-gib", type=float, default=40.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.smoke:
+        args.conversations = min(args.conversations, 4)
+        args.stagger_s, args.slots, args.max_model_len = 0.0, 8, 256
+        args.kv_cache_gib = 256 * 4096 / (1 << 30)
+    loads = shapes(args.smoke)
+    if args.turns is not None:
+        loads["chat"] = dataclasses.replace(loads["chat"], turns=args.turns)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in args.workloads.split(","):
+        rows = []
+        for mode in args.modes.split(","):
+            for prefix_cache in (False, True):
+                rows.append(run(mode, prefix_cache, loads[name], args))
+                print(name, rows[-1], flush=True)
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        results[name] = rows
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "host"
+    payload = {
+        "benchmark": "prefix",
+        "environment": describe_device(device),
+        "model": dataclasses.asdict(model_shape(args.smoke)) | {"weights": "synthetic"},
+        "workloads": {name: dataclasses.asdict(shape) for name, shape in loads.items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": results,
+    }
+    path = save(
+        "prefix" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
