@@ -144,8 +144,12 @@ class LLMEngine:
 
     @property
     def context_limit(self) -> int:
-        """The most tokens (prompt + max_tokens) one request may hold."""
-        return min(self.config.max_model_len, self.model_config.max_position_embeddings)
+        """The most tokens (prompt + max_tokens) one request may hold: ``max_model_len``, the
+        model's positions, and its sliding window if it has one (Mistral): attention here applies
+        no window, and within the window sliding and full attention are the same."""
+        window = self.model_config.sliding_window
+        limits = (self.config.max_model_len, self.model_config.max_position_embeddings, window)
+        return min(limit for limit in limits if limit is not None)
 
     def check(self, token_ids: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
         """Every check a request passes before it is queued, in one place (the serving layer calls
@@ -175,10 +179,16 @@ class LLMEngine:
             )
         total = len(token_ids) + params.max_tokens
         if total > self.context_limit:
+            window = self.model_config.sliding_window
+            why = (
+                " (the model's sliding window: attention over a sliding window is not implemented)"
+                if window == self.context_limit
+                else ""
+            )
             raise RequestRejected(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{total} exceeds the "
-                f"context limit of {self.context_limit} tokens",
+                f"context limit of {self.context_limit} tokens{why}",
                 "max_tokens",
                 "context_length_exceeded",
             )

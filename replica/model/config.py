@@ -1,7 +1,8 @@
 """Model hyper-parameters, read from a Hugging Face ``config.json``.
 
-Only the decoder-only Llama family is supported (``llama``, ``mistral``, ``qwen2``); they share one
-architecture and differ only in which projections carry a bias and in their rope settings.
+Only the decoder-only Llama family is supported (``llama``, ``mistral``, ``qwen2``, ``qwen3``); they
+share one architecture and differ only in which projections carry a bias, in their rope settings,
+and (Qwen3) in an RMSNorm of each query and key head before RoPE.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class ModelConfig:
 
     ``eos_token_ids`` is a tuple because several checkpoints (Llama-3-Instruct) stop on more than
     one
-    token. ``sliding_window`` is reported for Mistral checkpoints that use one; the model itself is
-    agnostic (attention is supplied by the engine), so the engine decides whether to honour it.
+    token. ``sliding_window`` is reported for checkpoints that use one (Mistral; Qwen2/3 with
+    ``use_sliding_window``); attention is the engine's, which applies no window and so refuses a
+    request longer than it (within the window, sliding and full attention are the same).
+    ``qk_norm``: Qwen3's RMSNorm over each query and key head (``q_norm`` / ``k_norm``) before RoPE.
     """
 
     model_type: str
@@ -54,6 +57,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    qk_norm: bool = False
     checkpoint_dtype: str | None = None  # e.g. "bfloat16", as recorded in config.json
 
     def __post_init__(self) -> None:
@@ -111,7 +115,7 @@ class ModelConfig:
         if model_type == "qwen2":
             # Qwen2 always has q/k/v biases and never an o_proj bias.
             qkv_bias, o_bias = True, False
-        else:
+        else:  # Llama, Mistral and Qwen3: attention_bias covers q, k, v and o
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         eos_ids = (
@@ -120,7 +124,7 @@ class ModelConfig:
             else ((int(eos),) if eos is not None else ())
         )
         sliding = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             sliding = None
         bos = cfg.get("bos_token_id")
         return cls(
@@ -143,6 +147,7 @@ class ModelConfig:
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=eos_ids,
             sliding_window=int(sliding) if sliding else None,
+            qk_norm=model_type == "qwen3",
             checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         )
 

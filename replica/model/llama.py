@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) with attention supplied by the engine.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) with attention supplied by the engine.
 
 The model never sees sequences, only the flat list of ``T`` tokens scheduled in this step (prefill
 chunks and decode tokens of many sequences packed together) and their absolute positions. Which
@@ -36,7 +36,8 @@ the fused qkv output (each head's ``D`` values contiguous). The softmax scale is
 
 
 class LlamaAttention(nn.Module):
-    """Fused-qkv projection, RoPE, engine attention, row-parallel output projection."""
+    """Fused-qkv projection, (Qwen3) per-head q/k RMSNorm, RoPE, engine attention, row-parallel
+    output projection."""
 
     def __init__(
         self,
@@ -67,6 +68,9 @@ class LlamaAttention(nn.Module):
             world_size,
             process_group,
         )
+        # Qwen3: one RMSNorm weight of head_dim shared by every query (key) head, replicated.
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -81,6 +85,10 @@ class LlamaAttention(nn.Module):
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1
         )
         q, k = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            # [T, H, D] -> [T * H, D]: each head's vector normed (a copy of the strided views).
+            q = self.q_norm(q.reshape(-1, d))[0].view(t, self.num_heads, d)
+            k = self.k_norm(k.reshape(-1, d))[0].view(t, self.num_kv_heads, d)
         rotary(positions, q, k)  # in place
         out = attention(self.layer_index, q, k, v.view(t, self.num_kv_heads, d))
         return self.o_proj(out.reshape(t, self.num_heads * d))

@@ -78,6 +78,16 @@ HF_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "qwen2_bias": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
     "mistral": ("mistral", {"num_key_value_heads": 2, "sliding_window": None}),
+    # Qwen3: per-head q/k RMSNorm before RoPE; head_dim 32 with 4 heads on hidden 64 (q is wider
+    # than the residual stream, as in Qwen3's own checkpoints).
+    "qwen3_qk_norm": (
+        "qwen3",
+        {"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True},
+    ),
+    "qwen3_bias_untied": (
+        "qwen3",
+        {"num_key_value_heads": 1, "attention_bias": True, "tie_word_embeddings": False},
+    ),
 }
 
 
@@ -88,6 +98,7 @@ def _hf_classes(kind: str) -> tuple[type, type]:
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
     }[kind]
 
 
@@ -261,6 +272,14 @@ def test_config_parsing() -> None:
         }
     )
     assert qwen.attention_bias and not qwen.o_proj_bias and qwen.sliding_window is None
+    assert not qwen.qk_norm
+    qwen3 = {**_BASE, "model_type": "qwen3", "num_hidden_layers": 1, "head_dim": 128}
+    qwen3 |= {"intermediate_size": 16, "sliding_window": 4096}
+    parsed = ModelConfig.from_dict(qwen3)
+    assert parsed.qk_norm and parsed.head_dim == 128 and not parsed.attention_bias
+    assert parsed.sliding_window is None  # use_sliding_window is false by default
+    windowed = ModelConfig.from_dict(qwen3 | {"use_sliding_window": True, "attention_bias": True})
+    assert windowed.sliding_window == 4096 and windowed.attention_bias and windowed.o_proj_bias
     big = ModelConfig.llama3_8b()
     assert (big.num_layers, big.num_kv_heads, big.vocab_size, big.head_dim) == (32, 8, 128256, 128)
 
@@ -358,7 +377,9 @@ def _tp_worker(rank: int, world_size: int, model_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "llama_untied_bias", "qwen2_bias"])
+@pytest.mark.parametrize(
+    "name", ["llama_gqa_tied", "llama_untied_bias", "qwen2_bias", "qwen3_qk_norm"]
+)
 def test_tensor_parallel_gloo(name: str, tmp_path: Path) -> None:
     hf_model = make_hf_checkpoint(name, tmp_path / "ckpt")
     out = tmp_path / "result.pt"
@@ -429,3 +450,61 @@ def test_embedded_smollm2() -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--tp-worker"]:
     _tp_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+def test_sliding_window_bounds_the_context(tmp_path: Path) -> None:
+    """Attention applies no window, so a Mistral checkpoint's sliding_window is the context limit:
+    within it the engine is token-identical to transformers (which applies the window), one token
+    beyond it is refused with the reason."""
+    from replica import SamplingParams
+    from replica.errors import RequestRejected
+    from tests.models import tiny_llm
+
+    config_cls, model_cls = _hf_classes("mistral")
+    torch.manual_seed(0)
+    config = config_cls(**_BASE, num_key_value_heads=2, sliding_window=16)
+    hf_model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.normal_(0.0, 0.1)
+    hf_model.save_pretrained(tmp_path)
+    llm = tiny_llm(tmp_path)
+    assert llm.engine.context_limit == 16
+    prompt = make_prompts(VOCAB)[1][:10]
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0))
+    with torch.no_grad():
+        expected = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert list(out.token_ids) == expected[0, len(prompt) :].tolist()
+    with pytest.raises(RequestRejected, match="context limit of 16 tokens .*sliding window"):
+        llm.generate([prompt], SamplingParams(max_tokens=7, temperature=0))
+
+
+@pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
+def test_engine_serves_qwen3_like_hf(kv_mode: str, tmp_path: Path) -> None:
+    """The whole engine (scheduler, KV cache, sdpa) on the Qwen3 checkpoint: greedy tokens equal
+    transformers' for prompts batched together."""
+    from replica import SamplingParams
+    from tests.models import tiny_llm
+
+    hf_model = make_hf_checkpoint("qwen3_qk_norm", tmp_path)
+    llm = tiny_llm(tmp_path, kv_mode=kv_mode)
+    prompts = make_prompts(VOCAB)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            expected = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert list(out.token_ids) == expected[0, len(prompt) :].tolist()
