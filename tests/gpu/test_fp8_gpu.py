@@ -21,6 +21,7 @@ from replica.attention.base import AttentionBackend
 from replica.attention.fp8 import KVScales, quantize
 from replica.attention.paged import make_paged_attention_backend
 from replica.kv import PagedKVCache, PagedKVConfig
+from replica.model import ModelConfig
 from replica.model_runner import StepPlan
 from tests.gpu.test_engine_gpu import assert_logits_close, small_llama
 
@@ -133,19 +134,25 @@ def test_backends_without_fp8_refuse_it(name: str) -> None:
 
 
 def runner_logits(
-    kv_mode: str, layout: str, attention: str, cuda_graphs: bool
+    kv_mode: str,
+    layout: str,
+    attention: str,
+    cuda_graphs: bool,
+    kv_cache_dtype: str = "fp8",
+    model: ModelConfig | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """A prefill, then decode steps of 5 sequences (graph of 8) and 3 (graph of 4), two of them
-    long (16-token virtual pages in FlashInfer); logits of every step and the graph replays."""
+    long (16-token virtual pages in FlashInfer); logits of every step and the graph replays.
+    ``model``: synthetic shapes (default: 4 layers of Llama-3-8B, vocabulary 32,000)."""
     lengths = [5, 2100, 37, 1, 3000]
     llm = LLMEngine(
         EngineConfig(
             model="synthetic",
-            synthetic=dataclasses.replace(small_llama(), vocab_size=32000),
+            synthetic=model or dataclasses.replace(small_llama(), vocab_size=32000),
             attention=attention,
             kv_mode=kv_mode,
             kv_layout=layout,
-            kv_cache_dtype="fp8",
+            kv_cache_dtype=kv_cache_dtype,
             max_running=8,
             max_model_len=4096,
             kv_cache_bytes=1 << 30,
@@ -154,7 +161,7 @@ def runner_logits(
         )
     )
     runner, kv = llm.runner, llm.runner.kv
-    assert kv.k_cache(0).dtype == FP8
+    assert (kv.k_cache(0).dtype == FP8) == (kv_cache_dtype == "fp8")
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 32000, (n,), generator=generator).tolist() for n in lengths]
     slots = [kv.acquire() for _ in prompts]
