@@ -72,6 +72,9 @@ class AppOptions(BaseModel):
     router_hold_s: float = 0.0
     metrics_period_s: float = 1.0  # how often each replica pushes its metrics to the hub
     replica_cpus: float = 1.0
+    #: GPUs per replica of tp 1: a fraction shares a GPU between replicas (each with its own KV
+    #: budget: set kv_cache_bytes), e.g. 0.33 for three (benchmarks.bench_autoscaling --gpu).
+    replica_gpus: float = 1.0
     #: "free-pages": vattn's FreePageRouter (cluster.router); "power-of-two": Serve's default
     #: PowerOfTwoChoicesRequestRouter (for comparison: benchmarks.bench_router).
     router: str = "free-pages"
@@ -203,7 +206,10 @@ def build_app(args: AppOptions) -> Application:
         # environment variables its warning names are not read yet: cluster.autoscaler).
         warnings.filterwarnings("ignore", "The `metrics_interval_s` field", DeprecationWarning)
         deployment = VattnReplica.options(
-            ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": 1 if gpu else 0},
+            ray_actor_options={
+                "num_cpus": options.replica_cpus,
+                "num_gpus": (options.replica_gpus if options.tp == 1 else 1) if gpu else 0,
+            },
             request_router_config=options.request_router_config(),
             # A stopping replica gets no new requests and finishes the ones it has.
             graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,

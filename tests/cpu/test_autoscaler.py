@@ -197,3 +197,11 @@ def test_serves_wrapper_scales_up_after_its_short_delay_and_down_after_its_long_
     clock[0] = 300.0
     stale = context(idle, running, 2, config, 300.0, state, reported_at=100.0)
     assert policy(stale)[0] == 2
+
+
+def test_replicas_can_share_a_gpu() -> None:
+    from ray.serve._private.build_app import build_app as serve_build
+
+    app = build_app({"device": "cuda", "model": "synthetic", "replica_gpus": 0.33})
+    [replica] = [d for d in serve_build(app, name="v").deployments if d.name == "VattnReplica"]
+    assert replica.ray_actor_options["num_gpus"] == 0.33
