@@ -1,6 +1,7 @@
 """Ray Serve request router that sends each request to the vattn replica with the most KV pages left
 for it: free pages less what its queue needs, and no more than its budget less what its requests
-will hold at their ``max_tokens`` (the *headroom*, the rule in ``cluster.routing``).
+will hold at their ``max_tokens`` (the *headroom*, the rule in ``cluster.routing``), weighed
+against the prompt's expected prefix-cache hit pages there (the prefix score, same module).
 
 The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve
 2.60's
@@ -94,15 +95,20 @@ class FreePageRouter(RequestRouter):
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]
         if request is not None and tpps:
             need = routing.pages_needed(request, min(tpps))
+        chains = routing.prompt_chains(getattr(request, "prompt_token_ids", None), pairs)
+        hits = {rid: s.hit_pages(chains) for rid, s in pairs if s is not None} if chains else None
         now = time.time()
         waited = now - pending_request.created_at if pending_request is not None else 0.0
-        choice = routing.rank_replicas(pairs, need, now, self.max_age_s, hold=waited < self.hold_s)
+        choice = routing.rank_replicas(
+            pairs, need, now, self.max_age_s, hold=waited < self.hold_s, hit_pages=hits
+        )
         routing.DECISIONS.record(choice)
         if choice.reason == routing.HOLD:
             return []  # Serve retries with backoff; fresh stats or finished requests make room
         if choice.reason == routing.MOST_FREE_PAGES:
             first = choice.ranks[0][0]
-            self.remember(first, reported[first], need or 0)  # Serve takes the first rank with room
+            # Serve takes the first rank with room; the pages it adds there (its hit is cached).
+            self.remember(first, reported[first], (need or 0) - choice.hit_pages.get(first, 0))
             return [[by_id[rid] for rid in rank] for rank in choice.ranks]
         # Power of two choices: one rank of two random replicas; Serve takes the shorter queue.
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]

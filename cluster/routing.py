@@ -32,6 +32,26 @@ missing, malformed or older than ``max_age_s``, the policy returns reason ``"fal
 caller routes by power of two choices instead. Stats without ``queued_pages`` or
 ``committed_pages`` (older replicas) count as
 no queue and no promises beyond the free pages.
+
+Prefix sharing: a replica also reports a bounded summary of the prefixes it caches (the chain
+root, tokens per block and up to 2,048 keys at depths 1..8 and powers of two,
+``replica.kv.prefix``); a prompt's *expected hit pages* ``h`` on it are the deepest reported block
+its key chain matches, in pages (within a factor of two of the truth, and 0 where the replica
+never saw the prefix). NOTE: a replica's own report, not a record the router keeps of what it
+sent, because the replica knows what it still holds after eviction and preemption, and what other
+routers (every proxy and ingress process has one) sent it. Each candidate then gets one score::
+
+    after  = headroom - (n - h)                   pages left after this request (it adds n - h)
+    short  = max(low_water * total_pages - after, 0)      how far below the low-water mark
+    score  = h - short
+
+Replicas that can fit the request (``after >= 0``) come first, by score (highest first), then by
+``after``; the rest after them by ``after`` as before. So with room everywhere the replica holding
+the longest prefix wins (work saved: its pages are not computed again); one short of pages loses a
+point per page below the low-water mark (default 10% of its pages) and wins only if it saves more
+than that; and where no replica holds the prefix (``h = 0`` everywhere) the order is exactly the
+headroom rule's. ``RoutingDecisions.prefix_routed`` counts the decisions whose first choice
+holds part of the prompt.
 """
 
 from __future__ import annotations
@@ -43,9 +63,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from replica.kv.prefix import hit_blocks, summary_chain
+
 MOST_FREE_PAGES = "most_free_pages"
 FALLBACK = "fallback"
 HOLD = "hold"
+#: The low-water mark, a share of a replica's pages, below which headroom outweighs prefix hits.
+LOW_WATER = 0.1
+#: The most summary keys a replica's stats may carry (more are refused as malformed).
+MAX_PREFIX_KEYS = 4096
 #: The routers an app can use: vattn's FreePageRouter, or Serve's default power of two choices.
 ROUTERS = ("free-pages", "power-of-two")
 
@@ -72,6 +98,18 @@ class ReplicaStats:
     committed_pages: int | None = (
         None  # pages all its requests hold at max_tokens (None: not reported)
     )
+    prefix_root: int = 0  # the prefix cache's summary (``replica.kv.prefix``; none: no keys)
+    prefix_tokens_per_block: int = 0
+    prefix_keys: frozenset[int] = frozenset()
+
+    def hit_pages(self, chains: dict[tuple[int, int], tuple[tuple[int, int], ...]]) -> int:
+        """Expected hit pages of a prompt here; ``chains`` maps (root, tokens per block) to the
+        prompt's summary chain (``prompt_chains``)."""
+        chain = chains.get((self.prefix_root, self.prefix_tokens_per_block), ())
+        if not chain or not self.prefix_keys:
+            return 0
+        tokens = hit_blocks(chain, self.prefix_keys) * self.prefix_tokens_per_block
+        return int(tokens // self.tokens_per_page)
 
     @property
     def available_after_queue(self) -> int:
@@ -99,7 +137,52 @@ class ReplicaStats:
         if committed is not None and not (_is_int(committed) and committed >= 0):
             return None
         available, total, run, wait = (d[k] for k in ints)
-        return cls(available, total, float(tpp), run, wait, float(ts), queued, committed)
+        root, block = d.get("prefix_root", 0), d.get("prefix_tokens_per_block", 0)
+        keys = d.get("prefix_keys", ())
+        if not (
+            _is_int(root)
+            and _is_int(block)
+            and isinstance(keys, (list, tuple, frozenset, set))
+            and len(keys) <= MAX_PREFIX_KEYS
+            and all(_is_int(k) for k in keys)
+        ):
+            return None
+        return cls(
+            available,
+            total,
+            float(tpp),
+            run,
+            wait,
+            float(ts),
+            queued,
+            committed,
+            root,
+            block,
+            frozenset(keys),
+        )
+
+
+def prompt_chains(
+    prompt: Sequence[int] | None, candidates: Sequence[tuple[str, ReplicaStats | None]]
+) -> dict[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """The prompt's summary chain for each (root, tokens per block) the candidates report
+    (computed once per distinct pair: replicas of one model share it)."""
+    chains: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+    if not prompt:
+        return chains
+    for _, s in candidates:
+        if s is not None and s.prefix_keys:
+            pair = (s.prefix_root, s.prefix_tokens_per_block)
+            if pair not in chains:
+                chains[pair] = summary_chain(prompt, *pair)
+    return chains
+
+
+def prefix_score(
+    hit_pages: int, after: int, total_pages: int, low_water: float = LOW_WATER
+) -> float:
+    """The module's score: hit pages less the pages below the low-water mark after the request."""
+    return hit_pages - max(low_water * total_pages - after, 0.0)
 
 
 def pages_needed(request: Any, tokens_per_page: float) -> int | None:
@@ -118,6 +201,7 @@ class RankedChoice:
     reason: str  # MOST_FREE_PAGES, FALLBACK or HOLD
     oldest_stats_age_s: float | None = None  # now - oldest timestamp seen (None if any missing)
     headrooms: dict[str, int] = field(default_factory=dict)  # every ranked candidate's headroom
+    hit_pages: dict[str, int] = field(default_factory=dict)  # expected hits, where any
 
     @property
     def first(self) -> str | None:
@@ -135,30 +219,39 @@ def rank_replicas(
     now: float,
     max_age_s: float,
     hold: bool = False,
+    hit_pages: Mapping[str, int] | None = None,
+    low_water: float = LOW_WATER,
 ) -> RankedChoice:
-    """Order ``candidates`` (replica id, stats) by the rule in the module docstring."""
+    """Order ``candidates`` (replica id, stats) by the rule in the module docstring; with
+    ``hit_pages`` (replica id -> expected hit pages of the prompt), by the prefix score."""
     stamps = [s.timestamp for _, s in candidates if s is not None]
     age = now - min(stamps) if stamps and len(stamps) == len(candidates) else None
     if pages_needed is None or age is None or age > max_age_s:
         return RankedChoice([], FALLBACK, age)
+    hits = {rid: max(int((hit_pages or {}).get(rid, 0)), 0) for rid, _ in candidates}
+    hits = {rid: min(h, pages_needed) for rid, h in hits.items()}
     if hold:
         candidates = [
             (rid, s)
             for rid, s in candidates
-            if s is not None and s.available_after_queue >= pages_needed
+            if s is not None and s.available_after_queue >= pages_needed - hits[rid]
         ]
         if not candidates:
             return RankedChoice([], HOLD, age)
 
-    def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, int, int, str]:
+    def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, float, int, int, str]:
         rid, s = item
         assert s is not None
-        room = s.headroom
-        return (room < pages_needed, -room, s.running + s.waiting, rid)
+        after = s.headroom - (pages_needed - hits[rid])
+        score = prefix_score(hits[rid], after, s.total_pages, low_water) if scored else 0.0
+        return (after < 0, -score if after >= 0 else 0.0, -after, s.running + s.waiting, rid)
+
+    scored = any(hits.values())  # else the headroom rule, exactly
 
     ordered = sorted(candidates, key=key)
     headrooms = {rid: s.headroom for rid, s in ordered if s is not None}
-    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, age, headrooms)
+    found = {rid: h for rid, h in hits.items() if h > 0}
+    return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, age, headrooms, found)
 
 
 class RoutingDecisions:
@@ -180,6 +273,7 @@ class RoutingDecisions:
             self.last_replica: str | None = None
             self.last_stats_age_s: float | None = None
             self.last_headrooms: dict[str, int] = {}  # of every candidate, at the last ranking
+            self.prefix_routed = 0  # ranked decisions whose first choice holds part of the prompt
 
     def record(self, choice: RankedChoice) -> None:
         with self._lock:
@@ -188,6 +282,7 @@ class RoutingDecisions:
                 self.by_replica[choice.first] += 1
                 self.last_headroom_pages = choice.headroom_pages
                 self.last_headrooms = dict(choice.headrooms)
+                self.prefix_routed += choice.hit_pages.get(choice.first, 0) > 0
             self.last_reason, self.last_replica = choice.reason, choice.first
             self.last_stats_age_s = choice.oldest_stats_age_s
 

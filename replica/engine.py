@@ -491,7 +491,18 @@ class LLMEngine:
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             demand_pages=self._demand_pages(stats),
+            **self._prefix_summary(),
         )
+
+    def _prefix_summary(self) -> dict[str, object]:
+        summary = self.kv.prefix_summary() if self.broken is None else None
+        if summary is None:
+            return {}
+        return {
+            "prefix_root": summary.root,
+            "prefix_tokens_per_block": summary.tokens_per_block,
+            "prefix_keys": summary.keys,
+        }
 
     def _demand_pages(self, stats: KVCacheStats) -> int:
         """Pages this replica's requests are expected to hold at once (the autoscaler's input,

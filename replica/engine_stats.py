@@ -127,3 +127,8 @@ class RoutingStats:
     running: int
     waiting: int
     demand_pages: int = 0
+    #: The prefix cache's summary (``replica.kv.prefix``: the chain's root, tokens per block, up
+    #: to 2,048 keys of cached prefixes); the router estimates a prompt's hit pages from it.
+    prefix_root: int = 0
+    prefix_tokens_per_block: int = 0
+    prefix_keys: tuple[int, ...] = ()

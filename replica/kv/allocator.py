@@ -43,10 +43,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
 from replica.kv.config import KVCacheConfig, KVLayout
 from replica.kv.page_pool import PhysicalPagePool
-from replica.kv.prefix import extend_keys, root_key, usable_blocks
+from replica.kv.prefix import (
+    extend_keys,
+    is_summary_depth,
+    root_key,
+    summary_key,
+    usable_blocks,
+)
 from replica.kv.slots import SlotState, _Slot
 from replica.kv.stats import KVCacheStats
 from replica.vmm import (
@@ -116,6 +122,7 @@ class KVCacheAllocator(KVCache):
         )
         self._index: dict[int, tuple[int, ...]] = {}  # prefix key -> the group holding its block
         self._key_of: dict[tuple[int, ...], int] = {}  # the inverse
+        self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
         self.prefix_queries_tokens = 0  # prompt tokens looked up by acquire
         self.prefix_hits_tokens = 0  # of which found cached
         self.prefix_evicted_pages = 0  # indexed pages dropped from the index
@@ -312,12 +319,23 @@ class KVCacheAllocator(KVCache):
             key, group = slot.keys[j], slot.groups[j]
             if key not in self._index and group not in self._key_of:
                 self._index[key], self._key_of[group] = group, key
+                if is_summary_depth(j + 1):
+                    self._summary[key] = None
         slot.frozen = limit
+
+    def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
+        if not self._prefix:
+            return None
+        keys = list(self._summary)[-limit:] if limit > 0 else []
+        return PrefixSummary(
+            self._root, self.config.tokens_per_group, tuple(summary_key(k) for k in keys)
+        )
 
     def _unindex(self, group: tuple[int, ...]) -> None:
         key = self._key_of.pop(group, None)
         if key is not None:
             del self._index[key]
+            self._summary.pop(key, None)
             self.prefix_evicted_pages += len(group)
 
     def length(self, slot_index: int) -> int:
@@ -644,6 +662,7 @@ class KVCacheAllocator(KVCache):
             assert all(self._pool.mappings(p) == count for p in group), (group, count)
             assert count == 1 or group in self._key_of, f"shared group {group} is not indexed"
         assert len(self._index) == len(self._key_of)
+        assert self._summary.keys() <= self._index.keys(), "a summary key is not indexed"
         for key, group in self._index.items():
             assert self._key_of[group] == key and group in mappings, "index entry of no group"
         stats = self.stats()

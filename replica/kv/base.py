@@ -101,6 +101,15 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class PrefixSummary:
+    """A bounded summary of a cache's prefix index (``replica.kv.prefix.expected_hit_tokens``)."""
+
+    root: int
+    tokens_per_block: int
+    keys: tuple[int, ...]
+
+
 class KVGeometry(Protocol):
     """What a cache's config states about its shape (KVCacheConfig and PagedKVConfig do)."""
 
@@ -163,6 +172,12 @@ class KVCache(ABC):
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         """Tokens of ``prompt`` that ``acquire`` would find cached now (0 without sharing)."""
         return 0
+
+    def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
+        """What the router learns of the cached prefixes (``replica.kv.prefix``): the chain's
+        root, the tokens per block, and up to ``limit`` summary keys, the newest last (None
+        without sharing)."""
+        return None
 
     @abstractmethod
     def length(self, slot_index: int) -> int:

@@ -42,9 +42,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
 from replica.kv.paged_config import PagedKVConfig
-from replica.kv.prefix import extend_keys, root_key, usable_blocks
+from replica.kv.prefix import (
+    extend_keys,
+    is_summary_depth,
+    root_key,
+    summary_key,
+    usable_blocks,
+)
 from replica.kv.stats import KVCacheStats
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
@@ -85,6 +91,7 @@ class PagedKVCache(KVCache):
         self._refs = [0] * config.num_blocks  # slots holding each block
         self._index: dict[int, int] = {}  # prefix key -> block
         self._key_of: dict[int, int] = {}  # block -> prefix key
+        self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
         self._cached: OrderedDict[int, None] = OrderedDict()  # indexed, held by none; LRU first
         self._root = root_key(
             "paged",
@@ -215,7 +222,17 @@ class PagedKVCache(KVCache):
             key, block = seq.keys[j], seq.blocks[j]
             if key not in self._index and block not in self._key_of:
                 self._index[key], self._key_of[block] = block, key
+                if is_summary_depth(j + 1):
+                    self._summary[key] = None
         seq.frozen = limit
+
+    def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
+        if not self.config.prefix_cache:
+            return None
+        keys = list(self._summary)[-limit:] if limit > 0 else []
+        return PrefixSummary(
+            self._root, self.config.block_size, tuple(summary_key(k) for k in keys)
+        )
 
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
@@ -299,7 +316,9 @@ class PagedKVCache(KVCache):
             return False
         while len(self._free) < count:  # evict the least recently used cached blocks
             block, _ = self._cached.popitem(last=False)
-            del self._index[self._key_of.pop(block)]
+            key = self._key_of.pop(block)
+            del self._index[key]
+            self._summary.pop(key, None)
             self.prefix_evicted_pages += 1
             self._free.append(block)
         taken = self._free[-count:][::-1]
@@ -375,6 +394,7 @@ class PagedKVCache(KVCache):
         assert len(holders) + len(free) + len(cached) == self.config.num_blocks
         assert cached <= set(self._key_of) and not free & set(self._key_of)
         assert {self._key_of[b]: b for b in self._key_of} == self._index
+        assert self._summary.keys() <= self._index.keys(), "a summary key is not indexed"
         for index, seq in enumerate(self._seqs):
             if not seq.running:
                 assert not seq.blocks and seq.length == seq.reserved == 0, (

@@ -7,6 +7,10 @@ block's end: the same K/V, given the same model and cache layout, which the chai
 carries (``root_key``). Keys are 128-bit BLAKE2b digests as ints: the same in every process (the
 ranks of a tensor-parallel replica and the router agree on them), collisions negligible.
 
+A replica reports a bounded summary of its keys to the router (``is_summary_depth``: depths 1..8
+and powers of two, 64 bits each); ``expected_hit_tokens`` estimates a prompt's hit from it. This
+module imports no torch: the router uses it.
+
     tokens: | block 0 | block 1 | block 2 | partial |
     keys:     k0 = H(root, b0)   k1 = H(k0, b1)   k2 = H(k1, b2)      (no key: not full)
 """
@@ -52,3 +56,48 @@ def usable_blocks(prompt_tokens: int, tokens_per_block: int) -> int:
     """Full blocks of a prompt a request may take from the cache: its last token is always
     computed (its logits give the first output token), so at most ``prompt_tokens - 1`` tokens."""
     return max(prompt_tokens - 1, 0) // tokens_per_block
+
+
+# ---- the router's summary ------------------------------------------------------------------------
+#: Bits of a key a replica reports to the router (enough to tell a few thousand prefixes apart).
+SUMMARY_KEY_BITS = 64
+
+
+def is_summary_depth(blocks: int) -> bool:
+    """The chain depths a replica reports: 1..8, then powers of two (a long prefix in log many
+    keys; the router's estimate of a hit is then within a factor of two)."""
+    return 0 < blocks <= 8 or blocks & (blocks - 1) == 0
+
+
+def summary_key(key: int) -> int:
+    return key & ((1 << SUMMARY_KEY_BITS) - 1)
+
+
+def summary_chain(
+    prompt: Sequence[int], root: int, tokens_per_block: int
+) -> tuple[tuple[int, int], ...]:
+    """(depth, summary key) of ``prompt``'s usable blocks at summary depths (never its last
+    token): what to look up in a replica's summary."""
+    if tokens_per_block <= 0:
+        return ()
+    chain = block_keys(root, prompt[: max(len(prompt) - 1, 0)], tokens_per_block)
+    return tuple(
+        (depth, summary_key(key))
+        for depth, key in enumerate(chain, start=1)
+        if is_summary_depth(depth)
+    )
+
+
+def hit_blocks(chain: Sequence[tuple[int, int]], keys: frozenset[int] | set[int]) -> int:
+    """The deepest depth of ``chain`` whose key a replica reports: it likely holds every block up
+    to it (keys chain), so this many blocks of the prompt are cached there."""
+    return max((depth for depth, key in chain if key in keys), default=0)
+
+
+def expected_hit_tokens(
+    prompt: Sequence[int], root: int, tokens_per_block: int, keys: frozenset[int] | set[int]
+) -> int:
+    """Tokens of ``prompt`` a replica reporting ``keys`` likely holds (``hit_blocks``)."""
+    if not keys:
+        return 0
+    return hit_blocks(summary_chain(prompt, root, tokens_per_block), keys) * tokens_per_block

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
 from replica.kv.stats import KVCacheStats
 
 Op = Literal["acquire", "ensure", "release", "shrink"]
@@ -122,6 +122,9 @@ class RecordingKVCache(KVCache):
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         return self.cache.cached_tokens(prompt)
+
+    def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
+        return self.cache.prefix_summary(limit)
 
     def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
         return self.cache.wait(ticket)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -10,8 +11,10 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cluster.routing import (
+    DECISIONS,
     FALLBACK,
     HOLD,
     MOST_FREE_PAGES,
@@ -19,8 +22,11 @@ from cluster.routing import (
     ReplicaStats,
     RoutingDecisions,
     pages_needed,
+    prefix_score,
+    prompt_chains,
     rank_replicas,
 )
+from replica.kv.prefix import expected_hit_tokens, summary_chain
 
 NOW = 1_000.0
 
@@ -385,3 +391,118 @@ def test_router_holds_a_request_no_replica_has_room_for_until_hold_s():
         ["b"],
         ["a"],
     ]  # held long enough: best effort
+
+
+# ---- the prefix score ----------------------------------------------------------------------------
+def holding(prompt: list[int], free: int, blocks: int, total: int = 1000, **kw) -> ReplicaStats:
+    """Stats of a replica whose prefix summary holds the first ``blocks`` 16-token blocks of
+    ``prompt`` (16 tokens a page)."""
+    chain = summary_chain(prompt[: blocks * 16 + 1], ROOT, 16)
+    base = ReplicaStats(free, total, 16.0, 0, 0, NOW - 0.1, **kw)
+    return dataclasses.replace(
+        base,
+        prefix_root=ROOT,
+        prefix_tokens_per_block=16,
+        prefix_keys=frozenset(k for _, k in chain),
+    )
+
+
+ROOT = 12345
+PROMPT = list(range(1000, 1000 + 40 * 16))  # 40 blocks
+
+
+def ranked(cands, need=50, **kw) -> RankedChoice:
+    chains = prompt_chains(PROMPT, cands)
+    hits = {rid: s.hit_pages(chains) for rid, s in cands}
+    return rank_replicas(cands, need, NOW, 2.0, hit_pages=hits, **kw)
+
+
+def test_expected_hits_come_from_the_deepest_reported_depth() -> None:
+    chains = prompt_chains(PROMPT, [("a", holding(PROMPT, 500, 32))])
+    assert holding(PROMPT, 500, 32).hit_pages(chains) == 32
+    # 20 blocks are reported at depths 1..8 and 16: the estimate is within a factor of two.
+    assert holding(PROMPT, 500, 20).hit_pages(chains) == 16
+    assert holding(list(range(640)), 500, 39).hit_pages(chains) == 0  # another prompt
+    assert ReplicaStats(500, 1000, 16.0, 0, 0, NOW).hit_pages(chains) == 0  # no summary
+
+
+def test_the_replica_holding_the_prefix_wins_while_both_have_room() -> None:
+    cands = [("a", stats(900)), ("b", holding(PROMPT, 400, 32))]
+    choice = ranked(cands)
+    assert ids(choice) == ["b", "a"] and choice.hit_pages == {"b": 32}
+    assert choice.reason == MOST_FREE_PAGES
+
+
+def test_a_holder_short_of_pages_loses_a_point_per_page_below_the_low_water_mark() -> None:
+    # b adds 50 - 8 = 42 pages: 60 - 42 = 18 left, 82 below the 100-page mark: 8 - 82 < 0.
+    cands = [("a", stats(900)), ("b", holding(PROMPT, 60, 8))]
+    assert ids(ranked(cands)) == ["a", "b"]
+    assert prefix_score(8, 18, 1000) == 8 - 82
+    # A long enough hit still wins: b adds 50 - 32 = 18 pages, 42 left, 58 short: 32 - 58 < 0;
+    # with a 5% mark only 8 short: 32 - 8 > 0.
+    cands = [("a", stats(900)), ("b", holding(PROMPT, 60, 32))]
+    assert ids(ranked(cands)) == ["a", "b"]
+    assert ids(ranked(cands, low_water=0.05)) == ["b", "a"]
+
+
+def test_a_hit_lets_a_replica_fit_what_it_otherwise_could_not() -> None:
+    cands = [("a", stats(30)), ("b", holding(PROMPT, 30, 32))]  # 50 pages asked, 30 free
+    choice = ranked(cands)
+    assert ids(choice) == ["b", "a"]  # b adds only 18 pages; a cannot fit
+
+
+def test_without_any_hit_the_order_is_the_headroom_rule() -> None:
+    cands = [("a", stats(300)), ("b", ReplicaStats(200, 250, 16.0, 0, 0, NOW - 0.1))]
+    assert ids(ranked(cands)) == ids(rank(cands, need=50)) == ["a", "b"]
+
+
+def test_from_dict_checks_the_prefix_summary() -> None:
+    good = {**asdict(stats(10)), "prefix_root": 7, "prefix_tokens_per_block": 16}
+    parsed = ReplicaStats.from_dict({**good, "prefix_keys": [1, 2, 3]})
+    assert parsed is not None and parsed.prefix_keys == frozenset({1, 2, 3})
+    assert ReplicaStats.from_dict({**good, "prefix_keys": [1, -2]}) is None
+    assert ReplicaStats.from_dict({**good, "prefix_keys": "abc"}) is None
+    assert ReplicaStats.from_dict({**good, "prefix_keys": list(range(5000))}) is None
+    assert ReplicaStats.from_dict({**good, "prefix_root": -1}) is None
+
+
+def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None:
+    held = holding(PROMPT, 400, 32)
+    summary = {
+        "prefix_root": held.prefix_root,
+        "prefix_tokens_per_block": 16,
+        "prefix_keys": sorted(held.prefix_keys),
+    }
+    reps = [_replica("a", 900), _replica("b", 400)]
+    reps[1].routing_stats.update(summary)
+    request = SimpleNamespace(prompt_token_ids=tuple(PROMPT), prompt_tokens=640, max_tokens=160)
+    before = DECISIONS.snapshot()["prefix_routed"]
+    assert _choose(reps, request) == [["b"], ["a"]]
+    assert DECISIONS.snapshot()["prefix_routed"] == before + 1
+
+
+def test_a_replicas_summary_predicts_what_its_cache_finds() -> None:
+    """The engine side: the allocator's summary, read as the router does, gives the cached
+    tokens its acquire would find (here exactly: 32 blocks is a summary depth)."""
+    from replica import KVCacheAllocator, KVCacheConfig, open_device
+
+    config = KVCacheConfig(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=2,
+        max_tokens=1024,
+        page_size=4096,
+        budget_bytes=256 * 4096,
+        prefix_cache=True,
+    )
+    cache = KVCacheAllocator(config, open_device("host", 4096))
+    assert config.tokens_per_group == 8
+    slot = cache.acquire(0, PROMPT[:257])
+    cache.ensure(slot, 257)
+    cache.release(slot, PROMPT[:257])
+    summary = cache.prefix_summary()
+    assert summary is not None and summary.tokens_per_block == 8
+    keys = frozenset(summary.keys)
+    assert expected_hit_tokens(PROMPT, summary.root, 8, keys) == cache.cached_tokens(PROMPT) == 256
