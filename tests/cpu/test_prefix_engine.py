@@ -73,3 +73,20 @@ def test_later_turns_skip_their_history_and_the_system_prompt_is_shared(tiny_dir
     assert second.cached_tokens == stored // per_group * per_group
     # One physical copy of the system prompt's pages, mapped under every conversation's slot.
     assert llm.engine.stats().kv.pages_shared == len(SYSTEM) // per_group
+
+
+def test_openai_usage_reports_the_cached_prompt_tokens() -> None:
+    """``usage.prompt_tokens_details.cached_tokens`` in a reply and a stream's usage chunk, in the
+    shapes of the ``openai`` package's types."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from cluster import openai_api as api
+
+    choice = api.chat_choice(0, "hi", "stop")
+    body = api.reply_body("chatcmpl-1", "m", True, [choice], 40, 3, 32)
+    usage = ChatCompletion.model_validate(body).usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (40, 32)
+    chunk = ChatCompletionChunk.model_validate(api.usage_chunk("chatcmpl-1", "m", True, 40, 3, 32))
+    assert chunk.usage is not None and chunk.usage.prompt_tokens_details is not None
+    assert chunk.usage.prompt_tokens_details.cached_tokens == 32
