@@ -8,7 +8,9 @@ Workloads: decode-heavy (128-token prompts, 1024 outputs), prefill-heavy (4K pro
 mixed (long prompts drawn like a summarisation trace, a few hundred outputs), long (4 requests of
 16K-token prompts, 256 outputs: small batch at long context), sharegpt (512 chat requests with
 ShareGPT-like lognormal prompt and output lengths through ``--slots`` slots, so requests queue and
-the batch churns), batch256 (256 requests of 128-token prompts, 512 outputs: the full batch).
+the batch churns), batch256 (256 requests of 128-token prompts, 512 outputs: the full batch),
+kvbound (128 requests of 3K-token prompts, 512 outputs, for a fixed ``--kv-cache-gib``).
+Modes suffixed ``-fp8`` store the KV cache in fp8 (e4m3, ``kv_cache_dtype="fp8"``).
 ``--shape qwen2.5-7b`` runs a second model shape (28 layers, 28 q / 4 kv heads, qkv bias).
 ``--floor`` measures the decode step against its practical floor (the linears in a CUDA graph plus
 attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K where the KV fits.
@@ -76,6 +78,9 @@ def workloads(
             for _ in range(512)
         ],
         "batch256": [(prompt(128), 512) for _ in range(256)],
+        # KV-bound: more concurrent long requests than a bf16 cache of --kv-cache-gib holds; run
+        # with modes vattention,vattention-fp8,paged,paged-fp8 to see what fp8's capacity buys.
+        "kvbound": [(prompt(3072), 512) for _ in range(128)],
     }
 
 
@@ -121,6 +126,8 @@ def run_vattn(
             max_batch_tokens=args.max_batch_tokens,
             page_size=args.page_size,
             cuda_graphs="eager" not in options,
+            kv_cache_dtype="fp8" if "fp8" in options else "auto",
+            kv_cache_bytes=args.kv_cache_gib << 30 if args.kv_cache_gib else None,
             async_scheduling="sync" not in options,
         )
     )
@@ -469,6 +476,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--slots", type=int, default=128, help="max_running (at most the requests)")
     parser.add_argument("--floor", action="store_true", help="the decode step vs its floor table")
+    parser.add_argument(
+        "--kv-cache-gib", type=int, default=None, help="KV budget (default: a share of free memory)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -487,7 +497,7 @@ def main() -> None:
                         run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1]))
                     )
                 continue
-            if "-" in mode and name != "decode":
+            if ("-sync" in mode or "-eager" in mode) and name != "decode":
                 continue
             rows.append(run_vattn(mode, loads[name], args, profile=(name == "decode")))
             print(name, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True)
