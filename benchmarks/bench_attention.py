@@ -8,12 +8,15 @@ Two model shapes (Llama-3-8B: 32 q / 8 kv heads; Qwen2.5-7B: 28 q / 4 kv heads; 
 bf16, tensor-core decode), batches 1-256, contexts 1K-32K where the KV fits 20 GiB; one layer's
 kernel captured in a CUDA graph as the engine's decode steps run it (no host time between
 launches), median of 5 timings of 20 replays. The vAttention cache is one layer's interleaved range
-(K and V of a token side by side). Writes ``benchmarks/results/attention-<device>-<date>.json``.
+(K and V of a token side by side). The chosen page size also runs over an fp8 (e4m3) cache of the
+same tokens with bf16 queries (``fp8_*``).
+Writes ``benchmarks/results/attention-<device>-<date>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,15 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
     backend.kernels.plan(step, *backend._pages(step, whole), graph_pages=batch, page_size=whole)
     backend.page_tokens = whole
     one_page = graph_seconds(lambda: backend.attend(q, k0, v0))
+    fp8_config = dataclasses.replace(config, dtype=torch.float8_e4m3fn)
+    kv8 = KVCacheAllocator(fp8_config, device)
+    for slot in [kv8.acquire() for _ in range(batch)]:
+        kv8.ensure(slot, context)
+    fp8_backend = FlashInferBackend(kv8, q_heads, kv_heads, head_dim, dtype)
+    fp8_backend.plan_graph(step)
+    k8, v8 = kv8.k_cache(0), kv8.v_cache(0)
+    fp8 = graph_seconds(lambda: fp8_backend.attend(q, k8, v8))
+    fp8_backend = kv8 = None  # their memory back before the paged cache is made
     paged = PagedKVCache(
         PagedKVConfig(
             num_layers=1,
@@ -107,6 +119,8 @@ def one_case(q_heads: int, kv_heads: int, batch: int, context: int) -> dict[str,
         "chosen_over_paged16": chosen / paged16,
         "one_page_over_paged16": one_page / paged16,
         "chosen_hbm_tb_s": kv_bytes / chosen / 1e12,
+        "fp8_chosen_us": fp8 * 1e6,
+        "fp8_over_bf16_chosen": fp8 / chosen,
     }
 
 

@@ -478,6 +478,8 @@ def attention_tables(path: Path, data: dict[str, Any]) -> list[str]:
             "paged-16 µs",
             "chosen / paged-16",
             "chosen TB/s",
+            "fp8 µs",
+            "fp8 / bf16",
         ),
     ]
     for shape, rows in data["results"].items():
@@ -493,6 +495,8 @@ def attention_tables(path: Path, data: dict[str, Any]) -> list[str]:
                     num(r["paged16_us"], ".1f"),
                     num(r["chosen_over_paged16"], ".3f", "x"),
                     num(r["chosen_hbm_tb_s"], ".2f"),
+                    num(r.get("fp8_chosen_us"), ".1f"),
+                    num(r.get("fp8_over_bf16_chosen"), ".2f", "x"),
                 )
             )
     return lines + [""]
