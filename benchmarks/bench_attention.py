@@ -129,12 +129,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
     results: dict[str, list[dict[str, Any]]] = {}
     for shape, (q_heads, kv_heads) in SHAPES.items():
         rows = []
-        for batch in BATCHES:
-            for context in CONTEXTS:
+        for batch in batches:
+            for context in contexts:
                 if batch * context * 2 * kv_heads * 128 * 2 > BUDGET // 2:
                     continue
                 rows.append(one_case(q_heads, kv_heads, batch, context))
