@@ -295,7 +295,20 @@ ROUTER_STATS_AGE = MetricDef(
     ROUTER_LABELS,
     "last_stats_age_s",
 )
-ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_REQUESTS, ROUTER_HEADROOM, ROUTER_STATS_AGE)
+ROUTER_PREFIX = MetricDef(
+    "vattn_router_prefix_routed_total",
+    "counter",
+    "Ranked decisions whose first choice holds part of the prompt in its prefix cache.",
+    ROUTER_LABELS,
+    "prefix_routed",
+)
+ROUTER_METRICS = (
+    ROUTER_DECISIONS,
+    ROUTER_REQUESTS,
+    ROUTER_HEADROOM,
+    ROUTER_STATS_AGE,
+    ROUTER_PREFIX,
+)
 
 #: The KV-pressure autoscaler's series (``cluster.autoscaler``; ``source``: an
 #: :class:`AutoscalerSnapshot` field), present while a deployment of the model autoscales with it.
@@ -671,6 +684,10 @@ class VattnCollector(Collector):
         family = _family(ROUTER_REQUESTS)
         for replica, count in sorted(decisions.get("by_replica", {}).items()):
             _add(family, ROUTER_REQUESTS, [model, replica], count)
+        yield family
+        family = _family(ROUTER_PREFIX)
+        if ROUTER_PREFIX.source in decisions:
+            _add(family, ROUTER_PREFIX, [model], decisions[ROUTER_PREFIX.source])
         yield family
         for metric in (ROUTER_HEADROOM, ROUTER_STATS_AGE):
             family = _family(metric)

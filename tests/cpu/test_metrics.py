@@ -165,6 +165,7 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
         "last_stats_age_s": 0.25,
         "last_reason": "most_free_pages",
         "last_replica": "r2",
+        "prefix_routed": 2,
     }
     text = MetricsExporter().render(store.series(), RouterView("m", decisions)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -200,6 +201,7 @@ def test_the_collector_renders_every_series_with_its_type_labels_and_value() -> 
     }
     assert samples["vattn_router_requests_total"][(("model", "m"), ("replica", "r1"))] == 3
     assert samples["vattn_router_last_headroom_pages"] == {(("model", "m"),): 42}
+    assert samples["vattn_router_prefix_routed_total"] == {(("model", "m"),): 2}
     model = (("model", "m"),)
     assert samples["vattn_autoscaler_desired_replicas"] == {model: 3}
     assert samples["vattn_autoscaler_current_replicas"] == {model: 1}
