@@ -28,6 +28,8 @@ class Completion:
     prompt_tokens: int
     logprobs: tuple[float, ...] | None = None
     cached_tokens: int = 0  # prompt tokens the prefix cache held (not computed again)
+    #: Per generated token, the ``logprobs`` most likely (token id, logprob) pairs.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 class LLM:
@@ -67,12 +69,14 @@ class LLM:
         texts = {i: "" for i in ids}
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         logprobs: dict[str, list[float]] = {i: [] for i in ids}
+        top: dict[str, list[tuple[tuple[int, float], ...]]] = {i: [] for i in ids}
         finished = {}
         while self.engine.has_work():
             for output in self.engine.step():
                 texts[output.request_id] += output.text
                 tokens[output.request_id] += output.token_ids
                 logprobs[output.request_id] += output.logprobs or ()
+                top[output.request_id] += output.top_logprobs or ()
                 if output.finished:
                     finished[output.request_id] = output
         failed = [o for o in finished.values() if o.error]
@@ -86,6 +90,7 @@ class LLM:
                 finished[i].prompt_tokens,
                 tuple(logprobs[i]) if p.logprobs is not None else None,
                 finished[i].cached_tokens,
+                tuple(top[i]) if p.logprobs is not None else None,
             )
             for i, p in zip(ids, per_prompt)
         ]

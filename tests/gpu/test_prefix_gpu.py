@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from replica import LLM, KVCacheAllocator, KVCacheConfig, SamplingParams, open_device
+from replica.llm import Completion
 from replica.model import ModelConfig
 
 pytestmark = pytest.mark.gpu
@@ -80,17 +81,55 @@ def test_an_aliased_page_is_one_allocation_at_two_addresses(layout: str) -> None
     cache.check_invariants(deep=True)
 
 
-def chat(llm: LLM, system: list[int], turns: int = 3) -> tuple[list[list[int]], int]:
-    """Four conversations over one system prompt, each turn's prompt the whole history."""
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+def chat(llm: LLM, system: list[int], turns: int = 3) -> tuple[list[list[Completion]], int]:
+    """Four conversations over one system prompt, each turn's prompt the whole history: each
+    conversation's completions, turn by turn, with the chosen tokens' logprobs and the top 2."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
     histories = [[*system, 100 + i, 200 + i] for i in range(4)]
-    answers, cached = [], 0
+    answers: list[list[Completion]] = [[] for _ in histories]
+    cached = 0
     for turn in range(turns):
-        for history, completion in zip(histories, llm.generate(histories, params)):
-            answers.append(list(completion.token_ids))
+        for i, completion in enumerate(llm.generate(histories, params)):
+            answers[i].append(completion)
             cached += completion.cached_tokens
-            history += [*completion.token_ids, 300 + turn]
+            histories[i] += [*completion.token_ids, 300 + turn]
     return answers, cached
+
+
+def tokens(answers: list[list[Completion]]) -> list[list[int]]:
+    return [list(c.token_ids) for turns in answers for c in turns]
+
+
+def assert_same_up_to_near_ties(
+    on: list[list[Completion]], off: list[list[Completion]], tolerance: float = 0.15
+) -> int:
+    """Greedy tokens with the cache on and off agree, their logprobs within ``tolerance``, up to
+    the first place where they differ; there the two chosen tokens must be a near-tie in *both*
+    runs (each one's choice among the other's top 2, its logprob within ``tolerance`` of the
+    best). A conversation is compared no further than that: its later prompts differ. Returns the
+    tokens compared. Cached K/V computed in another batch shape differ in bf16 rounding, so
+    exact equality is a numerics question on a random model; a wrong page read is not a near-tie."""
+    compared = 0
+    for on_turns, off_turns in zip(on, off):
+        for a, b in zip(on_turns, off_turns):
+            assert a.logprobs is not None and b.logprobs is not None
+            assert a.top_logprobs is not None and b.top_logprobs is not None
+            diverged = False
+            for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+                compared += 1
+                if x == y:
+                    assert abs(a.logprobs[j] - b.logprobs[j]) < tolerance, (j, x)
+                    continue
+                pairs = ((x, y, b.top_logprobs[j]), (y, x, a.top_logprobs[j]))
+                for mine, other, other_top in pairs:
+                    alternatives = dict(other_top)
+                    assert mine in alternatives, (j, mine, other_top)
+                    assert alternatives[other] - alternatives[mine] < tolerance, (j, other_top)
+                diverged = True
+                break
+            if diverged:
+                break
+    return compared
 
 
 @pytest.mark.parametrize(
@@ -126,5 +165,8 @@ def test_engine_tokens_are_identical_with_the_prefix_cache_on_and_off(
     on_llm = LLM(prefix_cache=True, **common)
     on, cached = chat(on_llm, system)
     assert cached > 0 and on_llm.engine.stats().kv.prefix_hits_tokens >= cached
-    assert on == off
+    if config.get("dtype") == "float32":
+        assert tokens(on) == tokens(off)
+    else:
+        assert assert_same_up_to_near_ties(on, off) >= 24 * 4
     on_llm.engine.kv.check_invariants(deep=True)

@@ -60,7 +60,12 @@ def test_serve_a_llama3_8b_shaped_model(cluster: None, tp: int) -> None:
     try:
         body = complete(list(range(1000, 1100)), 16)
         print(f"tp={tp}:", body["usage"], body["choices"][0]["finish_reason"])
-        assert body["usage"] == {"prompt_tokens": 100, "completion_tokens": 16, "total_tokens": 116}
+        assert body["usage"] == {
+            "prompt_tokens": 100,
+            "completion_tokens": 16,
+            "total_tokens": 116,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
         assert body["choices"][0]["finish_reason"] == "length"
     finally:
         serve.delete(f"gpu-tp{tp}")
