@@ -8,6 +8,7 @@ import torch
 
 from replica.attention.base import AttentionBackend, KVCacheViews
 from replica.attention.batch import StepBatch
+from replica.attention.flashinfer_limits import require_head_dim, supports_head_dim
 from replica.attention.fp8 import is_fp8
 
 BACKENDS = ("auto", "flashinfer", "torch-fa2", "flash-attn", "sdpa")
@@ -33,13 +34,16 @@ def make_attention_backend(
     dtype: torch.dtype,
     device: torch.device,
 ) -> AttentionBackend:
-    """``auto`` picks flashinfer, then torch-fa2 on CUDA (not for an fp8 cache, which it cannot
-    read), else sdpa. ``dtype`` is the queries'; the cache's is its tensors'."""
+    """``auto`` picks flashinfer (for head sizes it compiles), then torch-fa2 on CUDA (not for an
+    fp8 cache, which it cannot read), else sdpa. ``dtype`` is the queries'; the cache's is its
+    tensors'."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
         fp8 = is_fp8(cache.k_cache(0).dtype)
         order = ("flashinfer", "sdpa") if fp8 else ("flashinfer", "torch-fa2", "sdpa")
+        if not supports_head_dim(head_dim):
+            order = tuple(n for n in order if n != "flashinfer")
         name = next(n for n in order if available(n, device))
     if not available(name, device):
         raise ValueError(
@@ -47,6 +51,8 @@ def make_attention_backend(
         )
     if name == "flashinfer":
         from replica.attention.flashinfer_backend import FlashInferBackend
+
+        require_head_dim(head_dim)
 
         return FlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
     if name == "torch-fa2":

@@ -35,6 +35,22 @@ FA3_ADDRESSABLE_BYTES = (1 << 32) * FA3_ADDRESS_UNIT_BYTES
 FA3_MAX_STEP_KV_TOKENS = 16 * 1024 * 1024
 #: Row numbers are int32 in every FlashInfer kernel.
 MAX_ROWS = (1 << 31) - 1
+#: Head sizes FlashInfer's prefill kernels compile for (its Hopper path static_asserts them).
+HEAD_DIMS = (64, 128, 256)
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    return head_dim in HEAD_DIMS
+
+
+def require_head_dim(head_dim: int) -> None:
+    """ValueError, up front, for a head size FlashInfer cannot compile (not a JIT failure at
+    the first prefill)."""
+    if not supports_head_dim(head_dim):
+        raise ValueError(
+            f"FlashInfer attention needs head_dim in {HEAD_DIMS}, the model has {head_dim}; "
+            "use --backend sdpa (or torch-fa2 on CUDA)"
+        )
 
 
 @dataclass(frozen=True)

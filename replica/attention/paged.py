@@ -22,7 +22,11 @@ import torch
 from replica.attention.base import AttentionBackend
 from replica.attention.batch import StepBatch
 from replica.attention.flashinfer_backend import FlashInferKernels
-from replica.attention.flashinfer_limits import choose_prefill_kernel
+from replica.attention.flashinfer_limits import (
+    choose_prefill_kernel,
+    require_head_dim,
+    supports_head_dim,
+)
 from replica.attention.sdpa import sdpa_per_sequence
 from replica.kv.paged import PagedKVCache
 
@@ -159,7 +163,8 @@ def make_paged_attention_backend(
     dtype: torch.dtype,
     device: torch.device,
 ) -> PagedAttentionBackend:
-    """``auto`` picks paged-flashinfer on CUDA when FlashInfer is installed, else paged-sdpa;
+    """``auto`` picks paged-flashinfer on CUDA when FlashInfer is installed and compiles the
+    head size, else paged-sdpa;
     ``flashinfer`` and ``sdpa`` name their paged counterparts."""
     name = ALIASES.get(name, name)
     if name not in PAGED_BACKENDS:
@@ -167,8 +172,10 @@ def make_paged_attention_backend(
         raise ValueError(f"unknown paged attention backend {name!r}; choose one of {choices}")
     flashinfer_ok = device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
     if name == "auto":
-        name = "paged-flashinfer" if flashinfer_ok else "paged-sdpa"
+        fits = flashinfer_ok and supports_head_dim(head_dim)
+        name = "paged-flashinfer" if fits else "paged-sdpa"
     if name == "paged-flashinfer":
+        require_head_dim(head_dim)
         if not flashinfer_ok:
             raise ValueError(
                 f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)"

@@ -82,3 +82,32 @@ def test_boundaries_are_exact() -> None:
 def test_a_cache_no_kernel_can_index_is_refused_with_the_numbers() -> None:
     with pytest.raises(ValueError, match=r"2,147,483,648 token rows.*max_running or max_model_len"):
         choose_prefill_kernel(MAX_ROWS + 1, 16, 1)
+
+
+def test_flashinfer_refuses_a_head_size_it_cannot_compile_and_auto_passes_it_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import replica.attention
+    from replica.attention import make_attention_backend
+    from replica.attention.flashinfer_limits import HEAD_DIMS, require_head_dim, supports_head_dim
+
+    assert [d for d in (16, 32, 64, 80, 96, 128, 256) if supports_head_dim(d)] == list(HEAD_DIMS)
+    with pytest.raises(ValueError, match="head_dim in"):
+        require_head_dim(16)
+
+    class Cache:
+        def k_cache(self, layer: int) -> torch.Tensor:
+            return torch.zeros(2, 16, 2, 16)
+
+        v_cache = k_cache
+
+        def token_capacity(self) -> int:
+            return 32
+
+    # As on a GPU with FlashInfer installed: auto would take flashinfer first.
+    monkeypatch.setattr(replica.attention, "available", lambda name, device: True)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="head_dim in"):
+        make_attention_backend("flashinfer", Cache(), 4, 2, 16, torch.float32, cpu)
+    monkeypatch.setattr(replica.attention, "available", lambda name, device: name != "torch-fa2")
+    assert make_attention_backend("auto", Cache(), 4, 2, 16, torch.float32, cpu).name == "sdpa"
