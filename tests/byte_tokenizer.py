@@ -5,6 +5,7 @@ structured outputs need a tokenizer; the tiny model of tests/models.py has none)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
@@ -22,8 +23,9 @@ TEMPLATE = (
 )
 
 
-def save_llama_with_tokenizer(path: Path, seed: int = 0) -> Path:
-    """A random 2-layer Llama whose vocabulary is a 320-token byte-level BPE (EOS ``</s>``)."""
+def save_llama_with_tokenizer(path: Path, seed: int = 0, **shape: Any) -> Path:
+    """A random 2-layer Llama whose vocabulary is a 320-token byte-level BPE (EOS ``</s>``);
+    ``shape`` overrides tests.models.TINY's config fields (e.g. a head size FlashInfer compiles)."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS * 4, vocab_size=320, special_tokens=["<s>", "</s>"])
     tokenizer = PreTrainedTokenizerFast(
@@ -36,5 +38,6 @@ def save_llama_with_tokenizer(path: Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **shape,
     )
     return path

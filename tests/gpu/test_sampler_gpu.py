@@ -114,7 +114,10 @@ def test_cuda_sampler_equals_cpu_sampler() -> None:
 
 
 def test_guided_json_under_graphs_and_async_matches_eager(tmp_path: Path) -> None:
-    model_dir = save_llama_with_tokenizer(tmp_path / "model")
+    # head_dim 64: FlashInfer (CUDA graphs) compiles it; TINY's 16 would fall back to sdpa, eager.
+    model_dir = save_llama_with_tokenizer(
+        tmp_path / "model", hidden_size=256, num_attention_heads=4, num_key_value_heads=2
+    )
     schema = {
         "type": "object",
         "properties": {"answer": {"enum": ["yes", "no"]}, "ok": {"type": "boolean"}},
