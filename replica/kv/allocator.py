@@ -288,13 +288,21 @@ class KVCacheAllocator(KVCache):
         indexed for later requests."""
         slot = self._running(slot_index)
         if self._prefix:
-            stored = tuple(token_ids)[: slot.length] if token_ids else slot.token_ids
-            frozen = slot.frozen * self.config.tokens_per_group
-            if stored[:frozen] != slot.token_ids[:frozen]:
+            per_group = self.config.tokens_per_group
+            frozen = slot.frozen * per_group
+            stored = tuple(token_ids)[: slot.length] if token_ids else slot.token_ids[:frozen]
+            common = min(len(stored), frozen)
+            if stored[:common] != slot.token_ids[:common]:
                 raise ValueError(
                     f"slot {slot_index}: the released tokens differ from the {frozen} cached ones"
                 )
-            stored = stored[: slot.length]
+            # Fewer stored than indexed: a step failed after its pages were booked. What only this
+            # slot maps leaves the index (it may never have been written).
+            while slot.frozen > len(stored) // per_group and all(
+                self._pool.mappings(p) == 1 for p in slot.groups[slot.frozen - 1]
+            ):
+                slot.frozen -= 1
+                self._unindex(slot.groups[slot.frozen])
             del slot.keys[slot.frozen :]
             slot.token_ids = stored
             self._register(slot, len(stored))

@@ -197,12 +197,24 @@ class PagedKVCache(KVCache):
         and kept until taken."""
         seq = self._running(slot_index)
         if self.config.prefix_cache:
-            stored = tuple(token_ids)[: seq.length] if token_ids else seq.token_ids
-            frozen = seq.frozen * self.config.block_size
-            if stored[:frozen] != seq.token_ids[:frozen]:
+            size = self.config.block_size
+            frozen = seq.frozen * size
+            stored = tuple(token_ids)[: seq.length] if token_ids else seq.token_ids[:frozen]
+            common = min(len(stored), frozen)
+            if stored[:common] != seq.token_ids[:common]:
                 raise ValueError(
                     f"slot {slot_index}: the released tokens differ from the {frozen} cached ones"
                 )
+            # Fewer stored than indexed: a step failed after its blocks were booked. What only this
+            # slot holds leaves the index (it may never have been written).
+            while seq.frozen > len(stored) // size and self._refs[seq.blocks[seq.frozen - 1]] == 1:
+                seq.frozen -= 1
+                block = seq.blocks[seq.frozen]
+                key = self._key_of.pop(block, None)
+                if key is not None:
+                    del self._index[key]
+                    self._summary.pop(key, None)
+                    self.prefix_evicted_pages += 1
             del seq.keys[seq.frozen :]
             seq.token_ids = stored[: seq.length]
             self._register(seq, seq.length)

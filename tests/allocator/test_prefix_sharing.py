@@ -153,3 +153,21 @@ def test_a_page_a_running_slot_aliases_survives_reclamation(make_allocator: Make
     assert k_values(allocator, reader, 2 * T) == [4000.0 + p for p in range(2 * T)]
     assert allocator.stats().pages_shared == 0  # the released slot gave up its mappings
     allocator.check_invariants(deep=True)
+
+
+def test_a_release_with_fewer_tokens_than_indexed_unindexes_what_only_it_held(
+    make_allocator: MakeAllocator,
+) -> None:
+    """A step that failed after booking its pages: the slot is released with the tokens it did
+    store, and the pages past them leave the index (they may never have been written)."""
+    allocator = make(make_allocator)
+    prompt = list(range(3 * T))
+    slot = allocator.acquire(0, [*prompt, 1])
+    fill(allocator, slot, [*prompt, 1])  # books all three full pages
+    assert allocator.cached_tokens([*prompt, 2]) == 3 * T
+    allocator.release(slot, prompt[: T + 2])
+    assert allocator.cached_tokens([*prompt, 2]) == T
+    with pytest.raises(ValueError, match="differ"):
+        other = allocator.acquire(0, [*prompt[:T], 5, 5])
+        allocator.release(other, [9] * T)
+    allocator.check_invariants(deep=True)
