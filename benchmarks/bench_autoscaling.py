@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
             shown = ("ok", "errors", "ttft_s", "replica_seconds", "preemptions")
             extra = ("first_scale_up_after_step_s", "max_replicas_seen")
             print(policy, json.dumps({k: results[policy][k] for k in shown + extra}))
+            for sample in results[policy]["error_samples"][:3]:
+                print("  failed:", json.dumps(sample))
         comparison = compare(results, deployment.autoscaling_metrics_interval_s)
         print(json.dumps(comparison, indent=2))
     finally:
