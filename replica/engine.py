@@ -482,6 +482,7 @@ class LLMEngine:
     def routing_stats(self) -> RoutingStats:
         """What the router weighs (``cluster.routing``), taken at once between two steps."""
         stats = self._kv_stats()
+        summary = self.kv.prefix_summary() if self.broken is None else None
         return RoutingStats(
             available_pages=0 if self.broken is not None else stats.pages_available,
             queued_pages=self.scheduler.waiting_pages(),
@@ -491,18 +492,10 @@ class LLMEngine:
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             demand_pages=self._demand_pages(stats),
-            **self._prefix_summary(),
+            prefix_root=summary.root if summary else 0,
+            prefix_tokens_per_block=summary.tokens_per_block if summary else 0,
+            prefix_keys=summary.keys if summary else (),
         )
-
-    def _prefix_summary(self) -> dict[str, object]:
-        summary = self.kv.prefix_summary() if self.broken is None else None
-        if summary is None:
-            return {}
-        return {
-            "prefix_root": summary.root,
-            "prefix_tokens_per_block": summary.tokens_per_block,
-            "prefix_keys": summary.keys,
-        }
 
     def _demand_pages(self, stats: KVCacheStats) -> int:
         """Pages this replica's requests are expected to hold at once (the autoscaler's input,
