@@ -73,6 +73,13 @@ def test_later_turns_skip_their_history_and_the_system_prompt_is_shared(tiny_dir
     assert second.cached_tokens == stored // per_group * per_group
     # One physical copy of the system prompt's pages, mapped under every conversation's slot.
     assert llm.engine.stats().kv.pages_shared == len(SYSTEM) // per_group
+    # What the router reads: the summary predicts the next turn's hit.
+    from replica.kv.prefix import expected_hit_tokens
+
+    routing = llm.engine.routing_stats()
+    assert routing.prefix_tokens_per_block == per_group and routing.prefix_keys
+    keys = frozenset(routing.prefix_keys)
+    assert expected_hit_tokens(history, routing.prefix_root, per_group, keys) >= len(SYSTEM) // 2
 
 
 def test_openai_usage_reports_the_cached_prompt_tokens() -> None:
