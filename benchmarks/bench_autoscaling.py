@@ -96,12 +96,13 @@ SMOKE = (
     Deployment(max_replicas=2, downscale_delay_s=2.0),
 )
 # Three replicas of Llama-3-8B shapes share one H200 (16 GB of weights each), each with a 2 GiB KV
-# budget (16,384 tokens): a long request of 8-12K tokens takes most of one.
+# budget (16,384 tokens): a long request of 7-11K tokens takes most of one. Sized so that both
+# policies run in one command of under 10 minutes.
 GPU = (
     Workload(
-        quiet_s=10,
-        step_s=60,
-        tail_s=40,
+        quiet_s=5,
+        step_s=45,
+        tail_s=20,
         short_rate=2.0,
         long_rate=1.0,
         short_prompt=(64, 256),
