@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ray import serve
 from ray.exceptions import RayActorError
@@ -323,9 +324,13 @@ class VattnIngress:
                 param="tool_choice",
                 code="unsupported_value",
             )
-        token_ids = await asyncio.to_thread(
-            self.chat_ids, body.template_messages(), body.template_tools()
-        )
+        try:
+            token_ids = await asyncio.to_thread(
+                self.chat_ids, body.template_messages(), body.template_tools()
+            )
+        except TemplateError as error:  # e.g. a template that insists on alternating roles
+            message = f"the model's chat template refused the conversation: {error}"
+            raise ApiError(400, message, param="messages") from None
         logprobs_asked = body.logprobs_asked()
         reply = self.reply(
             "chatcmpl", token_ids, body, logprobs_asked, limits, "messages", body.guided()

@@ -24,6 +24,7 @@ from openai.types.chat import completion_create_params as openai_chat_params
 
 from cluster import ingress
 from cluster import openai_api as api
+from cluster.protocol import ModelInfo
 from replica import cli as replica_cli
 from replica.model.source import load_tokenizer, resolve_model_dir
 from tests.helpers import wait_until_async
@@ -461,6 +462,27 @@ def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
         assert await tokenizing == (7, 8, 9)
 
     asyncio.run(scenario())
+
+
+def test_a_chat_template_that_raises_is_a_400_naming_messages() -> None:
+    from jinja2 import TemplateError
+
+    class Alternating:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
+            raise TemplateError("roles must alternate user/assistant")
+
+    fake = FakeIngress(Alternating())
+    fake._info = ModelInfo("m", 100, 16.0)
+    fake.tokens = api.TokenStrings(None)
+    body = api.ChatCompletionRequest.model_validate({"messages": USER * 2, "tools": [TOOL]})
+    body = body.model_copy(update={"tool_choice": "none"})
+    with pytest.raises(ingress.ApiError) as refused:
+        asyncio.run(fake.chat_completions(body))
+    error = refused.value.payload["error"]
+    assert refused.value.status == 400 and error["param"] == "messages"
+    assert "roles must alternate" in error["message"]
 
 
 def random_texts(count: int, seed: int) -> list[str]:
