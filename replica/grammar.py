@@ -92,6 +92,9 @@ class GrammarBook:
         for i, matcher in rows:
             if not matcher.is_terminated():
                 matcher.fill_next_token_bitmask(mask, i)
+                if not mask[i].any():  # a grammar nothing satisfies (e.g. anyOf []): stop
+                    for token in self.stop_token_ids:
+                        mask[i, token // 32] |= 1 << (token % 32)
         if device.type == "cuda":
             return mask.pin_memory().to(device, non_blocking=True)
         return mask.to(device)

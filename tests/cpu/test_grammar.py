@@ -77,3 +77,9 @@ def test_an_aborted_guided_request_frees_its_matcher_and_history(engines: dict[b
         engine.step()
     assert not engine.grammars.matchers and not engine.history.rows
     engine.history.check_invariants()
+
+
+def test_a_grammar_nothing_satisfies_stops_at_once(engines: dict[bool, LLM]) -> None:
+    empty = GuidedDecoding("json_schema", json.dumps({"anyOf": []}))
+    [done] = engines[False].generate(["hi"], SamplingParams(max_tokens=10, guided=empty))
+    assert done.finish_reason == "stop" and len(done.token_ids) == 1
