@@ -175,10 +175,10 @@ def make_paged_attention_backend(
         fits = flashinfer_ok and supports_head_dim(head_dim)
         name = "paged-flashinfer" if fits else "paged-sdpa"
     if name == "paged-flashinfer":
-        require_head_dim(head_dim)
         if not flashinfer_ok:
             raise ValueError(
                 f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)"
             )
+        require_head_dim(head_dim)
         return PagedFlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
     return PagedSdpaBackend(cache, num_q_heads, num_kv_heads, head_dim)

@@ -104,7 +104,7 @@ def test_models_and_health(served: openai.OpenAI) -> None:
         ('{"max_tokens": 5}', "prompt: Field required"),
         ('{"prompt": "hi", "max_tokens": -1}', "max_tokens"),
         ('{"prompt": "hi", "temperature": "hot"}', "temperature"),
-        ('{"prompt": "hi", "n": 3}', "only n = 1"),
+        ('{"prompt": "hi", "n": 2, "best_of": 3}', "best_of"),
         ('{"prompt": "' + "word " * 5000 + '", "max_tokens": 10}', "exceeds the context limit"),
         ('{"prompt": "hi", "max_tokens": 100000}', "exceeds the context limit"),
         ('{"prompt": "", "max_tokens": 4}', "empty"),
