@@ -237,8 +237,10 @@ class LLMEngine:
         sizes = [size for size in graphs.sizes if size <= self.scheduler.max_running]
         shapes = self.runner.attention.warm_up_shapes(sizes, self.context_limit - greedy.max_tokens)
         for size, kv_len in shapes:
-            prompt = [token] * max(kv_len, 2)
-            if size * self.kv.pages_for(len(prompt) + greedy.max_tokens) > self.kv.budget_pages:
+            # The first sequence has kv_len keys, the others few (uneven lengths, as in traffic).
+            prompts = [[token] * max(kv_len, 2)] + [[token] * 2] * (size - 1)
+            pages = sum(self.kv.pages_for(len(p) + greedy.max_tokens) for p in prompts)
+            if pages > self.kv.budget_pages:
                 continue  # a cache this small never runs such a batch
             for i in range(size):
                 sampled = SamplingParams(
@@ -251,7 +253,9 @@ class LLMEngine:
                     ignore_eos=True,
                 )
                 self.add_request(
-                    f"vattn-warm-up-{kv_len}-{size}-{i}", prompt, greedy if i % 2 == 0 else sampled
+                    f"vattn-warm-up-{kv_len}-{size}-{i}",
+                    prompts[i],
+                    greedy if i % 2 == 0 else sampled,
                 )
             while self.has_work():
                 self.step()

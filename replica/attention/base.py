@@ -105,8 +105,10 @@ class AttentionBackend(ABC):
         return 0
 
     def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
-        """(batch size, keys per sequence) pairs whose decode steps reach every graph variant of
-        ``sizes``, for the engine's warm-up (keys at most ``max_kv_len``). One variant: short."""
+        """(batch size, keys of its first sequence) pairs whose decode steps reach every graph
+        variant of ``sizes``, for the engine's warm-up (keys at most ``max_kv_len``; the batch's
+        other sequences are short, so a long first one also makes the lengths uneven). One
+        variant: short."""
         return [(size, 1) for size in sizes]
 
     def cache_rows(self, batch: StepBatch) -> torch.Tensor:

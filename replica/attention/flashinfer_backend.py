@@ -20,7 +20,12 @@ import torch
 from replica.attention.base import AttentionBackend, KVCacheViews, token_rows
 from replica.attention.batch import StepBatch
 from replica.attention.flashinfer_limits import PrefillKernel, choose_prefill_kernel
-from replica.attention.kernel_pages import LONG_CONTEXT_TOKENS, kernel_page_tokens, page_table
+from replica.attention.kernel_pages import (
+    LONG_CONTEXT_TOKENS,
+    kernel_page_tokens,
+    page_table,
+    small_page,
+)
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -188,7 +193,7 @@ class FlashInferBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr, indices, last_page_len) of the batch seen as ``page_tokens``-token pages. One
         page per slot: indices are the slots, last_page_len the lengths (no work). Smaller pages
-        (small batches only): computed on the host from the slots and lengths."""
+        (small or uneven batches): computed on the host from the slots and lengths."""
         if page_tokens == self.tokens_per_slot:
             return self.page_indptr[: batch.num_sequences + 1], batch.slots_t, batch.kv_lens_host
         indptr, indices, last = page_table(
@@ -203,19 +208,20 @@ class FlashInferBackend(AttentionBackend):
         """The page size the kernel sees: a graph captured with one page size cannot replay
         another."""
         return kernel_page_tokens(
-            batch.num_sequences, self.num_kv_heads, batch.max_kv_len, self.tokens_per_slot
+            batch.num_sequences,
+            self.num_kv_heads,
+            batch.max_kv_len,
+            self.tokens_per_slot,
+            sum(batch.kv_lens),
         )
 
     def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
-        """Short contexts for every size, and a long one where the kernel then sees small pages."""
+        """Short contexts for every size, and a long one where the kernel then sees small pages
+        (at every size: a full batch of uneven lengths sees them too)."""
         long = [
             (size, LONG_CONTEXT_TOKENS)
             for size in sizes
-            if LONG_CONTEXT_TOKENS <= max_kv_len
-            and kernel_page_tokens(
-                size, self.num_kv_heads, LONG_CONTEXT_TOKENS, self.tokens_per_slot
-            )
-            != self.tokens_per_slot
+            if LONG_CONTEXT_TOKENS <= max_kv_len and small_page(self.tokens_per_slot) is not None
         ]
         return [(size, 1) for size in sizes] + long
 

@@ -14,8 +14,15 @@ pages (the paged mode's 16-token blocks: 28 µs), a batch of 8 at 4K 67 vs 44 µ
 1K 21 µs against 11.5 µs on 16-token blocks; from 16 sequences x 8 KV heads = 128 blocks on (the
 H200 has 132 SMs) the page size does not matter (within 3%, 7% at 16 x 32K):
 
-    P = tokens_per_slot   if sequences * kv_heads >= SPLIT_BELOW_BLOCKS or max kv_len <
-    LONG_CONTEXT_TOKENS
+A full batch of *uneven* lengths is the other case: one page per slot gives each (sequence, KV
+head) one block, so the longest sequence's block runs alone long after the short ones are done
+(ShareGPT-like lengths through 128 slots: decode phase 7.04 s vs the paged mode's 5.88 s on an
+H200). Split into pages, FlashInfer's scheduler cuts the long KV into chunks that balance. So one
+page per slot only when the batch fills the GPU *and* no sequence is much longer than the mean:
+
+    P = tokens_per_slot   if max kv_len < LONG_CONTEXT_TOKENS, or
+                          sequences * kv_heads >= SPLIT_BELOW_BLOCKS and
+                          max kv_len * sequences <= EVEN_LENGTHS * total kv_len
     P = 16                otherwise (when 16 divides tokens_per_slot; else one page per slot)
 """
 
@@ -27,6 +34,9 @@ SPLIT_BELOW_BLOCKS = 128
 LONG_CONTEXT_TOKENS = 1024
 #: Virtual pages of this many tokens (FlashInfer's split granularity is one page).
 SMALL_PAGE_TOKENS = 16
+#: A full batch keeps one page per slot only while its longest KV is at most this many times the
+#: mean (beyond, the longest sequence's lone block is the step's tail).
+EVEN_LENGTHS = 1.5
 
 
 def small_page(tokens_per_slot: int) -> int | None:
@@ -39,17 +49,23 @@ def small_page(tokens_per_slot: int) -> int | None:
     )
 
 
-def kernel_page_tokens(sequences: int, kv_heads: int, max_kv_len: int, tokens_per_slot: int) -> int:
+def kernel_page_tokens(
+    sequences: int,
+    kv_heads: int,
+    max_kv_len: int,
+    tokens_per_slot: int,
+    total_kv_len: int | None = None,
+) -> int:
     """The page size (tokens) the kernel sees this step (the rule in the module docstring);
-    ``kv_heads``: this rank's."""
+    ``kv_heads``: this rank's; ``total_kv_len``: the keys of all sequences (None: even lengths,
+    ``sequences * max_kv_len``)."""
     small = small_page(tokens_per_slot)
-    if (
-        small is None
-        or sequences * kv_heads >= SPLIT_BELOW_BLOCKS
-        or max_kv_len < LONG_CONTEXT_TOKENS
-    ):
+    if small is None or max_kv_len < LONG_CONTEXT_TOKENS:
         return tokens_per_slot
-    return small
+    total = sequences * max_kv_len if total_kv_len is None else total_kv_len
+    fills = sequences * kv_heads >= SPLIT_BELOW_BLOCKS
+    even = max_kv_len * sequences <= EVEN_LENGTHS * total
+    return tokens_per_slot if fills and even else small
 
 
 def page_table(

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from replica.attention.base import token_rows
 from replica.attention.flashinfer_backend import virtual_pages
 from replica.attention.kernel_pages import (
+    EVEN_LENGTHS,
     LONG_CONTEXT_TOKENS,
     SMALL_PAGE_TOKENS,
     SPLIT_BELOW_BLOCKS,
@@ -36,6 +37,16 @@ def test_full_batches_and_short_contexts_keep_one_page_per_slot() -> None:
     assert kernel_page_tokens(256, 8, 30000, 32768) == 32768
     assert kernel_page_tokens(1, 8, LONG_CONTEXT_TOKENS - 1, SLOT) == SLOT
     assert kernel_page_tokens(1, 8, 8000, 8200) == 8200  # 16 does not divide the slot: one page
+
+
+def test_a_full_batch_of_uneven_lengths_sees_small_pages() -> None:
+    """ShareGPT-like: 128 sequences, one of 4K keys among ones of ~500: the long one's lone block
+    would be the step's tail."""
+    lengths = [4096] + [500] * 127
+    assert kernel_page_tokens(128, 8, 4096, SLOT, sum(lengths)) == SMALL_PAGE_TOKENS
+    even = [3000] * 127 + [int(3000 * EVEN_LENGTHS)]
+    assert kernel_page_tokens(128, 8, max(even), 8192, sum(even)) == 8192
+    assert kernel_page_tokens(128, 8, 900, SLOT, 900 + 127 * 10) == SLOT  # short: one page
 
 
 @given(
