@@ -12,18 +12,20 @@ steps run (``python -m benchmarks.bench_attention``,
 bf16): a Llama-3-8B-shaped batch of 1 at 16K keys takes 228 µs as one page and 28 µs as 16-token
 pages (the paged mode's 16-token blocks: 28 µs), a batch of 8 at 4K 67 vs 44 µs, a batch of 1 at
 1K 21 µs against 11.5 µs on 16-token blocks; from 16 sequences x 8 KV heads = 128 blocks on (the
-H200 has 132 SMs) the page size does not matter (within 3%, 7% at 16 x 32K):
+H200 has 132 SMs) the page size does not matter for even lengths (within 3%, 7% at 16 x 32K).
 
-A full batch of *uneven* lengths is the other case: one page per slot gives each (sequence, KV
-head) one block, so the longest sequence's block runs alone long after the short ones are done
-(ShareGPT-like lengths through 128 slots: decode phase 7.04 s vs the paged mode's 5.88 s on an
-H200). Split into pages, FlashInfer's scheduler cuts the long KV into chunks that balance. So one
-page per slot only when the batch fills the GPU *and* no sequence is much longer than the mean:
+Uneven lengths (ShareGPT-like: mean ~600 keys, a tail to 4K) move the boundary, measured the
+same way (``benchmarks/results/attention-uneven-nvidia-h200-2026-12-02.json``): one page per slot
+leaves the longest sequence's lone block as the step's tail while the batch does not fill the GPU
+several times over: 32 sequences (256 blocks) 41.5 µs as one page, 38.1 µs as 16-token pages
+(paged 37.7); from 128 sequences (1,024 blocks) on, one page is the faster (123 vs 129 µs, 256:
+204 vs 210; paged 128 and 210):
 
-    P = tokens_per_slot   if max kv_len < LONG_CONTEXT_TOKENS, or
-                          sequences * kv_heads >= SPLIT_BELOW_BLOCKS and
-                          max kv_len * sequences <= EVEN_LENGTHS * total kv_len
-    P = 16                otherwise (when 16 divides tokens_per_slot; else one page per slot)
+    P = tokens_per_slot   if max kv_len < LONG_CONTEXT_TOKENS
+    P = 16                if sequences * kv_heads < SPLIT_BELOW_BLOCKS, or if the lengths are
+                          uneven (max kv_len > EVEN_LENGTHS * mean) and
+                          sequences * kv_heads < UNEVEN_SPLIT_BELOW_BLOCKS
+    P = tokens_per_slot   otherwise (and whenever 16 does not divide tokens_per_slot)
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ SPLIT_BELOW_BLOCKS = 128
 LONG_CONTEXT_TOKENS = 1024
 #: Virtual pages of this many tokens (FlashInfer's split granularity is one page).
 SMALL_PAGE_TOKENS = 16
-#: A full batch keeps one page per slot only while its longest KV is at most this many times the
-#: mean (beyond, the longest sequence's lone block is the step's tail).
+#: Lengths are uneven when the longest KV exceeds this many times the mean.
 EVEN_LENGTHS = 1.5
+#: Uneven lengths gain from small pages below this many blocks (measured: at 256, not at 1,024).
+UNEVEN_SPLIT_BELOW_BLOCKS = 512
 
 
 def small_page(tokens_per_slot: int) -> int | None:
@@ -63,9 +66,11 @@ def kernel_page_tokens(
     if small is None or max_kv_len < LONG_CONTEXT_TOKENS:
         return tokens_per_slot
     total = sequences * max_kv_len if total_kv_len is None else total_kv_len
-    fills = sequences * kv_heads >= SPLIT_BELOW_BLOCKS
-    even = max_kv_len * sequences <= EVEN_LENGTHS * total
-    return tokens_per_slot if fills and even else small
+    blocks = sequences * kv_heads
+    uneven = max_kv_len * sequences > EVEN_LENGTHS * total
+    if blocks < SPLIT_BELOW_BLOCKS or (uneven and blocks < UNEVEN_SPLIT_BELOW_BLOCKS):
+        return small
+    return tokens_per_slot
 
 
 def page_table(

@@ -15,6 +15,7 @@ from replica.attention.kernel_pages import (
     LONG_CONTEXT_TOKENS,
     SMALL_PAGE_TOKENS,
     SPLIT_BELOW_BLOCKS,
+    UNEVEN_SPLIT_BELOW_BLOCKS,
     kernel_page_tokens,
     page_table,
 )
@@ -39,14 +40,16 @@ def test_full_batches_and_short_contexts_keep_one_page_per_slot() -> None:
     assert kernel_page_tokens(1, 8, 8000, 8200) == 8200  # 16 does not divide the slot: one page
 
 
-def test_a_full_batch_of_uneven_lengths_sees_small_pages() -> None:
-    """ShareGPT-like: 128 sequences, one of 4K keys among ones of ~500: the long one's lone block
-    would be the step's tail."""
-    lengths = [4096] + [500] * 127
-    assert kernel_page_tokens(128, 8, 4096, SLOT, sum(lengths)) == SMALL_PAGE_TOKENS
-    even = [3000] * 127 + [int(3000 * EVEN_LENGTHS)]
-    assert kernel_page_tokens(128, 8, max(even), 8192, sum(even)) == 8192
-    assert kernel_page_tokens(128, 8, 900, SLOT, 900 + 127 * 10) == SLOT  # short: one page
+def test_uneven_lengths_see_small_pages_until_the_batch_fills_the_gpu_several_times() -> None:
+    """ShareGPT-like: one sequence of 4K keys among ones of ~500. At 32 x 8 blocks the long one's
+    lone block is the step's tail (small pages); from 128 x 8 blocks one page is faster again."""
+    for sequences, page in ((32, SMALL_PAGE_TOKENS), (63, SMALL_PAGE_TOKENS), (64, SLOT)):
+        lengths = [4096] + [500] * (sequences - 1)
+        assert kernel_page_tokens(sequences, 8, 4096, SLOT, sum(lengths)) == page
+    assert UNEVEN_SPLIT_BELOW_BLOCKS == 64 * 8
+    even = [3000] * 31 + [int(3000 * EVEN_LENGTHS)]
+    assert kernel_page_tokens(32, 8, max(even), 8192, sum(even)) == 8192
+    assert kernel_page_tokens(32, 8, 900, SLOT, 900 + 31 * 10) == SLOT  # short: one page
 
 
 @given(
