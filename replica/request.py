@@ -75,6 +75,10 @@ class Request:
     in_flight_row: int = -1  # the newest one's row in its step's sampled tokens
     #: Prompt tokens the prefix cache held when it was first admitted.
     cached_tokens: int = 0
+    #: Known tokens when it was last admitted: its slot indexes their full blocks for the prefix
+    #: cache as its steps write them (``Scheduler`` holds back a waiting request that is about to
+    #: find them there).
+    admitted_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,22 @@ uncached token), and admission counts only the pages it adds. A slot is released
 whose K/V it holds, so a later turn of the conversation, or the request itself after preemption,
 finds them.
 
+Same-step arrivals (prefix holds): a running request's slot indexes its prompt's full blocks as
+its steps write them (``KVCache.prefix_block_tokens``), so a waiting request whose prompt shares
+blocks with a prefill still under way would compute them a second time if admitted beside it. It
+is *held* instead: admission skips it, it keeps its place in the queue, and once the prefill has
+written the shared blocks it is admitted and finds them cached. Invariants:
+
+    a waiting request is held in a step only if a running request (its *producer*) was admitted
+        with known tokens whose full blocks, beyond what the cache holds of the waiting prompt,
+        start that prompt (whole blocks, never its last token), and has not computed them yet
+    so a hold ends when the producer has written those blocks (running requests are scheduled
+        before any admission, so at most one prefill of the producer), or when the producer leaves
+        the running list (preempted, aborted, finished, failed): no hold outlives it (a preempted
+        producer re-admitted ahead of it starts a new hold, for the rest of its own prefill)
+    a held request takes no slot and no pages; the requests behind it are admitted as before
+        (first come, first served among the requests not held)
+
 When a step's token budget is spent, the requests that would be admitted next (up to one more
 step's budget) are admitted *ahead*: they get their slot now and their first chunk's pages are
 mapped in the background while this step computes, so next step's prefill does not wait for the
@@ -36,6 +52,7 @@ from dataclasses import dataclass
 
 from replica.growth_reserve import GrowthReserve
 from replica.kv.base import KVCache, KVCacheOutOfMemory
+from replica.kv.prefix import usable_blocks
 from replica.request import Request, RequestStatus
 
 
@@ -75,6 +92,8 @@ class Scheduler:
         self._deferred: list[tuple[Request, int, tuple[int, ...]]] = []
         #: Prompt tokens admitted requests found cached (prefix sharing), over all time.
         self.prefix_hits_tokens = 0
+        #: Waiting requests held back for a running prefill's blocks, one per request and step.
+        self.prefix_holds_total = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -115,17 +134,19 @@ class Scheduler:
                 break  # it was the newest itself
             chosen[request] = tokens
             budget -= tokens
+        held: set[Request] = set()  # waiting requests held for a prefix this step
         while self.waiting and budget > 0:
-            tokens = self._admit(budget, wait=True)
+            tokens = self._admit_next(budget, wait=True, held=held)
             if not tokens:
                 break
             chosen[self.running[-1]] = tokens
             budget -= tokens
+        self.prefix_holds_total += len(held)
         if not chosen:
             return None
         ahead = self.max_batch_tokens
         while budget <= 0 and self.waiting and ahead > 0:  # this step is full: admit the next ahead
-            tokens = self._admit(ahead, wait=False)
+            tokens = self._admit_next(ahead, wait=False, held=held)
             if not tokens:
                 break
             ahead -= tokens
@@ -137,15 +158,62 @@ class Scheduler:
             context_lens=tuple(r.computed for r in order),
         )
 
-    def _admit(self, budget: int, wait: bool) -> int:
-        """Moves the head of the queue to running with a slot backing its cached prefix and its
-        next ``budget`` tokens at most (their pages mapped by return, or in the background without
-        ``wait``); returns the tokens to compute this step, 0 if it does not fit."""
+    def _admit_next(self, budget: int, wait: bool, held: set[Request]) -> int:
+        """Admits the first waiting request not held for a prefix (``_producer``), adding the
+        ones it passes over to ``held`` (they keep their places); returns the tokens it computes
+        this step, 0 if none was admitted (the first one not held does not fit)."""
         if len(self.running) >= self.max_running:
             return 0
-        request = self.waiting[0]
-        known = request.known_token_ids()
-        cached = self.kv.cached_tokens(known)
+        for request in self.waiting:  # returns before iterating on once it changes the queue
+            if request in held:
+                continue
+            known = request.known_token_ids()
+            cached = self.kv.cached_tokens(known)
+            if self._producer(known, cached) is not None:
+                held.add(request)
+                continue
+            return self._admit(request, known, cached, budget, wait)
+        return 0
+
+    def _producer(self, known: tuple[int, ...], cached: int) -> Request | None:
+        """A running request about to index more of ``known``'s usable blocks than the ``cached``
+        tokens the prefix cache holds of it now: admitted with known tokens that start with those
+        blocks, and not past them yet (the module's prefix holds); None if there is none."""
+        block = self.kv.prefix_block_tokens
+        if not block:
+            return None
+        usable = usable_blocks(len(known), block)
+        first = cached // block + 1  # blocks up to the first one not cached
+        if first > usable:
+            return None
+        for request in self.running:
+            if request.computed >= min(request.admitted_tokens, usable * block):
+                continue  # it has written every block the two could share
+            tokens = (
+                request.prompt_token_ids
+                if request.admitted_tokens <= len(request.prompt_token_ids)
+                else request.known_token_ids()
+            )
+            shared = min(usable, request.admitted_tokens // block)
+            if shared < first or tokens[: first * block] != known[: first * block]:
+                continue
+            blocks = first
+            while blocks < shared and (
+                tokens[blocks * block : (blocks + 1) * block]
+                == known[blocks * block : (blocks + 1) * block]
+            ):
+                blocks += 1
+            if request.computed < blocks * block:
+                return request
+        return None
+
+    def _admit(
+        self, request: Request, known: tuple[int, ...], cached: int, budget: int, wait: bool
+    ) -> int:
+        """Moves ``request`` (waiting; ``known`` its known tokens, ``cached`` of them found in the
+        prefix cache) to running with a slot backing its cached prefix and its next ``budget``
+        tokens at most (their pages mapped by return, or in the background without ``wait``);
+        returns the tokens to compute this step, 0 if it does not fit."""
         tokens = min(request.num_tokens - cached, budget)
         spare = self.watermark_pages * self._page_group() + self.growth.pages(
             self.running, self._pages
@@ -169,8 +237,9 @@ class Scheduler:
         except KVCacheOutOfMemory:
             self.kv.release(slot, known[:cached])
             return 0
-        self.waiting.popleft()
+        self.waiting.remove(request)
         request.slot, request.status, request.computed = slot, RequestStatus.RUNNING, cached
+        request.admitted_tokens = len(known)
         if request.preemptions == 0:
             request.cached_tokens = cached  # what its answer reports (OpenAI's cached_tokens)
         self.prefix_hits_tokens += cached

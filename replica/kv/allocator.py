@@ -209,6 +209,10 @@ class KVCacheAllocator(KVCache):
         self._checked()
         return index
 
+    @property
+    def prefix_block_tokens(self) -> int:
+        return self.config.tokens_per_group if self._prefix else 0
+
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         """Tokens of ``prompt`` that ``acquire`` would find cached now (whole page groups, never
         the last prompt token)."""

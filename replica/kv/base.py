@@ -173,6 +173,14 @@ class KVCache(ABC):
         """Tokens of ``prompt`` that ``acquire`` would find cached now (0 without sharing)."""
         return 0
 
+    @property
+    def prefix_block_tokens(self) -> int:
+        """Tokens of one shareable block (a page group of the vAttention cache, a block of the
+        paged mode), 0 without prefix sharing. A running slot's prompt is indexed in blocks of
+        this many tokens as its steps write them (at ``step_async``), so the scheduler can tell
+        which blocks of a waiting prompt a running prefill is about to index."""
+        return 0
+
     def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
         """What the router learns of the cached prefixes (``replica.kv.prefix``): the chain's
         root, the tokens per block, and up to ``limit`` summary keys, the newest last (None

@@ -173,6 +173,10 @@ class PagedKVCache(KVCache):
         self._checked()
         return index
 
+    @property
+    def prefix_block_tokens(self) -> int:
+        return self.config.block_size if self.config.prefix_cache else 0
+
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         return len(self._lookup(tuple(prompt))[0]) * self.config.block_size
 

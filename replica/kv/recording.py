@@ -120,6 +120,10 @@ class RecordingKVCache(KVCache):
     def length(self, slot_index: int) -> int:
         return self.cache.length(slot_index)
 
+    @property
+    def prefix_block_tokens(self) -> int:
+        return self.cache.prefix_block_tokens
+
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         return self.cache.cached_tokens(prompt)
 

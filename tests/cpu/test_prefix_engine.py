@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from replica import LLM, SamplingParams
+from replica import LLM, LLMEngine, SamplingParams
+from replica.request import Request, RequestStatus
 from tests.models import tiny_llm
 
 SYSTEM = [(7 * i) % 120 + 3 for i in range(40)]  # a shared system prompt
@@ -97,3 +98,83 @@ def test_openai_usage_reports_the_cached_prompt_tokens() -> None:
     chunk = ChatCompletionChunk.model_validate(api.usage_chunk("chatcmpl-1", "m", True, 40, 3, 32))
     assert chunk.usage is not None and chunk.usage.prompt_tokens_details is not None
     assert chunk.usage.prompt_tokens_details.cached_tokens == 32
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"kv_layout": "interleaved"}, {"kv_mode": "paged"}, {"async_scheduling": False}],
+    ids=["interleaved", "paged", "sync"],
+)
+def test_requests_arriving_together_compute_a_shared_prefix_once(
+    tiny_dir: Path, config: dict[str, object]
+) -> None:
+    """Four prompts over one uncached system prompt, in the same step: the first computes it, the
+    others are held until its pages are indexed and then find them (same tokens as cache off)."""
+    histories = [[*SYSTEM, *question] for question in QUESTIONS]
+    off = tiny_llm(tiny_dir, prefix_cache=False, **config).generate(histories, GREEDY)
+    llm = tiny_llm(tiny_dir, prefix_cache=True, **config)
+    block = llm.engine.kv.prefix_block_tokens
+    on = llm.generate(histories, GREEDY)
+    assert [c.token_ids for c in on] == [c.token_ids for c in off]
+    assert [c.cached_tokens for c in on] == [0] + [len(SYSTEM) // block * block] * 3
+    assert llm.engine.scheduler.prefix_holds_total >= 3
+    llm.engine.kv.check_invariants(deep=True)
+
+
+def _prefilling_pair(tiny_dir: Path) -> tuple[LLMEngine, Request, Request, Request]:
+    """A synchronous engine with 16-token steps, after one step of: ``a`` prefilling the system
+    prompt, ``b`` sharing it (held), ``c`` sharing nothing (admitted past ``b``)."""
+    engine = tiny_llm(tiny_dir, prefix_cache=True, max_batch_tokens=16, async_scheduling=False)
+    engine = engine.engine
+    engine.add_request("a", [*SYSTEM, 11, 12, 13], GREEDY)
+    engine.add_request("b", [*SYSTEM, 21, 22], GREEDY)
+    engine.add_request("c", [99, *SYSTEM[:5]], GREEDY)
+    engine.step()
+    a, b, c = (engine.requests[r] for r in "abc")
+    return engine, a, b, c
+
+
+def test_a_held_request_waits_one_prefill_of_the_request_computing_its_prefix(
+    tiny_dir: Path,
+) -> None:
+    engine, a, b, c = _prefilling_pair(tiny_dir)
+    assert a.status is RequestStatus.RUNNING and c.status is RequestStatus.RUNNING
+    assert b.status is RequestStatus.WAITING  # held, and c was admitted behind it
+    shared = len(SYSTEM) // engine.kv.prefix_block_tokens * engine.kv.prefix_block_tokens
+    while a.computed < len(a.prompt_token_ids):
+        assert b.status is RequestStatus.WAITING
+        engine.step()
+    engine.step()  # the step after a's prefill admits b
+    assert b.status is RequestStatus.RUNNING and b.cached_tokens == shared
+
+
+def test_a_hold_ends_when_the_request_computing_the_prefix_is_aborted(tiny_dir: Path) -> None:
+    engine, a, b, _ = _prefilling_pair(tiny_dir)
+    assert b.status is RequestStatus.WAITING and 0 < a.computed < len(SYSTEM)
+    written = a.computed // engine.kv.prefix_block_tokens * engine.kv.prefix_block_tokens
+    engine.abort("a")
+    engine.step()
+    assert b.status is RequestStatus.RUNNING
+    assert b.cached_tokens == written  # the blocks a wrote before it left
+    while engine.has_work():
+        engine.step()
+    engine.kv.check_invariants(deep=True)
+
+
+def test_a_preempted_producer_readmitted_first_holds_again_for_one_prefill(tiny_dir: Path) -> None:
+    """Preempted, ``a`` heads the queue: re-admitted first, it finds its own written blocks and
+    computes the rest, and ``b``, held meanwhile, is admitted the step after and finds them all."""
+    engine, a, b, _ = _prefilling_pair(tiny_dir)
+    engine.scheduler.preempt(a)
+    assert a.status is RequestStatus.WAITING
+    engine.step()
+    assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING
+    while a.computed < len(a.prompt_token_ids):
+        assert b.status is RequestStatus.WAITING
+        engine.step()
+    engine.step()
+    block = engine.kv.prefix_block_tokens
+    assert b.status is RequestStatus.RUNNING and b.cached_tokens == len(SYSTEM) // block * block
+    while engine.has_work():
+        engine.step()
+    engine.kv.check_invariants(deep=True)
