@@ -2,6 +2,7 @@
 both KV modes (vAttention page aliasing vs the paged mode's block cache).
 
     python -m benchmarks.bench_prefix                 # Llama-3-8B shapes, synthetic bf16, one GPU
+    python -m benchmarks.bench_prefix --cpu           # a small random model on CPU, about a minute
     python -m benchmarks.bench_prefix --smoke         # tiny model on CPU, seconds
 
 Workloads (arrivals interleaved: conversation i starts ``i * --stagger-s`` after the first; each
@@ -16,7 +17,13 @@ Per mode and cache setting: mean/p50/p99 time to first token, throughput (genera
 tokens per second of wall time), prompt tokens found cached over those looked up (the hit rate),
 and that rate over the workload's theoretical maximum: every prompt token that an earlier request
 had already computed (whole pages of it, never a prompt's last token), as if nothing were evicted
-and nothing arrived together.
+and nothing arrived together. Requests that arrive together over an uncached prefix are held by the
+scheduler until the first one's prefill has indexed it (``replica.scheduler``, prefix holds):
+``prefix_holds`` counts them, one per request and step.
+
+``--cpu`` sizes (16 tokens a page, as Llama-3-8B's with 2 MiB pages): 16 conversations of 4 turns
+(128-token system prompt, 64-token messages, 32-token answers) and 64 requests over one 512-token
+system prompt, all arriving at once (a burst: many arrive in one step), in steps of 2,048 tokens.
 """
 
 from __future__ import annotations
@@ -50,11 +57,19 @@ class Shape:
     shared_system: bool  # one system prompt for every conversation
 
 
-def shapes(smoke: bool) -> dict[str, Shape]:
-    if smoke:
+SIZES = ("smoke", "cpu", "gpu")
+
+
+def shapes(size: str) -> dict[str, Shape]:
+    if size == "smoke":
         return {
             "chat": Shape(system=24, user=12, answer=10, turns=3, shared_system=False),
             "system": Shape(system=64, user=4, answer=6, turns=1, shared_system=True),
+        }
+    if size == "cpu":
+        return {
+            "chat": Shape(system=128, user=64, answer=32, turns=4, shared_system=False),
+            "system": Shape(system=512, user=16, answer=16, turns=1, shared_system=True),
         }
     return {
         "chat": Shape(system=256, user=256, answer=256, turns=5, shared_system=False),
@@ -62,8 +77,26 @@ def shapes(smoke: bool) -> dict[str, Shape]:
     }
 
 
-def model_shape(smoke: bool) -> ModelConfig:
-    return ModelConfig.tiny() if smoke else ModelConfig.llama3_8b()
+def model_shape(size: str) -> ModelConfig:
+    if size == "smoke":
+        return ModelConfig.tiny()
+    if size == "cpu":  # 4 KiB a token in float32: 16 tokens a 64 KiB page
+        return dataclasses.replace(
+            ModelConfig.tiny(),
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=512,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            max_position_embeddings=2048,
+        )
+    return ModelConfig.llama3_8b()
+
+
+#: The KV page of each size (None: the engine's 2 MiB).
+PAGE_SIZE = {"smoke": 4096, "cpu": 64 * 1024, "gpu": None}
 
 
 def theoretical_hits(
@@ -87,17 +120,18 @@ def theoretical_hits(
 
 
 def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
-    smoke = args.smoke
+    size = args.size
     config = EngineConfig(
         model="synthetic",
-        synthetic=model_shape(smoke),
+        synthetic=model_shape(size),
         kv_mode=mode,
-        device="cpu" if smoke else "auto",
+        device="auto" if size == "gpu" else "cpu",
         max_model_len=args.max_model_len,
         max_running=args.slots,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
-        page_size=4096 if smoke else None,
+        page_size=PAGE_SIZE[size],
         prefix_cache=prefix_cache,
+        max_batch_tokens=args.max_batch_tokens,
         seed=1,
     )
     engine = LLMEngine(config)
@@ -184,6 +218,7 @@ def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -
         "pages_shared_at_end": stats.pages_shared,
         "prefix_evicted_pages": stats.prefix_evicted_pages - stats_before.prefix_evicted_pages,
         "preemptions": engine.scheduler.preemptions_total,
+        "prefix_holds": engine.scheduler.prefix_holds_total,
     }
 
 
@@ -191,23 +226,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--smoke", action="store_true")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds")
+    size.add_argument("--cpu", action="store_true", help="a small model on CPU, about a minute")
     parser.add_argument("--workloads", default="chat,system")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--conversations", type=int, help="default 64 (cpu: 16, smoke: 4)")
     parser.add_argument("--turns", type=int, default=None, help="chat turns (default 5)")
-    parser.add_argument("--stagger-s", type=float, default=0.05)
-    parser.add_argument("--slots", type=int, default=128)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--kv-cache-gib", type=float, default=40.0)
+    parser.add_argument("--stagger-s", type=float, help="default 0.05 (cpu, smoke: 0: a burst)")
+    parser.add_argument("--slots", type=int)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--kv-cache-gib", type=float)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, help="a step's tokens (default: the engine's; cpu: 2048)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.smoke:
-        args.conversations = min(args.conversations, 4)
-        args.stagger_s, args.slots, args.max_model_len = 0.0, 8, 256
-        args.kv_cache_gib = 256 * 4096 / (1 << 30)
-    loads = shapes(args.smoke)
+    args.size = "smoke" if args.smoke else "cpu" if args.cpu else "gpu"
+    defaults = {  # conversations, stagger, slots, max_model_len, KV GiB, step tokens
+        "smoke": (4, 0.0, 8, 256, 256 * 4096 / (1 << 30), None),
+        "cpu": (16, 0.0, 32, 1024, 1024 * 64 * 1024 / (1 << 30), 2048),  # 16K tokens of KV
+        "gpu": (64, 0.05, 128, 4096, 40.0, None),
+    }[args.size]
+    names = ("conversations", "stagger_s", "slots", "max_model_len", "kv_cache_gib")
+    for name, default in zip((*names, "max_batch_tokens"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    loads = shapes(args.size)
     if args.turns is not None:
         loads["chat"] = dataclasses.replace(loads["chat"], turns=args.turns)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -219,11 +265,11 @@ def main() -> None:
                 print(name, rows[-1], flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
         results[name] = rows
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "host"
+    device = "cuda" if torch.cuda.is_available() and args.size == "gpu" else "host"
     payload = {
         "benchmark": "prefix",
         "environment": describe_device(device),
-        "model": dataclasses.asdict(model_shape(args.smoke)) | {"weights": "synthetic"},
+        "model": dataclasses.asdict(model_shape(args.size)) | {"weights": "synthetic"},
         "workloads": {name: dataclasses.asdict(shape) for name, shape in loads.items()},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
