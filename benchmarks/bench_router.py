@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     size.add_argument("--gpu", action="store_true", help="one GPU per replica, Llama-3-8B shapes")
     parser.add_argument(
-        "--routers", default=",".join(ROUTERS), help="comma-separated, run in this order"
+        "--routers",
+        default="free-pages,power-of-two",
+        help=f"comma-separated, run in this order (of {', '.join(ROUTERS)})",
     )
     parser.add_argument("--requests", type=int, help="override the workload's request count")
     parser.add_argument(

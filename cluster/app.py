@@ -75,8 +75,10 @@ class AppOptions(BaseModel):
     #: GPUs per replica of tp 1: a fraction shares a GPU between replicas (each with its own KV
     #: budget: set kv_cache_bytes), e.g. 0.33 for three (benchmarks.bench_autoscaling --gpu).
     replica_gpus: float = 1.0
-    #: "free-pages": vattn's FreePageRouter (cluster.router); "power-of-two": Serve's default
-    #: PowerOfTwoChoicesRequestRouter (for comparison: benchmarks.bench_router).
+    #: "free-pages": vattn's FreePageRouter (cluster.router); for comparison
+    #: (benchmarks.bench_router): "power-of-two", Serve's default PowerOfTwoChoicesRequestRouter;
+    #: "headroom-only", the FreePageRouter ignoring prefixes; "prefix-affinity", Ray Serve LLM's
+    #: PrefixCacheAffinityRouter (cluster.affinity_router).
     router: str = "free-pages"
 
     @field_validator("router")
@@ -183,7 +185,15 @@ class AppOptions(BaseModel):
     def request_router_config(self) -> RequestRouterConfig:
         if self.router == "power-of-two":
             return RequestRouterConfig()  # Serve's default class and stats period
-        return router_config(self.routing_stats_period_s, hold_s=self.router_hold_s)
+        if self.router == "prefix-affinity":
+            from cluster.affinity_router import affinity_router_config
+
+            return affinity_router_config()
+        return router_config(
+            self.routing_stats_period_s,
+            hold_s=self.router_hold_s,
+            prefix=self.router != "headroom-only",
+        )
 
 
 def build_app(args: AppOptions) -> Application:

@@ -38,15 +38,18 @@ class FreePageRouter(RequestRouter):
 
     max_age_s: float = 2.0
     hold_s: float = 0.0
+    prefix: bool = True
 
     def initialize_state(
-        self, max_age_s: float = 2.0, hold_s: float = 0.0, **kwargs: object
+        self, max_age_s: float = 2.0, hold_s: float = 0.0, prefix: bool = True, **kwargs: object
     ) -> None:
         """Called by Serve with ``RequestRouterConfig.request_router_kwargs``: stats older than
         ``max_age_s`` fall back to power of two; a request that no replica has room for waits
-        here up to ``hold_s`` (then goes to the replica with the most headroom)."""
+        here up to ``hold_s`` (then goes to the replica with the most headroom); without
+        ``prefix`` the replicas' prefix summaries are ignored (headroom alone, for comparison)."""
         self.max_age_s = float(max_age_s)
         self.hold_s = float(hold_s)
+        self.prefix = bool(prefix)
         self.routed: dict[str, tuple[float, int]] = {}
 
     def discounted(
@@ -95,7 +98,8 @@ class FreePageRouter(RequestRouter):
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]
         if request is not None and tpps:
             need = routing.pages_needed(request, min(tpps))
-        chains = routing.prompt_chains(getattr(request, "prompt_token_ids", None), pairs)
+        prompt = getattr(request, "prompt_token_ids", None) if self.prefix else None
+        chains = routing.prompt_chains(prompt, pairs)
         hits = {rid: s.hit_pages(chains) for rid, s in pairs if s is not None} if chains else None
         now = time.time()
         waited = now - pending_request.created_at if pending_request is not None else 0.0
@@ -124,7 +128,7 @@ def _request_of(pending_request: PendingRequest | None) -> object | None:
 
 
 def router_config(
-    period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 0.0
+    period_s: float = 0.5, max_age_s: float | None = None, hold_s: float = 0.0, prefix: bool = True
 ) -> RequestRouterConfig:
     """RequestRouterConfig for vattn replica deployments.
 
@@ -133,13 +137,17 @@ def router_config(
     back to power of two choices. With ``hold_s`` > 0 a request that no replica has free pages
     for waits at the router up to ``hold_s`` seconds, retried at most every ``period_s`` (off by
     default: on the CPU router benchmark it cut preemptions and the median TTFT under overload but
-    lengthened the p99, see benchmarks/README.md).
+    lengthened the p99, see benchmarks/README.md). ``prefix=False`` ranks by headroom alone
+    (the ``headroom-only`` router of ``benchmarks.bench_router``).
     """
     if max_age_s is None:
         max_age_s = max(4 * period_s + 1.0, 2.0)
+    kwargs: dict[str, object] = {"max_age_s": max_age_s, "hold_s": hold_s}
+    if not prefix:
+        kwargs["prefix"] = False
     return RequestRouterConfig(
         request_router_class=ROUTER_PATH,
-        request_router_kwargs={"max_age_s": max_age_s, "hold_s": hold_s},
+        request_router_kwargs=kwargs,
         request_routing_stats_period_s=period_s,
         request_routing_stats_timeout_s=max(4 * period_s, 1.0),
         max_backoff_s=period_s,

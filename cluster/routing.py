@@ -72,8 +72,11 @@ HOLD = "hold"
 LOW_WATER = 0.1
 #: The most summary keys a replica's stats may carry (more are refused as malformed).
 MAX_PREFIX_KEYS = 4096
-#: The routers an app can use: vattn's FreePageRouter, or Serve's default power of two choices.
-ROUTERS = ("free-pages", "power-of-two")
+#: The routers an app can use: vattn's FreePageRouter (prefix hits weighed against headroom), or
+#: for comparison (``benchmarks.bench_router``) Serve's default power of two choices, the
+#: FreePageRouter blind to prefixes (headroom alone), or Ray Serve LLM's prefix-affinity router
+#: (``cluster.affinity_router``: prefix matches alone, blind to memory).
+ROUTERS = ("free-pages", "power-of-two", "headroom-only", "prefix-affinity")
 
 
 def _is_int(v: Any) -> bool:

@@ -481,6 +481,38 @@ def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None
     assert DECISIONS.snapshot()["prefix_routed"] == before + 1
 
 
+def test_the_headroom_only_router_ignores_the_prefix_summary() -> None:
+    held = holding(PROMPT, 400, 32)
+    summary = {
+        "prefix_root": held.prefix_root,
+        "prefix_tokens_per_block": 16,
+        "prefix_keys": sorted(held.prefix_keys),
+    }
+    reps = [_replica("a", 900), _replica("b", 400)]
+    reps[1].routing_stats.update(summary)
+    request = SimpleNamespace(prompt_token_ids=tuple(PROMPT), prompt_tokens=640, max_tokens=160)
+    router = _router()
+    router.initialize_state(max_age_s=2.0, prefix=False)
+    assert _choose(reps, request, router) == [["a"], ["b"]]  # the most headroom, as without hits
+
+
+def test_the_affinity_router_sees_token_prefixes_as_text_prefixes() -> None:
+    pytest.importorskip("ray.llm")
+    from cluster.affinity_router import PrefixAffinityRouter, token_text
+
+    ids = [0, 1, 0xD6FF, 0xD700, 0xD701, 128_255, 150_000]
+    text = token_text(ids)
+    assert len(text) == len(ids) == len(set(text))  # one character per id, distinct ids apart
+    assert not any(0xD800 <= ord(c) <= 0xDFFF for c in text)  # no surrogates: encodable
+    text.encode("utf-8")
+    assert token_text(PROMPT[:100]) == token_text(PROMPT)[:100]
+    assert not token_text([5, 6]).startswith(token_text([5, 7]))
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+    request = SimpleNamespace(prompt_token_ids=(7, 8, 9), prompt_tokens=3, max_tokens=4)
+    pending = SimpleNamespace(args=[request], kwargs={})
+    assert router._extract_text_from_request(pending) == token_text([7, 8, 9])
+
+
 def test_a_replicas_summary_predicts_what_its_cache_finds() -> None:
     """The engine side: the allocator's summary, read as the router does, gives the cached
     tokens its acquire would find (here exactly: 32 blocks is a summary depth)."""
