@@ -216,12 +216,23 @@ class FlashInferBackend(AttentionBackend):
         )
 
     def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
-        """Short contexts for every size, and a long one where the kernel then sees small pages
-        (at every size: a full batch of uneven lengths sees them too)."""
+        """Short contexts for every size, and one long sequence among short ones where the kernel
+        then sees small pages (few sequences, or uneven lengths below the blocks that fill the
+        GPU several times over: ``kernel_pages``)."""
+        if LONG_CONTEXT_TOKENS > max_kv_len or small_page(self.tokens_per_slot) is None:
+            return [(size, 1) for size in sizes]
+        short_keys = 4  # a warm-up request's 2-token prompt and first tokens
         long = [
             (size, LONG_CONTEXT_TOKENS)
             for size in sizes
-            if LONG_CONTEXT_TOKENS <= max_kv_len and small_page(self.tokens_per_slot) is not None
+            if kernel_page_tokens(
+                size,
+                self.num_kv_heads,
+                LONG_CONTEXT_TOKENS,
+                self.tokens_per_slot,
+                LONG_CONTEXT_TOKENS + short_keys * (size - 1),
+            )
+            != self.tokens_per_slot
         ]
         return [(size, 1) for size in sizes] + long
 

@@ -96,3 +96,23 @@ def test_virtual_pages_view_the_same_memory(layout: str) -> None:
     assert paged.data_ptr() == k.data_ptr()
     torch.testing.assert_close(paged.reshape(-1, heads, dim), token_rows(k).reshape(-1, heads, dim))
     assert torch.equal(paged[5, 3], k[1, 5 * 16 - tokens + 3])  # page 5 = slot 1's second page
+
+
+def test_warm_up_reaches_every_page_size_a_batch_size_can_see() -> None:
+    """The engine's warm-up (one long sequence among short ones per shape) captures, for each
+    batch size, the small-page graph exactly where some step of that size can see small pages."""
+    from types import SimpleNamespace
+
+    from replica.attention.flashinfer_backend import FlashInferBackend
+
+    backend = SimpleNamespace(num_kv_heads=8, tokens_per_slot=SLOT)
+    sizes = [1, 2, 8, 15, 16, 32, 63, 64, 128, 256]
+    shapes = FlashInferBackend.warm_up_shapes(backend, sizes, 4000)  # type: ignore[arg-type]
+    assert {(size, 1) for size in sizes} <= set(shapes)
+    warmed_small = {size for size, keys in shapes if keys >= LONG_CONTEXT_TOKENS}
+    can_see_small = {size for size in sizes if size * 8 < UNEVEN_SPLIT_BELOW_BLOCKS}
+    assert warmed_small == can_see_small
+    for size in warmed_small:  # the warm-up batch itself: one long sequence, the others short
+        lengths = [LONG_CONTEXT_TOKENS] + [4] * (size - 1)
+        assert kernel_page_tokens(size, 8, max(lengths), SLOT, sum(lengths)) == SMALL_PAGE_TOKENS
+    assert FlashInferBackend.warm_up_shapes(backend, sizes, 1000) == [(s, 1) for s in sizes]  # type: ignore[arg-type]
