@@ -224,7 +224,7 @@ class Reply:
 
 @dataclass(frozen=True)
 class Tools:
-    """How a chat reply's text becomes tool calls (``openai_api.parse_tool_calls``)."""
+    """How a chat reply's text becomes tool calls (``openai_api.ToolCallStream``)."""
 
     mode: str
     named: str | None
@@ -314,7 +314,9 @@ class VattnIngress:
         if (too_long := limits.prompt_too_long(chars)) is not None:
             raise ApiError(400, too_long, param="messages", code="context_length_exceeded")
         mode = body.tool_mode()
-        if mode == "auto" and not api.emits_hermes_tool_calls(self.tokenizer.chat_template):
+        if mode == "auto" and not api.emits_hermes_tool_calls(
+            getattr(self.tokenizer, "chat_template", None)
+        ):
             raise ApiError(
                 400,
                 "tool_choice auto (the default with tools) needs a chat template that emits "
@@ -525,43 +527,56 @@ class VattnIngress:
     ) -> StreamingResponse:
         """The reply as server-sent events: the choices' deltas as they come, each chunk with its
         choice's index and its tokens' logprobs when asked (chat's first chunk per choice names
-        the role). A tool mode holds a choice's text back and sends it at its end, as tool calls
-        when it parses into some (whole, one chunk). The chunk that ends the last choice carries
+        the role). A tool mode's choice goes through its ``openai_api.ToolCallStream``: text it
+        holds back (from where a ``<tool_call>`` block may start) waits, its logprobs with it, and
+        calls go out as OpenAI's tool-call deltas. The chunk that ends the last choice carries
         the usage, unless ``stream_options.include_usage`` asks OpenAI's way: ``"usage": null``
         in every chunk and a last chunk with the usage and no choices. Then ``data: [DONE]``."""
         reply_id, name, chat = reply.reply_id, info.name, reply.chat
-        held = [""] * len(responses)
+        parsers = [
+            api.ToolCallStream(tools.mode, tools.named) if tools is not None and chat else None
+            for _ in responses
+        ]
         tokens = [0] * len(responses)
         cached = [0] * len(responses)  # prompt tokens the prefix cache held
 
-        def chunk(index: int, output: RequestOutput, last: bool) -> dict[str, Any]:
+        def chunks(index: int, output: RequestOutput, last: bool) -> list[dict[str, Any]]:
+            """The output's chunks (none while a tool mode holds its text back)."""
             lp = logprobs[index]
-            shaped = None
             if lp is not None:
                 lp.add(output.token_ids, output.logprobs, output.top_logprobs)
-                shaped = lp.take()
             reason, text = output.finish_reason, output.text
             if not chat:
-                body = api.completion_chunk(reply_id, name, text, reason, shaped, index)
-            elif tools is not None:
-                held[index] += text
-                delta: dict[str, Any] = {}
-                if output.finished:
-                    content, calls = api.parse_tool_calls(tools.mode, held[index], tools.named)
-                    if calls:
-                        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
-                        reason = "tool_calls" if reason == "stop" else reason
-                    if content:
-                        delta["content"] = content
-                body = api.chat_chunk(reply_id, name, delta, reason, shaped, index)
+                shaped = lp.take() if lp is not None else None
+                bodies = [api.completion_chunk(reply_id, name, text, reason, shaped, index)]
             else:
-                delta = {"content": text} if text else {}
-                body = api.chat_chunk(reply_id, name, delta, reason, shaped, index)
+                parser = parsers[index]
+                if parser is None:
+                    deltas = [{"content": text} if text else {}]
+                else:
+                    deltas = parser.feed(text) + (parser.finish() if output.finished else [])
+                    if not deltas and not output.finished:
+                        return []
+                    reason = "tool_calls" if parser.calls and reason == "stop" else reason
+                shaped = lp.take() if lp is not None else None
+                deltas = deltas or [{}]
+                bodies = [
+                    api.chat_chunk(
+                        reply_id,
+                        name,
+                        delta,
+                        reason if i == len(deltas) - 1 else None,
+                        shaped if i == 0 else None,
+                        index,
+                    )
+                    for i, delta in enumerate(deltas)
+                ]
             if include_usage:
-                body["usage"] = None
+                for body in bodies:
+                    body["usage"] = None
             elif last:
-                body["usage"] = api.usage(reply.prompt_tokens, sum(tokens), cached[0])
-            return body
+                bodies[-1]["usage"] = api.usage(reply.prompt_tokens, sum(tokens), cached[0])
+            return bodies
 
         def failure(message: str) -> str:
             return api.sse_event(api.error_payload(message, "server_error"))
@@ -601,12 +616,8 @@ class VattnIngress:
                     tokens[index] = output.completion_tokens
                     cached[index] = output.cached_tokens
                     finished += output.finished
-                    if tools is not None and chat and not output.finished:
-                        held[index] += output.text  # sent, whole, with the choice's last chunk
-                        if (lp := logprobs[index]) is not None:
-                            lp.add(output.token_ids, output.logprobs, output.top_logprobs)
-                        continue
-                    yield api.sse_event(chunk(index, output, finished == len(responses)))
+                    for body in chunks(index, output, finished == len(responses)):
+                        yield api.sse_event(body)
                 if include_usage and finished == len(responses):
                     usage = api.usage_chunk(
                         reply_id, name, chat, reply.prompt_tokens, sum(tokens), cached[0]

@@ -17,6 +17,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai.types import Completion, Model
 from openai.types import completion_create_params as openai_completion_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -702,3 +704,246 @@ def test_the_usage_chunk_has_no_choices_and_the_usage() -> None:
 def test_the_model_card_is_an_openai_model() -> None:
     card = Model.model_validate(api.model_card("SmolLM2-135M-Instruct", 4096))
     assert card.id == "SmolLM2-135M-Instruct" and card.object == "model"
+
+
+# ---- 7. tool calls: Hermes blocks into OpenAI's tool_calls ---------------------------------------
+CALL = {"name": "weather", "arguments": {"city": "Oslo"}}
+OSLO = ("weather", '{"city": "Oslo"}')
+
+
+def hermes(call: Any) -> str:
+    return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+
+
+def streamed(mode: str, pieces: list[str], named: str | None = None) -> list[dict[str, Any]]:
+    stream = api.ToolCallStream(mode, named)
+    deltas = [delta for piece in pieces for delta in stream.feed(piece)]
+    return deltas + stream.finish()
+
+
+def named_arguments(calls: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(call["function"]["name"], call["function"]["arguments"]) for call in calls]
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (f"Let me look.\n{hermes(CALL)}", "Let me look.", [OSLO]),
+        (
+            f"{hermes(CALL)}\n{hermes({'name': 'now', 'arguments': {}})}\n",
+            "",
+            [OSLO, ("now", "{}")],
+        ),
+        (f"{hermes(CALL)}\nDone.", "Done.", [OSLO]),
+        (f"a {hermes(CALL)} b {hermes(CALL)} c", "a b c", [OSLO, OSLO]),
+        (f"{hermes(CALL)}\n \n{hermes(CALL)}\n", "", [OSLO, OSLO]),
+        ('<tool_call>{"name": "f"}</tool_call>', "", [("f", "{}")]),
+        (
+            '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>',
+            "",
+            [("f", '{"x": 1}')],
+        ),
+        (hermes({"name": "f", "arguments": {"q": "東京 😀"}}), "", [("f", '{"q": "東京 😀"}')]),
+        # Malformed, cut off or not a call: the text stays content, markup and all.
+        ("a <tool_call>{not json}</tool_call> b", "a <tool_call>{not json}</tool_call> b", []),
+        ("<tool_call>[1]</tool_call>", "<tool_call>[1]</tool_call>", []),
+        (
+            '<tool_call>{"arguments": {}}</tool_call>',
+            '<tool_call>{"arguments": {}}</tool_call>',
+            [],
+        ),
+        (
+            '<tool_call>{"name": "", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "", "arguments": {}}</tool_call>',
+            [],
+        ),
+        (
+            '<tool_call>{"name": "f", "arguments": 3}</tool_call>',
+            '<tool_call>{"name": "f", "arguments": 3}</tool_call>',
+            [],
+        ),
+        (f"<tool_call>{DEEP}</tool_call>", f"<tool_call>{DEEP}</tool_call>", []),
+        ('cut <tool_call>\n{"name": "f", "argu', 'cut <tool_call>\n{"name": "f", "argu', []),
+        ("x < y and <tool_ca", "x < y and <tool_ca", []),
+        ("</tool_call> first", "</tool_call> first", []),
+        (f"ok {hermes(CALL)} then <tool_call>{{bad", "ok then <tool_call>{bad", [OSLO]),
+        (f"{hermes(CALL)}\n<tool_call>{{bad}}</tool_call>", "<tool_call>{bad}</tool_call>", [OSLO]),
+        ("no call here ", "no call here ", []),
+    ],
+)
+def test_hermes_blocks_become_calls_and_the_rest_stays_content(
+    text: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    got_content, got_calls = api.parse_tool_calls("auto", text)
+    assert (got_content, named_arguments(got_calls)) == (content, calls)
+    assert all(c["id"].startswith("call-") and c["type"] == "function" for c in got_calls)
+    assert len({c["id"] for c in got_calls}) == len(got_calls)
+    choice = api.chat_choice(0, got_content, "stop", None, got_calls)
+    reply = ChatCompletion.model_validate(api.reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == ("tool_calls" if calls else "stop")
+    assert message.content == (content or None if calls else content)
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls or ()] == calls
+    # Streamed a character at a time: the same content and calls, and no call's markup as content.
+    deltas = streamed("auto", list(text))
+    assert named_arguments(api.merge_deltas(deltas)[1]) == calls
+    assert "".join(d.get("content", "") for d in deltas) == content
+
+
+def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
+    """Each call: a delta with its index, id, type, name and empty arguments, then its arguments;
+    the `openai` package's stream accumulator rebuilds the reply from the chunks."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    text = f"Looking.\n{hermes(CALL)}\n{hermes({'name': 'now', 'arguments': {}})}"
+    deltas = streamed("auto", [text[:20], text[20:50], text[50:]])
+    assert deltas[0] == {"content": "Looking."}
+    heads = [d["tool_calls"][0] for d in deltas if "id" in d.get("tool_calls", [{}])[0]]
+    assert [(h["index"], h["type"], h["function"]) for h in heads] == [
+        (0, "function", {"name": "weather", "arguments": ""}),
+        (1, "function", {"name": "now", "arguments": ""}),
+    ]
+    assert {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]} in deltas
+    state = ChatCompletionStreamState()
+    for i, delta in enumerate([{"role": "assistant"}, *deltas]):
+        reason = "tool_calls" if i == len(deltas) else None
+        state.handle_chunk(
+            ChatCompletionChunk.model_validate(api.chat_chunk("c-1", "m", delta, reason))
+        )
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and final.message.content == "Looking."
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        OSLO,
+        ("now", "{}"),
+    ]
+
+
+def test_named_and_required_modes_stream_as_calls() -> None:
+    deltas = streamed("named", ['{"city"', ': "Paris"}'], named="weather")
+    assert named_arguments(api.merge_deltas(deltas)[1]) == [("weather", '{"city": "Paris"}')]
+    assert len(deltas) == 3 and deltas[0]["tool_calls"][0]["function"]["arguments"] == ""
+    pieces = ['[{"name": "f", "arg', 'uments": {}}]']
+    assert named_arguments(api.merge_deltas(streamed("required", pieces))[1]) == [("f", "{}")]
+    for broken in ("5", "{}", '[{"name": "f"}]', '[{"name": "f", "argu'):
+        assert api.parse_tool_calls("required", broken) == (broken, [])
+    assert api.parse_tool_calls("none", hermes(CALL)) == (hermes(CALL), [])
+
+
+FRAGMENTS = st.sampled_from(
+    [
+        "<tool_call>",
+        "</tool_call>",
+        hermes(CALL),
+        '{"name": "f", "arguments": {}}',
+        "<",
+        "<tool",
+        "_call>",
+        "</tool_",
+        "{",
+        "\n",
+        " ",
+        "hi",
+        "é東😀",
+        "\u202e\u0301",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    text=st.lists(st.one_of(FRAGMENTS, st.text(max_size=4)), max_size=12).map("".join),
+    cuts=st.lists(st.integers(0, 200), max_size=8),
+)
+def test_a_stream_cut_anywhere_gives_the_whole_replys_content_and_calls(
+    text: str, cuts: list[int]
+) -> None:
+    points = sorted({min(cut, len(text)) for cut in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+    deltas = streamed("auto", pieces)
+    content, calls = api.merge_deltas(deltas)
+    whole_content, whole_calls = api.parse_tool_calls("auto", text)
+    assert (content, named_arguments(calls)) == (whole_content, named_arguments(whole_calls))
+    if not calls:
+        assert content == text
+    for delta in deltas:
+        assert len(delta) == 1 and (delta.get("content") or delta.get("tool_calls"))
+        ChatCompletionChunk.model_validate(api.chat_chunk("c-1", "m", delta, None))
+
+
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6))
+CALLS = st.builds(
+    lambda name, arguments: {"name": name, "arguments": arguments},
+    st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True),
+    st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=3),
+).filter(lambda call: "</tool_call>" not in json.dumps(call, ensure_ascii=False))
+PROSE = st.text(max_size=12).filter(lambda text: "<tool_call>" not in text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(first=PROSE, rest=st.lists(st.tuples(CALLS, PROSE), max_size=4))
+def test_calls_come_back_with_the_prose_between_them(
+    first: str, rest: list[tuple[dict[str, Any], str]]
+) -> None:
+    text = first + "".join(hermes(call) + prose for call, prose in rest)
+    content, calls = api.parse_tool_calls("auto", text)
+    expected = [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c, _ in rest]
+    assert named_arguments(calls) == expected
+    said = ""  # the whitespace before a call goes, and after it unless it separates content
+    for i, prose in enumerate([first, *(p for _, p in rest)]):
+        prose = prose.rstrip() if i < len(rest) else prose
+        if i and not said:
+            prose = prose.lstrip()
+        said += "" if i and not prose.strip() else prose
+    assert content == said
+
+
+def test_a_tool_mode_stream_holds_back_only_what_may_be_markup() -> None:
+    """The ingress's SSE on a scripted choice: the text before the call streams as it comes, the
+    markup never does, logprobs of held tokens come with the next chunk, and the last chunk
+    finishes with tool_calls."""
+    fake = FakeIngress(None)
+    fake.tokens = api.TokenStrings(None)
+    pieces = ["Let me", " check.", "\n<tool", '_call>\n{"name": "weather", ', '"arguments": ']
+    pieces += ['{"city": "Oslo"}}\n</tool_', "call>", ""]
+
+    class Stream:
+        async def __aiter__(self) -> Any:
+            for i, piece in enumerate(pieces):
+                done = i == len(pieces) - 1
+                yield ingress.RequestOutput(
+                    "r", piece, (i,), done, "stop" if done else None, 3, i + 1, (-0.5,)
+                )
+
+        def cancel(self) -> None:
+            pass
+
+    body = api.ChatCompletionRequest.model_validate({"messages": USER, "stream": True})
+    limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
+    reply = FakeIngress.cls.reply("chatcmpl", (1, 2, 3), body, 0, limits, "messages")
+    accepted = ingress.RequestOutput("r", "", (), False, None, 3, 0)
+    logprobs = [api.Logprobs(fake.tokens, chat=True)]
+    tools = ingress.Tools("auto", None)
+    response = fake.sse(
+        reply, [Stream()], accepted, ModelInfo("m", 100, 16.0), logprobs, False, tools
+    )
+
+    async def read() -> list[str]:
+        return [event async for event in response.body_iterator]  # type: ignore[misc]
+
+    events = asyncio.run(read())
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in events[:-1]]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert [d.content for d in deltas if d.content] == ["Let me", " check."]
+    calls = [t for d in deltas for t in d.tool_calls or ()]
+    assert calls[0].function.name == "weather" and calls[0].id
+    assert "".join(t.function.arguments or "" for t in calls) == '{"city": "Oslo"}'
+    tokens = [
+        e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert tokens == [f"token_id:{i}" for i in range(len(pieces))]
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(pieces)
