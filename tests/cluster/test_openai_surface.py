@@ -1,11 +1,13 @@
 """The OpenAI surface of the live app, with the real `openai` client (and raw HTTP where a client
 cannot send the body): invalid Unicode (and 1,000 random strings: never a 500), request limits,
 refused / ignored / unknown fields, include_usage, logprobs, the default max_tokens,
-``/v1/models/{id}``, penalties and logit_bias, n choices, structured outputs and tool calls.
+``/v1/models/{id}``, penalties and logit_bias, n choices, structured outputs and tool calls
+(named and required on SmolLM2; auto on a scripted Qwen-style model at ``/qwen``).
 
-Two apps: the embedded SmolLM2 at ``/`` with a 1,024-token context (small limits, quick default
-generations), and at ``/big`` a small random Llama with the embedded tokenizer and a 65,536-token
-context, whose biggest acceptable prompts take the ingress a while to tokenize.
+Three apps: the embedded SmolLM2 at ``/`` with a 1,024-token context (small limits, quick default
+generations), at ``/big`` a small random Llama with the embedded tokenizer and a 65,536-token
+context, whose biggest acceptable prompts take the ingress a while to tokenize, and at ``/qwen`` a
+Qwen-style model whose greedy reply is a scripted tool call.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ray import serve
 from cluster.app import AppOptions, build_app
 from replica.model import embedded_model_dir
 from replica.model.source import load_tokenizer
+from tests.byte_tokenizer import save_scripted_qwen
 from tests.cluster.conftest import BASE_URL
 from tests.models import save_random_llama
 
@@ -489,9 +492,13 @@ def test_a_named_tool_call_parses_into_its_schema(served: openai.OpenAI) -> None
         served.chat.completions.create(model=MODEL, tool_choice=choice, stream=True, **kwargs)
     )
     calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
-    assert [(t.index, t.function.name, t.function.arguments) for t in calls] == [
-        (0, "get_weather", call.function.arguments)
-    ]
+    # OpenAI's shape: the call's id, type and name with empty arguments, then its arguments.
+    head = calls[0]
+    assert head.id and head.type == "function" and head.function.name == "get_weather"
+    assert head.function.arguments == ""
+    assert {t.index for t in calls} == {0} and all(t.id is None for t in calls[1:])
+    assert "".join(t.function.arguments for t in calls) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
     required = served.chat.completions.create(model=MODEL, tool_choice="required", **kwargs)
     calls = required.choices[0].message.tool_calls
     assert calls and all(c.function.name == "get_weather" for c in calls)
@@ -499,6 +506,82 @@ def test_a_named_tool_call_parses_into_its_schema(served: openai.OpenAI) -> None
     with pytest.raises(openai.BadRequestError) as refused:
         served.chat.completions.create(model=MODEL, **kwargs)
     assert refused.value.param == "tool_choice" and '"required"' in refused.value.message
+
+
+#: The scripted Qwen-style model's greedy reply (tests/byte_tokenizer.save_scripted_qwen): some
+#: words, then a Hermes tool call whose tags are split over tokens, as a stream meets them.
+QWEN_REPLY = [
+    "Let me check.",
+    "\n<tool",
+    '_call>\n{"name": "get_weather", ',
+    '"arguments": {"city": "Oslo"}}',
+    "\n</tool_",
+    "call>",
+]
+OSLO = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    path = save_scripted_qwen(tmp_path_factory.mktemp("scripted-qwen"), QWEN_REPLY)
+    options = AppOptions(model=str(path), max_running=4, replica_cpus=1, max_model_len=2048)
+    serve.run(build_app(options), name="openai-surface-qwen", route_prefix="/qwen")
+    try:
+        yield openai.OpenAI(
+            base_url=f"{BASE_URL}/qwen/v1", api_key="unused", max_retries=0, timeout=120
+        )
+    finally:
+        serve.delete("openai-surface-qwen")
+
+
+def test_auto_tool_calls_parse_from_a_qwen_templates_reply(qwen: openai.OpenAI) -> None:
+    model = qwen.models.list().data[0].id
+    kwargs: dict[str, Any] = {"model": model, "messages": OSLO, "temperature": 0}
+    for choice in ({}, {"tool_choice": "auto"}):  # auto is the default with tools
+        reply = qwen.chat.completions.create(tools=[WEATHER], **choice, **kwargs)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert message.content == "Let me check."
+        [call] = message.tool_calls
+        assert call.type == "function" and call.id and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Oslo"}
+    # Streamed: the words as content, never the markup; the call as OpenAI's deltas.
+    chunks = list(qwen.chat.completions.create(tools=[WEATHER], stream=True, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert [d.content for d in deltas if d.content] == ["Let me check."]
+    calls = [t for d in deltas for t in d.tool_calls or ()]
+    assert (
+        calls[0].id and calls[0].function.name == "get_weather" and {t.index for t in calls} == {0}
+    )
+    assert json.loads("".join(t.function.arguments or "" for t in calls)) == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The call and its result go back through the template; the model calls again.
+    history = [
+        *OSLO,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12 C, cloudy"},
+    ]
+    again = qwen.chat.completions.create(tools=[WEATHER], **{**kwargs, "messages": history})
+    assert again.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_without_auto_tools_or_cut_short_the_markup_is_content(qwen: openai.OpenAI) -> None:
+    model = qwen.models.list().data[0].id
+    kwargs: dict[str, Any] = {"model": model, "messages": OSLO, "temperature": 0}
+    for extra in ({}, {"tools": [WEATHER], "tool_choice": "none"}):
+        reply = qwen.chat.completions.create(**extra, **kwargs)
+        assert reply.choices[0].message.content == "".join(QWEN_REPLY)
+        assert reply.choices[0].message.tool_calls is None
+        assert reply.choices[0].finish_reason == "stop"
+    # max_tokens ends the reply inside the block: it is not a call, and all of it is content.
+    cut = {"tools": [WEATHER], "max_tokens": 4, **kwargs}
+    reply = qwen.chat.completions.create(**cut)
+    assert reply.choices[0].message.content == "".join(QWEN_REPLY[:4])
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason == "length"
+    chunks = list(qwen.chat.completions.create(stream=True, **cut))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(QWEN_REPLY[:4]) and chunks[-1].choices[0].finish_reason == "length"
 
 
 # ---- 9. random text never gives a 500 ------------------------------------------------------------
