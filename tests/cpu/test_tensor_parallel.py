@@ -219,6 +219,22 @@ def test_tp2_prefix_sharing_aliases_alike_on_every_rank(tiny_dir: Path, kv_mode:
     assert answers == expected
 
 
+@pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
+def test_tp2_fp8_kv_matches_tp1_fp8_with_half_the_bytes_a_token(
+    tiny_dir: Path, kv_mode: str
+) -> None:
+    """An fp8 KV cache sharded over 2 ranks: each rank quantizes its own heads, so tp=2 gives
+    tp=1-fp8's greedy tokens and both ranks' books agree."""
+    with llm(str(tiny_dir), kv_cache_dtype="fp8", kv_mode=kv_mode, **SMALL_KV) as single:
+        one = [list(o.token_ids) for o in single.generate(PROMPTS, GREEDY)]
+    with llm(str(tiny_dir), tp=2, kv_mode=kv_mode, kv_cache_dtype="fp8", **SMALL_KV) as pair:
+        engine = pair.engine
+        assert engine.runner.kv_dtype == torch.float8_e4m3fn
+        two = [list(o.token_ids) for o in pair.generate(PROMPTS, GREEDY)]
+        assert_books_agree(engine)
+    assert two == one
+
+
 def test_tp2_preemption_keeps_outputs_identical(tiny_dir: Path) -> None:
     with llm(str(tiny_dir), **SMALL_KV) as single:
         expected = [o.token_ids for o in single.generate(PROMPTS, LONG)]
