@@ -5,7 +5,8 @@ work), two replicas each, on loopback:
 
 * ``reliability`` at ``/``: an API key and a generous KV budget. 200 concurrent streams
   (``benchmarks.load_test`` at CI size), schemathesis fuzzing from ``/openapi.json``, hand-made bad
-  input, then the access checks (which scan Ray's logs for the key after all that traffic).
+  input and 1,000 seeded random Unicode strings in four places, then the access checks (which scan
+  Ray's logs for the key after all that traffic).
 * ``kv-exhaustion`` at ``/kv``: 24 pages of 64 KiB per replica (384 tokens), far below the burst
   sent to it, which must queue and preempt yet give the texts of an unloaded run.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -462,6 +464,88 @@ def test_every_field_with_every_wrong_type_is_never_a_500(served: httpx.Client) 
                 if response.status_code >= 400:
                     assert_openai_error(response)
         assert_answers(served)
+    assert all(at_rest(s) for s in wait_at_rest(APP).values())
+
+
+#: Where the random strings' characters come from: every plane, lone surrogates, C0 and C1
+#: controls, combining marks, right-to-left scripts and bidi controls, zero-width characters,
+#: private use and noncharacters.
+UNICODE_RANGES = [
+    (0x20, 0x7E),
+    (0x00, 0x1F),  # C0 controls
+    (0x7F, 0x9F),  # DEL and C1 controls
+    (0x0300, 0x036F),  # combining diacritical marks
+    (0x1AB0, 0x1AFF),
+    (0x20D0, 0x20FF),
+    (0x0590, 0x05FF),  # Hebrew
+    (0x0600, 0x06FF),  # Arabic
+    (0x200B, 0x200F),  # zero-width characters, LRM, RLM
+    (0x202A, 0x202E),  # bidi embeddings and overrides
+    (0x2066, 0x2069),  # bidi isolates
+    (0x00A0, 0xD7FF),  # the rest of the BMP below the surrogates
+    (0xD800, 0xDFFF),  # lone surrogates (JSON escapes them; not valid Unicode text)
+    (0xE000, 0xF8FF),  # private use
+    (0xFFF0, 0xFFFF),  # specials and noncharacters
+    (0x10000, 0x1FFFF),  # plane 1 (emoji, historic scripts)
+    (0x20000, 0x3FFFF),  # planes 2-3 (CJK)
+    (0x40000, 0xDFFFF),  # unassigned planes
+    (0xE0000, 0xE01EF),  # tags and variation selectors
+    (0xF0000, 0x10FFFF),  # private use planes
+]
+
+
+def random_unicode(count: int, seed: int) -> list[str]:
+    """Seeded random strings of 0-16 characters, each drawn from a random ``UNICODE_RANGES``."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        ranges = [rng.choice(UNICODE_RANGES) for _ in range(rng.randint(0, 16))]
+        texts.append("".join(chr(rng.randint(low, high)) for low, high in ranges))
+    return texts
+
+
+def fuzz_request(i: int, text: str) -> tuple[str, dict[str, Any]]:
+    """The i-th random string as a completion prompt, a chat message, a stop string or a model
+    name (in turn), generating a token, streamed every third time."""
+    stream = {"stream": True} if i % 3 == 2 else {}
+    where = i % 4
+    if where == 0:
+        return CMPL, {"prompt": text, "max_tokens": 1, **stream}
+    if where == 1:
+        return CHAT, {"messages": [{"role": "user", "content": text}], "max_tokens": 1, **stream}
+    if where == 2:
+        return CMPL, {"prompt": "hi", "stop": [text], "max_tokens": 1, **stream}
+    return CHAT, {"messages": USER, "model": text, "max_tokens": 1, **stream}
+
+
+def test_the_surrogate_and_1000_random_unicode_strings_never_give_a_500(
+    served: httpx.Client,
+) -> None:
+    texts = ["\ud800", "a\udfffb", *random_unicode(1000, seed=18)]
+    requests = [fuzz_request(i, text) for i, text in enumerate(texts)]
+    headers = {"content-type": "application/json"}
+
+    def send(request: tuple[str, dict[str, Any]]) -> httpx.Response:
+        path, body = request  # json.dumps escapes a lone surrogate as \udXXX, as a client may
+        return served.post(path, content=json.dumps(body).encode(), headers=headers)
+
+    with ThreadPoolExecutor(16) as pool:  # ~20 s on two cores, where the server is the bound
+        responses = list(pool.map(send, requests))
+    for (path, body), response in zip(requests, responses):
+        assert response.status_code < 500, (path, body, response.status_code, response.text)
+        if response.status_code >= 400:
+            assert_openai_error(response)
+        elif body.get("stream"):
+            events = [e[6:] for e in response.text.splitlines() if e.startswith("data: ")]
+            assert events[-1] == "[DONE]", response.text
+            assert all("error" not in json.loads(e) for e in events[:-1]), response.text
+        else:
+            assert response.json()["usage"]["completion_tokens"] <= 1, response.text
+    statuses = [r.status_code for r in responses]
+    # Lone surrogates are 400s, unknown models 404s; the rest is served.
+    assert statuses[:2] == [400, 400] and statuses.count(404) > 100
+    assert statuses.count(200) > 300 and statuses.count(400) > 100, sorted(set(statuses))
+    assert_answers(served)
     assert all(at_rest(s) for s in wait_at_rest(APP).values())
 
 
