@@ -1,7 +1,10 @@
 """Ray Serve request router that sends each request to the vattn replica with the most KV pages left
 for it: free pages less what its queue needs, and no more than its budget less what its requests
 will hold at their ``max_tokens`` (the *headroom*, the rule in ``cluster.routing``), weighed
-against the prompt's expected prefix-cache hit pages there (the prefix score, same module).
+against the prompt's expected prefix-cache hit pages there (the prefix score, same module). Within
+a stats period the router corrects the replicas' reports with what it sent since: pages sent count
+as taken (``discounted``), and prompts sent count as cached there for ``max_age_s`` seconds
+(``credited``), so a burst spreads while requests over the same new prefix stay together.
 
 The policy lives in ``cluster.routing`` (pure, unit-tested); this module adapts it to Ray Serve
 2.60's
@@ -15,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Sequence
 
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from cluster import routing
+from replica.kv.prefix import summary_chain
 
 ROUTER_PATH = "cluster.router:FreePageRouter"
 
@@ -51,6 +56,7 @@ class FreePageRouter(RequestRouter):
         self.hold_s = float(hold_s)
         self.prefix = bool(prefix)
         self.routed: dict[str, tuple[float, int]] = {}
+        self.sent_keys: dict[str, dict[int, float]] = {}
 
     def discounted(
         self, replica_id: str, stats: routing.ReplicaStats | None
@@ -76,6 +82,36 @@ class FreePageRouter(RequestRouter):
         taken_at, sent = routed.get(replica_id, (stats.timestamp, 0))
         routed[replica_id] = (stats.timestamp, (sent if taken_at == stats.timestamp else 0) + pages)
 
+    def credited(
+        self, replica_id: str, stats: routing.ReplicaStats | None, now: float
+    ) -> routing.ReplicaStats | None:
+        """Stats whose prefix summary also holds the summary keys of the prompts this router sent
+        the replica in the last ``max_age_s`` seconds: a replica reports a prefix only once it has
+        computed it and its next stats were taken, so without this a conversation started
+        within a stats period of another one over the same new system prompt would be sent
+        elsewhere and compute the prompt again (the replica's scheduler holds it until the
+        first one's prefill has indexed the prompt). Expired keys are dropped here."""
+        sent = getattr(self, "sent_keys", {}).get(replica_id)
+        if stats is None or not sent:
+            return stats
+        for key in [k for k, expires in sent.items() if expires <= now]:
+            del sent[key]
+        if not sent or not stats.prefix_tokens_per_block:
+            return stats
+        return dataclasses.replace(stats, prefix_keys=stats.prefix_keys | frozenset(sent))
+
+    def remember_prompt(
+        self, replica_id: str, stats: routing.ReplicaStats | None, prompt: Sequence[int], now: float
+    ) -> None:
+        """Records the summary keys of ``prompt``, sent to the replica, until ``now +
+        max_age_s`` (``credited``)."""
+        if stats is None or not stats.prefix_tokens_per_block or not prompt:
+            return
+        chain = summary_chain(prompt, stats.prefix_root, stats.prefix_tokens_per_block)
+        sent = self.__dict__.setdefault("sent_keys", {}).setdefault(replica_id, {})
+        for _, key in chain:
+            sent[key] = now + self.max_age_s
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -92,7 +128,10 @@ class FreePageRouter(RequestRouter):
         reported = {
             rid: routing.ReplicaStats.from_dict(r.routing_stats) for rid, r in by_id.items()
         }
+        now = time.time()
         pairs = [(rid, self.discounted(rid, s)) for rid, s in reported.items()]
+        if self.prefix:
+            pairs = [(rid, self.credited(rid, s, now)) for rid, s in pairs]
         need = None
         request = _request_of(pending_request)
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]
@@ -101,7 +140,6 @@ class FreePageRouter(RequestRouter):
         prompt = getattr(request, "prompt_token_ids", None) if self.prefix else None
         chains = routing.prompt_chains(prompt, pairs)
         hits = {rid: s.hit_pages(chains) for rid, s in pairs if s is not None} if chains else None
-        now = time.time()
         waited = now - pending_request.created_at if pending_request is not None else 0.0
         choice = routing.rank_replicas(
             pairs, need, now, self.max_age_s, hold=waited < self.hold_s, hit_pages=hits
@@ -113,6 +151,8 @@ class FreePageRouter(RequestRouter):
             first = choice.ranks[0][0]
             # Serve takes the first rank with room; the pages it adds there (its hit is cached).
             self.remember(first, reported[first], (need or 0) - choice.hit_pages.get(first, 0))
+            if prompt:
+                self.remember_prompt(first, reported[first], prompt, now)
             return [[by_id[rid] for rid in rank] for rank in choice.ranks]
         # Power of two choices: one rank of two random replicas; Serve takes the shorter queue.
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]

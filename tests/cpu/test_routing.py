@@ -481,6 +481,27 @@ def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None
     assert DECISIONS.snapshot()["prefix_routed"] == before + 1
 
 
+def test_a_new_prefix_sent_within_a_stats_period_counts_as_cached_where_it_went() -> None:
+    """Two conversations over one new system prompt, within one stats period: the replicas'
+    reports show it nowhere, but the router remembers where it sent the first (for max_age_s)."""
+    empty = {"prefix_root": ROOT, "prefix_tokens_per_block": 16, "prefix_keys": []}
+    reps = [_replica("a", 900), _replica("b", 900)]
+    for rep in reps:
+        rep.routing_stats.update(empty)
+    request = SimpleNamespace(prompt_token_ids=tuple(PROMPT), prompt_tokens=640, max_tokens=16)
+    router = _router()
+    [[first], [second]] = _choose(reps, request, router)
+    # Without the record the second would go to the other replica (the first one's pages are
+    # discounted); with it, the first replica holds 40 blocks of the prompt.
+    assert _choose(reps, request, router) == [[first], [second]]
+    blind = _router()
+    blind.initialize_state(max_age_s=2.0, prefix=False)
+    assert _choose(reps, request, blind)[0] != _choose(reps, request, blind)[0]
+    # The record expires after max_age_s.
+    router.sent_keys[first] = {k: time.time() - 1 for k in router.sent_keys[first]}
+    assert _choose(reps, request, router) == [[second], [first]]
+
+
 def test_the_headroom_only_router_ignores_the_prefix_summary() -> None:
     held = holding(PROMPT, 400, 32)
     summary = {
