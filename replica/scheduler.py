@@ -110,8 +110,20 @@ class Scheduler:
     def committed_pages(self) -> int:
         """Physical pages the running and waiting requests would hold if each ran to its
         ``max_tokens``: what this replica has promised. Free pages only say what is held now; a
-        batch of requests that just started holds little and will need much more."""
-        return sum(self._pages(request.max_total_tokens) for request in self.requests())
+        batch of requests that just started holds little and will need much more. Counted as the
+        distinct pages the running slots map now (a prefix several of them alias counts once),
+        plus what each running request maps beyond its slot's pages at its ``max_tokens``, plus
+        every waiting request's prompt and ``max_tokens``."""
+        if not self.running:
+            return sum(self._pages(request.max_total_tokens) for request in self.waiting)
+        grows = sum(
+            max(self._pages(request.max_total_tokens) - self.kv.slot_pages(request.slot), 0)
+            if request.slot is not None
+            else self._pages(request.max_total_tokens)
+            for request in self.running
+        )
+        waits = sum(self._pages(request.max_total_tokens) for request in self.waiting)
+        return self.kv.stats().pages_in_use + grows + waits
 
     def schedule(self, preempt: bool = True) -> ScheduledStep | None:
         """The next step, or None when there is nothing to run, or (``blocked`` set) when it would

@@ -353,6 +353,9 @@ class KVCacheAllocator(KVCache):
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
 
+    def slot_pages(self, slot_index: int) -> int:
+        return len(self._running(slot_index).groups) * self.config.num_ranges
+
     # ---- growth --------------------------------------------------------------------------------
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
         """Backs tokens [0, tokens) of a running slot and records ``tokens`` as its length; returns

@@ -191,6 +191,11 @@ class KVCache(ABC):
     def length(self, slot_index: int) -> int:
         """Tokens the running slot stores."""
 
+    def slot_pages(self, slot_index: int) -> int:
+        """Physical pages mapped under the running slot, shared ones included (by default what
+        its length holds)."""
+        return self.pages_for(self.length(slot_index))
+
     # ---- growth --------------------------------------------------------------------------------
     @abstractmethod
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:

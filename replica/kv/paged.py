@@ -253,6 +253,9 @@ class PagedKVCache(KVCache):
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
 
+    def slot_pages(self, slot_index: int) -> int:
+        return len(self._running(slot_index).blocks)
+
     # ---- growth --------------------------------------------------------------------------------
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
         """Backs tokens [0, tokens) of a running slot with exactly the blocks they need and records

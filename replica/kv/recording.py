@@ -120,6 +120,9 @@ class RecordingKVCache(KVCache):
     def length(self, slot_index: int) -> int:
         return self.cache.length(slot_index)
 
+    def slot_pages(self, slot_index: int) -> int:
+        return self.cache.slot_pages(slot_index)
+
     @property
     def prefix_block_tokens(self) -> int:
         return self.cache.prefix_block_tokens

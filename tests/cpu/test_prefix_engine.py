@@ -178,3 +178,23 @@ def test_a_preempted_producer_readmitted_first_holds_again_for_one_prefill(tiny_
     while engine.has_work():
         engine.step()
     engine.kv.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("config", [{}, {"kv_mode": "paged"}], ids=["vattention", "paged"])
+def test_a_prefix_running_requests_share_is_committed_once(
+    tiny_dir: Path, config: dict[str, object]
+) -> None:
+    """The router's ``committed_pages``: two running requests aliasing one cached system prompt
+    promise its pages once, not once each (else a replica holding a popular prefix looks full)."""
+    llm = tiny_llm(tiny_dir, prefix_cache=True, async_scheduling=False, **config)
+    engine = llm.engine
+    llm.generate([[*SYSTEM, 9]], GREEDY)  # caches the system prompt
+    for i, question in enumerate(QUESTIONS[:2]):
+        engine.add_request(f"q{i}", [*SYSTEM, *question], GREEDY)
+    engine.step()
+    running = engine.scheduler.running
+    assert len(running) == 2 and all(r.cached_tokens > 0 for r in running)
+    pages = engine.kv.pages_for
+    shared = pages(running[0].cached_tokens)
+    each = sum(pages(r.max_total_tokens) for r in running)
+    assert engine.scheduler.committed_pages() == each - shared
