@@ -7,6 +7,7 @@
                                              and roofline
     mapping-<device>-<date>.png              batched page-mapping throughput by run length
     router-<device>-<date>.png               TTFT p50/p99 per router and arrival rate
+    router-prefix-<device>-<date>.png        TTFT mean/p99 per router on multi-turn chat
 """
 
 from __future__ import annotations
@@ -97,14 +98,18 @@ def mapping(data: dict[str, Any], path: Path) -> Path:
 
 
 def router(data: dict[str, Any], path: Path) -> Path:
-    runs = router_runs(data)
-    bars_at = [
-        (f"{router}\n{run['rate_per_s']:g}/s", result)
-        for run in runs
-        for router, result in run["results"].items()
-    ]
+    chat = data.get("benchmark") == "router-prefix"  # one run: multi-turn chat
+    bars_at = (
+        [(router, result) for router, result in data["results"].items()]
+        if chat
+        else [
+            (f"{router}\n{run['rate_per_s']:g}/s", result)
+            for run in router_runs(data)
+            for router, result in run["results"].items()
+        ]
+    )
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars_at)), 3.5))
-    for i, key in enumerate(("p50", "p99")):
+    for i, key in enumerate(("mean", "p99") if chat else ("p50", "p99")):
         values = [result["ttft_s"][key] or 0.0 for _, result in bars_at]
         bars = ax.bar([x + i * 0.4 for x in range(len(bars_at))], values, 0.4, label=f"TTFT {key}")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
@@ -112,7 +117,8 @@ def router(data: dict[str, Any], path: Path) -> Path:
         [x + 0.2 for x in range(len(bars_at))], [label for label, _ in bars_at], fontsize=8
     )
     ax.set_ylabel("seconds")
-    ax.set_title(f"Time to first token by router and arrival rate, {data['environment']['device']}")
+    by = "router, multi-turn chat" if chat else "router and arrival rate"
+    ax.set_title(f"Time to first token by {by}, {data['environment']['device']}")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

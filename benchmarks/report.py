@@ -330,6 +330,8 @@ def _comparison_line(comparison: dict[str, Any], results: dict[str, Any]) -> str
 
 
 def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    if data.get("benchmark") == "router-prefix":
+        return router_chat_tables(path, data)
     deployment, env = data["settings"]["deployment"], data["environment"]
     gpus = f", one GPU each ({env['gpus']} on the host)" if env.get("gpus") else ""
     lines = [
@@ -387,6 +389,84 @@ def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
             lines += ["", _comparison_line(run["comparison"], run["results"])]
         lines.append("")
     return lines + router_variant_tables(data.get("variants", {}))
+
+
+def router_chat_tables(path: Path, data: dict[str, Any]) -> list[str]:
+    """``bench_router --workload chat``: the routers on multi-turn chat over shared system
+    prompts, with the prefix hit rate against the workload's theoretical one."""
+    settings, env = data["settings"], data["environment"]
+    deployment, workload, plan = settings["deployment"], settings["workload"], data["schedule"]
+    gpus = f", {deployment['replica_gpus']:g} GPU" if env.get("gpus") else ""
+    lines = [
+        f"### Router on multi-turn chat (`bench_router.py --workload chat`), {env['device']}",
+        "",
+        environment_line(path, env)
+        + f"; {deployment['replicas']} replicas at {deployment['replica_cpus']} CPU{gpus}, "
+        f"KV budget {deployment['kv_cache_bytes'] / 2**20:.0f} MiB each",
+        "",
+        *note_lines(data),
+        f"{plan['conversations']} conversations of {plan['turns']} turns, starting at "
+        f"{workload['start_rate_per_s']:g}/s over {plan['last_start_s']:.0f} s, over "
+        f"{len(plan['by_system_prompt'])} shared {workload['system_tokens']}-token system "
+        f"prompts (conversations each: {text(plan['by_system_prompt'])}); answers of "
+        f"{workload['answer']} tokens, the last prompt {plan['last_prompt_tokens']} tokens",
+        "",
+        *header(
+            "router",
+            "ok",
+            "failed",
+            "TTFT mean ms",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "hit rate",
+            "of theoretical",
+            "next turn same replica",
+            "preemptions",
+            "evicted pages",
+            "requests/s",
+            "output tokens/s",
+            "decisions",
+        ),
+    ]
+    for router, r in data["results"].items():
+        by_reason = r["router_decisions"]["by_reason"]
+        lines.append(
+            row(
+                router,
+                r["ok"],
+                r["failed"],
+                _ms(r["ttft_s"].get("mean")),
+                _ms(r["ttft_s"]["p50"]),
+                _ms(r["ttft_s"]["p99"]),
+                num(100 * r["hit_rate"], ".1f", "%"),
+                num(100 * r["hit_rate_of_theoretical"], ".0f", "%"),
+                num(
+                    None
+                    if r["next_turn_same_replica"] is None
+                    else 100 * r["next_turn_same_replica"],
+                    ".0f",
+                    "%",
+                ),
+                r["preemptions"],
+                r["prefix_evicted_pages"],
+                num(r["requests_per_s"], ".2f"),
+                num(r["output_tokens_per_s"], ".1f"),
+                text(by_reason) if by_reason else MISSING,
+            )
+        )
+    comparison = data.get("comparison") or {}
+    ratios = [
+        f"{other} {comparison[key]:.2f}x"
+        for other in ("power-of-two", "prefix-affinity", "headroom-only")
+        if (key := f"mean_ttft_{other}_over_free_pages") in comparison
+    ]
+    if ratios:
+        lines += [
+            "",
+            "Mean TTFT over free-pages': " + ", ".join(ratios) + " (targets: power-of-two "
+            "≥ 2x, prefix-affinity ≥ 1.2x).",
+        ]
+    return lines + [""]
 
 
 def router_variant_tables(variants: dict[str, Any]) -> list[str]:

@@ -33,3 +33,22 @@ def test_router_benchmark_smoke(ray_session: None, tmp_path: Path) -> None:
     assert decisions.get("most_free_pages", 0) > 0
     by_reason = run["results"]["power-of-two"]["router_decisions"]["by_reason"]
     assert by_reason == {}  # Serve's router: no tally
+
+
+def test_router_benchmark_chat_smoke(ray_session: None, tmp_path: Path) -> None:
+    """Multi-turn chat through ours and Ray Serve LLM's prefix-affinity router: every turn
+    answered, the second turns read back their history and find part of it cached."""
+    routers = "free-pages,prefix-affinity"
+    argv = ["--workload", "chat", "--smoke", "--routers", routers]
+    bench_router.main([*argv, "--out", str(tmp_path), "--port", str(HTTP_PORT)])
+    [path] = tmp_path.glob("router-prefix-*.json")
+    data = json.loads(path.read_text())
+    turns = data["schedule"]["conversations"] * data["schedule"]["turns"]
+    assert set(data["results"]) == {"free-pages", "prefix-affinity"}
+    for router, r in data["results"].items():
+        assert r["ok"] == turns and r["failed"] == 0, (router, r["error_samples"])
+        assert r["replicas_at_rest_after"], router
+        assert r["hit_rate"] > 0 and 0 < r["theoretical_hit_rate"] <= 1, router
+        assert r["hit_rate_of_theoretical"] <= 1.0, router
+    decisions = data["results"]["free-pages"]["router_decisions"]["by_reason"]
+    assert sum(decisions.values()) >= turns
