@@ -101,6 +101,10 @@ def router(data: dict[str, Any], path: Path) -> Path:
     chat = data.get("benchmark") == "router-prefix"  # one run: multi-turn chat
     bars_at = (
         [(router, result) for router, result in data["results"].items()]
+        + [
+            (f"{router}\n(repeat)", result)
+            for router, result in data.get("repeat", {}).get("results", {}).items()
+        ]
         if chat
         else [
             (f"{router}\n{run['rate_per_s']:g}/s", result)

@@ -391,6 +391,24 @@ def router_tables(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + router_variant_tables(data.get("variants", {}))
 
 
+CHAT_HEADER = header(
+    "router",
+    "ok",
+    "failed",
+    "TTFT mean ms",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "hit rate",
+    "of theoretical",
+    "next turn same replica",
+    "preemptions",
+    "evicted pages",
+    "requests/s",
+    "output tokens/s",
+    "decisions",
+)
+
+
 def router_chat_tables(path: Path, data: dict[str, Any]) -> list[str]:
     """``bench_router --workload chat``: the routers on multi-turn chat over shared system
     prompts, with the prefix hit rate against the workload's theoretical one."""
@@ -411,24 +429,37 @@ def router_chat_tables(path: Path, data: dict[str, Any]) -> list[str]:
         f"prompts (conversations each: {text(plan['by_system_prompt'])}); answers of "
         f"{workload['answer']} tokens, the last prompt {plan['last_prompt_tokens']} tokens",
         "",
-        *header(
-            "router",
-            "ok",
-            "failed",
-            "TTFT mean ms",
-            "TTFT p50 ms",
-            "TTFT p99 ms",
-            "hit rate",
-            "of theoretical",
-            "next turn same replica",
-            "preemptions",
-            "evicted pages",
-            "requests/s",
-            "output tokens/s",
-            "decisions",
-        ),
+        *CHAT_HEADER,
     ]
-    for router, r in data["results"].items():
+    lines += _chat_rows(data["results"])
+    if data.get("repeat"):
+        lines += [
+            "",
+            "Repeat (`repeat`), the same workload:",
+            "",
+            *CHAT_HEADER,
+        ]
+        lines += _chat_rows(data["repeat"]["results"])
+    comparison = data.get("comparison") or {}
+    ratios = [
+        f"{other} {comparison[key]:.2f}x"
+        for other in ("power-of-two", "prefix-affinity", "headroom-only")
+        if (key := f"mean_ttft_{other}_over_free_pages") in comparison
+    ]
+    if ratios:
+        lines += [
+            "",
+            "Mean TTFT of each router over free-pages' (main run): "
+            + ", ".join(ratios)
+            + " (targets: "
+            "power-of-two ≥ 2x, prefix-affinity ≥ 1.2x).",
+        ]
+    return lines + [""]
+
+
+def _chat_rows(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for router, r in results.items():
         by_reason = r["router_decisions"]["by_reason"]
         lines.append(
             row(
@@ -454,19 +485,7 @@ def router_chat_tables(path: Path, data: dict[str, Any]) -> list[str]:
                 text(by_reason) if by_reason else MISSING,
             )
         )
-    comparison = data.get("comparison") or {}
-    ratios = [
-        f"{other} {comparison[key]:.2f}x"
-        for other in ("power-of-two", "prefix-affinity", "headroom-only")
-        if (key := f"mean_ttft_{other}_over_free_pages") in comparison
-    ]
-    if ratios:
-        lines += [
-            "",
-            "Mean TTFT over free-pages': " + ", ".join(ratios) + " (targets: power-of-two "
-            "≥ 2x, prefix-affinity ≥ 1.2x).",
-        ]
-    return lines + [""]
+    return lines
 
 
 def router_variant_tables(variants: dict[str, Any]) -> list[str]:
