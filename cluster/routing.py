@@ -40,7 +40,8 @@ its key chain matches, in pages (within a factor of two of the truth, and 0 wher
 never saw the prefix). NOTE: a replica's own report, not a record the router keeps of what it
 sent, because the replica knows what it still holds after eviction and preemption, and what other
 routers (every proxy and ingress process has one) sent it; the router adds only the prompts it
-sent in the last few seconds, which a report cannot show yet (``cluster.router``). Each candidate then gets one score::
+sent in the last few seconds, which a report cannot show yet (``cluster.router``). Each
+candidate then gets one score::
 
     after  = headroom - (n - h)                   pages left after this request (it adds n - h)
     short  = max(low_water * total_pages - after, 0)      how far below the low-water mark
