@@ -1,6 +1,8 @@
 """Autoscaling benchmark: vattn's KV-pressure policy against Ray Serve's ongoing-requests policy.
 
-    python -m benchmarks.bench_autoscaling            # CPU: 1-3 replicas of a small random Llama
+    python -m benchmarks.bench_autoscaling            # CPU: 1-3 replicas of a tiny random Llama
+    python -m benchmarks.bench_autoscaling --capacity-check   # first: do 1, 2, 3 replicas add
+                                                      # throughput on this host?
     python -m benchmarks.bench_autoscaling --smoke    # a tiny run (CI)
     python -m benchmarks.bench_autoscaling --gpu      # 1-3 replicas of Llama-3-8B shapes
                                                       # (synthetic bf16) sharing one GPU (0.33 each)
@@ -9,10 +11,15 @@ One seeded open-loop schedule is replayed against the same app deployed once per
 (``AppOptions.autoscaler``), both between 1 and 3 replicas with the same delays and push interval:
 a quiet phase of short requests, then a *memory-heavy step*: long prompts arriving slowly (few
 requests at once, so the ongoing-requests count stays low while they fill a replica's KV pages),
-then short requests again while the deployment scales back down. Serve's policy runs at its
-default target of 2 ongoing requests per replica (about what one replica's KV holds of the long
-requests here). Every request is a streaming ``/v1/completions`` call with a token-id prompt and
-``ignore_eos``. Measured per policy:
+then short requests again while the deployment scales back down. Both policies get comparable
+targets: Serve's ``target_ongoing_requests`` is about 0.8 of the long requests one replica's KV
+holds, the KV policy's ``target_kv_utilization`` (0.8 of its pages). On the CPU the model is a
+2-layer, 64-wide random Llama (:data:`SMALL_LLAMA`) whose decode steps cost about the same for one
+request or several, with a KV budget of one long request beside a few short ones, so a replica's
+throughput is bounded by the requests its KV holds rather than by its compute
+(``--capacity-check`` measures whether more replicas then add throughput on the host: it saves
+1, 2 and 3 fixed replicas under a closed loop of the step's long requests). Every request is a
+streaming ``/v1/completions`` call with a token-id prompt and ``ignore_eos``. Measured per policy:
 
 * replicas over time (Serve's running and starting replicas, sampled every 0.25 s) and
   replica-seconds (running replicas integrated from the first arrival to the last reply), the time
@@ -21,6 +28,7 @@ requests here). Every request is a streaming ``/v1/completions`` call with a tok
 * preemptions: each replica's ``vattn_preemptions_total`` from ``/metrics``, its largest value
   seen (replicas that stopped push their last books), summed.
 
+The host's load (1-minute load average, idle cores over 3 s) is saved at the start.
 Results go to ``benchmarks/results/autoscaling-<device>-<date>.json`` and a plot of replicas and
 requests in flight over time beside it.
 """
@@ -56,33 +64,36 @@ class Workload:
     step_s: float = 40.0
     tail_s: float = 30.0
     short_rate: float = 0.5
-    long_rate: float = 0.35
-    short_prompt: tuple[int, int] = (8, 24)
-    short_output: tuple[int, int] = (8, 24)
-    long_prompt: tuple[int, int] = (200, 260)
-    long_output: tuple[int, int] = (200, 248)
+    long_rate: float = 2.0
+    short_prompt: tuple[int, int] = (16, 48)
+    short_output: tuple[int, int] = (8, 16)
+    long_prompt: tuple[int, int] = (352, 480)
+    long_output: tuple[int, int] = (32, 48)
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class Deployment:
-    """The app each policy gets (``cluster.app.AppOptions`` fields; ``model`` None: a small random
-    Llama written to a temporary directory)."""
+    """The app each policy gets (``cluster.app.AppOptions`` fields; ``model`` None: the small random
+    Llama, :data:`SMALL_LLAMA`, written to a temporary directory)."""
 
     model: str | None = None
     min_replicas: int = 1
     max_replicas: int = 3
     replica_cpus: float = 0.5
     replica_gpus: float = 1.0
-    kv_cache_bytes: int = 64 * 32 * 1024  # 512 tokens of the small Llama: one long request
-    # (with admission's growth reserve, a long one expects ~0.7 of them: two need two replicas)
-    page_size: int | None = 32 * 1024
-    max_model_len: int = 512
+    # 576 tokens of the small Llama (1 KiB a token): a long request expects ~436 of them at
+    # admission (its prompt and half its max_tokens), so one runs at a time beside a few short
+    # ones; the KV policy's 0.8 of the pages is about one long request (1.06), as is Serve's
+    # target of 1 ongoing request per replica below.
+    kv_cache_bytes: int = 576 * 1024
+    page_size: int | None = 16 * 1024
+    max_model_len: int = 576
     max_running: int = 8
     autoscaling_metrics_interval_s: float = 0.5
     upscale_delay_s: float = 1.0
     downscale_delay_s: float = 10.0
-    target_ongoing_requests: float = 2.0
+    target_ongoing_requests: float = 1.0
     device: str = "cpu"
 
     def app_args(self, model: str, policy: str) -> dict[str, Any]:
@@ -118,6 +129,7 @@ GPU = (
         page_size=None,
         max_model_len=12288,
         max_running=64,
+        target_ongoing_requests=2.0,  # Serve's default (a replica's KV holds ~1.8 long requests)
         device="cuda",
     ),
 )
@@ -282,6 +294,83 @@ def run_policy(
     }
 
 
+async def closed_loop(
+    base_url: str, model: str, requests: list[Arrival], concurrency: int, duration_s: float
+) -> tuple[list[Outcome], float]:
+    """``concurrency`` clients, each sending the next of ``requests`` (cycled) as soon as its last
+    one finished, until ``duration_s``; the outcomes and the wall time to the last reply."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    outcomes: list[Outcome] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        start, index = time.perf_counter(), 0
+
+        async def client_loop() -> None:
+            nonlocal index
+            while time.perf_counter() - start < duration_s:
+                arrival = requests[index % len(requests)]
+                index += 1
+                body = {
+                    "model": model,
+                    "prompt": list(arrival.prompt),
+                    "max_tokens": arrival.max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                outcomes.append(await send(client, "/v1/completions", body))
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return outcomes, time.perf_counter() - start
+
+
+def capacity_check(
+    deployment: Deployment,
+    model_dir: str,
+    arrivals: list[Arrival],
+    base_url: str,
+    replicas: tuple[int, ...] = (1, 2, 3),
+    concurrency: int = 8,
+    duration_s: float = 20.0,
+) -> list[dict[str, Any]]:
+    """Whether more replicas add throughput on this host: the step's long requests from
+    ``concurrency`` closed-loop clients for ``duration_s`` against each fixed replica count (no
+    autoscaling), enough to fill three replicas' KV and queue behind them."""
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.protocol import served_model_name
+
+    model = served_model_name(model_dir)
+    longs = [a for a in arrivals if a.kind == "long"]
+    args = deployment.app_args(model_dir, POLICIES[0])
+    for key in ("min_replicas", "max_replicas", "autoscaler"):
+        args.pop(key)
+    rows = []
+    for n in replicas:
+        app_name = f"bench-autoscaling-fixed-{n}"
+        serve.run(build_app({**args, "replicas": n}), name=app_name, route_prefix="/")
+        try:
+            asyncio.run(replay(base_url, model, longs[:1], [0]))  # warm: one request
+            outcomes, wall = asyncio.run(
+                closed_loop(base_url, model, longs, concurrency, duration_s)
+            )
+        finally:
+            serve.delete(app_name)
+        summary = outcome_summary(outcomes, wall, concurrency)
+        rows.append(
+            {
+                "replicas": n,
+                **{k: summary[k] for k in ("ok", "errors", "wall_s", "requests_per_s")},
+                **{k: summary[k] for k in ("output_tokens_per_s", "ttft_s", "e2e_s")},
+            }
+        )
+        print("capacity", json.dumps(rows[-1]))
+    base = rows[0]["requests_per_s"]
+    for row in rows:
+        row["speedup_over_one"] = round(row["requests_per_s"] / base, 2) if base else None
+    return rows
+
+
 def compare(results: dict[str, dict[str, Any]], push_interval_s: float) -> dict[str, Any]:
     """The issue's targets, reported (not asserted): the KV policy reacts at least one push
     interval earlier, with >= 1.3x lower p99 TTFT at <= the same replica-seconds, no failures."""
@@ -314,22 +403,27 @@ def compare(results: dict[str, dict[str, Any]], push_interval_s: float) -> dict[
     }
 
 
+#: The CPU model: a 2-layer random Llama 64 wide (1,024-token vocabulary). Its steps cost little
+#: compute (a decode step of one request or four takes about as long), and its K and V take 1 KiB a
+#: token in float32, so a replica's throughput is bounded by how many requests its KV budget holds.
+SMALL_LLAMA = {
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+
+
 def small_llama(directory: Path) -> str:
-    """A 4-layer random Llama (256 wide, 1,024-token vocabulary) saved as a HF directory."""
+    """:data:`SMALL_LLAMA` with random weights, saved as a HF directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).save_pretrained(directory)
     return str(directory)
 
 
@@ -375,6 +469,24 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def idle_cores(seconds: float = 3.0) -> float | None:
+    """Cores idle over ``seconds`` (Linux's /proc/stat), or None where it cannot be read."""
+
+    def times() -> list[int]:
+        with open("/proc/stat") as stat:
+            return [int(v) for v in stat.readline().split()[1:]]
+
+    try:
+        before = times()
+        time.sleep(seconds)
+        after = times()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    return round((os.cpu_count() or 1) * idle / max(sum(delta), 1), 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -388,6 +500,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument(
+        "--capacity-check",
+        action="store_true",
+        help="first measure 1, 2 and 3 fixed replicas' throughput under the step's long requests",
+    )
+    parser.add_argument("--note", default="", help="a note saved with the results")
     args = parser.parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
     if unknown := set(policies) - set(POLICIES):
@@ -405,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     from replica.model import ModelConfig
     from replica.model.source import resolve_model_dir
 
+    load_at_start = round(os.getloadavg()[0], 2)
+    idle_at_start = idle_cores()
     owned = not ray.is_initialized()  # in tests the session's Ray and Serve are used as they are
     if owned:
         ray.init(num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, log_to_driver=False)
@@ -419,6 +539,9 @@ def main(argv: list[str] | None = None) -> None:
         vocab = ModelConfig.from_hf_dir(model_dir).vocab_size if model_dir else 32000
         arrivals = schedule(workload, vocab)
         base_url = f"http://127.0.0.1:{args.port}"
+        capacity = (
+            capacity_check(deployment, model, arrivals, base_url) if args.capacity_check else None
+        )
         results = {}
         for policy in policies:
             results[policy] = run_policy(policy, deployment, model, workload, arrivals, base_url)
@@ -438,7 +561,9 @@ def main(argv: list[str] | None = None) -> None:
 
     payload = {
         "environment": describe_device("cuda" if args.gpu else "cpu")
-        | {"host_cpus": os.cpu_count(), "gpus": gpus, "ray": ray_module.__version__},
+        | {"host_cpus": os.cpu_count(), "gpus": gpus, "ray": ray_module.__version__}
+        | {"load_average_1m_at_start": load_at_start, "idle_cores_at_start": idle_at_start}
+        | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "settings": {
             "smoke": args.smoke,
             "gpu": args.gpu,
@@ -454,6 +579,10 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "comparison": comparison,
     }
+    if capacity is not None:
+        payload["capacity_check"] = capacity
+    if args.note:
+        payload["note"] = args.note
     if not args.no_save:
         path = save("autoscaling", payload, args.out)
         print("saved", path, "and", plot(payload, plot_path(path, "replicas")))

@@ -482,30 +482,15 @@ def main() -> None:
         "--kv-cache-gib", type=int, default=None, help="KV budget (default: a share of free memory)"
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--name", default="engine", help="result file prefix: <name>-<device>-<date>.json"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.batch = min(args.batch, 4)
     loads = workloads(args.smoke, args.batch, decode_tokens=args.decode_tokens, shape=args.shape)
     modes = args.modes.split(",")
     results: dict[str, list[dict[str, Any]]] = {}
-    for name in args.workloads.split(","):
-        if name not in loads:
-            continue
-        rows = []
-        for mode in modes:
-            if mode == "hf":
-                if name == "decode":
-                    rows.append(
-                        run_hf(loads[name], args, min(args.hf_new_tokens, loads[name][0][1]))
-                    )
-                continue
-            if ("-sync" in mode or "-eager" in mode) and name != "decode":
-                continue
-            rows.append(run_vattn(mode, loads[name], args, profile=(name == "decode")))
-            print(name, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True)
-        results[name] = rows
-    if args.floor:
-        results["floor"] = floor_table(args)
     device = "cuda" if torch.cuda.is_available() else "host"
     payload = {
         "benchmark": "engine",
@@ -514,10 +499,34 @@ def main() -> None:
         | {"shape": args.shape, "weights": "synthetic"},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
+        "complete": False,
     }
-    path = save(
-        "engine" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None
-    )
+    name = args.name + ("-smoke" if args.smoke else "")
+    out = Path(args.out) if args.out else None
+    for workload in args.workloads.split(","):
+        if workload not in loads:
+            continue
+        rows = results.setdefault(workload, [])
+        for mode in modes:
+            if mode == "hf":
+                if workload == "decode":
+                    rows.append(
+                        run_hf(
+                            loads[workload], args, min(args.hf_new_tokens, loads[workload][0][1])
+                        )
+                    )
+                continue
+            if ("-sync" in mode or "-eager" in mode) and workload != "decode":
+                continue
+            rows.append(run_vattn(mode, loads[workload], args, profile=(workload == "decode")))
+            print(
+                workload, {k: v for k, v in rows[-1].items() if k != "profile_top_ops"}, flush=True
+            )
+            save(name, payload, out)  # after every run: a run cut off keeps what it measured
+    if args.floor:
+        results["floor"] = floor_table(args)
+    payload["complete"] = True
+    path = save(name, payload, out)
     print(f"wrote {path}")
 
 

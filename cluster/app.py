@@ -41,7 +41,7 @@ class AppOptions(BaseModel):
     autoscaler: str = "kv-pressure"
     #: Scale up when the replicas' expected KV demand exceeds this share of their pages ...
     target_kv_utilization: float = 0.8
-    #: ... and down (one replica at a time) once it would fit under this share with one fewer.
+    #: ... and down (straight to the replicas that hold it under this share) once it would fit.
     downscale_kv_utilization: float = 0.5
     max_waiting_per_replica: float = 8.0  # scale up too when queues are longer than this
     target_ongoing_requests: float = 2.0  # the ongoing-requests policy's target per replica

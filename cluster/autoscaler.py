@@ -35,7 +35,8 @@ AUTOSCALERS = ("kv-pressure", "ongoing-requests")
 
 
 class KVPressurePolicy:
-    """Serve's custom autoscaling policy: ``cluster.autoscaling.decide`` on the replicas' reports.
+    """Serve's custom autoscaling policy: ``cluster.autoscaling.decide`` on the replicas' reports
+    (through a ``DownscaleStreak``: a scale-down keeps what the whole delay needed).
 
     It also pushes what it saw and decided to the metrics hub (at most every ``report_period_s``,
     without waiting for an answer: the controller's loop must not block), where ``/metrics``
@@ -58,6 +59,7 @@ class KVPressurePolicy:
         self.report_period_s = report_period_s
         self.decisions: Counter[str] = Counter()
         self.last: autoscaling.Decision | None = None
+        self.streak = autoscaling.DownscaleStreak()
         self._reported_at = 0.0
         self._hub: Any | None = None
 
@@ -73,7 +75,7 @@ class KVPressurePolicy:
         )
         now = ctx.current_time if ctx.current_time is not None else time.time()
         loads = replica_loads(ctx.raw_metrics or {}, ctx.running_replicas, now, self.max_age_s)
-        decision = autoscaling.decide(loads, ctx.target_num_replicas, rule)
+        decision = self.streak.apply(autoscaling.decide(loads, ctx.target_num_replicas, rule))
         self.decisions[decision.reason] += 1
         self.last = decision
         self._report(ctx, decision, now)

@@ -192,11 +192,35 @@ def test_serves_wrapper_scales_up_after_its_short_delay_and_down_after_its_long_
     decided, state = policy(at(120.0, idle, running, 3, config))
     assert decided == 3
     decided, state = policy(at(133.0, idle, running, 3, config))
-    assert decided == 2  # one at a time, after downscale_delay_s
+    assert decided == 1  # straight to the need (min here), after downscale_delay_s
     # Reports that stopped coming (older than max_age_s) say nothing: the count holds.
     clock[0] = 300.0
     stale = context(idle, running, 2, config, 300.0, state, reported_at=100.0)
     assert policy(stale)[0] == 2
+
+
+def test_serve_applies_the_largest_need_of_a_downscale_streak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serve applies the last answer once the scale-down has lasted downscale_delay_s; readings
+    that needed two of three replicas for most of the delay keep two, though the last is idle."""
+    clock = [0.0]
+    monkeypatch.setattr("ray.serve.autoscaling_policy.time", SimpleNamespace(time=lambda: clock[0]))
+    config = AutoscalingConfig(
+        min_replicas=1,
+        max_replicas=3,
+        downscale_delay_s=10,
+        policy={"policy_function": "cluster.autoscaler:KVPressurePolicy"},
+    )
+    policy = _apply_autoscaling_config(KVPressurePolicy(model="m", report_period_s=1e9))
+    running = replicas(3)
+    state: dict[str, Any] = {}
+    two = {r: (30.0, 100.0, 0.0) for r in running}  # D = 90: down = ceil(90 / 50) = 2
+    idle = {r: (0.0, 100.0, 0.0) for r in running}
+    for now, metrics in ((100.0, two), (105.0, two), (109.9, two), (110.0, idle)):
+        clock[0] = now
+        decided, state = policy(context(metrics, running, 3, config, now, state))
+    assert decided == 2
 
 
 def test_replicas_can_share_a_gpu() -> None:

@@ -21,9 +21,11 @@ from cluster.autoscaling import (
     REASONS,
     STEADY,
     WAITING,
+    DownscaleStreak,
     ReplicaLoad,
     ScalingRule,
     decide,
+    replicas_needed,
 )
 
 RULE = ScalingRule(
@@ -56,13 +58,38 @@ def test_a_long_queue_scales_up_when_pages_do_not() -> None:
     assert (decision.replicas, decision.reason) == (3, QUEUE)
 
 
-def test_scale_down_waits_for_the_lower_threshold_and_goes_one_at_a_time() -> None:
+def test_scale_down_waits_for_the_lower_threshold_and_goes_straight_to_the_need() -> None:
     # D = 130 over 3 replicas of 100: up = ceil(130 / 80) = 2 < 3, down = ceil(130 / 50) = 3.
     assert decide([load(50), load(40), load(40)], current=3, rule=RULE).reason == STEADY
-    # D = 30: down = 1, but one replica per decision.
+    # D = 30: down = ceil(30 / 50) = 1, in one decision (Serve's downscale delay is the wait).
     decision = decide([load(10)] * 3, current=3, rule=RULE)
+    assert (decision.replicas, decision.reason) == (1, LOW_DEMAND)
+    # D = 120 over 5: down = ceil(120 / 50) = 3.
+    rule = ScalingRule(min_replicas=1, max_replicas=8)
+    assert decide([load(24)] * 5, current=5, rule=rule).replicas == 3
+    # Idle: down = 0, held at min (2) with the reason low_demand while above it.
+    high_floor = ScalingRule(min_replicas=2, max_replicas=8)
+    decision = decide([load(0)] * 5, current=5, rule=high_floor)
     assert (decision.replicas, decision.reason) == (2, LOW_DEMAND)
-    assert decide([load(0)] * 2, current=2, rule=RULE).replicas == 1
+
+
+def test_a_downscale_streak_answers_its_largest_need() -> None:
+    """Serve applies the last answer of a streak of scale-downs that lasted its delay: a dip at
+    the end of the streak must not take away replicas that the streak's earlier readings needed."""
+    streak = DownscaleStreak()
+    three = [load(30)] * 3  # D = 90: down = 2
+    idle = [load(0)] * 3  # down = 0 -> min 1
+    assert streak.apply(decide(three, 3, RULE)).replicas == 2
+    dipped = streak.apply(decide(idle, 3, RULE))
+    assert (dipped.replicas, dipped.reason) == (2, LOW_DEMAND)  # not 1: the streak needed 2
+    # A decision that is not a scale-down ends the streak; the next starts afresh.
+    assert streak.apply(decide([load(60)] * 3, 3, RULE)).reason == STEADY
+    assert streak.apply(decide(idle, 3, RULE)).replicas == 1
+    assert streak.apply(decide(three, 3, RULE)).replicas == 2  # within it: its largest need
+    # Applied (Serve targets 2 now): a streak from the new count starts afresh too.
+    assert streak.apply(decide([load(20)] * 2, 2, RULE)).replicas == 1  # D = 40: down = 1
+    # Scale-ups pass through untouched.
+    assert streak.apply(decide([load(170)], 1, RULE)).replicas == 3
 
 
 def test_min_replicas_hold_an_idle_deployment_up() -> None:
@@ -145,7 +172,15 @@ def test_decisions_stay_within_bounds_and_move_the_right_way(
     if decision.reason == KV_PRESSURE or decision.reason == QUEUE:
         assert decision.replicas > current
     if decision.reason == LOW_DEMAND:
-        assert decision.replicas == current - 1  # down one replica at a time
+        # Straight to the count that holds the demand at the lower utilisation (not below min).
+        need, _ = replicas_needed(
+            decision.demand_pages,
+            decision.budget_pages,
+            decision.waiting,
+            rule.downscale_utilization,
+            rule,
+        )
+        assert decision.replicas == max(need, rule.min_replicas) < current
     if decision.reason in (STEADY, NO_METRICS):
         assert decision.replicas == current
     if rule.min_replicas <= current <= rule.max_replicas and decision.replicas > current:
@@ -164,7 +199,7 @@ def test_a_decision_applied_is_steady_on_the_same_load(
     loads: list[ReplicaLoad], current: int, rule: ScalingRule
 ) -> None:
     """Hysteresis: the same total load, re-decided at the count just chosen, changes nothing
-    (after an unbounded scale-up), or keeps going down one at a time (never back up)."""
+    (after an unbounded scale-up), or does not go back up (after a scale-down)."""
     first = decide(loads, current, rule)
     again = decide(loads, first.replicas, rule)
     if first.reason in (KV_PRESSURE, QUEUE):
