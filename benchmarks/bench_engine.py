@@ -29,6 +29,7 @@ import gc
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -430,14 +431,16 @@ FLOOR_CASES = tuple((b, c) for b in (1, 8, 64, 256) for c in (1024, 16384))
 FLOOR_KV_BYTES = 96 << 30  # what the H200 holds beside an 8B model's weights and activations
 
 
-def floor_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+def floor_table(
+    args: argparse.Namespace, rows: list[dict[str, Any]], saved: Callable[[], Any]
+) -> list[dict[str, Any]]:
     """The vAttention mode's decode step at each (batch, context) of FLOOR_CASES against its
     practical floor: the linears replayed in a CUDA graph plus attention alone, in the same run.
-    Cases whose KV does not fit FLOOR_KV_BYTES are listed as such."""
+    Cases whose KV does not fit FLOOR_KV_BYTES are listed as such. Each row is appended to
+    ``rows`` and ``saved()`` called after it."""
     shapes = model_shapes(args.smoke, args.shape)
     per_token = 2 * shapes.num_layers * shapes.num_kv_heads * shapes.head_dim * 2
     rng = random.Random(1)
-    rows: list[dict[str, Any]] = []
     cases = ((1, 64), (4, 64)) if args.smoke else FLOOR_CASES
     for batch, context in cases:
         if batch * (context + 32) * per_token > FLOOR_KV_BYTES:
@@ -453,6 +456,7 @@ def floor_table(args: argparse.Namespace) -> list[dict[str, Any]]:
         step = result.get("decode_step", {})
         rows.append({"batch": batch, "context": context, "fits": True} | step)
         print("floor", rows[-1], flush=True)
+        saved()
     return rows
 
 
@@ -524,7 +528,7 @@ def main() -> None:
             )
             save(name, payload, out)  # after every run: a run cut off keeps what it measured
     if args.floor:
-        results["floor"] = floor_table(args)
+        floor_table(args, results.setdefault("floor", []), lambda: save(name, payload, out))
     payload["complete"] = True
     path = save(name, payload, out)
     print(f"wrote {path}")

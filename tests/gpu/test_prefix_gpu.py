@@ -83,8 +83,8 @@ def test_an_aliased_page_is_one_allocation_at_two_addresses(layout: str) -> None
 
 def chat(llm: LLM, system: list[int], turns: int = 3) -> tuple[list[list[Completion]], int]:
     """Four conversations over one system prompt, each turn's prompt the whole history: each
-    conversation's completions, turn by turn, with the chosen tokens' logprobs and the top 2."""
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+    conversation's completions, turn by turn, with the chosen tokens' logprobs and the top 5."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
     histories = [[*system, 100 + i, 200 + i] for i in range(4)]
     answers: list[list[Completion]] = [[] for _ in histories]
     cached = 0
@@ -105,10 +105,11 @@ def assert_same_up_to_near_ties(
 ) -> int:
     """Greedy tokens with the cache on and off agree, their logprobs within ``tolerance``, up to
     the first place where they differ; there the two chosen tokens must be a near-tie in *both*
-    runs (each one's choice among the other's top 2, its logprob within ``tolerance`` of the
-    best). A conversation is compared no further than that: its later prompts differ. Returns the
-    tokens compared. Cached K/V computed in another batch shape differ in bf16 rounding, so
-    exact equality is a numerics question on a random model; a wrong page read is not a near-tie."""
+    runs (each one's choice among the other's top 5, its logprob within ``tolerance`` of the
+    best: the random model's distributions are flat, its top three can lie within 0.1 nats). A
+    conversation is compared no further than that: its later prompts differ. Returns the tokens
+    compared. Cached K/V computed in another batch shape differ in bf16 rounding, so exact
+    equality is a numerics question on a random model; a wrong page read is not a near-tie."""
     compared = 0
     for on_turns, off_turns in zip(on, off):
         for a, b in zip(on_turns, off_turns):
