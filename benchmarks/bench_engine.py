@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import random
 import statistics
 import time
@@ -446,8 +447,13 @@ def floor_table(
         if batch * (context + 32) * per_token > FLOOR_KV_BYTES:
             rows.append({"batch": batch, "context": context, "fits": False})
             continue
+        # The step is the median of those at the full batch, which begin once the last prompt is
+        # prefilled: outputs outlast the prefill chunks by 32 steps, so the first requests are
+        # still decoding then (with 32 outputs, batch 256 at 1K had one full step, 2026-12-02).
+        outputs = 32 + math.ceil(batch * context / args.max_batch_tokens)
+        prompt = max(context - outputs, 16)
         load = [
-            ([rng.randrange(3, shapes.vocab_size) for _ in range(context - 32)], 32)
+            ([rng.randrange(3, shapes.vocab_size) for _ in range(prompt)], outputs)
             for _ in range(batch)
         ]
         slots, args.slots = args.slots, batch

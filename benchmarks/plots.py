@@ -54,14 +54,23 @@ def engine_throughput(data: dict[str, Any], path: Path) -> Path:
 
 
 def decode_step(data: dict[str, Any], path: Path) -> Path:
+    """Each decode step with a practical floor: the decode workload's modes (at its batch) and the
+    floor table's (batch, context) cases. A result with neither has no such plot (KeyError)."""
     rows = [
-        r
+        (r["mode"], r["decode_step"])
         for r in data["results"].get("decode", [])
         if r.get("decode_step", {}).get("practical_floor_ms")
     ]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [r["mode"] for r in rows]
-    steps = [r["decode_step"] for r in rows]
+    rows += [
+        (f"batch {r['batch']}, {r['context']:,} keys", r)
+        for r in data["results"].get("floor", [])
+        if r.get("practical_floor_ms")
+    ]
+    if not rows:
+        raise KeyError("no decode step with a practical floor")
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(rows)))
+    labels = [label for label, _ in rows]
+    steps = [step for _, step in rows]
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], [s["step_ms"] for s in steps], 0.4, label="engine step (median)")
     ax.barh(
@@ -80,7 +89,7 @@ def decode_step(data: dict[str, Any], path: Path) -> Path:
     for i, s in zip(y, steps, strict=True):
         ax.plot([s["roofline_ms"]] * 2, [i - 0.45, i + 0.45], color="black", linewidth=1)
     ax.set_yticks(list(y), labels)
-    ax.set_xlabel("ms per decode step at batch 64 (black line: HBM roofline)")
+    ax.set_xlabel("ms per decode step at the full batch (black line: HBM roofline)")
     ax.set_title("Decode step vs its practical floor")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
