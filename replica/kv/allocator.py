@@ -202,6 +202,7 @@ class KVCacheAllocator(KVCache):
         if self._prefix:
             self.prefix_queries_tokens += len(prompt)
             self.prefix_hits_tokens += cached_tokens
+            slot.query = (len(prompt), cached_tokens)
         self._set_state(slot, SlotState.RUNNING)
         slot.length, slot.reserved = cached_tokens, cached_tokens
         slot.token_ids, slot.keys, slot.frozen = prompt, keys[: len(hit)], len(hit)
@@ -291,6 +292,7 @@ class KVCacheAllocator(KVCache):
         K/V the slot holds (at most its length; without them, its prompt): its full groups are
         indexed for later requests."""
         slot = self._running(slot_index)
+        self._take_back_query(slot)
         if self._prefix:
             per_group = self.config.tokens_per_group
             frozen = slot.frozen * per_group
@@ -318,6 +320,15 @@ class KVCacheAllocator(KVCache):
         self._release_idle()
         self._flush()
         self._checked()
+
+    def _take_back_query(self, slot: _Slot) -> None:
+        """A slot released before any ``ensure`` backed it was an admission that failed (the
+        scheduler releases it and retries later): the prefix query its ``acquire`` counted is
+        taken back, so a retried admission counts once."""
+        if slot.query is not None:
+            self.prefix_queries_tokens -= slot.query[0]
+            self.prefix_hits_tokens -= slot.query[1]
+            slot.query = None
 
     def _register(self, slot: _Slot, tokens: int) -> None:
         """Indexes the slot's full groups holding its known tokens below ``tokens`` (written, or
@@ -383,6 +394,7 @@ class KVCacheAllocator(KVCache):
         if wait and ticket and not self._worker.done(ticket):
             self.wait(ticket)
         slot.length = slot.reserved = tokens
+        slot.query = None  # admitted: the query stands
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:

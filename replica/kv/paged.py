@@ -66,6 +66,9 @@ class _Sequence:
     token_ids: tuple[int, ...] = ()  # the prompt (prefix cache)
     keys: list[int] = field(default_factory=list)  # its full blocks' prefix keys, as computed
     frozen: int = 0  # leading blocks that are shared and immutable
+    # The prefix query ``acquire`` counted (prompt tokens, cached tokens) until an ``ensure`` backs
+    # the sequence: released before that, the admission did not happen and the query is taken back.
+    query: tuple[int, int] | None = None
 
 
 class PagedKVCache(KVCache):
@@ -168,6 +171,7 @@ class PagedKVCache(KVCache):
         if self.config.prefix_cache:
             self.prefix_queries_tokens += len(prompt)
             self.prefix_hits_tokens += cached
+            seq.query = (len(prompt), cached)
         seq.running, seq.length, seq.reserved = True, cached, cached
         seq.token_ids, seq.keys, seq.frozen = prompt, keys[: len(hit)], len(hit)
         self._checked()
@@ -200,6 +204,10 @@ class PagedKVCache(KVCache):
         its full blocks of ``token_ids`` (the tokens it stores; default its prompt) are indexed
         and kept until taken."""
         seq = self._running(slot_index)
+        if seq.query is not None:  # released before any ensure: a failed admission, taken back
+            self.prefix_queries_tokens -= seq.query[0]
+            self.prefix_hits_tokens -= seq.query[1]
+            seq.query = None
         if self.config.prefix_cache:
             size = self.config.block_size
             frozen = seq.frozen * size
@@ -274,6 +282,7 @@ class PagedKVCache(KVCache):
                 tokens, need - len(seq.blocks), len(self._free), len(self._cached)
             )
         seq.length = seq.reserved = tokens
+        seq.query = None  # admitted: the query stands
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:

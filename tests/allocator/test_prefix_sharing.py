@@ -80,6 +80,32 @@ def test_the_last_prompt_token_is_never_cached(make_allocator: MakeAllocator) ->
     assert allocator.cached_tokens([*prompt, 1]) == 2 * T
 
 
+def test_an_admission_undone_before_its_slot_is_backed_counts_no_prefix_query(
+    make_allocator: MakeAllocator,
+) -> None:
+    """The scheduler acquires, fails to back the first chunk (KVCacheOutOfMemory) and releases;
+    the retry acquires again. Only the admission that went through counts as a query and hit."""
+    allocator = make(make_allocator)
+    prompt = list(range(2 * T + 3))
+    fill(allocator, allocator.acquire(0, prompt), prompt)
+    before = allocator.stats()
+    other = [*prompt[: 2 * T], 5, 6]
+    undone = allocator.acquire(len(other), other)  # finds 2T cached
+    allocator.release(undone, other[: 2 * T])  # nothing backed past its prefix: undone
+    after = allocator.stats()
+    assert (after.prefix_queries_tokens, after.prefix_hits_tokens) == (
+        before.prefix_queries_tokens,
+        before.prefix_hits_tokens,
+    )
+    admitted = allocator.acquire(len(other), other)
+    allocator.ensure(admitted, len(other))
+    allocator.release(admitted, other)  # finished: the query stands
+    final = allocator.stats()
+    assert final.prefix_queries_tokens == before.prefix_queries_tokens + len(other)
+    assert final.prefix_hits_tokens == before.prefix_hits_tokens + 2 * T
+    allocator.check_invariants(deep=True)
+
+
 def test_the_next_turn_continues_the_released_slot_in_place(make_allocator: MakeAllocator) -> None:
     allocator = make(make_allocator)
     turn1 = list(range(2 * T + 3))

@@ -256,6 +256,22 @@ def test_full_blocks_are_shared_by_reference_and_immutable() -> None:
     cache.check_invariants(deep=True)
 
 
+def test_an_admission_undone_before_its_blocks_are_backed_counts_no_prefix_query() -> None:
+    cache = prefix_cache(num_blocks=12)
+    prompt = list(range(10))
+    computed(cache, prompt)
+    queries, hits = cache.stats().prefix_queries_tokens, cache.stats().prefix_hits_tokens
+    other = [*prompt[:9], 99]
+    cache.release(cache.acquire(0, other))  # the scheduler's failed admission: undone
+    stats = cache.stats()
+    assert (stats.prefix_queries_tokens, stats.prefix_hits_tokens) == (queries, hits)
+    slot = cache.acquire(0, other)
+    cache.ensure(slot, len(other))
+    stats = cache.stats()
+    assert (stats.prefix_queries_tokens, stats.prefix_hits_tokens) == (queries + 10, hits + 8)
+    cache.check_invariants(deep=True)
+
+
 def test_released_blocks_stay_cached_until_taken_least_recently_used_first() -> None:
     cache = prefix_cache(num_blocks=6)
     old, new = [1] * 8, [2] * 8
