@@ -20,8 +20,8 @@ from replica.attention.paged import make_paged_attention_backend
 from replica.decode_graphs import DecodeGraphs
 from replica.engine_config import EngineConfig
 from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
-from replica.kv.config import resolve_kv_cache_dtype
-from replica.kv.layout_choice import choose_layout
+from replica.kv.config import KVLayout, resolve_kv_cache_dtype
+from replica.kv.layout_choice import choose_layout, host_page_size
 from replica.model import ModelConfig, load_model
 from replica.sampling import to_device
 from replica.vmm import DEFAULT_PAGE_SIZE, open_device
@@ -145,9 +145,18 @@ class ModelRunner:
                 ),
                 self.device,
             )
+        page_size = config.page_size or DEFAULT_PAGE_SIZE
+        if config.page_size is None and self.device.type != "cuda":
+            # One layer's K (or V) of a token; all layers' K and V unless per-layer is asked for.
+            token_bytes = (
+                self.model.num_local_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
+            )
+            if config.kv_layout != KVLayout.PER_LAYER:
+                token_bytes *= 2 * self.model_config.num_layers
+            page_size = host_page_size(token_bytes, DEFAULT_PAGE_SIZE)
         vmm = open_device(
             "cuda" if self.device.type == "cuda" else "host",
-            config.page_size,
+            page_size if self.device.type != "cuda" else config.page_size,
             self.device.index or 0,
         )
         kv_config = KVCacheConfig(
@@ -157,13 +166,13 @@ class ModelRunner:
             dtype=self.kv_dtype,
             max_slots=config.max_running,
             max_tokens=config.max_model_len,
-            page_size=config.page_size or DEFAULT_PAGE_SIZE,
+            page_size=page_size,
             budget_bytes=max(budget, 0),
             layout=choose_layout(
                 config.kv_layout,
                 self.model_config.num_layers,
                 config.max_running,
-                config.page_size or DEFAULT_PAGE_SIZE,
+                page_size,
                 max(budget, 0),
             ),
             eager_pages=config.eager_pages,

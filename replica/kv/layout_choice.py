@@ -27,6 +27,9 @@ at the 256-slot default; on a CPU (1 GiB budget, 64 slots) interleaved.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 from replica.kv.config import KVLayout
 
 #: The most of the KV budget the per-layer layout's page-group rounding may strand.
@@ -43,3 +46,19 @@ def choose_layout(
     if stranded <= MAX_STRANDED_SHARE * budget_bytes:
         return KVLayout.PER_LAYER
     return KVLayout.INTERLEAVED
+
+
+def host_page_size(token_bytes: int, preferred: int, os_page: int = mmap.PAGESIZE) -> int:
+    """The host backend's page when none is configured: ``preferred`` (2 MiB) if it holds whole
+    tokens of ``token_bytes``, else the largest multiple of ``lcm(token_bytes, os_page)`` not above
+    it (at least one). A page must end on a token boundary for prefix sharing (a token straddling
+    two pages would be written through a shared one): SmolLM2-135M's float32 tokens take 46,080
+    bytes in the interleaved layout, which no 2 MiB page divides, so ``vattn serve`` on a CPU shared
+    nothing; its page becomes 2,027,520 bytes (44 tokens). The host backend takes any multiple of
+    the OS page; CUDA's pages are multiples of its 2 MiB granularity, so this is the host's alone.
+    ``token_bytes`` is the interleaved layout's token (all layers' K and V), which the per-layer
+    layout's divides, unless the configuration asks for per-layer."""
+    if preferred % token_bytes == 0:
+        return preferred
+    unit = math.lcm(token_bytes, os_page)
+    return unit * max(preferred // unit, 1)

@@ -3,13 +3,15 @@ rounding strands at most 5% of the KV budget."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from replica.engine_config import EngineConfig
 from replica.kv.config import KVLayout
-from replica.kv.layout_choice import MAX_STRANDED_SHARE, choose_layout
+from replica.kv.layout_choice import MAX_STRANDED_SHARE, choose_layout, host_page_size
 
 MIB, GIB = 1 << 20, 1 << 30
 
@@ -51,3 +53,22 @@ def test_engine_config_defaults_to_auto_and_refuses_unknown_layouts() -> None:
     assert EngineConfig(kv_layout="per_layer").kv_layout is KVLayout.PER_LAYER
     with pytest.raises(ValueError):
         EngineConfig(kv_layout="diagonal")
+
+
+def test_the_host_page_holds_whole_tokens_of_a_model_no_2mib_page_divides() -> None:
+    # SmolLM2-135M in float32, interleaved: 30 layers x K and V x 3 heads x 64 x 4 B = 46,080 B.
+    page = host_page_size(46_080, 2 * MIB, os_page=4096)
+    assert (page, page // 46_080) == (2_027_520, 44)
+    # Tokens that divide 2 MiB keep it (Llama shapes; the tiny test model).
+    assert host_page_size(128 * 1024, 2 * MIB, os_page=4096) == 2 * MIB
+    assert host_page_size(3 * MIB, 2 * MIB, os_page=4096) == 3 * MIB  # one token: at least one
+
+
+@given(token_bytes=st.integers(1, 1 << 22), os_page=st.sampled_from([4096, 16384, 65536]))
+def test_the_host_page_is_whole_tokens_and_whole_os_pages_near_the_preferred_size(
+    token_bytes: int, os_page: int
+) -> None:
+    page = host_page_size(token_bytes, 2 * MIB, os_page)
+    assert page % token_bytes == 0 and (page == 2 * MIB or page % os_page == 0)
+    unit = math.lcm(token_bytes, os_page)
+    assert page <= max(2 * MIB, unit) and (page > 2 * MIB - unit or page == 2 * MIB)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from replica import LLM, LLMEngine, SamplingParams
+from replica import LLM, EngineConfig, LLMEngine, SamplingParams
+from replica.model import ModelConfig
 from replica.request import Request, RequestStatus
 from tests.models import tiny_llm
 
@@ -81,6 +82,42 @@ def test_later_turns_skip_their_history_and_the_system_prompt_is_shared(tiny_dir
     assert routing.prefix_tokens_per_block == per_group and routing.prefix_keys
     keys = frozenset(routing.prefix_keys)
     assert expected_hit_tokens(history, routing.prefix_root, per_group, keys) >= len(SYSTEM) // 2
+
+
+def test_a_model_whose_tokens_no_2mib_page_divides_shares_prefixes_on_the_cpu_by_default() -> None:
+    """SmolLM2-135M's shape (30 layers, 3 KV heads of 64): a 46,080-byte token in float32, which
+    no 2 MiB page holds whole. With no page size configured the host page becomes 44 tokens, so
+    the prefix cache works as it does for any other model (it was off, with a warning)."""
+    shape = ModelConfig(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=192,
+        intermediate_size=256,
+        num_layers=30,
+        num_heads=3,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    )
+    engine = LLMEngine(
+        EngineConfig(
+            model="synthetic",
+            synthetic=shape,
+            max_model_len=256,
+            max_running=4,
+            kv_cache_bytes=64 << 20,
+            device="cpu",
+        )
+    )
+    assert engine.kv.config.page_size == 2_027_520 and engine.kv.config.tokens_per_group == 44
+    prompt = [(5 * i) % 250 + 3 for i in range(100)]  # two whole 44-token pages and 12 tokens
+    for request_id, tokens in (("first", prompt), ("second", [*prompt[:-1], 9])):
+        engine.add_request(request_id, tokens, GREEDY)
+        while engine.has_work():
+            engine.step()
+    assert engine.stats().kv.prefix_hits_tokens == 88
 
 
 def test_openai_usage_reports_the_cached_prompt_tokens() -> None:
