@@ -304,7 +304,12 @@ def test_fuzzed_requests_get_a_well_formed_2xx_or_4xx(
                 for line in response.content.decode().splitlines()
                 if line.startswith("data: ")
             ]
-            assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+            # schemathesis reads at most 20 events and then hangs up (``stream_cut_short``): a
+            # stream without max_tokens runs to the end of the context, so only what it read so
+            # far is checked then; a stream that ended must end with [DONE].
+            done = events[-1] == "[DONE]"
+            assert done or response.stream_cut_short, events[-1]
+            assert all("error" not in json.loads(e) for e in events[: -1 if done else None])
         elif "json" in content_type:
             json.loads(response.content)
         assert API_KEY.encode() not in response.content
