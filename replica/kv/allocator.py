@@ -47,6 +47,7 @@ from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTick
 from replica.kv.config import KVCacheConfig, KVLayout
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import (
+    PrefixQueries,
     extend_keys,
     is_summary_depth,
     root_key,
@@ -123,8 +124,7 @@ class KVCacheAllocator(KVCache):
         self._index: dict[int, tuple[int, ...]] = {}  # prefix key -> the group holding its block
         self._key_of: dict[tuple[int, ...], int] = {}  # the inverse
         self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
-        self.prefix_queries_tokens = 0  # prompt tokens looked up by acquire
-        self.prefix_hits_tokens = 0  # of which found cached
+        self._queries = PrefixQueries()  # lookups by acquire, and hits
         self.prefix_evicted_pages = 0  # indexed pages dropped from the index
         # Slots mapping each group, and running slots mapping it: the page split in O(1).
         self._group_slots: Counter[tuple[int, ...]] = Counter()
@@ -200,9 +200,7 @@ class KVCacheAllocator(KVCache):
                 self._ops.append(Op.map(reservation, base, [group[r] for group in aliased]))
         cached_tokens = len(hit) * self.config.tokens_per_group
         if self._prefix:
-            self.prefix_queries_tokens += len(prompt)
-            self.prefix_hits_tokens += cached_tokens
-            slot.query = (len(prompt), cached_tokens)
+            self._queries.acquired(index, len(prompt), cached_tokens)
         self._set_state(slot, SlotState.RUNNING)
         slot.length, slot.reserved = cached_tokens, cached_tokens
         slot.token_ids, slot.keys, slot.frozen = prompt, keys[: len(hit)], len(hit)
@@ -292,7 +290,7 @@ class KVCacheAllocator(KVCache):
         K/V the slot holds (at most its length; without them, its prompt): its full groups are
         indexed for later requests."""
         slot = self._running(slot_index)
-        self._take_back_query(slot)
+        self._queries.released(slot_index)
         if self._prefix:
             per_group = self.config.tokens_per_group
             frozen = slot.frozen * per_group
@@ -320,15 +318,6 @@ class KVCacheAllocator(KVCache):
         self._release_idle()
         self._flush()
         self._checked()
-
-    def _take_back_query(self, slot: _Slot) -> None:
-        """A slot released before any ``ensure`` backed it was an admission that failed (the
-        scheduler releases it and retries later): the prefix query its ``acquire`` counted is
-        taken back, so a retried admission counts once."""
-        if slot.query is not None:
-            self.prefix_queries_tokens -= slot.query[0]
-            self.prefix_hits_tokens -= slot.query[1]
-            slot.query = None
 
     def _register(self, slot: _Slot, tokens: int) -> None:
         """Indexes the slot's full groups holding its known tokens below ``tokens`` (written, or
@@ -394,7 +383,7 @@ class KVCacheAllocator(KVCache):
         if wait and ticket and not self._worker.done(ticket):
             self.wait(ticket)
         slot.length = slot.reserved = tokens
-        slot.query = None  # admitted: the query stands
+        self._queries.backed(slot_index)
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
@@ -660,8 +649,8 @@ class KVCacheAllocator(KVCache):
             wait_seconds=self._wait_seconds,
             pages_released_total=self._pool.pages_released_total,
             pages_shared=sum(count > 1 for count in self._group_slots.values()) * ranges,
-            prefix_queries_tokens=self.prefix_queries_tokens,
-            prefix_hits_tokens=self.prefix_hits_tokens,
+            prefix_queries_tokens=self._queries.queries,
+            prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
         )
 

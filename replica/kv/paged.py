@@ -45,6 +45,7 @@ import torch
 from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
 from replica.kv.paged_config import PagedKVConfig
 from replica.kv.prefix import (
+    PrefixQueries,
     extend_keys,
     is_summary_depth,
     root_key,
@@ -66,9 +67,6 @@ class _Sequence:
     token_ids: tuple[int, ...] = ()  # the prompt (prefix cache)
     keys: list[int] = field(default_factory=list)  # its full blocks' prefix keys, as computed
     frozen: int = 0  # leading blocks that are shared and immutable
-    # The prefix query ``acquire`` counted (prompt tokens, cached tokens) until an ``ensure`` backs
-    # the sequence: released before that, the admission did not happen and the query is taken back.
-    query: tuple[int, int] | None = None
 
 
 class PagedKVCache(KVCache):
@@ -105,8 +103,7 @@ class PagedKVCache(KVCache):
             config.num_kv_heads,
             config.head_dim,
         )
-        self.prefix_queries_tokens = 0
-        self.prefix_hits_tokens = 0
+        self._queries = PrefixQueries()
         self.prefix_evicted_pages = 0
 
     # ---- tensors -------------------------------------------------------------------------------
@@ -169,9 +166,7 @@ class PagedKVCache(KVCache):
         self._pending.update(((index, j), block) for j, block in enumerate(hit))
         cached = len(hit) * self.config.block_size
         if self.config.prefix_cache:
-            self.prefix_queries_tokens += len(prompt)
-            self.prefix_hits_tokens += cached
-            seq.query = (len(prompt), cached)
+            self._queries.acquired(index, len(prompt), cached)
         seq.running, seq.length, seq.reserved = True, cached, cached
         seq.token_ids, seq.keys, seq.frozen = prompt, keys[: len(hit)], len(hit)
         self._checked()
@@ -204,10 +199,7 @@ class PagedKVCache(KVCache):
         its full blocks of ``token_ids`` (the tokens it stores; default its prompt) are indexed
         and kept until taken."""
         seq = self._running(slot_index)
-        if seq.query is not None:  # released before any ensure: a failed admission, taken back
-            self.prefix_queries_tokens -= seq.query[0]
-            self.prefix_hits_tokens -= seq.query[1]
-            seq.query = None
+        self._queries.released(slot_index)
         if self.config.prefix_cache:
             size = self.config.block_size
             frozen = seq.frozen * size
@@ -282,7 +274,7 @@ class PagedKVCache(KVCache):
                 tokens, need - len(seq.blocks), len(self._free), len(self._cached)
             )
         seq.length = seq.reserved = tokens
-        seq.query = None  # admitted: the query stands
+        self._queries.backed(slot_index)
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
@@ -400,8 +392,8 @@ class PagedKVCache(KVCache):
             wait_seconds=0.0,
             pages_released_total=0,
             pages_shared=sum(refs > 1 for refs in self._refs),
-            prefix_queries_tokens=self.prefix_queries_tokens,
-            prefix_hits_tokens=self.prefix_hits_tokens,
+            prefix_queries_tokens=self._queries.queries,
+            prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
         )
 

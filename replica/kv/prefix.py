@@ -101,3 +101,29 @@ def expected_hit_tokens(
     if not keys:
         return 0
     return hit_blocks(summary_chain(prompt, root, tokens_per_block), keys) * tokens_per_block
+
+
+class PrefixQueries:
+    """The prefix cache's lookups, in tokens: ``queries`` (prompt tokens ``acquire`` looked up)
+    and ``hits`` (of which found cached). A lookup counts at ``acquire`` and stands once an
+    ``ensure`` backs its slot; a slot released before that was an admission that failed (the
+    scheduler releases it and retries later), so its lookup is taken back and a retried admission
+    counts once."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.hits = 0
+        self._pending: dict[int, tuple[int, int]] = {}  # slot -> (queries, hits) not yet backed
+
+    def acquired(self, slot: int, prompt_tokens: int, hit_tokens: int) -> None:
+        self.queries += prompt_tokens
+        self.hits += hit_tokens
+        self._pending[slot] = (prompt_tokens, hit_tokens)
+
+    def backed(self, slot: int) -> None:
+        self._pending.pop(slot, None)
+
+    def released(self, slot: int) -> None:
+        queries, hits = self._pending.pop(slot, (0, 0))
+        self.queries -= queries
+        self.hits -= hits

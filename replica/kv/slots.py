@@ -33,6 +33,3 @@ class _Slot:
     token_ids: tuple[int, ...] = ()
     keys: list[int] = field(default_factory=list)
     frozen: int = 0
-    # The prefix query ``acquire`` counted (prompt tokens, cached tokens) until an ``ensure`` backs
-    # the slot: released before that, the admission did not happen and the query is taken back.
-    query: tuple[int, int] | None = None
