@@ -207,6 +207,19 @@ class Sampler(threading.Thread):
                     self.preemptions[replica] = max(self.preemptions.get(replica, 0), s.value)
 
 
+def request_body(model: str, arrival: Arrival) -> dict[str, Any]:
+    """The streaming ``/v1/completions`` body of an arrival: its token-id prompt, greedy, every
+    ``max_tokens`` token generated (``ignore_eos``)."""
+    return {
+        "model": model,
+        "prompt": list(arrival.prompt),
+        "max_tokens": arrival.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
 async def replay(
     base_url: str, model: str, arrivals: list[Arrival], flight: list[int]
 ) -> tuple[list[tuple[Arrival, Outcome]], float]:
@@ -219,16 +232,8 @@ async def replay(
         async def one(arrival: Arrival) -> tuple[Arrival, Outcome]:
             await asyncio.sleep(max(0.0, arrival.at_s - (time.perf_counter() - start)))
             flight[0] += 1
-            body = {
-                "model": model,
-                "prompt": list(arrival.prompt),
-                "max_tokens": arrival.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-            }
             try:
-                return arrival, await send(client, "/v1/completions", body)
+                return arrival, await send(client, "/v1/completions", request_body(model, arrival))
             finally:
                 flight[0] -= 1
 
@@ -309,15 +314,7 @@ async def closed_loop(
             while time.perf_counter() - start < duration_s:
                 arrival = requests[index % len(requests)]
                 index += 1
-                body = {
-                    "model": model,
-                    "prompt": list(arrival.prompt),
-                    "max_tokens": arrival.max_tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    "stream": True,
-                }
-                outcomes.append(await send(client, "/v1/completions", body))
+                outcomes.append(await send(client, "/v1/completions", request_body(model, arrival)))
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         return outcomes, time.perf_counter() - start

@@ -145,8 +145,8 @@ class ModelRunner:
                 ),
                 self.device,
             )
-        page_size = config.page_size or DEFAULT_PAGE_SIZE
-        if config.page_size is None and self.device.type != "cuda":
+        page_size = config.page_size  # None on CUDA: the backend's granularity (2 MiB)
+        if page_size is None and self.device.type != "cuda":
             # One layer's K (or V) of a token; all layers' K and V unless per-layer is asked for.
             token_bytes = (
                 self.model.num_local_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
@@ -156,9 +156,10 @@ class ModelRunner:
             page_size = host_page_size(token_bytes, DEFAULT_PAGE_SIZE)
         vmm = open_device(
             "cuda" if self.device.type == "cuda" else "host",
-            page_size if self.device.type != "cuda" else config.page_size,
+            page_size,
             self.device.index or 0,
         )
+        page_size = page_size or DEFAULT_PAGE_SIZE
         kv_config = KVCacheConfig(
             num_layers=self.model_config.num_layers,
             num_kv_heads=self.model.num_local_kv_heads,

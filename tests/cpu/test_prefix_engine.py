@@ -4,6 +4,7 @@ modes, both layouts, with preemption), while the cache skips the prompt tokens i
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,18 +89,8 @@ def test_a_model_whose_tokens_no_2mib_page_divides_shares_prefixes_on_the_cpu_by
     """SmolLM2-135M's shape (30 layers, 3 KV heads of 64): a 46,080-byte token in float32, which
     no 2 MiB page holds whole. With no page size configured the host page becomes 44 tokens, so
     the prefix cache works as it does for any other model (it was off, with a warning)."""
-    shape = ModelConfig(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=192,
-        intermediate_size=256,
-        num_layers=30,
-        num_heads=3,
-        num_kv_heads=3,
-        head_dim=64,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_ids=(2,),
+    shape = dataclasses.replace(
+        ModelConfig.tiny(), hidden_size=192, num_layers=30, num_heads=3, num_kv_heads=3, head_dim=64
     )
     engine = LLMEngine(
         EngineConfig(
