@@ -43,16 +43,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
+from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.config import KVCacheConfig, KVLayout
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import (
+    PrefixIndex,
     PrefixQueries,
-    extend_keys,
-    is_summary_depth,
+    PrefixSummary,
     root_key,
-    summary_key,
-    usable_blocks,
+    stored_prefix,
+    unfreeze_unwritten,
 )
 from replica.kv.slots import SlotState, _Slot
 from replica.kv.stats import KVCacheStats
@@ -111,7 +111,7 @@ class KVCacheAllocator(KVCache):
                 config.page_size,
                 config.bytes_per_token,
             )
-        self._root = root_key(
+        root = root_key(
             "vattention",
             config.prefix_key,
             config.layout.value,
@@ -121,9 +121,10 @@ class KVCacheAllocator(KVCache):
             config.head_dim,
             config.page_size,
         )
-        self._index: dict[int, tuple[int, ...]] = {}  # prefix key -> the group holding its block
-        self._key_of: dict[tuple[int, ...], int] = {}  # the inverse
-        self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
+        # Prefix key -> the page group holding that block (a prefix block is a page group here).
+        self._index: PrefixIndex[tuple[int, ...]] = PrefixIndex(
+            root, config.tokens_per_group if self._prefix else 0
+        )
         self._queries = PrefixQueries()  # lookups by acquire, and hits
         self.prefix_evicted_pages = 0  # indexed pages dropped from the index
         # Slots mapping each group, and running slots mapping it: the page split in O(1).
@@ -220,18 +221,7 @@ class KVCacheAllocator(KVCache):
     def _lookup(self, prompt: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list[int]]:
         """The indexed groups holding the longest usable prefix of ``prompt``, and the keys
         computed on the way (one more than the groups where the chain broke)."""
-        if not self._prefix or not prompt or not self._index:
-            return [], []
-        per_group = self.config.tokens_per_group
-        keys: list[int] = []
-        hit: list[tuple[int, ...]] = []
-        for blocks in range(1, usable_blocks(len(prompt), per_group) + 1):
-            extend_keys(keys, self._root, prompt, per_group, blocks)
-            group = self._index.get(keys[-1])
-            if group is None:
-                break
-            hit.append(group)
-        return hit, keys
+        return self._index.lookup(prompt) if self._prefix else ([], [])
 
     def _continuation(self, hit: list[tuple[int, ...]]) -> int | None:
         """The released slot whose whole cached prefix starts ``hit`` (the same conversation,
@@ -279,7 +269,7 @@ class KVCacheAllocator(KVCache):
         only it maps (their memory is reused, their index entries go) and unmaps the rest."""
         slot = self._slots[slot_index]
         end = keep
-        while end < len(slot.groups) and all(self._pool.mappings(p) == 1 for p in slot.groups[end]):
+        while end < len(slot.groups) and self._private(slot.groups[end]):
             self._unindex(slot.groups[end])
             end += 1
         self._shrink_slot(slot_index, end)
@@ -293,20 +283,13 @@ class KVCacheAllocator(KVCache):
         self._queries.released(slot_index)
         if self._prefix:
             per_group = self.config.tokens_per_group
-            frozen = slot.frozen * per_group
-            stored = tuple(token_ids)[: slot.length] if token_ids else slot.token_ids[:frozen]
-            common = min(len(stored), frozen)
-            if stored[:common] != slot.token_ids[:common]:
-                raise ValueError(
-                    f"slot {slot_index}: the released tokens differ from the {frozen} cached ones"
-                )
-            # Fewer stored than indexed: a step failed after its pages were booked. What only this
-            # slot maps leaves the index (it may never have been written).
-            while slot.frozen > len(stored) // per_group and all(
-                self._pool.mappings(p) == 1 for p in slot.groups[slot.frozen - 1]
-            ):
-                slot.frozen -= 1
-                self._unindex(slot.groups[slot.frozen])
+            stored = stored_prefix(
+                slot_index, token_ids, slot.length, slot.token_ids, slot.frozen * per_group
+            )
+            slot.frozen, unindexed = unfreeze_unwritten(
+                self._index, slot.groups, slot.frozen, len(stored) // per_group, self._private
+            )
+            self.prefix_evicted_pages += unindexed * self.config.num_ranges
             del slot.keys[slot.frozen :]
             slot.token_ids = stored
             self._register(slot, len(stored))
@@ -322,32 +305,22 @@ class KVCacheAllocator(KVCache):
     def _register(self, slot: _Slot, tokens: int) -> None:
         """Indexes the slot's full groups holding its known tokens below ``tokens`` (written, or
         written by the step just launched, before any later step reads them) and freezes them."""
-        per_group = self.config.tokens_per_group
-        limit = min(min(tokens, len(slot.token_ids)) // per_group, len(slot.groups))
-        if limit <= slot.frozen:
-            return
-        extend_keys(slot.keys, self._root, slot.token_ids, per_group, limit)
-        for j in range(slot.frozen, limit):
-            key, group = slot.keys[j], slot.groups[j]
-            if key not in self._index and group not in self._key_of:
-                self._index[key], self._key_of[group] = group, key
-                if is_summary_depth(j + 1):
-                    self._summary[key] = None
-        slot.frozen = limit
+        limit = min(
+            min(tokens, len(slot.token_ids)) // self.config.tokens_per_group, len(slot.groups)
+        )
+        if limit > slot.frozen:
+            self._index.register(slot.keys, slot.token_ids, slot.groups, slot.frozen, limit)
+            slot.frozen = limit
 
     def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
-        if not self._prefix:
-            return None
-        keys = list(self._summary)[-limit:] if limit > 0 else []
-        return PrefixSummary(
-            self._root, self.config.tokens_per_group, tuple(summary_key(k) for k in keys)
-        )
+        return self._index.summary(limit) if self._prefix else None
+
+    def _private(self, group: tuple[int, ...]) -> bool:
+        """Whether only one slot maps ``group``."""
+        return all(self._pool.mappings(p) == 1 for p in group)
 
     def _unindex(self, group: tuple[int, ...]) -> None:
-        key = self._key_of.pop(group, None)
-        if key is not None:
-            del self._index[key]
-            self._summary.pop(key, None)
+        if self._index.remove(group):
             self.prefix_evicted_pages += len(group)
 
     def length(self, slot_index: int) -> int:
@@ -545,7 +518,7 @@ class KVCacheAllocator(KVCache):
             self._ops.append(Op.unmap(reservation, base, len(dropped)))
         # Safe to reuse at once: any later map of these ids is queued after this unmap (FIFO).
         freed = self._pool.give_back([page for group in dropped for page in group])
-        if freed and self._key_of:
+        if freed and len(self._index):
             for group in dropped:
                 if self._pool.mappings(group[0]) == 0:
                     self._unindex(group)
@@ -676,11 +649,9 @@ class KVCacheAllocator(KVCache):
         assert self._group_running == running, "the running group counts differ from the slots"
         for group, count in mappings.items():
             assert all(self._pool.mappings(p) == count for p in group), (group, count)
-            assert count == 1 or group in self._key_of, f"shared group {group} is not indexed"
-        assert len(self._index) == len(self._key_of)
-        assert self._summary.keys() <= self._index.keys(), "a summary key is not indexed"
-        for key, group in self._index.items():
-            assert self._key_of[group] == key and group in mappings, "index entry of no group"
+            assert count == 1 or group in self._index, f"shared group {group} is not indexed"
+        self._index.check_invariants()
+        assert self._index.locations() <= mappings.keys(), "index entry of no group"
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
             stats
@@ -692,7 +663,7 @@ class KVCacheAllocator(KVCache):
             if slot.state is SlotState.FREE:
                 assert not slot.groups, f"free slot {index} holds pages"
             assert slot.frozen <= len(slot.groups), f"slot {index} froze unmapped groups"
-            assert all(g not in self._key_of for g in slot.groups[slot.frozen :]), (
+            assert all(g not in self._index for g in slot.groups[slot.frozen :]), (
                 f"slot {index} may write an indexed group"
             )
             if slot.state is SlotState.RUNNING:

@@ -40,6 +40,7 @@ from typing import Protocol
 
 import torch
 
+from replica.kv.prefix import PrefixSummary
 from replica.kv.stats import KVCacheStats
 
 
@@ -51,17 +52,17 @@ class KVCacheOutOfMemory(Exception):
         self,
         tokens_asked: int,
         pages_needed: int,
-        pages_free: int,
+        pages_available: int,
         pages_cached: int,
         why: str = "",
     ):
         self.tokens_asked = tokens_asked
         self.pages_needed = pages_needed
-        self.pages_free = pages_free
+        self.pages_available = pages_available  # free plus creatable (glossary)
         self.pages_cached = pages_cached
         super().__init__(
             f"KV cache out of memory{': ' + why if why else ''}: {tokens_asked} tokens asked need "
-            f"{pages_needed} more pages; {pages_free} free (creatable included), "
+            f"{pages_needed} more pages; {pages_available} available (free or creatable), "
             f"{pages_cached} cached"
         )
 
@@ -99,15 +100,6 @@ def is_int(value: object) -> bool:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@dataclass(frozen=True)
-class PrefixSummary:
-    """A bounded summary of a cache's prefix index (``replica.kv.prefix.expected_hit_tokens``)."""
-
-    root: int
-    tokens_per_block: int
-    keys: tuple[int, ...]
 
 
 class KVGeometry(Protocol):

@@ -42,15 +42,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
+from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.paged_config import PagedKVConfig
 from replica.kv.prefix import (
+    PrefixIndex,
     PrefixQueries,
-    extend_keys,
-    is_summary_depth,
+    PrefixSummary,
     root_key,
-    summary_key,
-    usable_blocks,
+    stored_prefix,
+    unfreeze_unwritten,
 )
 from replica.kv.stats import KVCacheStats
 
@@ -90,11 +90,8 @@ class PagedKVCache(KVCache):
         self.table_flushes = 0  # index_put calls on the device table
         self.blocks_allocated_total = 0
         self._refs = [0] * config.num_blocks  # slots holding each block
-        self._index: dict[int, int] = {}  # prefix key -> block
-        self._key_of: dict[int, int] = {}  # block -> prefix key
-        self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
         self._cached: OrderedDict[int, None] = OrderedDict()  # indexed, held by none; LRU first
-        self._root = root_key(
+        root = root_key(
             "paged",
             config.prefix_key,
             config.block_size,
@@ -103,6 +100,7 @@ class PagedKVCache(KVCache):
             config.num_kv_heads,
             config.head_dim,
         )
+        self._index: PrefixIndex[int] = PrefixIndex(root, config.block_size)  # key -> block
         self._queries = PrefixQueries()
         self.prefix_evicted_pages = 0
 
@@ -181,18 +179,7 @@ class PagedKVCache(KVCache):
 
     def _lookup(self, prompt: tuple[int, ...]) -> tuple[list[int], list[int]]:
         """The indexed blocks of the longest usable prefix of ``prompt``, and the keys computed."""
-        if not self.config.prefix_cache or not prompt or not self._index:
-            return [], []
-        size = self.config.block_size
-        keys: list[int] = []
-        hit: list[int] = []
-        for blocks in range(1, usable_blocks(len(prompt), size) + 1):
-            extend_keys(keys, self._root, prompt, size, blocks)
-            block = self._index.get(keys[-1])
-            if block is None:
-                break
-            hit.append(block)
-        return hit, keys
+        return self._index.lookup(prompt) if self.config.prefix_cache else ([], [])
 
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         """Ends a request; its blocks go back to the free list at once, or with the prefix cache,
@@ -202,23 +189,17 @@ class PagedKVCache(KVCache):
         self._queries.released(slot_index)
         if self.config.prefix_cache:
             size = self.config.block_size
-            frozen = seq.frozen * size
-            stored = tuple(token_ids)[: seq.length] if token_ids else seq.token_ids[:frozen]
-            common = min(len(stored), frozen)
-            if stored[:common] != seq.token_ids[:common]:
-                raise ValueError(
-                    f"slot {slot_index}: the released tokens differ from the {frozen} cached ones"
-                )
-            # Fewer stored than indexed: a step failed after its blocks were booked. What only this
-            # slot holds leaves the index (it may never have been written).
-            while seq.frozen > len(stored) // size and self._refs[seq.blocks[seq.frozen - 1]] == 1:
-                seq.frozen -= 1
-                block = seq.blocks[seq.frozen]
-                key = self._key_of.pop(block, None)
-                if key is not None:
-                    del self._index[key]
-                    self._summary.pop(key, None)
-                    self.prefix_evicted_pages += 1
+            stored = stored_prefix(
+                slot_index, token_ids, seq.length, seq.token_ids, seq.frozen * size
+            )
+            seq.frozen, unindexed = unfreeze_unwritten(
+                self._index,
+                seq.blocks,
+                seq.frozen,
+                len(stored) // size,
+                lambda block: self._refs[block] == 1,
+            )
+            self.prefix_evicted_pages += unindexed
             del seq.keys[seq.frozen :]
             seq.token_ids = stored[: seq.length]
             self._register(seq, seq.length)
@@ -229,26 +210,13 @@ class PagedKVCache(KVCache):
 
     def _register(self, seq: _Sequence, tokens: int) -> None:
         """Indexes the sequence's full blocks of known tokens below ``tokens`` and freezes them."""
-        size = self.config.block_size
-        limit = min(min(tokens, len(seq.token_ids)) // size, len(seq.blocks))
-        if limit <= seq.frozen:
-            return
-        extend_keys(seq.keys, self._root, seq.token_ids, size, limit)
-        for j in range(seq.frozen, limit):
-            key, block = seq.keys[j], seq.blocks[j]
-            if key not in self._index and block not in self._key_of:
-                self._index[key], self._key_of[block] = block, key
-                if is_summary_depth(j + 1):
-                    self._summary[key] = None
-        seq.frozen = limit
+        limit = min(min(tokens, len(seq.token_ids)) // self.config.block_size, len(seq.blocks))
+        if limit > seq.frozen:
+            self._index.register(seq.keys, seq.token_ids, seq.blocks, seq.frozen, limit)
+            seq.frozen = limit
 
     def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
-        if not self.config.prefix_cache:
-            return None
-        keys = list(self._summary)[-limit:] if limit > 0 else []
-        return PrefixSummary(
-            self._root, self.config.block_size, tuple(summary_key(k) for k in keys)
-        )
+        return self._index.summary(limit) if self.config.prefix_cache else None
 
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
@@ -325,7 +293,7 @@ class PagedKVCache(KVCache):
             for block in reversed(blocks[need:]):
                 self._refs[block] -= 1
                 if self._refs[block] == 0:
-                    if block in self._key_of:
+                    if block in self._index:
                         self._cached[block] = None
                     else:
                         self._free.append(block)
@@ -336,9 +304,7 @@ class PagedKVCache(KVCache):
             return False
         while len(self._free) < count:  # evict the least recently used cached blocks
             block, _ = self._cached.popitem(last=False)
-            key = self._key_of.pop(block)
-            del self._index[key]
-            self._summary.pop(key, None)
+            self._index.remove(block)
             self.prefix_evicted_pages += 1
             self._free.append(block)
         taken = self._free[-count:][::-1]
@@ -405,16 +371,16 @@ class PagedKVCache(KVCache):
         assert all(self._refs[b] == holders.get(b, 0) for b in range(self.config.num_blocks)), (
             "reference counts differ from the slots holding the blocks"
         )
-        assert all(count == 1 or b in self._key_of for b, count in holders.items()), (
+        assert all(count == 1 or b in self._index for b, count in holders.items()), (
             "a shared block is not indexed"
         )
         free, cached = set(self._free), set(self._cached)
         assert not set(holders) & (free | cached) and not free & cached, "a block held and free"
         assert len(self._free) == len(free), "a block is free twice"
         assert len(holders) + len(free) + len(cached) == self.config.num_blocks
-        assert cached <= set(self._key_of) and not free & set(self._key_of)
-        assert {self._key_of[b]: b for b in self._key_of} == self._index
-        assert self._summary.keys() <= self._index.keys(), "a summary key is not indexed"
+        indexed = self._index.locations()
+        assert cached <= indexed and not free & indexed, "a cached block unindexed, or a free one"
+        self._index.check_invariants()
         for index, seq in enumerate(self._seqs):
             if not seq.running:
                 assert not seq.blocks and seq.length == seq.reserved == 0, (
@@ -423,7 +389,7 @@ class PagedKVCache(KVCache):
                 continue
             assert seq.reserved in (seq.length, seq.length + 1), f"slot {index}: {seq}"
             assert seq.length >= seq.frozen * self.config.block_size, f"slot {index}: {seq}"
-            assert all(b not in self._key_of for b in seq.blocks[seq.frozen :]), (
+            assert all(b not in self._index for b in seq.blocks[seq.frozen :]), (
                 f"slot {index} may write an indexed block"
             )
             assert len(seq.blocks) == self.config.blocks_for(seq.reserved), f"slot {index}: {seq}"

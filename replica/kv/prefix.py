@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 KEY_BYTES = 16
 
@@ -103,6 +105,15 @@ def expected_hit_tokens(
     return hit_blocks(summary_chain(prompt, root, tokens_per_block), keys) * tokens_per_block
 
 
+@dataclass(frozen=True)
+class PrefixSummary:
+    """A bounded summary of a cache's prefix index (``expected_hit_tokens`` reads it)."""
+
+    root: int
+    tokens_per_block: int
+    keys: tuple[int, ...]
+
+
 class PrefixQueries:
     """The prefix cache's lookups, in tokens: ``queries`` (prompt tokens ``acquire`` looked up)
     and ``hits`` (of which found cached). A lookup counts at ``acquire`` and stands once an
@@ -127,3 +138,135 @@ class PrefixQueries:
         queries, hits = self._pending.pop(slot, (0, 0))
         self.queries -= queries
         self.hits -= hits
+
+
+# ---- the index -----------------------------------------------------------------------------------
+#: Where a prefix block's K/V lives: a page group (a tuple of page ids, vAttention) or a block id
+#: (paged mode). Hashable; one location holds one block's tokens and is indexed under one key.
+Location = TypeVar("Location", bound=Hashable)
+
+
+class PrefixIndex(Generic[Location]):
+    """Prefix key -> the location holding that prefix block's K/V, for both caches.
+
+    The index only keeps the books of *what is cached where*: which locations stay alive, which
+    go, and in which order (eviction policy) is each cache's (the paged mode drops blocks by LRU,
+    the vAttention cache by slot release order), so a cache calls ``add`` when a block's tokens
+    are written and ``remove`` when its location is reused or freed.
+
+    Invariants (``check_invariants``):
+        key -> location and location -> key are inverse bijections (one key per location)
+        summary keys are indexed keys at summary depths (``is_summary_depth``), newest last
+    """
+
+    def __init__(self, root: int, tokens_per_block: int) -> None:
+        self.root = root
+        self.tokens_per_block = tokens_per_block
+        self._location: dict[int, Location] = {}  # prefix key -> location
+        self._key: dict[Location, int] = {}  # the inverse
+        self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
+
+    def __len__(self) -> int:
+        return len(self._location)
+
+    def __contains__(self, location: object) -> bool:
+        """Whether ``location`` holds an indexed block (it is then immutable)."""
+        return location in self._key
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[list[Location], list[int]]:
+        """The locations of the longest indexed usable prefix of ``prompt`` (never its last
+        token), and the keys computed on the way (one more than the hit where the chain broke)."""
+        if not prompt or not self._location or self.tokens_per_block <= 0:
+            return [], []
+        per_block = self.tokens_per_block
+        keys: list[int] = []
+        hit: list[Location] = []
+        for blocks in range(1, usable_blocks(len(prompt), per_block) + 1):
+            extend_keys(keys, self.root, prompt, per_block, blocks)
+            location = self._location.get(keys[-1])
+            if location is None:
+                break
+            hit.append(location)
+        return hit, keys
+
+    def register(
+        self,
+        keys: list[int],
+        token_ids: Sequence[int],
+        locations: Sequence[Location],
+        start: int,
+        limit: int,
+    ) -> None:
+        """Indexes blocks ``start .. limit`` of a sequence whose tokens are ``token_ids`` and whose
+        block ``j`` lives at ``locations[j]``, extending ``keys`` (its blocks' keys as far as
+        computed) to ``limit``. A key or a location already indexed keeps its entry (the first
+        writer of a prefix is the one shared)."""
+        if limit <= start:
+            return
+        extend_keys(keys, self.root, token_ids, self.tokens_per_block, limit)
+        for j in range(start, limit):
+            key, location = keys[j], locations[j]
+            if key not in self._location and location not in self._key:
+                self._location[key], self._key[location] = location, key
+                if is_summary_depth(j + 1):
+                    self._summary[key] = None
+
+    def remove(self, location: Location) -> bool:
+        """Drops ``location``'s entry (its memory is about to be reused); whether it had one."""
+        key = self._key.pop(location, None)
+        if key is None:
+            return False
+        del self._location[key]
+        self._summary.pop(key, None)
+        return True
+
+    def summary(self, limit: int = 2048) -> PrefixSummary:
+        """What the router learns: the root, the block size and up to ``limit`` summary keys
+        (``SUMMARY_KEY_BITS`` of each), the newest last."""
+        keys = list(self._summary)[-limit:] if limit > 0 else []
+        return PrefixSummary(self.root, self.tokens_per_block, tuple(summary_key(k) for k in keys))
+
+    def locations(self) -> set[Location]:
+        return set(self._key)
+
+    def check_invariants(self) -> None:
+        assert len(self._location) == len(self._key), "the index and its inverse differ in size"
+        assert all(self._key.get(loc) == key for key, loc in self._location.items()), (
+            "the index and its inverse disagree"
+        )
+        assert self._summary.keys() <= self._location.keys(), "a summary key is not indexed"
+
+
+def stored_prefix(
+    slot_index: int,
+    token_ids: Sequence[int],
+    length: int,
+    prompt: tuple[int, ...],
+    frozen_tokens: int,
+) -> tuple[int, ...]:
+    """The tokens a released slot stores (``token_ids`` cut at its ``length``; without them, its
+    immutable prefix of ``prompt``), checked against the ``frozen_tokens`` already indexed."""
+    stored = tuple(token_ids)[:length] if token_ids else prompt[:frozen_tokens]
+    common = min(len(stored), frozen_tokens)
+    if stored[:common] != prompt[:common]:
+        raise ValueError(
+            f"slot {slot_index}: the released tokens differ from the {frozen_tokens} cached ones"
+        )
+    return stored
+
+
+def unfreeze_unwritten(
+    index: PrefixIndex[Location],
+    locations: Sequence[Location],
+    frozen: int,
+    stored_blocks: int,
+    private: Callable[[Location], bool],
+) -> tuple[int, int]:
+    """A slot released with fewer tokens stored than it froze (a step failed after its pages were
+    booked): its frozen blocks from the end that only it holds (``private``) leave the index, as
+    they may never have been written. Returns (the new frozen count, locations unindexed)."""
+    removed = 0
+    while frozen > stored_blocks and private(locations[frozen - 1]):
+        frozen -= 1
+        removed += index.remove(locations[frozen])
+    return frozen, removed

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class KVCacheStats:
     page_size_bytes: int
-    tokens_per_page: float  # tokens one page of one range holds
+    tokens_per_page: float  # tokens per physical page, every range a token occupies counted
     pages_total: int  # the budget
     pages_created: int
     pages_free: int  # created, mapped nowhere

@@ -220,13 +220,13 @@ def test_out_of_memory_names_the_numbers_and_loses_nothing(make_allocator: MakeA
     with pytest.raises(KVCacheOutOfMemory) as raised:
         allocator.ensure(slot, 5 * T)
     error = raised.value
-    assert (error.tokens_asked, error.pages_needed, error.pages_free, error.pages_cached) == (
+    assert (error.tokens_asked, error.pages_needed, error.pages_available, error.pages_cached) == (
         5 * T,
         8,
         4,
         0,
     )
-    assert "80 tokens asked need 8 more pages; 4 free" in str(error)
+    assert "80 tokens asked need 8 more pages; 4 available" in str(error)
     assert allocator.length(slot) == T
     check(allocator, slot, T)
     allocator.ensure(slot, 3 * T)  # what fits still works

@@ -99,7 +99,7 @@ class PagedMachine(RuleBasedStateMachine):
             self.cache.ensure(slot, tokens)
         except KVCacheOutOfMemory as error:
             assert error.pages_needed > 0 and error.pages_cached == 0
-            assert error.pages_needed > error.pages_free == self.cache.reclaimable_pages()
+            assert error.pages_needed > error.pages_available == self.cache.reclaimable_pages()
             assert (
                 self.cache.length(slot) == self.told[slot] and self.cache.block_ids(slot) == blocks
             )
@@ -200,7 +200,7 @@ def test_out_of_memory_and_slot_errors_carry_the_numbers() -> None:
     cache = make_cache(block_size=4, num_blocks=3, max_tokens=32, max_slots=2)
     a = cache.acquire()
     cache.ensure(a, 9)  # 3 blocks
-    with pytest.raises(KVCacheOutOfMemory, match="13 tokens asked need 1 more pages; 0 free"):
+    with pytest.raises(KVCacheOutOfMemory, match="13 tokens asked need 1 more pages; 0 available"):
         cache.ensure(a, 13)
     assert cache.wait(cache.step_async({a: 9})) == ()  # 10 tokens still fit 3 blocks
     assert cache.wait(cache.step_async({a: 12})) == (a,)  # 13 do not
