@@ -12,6 +12,15 @@ next turn is sent when the previous answer is complete):
           the history grows to ~2.8K tokens; every turn's prompt is the whole history
   system  ``--conversations`` x 4 one-turn requests: one 1,536-token system prompt shared by all,
           a 32-token question, a 64-token answer
+  burst   ``--conversations`` x 2 one-turn requests arriving together over 4 shared 1,024-token
+          system prompts (a 32-token question, a 64-token answer): the first turn of a crowd
+  shared  ``--conversations`` x 2 conversations of 5 turns over 4 shared 1,024-token system
+          prompts, 128-token messages and answers (the multi-turn chat of most deployments)
+
+``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one).
+Each vAttention row carries the mapping worker's time by operation and cause and the callers' waits
+by cause (``KVCache.mapping_breakdown``), and the admissions that joined a later step because their
+pages were still mapping (``mapping_deferrals``); every row has the mean TTFT of each turn.
 
 Per mode and cache setting: mean/p50/p99 time to first token, throughput (generated and prompt
 tokens per second of wall time), prompt tokens found cached over those looked up (the hit rate),
@@ -41,6 +50,7 @@ import torch
 
 from benchmarks.environment import describe_device, save
 from replica import EngineConfig, LLMEngine, SamplingParams
+from replica.kv.stats import MappingBreakdown
 from replica.model import ModelConfig
 
 MODES = ("vattention", "paged")
@@ -54,7 +64,10 @@ class Shape:
     user: int
     answer: int
     turns: int
-    shared_system: bool  # one system prompt for every conversation
+    shared_system: bool  # system prompts shared by the conversations (else one each)
+    system_prompts: int = 1  # shared system prompts, conversation i takes i % system_prompts
+    scale: int = 1  # conversations per ``--conversations``
+    burst: bool = False  # every conversation arrives at once (no stagger)
 
 
 SIZES = ("smoke", "cpu", "gpu")
@@ -64,16 +77,22 @@ def shapes(size: str) -> dict[str, Shape]:
     if size == "smoke":
         return {
             "chat": Shape(system=24, user=12, answer=10, turns=3, shared_system=False),
-            "system": Shape(system=64, user=4, answer=6, turns=1, shared_system=True),
+            "system": Shape(system=64, user=4, answer=6, turns=1, shared_system=True, scale=4),
+            "burst": Shape(64, 4, 6, 1, True, system_prompts=2, scale=2, burst=True),
+            "shared": Shape(64, 8, 8, 3, True, system_prompts=2, scale=2),
         }
     if size == "cpu":
         return {
             "chat": Shape(system=128, user=64, answer=32, turns=4, shared_system=False),
-            "system": Shape(system=512, user=16, answer=16, turns=1, shared_system=True),
+            "system": Shape(system=512, user=16, answer=16, turns=1, shared_system=True, scale=4),
+            "burst": Shape(256, 16, 16, 1, True, system_prompts=4, scale=2, burst=True),
+            "shared": Shape(256, 32, 32, 4, True, system_prompts=4, scale=2),
         }
     return {
         "chat": Shape(system=256, user=256, answer=256, turns=5, shared_system=False),
-        "system": Shape(system=1536, user=32, answer=64, turns=1, shared_system=True),
+        "system": Shape(system=1536, user=32, answer=64, turns=1, shared_system=True, scale=4),
+        "burst": Shape(1024, 32, 64, 1, True, system_prompts=4, scale=2, burst=True),
+        "shared": Shape(1024, 128, 128, 5, True, system_prompts=4, scale=2),
     }
 
 
@@ -119,12 +138,15 @@ def theoretical_hits(
     return hits
 
 
-def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    mode: str, layout: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace
+) -> dict[str, Any]:
     size = args.size
     config = EngineConfig(
         model="synthetic",
         synthetic=model_shape(size),
         kv_mode=mode,
+        kv_layout=layout,
         device="auto" if size == "gpu" else "cpu",
         max_model_len=args.max_model_len,
         max_running=args.slots,
@@ -142,18 +164,23 @@ def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -
     vocab = engine.model_config.vocab_size
     rng = random.Random(args.seed)
     stats_before = engine.kv.stats()
+    breakdown_before = engine.kv.mapping_breakdown()
 
     def message(length: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(length)]
 
-    conversations = args.conversations * (4 if shape.shared_system else 1)
-    shared = message(shape.system)
+    conversations = args.conversations * shape.scale
+    shared = [message(shape.system) for _ in range(shape.system_prompts)]
     histories = [
-        [*(shared if shape.shared_system else message(shape.system)), *message(shape.user)]
-        for _ in range(conversations)
+        [
+            *(shared[i % shape.system_prompts] if shape.shared_system else message(shape.system)),
+            *message(shape.user),
+        ]
+        for i in range(conversations)
     ]
     params = SamplingParams(max_tokens=shape.answer, temperature=0, ignore_eos=True)
-    arrivals = [(i * args.stagger_s, i, 0) for i in range(conversations)]  # (time, conv, turn)
+    stagger = 0.0 if shape.burst else args.stagger_s
+    arrivals = [(i * stagger, i, 0) for i in range(conversations)]  # (time, conv, turn)
     heapq.heapify(arrivals)
     submitted: dict[str, tuple[float, int, int]] = {}
     first_token: dict[str, float] = {}
@@ -197,8 +224,13 @@ def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -
     prompt_tokens = sum(len(p) for p in prompts)
     ideal = theoretical_hits(prompts, stored, tokens_per_page) if tokens_per_page else 0
     generated = sum(len(a) for a in answers.values())
+    by_turn: dict[int, list[float]] = {}
+    for r, (sent, _, turn) in submitted.items():
+        by_turn.setdefault(turn, []).append(first_token[r] - sent)
+    breakdown = engine.kv.mapping_breakdown()
     return {
         "mode": mode,
+        "kv_layout": getattr(engine.kv, "config").layout.value if mode != "paged" else "blocks",
         "prefix_cache": prefix_cache,
         "requests": len(submitted),
         "seconds": seconds,
@@ -219,7 +251,36 @@ def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -
         "prefix_evicted_pages": stats.prefix_evicted_pages - stats_before.prefix_evicted_pages,
         "preemptions": engine.scheduler.preemptions_total,
         "prefix_holds": engine.scheduler.prefix_holds_total,
+        "mapping_deferrals": engine.scheduler.mapping_deferrals_total,
+        "ttft_mean_s_by_turn": [statistics.mean(by_turn[t]) for t in sorted(by_turn)],
+        "map_wait_s": stats.wait_seconds - stats_before.wait_seconds,
+        "map_wait_pct": 100 * (stats.wait_seconds - stats_before.wait_seconds) / seconds,
+        "mapping": mapping_delta(breakdown_before, breakdown),
     }
+
+
+def mapping_delta(before: MappingBreakdown | None, after: MappingBreakdown | None) -> Any:
+    """The worker's time by (kind, cause) and the waits by cause during the run (None: paged)."""
+    if before is None or after is None:
+        return None
+    ops = {(k, c): (n, p, sec) for k, c, n, p, sec in before.ops}
+    waits = {c: (n, sec) for c, n, sec in before.waits}
+    return MappingBreakdown(
+        tuple(
+            (
+                k,
+                c,
+                n - ops.get((k, c), (0, 0, 0.0))[0],
+                p - ops.get((k, c), (0, 0, 0.0))[1],
+                sec - ops.get((k, c), (0, 0, 0.0))[2],
+            )
+            for k, c, n, p, sec in after.ops
+        ),
+        tuple(
+            (c, n - waits.get(c, (0, 0.0))[0], sec - waits.get(c, (0, 0.0))[1])
+            for c, n, sec in after.waits
+        ),
+    ).as_dict()
 
 
 def main() -> None:
@@ -231,6 +292,14 @@ def main() -> None:
     size.add_argument("--cpu", action="store_true", help="a small model on CPU, about a minute")
     parser.add_argument("--workloads", default="chat,system")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--layouts",
+        default="auto",
+        help="vAttention KV layouts to run (auto, interleaved, per_layer)",
+    )
+    parser.add_argument(
+        "--cache", default="off,on", help="prefix cache settings to run (off, on, or both)"
+    )
     parser.add_argument("--conversations", type=int, help="default 64 (cpu: 16, smoke: 4)")
     parser.add_argument("--turns", type=int, default=None, help="chat turns (default 5)")
     parser.add_argument("--stagger-s", type=float, help="default 0.05 (cpu, smoke: 0: a burst)")
@@ -260,11 +329,20 @@ def main() -> None:
     for name in args.workloads.split(","):
         rows = []
         for mode in args.modes.split(","):
-            for prefix_cache in (False, True):
-                rows.append(run(mode, prefix_cache, loads[name], args))
-                print(name, rows[-1], flush=True)
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
+                for prefix_cache in (c == "on" for c in args.cache.split(",")):
+                    rows.append(run(mode, layout, prefix_cache, loads[name], args))
+                    print(name, rows[-1], flush=True)
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
         results[name] = rows
+        save_partial(args, loads, results)
+    print(f"wrote {save_partial(args, loads, results)}")
+
+
+def save_partial(
+    args: argparse.Namespace, loads: dict[str, Shape], results: dict[str, list[dict[str, Any]]]
+) -> Path:
+    """Saves what was measured so far (a run cut off keeps the workloads it finished)."""
     device = "cuda" if torch.cuda.is_available() and args.size == "gpu" else "host"
     payload = {
         "benchmark": "prefix",
@@ -274,10 +352,9 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
-    path = save(
+    return save(
         "prefix" + ("-smoke" if args.smoke else ""), payload, Path(args.out) if args.out else None
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

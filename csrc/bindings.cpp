@@ -64,32 +64,47 @@ PYBIND11_MODULE(_vmm, m) {
                                {static_cast<py::ssize_t>(self.bytes())}, {1});
       });
 
+  // `cause` tags an operation with why the policy asked for it (the worker's time breakdown).
+  auto checked_cause = [](int cause) {
+    if (cause < 0 || cause >= Op::kCauses) {
+      throw std::invalid_argument("op cause " + std::to_string(cause) + " outside [0, " +
+                                  std::to_string(Op::kCauses) + ")");
+    }
+    return static_cast<std::uint8_t>(cause);
+  };
   py::class_<Op> op(m, "Op");
   op.def_static(
         "create",
-        [](std::vector<PageId> ids) { return Op{Op::Kind::Create, nullptr, 0, 0, std::move(ids)}; },
-        py::arg("ids"))
+        [=](std::vector<PageId> ids, int cause) {
+          return Op{Op::Kind::Create, nullptr, 0, 0, std::move(ids), checked_cause(cause)};
+        },
+        py::arg("ids"), py::arg("cause") = 0)
       .def_static(
           "map",
-          [](std::shared_ptr<Reservation> r, std::int64_t first, std::vector<PageId> ids) {
-            return Op{Op::Kind::Map, std::move(r), first, 0, std::move(ids)};
+          [=](std::shared_ptr<Reservation> r, std::int64_t first, std::vector<PageId> ids,
+              int cause) {
+            return Op{Op::Kind::Map, std::move(r), first, 0, std::move(ids), checked_cause(cause)};
           },
-          py::arg("reservation"), py::arg("first"), py::arg("ids"))
+          py::arg("reservation"), py::arg("first"), py::arg("ids"), py::arg("cause") = 0)
       .def_static(
           "unmap",
-          [](std::shared_ptr<Reservation> r, std::int64_t first, std::int64_t count) {
-            return Op{Op::Kind::Unmap, std::move(r), first, count, {}};
+          [=](std::shared_ptr<Reservation> r, std::int64_t first, std::int64_t count, int cause) {
+            return Op{Op::Kind::Unmap, std::move(r), first, count, {}, checked_cause(cause)};
           },
-          py::arg("reservation"), py::arg("first"), py::arg("count"))
+          py::arg("reservation"), py::arg("first"), py::arg("count"), py::arg("cause") = 0)
       .def_static(
           "release",
-          [](std::vector<PageId> ids) { return Op{Op::Kind::Release, nullptr, 0, 0, std::move(ids)}; },
-          py::arg("ids"))
+          [=](std::vector<PageId> ids, int cause) {
+            return Op{Op::Kind::Release, nullptr, 0, 0, std::move(ids), checked_cause(cause)};
+          },
+          py::arg("ids"), py::arg("cause") = 0)
+      .def_property_readonly("cause", [](const Op& self) { return static_cast<int>(self.cause); })
       .def("__repr__", [](const Op& self) {
         static const char* names[] = {"create", "map", "unmap", "release"};
         return std::string("Op.") + names[static_cast<int>(self.kind)] + "(first=" +
                std::to_string(self.first) + ", count=" + std::to_string(self.count) +
-               ", pages=" + std::to_string(self.page_ids.size()) + ")";
+               ", pages=" + std::to_string(self.page_ids.size()) +
+               ", cause=" + std::to_string(self.cause) + ")";
       });
 
   m.def(
@@ -116,6 +131,17 @@ PYBIND11_MODULE(_vmm, m) {
         d["pages_created"] = s.pages_created;
         d["pages_released"] = s.pages_released;
         d["busy_seconds"] = s.busy_seconds;
+        // (kind, cause) -> (ops, pages, seconds), the pairs that ran at least once.
+        static const char* kinds[] = {"create", "map", "unmap", "release"};
+        py::dict by_op;
+        for (int kind = 0; kind < Op::kKinds; ++kind) {
+          for (int cause = 0; cause < Op::kCauses; ++cause) {
+            const OpTotals& t = s.by_op[kind][cause];
+            if (t.ops == 0) continue;
+            by_op[py::make_tuple(kinds[kind], cause)] = py::make_tuple(t.ops, t.pages, t.seconds);
+          }
+        }
+        d["by_op"] = by_op;
         return d;
       });
 }

@@ -110,13 +110,18 @@ void MapWorker::run() {
         error = std::current_exception();
         break;  // later operations of the batch may depend on this one
       }
+      const double elapsed = seconds_since(op_start);
       const auto pages = static_cast<std::uint64_t>(op.page_ids.size());
+      OpTotals& totals = delta.by_op[static_cast<int>(op.kind)][op.cause % Op::kCauses];
+      totals.ops += 1;
+      totals.pages += op.kind == Op::Kind::Unmap ? static_cast<std::uint64_t>(op.count) : pages;
+      totals.seconds += elapsed;
       switch (op.kind) {
         case Op::Kind::Create: delta.pages_created += pages; break;
         case Op::Kind::Map:
           delta.map_runs += 1;
           delta.pages_mapped += pages;
-          latencies.push_back(seconds_since(op_start));
+          latencies.push_back(elapsed);
           break;
         case Op::Kind::Unmap: delta.pages_unmapped += static_cast<std::uint64_t>(op.count); break;
         case Op::Kind::Release: delta.pages_released += pages; break;
@@ -134,6 +139,15 @@ void MapWorker::run() {
       stats_.pages_created += delta.pages_created;
       stats_.pages_released += delta.pages_released;
       stats_.busy_seconds += busy;
+      for (int kind = 0; kind < Op::kKinds; ++kind) {
+        for (int cause = 0; cause < Op::kCauses; ++cause) {
+          OpTotals& into = stats_.by_op[kind][cause];
+          const OpTotals& from = delta.by_op[kind][cause];
+          into.ops += from.ops;
+          into.pages += from.pages;
+          into.seconds += from.seconds;
+        }
+      }
       for (double latency : latencies) {
         if (map_latencies_.size() < kMaxLatencies) map_latencies_.push_back(latency);
       }

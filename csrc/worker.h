@@ -22,11 +22,23 @@ namespace vattn {
 
 struct Op {
   enum class Kind { Create, Map, Unmap, Release };
+  static constexpr int kKinds = 4;
+  // Why the policy asked for the operation (growth, alias, reclaim, ...): a small tag the caller
+  // names; the worker only counts time per (kind, cause).
+  static constexpr int kCauses = 8;
   Kind kind = Kind::Create;
   std::shared_ptr<Reservation> reservation;  // Map, Unmap
   std::int64_t first = 0;                    // Map, Unmap: first page slot
   std::int64_t count = 0;                    // Unmap: number of page slots
   std::vector<PageId> page_ids;              // Create, Map, Release
+  std::uint8_t cause = 0;                    // < kCauses
+};
+
+// Work done for one (kind, cause): operations, pages (page slots for Unmap), seconds.
+struct OpTotals {
+  std::uint64_t ops = 0;
+  std::uint64_t pages = 0;
+  double seconds = 0.0;
 };
 
 struct WorkerStats {
@@ -37,6 +49,7 @@ struct WorkerStats {
   std::uint64_t pages_created = 0;
   std::uint64_t pages_released = 0;
   double busy_seconds = 0.0;  // time spent executing operations
+  OpTotals by_op[Op::kKinds][Op::kCauses];  // the same time, by operation kind and cause
 };
 
 // Executes one operation on the calling thread.

@@ -31,6 +31,13 @@ written the shared blocks it is admitted and finds them cached. Invariants:
     a held request takes no slot and no pages; the requests behind it are admitted as before
         (first come, first served among the requests not held)
 
+Admission never makes a step wait on mapping while the step has other work: a request admitted
+into a step whose aliases and first chunk are not mapped by the time the step is scheduled leaves
+it (keeping its slot, its place among the running and its budget of the next step) and runs from
+a later step, once ``KVCache.ready``; a step of admissions alone waits for its first one only.
+This is rank 0's timing, but only the step's composition depends on it: every rank replays the
+same allocator calls, so the books never diverge.
+
 When a step's token budget is spent, the requests that would be admitted next (up to one more
 step's budget) are admitted *ahead*: they get their slot now and their first chunk's pages are
 mapped in the background while this step computes, so next step's prefill does not wait for the
@@ -94,6 +101,8 @@ class Scheduler:
         self.prefix_hits_tokens = 0
         #: Waiting requests held back for a running prefill's blocks, one per request and step.
         self.prefix_holds_total = 0
+        #: Admitted requests that left their first step because their pages were still mapping.
+        self.mapping_deferrals_total = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -147,13 +156,16 @@ class Scheduler:
             chosen[request] = tokens
             budget -= tokens
         held: set[Request] = set()  # waiting requests held for a prefix this step
+        admitted: list[Request] = []
         while self.waiting and budget > 0:
-            tokens = self._admit_next(budget, wait=True, held=held)
+            tokens = self._admit_next(budget, wait=False, held=held)
             if not tokens:
                 break
+            admitted.append(self.running[-1])
             chosen[self.running[-1]] = tokens
             budget -= tokens
         self.prefix_holds_total += len(held)
+        self._join_when_mapped(chosen, admitted)
         if not chosen:
             return None
         ahead = self.max_batch_tokens
@@ -169,6 +181,30 @@ class Scheduler:
             query_lens=tuple(chosen[r] for r in order),
             context_lens=tuple(r.computed for r in order),
         )
+
+    def _join_when_mapped(self, chosen: dict[Request, int], admitted: list[Request]) -> None:
+        """Requests admitted into this step whose pages are still mapping (their aliases and
+        first chunk, submitted by ``_admit``) leave the step and join a later one, so a step never
+        waits on a burst of admissions' maps while it has other work; with none, it waits for the
+        first admission (FIFO: the mapping of the ones after it may be done by then)."""
+        if not admitted:
+            return
+        ready = [r for r in admitted if self._mapped(r, chosen[r])]
+        if len(ready) == len(admitted):
+            return
+        if len(chosen) == len(admitted) and not ready:
+            first = admitted[0]
+            assert first.slot is not None
+            self.kv.ensure(first.slot, first.computed + chosen[first])  # waits; its pages exist
+            ready = [first] + [r for r in admitted[1:] if self._mapped(r, chosen[r])]
+        for request in admitted:
+            if request not in ready:
+                del chosen[request]
+                self.mapping_deferrals_total += 1
+
+    def _mapped(self, request: Request, tokens: int) -> bool:
+        assert request.slot is not None
+        return self.kv.ready(request.slot, request.computed + tokens)
 
     def _admit_next(self, budget: int, wait: bool, held: set[Request]) -> int:
         """Admits the first waiting request not held for a prefix (``_producer``), adding the

@@ -55,7 +55,7 @@ from replica.kv.prefix import (
     unfreeze_unwritten,
 )
 from replica.kv.slots import SlotState, _Slot
-from replica.kv.stats import KVCacheStats
+from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
 from replica.vmm import (
     Device,
     MapWorker,
@@ -101,6 +101,8 @@ class KVCacheAllocator(KVCache):
         self._ops: list[Op] = []
         self._last_ticket = 0
         self._wait_seconds = 0.0
+        self._waits: dict[WaitCause, list[float]] = {cause: [0, 0.0] for cause in WaitCause}
+        self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
         self._prefix = config.prefix_cache and config.tokens_per_group > 0
         if config.prefix_cache and not self._prefix:
             # NOTE: a page must end on a token boundary to be shared (a token straddling two
@@ -190,7 +192,7 @@ class KVCacheAllocator(KVCache):
         self._pool.share([page for group in aliased for page in group])
         if slot.state is SlotState.CACHED:
             if aliased:
-                self._shrink_slot(index, kept)
+                self._shrink_slot(index, kept, OpCause.REUSE)
             else:
                 self._keep_private(index, kept)
         if aliased:
@@ -198,11 +200,13 @@ class KVCacheAllocator(KVCache):
             self._add_groups(slot, aliased)
             slot.tickets.extend([self._last_ticket + 1] * len(aliased))
             for r, reservation in enumerate(self._ranges):
-                self._ops.append(Op.map(reservation, base, [group[r] for group in aliased]))
+                ops = [group[r] for group in aliased]
+                self._ops.append(Op.map(reservation, base, ops, cause=OpCause.ALIAS))
         cached_tokens = len(hit) * self.config.tokens_per_group
         if self._prefix:
             self._queries.acquired(index, len(prompt), cached_tokens)
         self._set_state(slot, SlotState.RUNNING)
+        self._admitting.add(index)
         slot.length, slot.reserved = cached_tokens, cached_tokens
         slot.token_ids, slot.keys, slot.frozen = prompt, keys[: len(hit)], len(hit)
         self._flush()
@@ -272,7 +276,7 @@ class KVCacheAllocator(KVCache):
         while end < len(slot.groups) and self._private(slot.groups[end]):
             self._unindex(slot.groups[end])
             end += 1
-        self._shrink_slot(slot_index, end)
+        self._shrink_slot(slot_index, end, OpCause.REUSE)
 
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         """Ends a request. Its pages stay mapped (cached) until the pool needs them, unless
@@ -281,6 +285,7 @@ class KVCacheAllocator(KVCache):
         indexed for later requests."""
         slot = self._running(slot_index)
         self._queries.released(slot_index)
+        self._admitting.discard(slot_index)
         if self._prefix:
             per_group = self.config.tokens_per_group
             stored = stored_prefix(
@@ -297,7 +302,7 @@ class KVCacheAllocator(KVCache):
         slot.length, slot.reserved = 0, 0
         slot.released_at = self._clock()
         if not self.config.deferred_reclamation:
-            self._shrink_slot(slot_index, 0)
+            self._shrink_slot(slot_index, 0, OpCause.RELEASE)
         self._release_idle()
         self._flush()
         self._checked()
@@ -354,9 +359,11 @@ class KVCacheAllocator(KVCache):
         # still be mapping (the common decode case: they were submitted steps ago and are done).
         ticket = slot.tickets[need - 1] if need else 0  # tickets ascend with the page index
         if wait and ticket and not self._worker.done(ticket):
-            self.wait(ticket)
+            admission = slot_index in self._admitting
+            self._wait(ticket, WaitCause.ADMISSION if admission else WaitCause.STEP)
         slot.length = slot.reserved = tokens
         self._queries.backed(slot_index)
+        self._admitting.discard(slot_index)
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
@@ -395,14 +402,29 @@ class KVCacheAllocator(KVCache):
 
     def wait(self, ticket: StepTicket | int) -> tuple[int, ...]:
         """Waits for submitted mapping; re-raises the worker's VmmError; returns unbacked slots."""
-        number = ticket.ticket if isinstance(ticket, StepTicket) else ticket
-        if number:
-            started = time.perf_counter()
-            try:
-                self._worker.wait(number)
-            finally:
-                self._wait_seconds += time.perf_counter() - started
+        self._wait(ticket.ticket if isinstance(ticket, StepTicket) else ticket, WaitCause.SYNC)
         return ticket.unbacked if isinstance(ticket, StepTicket) else ()
+
+    def _wait(self, ticket: int, cause: WaitCause) -> None:
+        if not ticket:
+            return
+        started = time.perf_counter()
+        try:
+            self._worker.wait(ticket)
+        finally:
+            waited = time.perf_counter() - started
+            self._wait_seconds += waited
+            self._waits[cause][0] += 1
+            self._waits[cause][1] += waited
+
+    def ready(self, slot_index: int, tokens: int) -> bool:
+        """Whether tokens [0, tokens) of the running slot are mapped now (``ensure`` of them would
+        not wait)."""
+        slot = self._running(slot_index)
+        need = self.config.page_groups_for(tokens)
+        if need > len(slot.groups):
+            return False
+        return not need or bool(self._worker.done(slot.tickets[need - 1]))
 
     def done(self, ticket: StepTicket | int) -> bool:
         """Whether the worker has finished the ticket's mapping (waiting would not block)."""
@@ -418,10 +440,10 @@ class KVCacheAllocator(KVCache):
         the pages released."""
         for index, slot in enumerate(self._slots):
             if slot.state is SlotState.CACHED:
-                self._shrink_slot(index, 0)
+                self._shrink_slot(index, 0, OpCause.SHRINK)
         released = self._pool.all_free()
         if released:
-            self._ops.append(Op.release(released))
+            self._ops.append(Op.release(released, cause=OpCause.SHRINK))
         self.synchronize()
         self._checked()
         return len(released)
@@ -429,7 +451,7 @@ class KVCacheAllocator(KVCache):
     def _release_idle(self) -> None:
         released = self._pool.idle_surplus()
         if released:
-            self._ops.append(Op.release(released))
+            self._ops.append(Op.release(released, cause=OpCause.IDLE))
 
     # ---- policy internals ----------------------------------------------------------------------
     def _eager_target(self, tokens: int) -> int:
@@ -463,14 +485,15 @@ class KVCacheAllocator(KVCache):
             return True
         new_ids = list(taken.new_ids) + (list(extra.new_ids) if extra else [])
         if new_ids:
-            self._ops.append(Op.create(new_ids))
+            self._ops.append(Op.create(new_ids, cause=OpCause.GROWTH))
         first = len(slot.groups)
         added = [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
         self._add_groups(slot, added)
         slot.tickets.extend([self._last_ticket + 1] * len(added))  # the next flush carries them
         base = slot_index * self.config.pages_per_slot + first
         for r, reservation in enumerate(self._ranges):
-            self._ops.append(Op.map(reservation, base, [group[r] for group in added]))
+            ops = [group[r] for group in added]
+            self._ops.append(Op.map(reservation, base, ops, cause=OpCause.GROWTH))
         return True
 
     def _reclaim(self, pages: int, exclude: int) -> None:
@@ -498,9 +521,9 @@ class KVCacheAllocator(KVCache):
                 end -= 1
                 freeing += sum(self._pool.mappings(p) == 1 for p in slot.groups[end])
             if end < len(slot.groups):
-                pages -= self._shrink_slot(index, end)
+                pages -= self._shrink_slot(index, end, OpCause.RECLAIM)
 
-    def _shrink_slot(self, slot_index: int, keep_groups: int) -> int:
+    def _shrink_slot(self, slot_index: int, keep_groups: int, cause: OpCause) -> int:
         """Unmaps the slot's groups from ``keep_groups`` on; returns the pages that freed (their
         index entries go: eviction)."""
         slot = self._slots[slot_index]
@@ -515,7 +538,7 @@ class KVCacheAllocator(KVCache):
             slot.token_ids, slot.keys, slot.frozen = (), [], 0
         base = slot_index * self.config.pages_per_slot + keep_groups
         for reservation in self._ranges:
-            self._ops.append(Op.unmap(reservation, base, len(dropped)))
+            self._ops.append(Op.unmap(reservation, base, len(dropped), cause=cause))
         # Safe to reuse at once: any later map of these ids is queued after this unmap (FIFO).
         freed = self._pool.give_back([page for group in dropped for page in group])
         if freed and len(self._index):
@@ -626,6 +649,20 @@ class KVCacheAllocator(KVCache):
             prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
         )
+
+    def mapping_breakdown(self) -> MappingBreakdown:
+        """The worker's time by operation kind and cause, and the callers' waits by cause."""
+        by_op = self._worker.stats()["by_op"]
+        ops = tuple(
+            (str(kind), OpCause(cause).name.lower(), int(n), int(pages), float(seconds))
+            for (kind, cause), (n, pages, seconds) in sorted(by_op.items())
+        )
+        waits = tuple(
+            (cause.name.lower(), int(n), float(seconds))
+            for cause, (n, seconds) in self._waits.items()
+            if n
+        )
+        return MappingBreakdown(ops, waits)
 
     def drain_map_latencies(self) -> list[float]:
         """Seconds each map run took since the last call."""

@@ -41,7 +41,7 @@ from typing import Protocol
 import torch
 
 from replica.kv.prefix import PrefixSummary
-from replica.kv.stats import KVCacheStats
+from replica.kv.stats import KVCacheStats, MappingBreakdown
 
 
 class KVCacheOutOfMemory(Exception):
@@ -213,6 +213,12 @@ class KVCache(ABC):
     def synchronize(self) -> None:
         """Completes every pending operation."""
 
+    def ready(self, slot_index: int, tokens: int) -> bool:
+        """Whether tokens [0, tokens) of a running slot are backed and usable now: ``ensure``
+        of them would not wait (True where nothing maps in the background)."""
+        self.check_slot(slot_index)
+        return True
+
     # ---- pressure ------------------------------------------------------------------------------
     @abstractmethod
     def reclaimable_pages(self) -> int:
@@ -230,6 +236,11 @@ class KVCache(ABC):
     @abstractmethod
     def stats(self) -> KVCacheStats:
         """A frozen snapshot of the books."""
+
+    def mapping_breakdown(self) -> MappingBreakdown | None:
+        """The mapping worker's time by operation kind and cause and the callers' waits by
+        cause (None where nothing maps)."""
+        return None
 
     def drain_map_latencies(self) -> list[float]:
         """Seconds each map run took since the last call (empty where nothing is mapped)."""

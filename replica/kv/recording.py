@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
-from replica.kv.stats import KVCacheStats
+from replica.kv.stats import KVCacheStats, MappingBreakdown
 
 Op = Literal["acquire", "ensure", "release", "shrink"]
 
@@ -141,6 +141,12 @@ class RecordingKVCache(KVCache):
 
     def synchronize(self) -> None:
         self.cache.synchronize()
+
+    def ready(self, slot_index: int, tokens: int) -> bool:
+        return self.cache.ready(slot_index, tokens)
+
+    def mapping_breakdown(self) -> MappingBreakdown | None:
+        return self.cache.mapping_breakdown()
 
     def reclaimable_pages(self) -> int:
         return self.cache.reclaimable_pages()

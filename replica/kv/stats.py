@@ -3,6 +3,69 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import IntEnum
+
+
+class OpCause(IntEnum):
+    """Why the vAttention cache asked the mapping worker for an operation (its time breakdown)."""
+
+    GROWTH = 0  # a running slot grows: create and map fresh pages (eager ones included)
+    ALIAS = 1  # a prefix hit maps another slot's pages under a new slot
+    REUSE = 2  # a released slot taken by a new request: its tail that is not the prefix goes
+    RECLAIM = 3  # pages freed for another slot's growth (cached slots first)
+    RELEASE = 4  # a slot released with deferred reclamation off
+    IDLE = 5  # idle free pages returned to the device (elastic pool)
+    SHRINK = 6  # ``shrink()``: everything cached and free returned
+
+
+class WaitCause(IntEnum):
+    """What a caller waited on the mapping worker for."""
+
+    ADMISSION = 0  # a newly admitted request's first chunk (aliases and growth)
+    STEP = 1  # a running request's next tokens
+    SYNC = 2  # ``synchronize`` / ``shrink`` / an explicit ``wait``
+
+
+@dataclass(frozen=True)
+class MappingBreakdown:
+    """The mapping worker's time by operation kind and cause, and the callers' waits by cause,
+    since the cache was made. ``ops``: (kind, cause, operations, pages, seconds) with kind one of
+    create / map / unmap / release and cause an ``OpCause`` name; ``waits``: (cause, waits,
+    seconds) with cause a ``WaitCause`` name."""
+
+    ops: tuple[tuple[str, str, int, int, float], ...]
+    waits: tuple[tuple[str, int, float], ...]
+
+    def seconds(self, kind: str | None = None, cause: str | None = None) -> float:
+        return sum(
+            s
+            for k, c, _, _, s in self.ops
+            if (kind is None or k == kind) and (cause is None or c == cause)
+        )
+
+    def pages(self, kind: str | None = None, cause: str | None = None) -> int:
+        return sum(
+            p
+            for k, c, _, p, _ in self.ops
+            if (kind is None or k == kind) and (cause is None or c == cause)
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready: per (kind, cause) and per wait cause, with microseconds a page."""
+        return {
+            "ops": [
+                {
+                    "kind": k,
+                    "cause": c,
+                    "ops": n,
+                    "pages": p,
+                    "seconds": s,
+                    "us_per_page": 1e6 * s / p if p else None,
+                }
+                for k, c, n, p, s in self.ops
+            ],
+            "waits": [{"cause": c, "waits": n, "seconds": s} for c, n, s in self.waits],
+        }
 
 
 @dataclass(frozen=True)

@@ -197,3 +197,38 @@ def test_a_release_with_fewer_tokens_than_indexed_unindexes_what_only_it_held(
         other = allocator.acquire(0, [*prompt[:T], 5, 5])
         allocator.release(other, [9] * T)
     allocator.check_invariants(deep=True)
+
+
+def test_the_mapping_breakdown_counts_each_page_by_operation_and_cause(
+    make_allocator: MakeAllocator,
+) -> None:
+    """Growth, aliases, reuse of a released slot and reclaim each show up under their own cause,
+    with the pages the books moved; the callers' waits are split by cause."""
+    allocator = make(make_allocator, layout="interleaved", budget_pages=6)
+    prompt = list(range(3 * T + 1))
+    first = allocator.acquire(len(prompt), prompt)
+    fill(allocator, first, prompt)  # 4 pages grown (3 full + 1 partial)
+    second = allocator.acquire(len(prompt), prompt)  # aliases the 3 full pages
+    allocator.ensure(second, len(prompt))  # waits for its aliases: an admission
+    allocator.release(first, prompt)
+    allocator.release(second, prompt)
+    # A new prompt needing every page: the released slots' private pages are reclaimed.
+    other = [9] * (6 * T)
+    third = allocator.acquire(len(other), other)
+    allocator.ensure(third, len(other))
+    allocator.synchronize()
+    breakdown = allocator.mapping_breakdown()
+    assert breakdown.pages("map", "alias") == 3
+    assert breakdown.pages("map", "growth") == 4 + 1 + 6  # first, second's last page, third
+    assert breakdown.pages("create", "growth") == 6  # the budget, created once
+    assert breakdown.pages("unmap") == breakdown.pages("unmap", "reclaim") + breakdown.pages(
+        "unmap", "reuse"
+    )
+    assert breakdown.pages("unmap") >= 5  # the released slots' pages went for the third
+    assert breakdown.seconds() > 0 and breakdown.seconds("map") <= breakdown.seconds()
+    causes = {cause for cause, _, _ in breakdown.waits}
+    assert causes <= {"admission", "step", "sync"} and "sync" in causes
+    assert all(
+        row["us_per_page"] is None or row["us_per_page"] > 0 for row in breakdown.as_dict()["ops"]
+    )  # type: ignore[index,union-attr]
+    allocator.check_invariants(deep=True)

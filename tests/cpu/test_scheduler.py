@@ -31,6 +31,11 @@ class FakeKVCache(KVCache):
         self.released_tokens: list[tuple[int, ...]] = []
         self.shared = tuple(shared)
         self.base: dict[int, int] = {}  # running slot -> tokens of it that are the shared prefix
+        #: Slow mapping: slots whose ``ensure(wait=False)`` leaves them mapping until an ensure
+        #: that waits (the background worker has not got to them yet).
+        self.slow_mapping = False
+        self.mapping: set[int] = set()
+        self.waited: list[int] = []  # slots an ensure had to wait for
 
     @property
     def max_slots(self) -> int:
@@ -64,6 +69,7 @@ class FakeKVCache(KVCache):
 
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         del self.lengths[slot_index], self.base[slot_index]
+        self.mapping.discard(slot_index)
         self.released.append(slot_index)
         self.released_tokens.append(tuple(token_ids))
 
@@ -76,6 +82,14 @@ class FakeKVCache(KVCache):
         if more > self._budget - self._used():
             raise KVCacheOutOfMemory(tokens, more, self._budget - self._used(), 0)
         self.lengths[slot_index] = max(tokens, self.lengths[slot_index])
+        if wait and slot_index in self.mapping:
+            self.mapping.discard(slot_index)
+            self.waited.append(slot_index)
+        elif not wait and self.slow_mapping:
+            self.mapping.add(slot_index)
+
+    def ready(self, slot_index: int, tokens: int) -> bool:
+        return slot_index not in self.mapping
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
         self.lengths.update(lengths)
@@ -244,3 +258,43 @@ def test_a_cached_prefix_is_not_computed_again_and_costs_no_pages() -> None:
     scheduler.step_completed()
     scheduler.finish(first, "stop")
     assert kv.released_tokens == [(*range(18),)]  # the computed tokens, not the unfed output
+
+
+def test_admissions_still_mapping_join_a_later_step_instead_of_making_it_wait() -> None:
+    kv = FakeKVCache(slots=4, budget=100)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4)
+    running = request("running", 8, 8)
+    scheduler.add(running)
+    run_step(scheduler, kv)  # its prefill
+    kv.slow_mapping = True
+    late = [request("a", 8, 4), request("b", 8, 4)]
+    for r in late:
+        scheduler.add(r)
+    # Both get slots, but their pages are still mapping: the decode runs without them.
+    assert run_step(scheduler, kv) == [running]
+    assert all(r.status is RequestStatus.RUNNING and r.computed == 0 for r in late)
+    assert scheduler.mapping_deferrals_total == 2 and kv.waited == []
+    # The next step backs them like any running request (waiting if still mapping) and runs them.
+    assert run_step(scheduler, kv) == [running, *late]
+    assert sorted(kv.waited) == sorted(r.slot for r in late)
+
+
+def test_a_step_of_admissions_alone_waits_for_the_first_only() -> None:
+    kv = FakeKVCache(slots=4, budget=100)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4)
+    kv.slow_mapping = True
+    first, second = request("first", 8, 4), request("second", 8, 4)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert run_step(scheduler, kv) == [first]
+    assert kv.waited == [first.slot] and scheduler.mapping_deferrals_total == 1
+    assert second.status is RequestStatus.RUNNING and second.computed == 0
+    assert run_step(scheduler, kv) == [first, second]
+
+
+def test_admissions_already_mapped_run_in_their_first_step() -> None:
+    kv = FakeKVCache(slots=4, budget=100)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4)
+    for name in "ab":
+        scheduler.add(request(name, 8, 4))
+    assert len(run_step(scheduler, kv)) == 2 and scheduler.mapping_deferrals_total == 0
