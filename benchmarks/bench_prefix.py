@@ -125,6 +125,7 @@ def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -
         model="synthetic",
         synthetic=model_shape(size),
         kv_mode=mode,
+        kv_layout=args.kv_layout,
         device="auto" if size == "gpu" else "cpu",
         max_model_len=args.max_model_len,
         max_running=args.slots,
@@ -199,6 +200,7 @@ def run(mode: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace) -
     generated = sum(len(a) for a in answers.values())
     return {
         "mode": mode,
+        "kv_layout": getattr(getattr(engine.kv.config, "layout", None), "value", "paged blocks"),
         "prefix_cache": prefix_cache,
         "requests": len(submitted),
         "seconds": seconds,
@@ -237,6 +239,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--kv-cache-gib", type=float)
+    parser.add_argument(
+        "--kv-layout", default="auto", help="vattention mode: auto, per_layer or interleaved"
+    )
     parser.add_argument(
         "--max-batch-tokens", type=int, help="a step's tokens (default: the engine's; cpu: 2048)"
     )
