@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.vattn-installed
 
-.PHONY: setup serve demo test test-gpu bench-mapping lint clean
+.PHONY: setup serve demo test test-gpu gpu-proof bench-mapping lint clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: setup
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu
+
+# The GPU proof in resumable parts (README, "The GPU proof"). No `setup` prerequisite: the GPU
+# machine has no network; the command installs .devwhl's wheels and builds the extension itself.
+# It runs with .venv's Python where there is one, else python3 (e.g. ARGS="--parts suite").
+gpu-proof:
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_proof $(ARGS)
 
 bench-mapping: setup
 	$(PY) -m benchmarks.bench_mapping

@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_autoscaling            # CPU: 1-3 replicas of a tiny random Llama
     python -m benchmarks.bench_autoscaling --capacity-check   # first: do 1, 2, 3 replicas add
-                                                      # throughput on this host?
+                                                      # throughput on this host? (with
+                                                      # --policies "": that check alone)
     python -m benchmarks.bench_autoscaling --smoke    # a tiny run (CI)
     python -m benchmarks.bench_autoscaling --gpu      # 1-3 replicas of Llama-3-8B shapes
                                                       # (synthetic bf16) sharing one GPU (0.33 each)
@@ -582,7 +583,9 @@ def main(argv: list[str] | None = None) -> None:
         payload["note"] = args.note
     if not args.no_save:
         path = save("autoscaling", payload, args.out)
-        print("saved", path, "and", plot(payload, plot_path(path, "replicas")))
+        print("saved", path)
+        if results:  # `--policies ""` runs the capacity check alone: nothing to plot
+            print("plotted", plot(payload, plot_path(path, "replicas")))
 
 
 if __name__ == "__main__":
