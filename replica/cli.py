@@ -14,7 +14,7 @@ from replica.engine_config import EngineConfig
 from replica.kv.allocator import KVCacheAllocator
 from replica.kv.config import KVCacheConfig
 from replica.llm import LLM, apply_chat_template
-from replica.sampling_params import SamplingParams
+from replica.sampling_params import SamplingParams, default_max_tokens
 from replica.vmm import open_device
 
 
@@ -74,9 +74,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def rest_of_context(engine: Any, prompt: str) -> int:
-    """``generate``'s default max_tokens: what the context holds after the prompt (at least 1: a
-    prompt that fills the context is then refused by the engine, with its length)."""
-    return max(1, engine.context_limit - len(engine.tokenize(prompt)))
+    """``generate``'s default max_tokens (replica.sampling_params.default_max_tokens), at least 1:
+    a prompt that fills the context is then refused by the engine, with its length."""
+    return max(1, default_max_tokens(engine.context_limit, len(engine.tokenize(prompt))))
 
 
 def demo(args: argparse.Namespace) -> int:
