@@ -112,7 +112,7 @@ def run(
         max_model_len=max(map(len, prompt_ids)) + args.new_tokens + 1,
         kv_cache_bytes=args.kv_cache_mib << 20,
         cuda_graphs=False,
-    ).resolved()
+    )
     model_dir, model_config = model_source(config.model, None)
     runner = ModelRunner(config, model_dir, model_config)
     if scales is not None:

@@ -5,9 +5,9 @@ max_replicas=3``: autoscaling on KV pressure), and ``serve deploy`` with a confi
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -19,17 +19,36 @@ from cluster.replica_deployment import VattnReplica
 from cluster.router import router_config
 from cluster.routing import ROUTERS
 from replica.engine_config import EngineConfig
+from replica.options import declared_options, option_values
 
 
-class AppOptions(BaseModel):
-    """The application's arguments. Serve validates ``key=value`` strings (``serve run``) and a
-    config's ``args`` against this model and hands ``build_app`` the result; unknown keys and
-    values of the wrong type are refused with a ``pydantic.ValidationError``."""
+def engine_options_model(declaration: type) -> type[BaseModel]:
+    """A pydantic model of ``declaration``'s options (replica.options): one field each, named as
+    users write it (``backend``, ``tp``), with the declared type, default and help."""
+    fields: dict[str, Any] = {
+        spec.name: (spec.annotation, Field(spec.default, description=spec.help))
+        for spec in declared_options(declaration)
+    }
+    name = declaration.__name__.removesuffix("Config") + "Options"  # EngineConfig: EngineOptions
+    return create_model(name, **fields)
+
+
+#: The engine's options as app args, derived from their one declaration (EngineConfig).
+EngineOptions = engine_options_model(EngineConfig)
+
+
+class AppOptions(EngineOptions):  # type: ignore[misc, valid-type]
+    """The application's arguments: the engine's options (``EngineOptions``, derived from
+    ``EngineConfig``: ``model``, ``tp``, ``backend``, ``kv_layout``, ``max_running`` ...) and the
+    deployment's, below. Serve validates ``key=value`` strings (``serve run``) and a config's
+    ``args`` against this model and hands ``build_app`` the result; unknown keys, values of the
+    wrong type and engine options the engine refuses are refused with a
+    ``pydantic.ValidationError``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    #: The declaration the engine's options come from (a test derives these from a copy).
+    engine_declaration: ClassVar[type] = EngineConfig
 
-    model: str = "embedded"
-    tp: int = 1
     #: A fixed number of replicas; with ``max_replicas`` set, the number to start with (default:
     #: ``min_replicas``).
     replicas: int = 1
@@ -51,20 +70,6 @@ class AppOptions(BaseModel):
     #: How long a stopping replica (scale-down, redeploy) may take to finish its requests: sized for
     #: a long generation (a 4K-token answer at 10 tokens/s takes 410 s).
     graceful_shutdown_timeout_s: float = 600.0
-    backend: str = "auto"
-    kv_layout: str = "auto"
-    kv_cache_dtype: str = "auto"  # or "fp8" (EngineConfig.kv_cache_dtype)
-    device: str = "auto"  # "auto": GPUs when the cluster has them
-    max_model_len: int = 4096
-    max_running: int | None = None  # None: 256 slots on a GPU, 64 on a CPU (EngineConfig)
-    kv_cache_bytes: int | None = None
-    page_size: int | None = None
-    #: The share of running requests' remaining max_tokens that admission keeps pages for at
-    #: first (EngineConfig.growth_reserve; 0: whole prompts only).
-    growth_reserve: float = 0.5
-    #: Prefix sharing (EngineConfig.prefix_cache): a prompt that starts like a cached one maps its
-    #: pages instead of computing them again.
-    prefix_cache: bool = True
     api_key: str | None = None
     routing_stats_period_s: float = 0.5
     #: How long a request no replica has free KV pages for may wait at the free-page router
@@ -96,6 +101,11 @@ class AppOptions(BaseModel):
             known = ", ".join(autoscaler.AUTOSCALERS)
             raise ValueError(f"AppOptions.autoscaler must be one of {known}; got {policy!r}")
         return policy
+
+    @model_validator(mode="after")
+    def _engine_accepts(self) -> "AppOptions":
+        self.engine_declaration(**option_values(self, self.engine_declaration))  # or ValueError
+        return self
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "AppOptions":
@@ -166,20 +176,10 @@ class AppOptions(BaseModel):
         return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
     def engine_config(self) -> dict[str, Any]:
-        config = EngineConfig(
-            model=self.model,
-            attention=self.backend,
-            kv_layout=self.kv_layout,
-            kv_cache_dtype=self.kv_cache_dtype,
-            device="cuda" if self.uses_gpu() else "cpu",
-            max_model_len=self.max_model_len,
-            max_running=self.max_running,
-            kv_cache_bytes=self.kv_cache_bytes,
-            page_size=self.page_size,
-            growth_reserve=self.growth_reserve,
-            prefix_cache=self.prefix_cache,
-            tensor_parallel_size=self.tp,
-        )
+        """The replica's engine config (as a dict: Serve passes it to the deployment)."""
+        values = option_values(self, self.engine_declaration)
+        values["device"] = "cuda" if self.uses_gpu() else "cpu"
+        config = self.engine_declaration(**values)
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
     def request_router_config(self) -> RequestRouterConfig:

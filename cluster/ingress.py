@@ -42,7 +42,7 @@ from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.errors import ReplicaBroken, RequestRejected
 from replica.model.source import apply_chat_template
 from replica.request import RequestOutput
-from replica.sampling_params import GuidedDecoding
+from replica.sampling_params import GuidedDecoding, default_max_tokens
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="vattn", description="OpenAI-compatible LLM serving on vAttention")
@@ -451,7 +451,7 @@ class VattnIngress:
         """The replica's requests, one per choice (``n``). Without max_tokens each may generate
         the rest of the context (as OpenAI and vLLM do), so a prompt that fills the context is
         refused here."""
-        room = limits.context_tokens - len(token_ids)
+        room = default_max_tokens(limits.context_tokens, len(token_ids))
         if room < 1:
             raise _context_exceeded(len(token_ids), limits.context_tokens, param)
         reply_id = api.new_id(prefix)

