@@ -327,22 +327,21 @@ def main() -> None:
         loads["chat"] = dataclasses.replace(loads["chat"], turns=args.turns)
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.workloads.split(","):
-        rows = []
+        rows = results.setdefault(name, [])
         for mode in args.modes.split(","):
             for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
                 for prefix_cache in (c == "on" for c in args.cache.split(",")):
                     rows.append(run(mode, layout, prefix_cache, loads[name], args))
                     print(name, rows[-1], flush=True)
+                    save_partial(args, loads, results)  # a run cut off keeps every row it ran
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        results[name] = rows
-        save_partial(args, loads, results)
     print(f"wrote {save_partial(args, loads, results)}")
 
 
 def save_partial(
     args: argparse.Namespace, loads: dict[str, Shape], results: dict[str, list[dict[str, Any]]]
 ) -> Path:
-    """Saves what was measured so far (a run cut off keeps the workloads it finished)."""
+    """Saves what was measured so far."""
     device = "cuda" if torch.cuda.is_available() and args.size == "gpu" else "host"
     payload = {
         "benchmark": "prefix",
