@@ -120,6 +120,8 @@ PYBIND11_MODULE(_vmm, m) {
       .def("submit", &MapWorker::submit, py::arg("ops"))
       .def("wait", &MapWorker::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
       .def("done", &MapWorker::done, py::arg("ticket"))
+      .def("wait_for", &MapWorker::wait_for, py::arg("ticket"), py::arg("seconds"),
+           py::call_guard<py::gil_scoped_release>())
       .def("drain_map_latencies", &MapWorker::drain_map_latencies)
       .def("stats", [](const MapWorker& self) {
         const WorkerStats s = self.stats();

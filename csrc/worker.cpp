@@ -76,6 +76,16 @@ bool MapWorker::done(std::uint64_t ticket) const {
   return completed_ >= ticket;
 }
 
+bool MapWorker::wait_for(std::uint64_t ticket, double seconds) const {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (ticket > submitted_) {
+    throw std::invalid_argument("ticket " + std::to_string(ticket) + " was never issued (last " +
+                                std::to_string(submitted_) + ")");
+  }
+  return work_done_.wait_for(lock, std::chrono::duration<double>(seconds),
+                             [&] { return completed_ >= ticket; });
+}
+
 WorkerStats MapWorker::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return stats_;

@@ -68,6 +68,8 @@ class MapWorker {
   // Blocks until the batch has run; re-throws its error, if any (once).
   void wait(std::uint64_t ticket);
   bool done(std::uint64_t ticket) const;
+  // Waits at most `seconds` for the batch; whether it has run (its error, if any, stays for wait).
+  bool wait_for(std::uint64_t ticket, double seconds) const;
   WorkerStats stats() const;
   // Seconds each map run took (map + set access) since the last drain, oldest first.
   std::vector<double> drain_map_latencies();

@@ -97,6 +97,7 @@ class LLMEngine:
             config.max_running,
             config.watermark_pages,
             GrowthReserve.from_config(config.growth_reserve),
+            admission_map_wait_s=config.admission_map_wait_s,
         )
         self.requests: dict[str, Request] = {}
         #: Penalized requests' seen tokens (on the device) and guided requests' grammars.

@@ -103,6 +103,10 @@ class EngineConfig:
     #: with the device's (replica.engine); tensor-parallel replicas run steps synchronously.
     async_scheduling: bool = True
     watermark_pages: int = 1
+    #: How long a step may wait for the pages of the requests admitted into it (aliases and first
+    #: chunk, mapped in the background) before those still mapping join a later step
+    #: (replica.scheduler); None: always wait, so the schedule does not depend on timing.
+    admission_map_wait_s: float | None = 0.005
     #: Prefix sharing: replica.kv.allocator; the paged mode's block cache alike.
     prefix_cache: bool = option(
         True,

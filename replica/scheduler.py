@@ -31,10 +31,10 @@ written the shared blocks it is admitted and finds them cached. Invariants:
     a held request takes no slot and no pages; the requests behind it are admitted as before
         (first come, first served among the requests not held)
 
-Admission never makes a step wait on mapping while the step has other work: a request admitted
-into a step whose aliases and first chunk are not mapped by the time the step is scheduled leaves
-it (keeping its slot, its place among the running and its budget of the next step) and runs from
-a later step, once ``KVCache.ready``; a step of admissions alone waits for its first one only.
+Admission makes a step wait on mapping for ``admission_map_wait_s`` at most: a request admitted
+into a step whose aliases and first chunk are not mapped by then leaves it (keeping its slot and
+its place among the running) and runs from a later step; a step of admissions alone waits for its
+first one only. Deferring costs the request a step, so short waits (a few pages) are taken.
 This is rank 0's timing, but only the step's composition depends on it: every rank replays the
 same allocator calls, so the books never diverge.
 
@@ -53,6 +53,7 @@ flight are not scheduled.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -80,11 +81,13 @@ class Scheduler:
         max_running: int,
         watermark_pages: int = 0,
         growth: GrowthReserve | None = None,
+        admission_map_wait_s: float | None = 0.005,
     ) -> None:
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
         self.max_running = min(max_running, kv.max_slots)
         self.watermark_pages = watermark_pages
+        self.admission_map_wait_s = admission_map_wait_s
         self.growth = growth or GrowthReserve.from_config(
             0.0
         )  # default: no growth reserve, whole prompts only
@@ -183,28 +186,22 @@ class Scheduler:
         )
 
     def _join_when_mapped(self, chosen: dict[Request, int], admitted: list[Request]) -> None:
-        """Requests admitted into this step whose pages are still mapping (their aliases and
-        first chunk, submitted by ``_admit``) leave the step and join a later one, so a step never
-        waits on a burst of admissions' maps while it has other work; with none, it waits for the
-        first admission (FIFO: the mapping of the ones after it may be done by then)."""
-        if not admitted:
-            return
-        ready = [r for r in admitted if self._mapped(r, chosen[r])]
-        if len(ready) == len(admitted):
-            return
-        if len(chosen) == len(admitted) and not ready:
-            first = admitted[0]
-            assert first.slot is not None
-            self.kv.ensure(first.slot, first.computed + chosen[first])  # waits; its pages exist
-            ready = [first] + [r for r in admitted[1:] if self._mapped(r, chosen[r])]
-        for request in admitted:
-            if request not in ready:
+        """Requests admitted into this step whose pages (aliases and first chunk, submitted by
+        ``_admit``) are still mapping after ``admission_map_wait_s`` leave the step and join a
+        later one, so a burst of admissions' maps never holds a step back for long; a step of
+        admissions alone waits for its first. None: every admission is waited for."""
+        alone = len(chosen) == len(admitted)
+        deadline = time.perf_counter() + (self.admission_map_wait_s or 0.0)
+        for position, request in enumerate(admitted):
+            assert request.slot is not None
+            tokens = request.computed + chosen[request]
+            if self.admission_map_wait_s is None or (position == 0 and alone):
+                self.kv.ensure(request.slot, tokens)  # waits; its pages exist
+                continue
+            left = max(deadline - time.perf_counter(), 0.0)
+            if not self.kv.ready(request.slot, tokens, timeout_s=left):
                 del chosen[request]
                 self.mapping_deferrals_total += 1
-
-    def _mapped(self, request: Request, tokens: int) -> bool:
-        assert request.slot is not None
-        return self.kv.ready(request.slot, request.computed + tokens)
 
     def _admit_next(self, budget: int, wait: bool, held: set[Request]) -> int:
         """Admits the first waiting request not held for a prefix (``_producer``), adding the

@@ -363,7 +363,8 @@ class KVCacheAllocator(KVCache):
             self._wait(ticket, WaitCause.ADMISSION if admission else WaitCause.STEP)
         slot.length = slot.reserved = tokens
         self._queries.backed(slot_index)
-        self._admitting.discard(slot_index)
+        if wait:
+            self._admitting.discard(slot_index)
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
@@ -417,14 +418,25 @@ class KVCacheAllocator(KVCache):
             self._waits[cause][0] += 1
             self._waits[cause][1] += waited
 
-    def ready(self, slot_index: int, tokens: int) -> bool:
-        """Whether tokens [0, tokens) of the running slot are mapped now (``ensure`` of them would
-        not wait)."""
+    def ready(self, slot_index: int, tokens: int, timeout_s: float = 0.0) -> bool:
+        """Whether tokens [0, tokens) of the running slot are mapped (``ensure`` of them would
+        not wait), waiting up to ``timeout_s`` for their batch."""
         slot = self._running(slot_index)
         need = self.config.page_groups_for(tokens)
         if need > len(slot.groups):
             return False
-        return not need or bool(self._worker.done(slot.tickets[need - 1]))
+        if not need or self._worker.done(slot.tickets[need - 1]):
+            return True
+        if timeout_s <= 0:
+            return False
+        started = time.perf_counter()
+        try:
+            return bool(self._worker.wait_for(slot.tickets[need - 1], timeout_s))
+        finally:
+            waited = time.perf_counter() - started
+            self._wait_seconds += waited
+            self._waits[WaitCause.ADMISSION][0] += 1
+            self._waits[WaitCause.ADMISSION][1] += waited
 
     def done(self, ticket: StepTicket | int) -> bool:
         """Whether the worker has finished the ticket's mapping (waiting would not block)."""

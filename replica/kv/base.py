@@ -213,9 +213,10 @@ class KVCache(ABC):
     def synchronize(self) -> None:
         """Completes every pending operation."""
 
-    def ready(self, slot_index: int, tokens: int) -> bool:
-        """Whether tokens [0, tokens) of a running slot are backed and usable now: ``ensure``
-        of them would not wait (True where nothing maps in the background)."""
+    def ready(self, slot_index: int, tokens: int, timeout_s: float = 0.0) -> bool:
+        """Whether tokens [0, tokens) of a running slot are backed and usable: ``ensure`` of them
+        would not wait. Waits up to ``timeout_s`` for their mapping (True at once where nothing
+        maps in the background)."""
         self.check_slot(slot_index)
         return True
 

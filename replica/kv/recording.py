@@ -142,8 +142,8 @@ class RecordingKVCache(KVCache):
     def synchronize(self) -> None:
         self.cache.synchronize()
 
-    def ready(self, slot_index: int, tokens: int) -> bool:
-        return self.cache.ready(slot_index, tokens)
+    def ready(self, slot_index: int, tokens: int, timeout_s: float = 0.0) -> bool:
+        return self.cache.ready(slot_index, tokens, timeout_s)
 
     def mapping_breakdown(self) -> MappingBreakdown | None:
         return self.cache.mapping_breakdown()

@@ -88,8 +88,8 @@ class FakeKVCache(KVCache):
         elif not wait and self.slow_mapping:
             self.mapping.add(slot_index)
 
-    def ready(self, slot_index: int, tokens: int) -> bool:
-        return slot_index not in self.mapping
+    def ready(self, slot_index: int, tokens: int, timeout_s: float = 0.0) -> bool:
+        return slot_index not in self.mapping  # slow mapping: never done within a timeout
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
         self.lengths.update(lengths)
@@ -298,3 +298,14 @@ def test_admissions_already_mapped_run_in_their_first_step() -> None:
     for name in "ab":
         scheduler.add(request(name, 8, 4))
     assert len(run_step(scheduler, kv)) == 2 and scheduler.mapping_deferrals_total == 0
+
+
+def test_with_no_admission_wait_limit_every_admission_is_waited_for() -> None:
+    kv = FakeKVCache(slots=4, budget=100)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4, admission_map_wait_s=None)
+    kv.slow_mapping = True
+    late = [request(name, 8, 4) for name in "ab"]
+    for r in late:
+        scheduler.add(r)
+    assert run_step(scheduler, kv) == late and scheduler.mapping_deferrals_total == 0
+    assert sorted(kv.waited) == sorted(r.slot for r in late)
