@@ -29,7 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ray import serve
@@ -45,19 +45,30 @@ from cluster.openai.limits import RequestLimits
 from cluster.openai.logprobs import Logprobs, TokenStrings
 from cluster.openai.requests import ChatCompletionRequest, CompletionRequest, SamplingFields
 from cluster.openai.responses import (
+    Body,
+    ChatChoice,
+    Chunk,
+    CompletionChoice,
+    Delta,
     chat_choice,
     chat_chunk,
     completion_choice,
     completion_chunk,
     error_payload,
     model_card,
+    model_list,
     new_id,
     reply_body,
     usage,
     usage_chunk,
 )
 from cluster.openai.streaming import sse_event
-from cluster.openai.tool_calls import ToolCallStream, emits_hermes_tool_calls, parse_tool_calls
+from cluster.openai.tool_calls import (
+    ToolCallStream,
+    Tools,
+    emits_hermes_tool_calls,
+    parse_tool_calls,
+)
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.errors import ReplicaBroken, RequestRejected
 from replica.model.source import apply_chat_template
@@ -81,16 +92,23 @@ class ApiError(Exception):
         self.status, self.payload = status, error_payload(message, kind, param, code)
 
 
+def _respond(body: Body, status: int = 200, replica: str | None = None) -> Response:
+    """A JSON response of the body (with the replica that served it in a header, when one did:
+    for operators and tests)."""
+    headers = None if replica is None else {"x-vattn-replica": replica}
+    return Response(body.to_json(), status, headers, media_type="application/json")
+
+
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.payload, status_code=error.status)
+async def _api_error(_: Request, error: ApiError) -> Response:
+    return _respond(error.payload, error.status)
 
 
 @app.exception_handler(Exception)
-async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+async def _unexpected(_: Request, error: Exception) -> Response:
     """Anything unforeseen is still an OpenAI-style body (the details go to the log, not out)."""
     log.exception("request failed", exc_info=error)
-    return JSONResponse(error_payload("internal error", "server_error"), status_code=500)
+    return _respond(error_payload("internal error", "server_error"), 500)
 
 
 #: Validation errors' types -> the OpenAI error code they are answered with.
@@ -102,13 +120,13 @@ _CODES = {
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, error: RequestValidationError) -> Response:
     problems = error.errors()
     first = problems[0] if problems else {}
     param = None if first.get("type") == "json_invalid" else _path(first) or None
     message = "; ".join(_describe(e) for e in problems) or "invalid request"
     payload = error_payload(message, param=param, code=_CODES.get(first.get("type", "")))
-    return JSONResponse(payload, status_code=400)
+    return _respond(payload, 400)
 
 
 def _where(problem: Any) -> str:
@@ -134,9 +152,9 @@ def _describe(problem: Any) -> str:
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_payload(str(error.detail), kind), status_code=error.status_code)
+    return _respond(error_payload(str(error.detail), kind), error.status_code)
 
 
 class BodyLimit:
@@ -183,7 +201,7 @@ class BodyLimit:
     @staticmethod
     async def refuse(limits: RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
         payload = error_payload(limits.body_too_big(), code="request_too_large")
-        await JSONResponse(payload, status_code=413)(scope, receive, send)
+        await _respond(payload, 413)(scope, receive, send)
 
 
 async def _ingress_limits() -> RequestLimits:
@@ -205,18 +223,13 @@ async def _authorize(request: Request, call_next: Any) -> Any:
             payload = error_payload(
                 "invalid or missing API key", "authentication_error", code="invalid_api_key"
             )
-            return JSONResponse(payload, status_code=401)
+            return _respond(payload, 401)
     return await call_next(request)
 
 
 def _rejection(error: RequestRejected) -> str:
     """The replica's reason, without Ray's traceback (which names hosts and pids)."""
     return str(getattr(error, "cause", None) or error)
-
-
-def _json(body: dict[str, Any], accepted: RequestOutput) -> JSONResponse:
-    """The body, with the replica that served it in a header (for operators and tests)."""
-    return JSONResponse(body, headers={"x-vattn-replica": accepted.replica or ""})
 
 
 def _context_exceeded(prompt_tokens: int, context: int, param: str) -> ApiError:
@@ -240,14 +253,6 @@ class Reply:
     @property
     def prompt_tokens(self) -> int:
         return self.requests[0].prompt_tokens
-
-
-@dataclass(frozen=True)
-class Tools:
-    """How a chat reply's text becomes tool calls (``cluster.openai.tool_calls.ToolCallStream``)."""
-
-    mode: str
-    named: str | None
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -297,17 +302,17 @@ class VattnIngress:
             return await self.hub.series.remote()
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self) -> Response:
         info = await self.info()
-        return {"object": "list", "data": [model_card(info.name, info.max_model_len)]}
+        return _respond(model_list(info.name, info.max_model_len))
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str) -> dict[str, Any]:
+    async def model(self, model_id: str) -> Response:
         """The served model's card (``client.models.retrieve``); any other id is a 404."""
         info = await self.info()
         if model_id != info.name:
             raise self.unknown_model(model_id, info)
-        return model_card(info.name, info.max_model_len)
+        return _respond(model_card(info.name, info.max_model_len))
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
@@ -395,13 +400,13 @@ class VattnIngress:
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op when finished
-        choices = []
+        choices: list[CompletionChoice | ChatChoice] = []
         for index, ((text, last), lp) in enumerate(zip(collected, logprobs)):
             shaped = lp.take() if lp is not None else None
             if not chat:
                 choices.append(completion_choice(index, text, last.finish_reason, shaped))
                 continue
-            calls: list[dict[str, Any]] = []
+            calls = None
             if tools is not None:
                 text, calls = parse_tool_calls(tools.mode, text, tools.named)
             choices.append(chat_choice(index, text, last.finish_reason, shaped, calls))
@@ -415,7 +420,7 @@ class VattnIngress:
             completion_tokens,
             collected[0][1].cached_tokens,  # the prompt is counted once
         )
-        return _json(body_out, accepted)
+        return _respond(body_out, replica=accepted.replica or "")
 
     async def check_model(self, model: str | None) -> ModelInfo:
         info = await self.info()
@@ -558,27 +563,28 @@ class VattnIngress:
         tokens = [0] * len(responses)
         cached = [0] * len(responses)  # prompt tokens the prefix cache held
 
-        def chunks(index: int, output: RequestOutput, last: bool) -> list[dict[str, Any]]:
+        def chunks(index: int, output: RequestOutput, last: bool) -> list[Chunk]:
             """The output's chunks (none while a tool mode holds its text back)."""
             lp = logprobs[index]
             if lp is not None:
                 lp.add(output.token_ids, output.logprobs, output.top_logprobs)
             reason, text = output.finish_reason, output.text
+            bodies: list[Chunk] = []
             if not chat:
                 shaped = lp.take() if lp is not None else None
                 bodies = [completion_chunk(reply_id, name, text, reason, shaped, index)]
             else:
                 parser = parsers[index]
                 if parser is None:
-                    deltas = [{"content": text} if text else {}]
+                    deltas = [Delta(content=text) if text else Delta()]
                 else:
                     deltas = parser.feed(text) + (parser.finish() if output.finished else [])
                     if not deltas and not output.finished:
                         return []
                     reason = "tool_calls" if parser.calls and reason == "stop" else reason
                 shaped = lp.take() if lp is not None else None
-                deltas = deltas or [{}]
-                bodies = [
+                deltas = deltas or [Delta()]
+                bodies += [
                     chat_chunk(
                         reply_id,
                         name,
@@ -591,9 +597,9 @@ class VattnIngress:
                 ]
             if include_usage:
                 for body in bodies:
-                    body["usage"] = None
+                    body.usage = None
             elif last:
-                bodies[-1]["usage"] = usage(reply.prompt_tokens, sum(tokens), cached[0])
+                bodies[-1].usage = usage(reply.prompt_tokens, sum(tokens), cached[0])
             return bodies
 
         def failure(message: str) -> str:
@@ -615,9 +621,11 @@ class VattnIngress:
             try:
                 if chat:
                     for index in range(len(responses)):
-                        role = chat_chunk(reply_id, name, {"role": "assistant"}, None, None, index)
+                        role = chat_chunk(
+                            reply_id, name, Delta(role="assistant"), None, None, index
+                        )
                         if include_usage:
-                            role["usage"] = None
+                            role.usage = None
                         yield sse_event(role)
                 while running:
                     index, output = await merged.get()

@@ -9,6 +9,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from cluster.openai.responses import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    LogprobsBody,
+    TokenLogprob,
+    TopLogprob,
+)
+
 #: A token's bytes at most, for a model without a tokenizer (its prompts are token ids).
 DEFAULT_TOKEN_BYTES = 16
 #: The logprob OpenAI reports for an impossible token (JSON has no -Infinity).
@@ -82,14 +90,19 @@ class TokenStrings:
         raw = self.bytes(token_id)
         return f"token_id:{token_id}" if raw is None else raw.decode("utf-8", "backslashreplace")
 
-    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+    def entry(self, token_id: int, logprob: float) -> TopLogprob:
         """Chat's ``{token, logprob, bytes}`` of one token."""
         raw = self.bytes(token_id)
-        return {
-            "token": self.text(token_id),
-            "logprob": finite(logprob),
-            "bytes": None if raw is None else list(raw),
-        }
+        bytes_ = None if raw is None else list(raw)
+        return TopLogprob(token=self.text(token_id), logprob=finite(logprob), bytes=bytes_)
+
+    def entry_with_top(self, token_id: int, logprob: float, top: TopPairs) -> TokenLogprob:
+        """Chat's entry of a generated token: its own, and its position's most likely tokens."""
+        own = self.entry(token_id, logprob)
+        alternatives = [self.entry(t, lp) for t, lp in top]
+        return TokenLogprob(
+            token=own.token, logprob=own.logprob, bytes=own.bytes, top_logprobs=alternatives
+        )
 
 
 def finite(logprob: float) -> float:
@@ -127,31 +140,23 @@ class Logprobs:
             top = top_logprobs[i] if top_logprobs is not None and i < len(top_logprobs) else ()
             self._pending.append((token_id, logprob, top))
 
-    def take(self) -> dict[str, Any]:
+    def take(self) -> LogprobsBody:
         pending, self._pending = self._pending, []
         if self.chat:
-            content = [
-                {
-                    **self.strings.entry(token_id, logprob),
-                    "top_logprobs": [self.strings.entry(t, lp) for t, lp in top],
-                }
-                for token_id, logprob, top in pending
-            ]
-            return {"content": content, "refusal": None}
-        shaped: dict[str, list[Any]] = {
-            "tokens": [],
-            "token_logprobs": [],
-            "top_logprobs": [],
-            "text_offset": [],
-        }
+            content = [self.strings.entry_with_top(t, lp, top) for t, lp, top in pending]
+            return ChatLogprobs(content=content, refusal=None)
+        return self._completion(pending)
+
+    def _completion(self, pending: list[tuple[int, float, TopPairs]]) -> CompletionLogprobs:
+        shaped = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for token_id, logprob, top in pending:
             text = self.strings.text(token_id)
             alternatives = {self.strings.text(t): finite(lp) for t, lp in top}
             alternatives.setdefault(text, finite(logprob))
-            shaped["tokens"].append(text)
-            shaped["token_logprobs"].append(finite(logprob))
-            shaped["top_logprobs"].append(alternatives)
-            shaped["text_offset"].append(self._offset)
+            shaped.tokens.append(text)
+            shaped.token_logprobs.append(finite(logprob))
+            shaped.top_logprobs.append(alternatives)
+            shaped.text_offset.append(self._offset)
             raw = self.strings.bytes(token_id)
             self._offset += len(self._decoder.decode(raw if raw is not None else text.encode()))
         return shaped

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from cluster.openai.responses import Body
 
 
-def sse_event(payload: dict[str, Any]) -> str:
-    """One server-sent event carrying a JSON chunk."""
-    return f"data: {json.dumps(payload)}\n\n"
+def sse_event(body: Body) -> str:
+    """One server-sent event carrying a JSON body."""
+    return f"data: {body.to_json()}\n\n"

@@ -10,9 +10,10 @@ import json
 import random
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import pydantic
 import pytest
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +31,10 @@ from cluster.openai.limits import RequestLimits
 from cluster.openai.logprobs import Logprobs, TokenStrings
 from cluster.openai.requests import ChatCompletionRequest, CompletionRequest, SamplingFields
 from cluster.openai.responses import (
+    Body,
+    ChatLogprobs,
+    Delta,
+    ToolCall,
     chat_choice,
     chat_chunk,
     completion_choice,
@@ -49,6 +54,7 @@ from replica.model.source import load_tokenizer, resolve_model_dir
 from tests.helpers import wait_until_async
 
 USER = [{"role": "user", "content": "hi"}]
+OpenAIBody = TypeVar("OpenAIBody", bound=pydantic.BaseModel)
 JSON = {"content-type": "application/json"}
 
 
@@ -78,6 +84,17 @@ def tokenizer() -> Any:
 @pytest.fixture(scope="module")
 def strings(tokenizer: Any) -> TokenStrings:
     return TokenStrings(tokenizer)
+
+
+def wire(body: Body) -> Any:
+    """A response body as a client reads it: its JSON, parsed."""
+    return json.loads(body.to_json())
+
+
+def as_openai(kind: type[OpenAIBody], body: Body) -> OpenAIBody:
+    """A response body as the ``openai`` client reads it: its JSON, as one of the package's
+    types (which refuses a body that lacks a field it needs or holds one of the wrong type)."""
+    return kind.model_validate_json(body.to_json())
 
 
 def error_of(response: httpx.Response, status: int = 400) -> dict[str, Any]:
@@ -258,23 +275,20 @@ def test_tool_modes_constrain_the_reply_to_the_calls_json() -> None:
     assert required is not None
     schema = json.loads(required.spec or "")
     assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
-    assert parse_tool_calls("named", '{"city": "Paris"}', "weather")[1][0]["function"] == {
+    assert wire(parse_tool_calls("named", '{"city": "Paris"}', "weather")[1][0].function) == {
         "name": "weather",
         "arguments": '{"city": "Paris"}',
     }
     content, calls = parse_tool_calls("required", '[{"name": "f", "arguments": {}}]')
-    assert content == "" and calls[0]["function"]["name"] == "f"
+    assert content == "" and calls[0].function.name == "f"
     call = '{"name": "weather", "arguments": {"city": "Oslo"}}'
     hermes = f"Let me look.\n<tool_call>\n{call}\n</tool_call>"
     content, calls = parse_tool_calls("auto", hermes)
-    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {
-        "city": "Oslo"
-    }
+    assert content == "Let me look." and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
     assert parse_tool_calls("auto", "no call here") == ("no call here", [])
     assert parse_tool_calls("required", '[{"name": "f", "argu') == ('[{"name": "f", "argu', [])
-    reply = ChatCompletion.model_validate(
-        reply_body("chatcmpl-1", "m", True, [chat_choice(0, content, "stop", None, calls)], 3, 9)
-    )
+    choice = chat_choice(0, content, "stop", None, calls)
+    reply = as_openai(ChatCompletion, reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
     assert reply.choices[0].finish_reason == "tool_calls"
     assert reply.choices[0].message.tool_calls[0].function.name == "weather"
     assert emits_hermes_tool_calls("{{ '<tool_call>' }}")
@@ -450,7 +464,7 @@ def test_tokenize_refuses_a_prompt_too_long_by_its_characters_before_tokenizing(
     with pytest.raises(ingress.ApiError) as refused:
         asyncio.run(fake.tokenize("x" * 41, limits, "prompt"))
     assert refused.value.status == 400
-    assert refused.value.payload["error"]["code"] == "context_length_exceeded"
+    assert refused.value.payload.error.code == "context_length_exceeded"
 
 
 def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
@@ -493,9 +507,9 @@ def test_a_chat_template_that_raises_is_a_400_naming_messages() -> None:
     body = body.model_copy(update={"tool_choice": "none"})
     with pytest.raises(ingress.ApiError) as refused:
         asyncio.run(fake.chat_completions(body))
-    error = refused.value.payload["error"]
-    assert refused.value.status == 400 and error["param"] == "messages"
-    assert "roles must alternate" in error["message"]
+    error = refused.value.payload.error
+    assert refused.value.status == 400 and error.param == "messages"
+    assert "roles must alternate" in error.message
 
 
 def random_texts(count: int, seed: int) -> list[str]:
@@ -622,12 +636,12 @@ def test_without_max_tokens_a_request_may_generate_the_rest_of_the_context() -> 
     assert max_tokens("c", (1, 2), completion, 3, "prompt") == 98
     with pytest.raises(ingress.ApiError) as full:
         max_tokens("c", (1,) * 100, completion, None, "prompt")
-    assert "exceeds the context limit of 100 tokens" in full.value.payload["error"]["message"]
+    assert "exceeds the context limit of 100 tokens" in full.value.payload.error.message
     three = CompletionRequest.model_validate({"prompt": [1, 2], "n": 3, "seed": 1})
     reply = FakeIngress.cls.reply("cmpl", (1, 2), three, None, limits, "prompt")
     assert len({r.request_id for r in reply.requests}) == 3
     assert [r.params.seed for r in reply.requests] == [1, 2, 3]
-    assert full.value.payload["error"]["param"] == "prompt"
+    assert full.value.payload.error.param == "prompt"
 
 
 def test_vattn_generate_defaults_to_the_rest_of_the_context() -> None:
@@ -655,26 +669,21 @@ def test_chat_logprobs_have_openais_shape(tokenizer: Any, strings: TokenStrings)
     first = logprobs.take()
     logprobs.add(ids[2:], [-0.75] * (len(ids) - 2), tops[2:])
     rest = logprobs.take()
-    content = first["content"] + rest["content"]
+    content = wire(first)["content"] + wire(rest)["content"]
     assert [e["token"] for e in content] == [strings.text(i) for i in ids]
     assert b"".join(bytes(e["bytes"]) for e in content) == " Paris 東".encode()
     assert content[0]["logprob"] == -0.25 and content[1]["logprob"] == -0.5
     assert [t["token"] for t in content[0]["top_logprobs"]] == [strings.text(ids[0]), " London"]
     assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
     assert set(content[0]["top_logprobs"][0]) == {"token", "logprob", "bytes"}
-    reply = ChatCompletion.model_validate(
-        reply_body(
-            "chatcmpl-1",
-            "m",
-            True,
-            [chat_choice(0, " Paris 東", "stop", first | {"content": content})],
-            3,
-            len(ids),
-        )
+    whole = ChatLogprobs(content=first.content + rest.content, refusal=None)  # type: ignore[union-attr]
+    reply = as_openai(
+        ChatCompletion,
+        reply_body("chatcmpl-1", "m", True, [chat_choice(0, " Paris 東", "stop", whole)], 3, 9),
     )
     assert reply.choices[0].logprobs.content[0].top_logprobs[1].logprob == -3.0
-    chunk = ChatCompletionChunk.model_validate(
-        chat_chunk("chatcmpl-1", "m", {"content": " Paris"}, None, first)
+    chunk = as_openai(
+        ChatCompletionChunk, chat_chunk("chatcmpl-1", "m", Delta(content=" Paris"), None, first)
     )
     assert chunk.choices[0].logprobs.content[1].token == strings.text(ids[1])
 
@@ -685,7 +694,8 @@ def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: TokenSt
     logprobs = Logprobs(strings, chat=False)
     other = tokenizer.encode(" no")[0]
     logprobs.add(ids, [-1.0] * len(ids), [((other, -0.5),)] * len(ids))
-    shaped = logprobs.take()
+    taken = logprobs.take()
+    shaped = wire(taken)
     assert set(shaped) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert shaped["tokens"] == [strings.text(i) for i in ids]
     assert shaped["token_logprobs"] == [-1.0] * len(ids)
@@ -695,9 +705,8 @@ def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: TokenSt
     # where the character does.
     starts = [text.encode()[: sum(len(strings.bytes(j)) for j in ids[:i])] for i in range(len(ids))]
     assert shaped["text_offset"] == [len(s.decode(errors="ignore")) for s in starts]
-    reply = Completion.model_validate(
-        reply_body("cmpl-1", "m", False, [completion_choice(0, text, "length", shaped)], 1, 5)
-    )
+    choice = completion_choice(0, text, "length", taken)
+    reply = as_openai(Completion, reply_body("cmpl-1", "m", False, [choice], 1, 5))
     assert reply.choices[0].logprobs.text_offset == shaped["text_offset"]
 
 
@@ -705,7 +714,7 @@ def test_logprobs_json_can_carry() -> None:
     strings = TokenStrings(None)
     logprobs = Logprobs(strings, chat=True)
     logprobs.add((5,), (float("-inf"),), (((6, float("nan")),),))
-    [entry] = logprobs.take()["content"]
+    [entry] = wire(logprobs.take())["content"]
     assert entry == {
         "token": "token_id:5",
         "logprob": -9999.0,
@@ -717,14 +726,14 @@ def test_logprobs_json_can_carry() -> None:
 
 # ---- 3. include_usage, 6. model cards ------------------------------------------------------------
 def test_the_usage_chunk_has_no_choices_and_the_usage() -> None:
-    chunk = ChatCompletionChunk.model_validate(usage_chunk("chatcmpl-1", "m", True, 7, 3))
+    chunk = as_openai(ChatCompletionChunk, usage_chunk("chatcmpl-1", "m", True, 7, 3))
     assert chunk.choices == [] and chunk.usage.total_tokens == 10
-    completion = Completion.model_validate(usage_chunk("cmpl-1", "m", False, 7, 3))
+    completion = as_openai(Completion, usage_chunk("cmpl-1", "m", False, 7, 3))
     assert completion.choices == [] and completion.usage.completion_tokens == 3
 
 
 def test_the_model_card_is_an_openai_model() -> None:
-    card = Model.model_validate(model_card("SmolLM2-135M-Instruct", 4096))
+    card = as_openai(Model, model_card("SmolLM2-135M-Instruct", 4096))
     assert card.id == "SmolLM2-135M-Instruct" and card.object == "model"
 
 
@@ -737,14 +746,14 @@ def hermes(call: Any) -> str:
     return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
 
 
-def streamed(mode: str, pieces: list[str], named: str | None = None) -> list[dict[str, Any]]:
+def streamed(mode: str, pieces: list[str], named: str | None = None) -> list[Delta]:
     stream = ToolCallStream(mode, named)
     deltas = [delta for piece in pieces for delta in stream.feed(piece)]
     return deltas + stream.finish()
 
 
-def named_arguments(calls: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(call["function"]["name"], call["function"]["arguments"]) for call in calls]
+def named_arguments(calls: list[ToolCall]) -> list[tuple[str, str]]:
+    return [(call.function.name, call.function.arguments) for call in calls]
 
 
 DEEP = "[" * 5000 + "]" * 5000
@@ -801,10 +810,10 @@ def test_hermes_blocks_become_calls_and_the_rest_stays_content(
 ) -> None:
     got_content, got_calls = parse_tool_calls("auto", text)
     assert (got_content, named_arguments(got_calls)) == (content, calls)
-    assert all(c["id"].startswith("call-") and c["type"] == "function" for c in got_calls)
-    assert len({c["id"] for c in got_calls}) == len(got_calls)
+    assert all(c.id.startswith("call-") and c.type == "function" for c in got_calls)
+    assert len({c.id for c in got_calls}) == len(got_calls)
     choice = chat_choice(0, got_content, "stop", None, got_calls)
-    reply = ChatCompletion.model_validate(reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
+    reply = as_openai(ChatCompletion, reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == ("tool_calls" if calls else "stop")
     assert message.content == (content or None if calls else content)
@@ -812,7 +821,7 @@ def test_hermes_blocks_become_calls_and_the_rest_stays_content(
     # Streamed a character at a time: the same content and calls, and no call's markup as content.
     deltas = streamed("auto", list(text))
     assert named_arguments(merge_deltas(deltas)[1]) == calls
-    assert "".join(d.get("content", "") for d in deltas) == content
+    assert "".join(d.content or "" for d in deltas) == content
 
 
 def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
@@ -822,19 +831,18 @@ def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
 
     text = f"Looking.\n{hermes(CALL)}\n{hermes({'name': 'now', 'arguments': {}})}"
     deltas = streamed("auto", [text[:20], text[20:50], text[50:]])
-    assert deltas[0] == {"content": "Looking."}
-    heads = [d["tool_calls"][0] for d in deltas if "id" in d.get("tool_calls", [{}])[0]]
+    shown = [wire(delta) for delta in deltas]
+    assert shown[0] == {"content": "Looking."}
+    heads = [d["tool_calls"][0] for d in shown if "id" in d.get("tool_calls", [{}])[0]]
     assert [(h["index"], h["type"], h["function"]) for h in heads] == [
         (0, "function", {"name": "weather", "arguments": ""}),
         (1, "function", {"name": "now", "arguments": ""}),
     ]
-    assert {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]} in deltas
+    assert {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]} in shown
     state = ChatCompletionStreamState()
-    for i, delta in enumerate([{"role": "assistant"}, *deltas]):
+    for i, delta in enumerate([Delta(role="assistant"), *deltas]):
         reason = "tool_calls" if i == len(deltas) else None
-        state.handle_chunk(
-            ChatCompletionChunk.model_validate(chat_chunk("c-1", "m", delta, reason))
-        )
+        state.handle_chunk(as_openai(ChatCompletionChunk, chat_chunk("c-1", "m", delta, reason)))
     final = state.get_final_completion().choices[0]
     assert final.finish_reason == "tool_calls" and final.message.content == "Looking."
     assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
@@ -846,12 +854,28 @@ def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
 def test_named_and_required_modes_stream_as_calls() -> None:
     deltas = streamed("named", ['{"city"', ': "Paris"}'], named="weather")
     assert named_arguments(merge_deltas(deltas)[1]) == [("weather", '{"city": "Paris"}')]
-    assert len(deltas) == 3 and deltas[0]["tool_calls"][0]["function"]["arguments"] == ""
+    assert len(deltas) == 3 and wire(deltas[0])["tool_calls"][0]["function"]["arguments"] == ""
     pieces = ['[{"name": "f", "arg', 'uments": {}}]']
     assert named_arguments(merge_deltas(streamed("required", pieces))[1]) == [("f", "{}")]
     for broken in ("5", "{}", '[{"name": "f"}]', '[{"name": "f", "argu'):
         assert parse_tool_calls("required", broken) == (broken, [])
     assert parse_tool_calls("none", hermes(CALL)) == (hermes(CALL), [])
+
+
+def test_a_call_whose_json_escapes_a_lone_surrogate_still_serialises() -> None:
+    """JSON text may escape a lone surrogate (``\\ud800``), which no response can carry as a
+    character: in arguments it stays escaped (the same JSON value); a name with one is no call."""
+    escaped = '<tool_call>{"name": "f", "arguments": {"q": "a\\ud800b"}}</tool_call>'
+    for mode, text in (("auto", escaped), ("required", '[{"name": "f", "arguments": "\\udfff"}]')):
+        content, calls = parse_tool_calls(mode, text)
+        reply = as_openai(
+            ChatCompletion,
+            reply_body("c-1", "m", True, [chat_choice(0, content, "stop", None, calls)], 3, 9),
+        )
+        [call] = reply.choices[0].message.tool_calls or []
+        assert json.loads(call.function.arguments) in ({"q": "a\ud800b"}, "\udfff")
+    nameless = '<tool_call>{"name": "\\ud800", "arguments": {}}</tool_call>'
+    assert parse_tool_calls("auto", nameless) == (nameless, [])
 
 
 FRAGMENTS = st.sampled_from(
@@ -891,8 +915,9 @@ def test_a_stream_cut_anywhere_gives_the_whole_replys_content_and_calls(
     if not calls:
         assert content == text
     for delta in deltas:
-        assert len(delta) == 1 and (delta.get("content") or delta.get("tool_calls"))
-        ChatCompletionChunk.model_validate(chat_chunk("c-1", "m", delta, None))
+        shown = wire(delta)
+        assert len(shown) == 1 and (shown.get("content") or shown.get("tool_calls"))
+        as_openai(ChatCompletionChunk, chat_chunk("c-1", "m", delta, None))
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6))
