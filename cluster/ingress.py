@@ -24,6 +24,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,28 +48,17 @@ from cluster.openai.requests import ChatCompletionRequest, CompletionRequest, Sa
 from cluster.openai.responses import (
     Body,
     ChatChoice,
-    Chunk,
     CompletionChoice,
-    Delta,
     chat_choice,
-    chat_chunk,
     completion_choice,
-    completion_chunk,
     error_payload,
     model_card,
     model_list,
     new_id,
     reply_body,
-    usage,
-    usage_chunk,
 )
-from cluster.openai.streaming import sse_event
-from cluster.openai.tool_calls import (
-    ToolCallStream,
-    Tools,
-    emits_hermes_tool_calls,
-    parse_tool_calls,
-)
+from cluster.openai.streaming import DONE, ReplyStream, merged, sse_event
+from cluster.openai.tool_calls import Tools, emits_hermes_tool_calls, parse_tool_calls
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.errors import ReplicaBroken, RequestRejected
 from replica.model.source import apply_chat_template
@@ -253,6 +243,39 @@ class Reply:
     @property
     def prompt_tokens(self) -> int:
         return self.requests[0].prompt_tokens
+
+
+# NOTE: the class's helpers are defined above it: ``@serve.ingress`` copies the app (cloudpickle)
+# as it decorates the class, and the copy sees only the module's names defined by then.
+def _failure(message: str) -> str:
+    """A stream's error event (its status went out with the first event: it stays 200)."""
+    return sse_event(error_payload(message, "server_error"))
+
+
+async def _events(stream: ReplyStream, responses: list[Any]) -> AsyncIterator[str]:
+    """The reply's events as its choices' outputs come; a generation error or a replica that
+    died ends it early with an error event. Every choice's request is cancelled at the end (a
+    no-op when finished; it frees the slot when the client left)."""
+    try:
+        for chunk in stream.opening():
+            yield sse_event(chunk)
+        async with aclosing(merged(responses)) as outputs:
+            async for index, output in outputs:
+                if output.error:
+                    yield _failure(f"generation failed: {output.error}")
+                    break
+                for chunk in stream.chunks(index, output):
+                    yield sse_event(chunk)
+        for chunk in stream.closing():
+            yield sse_event(chunk)
+    except ReplicaBroken as error:
+        yield _failure(f"the replica is unavailable, retry: {_rejection(error)}")
+    except RayActorError:
+        yield _failure("the replica serving this request died; retry")
+    finally:
+        for response in responses:
+            response.cancel()
+    yield sse_event(DONE)
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -548,120 +571,18 @@ class VattnIngress:
         include_usage: bool,
         tools: Tools | None,
     ) -> StreamingResponse:
-        """The reply as server-sent events: the choices' deltas as they come, each chunk with its
-        choice's index and its tokens' logprobs when asked (chat's first chunk per choice names
-        the role). A tool mode's choice goes through its ``ToolCallStream``: text it
-        holds back (from where a ``<tool_call>`` block may start) waits, its logprobs with it, and
-        calls go out as OpenAI's tool-call deltas. The chunk that ends the last choice carries
-        the usage, unless ``stream_options.include_usage`` asks OpenAI's way: ``"usage": null``
-        in every chunk and a last chunk with the usage and no choices. Then ``data: [DONE]``."""
-        reply_id, name, chat = reply.reply_id, info.name, reply.chat
-        parsers = [
-            ToolCallStream(tools.mode, tools.named) if tools is not None and chat else None
-            for _ in responses
-        ]
-        tokens = [0] * len(responses)
-        cached = [0] * len(responses)  # prompt tokens the prefix cache held
-
-        def chunks(index: int, output: RequestOutput, last: bool) -> list[Chunk]:
-            """The output's chunks (none while a tool mode holds its text back)."""
-            lp = logprobs[index]
-            if lp is not None:
-                lp.add(output.token_ids, output.logprobs, output.top_logprobs)
-            reason, text = output.finish_reason, output.text
-            bodies: list[Chunk] = []
-            if not chat:
-                shaped = lp.take() if lp is not None else None
-                bodies = [completion_chunk(reply_id, name, text, reason, shaped, index)]
-            else:
-                parser = parsers[index]
-                if parser is None:
-                    deltas = [Delta(content=text) if text else Delta()]
-                else:
-                    deltas = parser.feed(text) + (parser.finish() if output.finished else [])
-                    if not deltas and not output.finished:
-                        return []
-                    reason = "tool_calls" if parser.calls and reason == "stop" else reason
-                shaped = lp.take() if lp is not None else None
-                deltas = deltas or [Delta()]
-                bodies += [
-                    chat_chunk(
-                        reply_id,
-                        name,
-                        delta,
-                        reason if i == len(deltas) - 1 else None,
-                        shaped if i == 0 else None,
-                        index,
-                    )
-                    for i, delta in enumerate(deltas)
-                ]
-            if include_usage:
-                for body in bodies:
-                    body.usage = None
-            elif last:
-                bodies[-1].usage = usage(reply.prompt_tokens, sum(tokens), cached[0])
-            return bodies
-
-        def failure(message: str) -> str:
-            return sse_event(error_payload(message, "server_error"))
-
-        async def events() -> AsyncIterator[str]:
-            merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-            async def pump(index: int, response: Any) -> None:
-                try:
-                    async for output in response:
-                        await merged.put((index, output))
-                except Exception as error:  # noqa: BLE001 - answered in the stream below
-                    await merged.put((index, error))
-                await merged.put((index, None))
-
-            pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(responses)]
-            running, finished = len(responses), 0
-            try:
-                if chat:
-                    for index in range(len(responses)):
-                        role = chat_chunk(
-                            reply_id, name, Delta(role="assistant"), None, None, index
-                        )
-                        if include_usage:
-                            role.usage = None
-                        yield sse_event(role)
-                while running:
-                    index, output = await merged.get()
-                    if output is None:
-                        running -= 1
-                        continue
-                    if isinstance(output, BaseException):
-                        raise output
-                    if output.error:
-                        yield failure(f"generation failed: {output.error}")
-                        break
-                    tokens[index] = output.completion_tokens
-                    cached[index] = output.cached_tokens
-                    finished += output.finished
-                    for body in chunks(index, output, finished == len(responses)):
-                        yield sse_event(body)
-                if include_usage and finished == len(responses):
-                    usage_body = usage_chunk(
-                        reply_id, name, chat, reply.prompt_tokens, sum(tokens), cached[0]
-                    )
-                    yield sse_event(usage_body)
-                yield "data: [DONE]\n\n"
-            except ReplicaBroken as error:
-                yield failure(f"the replica is unavailable, retry: {_rejection(error)}")
-                yield "data: [DONE]\n\n"
-            except RayActorError:
-                yield failure("the replica serving this request died; retry")
-                yield "data: [DONE]\n\n"
-            finally:
-                for task in pumps:
-                    task.cancel()
-                for response in responses:
-                    response.cancel()  # a no-op when finished; frees the slot when the client left
-
+        """The reply as server-sent events (``cluster.openai.streaming``), then ``data: [DONE]``."""
+        stream = ReplyStream(
+            reply.reply_id,
+            info.name,
+            reply.chat,
+            reply.prompt_tokens,
+            logprobs,
+            include_usage,
+            tools,
+        )
         return StreamingResponse(
-            events(),
+            _events(stream, responses),
             media_type="text/event-stream",
             headers={"x-vattn-replica": accepted.replica or ""},
         )
