@@ -6,6 +6,12 @@ leaves out those it left unset, so each body carries what OpenAI's does: a choic
 and ``finish_reason`` are null when there are none, a delta holds only what it changes, a message
 has ``tool_calls`` only when it makes calls, a chunk has ``usage`` only where the stream's usage
 goes (``cluster.openai.streaming``).
+
+NOTE: these are our own pydantic models, not the ``openai`` package's types: built and serialised,
+they were the faster of the two (``benchmarks/bench_openai_serialize.py`` on a CPU: 18.6 against
+21.9 µs a chat chunk, 57 against 65 with 5 top logprobs; the hand-built dicts they replace took 11
+and 39), they keep our fields' order and extras (a model card's ``max_model_len``), and the
+``openai`` package stays a test dependency. The tests read every body with the package's types.
 """
 
 from __future__ import annotations
