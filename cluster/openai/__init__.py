@@ -5,7 +5,7 @@ serves them over HTTP):
 * ``requests``: the request bodies, and how they become the engine's sampling parameters;
 * ``limits``: how big a request may be before it is read;
 * ``logprobs``: each token's text and bytes, and logprobs in OpenAI's shapes;
-* ``responses``: the response bodies, and their builders;
+* ``responses``: the response bodies as typed models, and their builders;
 * ``tool_calls``: a chat reply's text as OpenAI's tool calls (Hermes ``<tool_call>`` blocks);
 * ``streaming``: a reply as server-sent events.
 
