@@ -5,7 +5,8 @@ Bad input is a 400 with an OpenAI-style error body; a wrong API key is a 401; a 
 any prompt that fits the context is a 413, refused before it is parsed; a client that goes away
 cancels its request, which frees its slot. Tokenizing runs in a thread, off the event loop, so
 ``/health`` and other requests are answered meanwhile; a prompt with more characters than the
-context could hold is refused before it is tokenized (``openai_api.RequestLimits``).
+context could hold is refused before it is tokenized (``cluster.openai.limits``). The bodies are
+``cluster.openai``'s.
 
 ``GET /metrics`` is the Prometheus endpoint of the whole app (see ``cluster.metrics``): the
 replicas' series from the metrics hub, which this ingress creates and owns, plus the decisions of
@@ -13,19 +14,23 @@ the free-page router, which runs in this process (its handle to the replicas rou
 ``/health`` it needs no API key: only ``/v1/`` paths do.
 """
 
-from __future__ import annotations
+# NOTE: no ``from __future__ import annotations`` here: ``@serve.ingress`` copies the app
+# (cloudpickle), and the copy's endpoints keep only the module names their code uses, so FastAPI
+# could not resolve a body's model written as a string (``CompletionRequest``) in the replica and
+# took it for a query parameter. Evaluated annotations are the classes themselves.
 
 import asyncio
 import logging
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ray import serve
@@ -34,10 +39,26 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster import openai_api as api
 from cluster import routing
 from cluster.metrics import MetricsExporter, ReplicaSeries, RouterView
 from cluster.metrics_hub import create_hub
+from cluster.openai.limits import RequestLimits
+from cluster.openai.logprobs import Logprobs, TokenStrings
+from cluster.openai.requests import ChatCompletionRequest, CompletionRequest, SamplingFields
+from cluster.openai.responses import (
+    Body,
+    ChatChoice,
+    CompletionChoice,
+    chat_choice,
+    completion_choice,
+    error_payload,
+    model_card,
+    model_list,
+    new_id,
+    reply_body,
+)
+from cluster.openai.streaming import DONE, ReplyStream, merged, sse_event
+from cluster.openai.tool_calls import Tools, emits_hermes_tool_calls, parse_tool_calls
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.errors import ReplicaBroken, RequestRejected
 from replica.model.source import apply_chat_template
@@ -58,19 +79,26 @@ class ApiError(Exception):
         code: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.payload = status, api.error_payload(message, kind, param, code)
+        self.status, self.payload = status, error_payload(message, kind, param, code)
+
+
+def _respond(body: Body, status: int = 200, replica: str | None = None) -> Response:
+    """A JSON response of the body (with the replica that served it in a header, when one did:
+    for operators and tests)."""
+    headers = None if replica is None else {"x-vattn-replica": replica}
+    return Response(body.to_json(), status, headers, media_type="application/json")
 
 
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.payload, status_code=error.status)
+async def _api_error(_: Request, error: ApiError) -> Response:
+    return _respond(error.payload, error.status)
 
 
 @app.exception_handler(Exception)
-async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+async def _unexpected(_: Request, error: Exception) -> Response:
     """Anything unforeseen is still an OpenAI-style body (the details go to the log, not out)."""
     log.exception("request failed", exc_info=error)
-    return JSONResponse(api.error_payload("internal error", "server_error"), status_code=500)
+    return _respond(error_payload("internal error", "server_error"), 500)
 
 
 #: Validation errors' types -> the OpenAI error code they are answered with.
@@ -82,13 +110,13 @@ _CODES = {
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, error: RequestValidationError) -> Response:
     problems = error.errors()
     first = problems[0] if problems else {}
     param = None if first.get("type") == "json_invalid" else _path(first) or None
     message = "; ".join(_describe(e) for e in problems) or "invalid request"
-    payload = api.error_payload(message, param=param, code=_CODES.get(first.get("type", "")))
-    return JSONResponse(payload, status_code=400)
+    payload = error_payload(message, param=param, code=_CODES.get(first.get("type", "")))
+    return _respond(payload, 400)
 
 
 def _where(problem: Any) -> str:
@@ -114,9 +142,9 @@ def _describe(problem: Any) -> str:
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return JSONResponse(api.error_payload(str(error.detail), kind), status_code=error.status_code)
+    return _respond(error_payload(str(error.detail), kind), error.status_code)
 
 
 class BodyLimit:
@@ -124,7 +152,7 @@ class BodyLimit:
     anything parses it: by its Content-Length, else while reading it (at most the limit is read
     here, then replayed to the app; what follows, e.g. a disconnect, comes from the client)."""
 
-    def __init__(self, app: ASGIApp, limit: Callable[[], Awaitable[api.RequestLimits]]) -> None:
+    def __init__(self, app: ASGIApp, limit: Callable[[], Awaitable[RequestLimits]]) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,12 +189,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def refuse(limits: api.RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
-        payload = api.error_payload(limits.body_too_big(), code="request_too_large")
-        await JSONResponse(payload, status_code=413)(scope, receive, send)
+    async def refuse(limits: RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
+        payload = error_payload(limits.body_too_big(), code="request_too_large")
+        await _respond(payload, 413)(scope, receive, send)
 
 
-async def _ingress_limits() -> api.RequestLimits:
+async def _ingress_limits() -> RequestLimits:
     ingress: VattnIngress = serve.get_replica_context().servable_object
     return await ingress.limits()
 
@@ -182,21 +210,16 @@ async def _authorize(request: Request, call_next: Any) -> Any:
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not secrets.compare_digest(given.encode(), expected.encode()):
-            payload = api.error_payload(
+            payload = error_payload(
                 "invalid or missing API key", "authentication_error", code="invalid_api_key"
             )
-            return JSONResponse(payload, status_code=401)
+            return _respond(payload, 401)
     return await call_next(request)
 
 
 def _rejection(error: RequestRejected) -> str:
     """The replica's reason, without Ray's traceback (which names hosts and pids)."""
     return str(getattr(error, "cause", None) or error)
-
-
-def _json(body: dict[str, Any], accepted: RequestOutput) -> JSONResponse:
-    """The body, with the replica that served it in a header (for operators and tests)."""
-    return JSONResponse(body, headers={"x-vattn-replica": accepted.replica or ""})
 
 
 def _context_exceeded(prompt_tokens: int, context: int, param: str) -> ApiError:
@@ -222,12 +245,37 @@ class Reply:
         return self.requests[0].prompt_tokens
 
 
-@dataclass(frozen=True)
-class Tools:
-    """How a chat reply's text becomes tool calls (``openai_api.ToolCallStream``)."""
+# NOTE: the class's helpers are defined above it: ``@serve.ingress`` copies the app (cloudpickle)
+# as it decorates the class, and the copy sees only the module's names defined by then.
+def _failure(message: str) -> str:
+    """A stream's error event (its status went out with the first event: it stays 200)."""
+    return sse_event(error_payload(message, "server_error"))
 
-    mode: str
-    named: str | None
+
+async def _events(stream: ReplyStream, responses: list[Any]) -> AsyncIterator[str]:
+    """The reply's events as its choices' outputs come; a generation error or a replica that
+    died ends it early with an error event. Every choice's request is cancelled at the end (a
+    no-op when finished; it frees the slot when the client left)."""
+    try:
+        for chunk in stream.opening():
+            yield sse_event(chunk)
+        async with aclosing(merged(responses)) as outputs:
+            async for index, output in outputs:
+                if output.error:
+                    yield _failure(f"generation failed: {output.error}")
+                    break
+                for chunk in stream.chunks(index, output):
+                    yield sse_event(chunk)
+        for chunk in stream.closing():
+            yield sse_event(chunk)
+    except ReplicaBroken as error:
+        yield _failure(f"the replica is unavailable, retry: {_rejection(error)}")
+    except RayActorError:
+        yield _failure("the replica serving this request died; retry")
+    finally:
+        for response in responses:
+            response.cancel()
+    yield sse_event(DONE)
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -239,7 +287,7 @@ class VattnIngress:
         self.replica = replica
         model_dir = resolve_model_dir(model)
         self.tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
-        self.tokens = api.TokenStrings(self.tokenizer)
+        self.tokens = TokenStrings(self.tokenizer)
         app.state.api_key = api_key or None
         self._info: ModelInfo | None = None
         self.model_name = served_model_name(model)
@@ -251,10 +299,10 @@ class VattnIngress:
             self._info = await self.replica.model_info.remote()
         return self._info
 
-    async def limits(self) -> api.RequestLimits:
+    async def limits(self) -> RequestLimits:
         """How big a request may be (from the replica's context limit and this tokenizer)."""
         info = await self.info()
-        return api.RequestLimits(info.max_model_len, self.tokens.max_bytes)
+        return RequestLimits(info.max_model_len, self.tokens.max_bytes)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -277,20 +325,20 @@ class VattnIngress:
             return await self.hub.series.remote()
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self) -> Response:
         info = await self.info()
-        return {"object": "list", "data": [api.model_card(info.name, info.max_model_len)]}
+        return _respond(model_list(info.name, info.max_model_len))
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str) -> dict[str, Any]:
+    async def model(self, model_id: str) -> Response:
         """The served model's card (``client.models.retrieve``); any other id is a 404."""
         info = await self.info()
         if model_id != info.name:
             raise self.unknown_model(model_id, info)
-        return api.model_card(info.name, info.max_model_len)
+        return _respond(model_card(info.name, info.max_model_len))
 
     @app.post("/v1/completions")
-    async def completions(self, body: api.CompletionRequest) -> Any:
+    async def completions(self, body: CompletionRequest) -> Any:
         info = await self.check_model(body.model)
         limits = await self.limits()
         if isinstance(body.prompt, str):
@@ -301,7 +349,7 @@ class VattnIngress:
         return await self.answer(reply, info, body, body.logprobs)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: api.ChatCompletionRequest) -> Any:
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         info = await self.check_model(body.model)
         if self.tokenizer is None:
             raise ApiError(
@@ -314,7 +362,7 @@ class VattnIngress:
         if (too_long := limits.prompt_too_long(chars)) is not None:
             raise ApiError(400, too_long, param="messages", code="context_length_exceeded")
         mode = body.tool_mode()
-        if mode == "auto" and not api.emits_hermes_tool_calls(
+        if mode == "auto" and not emits_hermes_tool_calls(
             getattr(self.tokenizer, "chat_template", None)
         ):
             raise ApiError(
@@ -363,7 +411,7 @@ class VattnIngress:
             raise
         chat = reply.chat
         logprobs = [
-            api.Logprobs(self.tokens, chat=chat) if logprobs_asked is not None else None
+            Logprobs(self.tokens, chat=chat) if logprobs_asked is not None else None
             for _ in streams
         ]
         if body.stream:
@@ -375,18 +423,18 @@ class VattnIngress:
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op when finished
-        choices = []
+        choices: list[CompletionChoice | ChatChoice] = []
         for index, ((text, last), lp) in enumerate(zip(collected, logprobs)):
             shaped = lp.take() if lp is not None else None
             if not chat:
-                choices.append(api.completion_choice(index, text, last.finish_reason, shaped))
+                choices.append(completion_choice(index, text, last.finish_reason, shaped))
                 continue
-            calls: list[dict[str, Any]] = []
+            calls = None
             if tools is not None:
-                text, calls = api.parse_tool_calls(tools.mode, text, tools.named)
-            choices.append(api.chat_choice(index, text, last.finish_reason, shaped, calls))
+                text, calls = parse_tool_calls(tools.mode, text, tools.named)
+            choices.append(chat_choice(index, text, last.finish_reason, shaped, calls))
         completion_tokens = sum(last.completion_tokens for _, last in collected)
-        body_out = api.reply_body(
+        body_out = reply_body(
             reply.reply_id,
             info.name,
             chat,
@@ -395,7 +443,7 @@ class VattnIngress:
             completion_tokens,
             collected[0][1].cached_tokens,  # the prompt is counted once
         )
-        return _json(body_out, accepted)
+        return _respond(body_out, replica=accepted.replica or "")
 
     async def check_model(self, model: str | None) -> ModelInfo:
         info = await self.info()
@@ -413,7 +461,7 @@ class VattnIngress:
             "model_not_found",
         )
 
-    async def tokenize(self, prompt: str, limits: api.RequestLimits, param: str) -> tuple[int, ...]:
+    async def tokenize(self, prompt: str, limits: RequestLimits, param: str) -> tuple[int, ...]:
         """Text to token ids here (the router sizes requests by them), in a thread so that the
         event loop goes on meanwhile; a prompt too long to fit by its characters alone is refused
         first. (Token-id prompts pass as they are: the replica's engine validates every request,
@@ -442,9 +490,9 @@ class VattnIngress:
     def reply(
         prefix: str,
         token_ids: tuple[int, ...],
-        body: api.SamplingFields,
+        body: SamplingFields,
         logprobs: int | None,
-        limits: api.RequestLimits,
+        limits: RequestLimits,
         param: str,
         guided: GuidedDecoding | None = None,
     ) -> Reply:
@@ -454,7 +502,7 @@ class VattnIngress:
         room = default_max_tokens(limits.context_tokens, len(token_ids))
         if room < 1:
             raise _context_exceeded(len(token_ids), limits.context_tokens, param)
-        reply_id = api.new_id(prefix)
+        reply_id = new_id(prefix)
         try:
             params = [
                 body.sampling_params(logprobs, room, guided, choice)
@@ -488,9 +536,7 @@ class VattnIngress:
             raise ApiError(503, message, "server_error") from None
         return stream, accepted
 
-    async def collect(
-        self, stream: Any, logprobs: api.Logprobs | None
-    ) -> tuple[str, RequestOutput]:
+    async def collect(self, stream: Any, logprobs: Logprobs | None) -> tuple[str, RequestOutput]:
         """The rest of an accepted request: its text and last delta; its tokens' logprobs go to
         ``logprobs``."""
         text, last = "", None
@@ -521,123 +567,22 @@ class VattnIngress:
         responses: list[Any],
         accepted: RequestOutput,
         info: ModelInfo,
-        logprobs: list[api.Logprobs | None],
+        logprobs: list[Logprobs | None],
         include_usage: bool,
         tools: Tools | None,
     ) -> StreamingResponse:
-        """The reply as server-sent events: the choices' deltas as they come, each chunk with its
-        choice's index and its tokens' logprobs when asked (chat's first chunk per choice names
-        the role). A tool mode's choice goes through its ``openai_api.ToolCallStream``: text it
-        holds back (from where a ``<tool_call>`` block may start) waits, its logprobs with it, and
-        calls go out as OpenAI's tool-call deltas. The chunk that ends the last choice carries
-        the usage, unless ``stream_options.include_usage`` asks OpenAI's way: ``"usage": null``
-        in every chunk and a last chunk with the usage and no choices. Then ``data: [DONE]``."""
-        reply_id, name, chat = reply.reply_id, info.name, reply.chat
-        parsers = [
-            api.ToolCallStream(tools.mode, tools.named) if tools is not None and chat else None
-            for _ in responses
-        ]
-        tokens = [0] * len(responses)
-        cached = [0] * len(responses)  # prompt tokens the prefix cache held
-
-        def chunks(index: int, output: RequestOutput, last: bool) -> list[dict[str, Any]]:
-            """The output's chunks (none while a tool mode holds its text back)."""
-            lp = logprobs[index]
-            if lp is not None:
-                lp.add(output.token_ids, output.logprobs, output.top_logprobs)
-            reason, text = output.finish_reason, output.text
-            if not chat:
-                shaped = lp.take() if lp is not None else None
-                bodies = [api.completion_chunk(reply_id, name, text, reason, shaped, index)]
-            else:
-                parser = parsers[index]
-                if parser is None:
-                    deltas = [{"content": text} if text else {}]
-                else:
-                    deltas = parser.feed(text) + (parser.finish() if output.finished else [])
-                    if not deltas and not output.finished:
-                        return []
-                    reason = "tool_calls" if parser.calls and reason == "stop" else reason
-                shaped = lp.take() if lp is not None else None
-                deltas = deltas or [{}]
-                bodies = [
-                    api.chat_chunk(
-                        reply_id,
-                        name,
-                        delta,
-                        reason if i == len(deltas) - 1 else None,
-                        shaped if i == 0 else None,
-                        index,
-                    )
-                    for i, delta in enumerate(deltas)
-                ]
-            if include_usage:
-                for body in bodies:
-                    body["usage"] = None
-            elif last:
-                bodies[-1]["usage"] = api.usage(reply.prompt_tokens, sum(tokens), cached[0])
-            return bodies
-
-        def failure(message: str) -> str:
-            return api.sse_event(api.error_payload(message, "server_error"))
-
-        async def events() -> AsyncIterator[str]:
-            merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-            async def pump(index: int, response: Any) -> None:
-                try:
-                    async for output in response:
-                        await merged.put((index, output))
-                except Exception as error:  # noqa: BLE001 - answered in the stream below
-                    await merged.put((index, error))
-                await merged.put((index, None))
-
-            pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(responses)]
-            running, finished = len(responses), 0
-            try:
-                if chat:
-                    for index in range(len(responses)):
-                        role = api.chat_chunk(
-                            reply_id, name, {"role": "assistant"}, None, None, index
-                        )
-                        if include_usage:
-                            role["usage"] = None
-                        yield api.sse_event(role)
-                while running:
-                    index, output = await merged.get()
-                    if output is None:
-                        running -= 1
-                        continue
-                    if isinstance(output, BaseException):
-                        raise output
-                    if output.error:
-                        yield failure(f"generation failed: {output.error}")
-                        break
-                    tokens[index] = output.completion_tokens
-                    cached[index] = output.cached_tokens
-                    finished += output.finished
-                    for body in chunks(index, output, finished == len(responses)):
-                        yield api.sse_event(body)
-                if include_usage and finished == len(responses):
-                    usage = api.usage_chunk(
-                        reply_id, name, chat, reply.prompt_tokens, sum(tokens), cached[0]
-                    )
-                    yield api.sse_event(usage)
-                yield "data: [DONE]\n\n"
-            except ReplicaBroken as error:
-                yield failure(f"the replica is unavailable, retry: {_rejection(error)}")
-                yield "data: [DONE]\n\n"
-            except RayActorError:
-                yield failure("the replica serving this request died; retry")
-                yield "data: [DONE]\n\n"
-            finally:
-                for task in pumps:
-                    task.cancel()
-                for response in responses:
-                    response.cancel()  # a no-op when finished; frees the slot when the client left
-
+        """The reply as server-sent events (``cluster.openai.streaming``), then ``data: [DONE]``."""
+        stream = ReplyStream(
+            reply.reply_id,
+            info.name,
+            reply.chat,
+            reply.prompt_tokens,
+            logprobs,
+            include_usage,
+            tools,
+        )
         return StreamingResponse(
-            events(),
+            _events(stream, responses),
             media_type="text/event-stream",
             headers={"x-vattn-replica": accepted.replica or ""},
         )

@@ -103,3 +103,35 @@ def test_the_three_caches_implement_the_one_interface() -> None:
 
     for cache in (KVCacheAllocator, PagedKVCache, RecordingKVCache):
         assert issubclass(cache, KVCache) and not cache.__abstractmethods__, cache
+
+
+def imports_the_openai_client(node: ast.AST) -> bool:
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "openai" for alias in node.names)
+    if not isinstance(node, ast.ImportFrom) or node.level:
+        return False
+    return (node.module or "").split(".")[0] == "openai"
+
+
+def test_the_api_package_holds_one_concept_a_module() -> None:
+    """``cluster/openai``: each module under 400 lines and, with the ingress, no function over 60;
+    and no product module imports the ``openai`` client (a test dependency, whose name the
+    package shares: ``cluster.openai`` is always imported by its full name)."""
+    api_modules = sorted((ROOT / "cluster" / "openai").glob("*.py"))
+    assert [p.name for p in api_modules if len(p.read_text().splitlines()) >= 400] == []
+    long_functions = [
+        f"{path.name}:{node.name}"
+        for path in (*api_modules, ROOT / "cluster" / "ingress.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert long_functions == []
+    product = [path for name in ("replica", "cluster") for path in (ROOT / name).rglob("*.py")]
+    client_imports = [
+        str(path.relative_to(ROOT))
+        for path in product
+        if any(imports_the_openai_client(node) for node in ast.walk(ast.parse(path.read_text())))
+    ]
+    assert client_imports == []

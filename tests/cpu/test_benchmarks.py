@@ -32,6 +32,13 @@ def test_mapping_benchmark_smoke(tmp_path: Path) -> None:
     assert all(row["wait_pct_of_step"] >= 0 for row in result["decode_overlap"])
 
 
+def test_openai_serialize_benchmark_smoke(tmp_path: Path) -> None:
+    result = run("benchmarks.bench_openai_serialize", tmp_path)
+    assert result["same_content"]
+    for workload in ("content", "logprobs"):
+        assert set(result["results"][workload]) == {"dicts", "openai-types", "ours"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("modes", ["vattention,paged,paged-eager,vattention-sync,hf"])
 def test_engine_benchmark_smoke(tmp_path: Path, modes: str) -> None:

@@ -10,9 +10,10 @@ import json
 import random
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import pydantic
 import pytest
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -25,13 +26,35 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as openai_chat_params
 
 from cluster import ingress
-from cluster import openai_api as api
+from cluster.openai.fields import IGNORED
+from cluster.openai.limits import RequestLimits
+from cluster.openai.logprobs import Logprobs, TokenStrings
+from cluster.openai.requests import ChatCompletionRequest, CompletionRequest, SamplingFields
+from cluster.openai.responses import (
+    Body,
+    ChatLogprobs,
+    Delta,
+    ToolCall,
+    chat_choice,
+    chat_chunk,
+    completion_choice,
+    model_card,
+    reply_body,
+    usage_chunk,
+)
+from cluster.openai.tool_calls import (
+    ToolCallStream,
+    emits_hermes_tool_calls,
+    merge_deltas,
+    parse_tool_calls,
+)
 from cluster.protocol import ModelInfo
 from replica import cli as replica_cli
 from replica.model.source import load_tokenizer, resolve_model_dir
 from tests.helpers import wait_until_async
 
 USER = [{"role": "user", "content": "hi"}]
+OpenAIBody = TypeVar("OpenAIBody", bound=pydantic.BaseModel)
 JSON = {"content-type": "application/json"}
 
 
@@ -42,11 +65,11 @@ def client() -> Iterator[TestClient]:
     test_app.add_exception_handler(RequestValidationError, ingress._validation_error)  # type: ignore[arg-type]
 
     @test_app.post("/v1/completions")
-    async def completions(body: api.CompletionRequest) -> dict[str, Any]:
+    async def completions(body: CompletionRequest) -> dict[str, Any]:
         return body.model_dump(exclude_unset=True)
 
     @test_app.post("/v1/chat/completions")
-    async def chat(body: api.ChatCompletionRequest) -> dict[str, Any]:
+    async def chat(body: ChatCompletionRequest) -> dict[str, Any]:
         return body.model_dump(exclude_unset=True)
 
     with TestClient(test_app) as test_client:
@@ -59,8 +82,19 @@ def tokenizer() -> Any:
 
 
 @pytest.fixture(scope="module")
-def strings(tokenizer: Any) -> api.TokenStrings:
-    return api.TokenStrings(tokenizer)
+def strings(tokenizer: Any) -> TokenStrings:
+    return TokenStrings(tokenizer)
+
+
+def wire(body: Body) -> Any:
+    """A response body as a client reads it: its JSON, parsed."""
+    return json.loads(body.to_json())
+
+
+def as_openai(kind: type[OpenAIBody], body: Body) -> OpenAIBody:
+    """A response body as the ``openai`` client reads it: its JSON, as one of the package's
+    types (which refuses a body that lacks a field it needs or holds one of the wrong type)."""
+    return kind.model_validate_json(body.to_json())
 
 
 def error_of(response: httpx.Response, status: int = 400) -> dict[str, Any]:
@@ -193,7 +227,7 @@ def test_bad_values_of_supported_fields_are_400s_naming_them(
     response = client.post("/v1/chat/completions", json={"messages": USER, **extra})
     if param is None:  # checked when the sampling parameters are built (test_sampling.py)
         with pytest.raises(ValueError, match=words):
-            api.ChatCompletionRequest.model_validate({"messages": USER, **extra}).sampling_params(
+            ChatCompletionRequest.model_validate({"messages": USER, **extra}).sampling_params(
                 None, 10
             )
         return
@@ -208,7 +242,7 @@ def test_tool_messages_reach_the_template_in_its_shape(client: TestClient) -> No
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "content": "42", "tool_call_id": "c1"},
     ]
-    body = api.ChatCompletionRequest.model_validate({"messages": messages, "tools": [TOOL]})
+    body = ChatCompletionRequest.model_validate({"messages": messages, "tools": [TOOL]})
     shaped = body.template_messages()
     assert shaped[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
     assert shaped[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
@@ -226,7 +260,7 @@ def test_tool_modes_constrain_the_reply_to_the_calls_json() -> None:
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
         },
     }
-    named = api.ChatCompletionRequest.model_validate(
+    named = ChatCompletionRequest.model_validate(
         {
             "messages": USER,
             "tools": [TOOL, weather],
@@ -235,49 +269,44 @@ def test_tool_modes_constrain_the_reply_to_the_calls_json() -> None:
     )
     guided = named.guided()
     assert guided is not None and json.loads(guided.spec or "") == weather["function"]["parameters"]
-    required = api.ChatCompletionRequest.model_validate(
+    required = ChatCompletionRequest.model_validate(
         {"messages": USER, "tools": [TOOL, weather], "tool_choice": "required"}
     ).guided()
     assert required is not None
     schema = json.loads(required.spec or "")
     assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
-    assert api.parse_tool_calls("named", '{"city": "Paris"}', "weather")[1][0]["function"] == {
+    assert wire(parse_tool_calls("named", '{"city": "Paris"}', "weather")[1][0].function) == {
         "name": "weather",
         "arguments": '{"city": "Paris"}',
     }
-    content, calls = api.parse_tool_calls("required", '[{"name": "f", "arguments": {}}]')
-    assert content == "" and calls[0]["function"]["name"] == "f"
+    content, calls = parse_tool_calls("required", '[{"name": "f", "arguments": {}}]')
+    assert content == "" and calls[0].function.name == "f"
     call = '{"name": "weather", "arguments": {"city": "Oslo"}}'
     hermes = f"Let me look.\n<tool_call>\n{call}\n</tool_call>"
-    content, calls = api.parse_tool_calls("auto", hermes)
-    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {
-        "city": "Oslo"
-    }
-    assert api.parse_tool_calls("auto", "no call here") == ("no call here", [])
-    assert api.parse_tool_calls("required", '[{"name": "f", "argu') == ('[{"name": "f", "argu', [])
-    reply = ChatCompletion.model_validate(
-        api.reply_body(
-            "chatcmpl-1", "m", True, [api.chat_choice(0, content, "stop", None, calls)], 3, 9
-        )
-    )
+    content, calls = parse_tool_calls("auto", hermes)
+    assert content == "Let me look." and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+    assert parse_tool_calls("auto", "no call here") == ("no call here", [])
+    assert parse_tool_calls("required", '[{"name": "f", "argu') == ('[{"name": "f", "argu', [])
+    choice = chat_choice(0, content, "stop", None, calls)
+    reply = as_openai(ChatCompletion, reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
     assert reply.choices[0].finish_reason == "tool_calls"
     assert reply.choices[0].message.tool_calls[0].function.name == "weather"
-    assert api.emits_hermes_tool_calls("{{ '<tool_call>' }}")
-    assert not api.emits_hermes_tool_calls(None)
+    assert emits_hermes_tool_calls("{{ '<tool_call>' }}")
+    assert not emits_hermes_tool_calls(None)
 
 
 def test_response_format_becomes_a_grammar() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
-    body = api.ChatCompletionRequest.model_validate({"messages": USER, "response_format": fmt})
+    body = ChatCompletionRequest.model_validate({"messages": USER, "response_format": fmt})
     params = body.sampling_params(None, 10, body.guided())
     assert params.guided is not None and json.loads(params.guided.spec or "") == schema
     plain = {"messages": USER, "response_format": {"type": "json_object"}}
-    assert api.ChatCompletionRequest.model_validate(plain).guided().kind == "json_object"  # type: ignore[union-attr]
+    assert ChatCompletionRequest.model_validate(plain).guided().kind == "json_object"  # type: ignore[union-attr]
 
 
 def test_n_choices_get_their_own_seeds() -> None:
-    body = api.CompletionRequest.model_validate({"prompt": "hi", "n": 3, "seed": 5})
+    body = CompletionRequest.model_validate({"prompt": "hi", "n": 3, "seed": 5})
     assert [body.sampling_params(None, 10, None, i).seed for i in range(3)] == [5, 6, 7]
 
 
@@ -314,7 +343,7 @@ def test_unsupported_fields_at_their_neutral_values_are_accepted(client: TestCli
 
 
 def test_ignored_fields_are_accepted_and_dropped(client: TestClient) -> None:
-    chat_extra = {name: {"any": ["value"]} for name in api.IGNORED["chat"]}
+    chat_extra = {name: {"any": ["value"]} for name in IGNORED["chat"]}
     messages = [{"role": "user", "content": "hi", "name": "ada"}]
     chat = client.post("/v1/chat/completions", json={"messages": messages, **chat_extra})
     assert chat.status_code == 200, chat.text
@@ -351,26 +380,24 @@ def openai_fields(params: Any) -> set[str]:
 @pytest.mark.parametrize(
     ("params", "model", "scope"),
     [
-        (openai_chat_params, api.ChatCompletionRequest, "chat"),
-        (openai_completion_params, api.CompletionRequest, "completions"),
+        (openai_chat_params, ChatCompletionRequest, "chat"),
+        (openai_completion_params, CompletionRequest, "completions"),
     ],
 )
 def test_every_field_of_the_openai_package_is_honoured_refused_or_ignored(
-    params: Any, model: type[api.SamplingFields], scope: str
+    params: Any, model: type[SamplingFields], scope: str
 ) -> None:
     fields = openai_fields(params)
-    undecided = fields - set(model.model_fields) - api.IGNORED[scope]
+    undecided = fields - set(model.model_fields) - IGNORED[scope]
     assert not undecided, f"decide whether vattn honours, refuses or ignores {undecided}"
-    assert not (set(model.model_fields) & api.IGNORED[scope])
+    assert not (set(model.model_fields) & IGNORED[scope])
 
 
 def test_stream_options_include_usage_is_accepted_with_stream_only(client: TestClient) -> None:
     options = {"include_usage": True}
     body = {"messages": USER, "stream": True, "stream_options": options}
-    assert api.ChatCompletionRequest.model_validate(body).include_usage
-    assert not api.ChatCompletionRequest.model_validate(
-        {**body, "stream_options": None}
-    ).include_usage
+    assert ChatCompletionRequest.model_validate(body).include_usage
+    assert not ChatCompletionRequest.model_validate({**body, "stream_options": None}).include_usage
     error = error_of(client.post("/v1/chat/completions", json={**body, "stream": False}))
     assert error["param"] == "stream_options" and "stream: true" in error["message"]
     obfuscated = {**body, "stream_options": {"include_obfuscation": True}}
@@ -385,13 +412,11 @@ def test_top_logprobs_are_bounded_and_need_logprobs(client: TestClient) -> None:
     assert error["param"] == "top_logprobs" and "logprobs: true" in error["message"]
     body = {"messages": USER, "logprobs": True, "top_logprobs": 21}
     assert error_of(client.post("/v1/chat/completions", json=body))["param"] == "top_logprobs"
-    ok = api.ChatCompletionRequest.model_validate({**body, "top_logprobs": 20})
+    ok = ChatCompletionRequest.model_validate({**body, "top_logprobs": 20})
     assert ok.logprobs_asked() == 20
-    assert api.ChatCompletionRequest.model_validate({"messages": USER}).logprobs_asked() is None
+    assert ChatCompletionRequest.model_validate({"messages": USER}).logprobs_asked() is None
     assert (
-        api.ChatCompletionRequest.model_validate(
-            {"messages": USER, "logprobs": True}
-        ).logprobs_asked()
+        ChatCompletionRequest.model_validate({"messages": USER, "logprobs": True}).logprobs_asked()
         == 0
     )
     error = error_of(client.post("/v1/completions", json={"prompt": "hi", "logprobs": 21}))
@@ -400,7 +425,7 @@ def test_top_logprobs_are_bounded_and_need_logprobs(client: TestClient) -> None:
 
 # ---- 2. request limits ---------------------------------------------------------------------------
 def test_the_token_alphabet_gives_each_tokens_exact_bytes(
-    tokenizer: Any, strings: api.TokenStrings
+    tokenizer: Any, strings: TokenStrings
 ) -> None:
     text = "Hé, 東京 \U0001f600 ok\n   indented\tcode <|im_end|>"
     ids = tokenizer.encode(text)
@@ -411,7 +436,7 @@ def test_the_token_alphabet_gives_each_tokens_exact_bytes(
 
 
 def test_a_prompt_with_more_characters_than_the_context_can_hold_is_refused_unread() -> None:
-    limits = api.RequestLimits(context_tokens=4096, max_token_bytes=81)
+    limits = RequestLimits(context_tokens=4096, max_token_bytes=81)
     assert limits.prompt_too_long(4096 * 81) is None
     reason = limits.prompt_too_long(4096 * 81 + 1)
     assert reason is not None and "exceeds the context limit of 4096 tokens" in reason
@@ -435,11 +460,11 @@ def test_tokenize_refuses_a_prompt_too_long_by_its_characters_before_tokenizing(
             raise AssertionError("tokenized a prompt that cannot fit")
 
     fake = FakeIngress(Untouchable())
-    limits = api.RequestLimits(context_tokens=10, max_token_bytes=4)
+    limits = RequestLimits(context_tokens=10, max_token_bytes=4)
     with pytest.raises(ingress.ApiError) as refused:
         asyncio.run(fake.tokenize("x" * 41, limits, "prompt"))
     assert refused.value.status == 400
-    assert refused.value.payload["error"]["code"] == "context_length_exceeded"
+    assert refused.value.payload.error.code == "context_length_exceeded"
 
 
 def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
@@ -452,7 +477,7 @@ def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
             return [7, 8, 9]
 
     fake = FakeIngress(SlowTokenizer())
-    limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
+    limits = RequestLimits(context_tokens=100, max_token_bytes=4)
 
     async def scenario() -> None:
         tokenizing = asyncio.create_task(fake.tokenize("a big prompt", limits, "prompt"))
@@ -477,14 +502,14 @@ def test_a_chat_template_that_raises_is_a_400_naming_messages() -> None:
 
     fake = FakeIngress(Alternating())
     fake._info = ModelInfo("m", 100, 16.0)
-    fake.tokens = api.TokenStrings(None)
-    body = api.ChatCompletionRequest.model_validate({"messages": USER * 2, "tools": [TOOL]})
+    fake.tokens = TokenStrings(None)
+    body = ChatCompletionRequest.model_validate({"messages": USER * 2, "tools": [TOOL]})
     body = body.model_copy(update={"tool_choice": "none"})
     with pytest.raises(ingress.ApiError) as refused:
         asyncio.run(fake.chat_completions(body))
-    error = refused.value.payload["error"]
-    assert refused.value.status == 400 and error["param"] == "messages"
-    assert "roles must alternate" in error["message"]
+    error = refused.value.payload.error
+    assert refused.value.status == 400 and error.param == "messages"
+    assert "roles must alternate" in error.message
 
 
 def random_texts(count: int, seed: int) -> list[str]:
@@ -503,19 +528,19 @@ def test_1000_random_unicode_strings_never_give_a_500(tokenizer: Any) -> None:
     tokenizer, limits, sampling parameters) on 1,000 random strings as prompts, messages and
     stop strings: each is a 200 or a 400, never an exception (TestClient re-raises those)."""
     fake = FakeIngress(tokenizer)
-    limits = api.RequestLimits(context_tokens=1024, max_token_bytes=16)
+    limits = RequestLimits(context_tokens=1024, max_token_bytes=16)
     test_app = FastAPI()
     test_app.add_exception_handler(RequestValidationError, ingress._validation_error)  # type: ignore[arg-type]
     test_app.add_exception_handler(ingress.ApiError, ingress._api_error)  # type: ignore[arg-type]
 
     @test_app.post("/v1/completions")
-    async def completions(body: api.CompletionRequest) -> dict[str, Any]:
+    async def completions(body: CompletionRequest) -> dict[str, Any]:
         assert isinstance(body.prompt, str)
         ids = await fake.tokenize(body.prompt, limits, "prompt")
         return {"ids": fake.reply("cmpl", ids, body, None, limits, "prompt").requests[0].max_tokens}
 
     @test_app.post("/v1/chat/completions")
-    async def chat(body: api.ChatCompletionRequest) -> dict[str, Any]:
+    async def chat(body: ChatCompletionRequest) -> dict[str, Any]:
         ids = fake.chat_ids(body.template_messages(), body.template_tools())
         reply = fake.reply("chatcmpl", ids, body, None, limits, "messages", body.guided())
         return {"ids": reply.requests[0].max_tokens}
@@ -538,6 +563,19 @@ def test_1000_random_unicode_strings_never_give_a_500(tokenizer: Any) -> None:
     assert statuses.count(200) > 500 and statuses.count(400) > 100
 
 
+def test_the_app_as_serve_copies_it_still_reads_the_request_bodies() -> None:
+    """``@serve.ingress`` copies the app (cloudpickle) for its replicas: there too each request
+    model is the body (a model FastAPI cannot resolve in the copy would be a query parameter)."""
+    from ray import cloudpickle
+
+    copied = cloudpickle.loads(cloudpickle.dumps(ingress.app))
+    copied.openapi_schema = None  # built again from the copy's routes
+    paths = copied.openapi()["paths"]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        operation = paths[path]["post"]
+        assert "requestBody" in operation and not operation.get("parameters"), path
+
+
 def echo_app() -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         body = b""
@@ -553,10 +591,10 @@ def echo_app() -> Any:
 
 
 def test_a_body_bigger_than_any_prompt_that_fits_is_a_413_before_it_is_parsed() -> None:
-    limits = api.RequestLimits(context_tokens=1, max_token_bytes=1)  # 6 B + 1 MiB
+    limits = RequestLimits(context_tokens=1, max_token_bytes=1)  # 6 B + 1 MiB
     limit = limits.max_body_bytes
 
-    async def limits_of_ingress() -> api.RequestLimits:
+    async def limits_of_ingress() -> RequestLimits:
         return limits
 
     guarded = ingress.BodyLimit(echo_app(), limits_of_ingress)
@@ -580,30 +618,30 @@ def test_a_body_bigger_than_any_prompt_that_fits_is_a_413_before_it_is_parsed() 
 
 # ---- 5. default max_tokens -----------------------------------------------------------------------
 def test_without_max_tokens_a_request_may_generate_the_rest_of_the_context() -> None:
-    limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
-    plain = api.ChatCompletionRequest.model_validate({"messages": USER})
+    limits = RequestLimits(context_tokens=100, max_token_bytes=4)
+    plain = ChatCompletionRequest.model_validate({"messages": USER})
 
     def max_tokens(prefix: str, ids: tuple[int, ...], body: Any, logprobs: Any, param: str) -> int:
         reply = FakeIngress.cls.reply(prefix, ids, body, logprobs, limits, param)
         return reply.requests[0].max_tokens
 
     assert max_tokens("chatcmpl", (1,) * 30, plain, None, "messages") == 70
-    newer = api.ChatCompletionRequest.model_validate({"messages": USER, "max_completion_tokens": 5})
+    newer = ChatCompletionRequest.model_validate({"messages": USER, "max_completion_tokens": 5})
     assert max_tokens("c", (1,) * 30, newer, None, "messages") == 5
-    both = api.ChatCompletionRequest.model_validate(
+    both = ChatCompletionRequest.model_validate(
         {"messages": USER, "max_tokens": 9, "max_completion_tokens": 5}
     )
     assert both.requested_max_tokens() == 5
-    completion = api.CompletionRequest.model_validate({"prompt": [1, 2]})
+    completion = CompletionRequest.model_validate({"prompt": [1, 2]})
     assert max_tokens("c", (1, 2), completion, 3, "prompt") == 98
     with pytest.raises(ingress.ApiError) as full:
         max_tokens("c", (1,) * 100, completion, None, "prompt")
-    assert "exceeds the context limit of 100 tokens" in full.value.payload["error"]["message"]
-    three = api.CompletionRequest.model_validate({"prompt": [1, 2], "n": 3, "seed": 1})
+    assert "exceeds the context limit of 100 tokens" in full.value.payload.error.message
+    three = CompletionRequest.model_validate({"prompt": [1, 2], "n": 3, "seed": 1})
     reply = FakeIngress.cls.reply("cmpl", (1, 2), three, None, limits, "prompt")
     assert len({r.request_id for r in reply.requests}) == 3
     assert [r.params.seed for r in reply.requests] == [1, 2, 3]
-    assert full.value.payload["error"]["param"] == "prompt"
+    assert full.value.payload.error.param == "prompt"
 
 
 def test_vattn_generate_defaults_to_the_rest_of_the_context() -> None:
@@ -623,45 +661,41 @@ def test_vattn_generate_defaults_to_the_rest_of_the_context() -> None:
 
 
 # ---- 4. logprobs' shapes -------------------------------------------------------------------------
-def test_chat_logprobs_have_openais_shape(tokenizer: Any, strings: api.TokenStrings) -> None:
+def test_chat_logprobs_have_openais_shape(tokenizer: Any, strings: TokenStrings) -> None:
     ids = tokenizer.encode(" Paris 東")
-    logprobs = api.Logprobs(strings, chat=True)
+    logprobs = Logprobs(strings, chat=True)
     tops = [((t, -0.25), (tokenizer.encode(" London")[0], -3.0)) for t in ids]
     logprobs.add(ids[:2], [-0.25, -0.5], tops[:2])
     first = logprobs.take()
     logprobs.add(ids[2:], [-0.75] * (len(ids) - 2), tops[2:])
     rest = logprobs.take()
-    content = first["content"] + rest["content"]
+    content = wire(first)["content"] + wire(rest)["content"]
     assert [e["token"] for e in content] == [strings.text(i) for i in ids]
     assert b"".join(bytes(e["bytes"]) for e in content) == " Paris 東".encode()
     assert content[0]["logprob"] == -0.25 and content[1]["logprob"] == -0.5
     assert [t["token"] for t in content[0]["top_logprobs"]] == [strings.text(ids[0]), " London"]
     assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
     assert set(content[0]["top_logprobs"][0]) == {"token", "logprob", "bytes"}
-    reply = ChatCompletion.model_validate(
-        api.reply_body(
-            "chatcmpl-1",
-            "m",
-            True,
-            [api.chat_choice(0, " Paris 東", "stop", first | {"content": content})],
-            3,
-            len(ids),
-        )
+    whole = ChatLogprobs(content=first.content + rest.content, refusal=None)  # type: ignore[union-attr]
+    reply = as_openai(
+        ChatCompletion,
+        reply_body("chatcmpl-1", "m", True, [chat_choice(0, " Paris 東", "stop", whole)], 3, 9),
     )
     assert reply.choices[0].logprobs.content[0].top_logprobs[1].logprob == -3.0
-    chunk = ChatCompletionChunk.model_validate(
-        api.chat_chunk("chatcmpl-1", "m", {"content": " Paris"}, None, first)
+    chunk = as_openai(
+        ChatCompletionChunk, chat_chunk("chatcmpl-1", "m", Delta(content=" Paris"), None, first)
     )
     assert chunk.choices[0].logprobs.content[1].token == strings.text(ids[1])
 
 
-def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: api.TokenStrings) -> None:
+def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: TokenStrings) -> None:
     text = "ok 😀!"
     ids = tokenizer.encode(text)
-    logprobs = api.Logprobs(strings, chat=False)
+    logprobs = Logprobs(strings, chat=False)
     other = tokenizer.encode(" no")[0]
     logprobs.add(ids, [-1.0] * len(ids), [((other, -0.5),)] * len(ids))
-    shaped = logprobs.take()
+    taken = logprobs.take()
+    shaped = wire(taken)
     assert set(shaped) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert shaped["tokens"] == [strings.text(i) for i in ids]
     assert shaped["token_logprobs"] == [-1.0] * len(ids)
@@ -671,19 +705,16 @@ def test_completion_logprobs_have_openais_shape(tokenizer: Any, strings: api.Tok
     # where the character does.
     starts = [text.encode()[: sum(len(strings.bytes(j)) for j in ids[:i])] for i in range(len(ids))]
     assert shaped["text_offset"] == [len(s.decode(errors="ignore")) for s in starts]
-    reply = Completion.model_validate(
-        api.reply_body(
-            "cmpl-1", "m", False, [api.completion_choice(0, text, "length", shaped)], 1, 5
-        )
-    )
+    choice = completion_choice(0, text, "length", taken)
+    reply = as_openai(Completion, reply_body("cmpl-1", "m", False, [choice], 1, 5))
     assert reply.choices[0].logprobs.text_offset == shaped["text_offset"]
 
 
 def test_logprobs_json_can_carry() -> None:
-    strings = api.TokenStrings(None)
-    logprobs = api.Logprobs(strings, chat=True)
+    strings = TokenStrings(None)
+    logprobs = Logprobs(strings, chat=True)
     logprobs.add((5,), (float("-inf"),), (((6, float("nan")),),))
-    [entry] = logprobs.take()["content"]
+    [entry] = wire(logprobs.take())["content"]
     assert entry == {
         "token": "token_id:5",
         "logprob": -9999.0,
@@ -695,14 +726,14 @@ def test_logprobs_json_can_carry() -> None:
 
 # ---- 3. include_usage, 6. model cards ------------------------------------------------------------
 def test_the_usage_chunk_has_no_choices_and_the_usage() -> None:
-    chunk = ChatCompletionChunk.model_validate(api.usage_chunk("chatcmpl-1", "m", True, 7, 3))
+    chunk = as_openai(ChatCompletionChunk, usage_chunk("chatcmpl-1", "m", True, 7, 3))
     assert chunk.choices == [] and chunk.usage.total_tokens == 10
-    completion = Completion.model_validate(api.usage_chunk("cmpl-1", "m", False, 7, 3))
+    completion = as_openai(Completion, usage_chunk("cmpl-1", "m", False, 7, 3))
     assert completion.choices == [] and completion.usage.completion_tokens == 3
 
 
 def test_the_model_card_is_an_openai_model() -> None:
-    card = Model.model_validate(api.model_card("SmolLM2-135M-Instruct", 4096))
+    card = as_openai(Model, model_card("SmolLM2-135M-Instruct", 4096))
     assert card.id == "SmolLM2-135M-Instruct" and card.object == "model"
 
 
@@ -715,14 +746,14 @@ def hermes(call: Any) -> str:
     return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
 
 
-def streamed(mode: str, pieces: list[str], named: str | None = None) -> list[dict[str, Any]]:
-    stream = api.ToolCallStream(mode, named)
+def streamed(mode: str, pieces: list[str], named: str | None = None) -> list[Delta]:
+    stream = ToolCallStream(mode, named)
     deltas = [delta for piece in pieces for delta in stream.feed(piece)]
     return deltas + stream.finish()
 
 
-def named_arguments(calls: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(call["function"]["name"], call["function"]["arguments"]) for call in calls]
+def named_arguments(calls: list[ToolCall]) -> list[tuple[str, str]]:
+    return [(call.function.name, call.function.arguments) for call in calls]
 
 
 DEEP = "[" * 5000 + "]" * 5000
@@ -777,20 +808,20 @@ DEEP = "[" * 5000 + "]" * 5000
 def test_hermes_blocks_become_calls_and_the_rest_stays_content(
     text: str, content: str, calls: list[tuple[str, str]]
 ) -> None:
-    got_content, got_calls = api.parse_tool_calls("auto", text)
+    got_content, got_calls = parse_tool_calls("auto", text)
     assert (got_content, named_arguments(got_calls)) == (content, calls)
-    assert all(c["id"].startswith("call-") and c["type"] == "function" for c in got_calls)
-    assert len({c["id"] for c in got_calls}) == len(got_calls)
-    choice = api.chat_choice(0, got_content, "stop", None, got_calls)
-    reply = ChatCompletion.model_validate(api.reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
+    assert all(c.id.startswith("call-") and c.type == "function" for c in got_calls)
+    assert len({c.id for c in got_calls}) == len(got_calls)
+    choice = chat_choice(0, got_content, "stop", None, got_calls)
+    reply = as_openai(ChatCompletion, reply_body("chatcmpl-1", "m", True, [choice], 3, 9))
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == ("tool_calls" if calls else "stop")
     assert message.content == (content or None if calls else content)
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls or ()] == calls
     # Streamed a character at a time: the same content and calls, and no call's markup as content.
     deltas = streamed("auto", list(text))
-    assert named_arguments(api.merge_deltas(deltas)[1]) == calls
-    assert "".join(d.get("content", "") for d in deltas) == content
+    assert named_arguments(merge_deltas(deltas)[1]) == calls
+    assert "".join(d.content or "" for d in deltas) == content
 
 
 def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
@@ -800,19 +831,18 @@ def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
 
     text = f"Looking.\n{hermes(CALL)}\n{hermes({'name': 'now', 'arguments': {}})}"
     deltas = streamed("auto", [text[:20], text[20:50], text[50:]])
-    assert deltas[0] == {"content": "Looking."}
-    heads = [d["tool_calls"][0] for d in deltas if "id" in d.get("tool_calls", [{}])[0]]
+    shown = [wire(delta) for delta in deltas]
+    assert shown[0] == {"content": "Looking."}
+    heads = [d["tool_calls"][0] for d in shown if "id" in d.get("tool_calls", [{}])[0]]
     assert [(h["index"], h["type"], h["function"]) for h in heads] == [
         (0, "function", {"name": "weather", "arguments": ""}),
         (1, "function", {"name": "now", "arguments": ""}),
     ]
-    assert {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]} in deltas
+    assert {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]} in shown
     state = ChatCompletionStreamState()
-    for i, delta in enumerate([{"role": "assistant"}, *deltas]):
+    for i, delta in enumerate([Delta(role="assistant"), *deltas]):
         reason = "tool_calls" if i == len(deltas) else None
-        state.handle_chunk(
-            ChatCompletionChunk.model_validate(api.chat_chunk("c-1", "m", delta, reason))
-        )
+        state.handle_chunk(as_openai(ChatCompletionChunk, chat_chunk("c-1", "m", delta, reason)))
     final = state.get_final_completion().choices[0]
     assert final.finish_reason == "tool_calls" and final.message.content == "Looking."
     assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
@@ -823,13 +853,29 @@ def test_a_streams_tool_call_deltas_are_shaped_as_openais() -> None:
 
 def test_named_and_required_modes_stream_as_calls() -> None:
     deltas = streamed("named", ['{"city"', ': "Paris"}'], named="weather")
-    assert named_arguments(api.merge_deltas(deltas)[1]) == [("weather", '{"city": "Paris"}')]
-    assert len(deltas) == 3 and deltas[0]["tool_calls"][0]["function"]["arguments"] == ""
+    assert named_arguments(merge_deltas(deltas)[1]) == [("weather", '{"city": "Paris"}')]
+    assert len(deltas) == 3 and wire(deltas[0])["tool_calls"][0]["function"]["arguments"] == ""
     pieces = ['[{"name": "f", "arg', 'uments": {}}]']
-    assert named_arguments(api.merge_deltas(streamed("required", pieces))[1]) == [("f", "{}")]
+    assert named_arguments(merge_deltas(streamed("required", pieces))[1]) == [("f", "{}")]
     for broken in ("5", "{}", '[{"name": "f"}]', '[{"name": "f", "argu'):
-        assert api.parse_tool_calls("required", broken) == (broken, [])
-    assert api.parse_tool_calls("none", hermes(CALL)) == (hermes(CALL), [])
+        assert parse_tool_calls("required", broken) == (broken, [])
+    assert parse_tool_calls("none", hermes(CALL)) == (hermes(CALL), [])
+
+
+def test_a_call_whose_json_escapes_a_lone_surrogate_still_serialises() -> None:
+    """JSON text may escape a lone surrogate (``\\ud800``), which no response can carry as a
+    character: in arguments it stays escaped (the same JSON value); a name with one is no call."""
+    escaped = '<tool_call>{"name": "f", "arguments": {"q": "a\\ud800b"}}</tool_call>'
+    for mode, text in (("auto", escaped), ("required", '[{"name": "f", "arguments": "\\udfff"}]')):
+        content, calls = parse_tool_calls(mode, text)
+        reply = as_openai(
+            ChatCompletion,
+            reply_body("c-1", "m", True, [chat_choice(0, content, "stop", None, calls)], 3, 9),
+        )
+        [call] = reply.choices[0].message.tool_calls or []
+        assert json.loads(call.function.arguments) in ({"q": "a\ud800b"}, "\udfff")
+    nameless = '<tool_call>{"name": "\\ud800", "arguments": {}}</tool_call>'
+    assert parse_tool_calls("auto", nameless) == (nameless, [])
 
 
 FRAGMENTS = st.sampled_from(
@@ -863,14 +909,15 @@ def test_a_stream_cut_anywhere_gives_the_whole_replys_content_and_calls(
     points = sorted({min(cut, len(text)) for cut in cuts})
     pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
     deltas = streamed("auto", pieces)
-    content, calls = api.merge_deltas(deltas)
-    whole_content, whole_calls = api.parse_tool_calls("auto", text)
+    content, calls = merge_deltas(deltas)
+    whole_content, whole_calls = parse_tool_calls("auto", text)
     assert (content, named_arguments(calls)) == (whole_content, named_arguments(whole_calls))
     if not calls:
         assert content == text
     for delta in deltas:
-        assert len(delta) == 1 and (delta.get("content") or delta.get("tool_calls"))
-        ChatCompletionChunk.model_validate(api.chat_chunk("c-1", "m", delta, None))
+        shown = wire(delta)
+        assert len(shown) == 1 and (shown.get("content") or shown.get("tool_calls"))
+        as_openai(ChatCompletionChunk, chat_chunk("c-1", "m", delta, None))
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6))
@@ -888,7 +935,7 @@ def test_calls_come_back_with_the_prose_between_them(
     first: str, rest: list[tuple[dict[str, Any], str]]
 ) -> None:
     text = first + "".join(hermes(call) + prose for call, prose in rest)
-    content, calls = api.parse_tool_calls("auto", text)
+    content, calls = parse_tool_calls("auto", text)
     expected = [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c, _ in rest]
     assert named_arguments(calls) == expected
     said = ""  # the whitespace before a call goes, and after it unless it separates content
@@ -905,7 +952,7 @@ def test_a_tool_mode_stream_holds_back_only_what_may_be_markup() -> None:
     markup never does, logprobs of held tokens come with the next chunk, and the last chunk
     finishes with tool_calls."""
     fake = FakeIngress(None)
-    fake.tokens = api.TokenStrings(None)
+    fake.tokens = TokenStrings(None)
     pieces = ["Let me", " check.", "\n<tool", '_call>\n{"name": "weather", ', '"arguments": ']
     pieces += ['{"city": "Oslo"}}\n</tool_', "call>", ""]
 
@@ -920,11 +967,11 @@ def test_a_tool_mode_stream_holds_back_only_what_may_be_markup() -> None:
         def cancel(self) -> None:
             pass
 
-    body = api.ChatCompletionRequest.model_validate({"messages": USER, "stream": True})
-    limits = api.RequestLimits(context_tokens=100, max_token_bytes=4)
+    body = ChatCompletionRequest.model_validate({"messages": USER, "stream": True})
+    limits = RequestLimits(context_tokens=100, max_token_bytes=4)
     reply = FakeIngress.cls.reply("chatcmpl", (1, 2, 3), body, 0, limits, "messages")
     accepted = ingress.RequestOutput("r", "", (), False, None, 3, 0)
-    logprobs = [api.Logprobs(fake.tokens, chat=True)]
+    logprobs = [Logprobs(fake.tokens, chat=True)]
     tools = ingress.Tools("auto", None)
     response = fake.sse(
         reply, [Stream()], accepted, ModelInfo("m", 100, 16.0), logprobs, False, tools

@@ -116,14 +116,16 @@ def test_openai_usage_reports_the_cached_prompt_tokens() -> None:
     shapes of the ``openai`` package's types."""
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-    from cluster import openai_api as api
+    from cluster.openai.responses import chat_choice, reply_body, usage_chunk
 
-    choice = api.chat_choice(0, "hi", "stop")
-    body = api.reply_body("chatcmpl-1", "m", True, [choice], 40, 3, 32)
-    usage = ChatCompletion.model_validate(body).usage
+    choice = chat_choice(0, "hi", "stop")
+    body = reply_body("chatcmpl-1", "m", True, [choice], 40, 3, 32)
+    usage = ChatCompletion.model_validate_json(body.to_json()).usage
     assert usage is not None and usage.prompt_tokens_details is not None
     assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (40, 32)
-    chunk = ChatCompletionChunk.model_validate(api.usage_chunk("chatcmpl-1", "m", True, 40, 3, 32))
+    chunk = ChatCompletionChunk.model_validate_json(
+        usage_chunk("chatcmpl-1", "m", True, 40, 3, 32).to_json()
+    )
     assert chunk.usage is not None and chunk.usage.prompt_tokens_details is not None
     assert chunk.usage.prompt_tokens_details.cached_tokens == 32
 
