@@ -9,6 +9,7 @@ default is decided in one place, :meth:`EngineConfig.resolved`. A light module (
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 ACTIVATION_RESERVE_BYTES = 3 << 30
 #: The KV budget on a CPU when none is given.
 HOST_KV_CACHE_BYTES = 1 << 30
+#: How long a GPU step waits for its admissions' maps by default (replica.scheduler).
+GPU_ADMISSION_MAP_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,9 @@ class EngineConfig:
     watermark_pages: int = 1
     #: How long a step may wait for the pages of the requests admitted into it (aliases and first
     #: chunk, mapped in the background) before those still mapping join a later step
-    #: (replica.scheduler); None: always wait, so the schedule does not depend on timing.
-    admission_map_wait_s: float | None = 0.005
+    #: (replica.scheduler); inf: always wait, so the schedule does not depend on timing. None:
+    #: 5 ms on a GPU (a map costs 25-60 us a page there), inf on a CPU (host maps take us).
+    admission_map_wait_s: float | None = None
     #: Prefix sharing: replica.kv.allocator; the paged mode's block cache alike.
     prefix_cache: bool = option(
         True,
@@ -162,8 +166,8 @@ class EngineConfig:
 
     def resolved(self, facts: DeviceFacts) -> EngineConfig:
         """This config with every ``None`` default decided (here only): ``max_running``,
-        ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``. An "auto" is decided where its
-        inputs are: device and dtype below, ``kv_layout`` by replica.kv.layout_choice (from the
+        ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``, ``admission_map_wait_s``. An
+        "auto" is decided where its inputs are: device and dtype below, ``kv_layout`` by replica.kv.layout_choice (from the
         budget the ranks agree on), ``attention`` by replica.attention, ``kv_cache_dtype`` by
         replica.kv.config."""
         # NOTE: imported here so that the declaration imports without torch and the extension;
@@ -192,6 +196,11 @@ class EngineConfig:
             max_batch_tokens=self.max_batch_tokens or (8192 if cuda else 512),
             kv_cache_bytes=budget,
             page_size=page_size,
+            admission_map_wait_s=(
+                self.admission_map_wait_s
+                if self.admission_map_wait_s is not None
+                else (GPU_ADMISSION_MAP_WAIT_S if cuda else math.inf)
+            ),
         )
 
     def torch_device(self) -> torch.device:

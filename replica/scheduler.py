@@ -34,7 +34,9 @@ written the shared blocks it is admitted and finds them cached. Invariants:
 Admission makes a step wait on mapping for ``admission_map_wait_s`` at most: a request admitted
 into a step whose aliases and first chunk are not mapped by then leaves it (keeping its slot and
 its place among the running) and runs from a later step; a step of admissions alone waits for its
-first one only. Deferring costs the request a step, so short waits (a few pages) are taken.
+first one only. Deferring costs the request a step, so short waits (a few pages) are taken. On a
+CPU the engine waits for every admission (host maps take microseconds): the same schedule as
+before, independent of timing.
 This is rank 0's timing, but only the step's composition depends on it: every rank replays the
 same allocator calls, so the books never diverge.
 
@@ -53,6 +55,7 @@ flight are not scheduled.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -81,7 +84,7 @@ class Scheduler:
         max_running: int,
         watermark_pages: int = 0,
         growth: GrowthReserve | None = None,
-        admission_map_wait_s: float | None = 0.005,
+        admission_map_wait_s: float = 0.005,
     ) -> None:
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
@@ -189,13 +192,14 @@ class Scheduler:
         """Requests admitted into this step whose pages (aliases and first chunk, submitted by
         ``_admit``) are still mapping after ``admission_map_wait_s`` leave the step and join a
         later one, so a burst of admissions' maps never holds a step back for long; a step of
-        admissions alone waits for its first. None: every admission is waited for."""
+        admissions alone waits for its first. inf: every admission is waited for."""
         alone = len(chosen) == len(admitted)
-        deadline = time.perf_counter() + (self.admission_map_wait_s or 0.0)
+        always = math.isinf(self.admission_map_wait_s)
+        deadline = time.perf_counter() + (0.0 if always else self.admission_map_wait_s)
         for position, request in enumerate(admitted):
             assert request.slot is not None
             tokens = request.computed + chosen[request]
-            if self.admission_map_wait_s is None or (position == 0 and alone):
+            if always or (position == 0 and alone):
                 self.kv.ensure(request.slot, tokens)  # waits; its pages exist
                 continue
             left = max(deadline - time.perf_counter(), 0.0)

@@ -5,6 +5,7 @@ reaches both CLIs, the Serve app's args and the engine; its defaults are decided
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -129,7 +130,10 @@ def test_every_default_is_decided_by_resolved() -> None:
         kv_cache_bytes=1000,
         page_size=4096,
         kv_layout=KVLayout.PER_LAYER,
+        admission_map_wait_s=0.005,
     )
+    # Admission waits for its maps up to 5 ms on a GPU, always on a CPU (host maps take us).
+    assert on_cpu.admission_map_wait_s == math.inf
     # vattn generate's --max-running leaves the choice to the engine (it was 64 everywhere).
     args = argparse.ArgumentParser()
     add_option_arguments(args, EngineConfig)

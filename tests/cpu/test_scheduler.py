@@ -4,6 +4,7 @@ recompute, and slots held back while a step that writes them is in flight."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -302,7 +303,7 @@ def test_admissions_already_mapped_run_in_their_first_step() -> None:
 
 def test_with_no_admission_wait_limit_every_admission_is_waited_for() -> None:
     kv = FakeKVCache(slots=4, budget=100)
-    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4, admission_map_wait_s=None)
+    scheduler = Scheduler(kv, max_batch_tokens=64, max_running=4, admission_map_wait_s=math.inf)
     kv.slow_mapping = True
     late = [request(name, 8, 4) for name in "ab"]
     for r in late:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def generate(graphs_and_async: bool, params: list[SamplingParams]) -> dict[str, 
             async_scheduling=graphs_and_async,
             # The same steps in both runs: admissions never leave a step for a later one on
             # timing (batch composition changes bf16 numerics, hence tokens near ties).
-            admission_map_wait_s=None,
+            admission_map_wait_s=math.inf,
         )
     )
     engine.warm_up()
