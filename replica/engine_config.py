@@ -167,8 +167,9 @@ class EngineConfig:
     def resolved(self, facts: DeviceFacts) -> EngineConfig:
         """This config with every ``None`` default decided (here only): ``max_running``,
         ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``, ``admission_map_wait_s``. An
-        "auto" is decided where its inputs are: device and dtype below, ``kv_layout`` by replica.kv.layout_choice (from the
-        budget the ranks agree on), ``attention`` by replica.attention, ``kv_cache_dtype`` by
+        "auto" is decided where its inputs are: device and dtype below, ``kv_layout`` by
+        replica.kv.layout_choice (from the budget the ranks agree on), ``attention`` by
+        replica.attention, ``kv_cache_dtype`` by
         replica.kv.config."""
         # NOTE: imported here so that the declaration imports without torch and the extension;
         # resolving runs beside the loaded model.
