@@ -1,10 +1,15 @@
-"""Helpers shared by the test folders: waiting on a condition instead of sleeping."""
+"""Helpers shared by the test folders: waiting on a condition instead of sleeping, and what an
+import loads."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,3 +40,17 @@ async def wait_until_async(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def modules_loaded_by(imports: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` a fresh interpreter has loaded after ``import <imports>`` (run from
+    the repository root)."""
+    code = (
+        f"import json, sys, {imports}; "
+        f"print(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout)

@@ -100,7 +100,6 @@ class KVCacheAllocator(KVCache):
         self._slots = [_Slot() for _ in range(config.max_slots)]
         self._ops: list[Op] = []
         self._last_ticket = 0
-        self._wait_seconds = 0.0
         self._waits: dict[WaitCause, list[float]] = {cause: [0, 0.0] for cause in WaitCause}
         self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
         self._prefix = config.prefix_cache and config.tokens_per_group > 0
@@ -413,10 +412,11 @@ class KVCacheAllocator(KVCache):
         try:
             self._worker.wait(ticket)
         finally:
-            waited = time.perf_counter() - started
-            self._wait_seconds += waited
-            self._waits[cause][0] += 1
-            self._waits[cause][1] += waited
+            self._count_wait(cause, time.perf_counter() - started)
+
+    def _count_wait(self, cause: WaitCause, seconds: float) -> None:
+        self._waits[cause][0] += 1
+        self._waits[cause][1] += seconds
 
     def ready(self, slot_index: int, tokens: int, timeout_s: float = 0.0) -> bool:
         """Whether tokens [0, tokens) of the running slot are mapped (``ensure`` of them would
@@ -433,10 +433,7 @@ class KVCacheAllocator(KVCache):
         try:
             return bool(self._worker.wait_for(slot.tickets[need - 1], timeout_s))
         finally:
-            waited = time.perf_counter() - started
-            self._wait_seconds += waited
-            self._waits[WaitCause.ADMISSION][0] += 1
-            self._waits[WaitCause.ADMISSION][1] += waited
+            self._count_wait(WaitCause.ADMISSION, time.perf_counter() - started)
 
     def done(self, ticket: StepTicket | int) -> bool:
         """Whether the worker has finished the ticket's mapping (waiting would not block)."""
@@ -654,7 +651,7 @@ class KVCacheAllocator(KVCache):
             map_calls=int(worker["map_runs"]),
             pages_mapped_total=int(worker["pages_mapped"]),
             map_seconds=float(worker["busy_seconds"]),
-            wait_seconds=self._wait_seconds,
+            wait_seconds=sum(seconds for _, seconds in self._waits.values()),
             pages_released_total=self._pool.pages_released_total,
             pages_shared=sum(count > 1 for count in self._group_slots.values()) * ranges,
             prefix_queries_tokens=self._queries.queries,

@@ -6,9 +6,9 @@ and the three KV caches implement the one interface."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import modules_loaded_by
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("replica", "cluster", "benchmarks")
@@ -88,14 +88,7 @@ def test_the_serving_layer_reads_the_engine_through_snapshots_only() -> None:
 
 
 def test_the_http_ingress_imports_no_torch() -> None:
-    code = (
-        "import sys, cluster.ingress; "
-        "print(sorted(m for m in ('torch', 'replica.engine') if m in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert modules_loaded_by("cluster.ingress", ("torch", "replica.engine")) == []
 
 
 def test_the_three_caches_implement_the_one_interface() -> None:
