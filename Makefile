@@ -29,7 +29,7 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu
 
-# The GPU proof in resumable parts (README, "The GPU proof"). No `setup` prerequisite: the GPU
+# The GPU proof in resumable parts (docs/testing.md, "The GPU proof"). No `setup` prerequisite: the GPU
 # machine has no network; the command installs .devwhl's wheels and builds the extension itself.
 # It runs with .venv's Python where there is one, else python3 (e.g. ARGS="--parts suite").
 gpu-proof:

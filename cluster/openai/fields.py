@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 #: Fields of OpenAI's API that change nothing in what vattn generates: accepted and ignored, by
-#: where they appear. The README's "The HTTP API" lists the same.
+#: where they appear. docs/api.md lists the same.
 IGNORED: dict[str, frozenset[str]] = {
     "completions": frozenset({"user"}),
     "chat": frozenset(
