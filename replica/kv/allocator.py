@@ -12,15 +12,17 @@ groups of ``num_ranges`` physical pages.
 Prefix sharing (``config.prefix_cache``): a slot's full page groups are indexed by the prefix key
 of the tokens they hold (``replica.kv.prefix``) once those tokens are written (a running slot's
 prompt, at ``step_async``; everything it stored, at ``release``). ``acquire`` with a prompt takes
-the longest indexed prefix: a released slot that already holds the start of it is continued in
-place, and the groups it lacks are *aliased*: the same physical pages mapped again at the same page
-indices of the new slot (zero copy, no block table). Indexed groups are immutable: a slot writes
-only at and above its ``frozen`` groups. A page is freed when its last mapping goes; reclaiming the
+the longest indexed prefix: a released slot that already holds the start of it is continued (or
+taken over) in place; the groups it lacks are *aliased* (the same physical pages mapped again at the
+same page indices of the new slot: zero copy, no block table) or *copied* into pages the slot
+already maps (no driver call; ``acquire`` says when, ``replica.kv.copies`` the ordering contract).
+Indexed groups are immutable: a slot writes only at and above its ``frozen`` groups. A page is freed when its last mapping goes; reclaiming the
 least recently released slots first is the prefix cache's LRU eviction as well as deferred
 reclamation (a page a running slot maps is never freed by it)::
 
     slot 3 (released):  | g0 | g1 | g2 | g3'|        g0..g2 indexed, g3' partial (private)
     slot 5 (running):   | g0 | g1 | n2 | n3 |        aliases g0, g1; writes from n2 on
+    slot 6 (running):   | c0 | c1 | n2 |             its own pages, g0 and g1 copied in
 
 Invariants (``check_invariants``), in physical pages:
     free + in_use + cached == created <= budget
@@ -45,6 +47,7 @@ import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.config import KVCacheConfig, KVLayout
+from replica.kv.copies import CopyFence, PageCopy, SlotCopies
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import (
     PrefixIndex,
@@ -78,6 +81,7 @@ class KVCacheAllocator(KVCache):
         config: KVCacheConfig,
         device: Device | None = None,
         clock: Callable[[], float] = time.monotonic,
+        make_fence: Callable[[], CopyFence] | None = None,
     ) -> None:
         self.config = config
         self.device = device or open_device("auto", config.page_size)
@@ -98,6 +102,12 @@ class KVCacheAllocator(KVCache):
             for r in self._ranges
         ]
         self._slots = [_Slot() for _ in range(config.max_slots)]
+        slot_bytes = config.pages_per_slot * config.page_size
+        self._copies = SlotCopies(
+            [t.view(-1).view(torch.uint8).view(-1, slot_bytes) for t in self._tensors],
+            config.page_size,
+            make_fence,
+        )
         self._ops: list[Op] = []
         self._last_ticket = 0
         self._waits: dict[WaitCause, list[float]] = {cause: [0, 0.0] for cause in WaitCause}
@@ -128,6 +138,7 @@ class KVCacheAllocator(KVCache):
         )
         self._queries = PrefixQueries()  # lookups by acquire, and hits
         self.prefix_evicted_pages = 0  # indexed pages dropped from the index
+        self.prefix_takeovers = 0  # hits served in a slot holding another conversation's history
         # Slots mapping each group, and running slots mapping it: the page split in O(1).
         self._group_slots: Counter[tuple[int, ...]] = Counter()
         self._group_running: Counter[tuple[int, ...]] = Counter()
@@ -172,42 +183,41 @@ class KVCacheAllocator(KVCache):
     # ---- slots ---------------------------------------------------------------------------------
     def acquire(self, tokens_hint: int = 0, prompt: Sequence[int] = ()) -> int:
         """Gives a request a slot. With the prefix cache, the slot starts with the longest cached
-        prefix of ``prompt`` (its length: ``cached_tokens(prompt)``): in place in the released
-        slot that holds most of it, else aliased into a free slot, else into the least recently
-        released one. Without, the released slot whose mapped pages best fit ``tokens_hint``
+        prefix of ``prompt`` (its length: ``cached_tokens(prompt)``), taken in this order:
+
+        1. *continued* in the released slot whose whole cached prefix starts the hit (the same
+           conversation's next turn: nothing moves);
+        2. *aliased* into a free slot (the hit's pages mapped again, zero copy);
+        3. *taken over*: the least recently released slot that holds the whole hit at its start
+           (another conversation over the same prefix): its tail beyond the hit is evicted and
+           counted (``prefix_takeovers``), nothing moves;
+        4. else into the least recently released slot, whose pages are mapped: where it maps a
+           page only it holds, the hit's page is *copied* into it while free pages cover the
+           copies (a copy forgoes the memory aliasing would free; ~1.5 us a 2 MiB page against
+           ~50-80 us to unmap and map), else the slot's pages are unmapped and the rest of the
+           hit aliased (pages are scarce: aliasing keeps one copy). Copies follow the ordering
+           contract of ``replica.kv.copies``.
+
+        Without the prefix cache, the released slot whose mapped pages best fit ``tokens_hint``
         (deferred reclamation pays off here), else an empty one."""
         need = self.config.page_groups_for(self.check_hint(tokens_hint))
         prompt = tuple(prompt)
         hit, keys = self._lookup(prompt)
-        index = self._continuation(hit) if hit else None
-        if index is None:
-            index = self._pick_slot(need, tokens_hint)
+        hit_keys = keys[: len(hit)]
+        index = self._choose_slot(hit, hit_keys, need, tokens_hint)
         slot = self._slots[index]
-        kept = 0  # leading groups of the slot that are already the prefix's
-        while kept < min(len(hit), len(slot.groups)) and slot.groups[kept] == hit[kept]:
-            kept += 1
-        aliased = hit[kept:]
-        # Counted before the slot's own pages go: a hit group only this slot held stays alive.
-        self._pool.share([page for group in aliased for page in group])
+        kept = self._holds(slot, hit_keys)  # leading groups of the slot that already hold the hit
         if slot.state is SlotState.CACHED:
-            if aliased:
-                self._shrink_slot(index, kept, OpCause.REUSE)
-            else:
-                self._keep_private(index, kept)
-        if aliased:
-            base = index * self.config.pages_per_slot + kept
-            self._add_groups(slot, aliased)
-            slot.tickets.extend([self._last_ticket + 1] * len(aliased))
-            for r, reservation in enumerate(self._ranges):
-                ops = [group[r] for group in aliased]
-                self._ops.append(Op.map(reservation, base, ops, cause=OpCause.ALIAS))
+            self._reuse(index, hit, kept)
+        else:
+            self._alias(index, hit[kept:])
         cached_tokens = len(hit) * self.config.tokens_per_group
         if self._prefix:
             self._queries.acquired(index, len(prompt), cached_tokens)
         self._set_state(slot, SlotState.RUNNING)
         self._admitting.add(index)
         slot.length, slot.reserved = cached_tokens, cached_tokens
-        slot.token_ids, slot.keys, slot.frozen = prompt, keys[: len(hit)], len(hit)
+        slot.token_ids, slot.keys, slot.frozen = prompt, hit_keys, len(hit)
         self._flush()
         self._checked()
         return index
@@ -226,16 +236,48 @@ class KVCacheAllocator(KVCache):
         computed on the way (one more than the groups where the chain broke)."""
         return self._index.lookup(prompt) if self._prefix else ([], [])
 
-    def _continuation(self, hit: list[tuple[int, ...]]) -> int | None:
-        """The released slot whose whole cached prefix starts ``hit`` (the same conversation,
+    def _choose_slot(
+        self, hit: list[tuple[int, ...]], hit_keys: list[int], need: int, tokens_hint: int
+    ) -> int:
+        """The slot ``acquire`` gives (its docstring's order)."""
+        if hit:
+            index = self._continuation(hit_keys)
+            if index is not None:
+                return index
+        if self._prefix:
+            empty = next((i for i, s in enumerate(self._slots) if s.state is SlotState.FREE), None)
+            if empty is not None:
+                return empty
+            cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
+            holders = [
+                i for i in cached if hit and self._holds(self._slots[i], hit_keys) == len(hit)
+            ]
+            if holders:
+                self.prefix_takeovers += 1
+            if holders or cached:
+                return min(holders or cached, key=lambda i: self._slots[i].released_at)
+        return self._pick_slot(need, tokens_hint)
+
+    @staticmethod
+    def _holds(slot: _Slot, hit_keys: list[int]) -> int:
+        """How many leading groups of ``slot`` hold the hit's blocks (equal keys: equal K/V,
+        aliased or copied)."""
+        held = 0
+        limit = min(slot.frozen, len(hit_keys))
+        while held < limit and slot.keys[held] == hit_keys[held]:
+            held += 1
+        return held
+
+    def _continuation(self, hit_keys: list[int]) -> int | None:
+        """The released slot whose whole cached prefix starts the hit (the same conversation,
         continued), the longest such (most recently released among equals), or None. A slot that
         cached more than the hit holds another conversation: it is left to its own next turn."""
         best, best_key = None, (0, 0.0)
         for index, slot in enumerate(self._slots):
             if (
                 slot.state is not SlotState.CACHED
-                or not 0 < slot.frozen <= len(hit)
-                or slot.groups[: slot.frozen] != hit[: slot.frozen]
+                or not 0 < slot.frozen <= len(hit_keys)
+                or self._holds(slot, hit_keys) < slot.frozen
             ):
                 continue
             if (slot.frozen, slot.released_at) > best_key:
@@ -243,12 +285,9 @@ class KVCacheAllocator(KVCache):
         return best
 
     def _pick_slot(self, need: int, tokens_hint: int) -> int:
-        """A slot without a prefix to continue: with the prefix cache a free slot first (released
-        ones hold prefixes), then the least recently released; without, the best fit."""
+        """A slot without the prefix cache: the released slot that best fits ``need`` groups, else
+        an empty one."""
         cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
-        empty = [i for i, s in enumerate(self._slots) if s.state is SlotState.FREE]
-        if self._prefix and (empty or cached):
-            return empty[0] if empty else min(cached, key=lambda i: self._slots[i].released_at)
         if cached:
             return min(
                 cached,
@@ -257,8 +296,9 @@ class KVCacheAllocator(KVCache):
                     abs(len(self._slots[i].groups) - need),
                 ),
             )
-        if empty:
-            return empty[0]
+        empty = next((i for i, s in enumerate(self._slots) if s.state is SlotState.FREE), None)
+        if empty is not None:
+            return empty
         raise KVCacheOutOfMemory(
             tokens_hint,
             0,
@@ -267,15 +307,79 @@ class KVCacheAllocator(KVCache):
             f"all {self.config.max_slots} slots are running",
         )
 
-    def _keep_private(self, slot_index: int, keep: int) -> None:
-        """A released slot about to be written from group ``keep`` on: keeps the following groups
-        only it maps (their memory is reused, their index entries go) and unmaps the rest."""
+    def _alias(self, slot_index: int, groups: list[tuple[int, ...]]) -> None:
+        """Maps ``groups`` (indexed, held by other slots) at the slot's next page indices."""
+        if not groups:
+            return
         slot = self._slots[slot_index]
-        end = keep
+        self._pool.share([page for group in groups for page in group])
+        base = slot_index * self.config.pages_per_slot + len(slot.groups)
+        self._add_groups(slot, groups)
+        slot.tickets.extend([self._last_ticket + 1] * len(groups))
+        for r, reservation in enumerate(self._ranges):
+            ops = [group[r] for group in groups]
+            self._ops.append(Op.map(reservation, base, ops, cause=OpCause.ALIAS))
+
+    def _reuse(self, slot_index: int, hit: list[tuple[int, ...]], kept: int) -> None:
+        """Gives a released slot, whose first ``kept`` groups are already the hit's, the rest of
+        ``hit``: copied into the pages only it maps while free pages cover the copies, else
+        aliased after unmapping its pages (``acquire``'s rule). The slot keeps the pages only it
+        maps beyond what it copied (the request writes there), unindexed: their history is
+        evicted. Groups it shares with other slots and that are not the hit's are unmapped."""
+        slot = self._slots[slot_index]
+        # Held while the slot's own pages go, so a hit group only this slot maps stays alive.
+        held = [page for group in hit[kept:] for page in group]
+        self._pool.share(held)
+        self._copies.settle(slot_index, kept)  # its pages from `kept` on are rewritten or unmapped
+        end = kept
         while end < len(slot.groups) and self._private(slot.groups[end]):
             self._unindex(slot.groups[end])
             end += 1
-        self._shrink_slot(slot_index, end, OpCause.REUSE)
+        copyable = max(min(end, len(hit)) - kept, 0)
+        copied = min(copyable, self._pool.available // self.config.num_ranges)
+        self._copy_hit(slot_index, hit, kept, kept + copied)
+        keep = end if copied == copyable else kept + copied
+        self._shrink_slot(slot_index, keep, OpCause.REUSE)
+        self._alias(slot_index, hit[keep:])
+        if self._pool.give_back(held):
+            raise RuntimeError("bug: a hit's page was freed while the hit was being taken")
+
+    def _copy_hit(self, slot_index: int, hit: list[tuple[int, ...]], first: int, last: int) -> None:
+        """Copies the hit's groups ``[first, last)`` into the slot's own pages at those indices,
+        from the slots that map them (waiting first for both sides' maps: ordering contract 2)."""
+        if first >= last:
+            return
+        slot = self._slots[slot_index]
+        copies: list[PageCopy] = []
+        position = first
+        while position < last:
+            source = self._holder(hit, position, exclude=slot_index)
+            run_end = position + 1
+            holder = self._slots[source]
+            while (
+                run_end < last
+                and run_end < len(holder.groups)
+                and holder.groups[run_end] == hit[run_end]
+            ):
+                run_end += 1
+            tickets = holder.tickets[run_end - 1], slot.tickets[run_end - 1]
+            for ticket in tickets:
+                if not self._worker.done(ticket):
+                    self._wait(ticket, WaitCause.ADMISSION)
+            copies.append(PageCopy(source, slot_index, position, run_end))
+            position = run_end
+        self._copies.copy(copies)
+
+    def _holder(self, hit: list[tuple[int, ...]], position: int, exclude: int) -> int:
+        """A slot other than ``exclude`` that maps ``hit[position]`` (at that page index)."""
+        for index, slot in enumerate(self._slots):
+            if (
+                index != exclude
+                and len(slot.groups) > position
+                and slot.groups[position] == hit[position]
+            ):
+                return index
+        raise RuntimeError(f"bug: no slot maps the indexed group {hit[position]}")
 
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         """Ends a request. Its pages stay mapped (cached) until the pool needs them, unless
@@ -296,6 +400,8 @@ class KVCacheAllocator(KVCache):
             self.prefix_evicted_pages += unindexed * self.config.num_ranges
             del slot.keys[slot.frozen :]
             slot.token_ids = stored
+            # Copied groups whose blocks' first holder has gone hold them now.
+            self._index.register(slot.keys, stored, slot.groups, 0, slot.frozen)
             self._register(slot, len(stored))
         self._set_state(slot, SlotState.CACHED)
         slot.length, slot.reserved = 0, 0
@@ -440,8 +546,9 @@ class KVCacheAllocator(KVCache):
         return bool(self._worker.done(ticket.ticket if isinstance(ticket, StepTicket) else ticket))
 
     def synchronize(self) -> None:
-        """Submits and waits for every pending operation."""
+        """Submits and waits for every pending operation and copy."""
         self.wait(self._flush())
+        self._copies.settle_all()
 
     # ---- elastic pool --------------------------------------------------------------------------
     def shrink(self) -> int:
@@ -539,6 +646,7 @@ class KVCacheAllocator(KVCache):
         dropped = slot.groups[keep_groups:]
         if not dropped:
             return 0
+        self._copies.settle(slot_index, keep_groups)  # no copy reads or writes them any more
         self._drop_groups(slot, dropped)
         del slot.groups[keep_groups:], slot.tickets[keep_groups:]
         slot.frozen = min(slot.frozen, keep_groups)
@@ -657,6 +765,8 @@ class KVCacheAllocator(KVCache):
             prefix_queries_tokens=self._queries.queries,
             prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
+            prefix_copied_pages=self._copies.pages_copied,
+            prefix_takeovers=self.prefix_takeovers,
         )
 
     def mapping_breakdown(self) -> MappingBreakdown:
@@ -697,6 +807,7 @@ class KVCacheAllocator(KVCache):
             assert all(self._pool.mappings(p) == count for p in group), (group, count)
             assert count == 1 or group in self._index, f"shared group {group} is not indexed"
         self._index.check_invariants()
+        self._copies.check_invariants()
         assert self._index.locations() <= mappings.keys(), "index entry of no group"
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from replica import KVCacheAllocator, KVCacheConfig, open_device
+from replica.kv.copies import CopyFence
 from replica.vmm import Device
 
 HOST_PAGE = 64 * 1024
@@ -45,6 +46,7 @@ def make_allocator(kv_device: Device) -> MakeAllocator:
         max_tokens: int = 8 * TOKENS_PER_PAGE,
         budget_pages: int = 64,
         clock: Callable[[], float] | None = None,
+        make_fence: Callable[[], CopyFence] | None = None,
         **overrides: object,
     ) -> KVCacheAllocator:
         heads, dtype = 2, torch.float32
@@ -65,6 +67,6 @@ def make_allocator(kv_device: Device) -> MakeAllocator:
         )
         assert config.bytes_per_token == bytes_per_token
         kwargs = {"clock": clock} if clock else {}
-        return KVCacheAllocator(config, kv_device, **kwargs)
+        return KVCacheAllocator(config, kv_device, make_fence=make_fence, **kwargs)
 
     return make

@@ -1,6 +1,7 @@
 """A hypothesis state machine drives random acquire/ensure/step/release/shrink sequences, and with
 the prefix cache on, share (acquire with a prompt that starts like a running or released slot's
-tokens: aliased pages), continue (the next turn of a released conversation: in place) and evict
+tokens: aliased or copied pages, or a released slot taken over), continue (the next turn of a
+released conversation: in place) and evict
 (growth under pressure reclaims cached prefixes) -- and checks the allocator against a model of
 the token each position of each running slot stores (its bytes, read through the slot: an aliased
 page must show the prefix's bytes), and against what the extension really mapped and counts.
@@ -49,6 +50,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     make: MakeAllocator
     operations = 0  # counted over every example of a run
     shared_acquires = 0  # acquires that found a cached prefix (the test asserts some did)
+    copied_pages = 0  # hit pages copied instead of aliased, and take-overs (asserted too)
+    takeovers = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,11 +124,15 @@ class AllocatorMachine(RuleBasedStateMachine):
     def start(self, hint: int, prompt: list[int]) -> None:
         """Acquire with a prompt, then compute what was not cached (or give the slot back)."""
         cached = self.allocator.cached_tokens(prompt)
+        before = self.allocator.stats()
         try:
             slot = self.allocator.acquire(hint, prompt)
         except KVCacheOutOfMemory:
             assert len(self.tokens) == self.allocator.config.max_slots
             return
+        after = self.allocator.stats()
+        type(self).copied_pages += after.prefix_copied_pages - before.prefix_copied_pages
+        type(self).takeovers += after.prefix_takeovers - before.prefix_takeovers
         assert slot not in self.tokens
         length = self.allocator.length(slot)
         assert length == cached < max(len(prompt), 1)
@@ -267,3 +274,5 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
     print(f"{machine.operations} operations, {machine.shared_acquires} acquires found a prefix")
     assert machine.operations >= minimum, f"only {machine.operations} operations ran"
     assert machine.shared_acquires > 0, "no acquire found a cached prefix: sharing untested"
+    assert machine.copied_pages > 0, "no hit was copied: the copy path is untested"
+    assert machine.takeovers > 0, "no hit took over a released slot: take-over is untested"

@@ -1,7 +1,9 @@
 """Prefix sharing on the GPU: an aliased page is one physical allocation mapped at two addresses
 (asked of the driver through cuda-python, not our extension) and shows the same bytes through both
-slots; the engine gives the same tokens with the prefix cache on and off; the allocator's state
-machine with share/continue/evict runs on the CUDA backend in tests/allocator (``-m gpu``)."""
+slots; a hit copied into a released slot's pages reads what the step before it wrote; the engine
+gives the same tokens with the prefix cache on and off, prefixes aliased, copied or taken over; the
+allocator's state machine with share/copy/take-over/continue/evict runs on the CUDA backend in
+tests/allocator (``-m gpu``)."""
 
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ pytestmark = pytest.mark.gpu
 MIB = 1024 * 1024
 
 
-def allocator(layout: str) -> KVCacheAllocator:
+def allocator(layout: str, max_slots: int = 8) -> KVCacheAllocator:
     config = KVCacheConfig(
         num_layers=4,
         num_kv_heads=8,
         head_dim=128,
         dtype=torch.bfloat16,
-        max_slots=8,
+        max_slots=max_slots,
         max_tokens=4096,
         page_size=2 * MIB,
         budget_bytes=512 * MIB,
@@ -81,11 +83,13 @@ def test_an_aliased_page_is_one_allocation_at_two_addresses(layout: str) -> None
     cache.check_invariants(deep=True)
 
 
-def chat(llm: LLM, system: list[int], turns: int = 3) -> tuple[list[list[Completion]], int]:
-    """Four conversations over one system prompt, each turn's prompt the whole history: each
+def chat(
+    llm: LLM, system: list[int], turns: int = 3, conversations: int = 4
+) -> tuple[list[list[Completion]], int]:
+    """Conversations over one system prompt, each turn's prompt the whole history: each
     conversation's completions, turn by turn, with the chosen tokens' logprobs and the top 5."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
-    histories = [[*system, 100 + i, 200 + i] for i in range(4)]
+    histories = [[*system, 100 + i, 200 + i] for i in range(conversations)]
     answers: list[list[Completion]] = [[] for _ in histories]
     cached = 0
     for turn in range(turns):
@@ -170,4 +174,59 @@ def test_engine_tokens_are_identical_with_the_prefix_cache_on_and_off(
         assert tokens(on) == tokens(off)
     else:
         assert assert_same_up_to_near_ties(on, off) >= 24 * 4
+    on_llm.engine.kv.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_a_copy_reads_its_source_after_the_step_writing_it(layout: str) -> None:
+    """Ordering contract 1: the prompt's K are written behind a long kernel on the stream, the
+    step is booked (indexing the prompt), and a hit copied into a released slot's pages at once
+    still reads the written values, not what the pages held before."""
+    cache = allocator(layout, max_slots=2)
+    per_group = cache.config.tokens_per_group
+    k = cache.k_cache(1)
+    other = [int(t) for t in torch.randint(1000, 2000, (3 * per_group,))]
+    old = cache.acquire(0, other)
+    cache.ensure(old, len(other))
+    k[old, : len(other)].fill_(-1.0)
+    cache.release(old, other)  # its pages stay mapped: the copy's target
+    prompt = [int(t) for t in torch.randint(0, 1000, (2 * per_group + 5,))]
+    first = cache.acquire(0, prompt)
+    cache.ensure(first, len(prompt))
+    torch.cuda._sleep(200_000_000)  # the producer is still running when the copy is enqueued
+    k[first, : len(prompt)].normal_()
+    cache.step_async({first: len(prompt)})  # the step that writes the prompt: indexed now
+    second = cache.acquire(0, [*prompt[: 2 * per_group + 1], 7])
+    assert second == old and cache.length(second) == 2 * per_group
+    assert cache.stats().prefix_copied_pages == 2 * cache.config.num_ranges
+    cache.synchronize()
+    torch.cuda.synchronize()
+    assert torch.equal(k[second, : 2 * per_group], k[first, : 2 * per_group])
+    cache.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_engine_tokens_agree_when_prefixes_are_copied_into_reused_slots(layout: str) -> None:
+    """Eight conversations over a 1,100-token system prompt in four slots: later turns land in
+    released slots whose pages get the prefix by copy (or take over a slot holding it). fp32, so
+    the tokens must equal the cache-off run's exactly, in both layouts, CUDA graphs on."""
+    shape = dataclasses.replace(ModelConfig.llama3_8b(), num_layers=4)
+    system = [int(t) for t in torch.randint(10, 1000, (1100,), generator=torch.Generator())]
+    common = dict(
+        model="synthetic",
+        synthetic=shape,
+        seed=3,
+        kv_layout=layout,
+        max_model_len=4096,
+        max_running=4,
+        kv_cache_bytes=4 << 30,
+        attention="sdpa",
+        dtype="float32",
+    )
+    off, _ = chat(LLM(prefix_cache=False, **common), system, conversations=8)
+    on_llm = LLM(prefix_cache=True, **common)
+    on, cached = chat(on_llm, system, conversations=8)
+    stats = on_llm.engine.stats().kv
+    assert cached > 0 and stats.prefix_copied_pages > 0, stats
+    assert tokens(on) == tokens(off)
     on_llm.engine.kv.check_invariants(deep=True)

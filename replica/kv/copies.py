@@ -1,0 +1,161 @@
+"""Copies of K/V between slots of the vAttention cache, and the pins that keep them safe.
+
+A prefix hit can be served by copying the holder's K/V into pages the new slot already maps
+instead of unmapping them and aliasing the holder's (``replica.kv.allocator`` decides which).
+This module is the mechanism: it issues the copies and remembers, until each copy has run, which
+pages of which slots it reads and writes.
+
+Ordering contract (every copy between slots, and the host tier's after it):
+    1. The source was written first. Copies are enqueued on the engine's current stream, the
+       stream every step runs on, when ``acquire`` decides them; a block is indexed only once the
+       step writing it was launched, so stream order puts the copy after its producer and before
+       the step that reads the destination.
+    2. Source and destination are mapped before the copy is enqueued: the caller waits for the
+       mapping worker's tickets of both (``SlotCopies.copy`` takes the pages' tickets as given).
+    3. Both stay mapped and unwritten until the copy's fence completes: the mapping worker unmaps
+       on its own thread, in no order with the stream, so a caller about to unmap or rewrite a
+       slot's pages from page index ``i`` on first calls ``settle(slot, i)``, which waits for the
+       fences of the copies pinning them (``pinned`` says whether any does).
+    4. On the host backend a copy is synchronous: its fence is complete when it returns.
+
+Costs that drive the allocator's rule (one H100, 2026-12-07, ``../shared/notes/h100-probe.md``):
+``cuMemMap`` ~22 us a page at the driver's floor (27-59 us in the engine under load) and an unmap
+about as much, while copying a 2 MiB page device-to-device takes ~1.5 us of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class CopyFence(Protocol):
+    """Completion of the copies enqueued before it."""
+
+    def done(self) -> bool: ...
+
+    def wait(self) -> None: ...
+
+
+class _Complete:
+    """The fence of synchronous (host) copies."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+class _StreamFence:
+    """A CUDA event recorded on the current stream after the copies."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(device))
+
+    def done(self) -> bool:
+        return bool(self._event.query())
+
+    def wait(self) -> None:
+        self._event.synchronize()
+
+
+def stream_fence(device: torch.device) -> CopyFence:
+    """The fence of copies just enqueued on ``device``'s current stream."""
+    return _StreamFence(device) if device.type == "cuda" else _Complete()
+
+
+@dataclass(frozen=True)
+class PageCopy:
+    """Pages ``[first, last)`` of slot ``source`` copied to the same page indices of ``target``,
+    in every range."""
+
+    source: int
+    target: int
+    first: int
+    last: int
+
+
+@dataclass
+class _Pin:
+    copy: PageCopy
+    fence: CopyFence
+
+
+class SlotCopies:
+    """Issues page copies between slots of the reserved ranges and pins their pages.
+
+    ``ranges``: one byte tensor per reserved range, [max_slots, slot bytes]. ``make_fence`` makes
+    the fence of the copies just enqueued (a test passes one it completes by hand).
+
+    Invariant (``check_invariants``): every pin's fence is the fence of its copy; a slot's pages
+    under a pin are not unmapped or written until ``settle`` saw the fence complete.
+    """
+
+    def __init__(
+        self,
+        ranges: Sequence[torch.Tensor],
+        page_size: int,
+        make_fence: Callable[[], CopyFence] | None = None,
+    ) -> None:
+        self._ranges = list(ranges)
+        self._page_size = page_size
+        device = self._ranges[0].device if self._ranges else torch.device("cpu")
+        self._make_fence = make_fence or (lambda: stream_fence(device))
+        self._pins: list[_Pin] = []
+        self.pages_copied = 0  # page copies issued, every range counted
+
+    def copy(self, copies: Sequence[PageCopy]) -> None:
+        """Enqueues ``copies`` (every range; one batched launch) and pins their pages until the
+        fence recorded after them completes."""
+        if not copies:
+            return
+        targets, sources = [], []
+        size = self._page_size
+        for c in copies:
+            for view in self._ranges:
+                targets.append(view[c.target, c.first * size : c.last * size])
+                sources.append(view[c.source, c.first * size : c.last * size])
+        # NOTE: one multi-tensor launch for every range (per_layer has 64 ranges): a copy call
+        # per range would cost more host time than the copies themselves.
+        torch._foreach_copy_(targets, sources, non_blocking=True)
+        fence = self._make_fence()
+        self._pins.extend(_Pin(c, fence) for c in copies)
+        self.pages_copied += sum(c.last - c.first for c in copies) * len(self._ranges)
+
+    def pinned(self, slot: int, first: int = 0) -> bool:
+        """Whether a copy not known to be complete reads or writes the slot's pages from
+        ``first`` on."""
+        self._retire()
+        return any(self._pins_slot(pin.copy, slot, first) for pin in self._pins)
+
+    def settle(self, slot: int, first: int = 0) -> None:
+        """Waits for every copy reading or writing the slot's pages from ``first`` on: call it
+        before unmapping or rewriting them."""
+        self._retire()
+        for pin in self._pins:
+            if self._pins_slot(pin.copy, slot, first):
+                pin.fence.wait()
+        self._retire()
+
+    def settle_all(self) -> None:
+        self._retire()
+        for pin in self._pins:
+            pin.fence.wait()
+        self._pins.clear()
+
+    @staticmethod
+    def _pins_slot(copy: PageCopy, slot: int, first: int) -> bool:
+        return slot in (copy.source, copy.target) and copy.last > first
+
+    def _retire(self) -> None:
+        self._pins = [pin for pin in self._pins if not pin.fence.done()]
+
+    def check_invariants(self) -> None:
+        for pin in self._pins:
+            c = pin.copy
+            assert c.source != c.target and 0 <= c.first < c.last, f"bad copy {c}"
