@@ -16,9 +16,10 @@ the longest indexed prefix: a released slot that already holds the start of it i
 taken over) in place; the groups it lacks are *aliased* (the same physical pages mapped again at the
 same page indices of the new slot: zero copy, no block table) or *copied* into pages the slot
 already maps (no driver call; ``acquire`` says when, ``replica.kv.copies`` the ordering contract).
-Indexed groups are immutable: a slot writes only at and above its ``frozen`` groups. A page is freed when its last mapping goes; reclaiming the
-least recently released slots first is the prefix cache's LRU eviction as well as deferred
-reclamation (a page a running slot maps is never freed by it)::
+Indexed groups are immutable: a slot writes only at and above its ``frozen`` groups. A page is
+freed when its last mapping goes; reclaiming the least recently released slots first is the prefix
+cache's LRU eviction as well as deferred reclamation (a page a running slot maps is never freed by
+it)::
 
     slot 3 (released):  | g0 | g1 | g2 | g3'|        g0..g2 indexed, g3' partial (private)
     slot 5 (running):   | g0 | g1 | n2 | n3 |        aliases g0, g1; writes from n2 on
