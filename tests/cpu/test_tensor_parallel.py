@@ -105,7 +105,7 @@ def make_allocator(budget_pages: int = 24, prefix_cache: bool = False) -> KVCach
 @pytest.mark.parametrize("prefix_cache", [False, True])
 def test_replaying_the_page_plan_reproduces_the_books(prefix_cache: bool) -> None:
     """With the prefix cache, prompts share starts, and both ranks book the same steps (which
-    index the prompts' pages): every rank aliases the same pages."""
+    index the prompts' pages): every rank aliases, copies and takes over the same pages."""
     rng = random.Random(7)
     leader, follower = (
         make_allocator(prefix_cache=prefix_cache),
@@ -149,6 +149,13 @@ def test_replaying_the_page_plan_reproduces_the_books(prefix_cache: bool) -> Non
     assert follower.reclaimable_pages() == leader.reclaimable_pages()
     assert books(follower) == books(leader)
     assert not prefix_cache or leader.stats().prefix_hits_tokens > 0
+    # Copy, alias and take-over decisions follow the books alone: every rank makes the same ones.
+    lead, follow = leader.stats(), follower.stats()
+    assert not prefix_cache or lead.prefix_copied_pages > 0
+    assert (follow.prefix_copied_pages, follow.prefix_takeovers) == (
+        lead.prefix_copied_pages,
+        lead.prefix_takeovers,
+    )
     follower.check_invariants(deep=True)
 
 
