@@ -24,6 +24,9 @@ from replica.options import add_option_arguments
 if TYPE_CHECKING:
     from cluster.app import AppOptions
 
+#: ``--log-level``'s values: ``cluster.app.LOG_LEVELS`` (not imported here: it imports Ray).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 def add_serve_command(
     commands: argparse._SubParsersAction,  # type: ignore[type-arg]
@@ -66,6 +69,20 @@ def add_serve_command(
         "--api-key",
         default=os.environ.get("VATTN_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $VATTN_API_KEY)",
+    )
+    serve_parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help="the deployments' log level; debug also logs every request (Serve's access log)",
+    )
+    serve_parser.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        help="the same as --log-level debug",
     )
     serve_parser.set_defaults(run=serve_main)
 

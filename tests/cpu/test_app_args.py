@@ -151,3 +151,35 @@ def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch
         router="power-of-two",
         api_key="KEY",
     )
+
+
+def deployments_logging(app: Application) -> list[dict[str, Any]]:
+    """The ingress's and the replica's Serve logging configs."""
+    ingress = app._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    return [d._deployment_config.logging_config for d in (ingress, replica)]
+
+
+def test_serve_logs_no_line_per_request_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vattn serve` is quiet: Serve's access log (two lines a request) only at debug level,
+    ``--verbose`` or ``--log-level debug``; ``serve run ... log_level=debug`` the same."""
+    seen: list[Any] = []
+    monkeypatch.setattr("cluster.serve_cli.serve_main", lambda args: seen.append(args) or 0)
+    for argv in ([], ["--verbose"], ["-v"], ["--log-level", "debug"], ["--log-level", "warning"]):
+        assert vattn_main(["serve", "--model", "synthetic", *argv]) == 0
+    quiet, verbose, short, debug, warning = (app_options(args) for args in seen)
+    for config in deployments_logging(build_app(quiet)):
+        assert config["enable_access_log"] is False and config["log_level"] == "INFO"
+    for options in (verbose, short, debug):
+        for config in deployments_logging(build_app(options)):
+            assert config["enable_access_log"] is True and config["log_level"] == "DEBUG"
+    assert warning.logging_config().log_level == "WARNING"
+    assert not warning.logging_config().enable_access_log
+    from cluster.app import LOG_LEVELS
+    from cluster.serve_cli import LOG_LEVELS as CLI_LEVELS
+
+    assert CLI_LEVELS == LOG_LEVELS
+    for config in deployments_logging(serve_builds({"model": "synthetic", "log_level": "DEBUG"})):
+        assert config["enable_access_log"] is True
+    with pytest.raises(ValidationError, match="log_level must be one of debug, info"):
+        serve_builds({"log_level": "loud"})
