@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from cluster import autoscaler
 from cluster.autoscaling import ScalingRule
@@ -35,6 +36,10 @@ def engine_options_model(declaration: type) -> type[BaseModel]:
 
 #: The engine's options as app args, derived from their one declaration (EngineConfig).
 EngineOptions = engine_options_model(EngineConfig)
+
+
+#: ``AppOptions.log_level``'s values.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class AppOptions(EngineOptions):  # type: ignore[misc, valid-type]
@@ -85,6 +90,9 @@ class AppOptions(EngineOptions):  # type: ignore[misc, valid-type]
     #: "headroom-only", the FreePageRouter ignoring prefixes; "prefix-affinity", Ray Serve LLM's
     #: PrefixCacheAffinityRouter (cluster.affinity_router).
     router: str = "free-pages"
+    #: The deployments' log level (``LOG_LEVELS``); at "debug" Serve also logs every request (its
+    #: access log, two lines a request: the ingress's and the replica's), off otherwise.
+    log_level: str = "info"
 
     @field_validator("router")
     @classmethod
@@ -101,6 +109,14 @@ class AppOptions(EngineOptions):  # type: ignore[misc, valid-type]
             known = ", ".join(autoscaler.AUTOSCALERS)
             raise ValueError(f"AppOptions.autoscaler must be one of {known}; got {policy!r}")
         return policy
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        if level.lower() not in LOG_LEVELS:
+            known = ", ".join(LOG_LEVELS)
+            raise ValueError(f"AppOptions.log_level must be one of {known}; got {level!r}")
+        return level.lower()
 
     @model_validator(mode="after")
     def _engine_accepts(self) -> "AppOptions":
@@ -182,6 +198,12 @@ class AppOptions(EngineOptions):  # type: ignore[misc, valid-type]
         config = self.engine_declaration(**values)
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
+    def logging_config(self) -> LoggingConfig:
+        """Serve's logging of both deployments: quiet by default (no line per request)."""
+        return LoggingConfig(
+            log_level=self.log_level.upper(), enable_access_log=self.log_level == "debug"
+        )
+
     def request_router_config(self) -> RequestRouterConfig:
         if self.router == "power-of-two":
             return RequestRouterConfig()  # Serve's default class and stats period
@@ -224,11 +246,14 @@ def build_app(args: AppOptions) -> Application:
             # A stopping replica gets no new requests and finishes the ones it has.
             graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
             graceful_shutdown_wait_loop_s=1.0,
+            logging_config=options.logging_config(),
             **options.replica_count_options(),
             **tp_options,
         )
     replica = deployment.bind(options.engine_config(), options.metrics_period_s)
-    ingress = VattnIngress.options(ray_actor_options={"num_cpus": 0.1})
+    ingress = VattnIngress.options(
+        ray_actor_options={"num_cpus": 0.1}, logging_config=options.logging_config()
+    )
     return ingress.bind(replica, options.model, options.api_key)
 
 

@@ -545,7 +545,7 @@ class VattnIngress:
                 self.raise_failed(output)
                 text += output.text
                 if logprobs is not None:
-                    logprobs.add(output.token_ids, output.logprobs, output.top_logprobs)
+                    logprobs.add_output(output)
                 last = output
         except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
             message = f"the replica is unavailable, retry: {_rejection(error)}"

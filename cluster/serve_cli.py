@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +24,9 @@ from replica.options import add_option_arguments
 
 if TYPE_CHECKING:
     from cluster.app import AppOptions
+
+#: ``--log-level``'s values: ``cluster.app.LOG_LEVELS`` (not imported here: it imports Ray).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_serve_command(
@@ -67,6 +71,20 @@ def add_serve_command(
         default=os.environ.get("VATTN_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $VATTN_API_KEY)",
     )
+    serve_parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help="the deployments' log level; debug also logs every request (Serve's access log)",
+    )
+    serve_parser.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        help="the same as --log-level debug",
+    )
     serve_parser.set_defaults(run=serve_main)
 
 
@@ -82,6 +100,20 @@ def app_options(args: argparse.Namespace, options: type[AppOptions] | None = Non
     return options(**values)
 
 
+def fetch_model(model: str) -> bool:
+    """Resolves the model here, before Ray starts, so that a first use's download (the embedded
+    model's) shows its progress on the console; the replicas, in their actors, then find it in
+    the cache. False (said on stderr) when there is no such model."""
+    from replica.model.source import resolve_model_dir
+
+    try:
+        resolve_model_dir(model, progress=True)
+    except (FileNotFoundError, RuntimeError) as error:
+        print(f"vattn serve: {error}", file=sys.stderr)
+        return False
+    return True
+
+
 def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -90,6 +122,8 @@ def serve_main(args: argparse.Namespace) -> int:
 
     options = app_options(args)  # refused here, before Ray starts, if invalid
     most = options.max_replicas or options.replicas
+    if not args.address and not fetch_model(args.model):
+        return 2
     if args.address:
         ray.init(address=args.address)
     else:

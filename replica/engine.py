@@ -440,6 +440,7 @@ class LLMEngine:
                     if result.top_logprobs is not None and request.params.logprobs
                     else None,
                     cached_tokens=request.cached_tokens,
+                    stop_token=reason == "stop" and self._is_stop_token(request, token),
                 )
             )
         return outputs
@@ -449,13 +450,17 @@ class LLMEngine:
         self.history.release(request_id)
         self.grammars.release(request_id)
 
-    def _finish_without_text(self, request: Request, token: int) -> str | None:
+    def _is_stop_token(self, request: Request, token: int) -> bool:
+        """Whether sampling ``token`` ends ``request`` (a stop token id, or EOS unless ignored)."""
         params = request.params
-        if token in params.stop_token_ids or (
+        return token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids
-        ):
+        )
+
+    def _finish_without_text(self, request: Request, token: int) -> str | None:
+        if self._is_stop_token(request, token):
             return "stop"
-        return "length" if len(request.output_token_ids) >= params.max_tokens else None
+        return "length" if len(request.output_token_ids) >= request.params.max_tokens else None
 
     def stats(self, drain_latency: bool = False) -> EngineStats:
         """The scheduler's gauges, the counters' totals and the KV books (under tensor parallelism

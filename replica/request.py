@@ -38,6 +38,9 @@ class RequestOutput:
     error: str | None = None  # set when the request failed rather than finished
     replica: str | None = None  # set by the serving layer: which replica produced it
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
+    # The last of token_ids is the stop token (EOS or a stop token id) that ended the request: it
+    # counts as generated, but its text is not in the output (OpenAI's logprobs leave it out too).
+    stop_token: bool = False
 
 
 @dataclass(eq=False)

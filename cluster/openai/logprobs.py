@@ -7,7 +7,7 @@ import codecs
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.openai.responses import (
     ChatLogprobs,
@@ -16,6 +16,9 @@ from cluster.openai.responses import (
     TokenLogprob,
     TopLogprob,
 )
+
+if TYPE_CHECKING:
+    from replica.request import RequestOutput
 
 #: A token's bytes at most, for a model without a tokenizer (its prompts are token ids).
 DEFAULT_TOKEN_BYTES = 16
@@ -118,9 +121,10 @@ class Logprobs:
     ``{tokens, token_logprobs, top_logprobs, text_offset}``, each ``top_logprobs`` dict holding
     the ``logprobs`` most likely tokens and the chosen one (so up to ``logprobs`` + 1), each
     ``text_offset`` where the token's text starts in the completion (a token that ends inside a
-    character starts where that character does). There is one entry per generated token, the
-    stop token included. ``take()`` returns those of the tokens added since the last take: a
-    stream's chunk, or the whole reply when taken once.
+    character starts where that character does). There is one entry per generated token but the
+    stop token that ended the request (EOS or a stop token id): as in OpenAI's, the tokens'
+    texts join into the content, which leaves that token's text out. ``take()`` returns those of
+    the tokens added since the last take: a stream's chunk, or the whole reply when taken once.
     """
 
     def __init__(self, strings: TokenStrings, chat: bool) -> None:
@@ -128,6 +132,11 @@ class Logprobs:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._offset = 0
         self._pending: list[tuple[int, float, TopPairs]] = []
+
+    def add_output(self, output: RequestOutput) -> None:
+        """The tokens of one output, less the stop token that ended the request."""
+        kept = len(output.token_ids) - output.stop_token
+        self.add(output.token_ids[:kept], output.logprobs, output.top_logprobs)
 
     def add(
         self,
@@ -139,6 +148,11 @@ class Logprobs:
             logprob = logprobs[i] if logprobs is not None and i < len(logprobs) else -math.inf
             top = top_logprobs[i] if top_logprobs is not None and i < len(top_logprobs) else ()
             self._pending.append((token_id, logprob, top))
+
+    @property
+    def pending(self) -> int:
+        """Tokens added since the last ``take()``."""
+        return len(self._pending)
 
     def take(self) -> LogprobsBody:
         pending, self._pending = self._pending, []

@@ -89,7 +89,7 @@ class ReplyStream:
         self.finished += output.finished
         logprobs = self.logprobs[index]
         if logprobs is not None:
-            logprobs.add(output.token_ids, output.logprobs, output.top_logprobs)
+            logprobs.add_output(output)
         bodies: list[Chunk] = []
         if self.chat:
             bodies += self._chat_chunks(index, output)
@@ -131,8 +131,10 @@ class ReplyStream:
         ]
 
     def _take(self, index: int) -> LogprobsBody | None:
+        """The logprobs of the choice's tokens since its last chunk; None (as OpenAI's) when it has
+        none, e.g. the last chunk of a reply ended by its stop token."""
         logprobs = self.logprobs[index]
-        return logprobs.take() if logprobs is not None else None
+        return logprobs.take() if logprobs is not None and logprobs.pending else None
 
     def _with_usage(self, bodies: list[Chunk]) -> list[Chunk]:
         """``"usage": null`` on every chunk with include_usage; else the usage on the chunk that

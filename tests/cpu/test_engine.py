@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -226,3 +228,37 @@ def test_committed_pages_count_every_request_at_its_max_tokens(tiny_dir: Path) -
     while engine.has_work():
         engine.step()
     assert engine.scheduler.committed_pages() == 0
+
+
+def test_an_output_ended_by_its_stop_token_says_so(tiny_dir: Path, smollm: LLM) -> None:
+    """The last output of a request a stop token ended marks that token (its text is not in the
+    output, so the serving layer leaves it out of logprobs); other outputs do not."""
+
+    def outputs(engine: Any, prompt: list[int], params: SamplingParams) -> list[Any]:
+        engine.add_request("r", prompt, params)
+        seen = []
+        while engine.has_work():
+            seen += engine.step()
+        return seen
+
+    tiny = tiny_llm(tiny_dir).engine
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    free = outputs(tiny, PROMPTS[0], params)
+    assert free[-1].finish_reason == "length" and not any(o.stop_token for o in free)
+    tokens = [o.token_ids[0] for o in free]
+    ends = tokens.index(tokens[2]) + 1  # the stop token's first occurrence
+    stopped = outputs(tiny, PROMPTS[0], dataclasses.replace(params, stop_token_ids=(tokens[2],)))
+    assert [o.token_ids[0] for o in stopped] == tokens[:ends]
+    assert [o.stop_token for o in stopped] == [False] * (ends - 1) + [True]
+    # With a tokenizer (the text goes through the detokenizer): EOS ends the chat.
+    prompt = smollm.tokenizer.encode(
+        smollm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    )
+    chat = outputs(smollm.engine, prompt, SamplingParams(max_tokens=64, temperature=0))
+    assert chat[-1].finish_reason == "stop" and chat[-1].stop_token
+    assert chat[-1].token_ids[0] in smollm.engine.eos_token_ids and chat[-1].text == ""
+    assert not any(o.stop_token for o in chat[:-1])

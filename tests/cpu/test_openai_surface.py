@@ -724,6 +724,104 @@ def test_logprobs_json_can_carry() -> None:
     json.dumps(entry, allow_nan=False)
 
 
+def scripted_reply(tokenizer: Any, body: Any, text: str) -> list[Any]:
+    """What the ingress answers ``body`` (streamed: its events' bodies, as JSON) when the replica
+    generates ``text`` a token an output and then EOS, which ends the request and is not output."""
+    ids = tokenizer.encode(text)
+    outputs, out = [], ""
+    for i, t in enumerate(ids):
+        so_far = tokenizer.decode(ids[: i + 1])
+        piece = "" if so_far.endswith("\ufffd") else so_far[len(out) :]  # a character's end
+        out += piece
+        outputs.append(ingress.RequestOutput("r", piece, (t,), False, None, 3, i + 1, (-0.5,)))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    n = len(ids) + 1
+    outputs.append(
+        ingress.RequestOutput("r", "", (eos,), True, "stop", 3, n, (-0.1,), stop_token=True)
+    )
+    accepted = ingress.RequestOutput("r", "", (), False, None, 3, 0)
+
+    class Stream:
+        async def __aiter__(self) -> Any:
+            for output in outputs:
+                yield output
+
+        def cancel(self) -> None:
+            pass
+
+    async def start(request: Any) -> Any:
+        return Stream(), accepted
+
+    fake = FakeIngress(tokenizer)
+    fake.tokens = TokenStrings(tokenizer)
+    fake.start = start
+    chat = isinstance(body, ChatCompletionRequest)
+    logprobs = body.logprobs_asked() if chat else body.logprobs
+    limits = RequestLimits(context_tokens=100, max_token_bytes=4)
+    prefix = "chatcmpl" if chat else "cmpl"
+    reply = FakeIngress.cls.reply(prefix, (1, 2, 3), body, logprobs, limits, "prompt")
+    response = asyncio.run(fake.answer(reply, ModelInfo("m", 100, 16.0), body, logprobs))
+    if not body.stream:
+        return [json.loads(response.body)]
+
+    async def read() -> list[str]:
+        return [event async for event in response.body_iterator]
+
+    events = asyncio.run(read())
+    assert events[-1] == "data: [DONE]\n\n"
+    return [json.loads(event[6:]) for event in events[:-1]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_leave_out_the_stop_token_as_the_content_does(
+    tokenizer: Any, stream: bool
+) -> None:
+    """OpenAI's logprobs never hold the token that ended the reply: joined, their tokens are the
+    content, not the content and ``<|im_end|>``."""
+    text = "The capital of France is Paris. 東京"
+    body = ChatCompletionRequest.model_validate(
+        {"messages": USER, "logprobs": True, "top_logprobs": 1, "stream": stream}
+    )
+    bodies = scripted_reply(tokenizer, body, text)
+    if stream:
+        chunks = [ChatCompletionChunk.model_validate(b) for b in bodies]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        entries = [
+            e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        ]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices[0].logprobs is None  # the stop token's chunk: none, as OpenAI's
+        usage = chunks[-1].usage
+    else:
+        reply = ChatCompletion.model_validate(bodies[0])
+        content = reply.choices[0].message.content or ""
+        entries = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+        usage = reply.usage
+    assert content == text
+    assert b"".join(bytes(e.bytes or ()) for e in entries).decode() == text
+    assert "<|im_end|>" not in "".join(e.token for e in entries)
+    assert len(entries) == len(tokenizer.encode(text))
+    assert usage is not None and usage.completion_tokens == len(entries) + 1  # EOS was generated
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_leave_out_the_stop_token_as_the_text_does(
+    tokenizer: Any, stream: bool
+) -> None:
+    text = "Paris is the capital of France."
+    body = CompletionRequest.model_validate({"prompt": "hi", "logprobs": 0, "stream": stream})
+    bodies = scripted_reply(tokenizer, body, text)
+    if not stream:
+        Completion.model_validate(bodies[0])
+    choices = [b["choices"][0] for b in bodies if b["choices"]]
+    completed = "".join(c["text"] for c in choices)
+    tokens = [t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    offsets = [o for c in choices if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert choices[-1]["finish_reason"] == "stop"
+    assert completed == text and "".join(tokens) == text
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+
+
 # ---- 3. include_usage, 6. model cards ------------------------------------------------------------
 def test_the_usage_chunk_has_no_choices_and_the_usage() -> None:
     chunk = as_openai(ChatCompletionChunk, usage_chunk("chatcmpl-1", "m", True, 7, 3))
