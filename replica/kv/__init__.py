@@ -21,9 +21,10 @@ block
     The paged mode's unit: ``block_size`` (16) tokens of every layer's K and V, one block-table
     entry.
 prefix block
-    The unit the prefix index keys (``replica.kv.prefix``): ``prefix_block_tokens`` consecutive
-    tokens from a block-aligned position (a page group in the vAttention cache, a block in the
-    paged mode). Its key hashes every token from position 0 to its end.
+    The unit the prefix index keys (``replica.kv.prefix``): ``prefix_block_tokens`` (16)
+    consecutive tokens from a block-aligned position, in both caches and every layout (a block in
+    the paged mode; in the vAttention cache a part of a page group, or several groups where a
+    token does not divide the page). Its key hashes every token from position 0 to its end.
 free / available pages
     *free*: created, mapped nowhere. *available*: what ``take`` can hand out now, free plus still
     creatable under the budget; ``reclaimable_pages`` adds cached pages and eager surplus.

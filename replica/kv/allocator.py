@@ -48,7 +48,7 @@ import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.config import KVCacheConfig, KVLayout
-from replica.kv.copies import CopyFence, PageCopy, SlotCopies
+from replica.kv.copies import CopyFence, SlotCopies, SlotCopy
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import (
     PrefixIndex,
@@ -71,6 +71,25 @@ from replica.vmm import (
 )
 
 log = logging.getLogger(__name__)
+
+#: A page group: the page ids mapped at one page index of a slot, one per range.
+Group = tuple[int, ...]
+#: Where a prefix block lives: its index and the groups holding its bytes (one per page it spans).
+BlockAt = tuple[int, tuple[Group, ...]]
+
+
+class _Locations(Sequence[BlockAt]):
+    """Where a slot's blocks live, computed on demand from its groups (``PrefixIndex.register``)."""
+
+    def __init__(self, config: KVCacheConfig, groups: list[Group]) -> None:
+        self._config, self._groups = config, groups
+
+    def __len__(self) -> int:
+        return len(self._groups) * self._config.page_size // self._config.block_bytes
+
+    def __getitem__(self, block: int) -> BlockAt:  # type: ignore[override]
+        return block, tuple(self._groups[p] for p in self._config.block_pages(block))
+
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
 _CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
@@ -113,16 +132,7 @@ class KVCacheAllocator(KVCache):
         self._last_ticket = 0
         self._waits: dict[WaitCause, list[float]] = {cause: [0, 0.0] for cause in WaitCause}
         self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
-        self._prefix = config.prefix_cache and config.tokens_per_group > 0
-        if config.prefix_cache and not self._prefix:
-            # NOTE: a page must end on a token boundary to be shared (a token straddling two
-            # pages would be written through a shared page): e.g. SmolLM2-135M's 3 KV heads give
-            # 23,040-byte tokens, which no 2 MiB page divides.
-            log.warning(
-                "prefix sharing is off: a %d-byte page does not hold whole %d-byte tokens",
-                config.page_size,
-                config.bytes_per_token,
-            )
+        self._prefix = config.prefix_cache
         root = root_key(
             "vattention",
             config.prefix_key,
@@ -133,10 +143,11 @@ class KVCacheAllocator(KVCache):
             config.head_dim,
             config.page_size,
         )
-        # Prefix key -> the page group holding that block (a prefix block is a page group here).
-        self._index: PrefixIndex[tuple[int, ...]] = PrefixIndex(
-            root, config.tokens_per_group if self._prefix else 0
+        # Prefix key -> the block and the groups holding its bytes; each group's located blocks.
+        self._index: PrefixIndex[BlockAt] = PrefixIndex(
+            root, config.prefix_block_tokens if self._prefix else 0
         )
+        self._located: dict[Group, set[BlockAt]] = {}
         self._queries = PrefixQueries()  # lookups by acquire, and hits
         self.prefix_evicted_pages = 0  # indexed pages dropped from the index
         self.prefix_takeovers = 0  # hits served in a slot holding another conversation's history
@@ -207,38 +218,35 @@ class KVCacheAllocator(KVCache):
         hit_keys = keys[: len(hit)]
         index = self._choose_slot(hit, hit_keys, need, tokens_hint)
         slot = self._slots[index]
-        kept = self._holds(slot, hit_keys)  # leading groups of the slot that already hold the hit
-        if slot.state is SlotState.CACHED:
-            self._reuse(index, hit, kept)
-        else:
-            self._alias(index, hit[kept:])
-        cached_tokens = len(hit) * self.config.tokens_per_group
+        kept = self._holds(slot, hit_keys)  # leading blocks of the slot that already hold the hit
+        taken = self._take_hit(index, hit, kept) if self._prefix else 0
+        cached_tokens = taken * self.config.prefix_block_tokens
         if self._prefix:
             self._queries.acquired(index, len(prompt), cached_tokens)
         self._set_state(slot, SlotState.RUNNING)
         self._admitting.add(index)
         slot.length, slot.reserved = cached_tokens, cached_tokens
-        slot.token_ids, slot.keys, slot.frozen = prompt, hit_keys, len(hit)
+        slot.token_ids, slot.keys, slot.frozen = prompt, hit_keys[:taken], taken
         self._flush()
         self._checked()
         return index
 
     @property
     def prefix_block_tokens(self) -> int:
-        return self.config.tokens_per_group if self._prefix else 0
+        return self.config.prefix_block_tokens if self._prefix else 0
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
-        """Tokens of ``prompt`` that ``acquire`` would find cached now (whole page groups, never
+        """Tokens of ``prompt`` that ``acquire`` would find cached now (whole prefix blocks, never
         the last prompt token)."""
-        return len(self._lookup(tuple(prompt))[0]) * self.config.tokens_per_group
+        return len(self._lookup(tuple(prompt))[0]) * self.prefix_block_tokens
 
-    def _lookup(self, prompt: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list[int]]:
-        """The indexed groups holding the longest usable prefix of ``prompt``, and the keys
-        computed on the way (one more than the groups where the chain broke)."""
+    def _lookup(self, prompt: tuple[int, ...]) -> tuple[list[BlockAt], list[int]]:
+        """Where the blocks of the longest cached usable prefix of ``prompt`` live, and the keys
+        computed on the way (one more than the blocks where the chain broke)."""
         return self._index.lookup(prompt) if self._prefix else ([], [])
 
     def _choose_slot(
-        self, hit: list[tuple[int, ...]], hit_keys: list[int], need: int, tokens_hint: int
+        self, hit: list[BlockAt], hit_keys: list[int], need: int, tokens_hint: int
     ) -> int:
         """The slot ``acquire`` gives (its docstring's order)."""
         if hit:
@@ -261,8 +269,8 @@ class KVCacheAllocator(KVCache):
 
     @staticmethod
     def _holds(slot: _Slot, hit_keys: list[int]) -> int:
-        """How many leading groups of ``slot`` hold the hit's blocks (equal keys: equal K/V,
-        aliased or copied)."""
+        """How many leading blocks of ``slot`` hold the hit's (equal keys: equal K/V, aliased or
+        copied)."""
         held = 0
         limit = min(slot.frozen, len(hit_keys))
         while held < limit and slot.keys[held] == hit_keys[held]:
@@ -308,79 +316,139 @@ class KVCacheAllocator(KVCache):
             f"all {self.config.max_slots} slots are running",
         )
 
-    def _alias(self, slot_index: int, groups: list[tuple[int, ...]]) -> None:
-        """Maps ``groups`` (indexed, held by other slots) at the slot's next page indices."""
-        if not groups:
-            return
+    def _alias(self, slot_index: int, group: Group) -> None:
+        """Maps ``group`` (indexed, held by other slots) at the slot's next page index."""
         slot = self._slots[slot_index]
-        self._pool.share([page for group in groups for page in group])
+        self._pool.share(group)
         base = slot_index * self.config.pages_per_slot + len(slot.groups)
-        self._add_groups(slot, groups)
-        slot.tickets.extend([self._last_ticket + 1] * len(groups))
-        for r, reservation in enumerate(self._ranges):
-            ops = [group[r] for group in groups]
-            self._ops.append(Op.map(reservation, base, ops, cause=OpCause.ALIAS))
+        self._add_groups(slot, [group])
+        slot.tickets.append(self._last_ticket + 1)
+        for reservation, page in zip(self._ranges, group):
+            self._ops.append(Op.map(reservation, base, [page], cause=OpCause.ALIAS))
 
-    def _reuse(self, slot_index: int, hit: list[tuple[int, ...]], kept: int) -> None:
-        """Gives a released slot, whose first ``kept`` groups are already the hit's, the rest of
-        ``hit``: copied into the pages only it maps while free pages cover the copies, else
-        aliased after unmapping its pages (``acquire``'s rule). The slot keeps the pages only it
-        maps beyond what it copied (the request writes there), unindexed: their history is
-        evicted. Groups it shares with other slots and that are not the hit's are unmapped."""
-        slot = self._slots[slot_index]
-        # Held while the slot's own pages go, so a hit group only this slot maps stays alive.
-        held = [page for group in hit[kept:] for page in group]
-        self._pool.share(held)
-        self._copies.settle(slot_index, kept)  # its pages from `kept` on are rewritten or unmapped
-        end = kept
+    def _take_hit(self, slot_index: int, hit: list[BlockAt], kept: int) -> int:
+        """Gives the slot, whose first ``kept`` blocks already hold the hit's, the rest of ``hit``
+        (``acquire``'s rule, page by page from the one holding block ``kept``): a page wholly
+        inside the hit whose blocks all live in one group is copied into the slot's own page
+        there while free pages cover such copies, else aliased; the hit's bytes of other pages
+        are copied into the slot's own page (a fresh one if it maps none). The slot keeps the
+        pages only it maps beyond, unindexed from block ``kept`` on (their history is evicted);
+        pages it shares with others and cannot write go. Returns the blocks the slot holds: all
+        of the hit's, or fewer where no free page was left for a partial page's copy."""
+        config, slot = self.config, self._slots[slot_index]
+        size, hit_end = config.page_size, len(hit) * config.block_bytes
+        start = kept * config.block_bytes  # the first byte to fill
+        first = start // size
+        self._copies.settle(slot_index, first)  # its pages from `first` on are rewritten
+        end = first  # the slot's pages [first, end) are its own: rewritten in place
         while end < len(slot.groups) and self._private(slot.groups[end]):
-            self._unindex(slot.groups[end])
+            self._unindex(slot.groups[end], from_block=kept)
             end += 1
-        copyable = max(min(end, len(hit)) - kept, 0)
-        copied = min(copyable, self._pool.available // self.config.num_ranges)
-        self._copy_hit(slot_index, hit, kept, kept + copied)
-        keep = end if copied == copyable else kept + copied
-        self._shrink_slot(slot_index, keep, OpCause.REUSE)
-        self._alias(slot_index, hit[keep:])
-        if self._pool.give_back(held):
-            raise RuntimeError("bug: a hit's page was freed while the hit was being taken")
+        if end == first < len(slot.groups):
+            start = first * size  # a shared page the slot cannot write: refilled whole
+        whole = self._whole_pages(hit)
+        budget = self._pool.available // config.num_ranges  # pages copies may keep from aliasing
+        spans: list[tuple[int, int]] = []  # byte ranges to copy from the hit's holders
+        taken, shrunk = len(hit), False
+        for page in range(first, -(-hit_end // size)):
+            lo, hi = max(page * size, start), min((page + 1) * size, hit_end)
+            group = whole.get(page) if (lo, hi) == (page * size, (page + 1) * size) else None
+            if page < end and (group is None or budget > 0):
+                budget -= group is not None
+                spans.append((lo, hi))
+                continue
+            if not shrunk:  # from here on the slot's pages go: shared, or pages are scarce
+                self._shrink_slot(slot_index, page, OpCause.REUSE, exact=True)
+                shrunk, end = True, page
+            if group is not None:
+                self._alias(slot_index, group)
+            elif self._add_fresh_group(slot_index):
+                spans.append((lo, hi))
+            else:  # no page for the partial page's copy: the hit ends before it, and aliases
+                # reaching past its end go (a shared page lies wholly below the frozen blocks)
+                slot.frozen = page * size // config.block_bytes
+                self._shrink_slot(slot_index, len(slot.groups), OpCause.REUSE)
+                taken, shrunk = slot.frozen, True
+                break
+        if not shrunk:  # the pages it shares beyond its own go: the request writes there
+            self._shrink_slot(slot_index, end, OpCause.REUSE, exact=True)
+        limit = min(taken * config.block_bytes, hit_end, len(slot.groups) * size)
+        self._copy_spans(slot_index, hit[:taken], spans, limit)
+        return taken
 
-    def _copy_hit(self, slot_index: int, hit: list[tuple[int, ...]], first: int, last: int) -> None:
-        """Copies the hit's groups ``[first, last)`` into the slot's own pages at those indices,
-        from the slots that map them (waiting first for both sides' maps: ordering contract 2)."""
-        if first >= last:
+    def _whole_pages(self, hit: list[BlockAt]) -> dict[int, Group]:
+        """Page index -> the one group every block of the hit touching that page lives in (pages
+        whose blocks live in several groups are left out: they can only be copied)."""
+        groups: dict[int, Group] = {}
+        mixed: set[int] = set()
+        for j, located in hit:
+            for page, group in zip(self.config.block_pages(j), located):
+                if groups.setdefault(page, group) != group:
+                    mixed.add(page)
+        for page in mixed:
+            del groups[page]
+        return groups
+
+    def _add_fresh_group(self, slot_index: int) -> bool:
+        """Maps a free page group at the slot's next page index without reclaiming (a reclaim
+        could unmap a copy's source): False if none is free."""
+        slot, ranges = self._slots[slot_index], self.config.num_ranges
+        taken = self._pool.take(ranges)
+        if taken is None:
+            return False
+        if taken.new_ids:
+            self._ops.append(Op.create(list(taken.new_ids), cause=OpCause.GROWTH))
+        base = slot_index * self.config.pages_per_slot + len(slot.groups)
+        self._add_groups(slot, [taken.ids])
+        slot.tickets.append(self._last_ticket + 1)
+        for reservation, page in zip(self._ranges, taken.ids):
+            self._ops.append(Op.map(reservation, base, [page], cause=OpCause.GROWTH))
+        return True
+
+    def _copy_spans(
+        self, slot_index: int, hit: list[BlockAt], spans: list[tuple[int, int]], limit: int
+    ) -> None:
+        """Copies the hit's bytes in ``spans`` (below ``limit``) into the slot, from slots that
+        map the blocks' groups, once both sides are mapped (ordering contract 2)."""
+        spans = [(lo, min(hi, limit)) for lo, hi in spans if lo < limit]
+        if not spans:
             return
-        slot = self._slots[slot_index]
-        copies: list[PageCopy] = []
-        position = first
-        while position < last:
-            source = self._holder(hit, position, exclude=slot_index)
-            run_end = position + 1
-            holder = self._slots[source]
-            while (
-                run_end < last
-                and run_end < len(holder.groups)
-                and holder.groups[run_end] == hit[run_end]
-            ):
-                run_end += 1
-            tickets = holder.tickets[run_end - 1], slot.tickets[run_end - 1]
-            for ticket in tickets:
+        self._flush()  # fresh target pages' maps go out first
+        config, slot = self.config, self._slots[slot_index]
+        size, block = config.page_size, config.block_bytes
+        copies: list[SlotCopy] = []
+        source = -1
+        for lo, hi in spans:
+            for j in range(lo // block, -(-hi // block)):
+                if source < 0 or not self._maps(self._slots[source], hit[j]):
+                    source = self._holder(hit[j], exclude=slot_index)
+                a, b = max(lo, j * block), min(hi, (j + 1) * block)
+                last = copies[-1] if copies else None
+                if last and last.source == source and last.stop == a:
+                    copies[-1] = SlotCopy(source, slot_index, last.start, b)
+                else:
+                    copies.append(SlotCopy(source, slot_index, a, b))
+        for c in copies:
+            last_page = c.pages(size)[-1]
+            for ticket in (self._slots[c.source].tickets[last_page], slot.tickets[last_page]):
                 if not self._worker.done(ticket):
                     self._wait(ticket, WaitCause.ADMISSION)
-            copies.append(PageCopy(source, slot_index, position, run_end))
-            position = run_end
         self._copies.copy(copies)
 
-    def _holder(self, hit: list[tuple[int, ...]], position: int, exclude: int) -> int:
-        """A slot other than ``exclude`` that maps ``hit[position]`` (at that page index)."""
+    def _maps(self, slot: _Slot, located: BlockAt) -> bool:
+        """Whether ``slot`` maps every group of a block, each at its page index."""
+        j, groups = located
+        pages = self.config.block_pages(j)
+        return len(slot.groups) >= pages.stop and all(
+            slot.groups[p] == g for p, g in zip(pages, groups)
+        )
+
+    def _holder(self, located: BlockAt, exclude: int) -> int:
+        """A slot other than ``exclude`` that maps the block's groups (at their page indices)."""
         for index, slot in enumerate(self._slots):
-            if (
-                index != exclude
-                and len(slot.groups) > position
-                and slot.groups[position] == hit[position]
-            ):
+            if index != exclude and self._maps(slot, located):
                 return index
-        raise RuntimeError(f"bug: no slot maps the indexed group {hit[position]}")
+        raise RuntimeError(f"bug: no slot maps the indexed block {located}")
 
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         """Ends a request. Its pages stay mapped (cached) until the pool needs them, unless
@@ -391,18 +459,22 @@ class KVCacheAllocator(KVCache):
         self._queries.released(slot_index)
         self._admitting.discard(slot_index)
         if self._prefix:
-            per_group = self.config.tokens_per_group
+            per_block = self.config.prefix_block_tokens
             stored = stored_prefix(
-                slot_index, token_ids, slot.length, slot.token_ids, slot.frozen * per_group
+                slot_index, token_ids, slot.length, slot.token_ids, slot.frozen * per_block
             )
             slot.frozen, unindexed = unfreeze_unwritten(
-                self._index, slot.groups, slot.frozen, len(stored) // per_group, self._private
+                self._index,
+                _Locations(self.config, slot.groups),
+                slot.frozen,
+                len(stored) // per_block,
+                lambda located: all(self._private(g) for g in located[1]),
             )
             self.prefix_evicted_pages += unindexed * self.config.num_ranges
             del slot.keys[slot.frozen :]
             slot.token_ids = stored
-            # Copied groups whose blocks' first holder has gone hold them now.
-            self._index.register(slot.keys, stored, slot.groups, 0, slot.frozen)
+            # Copied blocks whose first holder has gone are held here now.
+            self._index_blocks(slot, 0, slot.frozen)
             self._register(slot, len(stored))
         self._set_state(slot, SlotState.CACHED)
         slot.length, slot.reserved = 0, 0
@@ -414,14 +486,23 @@ class KVCacheAllocator(KVCache):
         self._checked()
 
     def _register(self, slot: _Slot, tokens: int) -> None:
-        """Indexes the slot's full groups holding its known tokens below ``tokens`` (written, or
+        """Indexes the slot's full blocks of its known tokens below ``tokens`` (written, or
         written by the step just launched, before any later step reads them) and freezes them."""
+        config = self.config
         limit = min(
-            min(tokens, len(slot.token_ids)) // self.config.tokens_per_group, len(slot.groups)
+            min(tokens, len(slot.token_ids)) // config.prefix_block_tokens,
+            len(slot.groups) * config.page_size // config.block_bytes,
         )
         if limit > slot.frozen:
-            self._index.register(slot.keys, slot.token_ids, slot.groups, slot.frozen, limit)
+            self._index_blocks(slot, slot.frozen, limit)
             slot.frozen = limit
+
+    def _index_blocks(self, slot: _Slot, start: int, limit: int) -> None:
+        """Indexes the slot's blocks ``[start, limit)`` where their keys are not indexed yet."""
+        located = _Locations(self.config, slot.groups)
+        for block in self._index.register(slot.keys, slot.token_ids, located, start, limit):
+            for group in block[1]:
+                self._located.setdefault(group, set()).add(block)
 
     def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
         return self._index.summary(limit) if self._prefix else None
@@ -430,8 +511,18 @@ class KVCacheAllocator(KVCache):
         """Whether only one slot maps ``group``."""
         return all(self._pool.mappings(p) == 1 for p in group)
 
-    def _unindex(self, group: tuple[int, ...]) -> None:
-        if self._index.remove(group):
+    def _unindex(self, group: Group, from_block: int = 0) -> None:
+        """Drops the index entries of the blocks (from ``from_block`` on) whose bytes lie in
+        ``group``: it is about to be rewritten or freed (eviction, counted in pages)."""
+        located = self._located.get(group)
+        if not located:
+            return
+        gone = [block for block in located if block[0] >= from_block]
+        removed = sum(self._index.remove(block) for block in gone)
+        located.difference_update(gone)
+        if not located:
+            del self._located[group]
+        if removed:
             self.prefix_evicted_pages += len(group)
 
     def length(self, slot_index: int) -> int:
@@ -448,10 +539,10 @@ class KVCacheAllocator(KVCache):
         pages cannot be had."""
         slot = self._running(slot_index)
         self.check_tokens(slot_index, tokens)
-        if tokens < slot.frozen * self.config.tokens_per_group:
+        if tokens < slot.frozen * self.config.prefix_block_tokens:
             raise ValueError(
                 f"slot {slot_index}: {tokens} tokens asked, below its "
-                f"{slot.frozen * self.config.tokens_per_group} shared, immutable ones"
+                f"{slot.frozen * self.config.prefix_block_tokens} shared, immutable ones"
             )
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._grow(slot_index, tokens)
@@ -640,17 +731,30 @@ class KVCacheAllocator(KVCache):
             if end < len(slot.groups):
                 pages -= self._shrink_slot(index, end, OpCause.RECLAIM)
 
-    def _shrink_slot(self, slot_index: int, keep_groups: int, cause: OpCause) -> int:
+    def _shrink_slot(
+        self, slot_index: int, keep_groups: int, cause: OpCause, exact: bool = False
+    ) -> int:
         """Unmaps the slot's groups from ``keep_groups`` on; returns the pages that freed (their
-        index entries go: eviction)."""
+        index entries go: eviction). Its blocks no longer wholly mapped thaw, and unless
+        ``exact`` (the caller refills the slot) a shared page they reach goes too: a slot maps a
+        shared page only wholly below its frozen blocks."""
         slot = self._slots[slot_index]
+        config = self.config
+        frozen = min(slot.frozen, keep_groups * config.page_size // config.block_bytes)
+        while not exact:
+            below = frozen * config.block_bytes // config.page_size  # pages wholly frozen
+            shared = [i for i in range(below, keep_groups) if not self._private(slot.groups[i])]
+            if not shared:
+                break
+            keep_groups = shared[0]
+            frozen = min(frozen, keep_groups * config.page_size // config.block_bytes)
         dropped = slot.groups[keep_groups:]
         if not dropped:
             return 0
         self._copies.settle(slot_index, keep_groups)  # no copy reads or writes them any more
         self._drop_groups(slot, dropped)
         del slot.groups[keep_groups:], slot.tickets[keep_groups:]
-        slot.frozen = min(slot.frozen, keep_groups)
+        slot.frozen = frozen
         if slot.state is SlotState.CACHED and not slot.groups:
             self._set_state(slot, SlotState.FREE)  # nothing left to reuse
             slot.token_ids, slot.keys, slot.frozen = (), [], 0
@@ -766,7 +870,7 @@ class KVCacheAllocator(KVCache):
             prefix_queries_tokens=self._queries.queries,
             prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
-            prefix_copied_pages=self._copies.pages_copied,
+            prefix_copied_bytes=self._copies.bytes_copied,
             prefix_takeovers=self.prefix_takeovers,
         )
 
@@ -806,10 +910,7 @@ class KVCacheAllocator(KVCache):
         assert self._group_running == running, "the running group counts differ from the slots"
         for group, count in mappings.items():
             assert all(self._pool.mappings(p) == count for p in group), (group, count)
-            assert count == 1 or group in self._index, f"shared group {group} is not indexed"
-        self._index.check_invariants()
-        self._copies.check_invariants()
-        assert self._index.locations() <= mappings.keys(), "index entry of no group"
+        self._check_index(mappings)
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
             stats
@@ -820,15 +921,19 @@ class KVCacheAllocator(KVCache):
             )
             if slot.state is SlotState.FREE:
                 assert not slot.groups, f"free slot {index} holds pages"
-            assert slot.frozen <= len(slot.groups), f"slot {index} froze unmapped groups"
-            assert all(g not in self._index for g in slot.groups[slot.frozen :]), (
-                f"slot {index} may write an indexed group"
+            frozen_bytes = slot.frozen * self.config.block_bytes
+            assert frozen_bytes <= len(slot.groups) * self.config.page_size, (
+                f"slot {index} froze unmapped blocks"
             )
+            for page, group in enumerate(slot.groups):
+                assert mappings[group] == 1 or (page + 1) * self.config.page_size <= frozen_bytes, (
+                    f"slot {index} may write its shared page {page}"
+                )
             if slot.state is SlotState.RUNNING:
                 assert len(slot.groups) >= self.config.page_groups_for(slot.length), (
                     f"slot {index} unbacked"
                 )
-                assert slot.length >= slot.frozen * self.config.tokens_per_group, (
+                assert slot.length >= slot.frozen * self.config.prefix_block_tokens, (
                     f"slot {index} is shorter than its immutable prefix"
                 )
         if deep:
@@ -846,6 +951,21 @@ class KVCacheAllocator(KVCache):
                     for g, group in enumerate(slot.groups):
                         expected[index * per_slot + g] = group[r]
                 assert actual == expected, f"range {r}: extension's mapping differs from the books"
+
+    def _check_index(self, mappings: Counter[Group]) -> None:
+        """Every indexed block is mapped whole by some slot and immutable in every slot mapping
+        one of its groups there; ``_located`` knows it."""
+        self._index.check_invariants()
+        self._copies.check_invariants()
+        for j, groups in self._index.locations():
+            pages = self.config.block_pages(j)
+            assert len(groups) == len(pages), f"block {j} located in {groups}"
+            assert any(self._maps(s, (j, groups)) for s in self._slots), f"block {j} is unmapped"
+            for slot in self._slots:
+                if any(p < len(slot.groups) and slot.groups[p] == g for p, g in zip(pages, groups)):
+                    assert slot.frozen > j, f"indexed block {j} is writable in a slot"
+            assert all((j, groups) in self._located.get(g, ()) for g in groups), "unlocated"
+            assert all(g in mappings for g in groups)
 
     def _checked(self) -> None:
         if _CHECK_ALWAYS:

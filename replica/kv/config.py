@@ -74,11 +74,23 @@ class KVCacheConfig:
     prefix_cache: bool = False
     #: What else the K/V of a token depends on (the model): part of the prefix keys' root.
     prefix_key: str = ""
+    #: Tokens a prefix block holds: the granularity of prefix sharing in every layout (the paged
+    #: mode's block). Pages wholly inside a hit are aliased or copied, the rest copied.
+    prefix_block_tokens: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))
         require_positive_ints(
-            self, ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "page_size")
+            self,
+            (
+                "num_layers",
+                "num_kv_heads",
+                "head_dim",
+                "max_slots",
+                "max_tokens",
+                "page_size",
+                "prefix_block_tokens",
+            ),
         )
         require_non_negative_ints(
             self, ("eager_pages", "max_idle_pages", "budget_bytes", "eager_lookahead_tokens")
@@ -131,12 +143,24 @@ class KVCacheConfig:
 
     @functools.cached_property
     def tokens_per_group(self) -> int:
-        """Tokens one page group holds whole, the prefix-sharing granularity; 0 when a token
-        straddles two pages (then nothing is shared). Interleaved: a page holds every layer of a
-        token (Llama-3-8B, 2 MiB: 16 tokens); per_layer: one layer's K or V (1,024 tokens)."""
+        """Tokens one page group holds whole; 0 when a token straddles two pages. Interleaved: a
+        page holds every layer of a token (Llama-3-8B, 2 MiB: 16 tokens); per_layer: one layer's
+        K or V (1,024 tokens). Prefix sharing is finer: ``prefix_block_tokens``."""
         if self.page_size % self.bytes_per_token:
             return 0
         return self.page_size // self.bytes_per_token
+
+    @functools.cached_property
+    def block_bytes(self) -> int:
+        """Bytes one prefix block occupies in one range."""
+        return self.prefix_block_tokens * self.bytes_per_token
+
+    def block_pages(self, block: int) -> range:
+        """The page indices (of a slot) that hold prefix block ``block``'s bytes: one, or several
+        where a block straddles pages (a token that does not divide the page, or 16 tokens that
+        outgrow it)."""
+        start = block * self.block_bytes
+        return range(start // self.page_size, (start + self.block_bytes - 1) // self.page_size + 1)
 
     def page_groups_for(self, tokens: int) -> int:
         """Page groups (pages per range) that back tokens [0, tokens) of a slot."""

@@ -70,19 +70,23 @@ def stream_fence(device: torch.device) -> CopyFence:
 
 
 @dataclass(frozen=True)
-class PageCopy:
-    """Pages ``[first, last)`` of slot ``source`` copied to the same page indices of ``target``,
-    in every range."""
+class SlotCopy:
+    """Bytes ``[start, stop)`` of slot ``source``'s region copied to the same offsets of slot
+    ``target``'s, in every range (a token's bytes sit at the same offset in every slot)."""
 
     source: int
     target: int
-    first: int
-    last: int
+    start: int
+    stop: int
+
+    def pages(self, page_size: int) -> range:
+        """The page indices (of a slot) the copy reads in ``source`` and writes in ``target``."""
+        return range(self.start // page_size, -(-self.stop // page_size))
 
 
 @dataclass
 class _Pin:
-    copy: PageCopy
+    copy: SlotCopy
     fence: CopyFence
 
 
@@ -107,25 +111,24 @@ class SlotCopies:
         device = self._ranges[0].device if self._ranges else torch.device("cpu")
         self._make_fence = make_fence or (lambda: stream_fence(device))
         self._pins: list[_Pin] = []
-        self.pages_copied = 0  # page copies issued, every range counted
+        self.bytes_copied = 0  # bytes copied, every range counted
 
-    def copy(self, copies: Sequence[PageCopy]) -> None:
+    def copy(self, copies: Sequence[SlotCopy]) -> None:
         """Enqueues ``copies`` (every range; one batched launch) and pins their pages until the
         fence recorded after them completes."""
         if not copies:
             return
         targets, sources = [], []
-        size = self._page_size
         for c in copies:
             for view in self._ranges:
-                targets.append(view[c.target, c.first * size : c.last * size])
-                sources.append(view[c.source, c.first * size : c.last * size])
+                targets.append(view[c.target, c.start : c.stop])
+                sources.append(view[c.source, c.start : c.stop])
         # NOTE: one multi-tensor launch for every range (per_layer has 64 ranges): a copy call
         # per range would cost more host time than the copies themselves.
         torch._foreach_copy_(targets, sources, non_blocking=True)
         fence = self._make_fence()
         self._pins.extend(_Pin(c, fence) for c in copies)
-        self.pages_copied += sum(c.last - c.first for c in copies) * len(self._ranges)
+        self.bytes_copied += sum(c.stop - c.start for c in copies) * len(self._ranges)
 
     def pinned(self, slot: int, first: int = 0) -> bool:
         """Whether a copy not known to be complete reads or writes the slot's pages from
@@ -148,9 +151,8 @@ class SlotCopies:
             pin.fence.wait()
         self._pins.clear()
 
-    @staticmethod
-    def _pins_slot(copy: PageCopy, slot: int, first: int) -> bool:
-        return slot in (copy.source, copy.target) and copy.last > first
+    def _pins_slot(self, copy: SlotCopy, slot: int, first: int) -> bool:
+        return slot in (copy.source, copy.target) and copy.pages(self._page_size).stop > first
 
     def _retire(self) -> None:
         self._pins = [pin for pin in self._pins if not pin.fence.done()]
@@ -158,4 +160,4 @@ class SlotCopies:
     def check_invariants(self) -> None:
         for pin in self._pins:
             c = pin.copy
-            assert c.source != c.target and 0 <= c.first < c.last, f"bad copy {c}"
+            assert c.source != c.target and 0 <= c.start < c.stop, f"bad copy {c}"

@@ -196,20 +196,23 @@ class PrefixIndex(Generic[Location]):
         locations: Sequence[Location],
         start: int,
         limit: int,
-    ) -> None:
+    ) -> list[Location]:
         """Indexes blocks ``start .. limit`` of a sequence whose tokens are ``token_ids`` and whose
         block ``j`` lives at ``locations[j]``, extending ``keys`` (its blocks' keys as far as
         computed) to ``limit``. A key or a location already indexed keeps its entry (the first
-        writer of a prefix is the one shared)."""
+        writer of a prefix is the one shared). Returns the locations it indexed."""
         if limit <= start:
-            return
+            return []
         extend_keys(keys, self.root, token_ids, self.tokens_per_block, limit)
+        added = []
         for j in range(start, limit):
             key, location = keys[j], locations[j]
             if key not in self._location and location not in self._key:
                 self._location[key], self._key[location] = location, key
+                added.append(location)
                 if is_summary_depth(j + 1):
                     self._summary[key] = None
+        return added
 
     def remove(self, location: Location) -> bool:
         """Drops ``location``'s entry (its memory is about to be reused); whether it had one."""

@@ -93,7 +93,7 @@ class KVCacheStats:
     prefix_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits_tokens: int = 0  # of which were found cached (not computed again)
     prefix_evicted_pages: int = 0  # indexed pages dropped (reclaimed or overwritten)
-    prefix_copied_pages: int = 0  # hit pages copied into a slot's own pages instead of aliased
+    prefix_copied_bytes: int = 0  # hit bytes copied into a slot's own pages (every range counted)
     prefix_takeovers: int = 0  # hits served in a released slot holding another conversation
 
     @property

@@ -5,9 +5,11 @@ under ``gpu``)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from replica import KVCacheAllocator
+from replica import KVCacheAllocator, KVCacheOutOfMemory
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 from tests.allocator.test_prefix_sharing import fill, k_values, make, page_ids
 
@@ -45,7 +47,7 @@ def test_a_hit_landing_in_a_released_slot_is_copied_into_its_pages(
     slot = allocator.acquire(len(request), request)
     assert slot == other and allocator.length(slot) == 2 * T
     ranges = allocator.config.num_ranges
-    assert allocator.stats().prefix_copied_pages == 2 * ranges
+    assert allocator.stats().prefix_copied_bytes == 2 * ranges * allocator.config.page_size
     allocator.synchronize()
     after = allocator.mapping_breakdown()
     assert after.pages("map", "alias") == before.pages("map", "alias")  # nothing aliased
@@ -72,7 +74,7 @@ def test_a_hit_is_aliased_when_free_pages_cannot_cover_a_copy(
     request = [*prompt[: 2 * T + 3], 9, 9]
     slot = allocator.acquire(len(request), request)
     assert slot == other and allocator.length(slot) == 2 * T
-    assert allocator.stats().prefix_copied_pages == 0
+    assert allocator.stats().prefix_copied_bytes == 0
     allocator.synchronize()
     assert page_ids(allocator, slot)[:2] == page_ids(allocator, holder)[:2]
     assert allocator.stats().pages_shared == 2
@@ -95,7 +97,7 @@ def test_a_hit_takes_over_the_released_slot_that_holds_it(make_allocator: MakeAl
     slot = allocator.acquire(len(request), request)
     stats = allocator.stats()
     assert slot == held and allocator.length(slot) == 2 * T
-    assert stats.prefix_takeovers == 1 and stats.prefix_copied_pages == 0
+    assert stats.prefix_takeovers == 1 and stats.prefix_copied_bytes == 0
     assert stats.prefix_evicted_pages == 1  # the conversation's third group
     allocator.synchronize()
     assert allocator.mapping_breakdown().pages("map") == before.pages("map")
@@ -115,7 +117,7 @@ def test_a_conversation_whose_prefix_was_copied_continues_in_place(
     cached_conversation(allocator, [7] * (3 * T + 5))
     turn1 = [*prompt[: 2 * T + 3], 9, 9]
     slot = allocator.acquire(len(turn1), turn1)
-    assert allocator.stats().prefix_copied_pages > 0
+    assert allocator.stats().prefix_copied_bytes > 0
     fill(allocator, slot, turn1)
     history = [*turn1, *range(40, 40 + T)]
     allocator.ensure(slot, len(history))
@@ -206,4 +208,64 @@ def test_a_completed_copy_pins_nothing(make_allocator: MakeAllocator) -> None:
     allocator.release(holder, prompt)
     allocator.shrink()  # unmaps every cached slot: nothing left to wait for
     assert not fences[0].waited
+    allocator.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+@pytest.mark.parametrize("block", [4, T, 24], ids=["inside-a-page", "a-page", "straddling"])
+def test_a_seeded_walk_aliases_copies_and_takes_over_keeping_every_token(
+    make_allocator: MakeAllocator, layout: str, block: int
+) -> None:
+    """Conversations over shared prompts in three slots under a small budget, with a fixed seed
+    (the state machine explores the same rules at random; this walk proves each path ran): every
+    running slot reads back the value of every token it stores, whether its prefix was aliased,
+    copied whole or in part, or taken over, and the books hold after every call."""
+    rng = random.Random(block)
+    ranges = 4 if layout == "per_layer" else 1
+    allocator = make(
+        make_allocator,
+        layout=layout,
+        max_slots=3,
+        max_tokens=6 * T,
+        budget_pages=14 * ranges,
+        eager_pages=1,
+        prefix_block_tokens=block,
+    )
+    stems = [[rng.randrange(2) for _ in range(90)] for _ in range(2)]
+    running: dict[int, list[int]] = {}
+    histories: list[list[int]] = []
+    hits = shared = 0
+    for _ in range(400):
+        choice = rng.random()
+        if choice < 0.45:
+            base = (
+                rng.choice(histories + stems)
+                if histories and rng.random() < 0.5
+                else rng.choice(stems)
+            )
+            prompt = [*base[: rng.randrange(len(base) + 1)], rng.randrange(2)][: 6 * T]
+            try:
+                slot = allocator.acquire(len(prompt), prompt)
+            except KVCacheOutOfMemory:
+                continue
+            hits += allocator.length(slot) > 0
+            try:
+                fill(allocator, slot, prompt)
+            except KVCacheOutOfMemory:
+                allocator.release(slot, prompt[: allocator.length(slot)])
+                continue
+            running[slot] = prompt
+            shared = max(shared, allocator.stats().pages_shared)
+        elif running:
+            slot = rng.choice(sorted(running))
+            prompt = running.pop(slot)
+            allocator.release(slot, prompt)
+            histories = [*histories[-5:], prompt]
+        allocator.check_invariants()
+        for slot, prompt in running.items():
+            assert k_values(allocator, slot, len(prompt)) == expected(prompt, len(prompt)), slot
+    stats = allocator.stats()
+    assert hits > 20 and shared > 0, (hits, shared)
+    assert stats.prefix_copied_bytes > 0, "no hit was copied"
+    assert stats.prefix_takeovers > 0, "no hit took over a released slot"
     allocator.check_invariants(deep=True)

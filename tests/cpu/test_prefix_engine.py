@@ -63,32 +63,34 @@ def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
 def test_later_turns_skip_their_history_and_the_system_prompt_is_shared(tiny_dir: Path) -> None:
     llm = tiny_llm(tiny_dir, prefix_cache=True)
     per_group = llm.engine.kv.config.tokens_per_group  # 8 tokens a page (interleaved)
+    block = llm.engine.kv.prefix_block_tokens  # 16: a prefix block spans two pages here
     histories = [[*SYSTEM, *question] for question in QUESTIONS]
     first = llm.generate(histories[:1], GREEDY)[0]
     assert first.cached_tokens == 0
-    # The others start like the first: the system prompt's whole pages are aliased.
+    # The others start like the first: the system prompt's whole blocks, their pages aliased.
     others = llm.generate(histories[1:], GREEDY)
-    assert all(c.cached_tokens == len(SYSTEM) // per_group * per_group for c in others)
+    shared = len(SYSTEM) // block * block
+    assert all(c.cached_tokens == shared for c in others)
     history = [*histories[0], *first.token_ids, 50, 51]
     second = llm.generate([history], GREEDY)[0]
-    # The next turn finds the whole first turn but its last, partial page.
+    # The next turn finds the whole first turn but its last, partial block.
     stored = len(histories[0]) + len(first.token_ids) - 1  # the last token was never fed
-    assert second.cached_tokens == stored // per_group * per_group
+    assert second.cached_tokens == stored // block * block
     # One physical copy of the system prompt's pages, mapped under every conversation's slot.
-    assert llm.engine.stats().kv.pages_shared == len(SYSTEM) // per_group
+    assert llm.engine.stats().kv.pages_shared == shared // per_group
     # What the router reads: the summary predicts the next turn's hit.
     from replica.kv.prefix import expected_hit_tokens
 
     routing = llm.engine.routing_stats()
-    assert routing.prefix_tokens_per_block == per_group and routing.prefix_keys
+    assert routing.prefix_tokens_per_block == block and routing.prefix_keys
     keys = frozenset(routing.prefix_keys)
-    assert expected_hit_tokens(history, routing.prefix_root, per_group, keys) >= len(SYSTEM) // 2
+    assert expected_hit_tokens(history, routing.prefix_root, block, keys) >= len(SYSTEM) // 2
 
 
 def test_a_model_whose_tokens_no_2mib_page_divides_shares_prefixes_on_the_cpu_by_default() -> None:
     """SmolLM2-135M's shape (30 layers, 3 KV heads of 64): a 46,080-byte token in float32, which
-    no 2 MiB page holds whole. With no page size configured the host page becomes 44 tokens, so
-    the prefix cache works as it does for any other model (it was off, with a warning)."""
+    no 2 MiB page holds whole. With no page size configured the host page becomes 44 tokens;
+    prefix blocks are 16 tokens whatever the page, so the second prompt finds six of them."""
     shape = dataclasses.replace(
         ModelConfig.tiny(), hidden_size=192, num_layers=30, num_heads=3, num_kv_heads=3, head_dim=64
     )
@@ -103,12 +105,12 @@ def test_a_model_whose_tokens_no_2mib_page_divides_shares_prefixes_on_the_cpu_by
         )
     )
     assert engine.kv.config.page_size == 2_027_520 and engine.kv.config.tokens_per_group == 44
-    prompt = [(5 * i) % 250 + 3 for i in range(100)]  # two whole 44-token pages and 12 tokens
+    prompt = [(5 * i) % 250 + 3 for i in range(100)]  # six whole 16-token blocks and 4 tokens
     for request_id, tokens in (("first", prompt), ("second", [*prompt[:-1], 9])):
         engine.add_request(request_id, tokens, GREEDY)
         while engine.has_work():
             engine.step()
-    assert engine.stats().kv.prefix_hits_tokens == 88
+    assert engine.stats().kv.prefix_hits_tokens == 96
 
 
 def test_openai_usage_reports_the_cached_prompt_tokens() -> None:

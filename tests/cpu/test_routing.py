@@ -551,11 +551,11 @@ def test_a_replicas_summary_predicts_what_its_cache_finds() -> None:
         prefix_cache=True,
     )
     cache = KVCacheAllocator(config, open_device("host", 4096))
-    assert config.tokens_per_group == 8
+    assert config.tokens_per_group == 8 and config.prefix_block_tokens == 16
     slot = cache.acquire(0, PROMPT[:257])
     cache.ensure(slot, 257)
     cache.release(slot, PROMPT[:257])
     summary = cache.prefix_summary()
-    assert summary is not None and summary.tokens_per_block == 8
+    assert summary is not None and summary.tokens_per_block == 16
     keys = frozenset(summary.keys)
-    assert expected_hit_tokens(PROMPT, summary.root, 8, keys) == cache.cached_tokens(PROMPT) == 256
+    assert expected_hit_tokens(PROMPT, summary.root, 16, keys) == cache.cached_tokens(PROMPT) == 256

@@ -151,9 +151,9 @@ def test_replaying_the_page_plan_reproduces_the_books(prefix_cache: bool) -> Non
     assert not prefix_cache or leader.stats().prefix_hits_tokens > 0
     # Copy, alias and take-over decisions follow the books alone: every rank makes the same ones.
     lead, follow = leader.stats(), follower.stats()
-    assert not prefix_cache or lead.prefix_copied_pages > 0
-    assert (follow.prefix_copied_pages, follow.prefix_takeovers) == (
-        lead.prefix_copied_pages,
+    assert not prefix_cache or lead.prefix_copied_bytes + lead.prefix_takeovers > 0
+    assert (follow.prefix_copied_bytes, follow.prefix_takeovers) == (
+        lead.prefix_copied_bytes,
         lead.prefix_takeovers,
     )
     follower.check_invariants(deep=True)

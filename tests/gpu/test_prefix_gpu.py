@@ -198,7 +198,7 @@ def test_a_copy_reads_its_source_after_the_step_writing_it(layout: str) -> None:
     cache.step_async({first: len(prompt)})  # the step that writes the prompt: indexed now
     second = cache.acquire(0, [*prompt[: 2 * per_group + 1], 7])
     assert second == old and cache.length(second) == 2 * per_group
-    assert cache.stats().prefix_copied_pages == 2 * cache.config.num_ranges
+    assert cache.stats().prefix_copied_bytes == 2 * cache.config.num_ranges * cache.config.page_size
     cache.synchronize()
     torch.cuda.synchronize()
     assert torch.equal(k[second, : 2 * per_group], k[first, : 2 * per_group])
@@ -227,6 +227,6 @@ def test_engine_tokens_agree_when_prefixes_are_copied_into_reused_slots(layout: 
     on_llm = LLM(prefix_cache=True, **common)
     on, cached = chat(on_llm, system, conversations=8)
     stats = on_llm.engine.stats().kv
-    assert cached > 0 and stats.prefix_copied_pages > 0, stats
+    assert cached > 0 and stats.prefix_copied_bytes > 0, stats
     assert tokens(on) == tokens(off)
     on_llm.engine.kv.check_invariants(deep=True)
