@@ -27,7 +27,7 @@ from typing import Any
 from ray import serve
 
 from cluster import autoscaling
-from cluster.metrics import ReplicaSnapshot, take_snapshot
+from cluster.metrics.snapshots import ReplicaSnapshot, take_snapshot
 from cluster.metrics_hub import MetricsPusher
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.async_engine import AsyncLLMEngine

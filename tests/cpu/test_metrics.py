@@ -12,19 +12,17 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import (
+from cluster.metrics.catalogue import METRICS
+from cluster.metrics.render import MetricsExporter, RouterView
+from cluster.metrics.snapshots import (
     MAX_PENDING_SAMPLES,
-    METRICS,
     AutoscalerSnapshot,
     EngineMetrics,
-    HistogramData,
-    MetricsExporter,
-    MetricsStore,
     RankSnapshot,
     ReplicaSnapshot,
-    RouterView,
     take_snapshot,
 )
+from cluster.metrics.store import HistogramData, MetricsStore
 from cluster.metrics_hub import MetricsPusher
 from replica import EngineConfig, LLMEngine, SamplingParams
 from replica.kv.stats import KVCacheStats
