@@ -28,6 +28,8 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest
 
+from cluster.protocol import GenerateRequest
+
 ROUTER_PATH = "cluster.affinity_router:PrefixAffinityRouter"
 _SURROGATES = 0xD800  # code points U+D800..U+DFFF are not characters: token ids skip them
 _BASE = 0x100
@@ -70,9 +72,8 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
 
     def _extract_text_from_request(self, pending_request: PendingRequest) -> str:
         for arg in (*pending_request.args, *pending_request.kwargs.values()):
-            token_ids = getattr(arg, "prompt_token_ids", None)
-            if token_ids is not None:
-                return token_text(token_ids)
+            if isinstance(arg, GenerateRequest):
+                return token_text(arg.prompt_token_ids)
         return super()._extract_text_from_request(pending_request)
 
 

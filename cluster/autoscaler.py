@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any
 
 from cluster import autoscaling
-from cluster.metrics import AutoscalerSnapshot
+from cluster.metrics.snapshots import AutoscalerSnapshot
 
 log = logging.getLogger(__name__)
 

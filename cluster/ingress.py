@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster import routing
-from cluster.metrics import MetricsExporter, ReplicaSeries, RouterView
+from cluster.metrics.render import MetricsExporter, RouterView
+from cluster.metrics.store import ReplicaSeries
 from cluster.metrics_hub import create_hub
 from cluster.openai.limits import RequestLimits
 from cluster.openai.logprobs import Logprobs, TokenStrings

@@ -21,7 +21,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cluster.metrics import AutoscalerSnapshot, MetricsStore, ReplicaSeries, ReplicaSnapshot
+from cluster.metrics.snapshots import AutoscalerSnapshot, ReplicaSnapshot
+from cluster.metrics.store import MetricsStore, ReplicaSeries
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ HUB_NAMESPACE = "vattn"
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class MetricsHub:
-    """A :class:`~cluster.metrics.MetricsStore` in an actor: every replica of every node pushes
-    here, and so does the KV-pressure autoscaling policy from Serve's controller; the ingress
-    reads the accumulated series on each scrape."""
+    """A :class:`~cluster.metrics.store.MetricsStore` in an actor: every replica of every node
+    pushes here, and so does the KV-pressure autoscaling policy from Serve's controller; the
+    ingress reads the accumulated series on each scrape."""
 
     def __init__(self, stale_after_s: float = 30.0) -> None:
         self.store = MetricsStore(stale_after_s)

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.metrics import ReplicaSnapshot, rank_snapshot
+from cluster.metrics.snapshots import ReplicaSnapshot, rank_snapshot
 from cluster.metrics_hub import MetricsPusher
 from replica.engine_config import EngineConfig
 from replica.tp.plan import RankStatus, Shutdown, StatusCode, StepMessage

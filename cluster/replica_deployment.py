@@ -17,17 +17,17 @@ its KV pages back to the device.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from cluster import autoscaling
-from cluster.metrics import ReplicaSnapshot, take_snapshot
+from cluster.metrics.snapshots import ReplicaSnapshot, take_snapshot
 from cluster.metrics_hub import MetricsPusher
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.async_engine import AsyncLLMEngine
@@ -62,20 +62,19 @@ class VattnReplica:
             pusher.stop()
         engine = getattr(self, "engine", None)
         if engine is not None and engine.alive():
-            released = engine.call(LLMEngine.release_kv_memory)
+            released = engine.release_kv_memory()
             if pusher is not None:
                 try:  # the books at the end (nothing created, nothing in use) reach /metrics
                     pusher.push_once()
                 except Exception:
                     log.exception("the last metrics push failed")
-            engine.call(LLMEngine.shutdown)  # the other tensor-parallel ranks, if any
-            engine.shutdown()  # the engine's loop
+            engine.shutdown()  # the other tensor-parallel ranks, if any, then the engine's loop
             log.info("vattn replica %s stopped; released %d KV pages", self.replica_id, released)
 
     def _metrics_snapshot(self) -> ReplicaSnapshot:
         """Gauges, counters and the latency samples since the last call: it drains the engine's
         latency log and map latencies, so the pusher is its only caller."""
-        return take_snapshot(self.name, self.replica_id, self.engine.call(LLMEngine.snapshot))
+        return take_snapshot(self.name, self.replica_id, self.engine.snapshot())
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """The request's deltas; the first, empty, says the engine accepted it (``announce``)."""
@@ -88,26 +87,24 @@ class VattnReplica:
             yield output
 
     async def model_info(self) -> ModelInfo:
-        limit, tokens_per_page = await self.engine.call_async(
-            lambda engine: (engine.context_limit, engine.routing_stats().tokens_per_page)
-        )
-        return ModelInfo(self.name, limit, tokens_per_page)
+        stats = await asyncio.to_thread(self.engine.routing_stats)
+        return ModelInfo(self.name, self.engine.context_limit, stats.tokens_per_page)
 
-    async def record_routing_stats(self) -> dict[str, Any]:
-        """What ``cluster.routing.ReplicaStats`` reads (``RoutingStats``: pages available now, the
-        pages the waiting requests need, the pages every request would hold at its max_tokens),
-        taken together between two engine steps. Async, as the other methods that read the
-        engine: Serve runs a plain method on the event loop that streams the tokens, which would
-        stall while the engine finishes its step."""
-        stats: RoutingStats = await self.engine.call_async(LLMEngine.routing_stats)
-        return {**dataclasses.asdict(stats), "timestamp": time.time()}
+    async def record_routing_stats(self) -> RoutingStats:
+        """What the router weighs (``cluster.routing``): pages available now, the pages the
+        waiting requests need, the pages every request would hold at its max_tokens, the prefix
+        summary, taken together between two engine steps and stamped with the time. Serve hands
+        this frozen ``RoutingStats`` to the router as it is. Async, as the other methods that read
+        the engine (in a worker thread): Serve runs a plain method on the event loop that streams
+        the tokens, which would stall while the engine finishes its step."""
+        return await asyncio.to_thread(self.engine.routing_stats)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What the KV-pressure autoscaler weighs (``cluster.autoscaling``): the pages this
         replica's requests are expected to hold, its page budget, its waiting requests. Serve
         calls it every ``autoscaling_config.metrics_interval_s`` and sends the values to its
         controller, where ``cluster.autoscaler.KVPressurePolicy`` reads them."""
-        stats: RoutingStats = await self.engine.call_async(LLMEngine.routing_stats)
+        stats = await asyncio.to_thread(self.engine.routing_stats)
         return {
             autoscaling.DEMAND_PAGES: float(stats.demand_pages),
             autoscaling.BUDGET_PAGES: float(stats.total_pages),
@@ -115,7 +112,7 @@ class VattnReplica:
         }
 
     async def stats(self) -> EngineStats:
-        return await self.engine.call_async(LLMEngine.stats)
+        return await asyncio.to_thread(self.engine.stats)
 
     async def stats_dict(self) -> dict[str, Any]:
         """The engine's stats as plain data, with this replica's id under ``"replica"``."""

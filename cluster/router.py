@@ -24,6 +24,8 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from cluster import routing
+from cluster.protocol import GenerateRequest
+from replica.engine_stats import RoutingStats
 from replica.kv.prefix import summary_chain
 
 ROUTER_PATH = "cluster.router:FreePageRouter"
@@ -58,9 +60,7 @@ class FreePageRouter(RequestRouter):
         self.routed: dict[str, tuple[float, int]] = {}
         self.sent_keys: dict[str, dict[int, float]] = {}
 
-    def discounted(
-        self, replica_id: str, stats: routing.ReplicaStats | None
-    ) -> routing.ReplicaStats | None:
+    def discounted(self, replica_id: str, stats: RoutingStats | None) -> RoutingStats | None:
         """Stats less the pages this router has sent the replica since they were taken: a burst
         inside one stats period spreads instead of piling onto the replica that looked freest.
         Newer stats count what was sent, as used pages once admitted or as ``queued_pages`` while
@@ -70,12 +70,13 @@ class FreePageRouter(RequestRouter):
         taken_at, pages = getattr(self, "routed", {}).get(replica_id, (stats.timestamp, 0))
         if taken_at != stats.timestamp:
             return stats  # newer stats already count what was sent
-        committed = None if stats.committed_pages is None else stats.committed_pages + pages
         return dataclasses.replace(
-            stats, available_pages=max(stats.available_pages - pages, 0), committed_pages=committed
+            stats,
+            available_pages=max(stats.available_pages - pages, 0),
+            committed_pages=stats.committed_pages + pages,
         )
 
-    def remember(self, replica_id: str, stats: routing.ReplicaStats | None, pages: int) -> None:
+    def remember(self, replica_id: str, stats: RoutingStats | None, pages: int) -> None:
         if stats is None:
             return
         routed = self.__dict__.setdefault("routed", {})
@@ -83,8 +84,8 @@ class FreePageRouter(RequestRouter):
         routed[replica_id] = (stats.timestamp, (sent if taken_at == stats.timestamp else 0) + pages)
 
     def credited(
-        self, replica_id: str, stats: routing.ReplicaStats | None, now: float
-    ) -> routing.ReplicaStats | None:
+        self, replica_id: str, stats: RoutingStats | None, now: float
+    ) -> RoutingStats | None:
         """Stats whose prefix summary also holds the summary keys of the prompts this router sent
         the replica in the last ``max_age_s`` seconds: a replica reports a prefix only once it has
         computed it and its next stats were taken, so without this a conversation started
@@ -101,7 +102,7 @@ class FreePageRouter(RequestRouter):
         return dataclasses.replace(stats, prefix_keys=stats.prefix_keys | frozenset(sent))
 
     def remember_prompt(
-        self, replica_id: str, stats: routing.ReplicaStats | None, prompt: Sequence[int], now: float
+        self, replica_id: str, stats: RoutingStats | None, prompt: Sequence[int], now: float
     ) -> None:
         """Records the summary keys of ``prompt``, sent to the replica, until ``now +
         max_age_s`` (``credited``)."""
@@ -125,9 +126,7 @@ class FreePageRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        reported = {
-            rid: routing.ReplicaStats.from_dict(r.routing_stats) for rid, r in by_id.items()
-        }
+        reported = {rid: routing.reported(r.routing_stats) for rid, r in by_id.items()}
         now = time.time()
         pairs = [(rid, self.discounted(rid, s)) for rid, s in reported.items()]
         if self.prefix:
@@ -137,9 +136,13 @@ class FreePageRouter(RequestRouter):
         tpps = [s.tokens_per_page for _, s in pairs if s is not None]
         if request is not None and tpps:
             need = routing.pages_needed(request, min(tpps))
-        prompt = getattr(request, "prompt_token_ids", None) if self.prefix else None
+        prompt = request.prompt_token_ids if request is not None and self.prefix else None
         chains = routing.prompt_chains(prompt, pairs)
-        hits = {rid: s.hit_pages(chains) for rid, s in pairs if s is not None} if chains else None
+        hits = (
+            {rid: routing.hit_pages(s, chains) for rid, s in pairs if s is not None}
+            if chains
+            else None
+        )
         waited = now - pending_request.created_at if pending_request is not None else 0.0
         choice = routing.rank_replicas(
             pairs, need, now, self.max_age_s, hold=waited < self.hold_s, hit_pages=hits
@@ -158,13 +161,15 @@ class FreePageRouter(RequestRouter):
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
 
-def _request_of(pending_request: PendingRequest | None) -> object | None:
-    """The GenerateRequest: first positional argument, or a ``request=`` keyword."""
+def _request_of(pending_request: PendingRequest | None) -> GenerateRequest | None:
+    """The GenerateRequest: first positional argument, or a ``request=`` keyword (None for a call
+    that carries none, e.g. ``model_info``)."""
     if pending_request is None:
         return None
-    if pending_request.args:
-        return pending_request.args[0]
-    return pending_request.kwargs.get("request")
+    request = (
+        pending_request.args[0] if pending_request.args else pending_request.kwargs.get("request")
+    )
+    return request if isinstance(request, GenerateRequest) else None
 
 
 def router_config(

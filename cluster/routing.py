@@ -28,10 +28,9 @@ at one replica behind requests that hold its pages (and pushing it into preempti
 admitted there). Holding goes by the pages available now, not by the promises: requests that stop
 long before their ``max_tokens`` must not keep a half-empty replica from getting work. The
 caller bounds how long a request is held. If ``n`` is unknown, or any candidate's stats are
-missing, malformed or older than ``max_age_s``, the policy returns reason ``"fallback"`` and the
-caller routes by power of two choices instead. Stats without ``queued_pages`` or
-``committed_pages`` (older replicas) count as
-no queue and no promises beyond the free pages.
+missing (not yet reported) or older than ``max_age_s``, the policy returns reason ``"fallback"``
+and the caller routes by power of two choices instead. The stats are the replica's own frozen
+``replica.engine_stats.RoutingStats``, read field by field (no parsing on the way).
 
 Prefix sharing: a replica also reports a bounded summary of the prefixes it caches (the chain
 root, tokens per block and up to 2,048 keys at depths 1..8 and powers of two,
@@ -65,6 +64,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.protocol import GenerateRequest
+from replica.engine_stats import RoutingStats
 from replica.kv.prefix import hit_blocks, summary_chain
 
 MOST_FREE_PAGES = "most_free_pages"
@@ -72,8 +73,6 @@ FALLBACK = "fallback"
 HOLD = "hold"
 #: The low-water mark, a share of a replica's pages, below which headroom outweighs prefix hits.
 LOW_WATER = 0.1
-#: The most summary keys a replica's stats may carry (more are refused as malformed).
-MAX_PREFIX_KEYS = 4096
 #: The routers an app can use: vattn's FreePageRouter (prefix hits weighed against headroom), or
 #: for comparison (``benchmarks.bench_router``) Serve's default power of two choices, the
 #: FreePageRouter blind to prefixes (headroom alone), or Ray Serve LLM's prefix-affinity router
@@ -81,94 +80,37 @@ MAX_PREFIX_KEYS = 4096
 ROUTERS = ("free-pages", "power-of-two", "headroom-only", "prefix-affinity")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def reported(value: object) -> RoutingStats | None:
+    """A replica's stats as Serve hands them to the router: the ``RoutingStats`` its
+    ``record_routing_stats()`` returned, or None where it has reported none yet (Serve's
+    placeholder is an empty dict)."""
+    return value if isinstance(value, RoutingStats) else None
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def available_after_queue(stats: RoutingStats) -> int:
+    """Available pages less those the queue will take first (never below 0)."""
+    return max(stats.available_pages - stats.queued_pages, 0)
 
 
-@dataclass(frozen=True)
-class ReplicaStats:
-    """What a replica's ``record_routing_stats()`` reports (see the contract in the module doc)."""
+def headroom(stats: RoutingStats) -> int:
+    """What a new request can count on (the module's rule); negative when over-committed."""
+    return min(available_after_queue(stats), stats.total_pages - stats.committed_pages)
 
-    available_pages: int  # pages a new request could get now (the least over TP ranks)
-    total_pages: int
-    tokens_per_page: float
-    running: int
-    waiting: int
-    timestamp: float  # replica's time.time() when the stats were taken
-    queued_pages: int = 0  # pages the waiting requests need to be admitted (0 if not reported)
-    committed_pages: int | None = (
-        None  # pages all its requests hold at max_tokens (None: not reported)
-    )
-    prefix_root: int = 0  # the prefix cache's summary (``replica.kv.prefix``; none: no keys)
-    prefix_tokens_per_block: int = 0
-    prefix_keys: frozenset[int] = frozenset()
 
-    def hit_pages(self, chains: dict[tuple[int, int], tuple[tuple[int, int], ...]]) -> int:
-        """Expected hit pages of a prompt here; ``chains`` maps (root, tokens per block) to the
-        prompt's summary chain (``prompt_chains``)."""
-        chain = chains.get((self.prefix_root, self.prefix_tokens_per_block), ())
-        if not chain or not self.prefix_keys:
-            return 0
-        tokens = hit_blocks(chain, self.prefix_keys) * self.prefix_tokens_per_block
-        return int(tokens // self.tokens_per_page)
-
-    @property
-    def available_after_queue(self) -> int:
-        """Available pages less those the queue will take first (never below 0)."""
-        return max(self.available_pages - self.queued_pages, 0)
-
-    @property
-    def headroom(self) -> int:
-        """What a new request can count on (the module's rule); negative when over-committed."""
-        if self.committed_pages is None:
-            return self.available_after_queue
-        return min(self.available_after_queue, self.total_pages - self.committed_pages)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ReplicaStats | None:
-        """Parse a stats dict; None if it is missing, incomplete or malformed (extra keys are ok).
-        ``queued_pages`` and ``committed_pages`` are optional but must be valid when present."""
-        ints = ("available_pages", "total_pages", "running", "waiting")
-        if not (isinstance(d, Mapping) and all(_is_int(d.get(k)) for k in ints)):
-            return None
-        tpp, ts, queued = d.get("tokens_per_page"), d.get("timestamp"), d.get("queued_pages", 0)
-        committed = d.get("committed_pages")
-        if not (_is_real(tpp) and tpp > 0 and _is_real(ts) and _is_int(queued)):
-            return None
-        if committed is not None and not (_is_int(committed) and committed >= 0):
-            return None
-        available, total, run, wait = (d[k] for k in ints)
-        root, block = d.get("prefix_root", 0), d.get("prefix_tokens_per_block", 0)
-        keys = d.get("prefix_keys", ())
-        if not (
-            _is_int(root)
-            and _is_int(block)
-            and isinstance(keys, (list, tuple, frozenset, set))
-            and len(keys) <= MAX_PREFIX_KEYS
-            and all(_is_int(k) for k in keys)
-        ):
-            return None
-        return cls(
-            available,
-            total,
-            float(tpp),
-            run,
-            wait,
-            float(ts),
-            queued,
-            committed,
-            root,
-            block,
-            frozenset(keys),
-        )
+def hit_pages(
+    stats: RoutingStats, chains: dict[tuple[int, int], tuple[tuple[int, int], ...]]
+) -> int:
+    """Expected hit pages of a prompt on the replica; ``chains`` maps (root, tokens per block) to
+    the prompt's summary chain (``prompt_chains``)."""
+    chain = chains.get((stats.prefix_root, stats.prefix_tokens_per_block), ())
+    if not chain or not stats.prefix_keys:
+        return 0
+    tokens = hit_blocks(chain, stats.prefix_keys) * stats.prefix_tokens_per_block
+    return int(tokens // stats.tokens_per_page)
 
 
 def prompt_chains(
-    prompt: Sequence[int] | None, candidates: Sequence[tuple[str, ReplicaStats | None]]
+    prompt: Sequence[int] | None, candidates: Sequence[tuple[str, RoutingStats | None]]
 ) -> dict[tuple[int, int], tuple[tuple[int, int], ...]]:
     """The prompt's summary chain for each (root, tokens per block) the candidates report
     (computed once per distinct pair: replicas of one model share it)."""
@@ -190,12 +132,11 @@ def prefix_score(
     return hit_pages - max(low_water * total_pages - after, 0.0)
 
 
-def pages_needed(request: Any, tokens_per_page: float) -> int | None:
-    """ceil((prompt_tokens + max_tokens) / tokens_per_page), or None if the request lacks them."""
-    p, m = getattr(request, "prompt_tokens", None), getattr(request, "max_tokens", None)
-    if not (_is_int(p) and _is_int(m) and _is_real(tokens_per_page) and tokens_per_page > 0):
+def pages_needed(request: GenerateRequest, tokens_per_page: float) -> int | None:
+    """ceil((prompt_tokens + max_tokens) / tokens_per_page), or None without a page size."""
+    if not (math.isfinite(tokens_per_page) and tokens_per_page > 0):
         return None
-    return math.ceil((p + m) / tokens_per_page)
+    return math.ceil((request.prompt_tokens + request.max_tokens) / tokens_per_page)
 
 
 @dataclass(frozen=True)
@@ -219,7 +160,7 @@ class RankedChoice:
 
 
 def rank_replicas(
-    candidates: Sequence[tuple[str, ReplicaStats | None]],
+    candidates: Sequence[tuple[str, RoutingStats | None]],
     pages_needed: int | None,
     now: float,
     max_age_s: float,
@@ -239,22 +180,22 @@ def rank_replicas(
         candidates = [
             (rid, s)
             for rid, s in candidates
-            if s is not None and s.available_after_queue >= pages_needed - hits[rid]
+            if s is not None and available_after_queue(s) >= pages_needed - hits[rid]
         ]
         if not candidates:
             return RankedChoice([], HOLD, age)
 
-    def key(item: tuple[str, ReplicaStats | None]) -> tuple[bool, float, int, int, str]:
+    def key(item: tuple[str, RoutingStats | None]) -> tuple[bool, float, int, int, str]:
         rid, s = item
         assert s is not None
-        after = s.headroom - (pages_needed - hits[rid])
+        after = headroom(s) - (pages_needed - hits[rid])
         score = prefix_score(hits[rid], after, s.total_pages, low_water) if scored else 0.0
         return (after < 0, -score if after >= 0 else 0.0, -after, s.running + s.waiting, rid)
 
     scored = any(hits.values())  # else the headroom rule, exactly
 
     ordered = sorted(candidates, key=key)
-    headrooms = {rid: s.headroom for rid, s in ordered if s is not None}
+    headrooms = {rid: headroom(s) for rid, s in ordered if s is not None}
     found = {rid: h for rid, h in hits.items() if h > 0}
     return RankedChoice([[rid] for rid, _ in ordered], MOST_FREE_PAGES, age, headrooms, found)
 

@@ -18,15 +18,16 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from replica.engine import LLMEngine
 from replica.engine_config import EngineConfig
-from replica.engine_stats import EngineStats
+from replica.engine_stats import EngineSnapshot, EngineStats, RoutingStats
 from replica.request import RequestOutput
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AsyncLLMEngine:
@@ -75,7 +76,7 @@ class AsyncLLMEngine:
             self._queues[request_id] = (loop, queue)
             return len(request.prompt_token_ids)
 
-        adding = asyncio.ensure_future(self.call_async(add))
+        adding = asyncio.ensure_future(asyncio.to_thread(self._call, add))
         try:
             prompt_tokens = await asyncio.shield(adding)
         except asyncio.CancelledError:  # the caller left while its request was being added
@@ -110,18 +111,39 @@ class AsyncLLMEngine:
         with self._engine():
             self.engine.abort(request_id)
 
+    # What the serving layer reads, each a frozen snapshot taken between two steps (blocking: from
+    # an event loop, call them in a worker thread, e.g. ``asyncio.to_thread``).
     def stats(self) -> EngineStats:
+        """The engine's gauges, counters and KV books (``LLMEngine.stats``)."""
         with self._engine():
             return self.engine.stats()
 
-    def call(self, function: Callable[[LLMEngine], Any]) -> Any:
-        """Runs ``function(engine)`` between steps (for stats and maintenance)."""
+    def routing_stats(self) -> RoutingStats:
+        """What the router and the autoscaler weigh (``LLMEngine.routing_stats``)."""
+        with self._engine():
+            return self.engine.routing_stats()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The metrics snapshot (``LLMEngine.snapshot``); it drains the latency samples and map
+        latencies, so the metrics pusher is its only caller."""
+        with self._engine():
+            return self.engine.snapshot()
+
+    @property
+    def context_limit(self) -> int:
+        """The most tokens (prompt + max_tokens) one request may hold (fixed at start)."""
+        return self.engine.context_limit
+
+    def release_kv_memory(self) -> int:
+        """Gives every KV page no request holds back to the device; returns the pages released
+        (``LLMEngine.release_kv_memory``, as a replica does when it stops)."""
+        with self._engine():
+            return self.engine.release_kv_memory()
+
+    def _call(self, function: Callable[[LLMEngine], T]) -> T:
+        """Runs ``function(engine)`` between steps."""
         with self._engine():
             return function(self.engine)
-
-    async def call_async(self, function: Callable[[LLMEngine], Any]) -> Any:
-        """``call`` from an event loop: waits for the engine in a worker thread."""
-        return await asyncio.to_thread(self.call, function)
 
     @contextmanager
     def _engine(self) -> Iterator[LLMEngine]:
@@ -140,6 +162,10 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and not self._stopping
 
     def shutdown(self) -> None:
+        """Stops the engine's other tensor-parallel ranks, if any (between two steps), then the
+        loop."""
+        with self._engine():
+            self.engine.shutdown()
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)

@@ -504,7 +504,8 @@ class LLMEngine:
             demand_pages=self._demand_pages(stats),
             prefix_root=summary.root if summary else 0,
             prefix_tokens_per_block=summary.tokens_per_block if summary else 0,
-            prefix_keys=summary.keys if summary else (),
+            prefix_keys=frozenset(summary.keys) if summary else frozenset(),
+            timestamp=time.time(),
         )
 
     def _demand_pages(self, stats: KVCacheStats) -> int:

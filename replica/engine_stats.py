@@ -110,7 +110,8 @@ class EngineSnapshot:
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What the KV-headroom router weighs (``cluster.routing``), in physical pages:
+    """What the KV-headroom router weighs (``cluster.routing``), in physical pages; the one typed
+    message from a replica to the router (Serve pickles it as it is, the router reads its fields):
     ``available_pages``: a new request could get these now (the least over TP ranks; 0 when the
     replica is broken); ``queued_pages``: what the waiting requests need to be admitted;
     ``committed_pages``: what every request would hold at its max_tokens; ``tokens_per_page``:
@@ -131,4 +132,6 @@ class RoutingStats:
     #: to 2,048 keys of cached prefixes); the router estimates a prompt's hit pages from it.
     prefix_root: int = 0
     prefix_tokens_per_block: int = 0
-    prefix_keys: tuple[int, ...] = ()
+    prefix_keys: frozenset[int] = frozenset()
+    #: The replica's ``time.time()`` when they were taken (the router ignores stats too old).
+    timestamp: float = 0.0

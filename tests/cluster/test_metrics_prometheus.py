@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from cluster.app import build_app
-from cluster.metrics import METRICS
+from cluster.metrics.catalogue import METRICS
 from cluster.metrics_hub import find_hub
 from tests.cluster.conftest import BASE_URL, HTTP_PORT
 from tests.cluster.helpers import replica_stats, router_decisions

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import pytest
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from cluster.protocol import GenerateRequest  # noqa: E402
 from cluster.router import FreePageRouter, router_config  # noqa: E402
 from cluster.routing import DECISIONS, FALLBACK, MOST_FREE_PAGES  # noqa: E402
+from replica.engine_stats import RoutingStats  # noqa: E402
+from replica.sampling_params import SamplingParams  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 TOKENS_PER_PAGE = 16.0
-REQUEST = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # ceil(160 / 16) = 10 pages
+#: ceil((100 + 60) / 16) = 10 pages.
+REQUEST = GenerateRequest("live", tuple(range(100)), SamplingParams(max_tokens=60))
 N_REQUESTS = 20
 
 
@@ -62,18 +65,20 @@ def _build_app():
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             board.register.remote(self.replica_id)
 
-        async def record_routing_stats(self) -> dict:
+        async def record_routing_stats(self) -> RoutingStats | dict:
             free = await self.board.get.remote(self.replica_id)
             if free is None:
                 return {}  # no stats yet: the router must fall back
-            return {
-                "available_pages": free,
-                "total_pages": 1000,
-                "tokens_per_page": TOKENS_PER_PAGE,
-                "running": 0,
-                "waiting": 0,
-                "timestamp": time.time(),
-            }
+            return RoutingStats(
+                available_pages=free,
+                queued_pages=0,
+                committed_pages=0,
+                total_pages=1000,
+                tokens_per_page=TOKENS_PER_PAGE,
+                running=0,
+                waiting=0,
+                timestamp=time.time(),
+            )
 
         async def generate(self, request) -> str:
             await asyncio.sleep(0.01)

@@ -128,3 +128,19 @@ def test_the_api_package_holds_one_concept_a_module() -> None:
         if any(imports_the_openai_client(node) for node in ast.walk(ast.parse(path.read_text())))
     ]
     assert client_imports == []
+
+
+def test_the_metrics_package_holds_one_concept_a_module() -> None:
+    """``cluster/metrics``: the catalogue, the snapshots, the hub's store and the renderer, each
+    a module of its own (the catalogue, one declaration per series family, is the longest); the
+    hub's modules load neither torch nor the engine."""
+    modules = {
+        p.name: len(p.read_text().splitlines()) for p in (ROOT / "cluster/metrics").glob("*.py")
+    }
+    assert set(modules) == {"__init__.py", "catalogue.py", "snapshots.py", "store.py", "render.py"}
+    assert [name for name, lines in modules.items() if lines >= 350] == []
+    assert [
+        name for name, lines in modules.items() if name != "catalogue.py" and lines >= 300
+    ] == []
+    for hub_module in ("cluster.metrics.store", "cluster.metrics.snapshots"):
+        assert modules_loaded_by(hub_module, ("torch", "ray", "replica.engine")) == []

@@ -6,11 +6,15 @@ out for many steps)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from replica import AsyncLLMEngine, EngineConfig, SamplingParams
+from replica.engine_stats import EngineSnapshot, EngineStats, RoutingStats
 from tests.helpers import wait_until, wait_until_async
 from tests.models import tiny_llm
 
@@ -46,7 +50,8 @@ def test_a_caller_waits_at_most_for_the_step_in_flight(tiny_dir: Path) -> None:
         wait_until(lambda: steps >= 5, 60, "five engine steps", interval=0.001)
         for _ in range(20):
             before = steps
-            seen = engine.call(lambda _: steps)
+            with engine._engine():  # as a caller (stats, an abort) takes its turn
+                seen = steps
             waited.append(seen - before)
             time.sleep(0.001)
 
@@ -78,6 +83,10 @@ def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(
 
     engine.engine.add_request = recorded_add  # type: ignore[method-assign]
 
+    def forgotten() -> bool:
+        with engine._engine() as e:
+            return "gone" not in e.requests and not e.has_work()
+
     async def leave_early() -> None:
         async def first_token() -> None:
             async for _ in engine.generate(PROMPTS[0], params, request_id="gone"):
@@ -97,7 +106,7 @@ def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(
         # The add still runs (in its worker thread); then the request is forgotten.
         await wait_until_async(added.is_set, 10, "the request to be added")
         await wait_until_async(
-            lambda: engine.call(lambda e: "gone" not in e.requests and not e.has_work()),
+            forgotten,
             10,
             "the request to be forgotten",
             interval=0.01,
@@ -105,7 +114,29 @@ def test_a_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind(
 
     try:
         asyncio.run(leave_early())
-        assert engine.call(lambda e: "gone" not in e.requests and not e.has_work())
+        assert forgotten()
         assert engine.stats().kv.slots_running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_the_serving_layer_reads_named_frozen_snapshots(tiny_dir: Path) -> None:
+    """The async engine hands out what the replica deployment reports by name, each a frozen
+    snapshot taken between two steps; nothing hands a caller the live engine."""
+    engine = AsyncLLMEngine(EngineConfig(), engine=tiny_llm(tiny_dir).engine)
+    try:
+        before = time.time()
+        routing = engine.routing_stats()
+        assert isinstance(routing, RoutingStats) and before <= routing.timestamp <= time.time()
+        assert isinstance(routing.prefix_keys, frozenset) and routing.tokens_per_page > 0
+        snapshot = engine.snapshot()
+        assert isinstance(snapshot, EngineSnapshot) and snapshot.broken is None
+        assert isinstance(engine.stats(), EngineStats)
+        assert engine.context_limit == engine.engine.context_limit
+        for frozen in (routing, snapshot):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                frozen.timestamp = 0.0  # type: ignore[misc]
+        assert not hasattr(engine, "call") and not hasattr(engine, "call_async")
+        assert engine.release_kv_memory() >= 0
     finally:
         engine.shutdown()

@@ -12,19 +12,17 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import (
+from cluster.metrics.catalogue import METRICS
+from cluster.metrics.render import MetricsExporter, RouterView
+from cluster.metrics.snapshots import (
     MAX_PENDING_SAMPLES,
-    METRICS,
     AutoscalerSnapshot,
     EngineMetrics,
-    HistogramData,
-    MetricsExporter,
-    MetricsStore,
     RankSnapshot,
     ReplicaSnapshot,
-    RouterView,
     take_snapshot,
 )
+from cluster.metrics.store import HistogramData, MetricsStore
 from cluster.metrics_hub import MetricsPusher
 from replica import EngineConfig, LLMEngine, SamplingParams
 from replica.kv.stats import KVCacheStats
@@ -360,3 +358,32 @@ def test_dashboards_use_the_current_schema_and_only_exported_series(path: Path) 
                 assert "[$__rate_interval]" in target["expr"] or "[$__range]" in target["expr"], (
                     target["expr"]
                 )
+
+
+EXPOSITION = Path(__file__).resolve().parents[1] / "data" / "metrics_exposition.txt"
+
+
+def full_exposition() -> str:
+    """Every kind of series at once (two replicas, two ranks, latencies, map latencies, an
+    autoscaler, router decisions), rendered."""
+    store = MetricsStore()
+    store.push(snapshot("r1", ranks=(0, 1), ttft=(0.02, 0.3), generated=10, map_latencies=(2e-5,)))
+    store.push(snapshot("r2", generated=4, ttft=(7.0,), map_latencies=(1e-3, 0.5)))
+    store.push(AutoscalerSnapshot("m", 1, 1, 3, 170.0, 100.0, 1.7, 2.0, {"kv_pressure": 4}))
+    decisions = {
+        "by_reason": {"most_free_pages": 5, "hold": 1},
+        "by_replica": {"r1": 3, "r2": 2},
+        "last_headroom_pages": 42,
+        "last_stats_age_s": 0.25,
+        "last_reason": "most_free_pages",
+        "last_replica": "r2",
+        "prefix_routed": 2,
+    }
+    return MetricsExporter().render(store.series(), RouterView("m", decisions)).decode()
+
+
+def test_the_exposition_is_byte_for_byte_the_recorded_one() -> None:
+    """The rendered text, names, help, types, labels, order and values, is the one recorded in
+    ``tests/data/metrics_exposition.txt`` (dashboards and alerts query it: a refactoring of the
+    metrics modules must not change a byte)."""
+    assert full_exposition() == EXPOSITION.read_text()

@@ -7,26 +7,31 @@ import dataclasses
 import itertools
 import threading
 import time
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cluster.protocol import GenerateRequest
 from cluster.routing import (
     DECISIONS,
     FALLBACK,
     HOLD,
     MOST_FREE_PAGES,
     RankedChoice,
-    ReplicaStats,
     RoutingDecisions,
+    available_after_queue,
+    headroom,
+    hit_pages,
     pages_needed,
     prefix_score,
     prompt_chains,
     rank_replicas,
+    reported,
 )
+from replica.engine_stats import RoutingStats
 from replica.kv.prefix import expected_hit_tokens, summary_chain
+from replica.sampling_params import SamplingParams
 
 NOW = 1_000.0
 
@@ -37,9 +42,25 @@ def stats(
     waiting: int = 0,
     age: float = 0.1,
     queued: int = 0,
-    committed: int | None = None,
-) -> ReplicaStats:
-    return ReplicaStats(free, 1000, 16.0, running, waiting, NOW - age, queued, committed)
+    committed: int = 0,
+    total: int = 1000,
+) -> RoutingStats:
+    return RoutingStats(
+        available_pages=free,
+        queued_pages=queued,
+        committed_pages=committed,
+        total_pages=total,
+        tokens_per_page=16.0,
+        running=running,
+        waiting=waiting,
+        timestamp=NOW - age,
+    )
+
+
+def make_request(prompt_tokens: int = 100, max_tokens: int = 60, prompt=None) -> GenerateRequest:
+    """A request as the ingress sends it (default: ceil(160 / 16) = 10 pages)."""
+    ids = tuple(prompt) if prompt is not None else tuple(range(prompt_tokens))
+    return GenerateRequest("r", ids, SamplingParams(max_tokens=max_tokens))
 
 
 def ids(choice: RankedChoice) -> list[str]:
@@ -132,7 +153,7 @@ def test_queue_decides_who_can_fit():
 
 def test_queue_beyond_free_pages_counts_as_zero():
     deep = stats(50, waiting=9, queued=500)  # effective 0, not -450
-    assert deep.available_after_queue == 0
+    assert available_after_queue(deep) == 0
     c = rank([("deep", deep), ("tight", stats(5, running=1))], need=10)
     assert ids(c) == ["tight", "deep"]  # neither fits: ordered by effective free pages
     assert c.headroom_pages == 5
@@ -163,55 +184,11 @@ def test_one_replica_per_rank():
     assert len(c.ranks) == 6 and len(set(ids(c))) == 6
 
 
-def test_from_dict_accepts_contract_and_rejects_malformed():
-    good = {
-        "available_pages": 7,
-        "total_pages": 100,
-        "tokens_per_page": 16,
-        "running": 1,
-        "waiting": 0,
-        "timestamp": 5.0,
-        "extra": "ignored",
-    }
-    s = ReplicaStats.from_dict(good)
-    assert s == ReplicaStats(7, 100, 16.0, 1, 0, 5.0)
-    assert ReplicaStats.from_dict(None) is None
-    assert ReplicaStats.from_dict({}) is None
-    for key, bad in [
-        ("available_pages", -1),
-        ("available_pages", 3.5),
-        ("running", True),
-        ("tokens_per_page", 0),
-        ("tokens_per_page", float("nan")),
-        ("timestamp", "now"),
-    ]:
-        assert ReplicaStats.from_dict({**good, key: bad}) is None, (key, bad)
-    assert ReplicaStats.from_dict({k: v for k, v in good.items() if k != "waiting"}) is None
-
-
-def test_from_dict_queued_pages_is_optional_but_checked():
-    good = {
-        "available_pages": 70,
-        "total_pages": 100,
-        "tokens_per_page": 16,
-        "running": 1,
-        "waiting": 2,
-        "timestamp": 5.0,
-    }
-    assert ReplicaStats.from_dict(good) == ReplicaStats(
-        70, 100, 16.0, 1, 2, 5.0, 0
-    )  # older replicas
-    s = ReplicaStats.from_dict({**good, "queued_pages": 30})
-    assert s == ReplicaStats(70, 100, 16.0, 1, 2, 5.0, 30) and s.available_after_queue == 40
-    for bad in (-1, 2.5, True, "30", None):
-        assert ReplicaStats.from_dict({**good, "queued_pages": bad}) is None, bad
-
-
 def test_headroom_counts_what_running_requests_will_grow_into():
     # a: 500 free now, but its requests will hold 950 of its 1000 pages: 50 left for a newcomer.
     # b: 200 free and 300 committed: 200 left.
     a, b = stats(500, running=8, committed=950), stats(200, running=3, committed=300)
-    assert (a.headroom, b.headroom) == (50, 200)
+    assert (headroom(a), headroom(b)) == (50, 200)
     c = rank([("a", a), ("b", b)])
     assert ids(c) == ["b", "a"] and c.headroom_pages == 200
     # Both over-committed: the less over-committed first, even with more requests.
@@ -220,30 +197,14 @@ def test_headroom_counts_what_running_requests_will_grow_into():
     )
     assert ids(c) == ["y", "x"] and c.headroom_pages == -100
     # The queue still counts: headroom is never above the effective free pages.
-    assert stats(300, queued=250, committed=100).headroom == 50
-
-
-def test_from_dict_committed_pages_is_optional_but_checked():
-    good = {
-        "available_pages": 70,
-        "total_pages": 100,
-        "tokens_per_page": 16,
-        "running": 1,
-        "waiting": 2,
-        "timestamp": 5.0,
-    }
-    assert ReplicaStats.from_dict(good).committed_pages is None
-    s = ReplicaStats.from_dict({**good, "committed_pages": 80})
-    assert s is not None and s.committed_pages == 80 and s.headroom == 20
-    for bad in (-1, 2.5, True, "30"):
-        assert ReplicaStats.from_dict({**good, "committed_pages": bad}) is None, bad
+    assert headroom(stats(300, queued=250, committed=100)) == 50
 
 
 def test_hold_leaves_out_replicas_without_free_pages_for_the_request():
     # a has promised all but 5 pages but has 50 free now; b has 5 free now. Neither fits by
     # headroom; holding goes by what is free now, so a takes it and b is left out.
     a, b = stats(50, running=4, committed=995), stats(5)
-    assert (a.headroom, b.headroom) == (5, 5)
+    assert (headroom(a), headroom(b)) == (5, 5)
     assert ids(rank([("a", a), ("b", b)], need=10)) == [
         "b",
         "a",
@@ -257,13 +218,20 @@ def test_hold_leaves_out_replicas_without_free_pages_for_the_request():
 
 
 def test_pages_needed():
-    req = SimpleNamespace(prompt_tokens=100, max_tokens=60)
-    assert pages_needed(req, 16.0) == 10
-    assert pages_needed(SimpleNamespace(prompt_tokens=100, max_tokens=61), 16.0) == 11
-    assert pages_needed(SimpleNamespace(prompt_tokens=0, max_tokens=0), 16.0) == 0
-    assert pages_needed(object(), 16.0) is None
-    assert pages_needed(SimpleNamespace(prompt_tokens="x", max_tokens=1), 16.0) is None
-    assert pages_needed(req, 0) is None
+    assert pages_needed(make_request(100, 60), 16.0) == 10
+    assert pages_needed(make_request(100, 61), 16.0) == 11
+    assert pages_needed(make_request(15, 1), 16.0) == 1
+    assert pages_needed(make_request(), 0) is None
+    assert pages_needed(make_request(), float("nan")) is None
+
+
+def test_the_router_reads_a_replicas_own_frozen_stats_and_nothing_else():
+    """What crosses from a replica is its ``RoutingStats``, unparsed; anything else (Serve's
+    empty placeholder before the first poll) is no stats."""
+    s = stats(10)
+    assert reported(s) is s
+    assert reported({}) is None and reported(None) is None
+    assert reported(dataclasses.asdict(s)) is None  # a dict is not the wire type
 
 
 def test_routing_decisions_tally():
@@ -294,21 +262,18 @@ def test_routing_decisions_tally():
 # FreePageRouter.choose_replicas with fake replicas (needs ray installed, not a running cluster).
 
 
-def _replica(
-    rid: str, free: int | None, queued: int | None = None, committed: int | None = None
-) -> SimpleNamespace:
-    routing_stats = (
+def _replica(rid: str, free: int | None, queued: int = 0, committed: int = 0) -> SimpleNamespace:
+    """A replica as Serve shows it to the router: its latest ``RoutingStats`` (Serve's ``{}``
+    before its first report), stamped now: the router is imported first (its first import, of
+    Ray Serve, can take longer than the stats' 2 s life)."""
+    _router()
+    routing_stats: RoutingStats | dict = (
         {}
         if free is None
-        else {
-            **asdict(stats(free, queued=queued or 0, committed=committed)),
-            "timestamp": time.time(),
-        }
+        else dataclasses.replace(
+            stats(free, queued=queued, committed=committed), timestamp=time.time()
+        )
     )
-    if queued is None:
-        routing_stats.pop("queued_pages", None)  # as an older replica reports
-    if committed is None:
-        routing_stats.pop("committed_pages", None)
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats=routing_stats)
 
 
@@ -334,21 +299,53 @@ def _choose(replicas, request, router=None, waited_s: float = 0.0) -> list[list[
 
 def test_router_ranks_by_free_pages_one_per_rank():
     reps = [_replica("a", 3), _replica("b", 90), _replica("c", 40)]
-    assert _choose(reps, SimpleNamespace(prompt_tokens=100, max_tokens=60)) == [["b"], ["c"], ["a"]]
+    assert _choose(reps, make_request()) == [["b"], ["c"], ["a"]]
 
 
 def test_router_falls_back_to_two_random_choices():
     reps = [_replica("a", None), _replica("b", 90), _replica("c", 40)]
-    out = _choose(reps, SimpleNamespace(prompt_tokens=100, max_tokens=60))
+    out = _choose(reps, make_request())
     assert len(out) == 1 and len(set(out[0])) == 2 and set(out[0]) <= {"a", "b", "c"}
-    out = _choose(reps[1:], object())  # no prompt_tokens / max_tokens -> fallback
+    out = _choose(reps[1:], object())  # a call that carries no GenerateRequest -> fallback
     assert len(out) == 1 and sorted(out[0]) == ["b", "c"]
+
+
+def test_a_field_added_to_the_stats_reaches_the_routers_decision(monkeypatch) -> None:
+    """The router hands the replica's typed stats on to the policy as they are (a discount or a
+    credit copies them with ``dataclasses.replace``): a field a replica adds is in what
+    ``rank_replicas`` weighs, with no parser to teach."""
+    import cluster.routing
+
+    Extended = dataclasses.make_dataclass(
+        "Extended",
+        [("hint", int, dataclasses.field(default=0))],
+        bases=(RoutingStats,),
+        frozen=True,
+    )
+    fresh = dataclasses.replace(stats(100), timestamp=time.time())
+    replica = _replica("a", None)
+    replica.routing_stats = Extended(**dataclasses.asdict(fresh), hint=42)
+    seen: list[tuple[str, RoutingStats | None]] = []
+    rank = cluster.routing.rank_replicas
+
+    def recording(candidates, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(candidates)
+        return rank(candidates, *args, **kwargs)
+
+    monkeypatch.setattr(cluster.routing, "rank_replicas", recording)
+    router = _router()
+    assert _choose([replica], make_request(), router) == [["a"]]
+    assert seen[-1] == ("a", replica.routing_stats)  # as the replica sent it
+    assert _choose([replica], make_request(), router) == [["a"]]
+    [(_, discounted)] = seen[-1:]
+    assert isinstance(discounted, Extended) and discounted.hint == 42
+    assert discounted.available_pages == 90  # less the 10 pages sent since
 
 
 def test_a_burst_within_one_stats_period_spreads_over_equal_replicas():
     router = _router()
     reps = [_replica("a", 100), _replica("b", 100)]
-    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
+    request = make_request()  # 10 pages each
     firsts = [_choose(reps, request, router)[0][0] for _ in range(10)]
     assert firsts.count("a") == firsts.count("b") == 5  # the sent pages are discounted
     fresh = [_replica("a", 100), _replica("b", 100)]  # new stats reset the discount
@@ -357,13 +354,13 @@ def test_a_burst_within_one_stats_period_spreads_over_equal_replicas():
 
 def test_router_ranks_by_free_pages_less_the_queue():
     reps = [_replica("a", 120, queued=100), _replica("b", 50), _replica("c", 40, queued=0)]
-    assert _choose(reps, SimpleNamespace(prompt_tokens=100, max_tokens=60)) == [["b"], ["c"], ["a"]]
+    assert _choose(reps, make_request()) == [["b"], ["c"], ["a"]]
 
 
 def test_a_burst_discount_adds_to_the_queue():
     router = _router()
     reps = [_replica("a", 100, queued=40), _replica("b", 60)]  # 60 effective each
-    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
+    request = make_request()  # 10 pages each
     firsts = [_choose(reps, request, router)[0][0] for _ in range(10)]
     assert firsts == ["a", "b"] * 5
 
@@ -375,7 +372,7 @@ def test_a_burst_discount_adds_to_the_commitments():
         _replica("a", 900, queued=0, committed=850),
         _replica("b", 900, queued=0, committed=800),
     ]
-    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages each
+    request = make_request()  # 10 pages each
     firsts = [_choose(reps, request, router)[0][0] for _ in range(12)]
     assert firsts == ["b"] * 5 + ["a", "b"] * 3 + ["a"]  # b's 50 pages, then turn about
 
@@ -384,7 +381,7 @@ def test_router_holds_a_request_no_replica_has_room_for_until_hold_s():
     router = _router()
     router.initialize_state(max_age_s=2.0, hold_s=5.0)
     full = [_replica("a", 3), _replica("b", 8)]
-    request = SimpleNamespace(prompt_tokens=100, max_tokens=60)  # 10 pages
+    request = make_request()  # 10 pages
     assert _choose(full, request, router) == []  # Serve retries with backoff
     assert _choose([_replica("a", 3), _replica("b", 80)], request, router) == [["b"]]
     assert _choose(full, request, router, waited_s=6.0) == [
@@ -394,13 +391,12 @@ def test_router_holds_a_request_no_replica_has_room_for_until_hold_s():
 
 
 # ---- the prefix score ----------------------------------------------------------------------------
-def holding(prompt: list[int], free: int, blocks: int, total: int = 1000, **kw) -> ReplicaStats:
+def holding(prompt: list[int], free: int, blocks: int, total: int = 1000) -> RoutingStats:
     """Stats of a replica whose prefix summary holds the first ``blocks`` 16-token blocks of
     ``prompt`` (16 tokens a page)."""
     chain = summary_chain(prompt[: blocks * 16 + 1], ROOT, 16)
-    base = ReplicaStats(free, total, 16.0, 0, 0, NOW - 0.1, **kw)
     return dataclasses.replace(
-        base,
+        stats(free, total=total),
         prefix_root=ROOT,
         prefix_tokens_per_block=16,
         prefix_keys=frozenset(k for _, k in chain),
@@ -413,17 +409,17 @@ PROMPT = list(range(1000, 1000 + 40 * 16))  # 40 blocks
 
 def ranked(cands, need=50, **kw) -> RankedChoice:
     chains = prompt_chains(PROMPT, cands)
-    hits = {rid: s.hit_pages(chains) for rid, s in cands}
+    hits = {rid: hit_pages(s, chains) for rid, s in cands}
     return rank_replicas(cands, need, NOW, 2.0, hit_pages=hits, **kw)
 
 
 def test_expected_hits_come_from_the_deepest_reported_depth() -> None:
     chains = prompt_chains(PROMPT, [("a", holding(PROMPT, 500, 32))])
-    assert holding(PROMPT, 500, 32).hit_pages(chains) == 32
+    assert hit_pages(holding(PROMPT, 500, 32), chains) == 32
     # 20 blocks are reported at depths 1..8 and 16: the estimate is within a factor of two.
-    assert holding(PROMPT, 500, 20).hit_pages(chains) == 16
-    assert holding(list(range(640)), 500, 39).hit_pages(chains) == 0  # another prompt
-    assert ReplicaStats(500, 1000, 16.0, 0, 0, NOW).hit_pages(chains) == 0  # no summary
+    assert hit_pages(holding(PROMPT, 500, 20), chains) == 16
+    assert hit_pages(holding(list(range(640)), 500, 39), chains) == 0  # another prompt
+    assert hit_pages(stats(500), chains) == 0  # no summary
 
 
 def test_the_replica_holding_the_prefix_wins_while_both_have_room() -> None:
@@ -452,30 +448,20 @@ def test_a_hit_lets_a_replica_fit_what_it_otherwise_could_not() -> None:
 
 
 def test_without_any_hit_the_order_is_the_headroom_rule() -> None:
-    cands = [("a", stats(300)), ("b", ReplicaStats(200, 250, 16.0, 0, 0, NOW - 0.1))]
+    cands = [("a", stats(300)), ("b", stats(200, total=250))]
     assert ids(ranked(cands)) == ids(rank(cands, need=50)) == ["a", "b"]
-
-
-def test_from_dict_checks_the_prefix_summary() -> None:
-    good = {**asdict(stats(10)), "prefix_root": 7, "prefix_tokens_per_block": 16}
-    parsed = ReplicaStats.from_dict({**good, "prefix_keys": [1, 2, 3]})
-    assert parsed is not None and parsed.prefix_keys == frozenset({1, 2, 3})
-    assert ReplicaStats.from_dict({**good, "prefix_keys": [1, -2]}) is None
-    assert ReplicaStats.from_dict({**good, "prefix_keys": "abc"}) is None
-    assert ReplicaStats.from_dict({**good, "prefix_keys": list(range(5000))}) is None
-    assert ReplicaStats.from_dict({**good, "prefix_root": -1}) is None
 
 
 def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None:
     held = holding(PROMPT, 400, 32)
-    summary = {
-        "prefix_root": held.prefix_root,
-        "prefix_tokens_per_block": 16,
-        "prefix_keys": sorted(held.prefix_keys),
-    }
     reps = [_replica("a", 900), _replica("b", 400)]
-    reps[1].routing_stats.update(summary)
-    request = SimpleNamespace(prompt_token_ids=tuple(PROMPT), prompt_tokens=640, max_tokens=160)
+    reps[1].routing_stats = dataclasses.replace(
+        reps[1].routing_stats,
+        prefix_root=held.prefix_root,
+        prefix_tokens_per_block=16,
+        prefix_keys=held.prefix_keys,
+    )
+    request = make_request(max_tokens=160, prompt=PROMPT)
     before = DECISIONS.snapshot()["prefix_routed"]
     assert _choose(reps, request) == [["b"], ["a"]]
     assert DECISIONS.snapshot()["prefix_routed"] == before + 1
@@ -484,11 +470,12 @@ def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None
 def test_a_new_prefix_sent_within_a_stats_period_counts_as_cached_where_it_went() -> None:
     """Two conversations over one new system prompt, within one stats period: the replicas'
     reports show it nowhere, but the router remembers where it sent the first (for max_age_s)."""
-    empty = {"prefix_root": ROOT, "prefix_tokens_per_block": 16, "prefix_keys": []}
     reps = [_replica("a", 900), _replica("b", 900)]
     for rep in reps:
-        rep.routing_stats.update(empty)
-    request = SimpleNamespace(prompt_token_ids=tuple(PROMPT), prompt_tokens=640, max_tokens=16)
+        rep.routing_stats = dataclasses.replace(
+            rep.routing_stats, prefix_root=ROOT, prefix_tokens_per_block=16
+        )
+    request = make_request(max_tokens=16, prompt=PROMPT)
     router = _router()
     [[first], [second]] = _choose(reps, request, router)
     # Without the record the second would go to the other replica (the first one's pages are
@@ -504,14 +491,14 @@ def test_a_new_prefix_sent_within_a_stats_period_counts_as_cached_where_it_went(
 
 def test_the_headroom_only_router_ignores_the_prefix_summary() -> None:
     held = holding(PROMPT, 400, 32)
-    summary = {
-        "prefix_root": held.prefix_root,
-        "prefix_tokens_per_block": 16,
-        "prefix_keys": sorted(held.prefix_keys),
-    }
     reps = [_replica("a", 900), _replica("b", 400)]
-    reps[1].routing_stats.update(summary)
-    request = SimpleNamespace(prompt_token_ids=tuple(PROMPT), prompt_tokens=640, max_tokens=160)
+    reps[1].routing_stats = dataclasses.replace(
+        reps[1].routing_stats,
+        prefix_root=held.prefix_root,
+        prefix_tokens_per_block=16,
+        prefix_keys=held.prefix_keys,
+    )
+    request = make_request(max_tokens=160, prompt=PROMPT)
     router = _router()
     router.initialize_state(max_age_s=2.0, prefix=False)
     assert _choose(reps, request, router) == [["a"], ["b"]]  # the most headroom, as without hits
@@ -529,8 +516,7 @@ def test_the_affinity_router_sees_token_prefixes_as_text_prefixes() -> None:
     assert token_text(PROMPT[:100]) == token_text(PROMPT)[:100]
     assert not token_text([5, 6]).startswith(token_text([5, 7]))
     router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
-    request = SimpleNamespace(prompt_token_ids=(7, 8, 9), prompt_tokens=3, max_tokens=4)
-    pending = SimpleNamespace(args=[request], kwargs={})
+    pending = SimpleNamespace(args=[make_request(max_tokens=4, prompt=(7, 8, 9))], kwargs={})
     assert router._extract_text_from_request(pending) == token_text([7, 8, 9])
 
 
