@@ -1,5 +1,10 @@
 """``benchmarks.bench_router --smoke`` end to end on the session's Ray and Serve, so CI keeps it
-working (its timings are never asserted: they live in benchmarks/results)."""
+working (its timings are never asserted: they live in benchmarks/results).
+
+The chat workload's smoke runs by default (``bench_router.main``: deploying each router's app,
+replaying, reading the replicas' books and the router's tally); the arrival-schedule smoke (about a
+minute on two cores: two more deployments of the embedded model) is marked ``slow``, like the other
+benchmarks' smokes of tens of seconds (``pytest --run-slow``)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from tests.cluster.conftest import HTTP_PORT
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_router_benchmark_smoke(ray_session: None, tmp_path: Path) -> None:
     bench_router.main(["--smoke", "--out", str(tmp_path), "--port", str(HTTP_PORT)])
     [path] = tmp_path.glob("router-*.json")

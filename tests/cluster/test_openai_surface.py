@@ -600,9 +600,12 @@ def test_without_auto_tools_or_cut_short_the_markup_is_content(qwen: openai.Open
 
 
 # ---- 9. random text never gives a 500 ------------------------------------------------------------
+@pytest.mark.slow
 def test_random_unicode_strings_never_give_a_500(served: openai.OpenAI) -> None:
     """100 of them end to end (generating a token each); tests/cpu/test_openai_surface.py sends
-    1,000 through the ingress's own path (validation, chat template, tokenizer, limits)."""
+    1,000 through the ingress's own path (validation, chat template, tokenizer, limits). Slow (~30
+    s on two cores): tests/cluster/test_reliability.py sends 1,000 end to end by default, as
+    prompts, messages, stop strings and model names, lone surrogates included."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.cpu.test_openai_surface import random_texts

@@ -12,6 +12,7 @@ args, rayStartParams and the pod resources, and that the PodMonitor selects the 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -51,6 +52,7 @@ def load_one(path: Path) -> dict[str, Any]:
     return docs[0]
 
 
+@functools.cache  # checking a CRD's schema (160 KB) against its metaschema takes seconds
 def validator(name: str) -> jsonschema.protocols.Validator:
     schema = json.loads((DATA / name).read_text())
     cls = jsonschema.validators.validator_for(schema)
