@@ -96,7 +96,11 @@ def shapes(size: str) -> dict[str, Shape]:
     }
 
 
-def model_shape(size: str) -> ModelConfig:
+#: GPU model shapes (``--shape``): Qwen2.5-7B's token straddles 2 MiB pages.
+GPU_SHAPES = {"llama3-8b": ModelConfig.llama3_8b, "qwen2.5-7b": ModelConfig.qwen2_5_7b}
+
+
+def model_shape(size: str, shape: str = "llama3-8b") -> ModelConfig:
     if size == "smoke":
         return ModelConfig.tiny()
     if size == "cpu":  # 4 KiB a token in float32: 16 tokens a 64 KiB page
@@ -111,7 +115,7 @@ def model_shape(size: str) -> ModelConfig:
             head_dim=64,
             max_position_embeddings=2048,
         )
-    return ModelConfig.llama3_8b()
+    return GPU_SHAPES[shape]()
 
 
 #: The KV page of each size (None: the engine's 2 MiB).
@@ -144,7 +148,7 @@ def run(
     size = args.size
     config = EngineConfig(
         model="synthetic",
-        synthetic=model_shape(size),
+        synthetic=model_shape(size, args.shape),
         kv_mode=mode,
         kv_layout=layout,
         device="auto" if size == "gpu" else "cpu",
@@ -290,6 +294,7 @@ def main() -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds")
     size.add_argument("--cpu", action="store_true", help="a small model on CPU, about a minute")
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(GPU_SHAPES))
     parser.add_argument("--workloads", default="chat,system")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument(
@@ -346,7 +351,8 @@ def save_partial(
     payload = {
         "benchmark": "prefix",
         "environment": describe_device(device),
-        "model": dataclasses.asdict(model_shape(args.size)) | {"weights": "synthetic"},
+        "model": dataclasses.asdict(model_shape(args.size, args.shape))
+        | {"weights": "synthetic", "shape": args.shape},
         "workloads": {name: dataclasses.asdict(shape) for name, shape in loads.items()},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,

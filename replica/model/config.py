@@ -178,6 +178,27 @@ class ModelConfig:
         )
 
     @classmethod
+    def qwen2_5_7b(cls) -> ModelConfig:
+        """Qwen2.5-7B shapes (no weights): a 57,344-byte bf16 token, which no 2 MiB page holds
+        whole."""
+        return cls(
+            model_type="qwen2",
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+            attention_bias=True,
+            eos_token_ids=(151645, 151643),
+            checkpoint_dtype="bfloat16",
+        )
+
+    @classmethod
     def tiny(cls) -> ModelConfig:
         """A few-KB GQA model for unit tests."""
         return cls(
