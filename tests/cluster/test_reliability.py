@@ -94,6 +94,8 @@ def served(ray_session: None, model_dir: Path) -> Iterator[httpx.Client]:
                 "api_key": API_KEY,
                 "routing_stats_period_s": 0.2,
                 "replica_cpus": 1,
+                # Access logs on (they are off by default): the key-leak scan reads them.
+                "log_level": "debug",
             }
         ),
         name=APP,
