@@ -88,25 +88,7 @@ def workloads(
     }
 
 
-def qwen2_5_7b() -> ModelConfig:
-    """Qwen2.5-7B-Instruct shapes (synthetic weights): 28 layers, 28 q / 4 kv heads, qkv bias."""
-    return ModelConfig(
-        model_type="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=32768,
-        attention_bias=True,
-    )
-
-
-SHAPES = {"llama3-8b": ModelConfig.llama3_8b, "qwen2.5-7b": qwen2_5_7b}
+SHAPES = {"llama3-8b": ModelConfig.llama3_8b, "qwen2.5-7b": ModelConfig.qwen2_5_7b}
 
 
 def model_shapes(smoke: bool, shape: str = "llama3-8b") -> ModelConfig:

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench_engine import SHAPES  # the GPU model shapes (``--shape``)
 from benchmarks.environment import describe_device, save
 from replica import EngineConfig, LLMEngine, SamplingParams
 from replica.kv.stats import MappingBreakdown
@@ -96,10 +97,6 @@ def shapes(size: str) -> dict[str, Shape]:
     }
 
 
-#: GPU model shapes (``--shape``): Qwen2.5-7B's token straddles 2 MiB pages.
-GPU_SHAPES = {"llama3-8b": ModelConfig.llama3_8b, "qwen2.5-7b": ModelConfig.qwen2_5_7b}
-
-
 def model_shape(size: str, shape: str = "llama3-8b") -> ModelConfig:
     if size == "smoke":
         return ModelConfig.tiny()
@@ -115,7 +112,7 @@ def model_shape(size: str, shape: str = "llama3-8b") -> ModelConfig:
             head_dim=64,
             max_position_embeddings=2048,
         )
-    return GPU_SHAPES[shape]()
+    return SHAPES[shape]()
 
 
 #: The KV page of each size (None: the engine's 2 MiB).
@@ -294,7 +291,7 @@ def main() -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds")
     size.add_argument("--cpu", action="store_true", help="a small model on CPU, about a minute")
-    parser.add_argument("--shape", default="llama3-8b", choices=sorted(GPU_SHAPES))
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--workloads", default="chat,system")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument(

@@ -254,7 +254,7 @@ class KVCacheAllocator(KVCache):
             if index is not None:
                 return index
         if self._prefix:
-            empty = next((i for i, s in enumerate(self._slots) if s.state is SlotState.FREE), None)
+            empty = self._free_slot()
             if empty is not None:
                 return empty
             cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
@@ -266,6 +266,9 @@ class KVCacheAllocator(KVCache):
             if holders or cached:
                 return min(holders or cached, key=lambda i: self._slots[i].released_at)
         return self._pick_slot(need, tokens_hint)
+
+    def _free_slot(self) -> int | None:
+        return next((i for i, s in enumerate(self._slots) if s.state is SlotState.FREE), None)
 
     @staticmethod
     def _holds(slot: _Slot, hit_keys: list[int]) -> int:
@@ -305,7 +308,7 @@ class KVCacheAllocator(KVCache):
                     abs(len(self._slots[i].groups) - need),
                 ),
             )
-        empty = next((i for i, s in enumerate(self._slots) if s.state is SlotState.FREE), None)
+        empty = self._free_slot()
         if empty is not None:
             return empty
         raise KVCacheOutOfMemory(

@@ -15,7 +15,7 @@ Ordering contract (every copy between slots, and the host tier's after it):
     3. Both stay mapped and unwritten until the copy's fence completes: the mapping worker unmaps
        on its own thread, in no order with the stream, so a caller about to unmap or rewrite a
        slot's pages from page index ``i`` on first calls ``settle(slot, i)``, which waits for the
-       fences of the copies pinning them (``pinned`` says whether any does).
+       fences of the copies pinning them.
     4. On the host backend a copy is synchronous: its fence is complete when it returns.
 
 Costs that drive the allocator's rule (one H100, 2026-12-07, ``../shared/notes/h100-probe.md``):
@@ -129,12 +129,6 @@ class SlotCopies:
         fence = self._make_fence()
         self._pins.extend(_Pin(c, fence) for c in copies)
         self.bytes_copied += sum(c.stop - c.start for c in copies) * len(self._ranges)
-
-    def pinned(self, slot: int, first: int = 0) -> bool:
-        """Whether a copy not known to be complete reads or writes the slot's pages from
-        ``first`` on."""
-        self._retire()
-        return any(self._pins_slot(pin.copy, slot, first) for pin in self._pins)
 
     def settle(self, slot: int, first: int = 0) -> None:
         """Waits for every copy reading or writing the slot's pages from ``first`` on: call it
