@@ -21,9 +21,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def imported_module(node: ast.ImportFrom, importer: str, importer_path: Path) -> str:
+    """The absolute name of the module a ``from ... import`` reads: a relative one (``from . import
+    x``, ``from ..pkg import y``) counts from the importer's package, which for an ``__init__.py``
+    is the importer itself."""
+    if node.level == 0:
+        return node.module or ""
+    package = importer.split(".")
+    if importer_path.name != "__init__.py":
+        package.pop()
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the product modules it imports anywhere (inside functions too: a deferred import is
-    still a dependency), except under ``if TYPE_CHECKING``."""
+    still a dependency), absolute and relative, except under ``if TYPE_CHECKING``."""
     modules = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -38,10 +51,11 @@ def import_graph() -> dict[str, set[str]]:
         for child in ast.walk(tree):
             if id(child) in skipped:
                 continue
-            if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+            if isinstance(child, ast.ImportFrom):
+                module = imported_module(child, name, path)
                 for alias in child.names:
-                    candidate = f"{child.module}.{alias.name}"
-                    targets.add(candidate if candidate in modules else child.module)
+                    candidate = f"{module}.{alias.name}"
+                    targets.add(candidate if candidate in modules else module)
             elif isinstance(child, ast.Import):
                 targets.update(alias.name for alias in child.names)
         graph[name] = {t for t in targets if t in modules and t != name}
@@ -74,6 +88,21 @@ def test_the_product_has_no_import_cycle() -> None:
     graph = import_graph()
     assert "replica.engine" in graph and "cluster.ingress" in graph
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_import_graph_resolves_relative_imports() -> None:
+    """``replica/model/layers.py`` reads ``from . import kernels`` and ``from .config import ...``;
+    ``replica/model/weights.py`` reads ``from .llama import ...``."""
+    graph = import_graph()
+    assert {"replica.model.kernels", "replica.model.config"} <= graph["replica.model.layers"]
+    assert "replica.model.llama" in graph["replica.model.weights"]
+    init = ast.parse("from . import config\nfrom ..kv import base").body
+    resolved = [
+        imported_module(node, "replica.model", ROOT / "replica/model/__init__.py")
+        for node in init
+        if isinstance(node, ast.ImportFrom)
+    ]
+    assert resolved == ["replica.model", "replica.kv"]  # an __init__.py is its package
 
 
 def test_the_serving_layer_reads_the_engine_through_snapshots_only() -> None:
