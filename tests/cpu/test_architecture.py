@@ -135,21 +135,56 @@ def imports_the_openai_client(node: ast.AST) -> bool:
     return (node.module or "").split(".")[0] == "openai"
 
 
+#: Product files and functions allowed past the limits below, each with why (the goal: none).
+SIZE_EXCEPTIONS = {
+    "replica/kv/allocator.py": "being split with the mapping issue (#24)",
+    "cluster/ingress.py": "split next",
+    "replica/engine.py": "split next",
+    "replica/model/weights.py:load_hf_weights": "shortened next",
+    "replica/sampling_params.py:SamplingParams.__post_init__": "shortened next",
+}
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 60
+
+
+Function = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def functions(tree: ast.AST, prefix: str = "") -> list[tuple[str, Function]]:
+    """Every def and async def under ``tree``, nested ones included, by qualified name."""
+    found: list[tuple[str, Function]] = []
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{node.name}"
+            if not isinstance(node, ast.ClassDef):
+                found.append((name, node))
+            found += functions(node, f"{name}.")
+        else:
+            found += functions(node, prefix)
+    return found
+
+
+def test_no_product_file_or_function_is_too_long() -> None:
+    """Every file under replica/ and cluster/ at most 500 lines, every function (nested included)
+    at most 60, but for ``SIZE_EXCEPTIONS``; and every exception still needed."""
+    product = [path for name in ("replica", "cluster") for path in (ROOT / name).rglob("*.py")]
+    too_long = set()
+    for path in product:
+        relative, source = str(path.relative_to(ROOT)), path.read_text()
+        if len(source.splitlines()) > MAX_FILE_LINES:
+            too_long.add(relative)
+        for name, node in functions(ast.parse(source)):
+            if (node.end_lineno or node.lineno) - node.lineno + 1 > MAX_FUNCTION_LINES:
+                too_long.add(f"{relative}:{name}")
+    assert sorted(too_long - set(SIZE_EXCEPTIONS)) == []
+    assert sorted(set(SIZE_EXCEPTIONS) - too_long) == []  # an exception no longer needed goes
+
+
 def test_the_api_package_holds_one_concept_a_module() -> None:
-    """``cluster/openai``: each module under 400 lines and, with the ingress, no function over 60;
-    and no product module imports the ``openai`` client (a test dependency, whose name the
-    package shares: ``cluster.openai`` is always imported by its full name)."""
+    """``cluster/openai``: each module under 400 lines; and no product module imports the
+    ``openai`` client (a test dependency, whose name the package shares: ``cluster.openai`` is
+    always imported by its full name)."""
     api_modules = sorted((ROOT / "cluster" / "openai").glob("*.py"))
     assert [p.name for p in api_modules if len(p.read_text().splitlines()) >= 400] == []
-    long_functions = [
-        f"{path.name}:{node.name}"
-        for path in (*api_modules, ROOT / "cluster" / "ingress.py")
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.end_lineno is not None
-        and node.end_lineno - node.lineno + 1 > 60
-    ]
-    assert long_functions == []
     product = [path for name in ("replica", "cluster") for path in (ROOT / name).rglob("*.py")]
     client_imports = [
         str(path.relative_to(ROOT))
