@@ -140,8 +140,6 @@ SIZE_EXCEPTIONS = {
     "replica/kv/allocator.py": "being split with the mapping issue (#24)",
     "cluster/ingress.py": "split next",
     "replica/engine.py": "split next",
-    "replica/model/weights.py:load_hf_weights": "shortened next",
-    "replica/sampling_params.py:SamplingParams.__post_init__": "shortened next",
 }
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 60
 
