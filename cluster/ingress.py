@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP front (FastAPI through ``@serve.ingress``).
 
 It tokenizes (so the router can size requests in pages), validates, and streams replies over SSE.
-Bad input is a 400 with an OpenAI-style error body; a wrong API key is a 401; a body too big for
-any prompt that fits the context is a 413, refused before it is parsed; a client that goes away
-cancels its request, which frees its slot. Tokenizing runs in a thread, off the event loop, so
-``/health`` and other requests are answered meanwhile; a prompt with more characters than the
-context could hold is refused before it is tokenized (``cluster.openai.limits``). The bodies are
-``cluster.openai``'s.
+Bad input is a 400 with an OpenAI-style error body (``cluster.api_errors``); a wrong API key is a
+401 and a body too big for any prompt that fits the context a 413, refused before it is parsed
+(``cluster.request_guards``); a client that goes away cancels its request, which frees its slot.
+Tokenizing runs in a thread, off the event loop, so ``/health`` and other requests are answered
+meanwhile; a prompt with more characters than the context could hold is refused before it is
+tokenized (``cluster.openai.limits``). The bodies are ``cluster.openai``'s.
 
 ``GET /metrics`` is the Prometheus endpoint of the whole app (see ``cluster.metrics``): the
 replicas' series from the metrics hub, which this ingress creates and owns, plus the decisions of
@@ -21,25 +21,27 @@ the free-page router, which runs in this process (its handle to the replicas rou
 
 import asyncio
 import logging
-import secrets
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster import routing
+from cluster.api_errors import (
+    ApiError,
+    add_error_handlers,
+    context_exceeded,
+    json_response,
+    replica_lost,
+)
 from cluster.metrics.render import MetricsExporter, RouterView
 from cluster.metrics.store import ReplicaSeries
 from cluster.metrics_hub import create_hub
@@ -47,7 +49,6 @@ from cluster.openai.limits import RequestLimits
 from cluster.openai.logprobs import Logprobs, TokenStrings
 from cluster.openai.requests import ChatCompletionRequest, CompletionRequest, SamplingFields
 from cluster.openai.responses import (
-    Body,
     ChatChoice,
     CompletionChoice,
     chat_choice,
@@ -61,6 +62,7 @@ from cluster.openai.responses import (
 from cluster.openai.streaming import DONE, ReplyStream, merged, sse_event
 from cluster.openai.tool_calls import Tools, emits_hermes_tool_calls, parse_tool_calls
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
+from cluster.request_guards import BodyLimit, check_api_key
 from replica.errors import ReplicaBroken, RequestRejected
 from replica.model.source import apply_chat_template
 from replica.request import RequestOutput
@@ -68,131 +70,7 @@ from replica.sampling_params import GuidedDecoding, default_max_tokens
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="vattn", description="OpenAI-compatible LLM serving on vAttention")
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.payload = status, error_payload(message, kind, param, code)
-
-
-def _respond(body: Body, status: int = 200, replica: str | None = None) -> Response:
-    """A JSON response of the body (with the replica that served it in a header, when one did:
-    for operators and tests)."""
-    headers = None if replica is None else {"x-vattn-replica": replica}
-    return Response(body.to_json(), status, headers, media_type="application/json")
-
-
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> Response:
-    return _respond(error.payload, error.status)
-
-
-@app.exception_handler(Exception)
-async def _unexpected(_: Request, error: Exception) -> Response:
-    """Anything unforeseen is still an OpenAI-style body (the details go to the log, not out)."""
-    log.exception("request failed", exc_info=error)
-    return _respond(error_payload("internal error", "server_error"), 500)
-
-
-#: Validation errors' types -> the OpenAI error code they are answered with.
-_CODES = {
-    "unsupported_field": "unsupported_parameter",
-    "extra_forbidden": "unknown_parameter",
-    "invalid_unicode": "invalid_value",
-}
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> Response:
-    problems = error.errors()
-    first = problems[0] if problems else {}
-    param = None if first.get("type") == "json_invalid" else _path(first) or None
-    message = "; ".join(_describe(e) for e in problems) or "invalid request"
-    payload = error_payload(message, param=param, code=_CODES.get(first.get("type", "")))
-    return _respond(payload, 400)
-
-
-def _where(problem: Any) -> str:
-    """The place of a problem in the body (``messages.0.content``), "" for the body itself."""
-    return ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
-
-
-def _path(problem: Any) -> str:
-    """The problem's field: its place, and the field a model validator names under it."""
-    field = (problem.get("ctx") or {}).get("field")
-    return ".".join(part for part in (_where(problem), field) if part)
-
-
-def _describe(problem: Any) -> str:
-    kind, where = problem.get("type"), _where(problem)
-    if kind == "json_invalid":
-        return f"the body is not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})"
-    if kind == "extra_forbidden":
-        return f"{where}: unknown field (not part of the API vattn serves)"
-    if (problem.get("ctx") or {}).get("field") is not None and not where:
-        return str(problem.get("msg"))  # a model validator's message names its field
-    return f"{where or 'body'}: {problem.get('msg')}"
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
-    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return _respond(error_payload(str(error.detail), kind), error.status_code)
-
-
-class BodyLimit:
-    """Refuses a ``/v1/`` request whose body is bigger than ``limit()`` bytes with a 413, before
-    anything parses it: by its Content-Length, else while reading it (at most the limit is read
-    here, then replayed to the app; what follows, e.g. a disconnect, comes from the client)."""
-
-    def __init__(self, app: ASGIApp, limit: Callable[[], Awaitable[RequestLimits]]) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or "/v1/" not in scope["path"]:
-            await self.app(scope, receive, send)
-            return
-        try:
-            limits = await self.limit()
-        except Exception:  # noqa: BLE001 - the endpoint meets the same failure and answers it
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or ())
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:
-            await self.refuse(limits, scope, receive, send)
-            return
-        read: deque[Message] = deque()
-        size = 0
-        while True:
-            message = await receive()
-            read.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > limits.max_body_bytes:
-                await self.refuse(limits, scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return read.popleft() if read else await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def refuse(limits: RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
-        payload = error_payload(limits.body_too_big(), code="request_too_large")
-        await _respond(payload, 413)(scope, receive, send)
+add_error_handlers(app)
 
 
 async def _ingress_limits() -> RequestLimits:
@@ -202,35 +80,7 @@ async def _ingress_limits() -> RequestLimits:
 
 # Inside the API key's check (added below it, so it runs after it): no key, no body read.
 app.add_middleware(BodyLimit, limit=_ingress_limits)
-
-
-@app.middleware("http")
-async def _authorize(request: Request, call_next: Any) -> Any:
-    expected = getattr(request.app.state, "api_key", None)
-    if expected and "/v1/" in request.url.path:
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(given.encode(), expected.encode()):
-            payload = error_payload(
-                "invalid or missing API key", "authentication_error", code="invalid_api_key"
-            )
-            return _respond(payload, 401)
-    return await call_next(request)
-
-
-def _rejection(error: RequestRejected) -> str:
-    """The replica's reason, without Ray's traceback (which names hosts and pids)."""
-    return str(getattr(error, "cause", None) or error)
-
-
-def _context_exceeded(prompt_tokens: int, context: int, param: str) -> ApiError:
-    return ApiError(
-        400,
-        f"prompt ({prompt_tokens} tokens) + at least 1 generated token exceeds the context limit "
-        f"of {context} tokens",
-        param=param,
-        code="context_length_exceeded",
-    )
+app.middleware("http")(check_api_key)
 
 
 @dataclass(frozen=True)
@@ -269,10 +119,8 @@ async def _events(stream: ReplyStream, responses: list[Any]) -> AsyncIterator[st
                     yield sse_event(chunk)
         for chunk in stream.closing():
             yield sse_event(chunk)
-    except ReplicaBroken as error:
-        yield _failure(f"the replica is unavailable, retry: {_rejection(error)}")
-    except RayActorError:
-        yield _failure("the replica serving this request died; retry")
+    except (ReplicaBroken, RayActorError) as error:
+        yield _failure(replica_lost(error))
     finally:
         for response in responses:
             response.cancel()
@@ -328,7 +176,7 @@ class VattnIngress:
     @app.get("/v1/models")
     async def models(self) -> Response:
         info = await self.info()
-        return _respond(model_list(info.name, info.max_model_len))
+        return json_response(model_list(info.name, info.max_model_len))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str) -> Response:
@@ -336,7 +184,7 @@ class VattnIngress:
         info = await self.info()
         if model_id != info.name:
             raise self.unknown_model(model_id, info)
-        return _respond(model_card(info.name, info.max_model_len))
+        return json_response(model_card(info.name, info.max_model_len))
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
@@ -444,7 +292,7 @@ class VattnIngress:
             completion_tokens,
             collected[0][1].cached_tokens,  # the prompt is counted once
         )
-        return _respond(body_out, replica=accepted.replica or "")
+        return json_response(body_out, replica=accepted.replica or "")
 
     async def check_model(self, model: str | None) -> ModelInfo:
         info = await self.info()
@@ -502,7 +350,7 @@ class VattnIngress:
         refused here."""
         room = default_max_tokens(limits.context_tokens, len(token_ids))
         if room < 1:
-            raise _context_exceeded(len(token_ids), limits.context_tokens, param)
+            raise context_exceeded(len(token_ids), limits.context_tokens, param)
         reply_id = new_id(prefix)
         try:
             params = [
@@ -529,12 +377,8 @@ class VattnIngress:
                 param=getattr(cause, "param", None),
                 code=getattr(cause, "code", None),
             ) from None
-        except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
-            message = f"the replica is unavailable, retry: {_rejection(error)}"
-            raise ApiError(503, message, "server_error") from None
-        except RayActorError:  # the replica died: Serve is replacing it
-            message = "the replica serving this request died; retry"
-            raise ApiError(503, message, "server_error") from None
+        except (ReplicaBroken, RayActorError) as error:  # Serve is replacing the replica
+            raise ApiError(503, replica_lost(error), "server_error") from None
         return stream, accepted
 
     async def collect(self, stream: Any, logprobs: Logprobs | None) -> tuple[str, RequestOutput]:
@@ -548,12 +392,8 @@ class VattnIngress:
                 if logprobs is not None:
                     logprobs.add_output(output)
                 last = output
-        except ReplicaBroken as error:  # a rank died: Serve is replacing the replica
-            message = f"the replica is unavailable, retry: {_rejection(error)}"
-            raise ApiError(503, message, "server_error") from None
-        except RayActorError:  # the replica died mid-request: Serve is replacing it
-            message = "the replica serving this request died; retry"
-            raise ApiError(503, message, "server_error") from None
+        except (ReplicaBroken, RayActorError) as error:  # Serve is replacing the replica
+            raise ApiError(503, replica_lost(error), "server_error") from None
         assert last is not None
         return text, last
 

@@ -48,9 +48,11 @@ from replica.kv.stats import KVCacheStats
 from replica.model.source import load_tokenizer, model_source
 from replica.model_runner import ModelRunner, StepPlan
 from replica.request import Request, RequestOutput, RequestStatus
+from replica.request_checks import RequestChecks
 from replica.sampling import HostCopy, SamplingParams, TokenHistory, make_generator, sample
 from replica.scheduler import ScheduledStep, Scheduler
 from replica.tp import StepFailed
+from replica.warm_up import decode_every_graph
 
 if TYPE_CHECKING:
     from replica.tp.driver import TensorParallelDriver
@@ -66,6 +68,20 @@ class LaunchedStep:
     sampled: tuple[Request, ...]
     tokens: torch.Tensor | None  # the sampled token ids, on the device (read by the next step)
     copy: HostCopy | None
+
+
+def _aborted(request: Request, error: str | None = None) -> RequestOutput:
+    """The last output of a request that was stopped (aborted, or failed with ``error``)."""
+    return RequestOutput(
+        request.request_id,
+        "",
+        (),
+        True,
+        "abort",
+        len(request.prompt_token_ids),
+        len(request.output_token_ids),
+        error=error,
+    )
 
 
 class LLMEngine:
@@ -99,6 +115,7 @@ class LLMEngine:
             GrowthReserve.from_config(config.growth_reserve),
             admission_map_wait_s=config.admission_map_wait_s,
         )
+        self.checks = RequestChecks(config.max_model_len, model_config, self.kv)
         self.requests: dict[str, Request] = {}
         #: Penalized requests' seen tokens (on the device) and guided requests' grammars.
         self.history = TokenHistory(model_config.vocab_size, self.device)
@@ -145,61 +162,13 @@ class LLMEngine:
 
     @property
     def context_limit(self) -> int:
-        """The most tokens (prompt + max_tokens) one request may hold: ``max_model_len``, the
-        model's positions, and its sliding window if it has one (Mistral): attention here applies
-        no window, and within the window sliding and full attention are the same."""
-        window = self.model_config.sliding_window
-        limits = (self.config.max_model_len, self.model_config.max_position_embeddings, window)
-        return min(limit for limit in limits if limit is not None)
+        """The most tokens (prompt + max_tokens) one request may hold (``RequestChecks``)."""
+        return self.checks.context_limit
 
     def check(self, token_ids: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
-        """Every check a request passes before it is queued, in one place (the serving layer calls
-        it through the replica): a non-empty prompt of ids in the vocabulary whose prompt +
-        max_tokens fits the context limit and the whole cache. Returns the ids as a tuple (the one
-        prompt type from the ingress to the request); raises
-        RequestRejected (a ValueError) naming the problem."""
-        if not token_ids:
-            raise RequestRejected("the prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = next(
-            (
-                t
-                for t in token_ids
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
-            ),
-            None,
-        )
-        if bad is not None:
-            raise RequestRejected(
-                f"token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt"
-            )
-        biased = next((t for t, _ in params.logit_bias if t >= vocab), None)
-        if biased is not None:
-            raise RequestRejected(
-                f"logit_bias token id {biased} is outside the vocabulary [0, {vocab})", "logit_bias"
-            )
-        total = len(token_ids) + params.max_tokens
-        if total > self.context_limit:
-            window = self.model_config.sliding_window
-            why = (
-                " (the model's sliding window: attention over a sliding window is not implemented)"
-                if window == self.context_limit
-                else ""
-            )
-            raise RequestRejected(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{total} exceeds the "
-                f"context limit of {self.context_limit} tokens{why}",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        pages = self.kv.pages_for(total)
-        if pages > self.kv.budget_pages:
-            raise RequestRejected(
-                f"{total} tokens need {pages} KV pages; the whole cache has {self.kv.budget_pages}",
-                "max_tokens",
-            )
-        return tuple(token_ids)
+        """Every check a request passes before it is queued (``replica.request_checks``): returns
+        the ids as a tuple, or raises RequestRejected (a ValueError) naming the problem."""
+        return self.checks.check(token_ids, params)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its slot at once."""
@@ -208,58 +177,19 @@ class LLMEngine:
             return None
         self._forget(request_id)
         self.scheduler.finish(request, "abort")
-        return RequestOutput(
-            request_id,
-            "",
-            (),
-            True,
-            "abort",
-            len(request.prompt_token_ids),
-            len(request.output_token_ids),
-        )
+        return _aborted(request)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._launched is not None
 
     def warm_up(self) -> int:
-        """Captures the decode CUDA graphs of every batch size (and every variant of its attention
-        plan, ``AttentionBackend.warm_up_shapes``) before serving, so that no request pays for a
-        capture: for each, that many throw-away requests decode two tokens, half
-        greedy and half sampled with logprobs (so the sampler's kernels are loaded too: CUDA loads
-        a kernel's code into device memory at its first launch). Returns the graphs captured (0
-        without graphs). Call it before adding requests."""
+        """Captures the decode CUDA graphs of every batch size before serving, so that no request
+        pays for a capture (``replica.warm_up``). Returns the graphs captured (0 without graphs).
+        Call it before adding requests."""
         graphs = self.runner.graphs if self.tp is None else None
         if graphs is None or self.has_work():
             return 0
-        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        bos = self.model_config.bos_token_id
-        token = bos if bos is not None and bos < self.model_config.vocab_size else 0
-        # Every graph variant of each size: e.g. FlashInfer sees small pages at long context.
-        sizes = [size for size in graphs.sizes if size <= self.scheduler.max_running]
-        shapes = self.runner.attention.warm_up_shapes(sizes, self.context_limit - greedy.max_tokens)
-        for size, kv_len in shapes:
-            # The first sequence has kv_len keys, the others few (uneven lengths, as in traffic).
-            prompts = [[token] * max(kv_len, 2)] + [[token] * 2] * (size - 1)
-            pages = sum(self.kv.pages_for(len(p) + greedy.max_tokens) for p in prompts)
-            if pages > self.kv.budget_pages:
-                continue  # a cache this small never runs such a batch
-            for i in range(size):
-                sampled = SamplingParams(
-                    max_tokens=3,
-                    temperature=0.8,
-                    top_k=50,
-                    top_p=0.9,
-                    seed=i,
-                    logprobs=2,
-                    ignore_eos=True,
-                )
-                self.add_request(
-                    f"vattn-warm-up-{kv_len}-{size}-{i}",
-                    prompts[i],
-                    greedy if i % 2 == 0 else sampled,
-                )
-            while self.has_work():
-                self.step()
+        decode_every_graph(self, graphs.sizes)
         self.kv.synchronize()
         # The throw-away requests are not traffic: the request counters start from here.
         self.latency, self.prompt_tokens_total, self.generation_tokens_total = LatencyLog(), 0, 0
@@ -350,18 +280,7 @@ class LLMEngine:
             self.scheduler.finish(request, "abort")
             self.requests.pop(request.request_id, None)
             self._forget(request.request_id)
-            outputs.append(
-                RequestOutput(
-                    request.request_id,
-                    "",
-                    (),
-                    True,
-                    "abort",
-                    len(request.prompt_token_ids),
-                    len(request.output_token_ids),
-                    error=str(failure),
-                )
-            )
+            outputs.append(_aborted(request, error=str(failure)))
         return outputs
 
     def _plan(

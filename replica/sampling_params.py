@@ -28,6 +28,26 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    """``stop``: None, one string or a list of them -> a tuple of non-empty strings."""
+    stop = value
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise _bad("stop", value, "must be a non-empty string or a list of them")
+    return tuple(stop)
+
+
+def _stop_token_ids(value: Any) -> tuple[int, ...]:
+    """``stop_token_ids``: None or a list of token ids -> a tuple of them."""
+    ids = () if value is None else value
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise _bad("stop_token_ids", value, "must be a list of integers >= 0")
+    return tuple(ids)
+
+
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     """``{token id: bias}`` (ids as ints or decimal strings, as JSON sends them) or pairs -> pairs
     sorted by id; biases in [-100, 100] as OpenAI allows."""
@@ -131,19 +151,8 @@ class SamplingParams:
         ):
             raise _bad("seed", self.seed, f"must be an integer in [{_SEED_MIN}, {_SEED_MAX}]")
 
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise _bad("stop", self.stop, "must be a non-empty string or a list of them")
-        object.__setattr__(self, "stop", tuple(stop))
-
-        ids = () if self.stop_token_ids is None else self.stop_token_ids
-        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise _bad("stop_token_ids", self.stop_token_ids, "must be a list of integers >= 0")
-        object.__setattr__(self, "stop_token_ids", tuple(ids))
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
 
         if not isinstance(self.ignore_eos, bool):
             raise _bad("ignore_eos", self.ignore_eos, "must be a boolean")

@@ -1,6 +1,6 @@
 """How big a request may be before anything reads it: a body too big for any prompt that fits the
-context is a 413 (``cluster.ingress.BodyLimit``), a prompt with more characters than the context
-could hold is a 400 before it is tokenized."""
+context is a 413 (``cluster.request_guards.BodyLimit``), a prompt with more characters than the
+context could hold is a 400 before it is tokenized."""
 
 from __future__ import annotations
 

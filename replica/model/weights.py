@@ -78,6 +78,32 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
     return mapping
 
 
+def _check_names(
+    model: LlamaForCausalLM, model_dir: Path, wanted: set[str], weight_map: dict[str, str]
+) -> None:
+    """Raises :class:`MissingWeightsError` naming every tensor the model wants and the checkpoint
+    lacks; warns of the checkpoint's tensors the model does not use."""
+    missing = sorted(hf for hf in wanted if hf not in weight_map)
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" ... ({len(missing)} in all)" if len(missing) > 8 else ""
+        )
+        raise MissingWeightsError(f"checkpoint {model_dir} is missing weights: {shown}")
+    unused = [
+        n
+        for n in weight_map
+        if n not in wanted
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and model.config.tie_word_embeddings)
+    ]
+    if unused:
+        logger.warning(
+            "ignoring %d checkpoint tensors not used by the model: %s",
+            len(unused),
+            ", ".join(sorted(unused)[:8]),
+        )
+
+
 def load_hf_weights(
     model: LlamaForCausalLM,
     model_dir: str | Path,
@@ -101,26 +127,8 @@ def load_hf_weights(
     model_dir = Path(model_dir)
     weight_map = _weight_map(model_dir)
     params = list(model.named_parameters())  # tied lm_head is deduplicated away
-    wanted = {hf: name for name, _ in params for hf, _ in checkpoint_names(name)}
-    missing = sorted(hf for hf in wanted if hf not in weight_map)
-    if missing:
-        shown = ", ".join(missing[:8]) + (
-            f" ... ({len(missing)} in all)" if len(missing) > 8 else ""
-        )
-        raise MissingWeightsError(f"checkpoint {model_dir} is missing weights: {shown}")
-    unused = [
-        n
-        for n in weight_map
-        if n not in wanted
-        and not n.endswith(_IGNORED_SUFFIXES)
-        and not (n == "lm_head.weight" and model.config.tie_word_embeddings)
-    ]
-    if unused:
-        logger.warning(
-            "ignoring %d checkpoint tensors not used by the model: %s",
-            len(unused),
-            ", ".join(sorted(unused)[:8]),
-        )
+    wanted = {hf for name, _ in params for hf, _ in checkpoint_names(name)}
+    _check_names(model, model_dir, wanted, weight_map)
     with contextlib.ExitStack() as stack:
         handles: dict[str, object] = {}
         bar = tqdm(

@@ -1,5 +1,6 @@
 """The host side of decode CUDA graphs (the graphs themselves: tests/gpu/test_decode_graphs.py):
-which graph size a batch runs in, how a batch is padded to it, and that CPU engines run eagerly."""
+which graph size a batch runs in, how a batch is padded to it, that CPU engines run eagerly, and
+the warm-up traffic that captures the graphs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from replica import EngineConfig, LLMEngine
 from replica.attention import StepBatch
 from replica.decode_graphs import graph_sizes
 from replica.model import ModelConfig
+from replica.warm_up import decode_every_graph
 
 CPU = torch.device("cpu")
 
@@ -37,10 +39,23 @@ def test_only_decode_batches_pad() -> None:
         StepBatch.build([0, 1], [2, 5], [1, 1], CPU).padded(1, CPU)
 
 
-def test_cpu_engines_run_eagerly() -> None:
-    llm = LLMEngine(
+def tiny_engine() -> LLMEngine:
+    return LLMEngine(
         EngineConfig(
             model="synthetic", synthetic=ModelConfig.tiny(), max_running=4, max_model_len=256
         )
     )
+
+
+def test_cpu_engines_run_eagerly() -> None:
+    llm = tiny_engine()
     assert llm.runner.graphs is None and llm.warm_up() == 0
+
+
+def test_the_warm_up_traffic_runs_every_size_up_to_max_running_to_its_end() -> None:
+    """``replica.warm_up`` (which a CPU engine never runs: it captures no graphs): batches of 1, 2
+    and 4 requests (not 8: over max_running) decode their tokens and leave nothing behind."""
+    engine = tiny_engine()
+    decode_every_graph(engine, [1, 2, 4, 8])
+    assert not engine.has_work() and engine.requests == {}
+    assert engine.generation_tokens_total == (1 + 2 + 4) * 3

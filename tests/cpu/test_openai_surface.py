@@ -25,7 +25,7 @@ from openai.types import completion_create_params as openai_completion_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as openai_chat_params
 
-from cluster import ingress
+from cluster import api_errors, ingress, request_guards
 from cluster.openai.fields import IGNORED
 from cluster.openai.limits import RequestLimits
 from cluster.openai.logprobs import Logprobs, TokenStrings
@@ -62,7 +62,7 @@ JSON = {"content-type": "application/json"}
 def client() -> Iterator[TestClient]:
     """The request models behind the ingress's validation-error handler, echoing what passed."""
     test_app = FastAPI()
-    test_app.add_exception_handler(RequestValidationError, ingress._validation_error)  # type: ignore[arg-type]
+    test_app.add_exception_handler(RequestValidationError, api_errors.answer_validation_error)  # type: ignore[arg-type]
 
     @test_app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> dict[str, Any]:
@@ -461,7 +461,7 @@ def test_tokenize_refuses_a_prompt_too_long_by_its_characters_before_tokenizing(
 
     fake = FakeIngress(Untouchable())
     limits = RequestLimits(context_tokens=10, max_token_bytes=4)
-    with pytest.raises(ingress.ApiError) as refused:
+    with pytest.raises(api_errors.ApiError) as refused:
         asyncio.run(fake.tokenize("x" * 41, limits, "prompt"))
     assert refused.value.status == 400
     assert refused.value.payload.error.code == "context_length_exceeded"
@@ -505,7 +505,7 @@ def test_a_chat_template_that_raises_is_a_400_naming_messages() -> None:
     fake.tokens = TokenStrings(None)
     body = ChatCompletionRequest.model_validate({"messages": USER * 2, "tools": [TOOL]})
     body = body.model_copy(update={"tool_choice": "none"})
-    with pytest.raises(ingress.ApiError) as refused:
+    with pytest.raises(api_errors.ApiError) as refused:
         asyncio.run(fake.chat_completions(body))
     error = refused.value.payload.error
     assert refused.value.status == 400 and error.param == "messages"
@@ -530,8 +530,8 @@ def test_1000_random_unicode_strings_never_give_a_500(tokenizer: Any) -> None:
     fake = FakeIngress(tokenizer)
     limits = RequestLimits(context_tokens=1024, max_token_bytes=16)
     test_app = FastAPI()
-    test_app.add_exception_handler(RequestValidationError, ingress._validation_error)  # type: ignore[arg-type]
-    test_app.add_exception_handler(ingress.ApiError, ingress._api_error)  # type: ignore[arg-type]
+    test_app.add_exception_handler(RequestValidationError, api_errors.answer_validation_error)  # type: ignore[arg-type]
+    test_app.add_exception_handler(api_errors.ApiError, api_errors.answer_api_error)  # type: ignore[arg-type]
 
     @test_app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> dict[str, Any]:
@@ -597,7 +597,7 @@ def test_a_body_bigger_than_any_prompt_that_fits_is_a_413_before_it_is_parsed() 
     async def limits_of_ingress() -> RequestLimits:
         return limits
 
-    guarded = ingress.BodyLimit(echo_app(), limits_of_ingress)
+    guarded = request_guards.BodyLimit(echo_app(), limits_of_ingress)
 
     async def post(path: str, content: Any) -> httpx.Response:
         transport = httpx.ASGITransport(app=guarded)
@@ -634,7 +634,7 @@ def test_without_max_tokens_a_request_may_generate_the_rest_of_the_context() -> 
     assert both.requested_max_tokens() == 5
     completion = CompletionRequest.model_validate({"prompt": [1, 2]})
     assert max_tokens("c", (1, 2), completion, 3, "prompt") == 98
-    with pytest.raises(ingress.ApiError) as full:
+    with pytest.raises(api_errors.ApiError) as full:
         max_tokens("c", (1,) * 100, completion, None, "prompt")
     assert "exceeds the context limit of 100 tokens" in full.value.payload.error.message
     three = CompletionRequest.model_validate({"prompt": [1, 2], "n": 3, "seed": 1})
