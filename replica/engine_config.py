@@ -111,6 +111,10 @@ class EngineConfig:
     #: (replica.scheduler); inf: always wait, so the schedule does not depend on timing. None:
     #: 5 ms on a GPU (a map costs 25-60 us a page there), inf on a CPU (host maps take us).
     admission_map_wait_s: float | None = None
+    #: Map the KV page budget under the empty slots at start (KVCacheConfig.premap), as the paged
+    #: mode allocates its pool: a burst's prompts and prefix hits then find their pages mapped.
+    #: None: on a GPU (20K maps take ~0.5 s in the background), off on a CPU.
+    kv_premap: bool | None = None
     #: Prefix sharing: replica.kv.allocator; the paged mode's block cache alike.
     prefix_cache: bool = option(
         True,
@@ -166,7 +170,8 @@ class EngineConfig:
 
     def resolved(self, facts: DeviceFacts) -> EngineConfig:
         """This config with every ``None`` default decided (here only): ``max_running``,
-        ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``, ``admission_map_wait_s``. An
+        ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``, ``admission_map_wait_s``,
+        ``kv_premap``. An
         "auto" is decided where its inputs are: device and dtype below, ``kv_layout`` by
         replica.kv.layout_choice (from the budget the ranks agree on), ``attention`` by
         replica.attention, ``kv_cache_dtype`` by
@@ -202,6 +207,7 @@ class EngineConfig:
                 if self.admission_map_wait_s is not None
                 else (GPU_ADMISSION_MAP_WAIT_S if cuda else math.inf)
             ),
+            kv_premap=cuda if self.kv_premap is None else self.kv_premap,
         )
 
     def torch_device(self) -> torch.device:

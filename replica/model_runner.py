@@ -176,6 +176,7 @@ class ModelRunner:
             eager_lookahead_tokens=config.eager_lookahead_tokens,
             prefix_cache=config.prefix_cache,
             prefix_key=self._prefix_key(),
+            premap=bool(config.kv_premap),
         )
         return KVCacheAllocator(kv_config, vmm)
 

@@ -31,6 +31,7 @@ Invariants (``check_invariants``, with those of ``SlotMaps`` and ``SlotPrefixes`
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -80,6 +81,8 @@ class KVCacheAllocator(KVCache):
         self._prefixes = SlotPrefixes(config, self._maps, self._copies)
         self._prefix = config.prefix_cache
         self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
+        if config.premap:
+            self._premap()
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -320,6 +323,25 @@ class KVCacheAllocator(KVCache):
         self._maps.release(self._pool.idle_surplus(), OpCause.IDLE)
 
     # ---- policy internals ----------------------------------------------------------------------
+    def _premap(self) -> None:
+        """Maps the page budget under the empty slots, a group at a time round the slots (up to
+        ``pages_per_slot`` each); they become released slots holding nothing, older than any."""
+        ranges, slots = self.config.num_ranges, self._slots
+        groups = min(self._pool.available // ranges, len(slots) * self.config.pages_per_slot)
+        for i in range(len(slots)):
+            count = groups // len(slots) + (i < groups % len(slots))
+            taken = self._pool.take(count * ranges) if count else None
+            if taken is None:
+                continue
+            self._maps.create(taken.new_ids, OpCause.PREMAP)
+            ids = taken.ids
+            self._maps.map_groups(
+                i, [ids[g : g + ranges] for g in range(0, len(ids), ranges)], OpCause.PREMAP
+            )
+            self._maps.set_state(slots[i], SlotState.CACHED)
+            slots[i].released_at = -math.inf
+        self._maps.flush()
+
     def _eager_target(self, tokens: int) -> int:
         """Groups a slot holding ``tokens`` keeps mapped: what they need, plus up to ``eager_pages``
         more once the slot is within ``eager_lookahead_tokens`` of its mapped end."""

@@ -77,6 +77,10 @@ class KVCacheConfig:
     #: Tokens a prefix block holds: the granularity of prefix sharing in every layout (the paged
     #: mode's block). Pages wholly inside a hit are aliased or copied, the rest copied.
     prefix_block_tokens: int = 16
+    #: Map the whole page budget under the empty slots at start, in the background, so that a
+    #: request's first pages (a prompt, a prefix hit copied into them) need no driver call: the
+    #: empty slots' pages are reclaimed like a released slot's, least recently used first.
+    premap: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))

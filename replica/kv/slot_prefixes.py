@@ -196,7 +196,7 @@ class SlotPrefixes:
         if end == first < len(slot.groups):
             start = first * size  # a shared page the slot cannot write: refilled whole
         whole = self.whole_pages(hit)
-        budget = self.maps.pool.available // config.num_ranges  # pages copies may keep
+        budget = self.maps.spare_groups(exclude=slot_index)  # pages copies may keep
         spans: list[tuple[int, int]] = []  # byte ranges to copy from the hit's holders
         taken, shrunk = len(hit), False
         for page in range(first, -(-hit_end // size)):

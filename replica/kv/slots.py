@@ -178,6 +178,16 @@ class SlotMaps:
         cached = [i for i, s in enumerate(self.slots) if s.state is SlotState.CACHED]
         return sorted(cached, key=lambda i: self.slots[i].released_at)
 
+    def spare_groups(self, exclude: int) -> int:
+        """Page groups free in the pool or mapped under empty released slots (premapped, nothing
+        cached) other than ``exclude``: memory that nothing would miss."""
+        empty = sum(
+            len(s.groups)
+            for i, s in enumerate(self.slots)
+            if i != exclude and s.state is SlotState.CACHED and not s.token_ids
+        )
+        return self.pool.available // self.config.num_ranges + empty
+
     def page_split(self) -> tuple[int, int]:
         """(in_use, cached): distinct pages mapped under running slots, and those mapped only
         under released ones."""

@@ -16,6 +16,7 @@ class OpCause(IntEnum):
     RELEASE = 4  # a slot released with deferred reclamation off
     IDLE = 5  # idle free pages returned to the device (elastic pool)
     SHRINK = 6  # ``shrink()``: everything cached and free returned
+    PREMAP = 7  # the page budget mapped under the empty slots at start (``KVCacheConfig.premap``)
 
 
 class WaitCause(IntEnum):

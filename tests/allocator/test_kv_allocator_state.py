@@ -70,6 +70,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         prefix=st.booleans(),
         # Prefix blocks inside a page (4), a page each (16), straddling pages (24).
         block=st.sampled_from([4, TOKENS_PER_PAGE, 24]),
+        premap=st.booleans(),
         seed=st.integers(0, 2**16),
     )
     def build(
@@ -81,6 +82,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         deferred: bool,
         prefix: bool,
         block: int,
+        premap: bool,
         seed: int,
     ) -> None:
         self.allocator: KVCacheAllocator = self.make(
@@ -97,6 +99,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             clock=self.clock,
             prefix_cache=prefix,
             prefix_block_tokens=block,
+            premap=premap,
         )
         self.prefix = prefix
         self.random = random.Random(seed)

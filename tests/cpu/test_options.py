@@ -130,9 +130,13 @@ def test_every_default_is_decided_by_resolved() -> None:
         page_size=4096,
         kv_layout=KVLayout.PER_LAYER,
         admission_map_wait_s=0.005,
+        kv_premap=True,
     )
     # Admission waits for its maps up to 5 ms on a GPU, always on a CPU (host maps take us).
     assert on_cpu.admission_map_wait_s == math.inf
+    # The KV budget is mapped under the empty slots at start on a GPU only, unless told.
+    assert (on_gpu.kv_premap, on_cpu.kv_premap) == (True, False)
+    assert EngineConfig(kv_premap=False).resolved(gpu).kv_premap is False
     # vattn generate's --max-running leaves the choice to the engine (it was 64 everywhere).
     args = argparse.ArgumentParser()
     add_option_arguments(args, EngineConfig)

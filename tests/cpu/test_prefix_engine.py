@@ -42,8 +42,10 @@ def chat(llm: LLM, params: SamplingParams, turns: int = 3) -> tuple[list[list[in
         {"kv_mode": "paged"},
         # A cache too small for every conversation at once: preemption and eviction.
         {"kv_layout": "interleaved", "kv_cache_bytes": 24 * 4096, "eager_pages": 0},
+        # The budget mapped under the empty slots at start (the GPU default): hits copied.
+        {"kv_layout": "per_layer", "kv_premap": True},
     ],
-    ids=["interleaved", "per_layer", "paged", "pressed"],
+    ids=["interleaved", "per_layer", "paged", "pressed", "premapped"],
 )
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
@@ -57,6 +59,8 @@ def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
     stats = on_llm.engine.stats().kv
     assert stats.prefix_hits_tokens >= cached_on
     assert stats.slots_running == 0 and stats.pages_in_use == 0
+    if config.get("kv_premap"):
+        assert stats.prefix_copied_bytes > 0  # hits landed in premapped pages
     on_llm.engine.kv.check_invariants(deep=True)
 
 

@@ -207,9 +207,9 @@ def test_a_copy_reads_its_source_after_the_step_writing_it(layout: str) -> None:
 
 @pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
 def test_engine_tokens_agree_when_prefixes_are_copied_into_reused_slots(layout: str) -> None:
-    """Eight conversations over a 1,100-token system prompt in four slots: later turns land in
-    released slots whose pages get the prefix by copy (or take over a slot holding it). fp32, so
-    the tokens must equal the cache-off run's exactly, in both layouts, CUDA graphs on."""
+    """Eight conversations over a 1,100-token system prompt in four premapped slots: hits land
+    in slots whose pages get the prefix by copy (or take over a slot holding it). fp32, so the
+    tokens must equal the cache-off run's exactly, in both layouts, CUDA graphs on."""
     shape = dataclasses.replace(ModelConfig.llama3_8b(), num_layers=4)
     system = [int(t) for t in torch.randint(10, 1000, (1100,), generator=torch.Generator())]
     common = dict(
@@ -222,6 +222,7 @@ def test_engine_tokens_agree_when_prefixes_are_copied_into_reused_slots(layout: 
         kv_cache_bytes=4 << 30,
         attention="sdpa",
         dtype="float32",
+        kv_premap=True,  # empty slots hold mapped pages: a hit there is copied, not aliased
     )
     off, _ = chat(LLM(prefix_cache=False, **common), system, conversations=8)
     on_llm = LLM(prefix_cache=True, **common)
