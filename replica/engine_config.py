@@ -27,6 +27,31 @@ ACTIVATION_RESERVE_BYTES = 3 << 30
 HOST_KV_CACHE_BYTES = 1 << 30
 #: How long a GPU step waits for its admissions' maps by default (replica.scheduler).
 GPU_ADMISSION_MAP_WAIT_S = 0.005
+#: The host tier's default share of the host memory a process may use, and its cap.
+HOST_TIER_SHARE, HOST_TIER_MAX_BYTES = 0.25, 64 << 30
+
+
+def host_memory_bytes() -> int:
+    """The host memory this process may use: what the OS has available, within the cgroup's
+    limit where there is one (a KubeRay worker shares its pod's memory with Ray's object store
+    and the other replicas)."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return min(limits, default=0)
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,13 @@ class EngineConfig:
         "for activations; 1 GiB on a CPU)",
     )
     gpu_memory_utilization: float = 0.85
+    kv_offload_bytes: int | None = option(
+        None,
+        "host memory for the KV cache's host tier, per tensor-parallel rank: released "
+        "conversations' KV is copied there and comes back on their next turn instead of being "
+        "computed again (default: on a GPU a quarter of the memory this process may use, its "
+        "cgroup limit where there is one, up to 64 GiB; 0 on a CPU; 0 turns it off)",
+    )
     page_size: int | None = option(
         None,
         "bytes per KV page (default: 2 MiB, the GPU's granularity; on a CPU the largest size up "
@@ -159,6 +191,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {value}")
+        if self.kv_offload_bytes is not None and self.kv_offload_bytes < 0:
+            raise ValueError(
+                f"EngineConfig.kv_offload_bytes must be >= 0, got {self.kv_offload_bytes}"
+            )
         if not 0 <= self.growth_reserve <= 1:
             raise ValueError(
                 f"EngineConfig.growth_reserve must be in [0, 1], got {self.growth_reserve}"
@@ -171,7 +207,7 @@ class EngineConfig:
     def resolved(self, facts: DeviceFacts) -> EngineConfig:
         """This config with every ``None`` default decided (here only): ``max_running``,
         ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``, ``admission_map_wait_s``,
-        ``kv_premap``. An
+        ``kv_premap``, ``kv_offload_bytes``. An
         "auto" is decided where its inputs are: device and dtype below, ``kv_layout`` by
         replica.kv.layout_choice (from the budget the ranks agree on), ``attention`` by
         replica.attention, ``kv_cache_dtype`` by
@@ -208,7 +244,16 @@ class EngineConfig:
                 else (GPU_ADMISSION_MAP_WAIT_S if cuda else math.inf)
             ),
             kv_premap=cuda if self.kv_premap is None else self.kv_premap,
+            kv_offload_bytes=(
+                self.kv_offload_bytes
+                if self.kv_offload_bytes is not None
+                else (self._default_offload_bytes() if cuda else 0)
+            ),
         )
+
+    def _default_offload_bytes(self) -> int:
+        share = HOST_TIER_SHARE * host_memory_bytes() / max(self.world_size, 1)
+        return min(int(share), HOST_TIER_MAX_BYTES)
 
     def torch_device(self) -> torch.device:
         import torch

@@ -177,6 +177,7 @@ class ModelRunner:
             prefix_cache=config.prefix_cache,
             prefix_key=self._prefix_key(),
             premap=bool(config.kv_premap),
+            host_tier_bytes=config.kv_offload_bytes or 0,
         )
         return KVCacheAllocator(kv_config, vmm)
 

@@ -31,7 +31,6 @@ Invariants (``check_invariants``, with those of ``SlotMaps`` and ``SlotPrefixes`
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,8 +40,10 @@ import torch
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.config import KVCacheConfig
 from replica.kv.copies import CopyFence, SlotCopies
+from replica.kv.growth import SlotGrowth
+from replica.kv.host_tier import HostTier
 from replica.kv.page_pool import PhysicalPagePool
-from replica.kv.prefix import PrefixSummary
+from replica.kv.prefix import PrefixSummary, extend_keys, usable_blocks
 from replica.kv.slot_prefixes import SlotPrefixes
 from replica.kv.slots import Slot, SlotMaps, SlotState
 from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
@@ -73,16 +74,27 @@ class KVCacheAllocator(KVCache):
         self._maps = SlotMaps(config, self.device, self._pool)
         self._slots = self._maps.slots
         slot_bytes = config.pages_per_slot * config.page_size
-        self._copies = SlotCopies(
-            [t.view(-1).view(torch.uint8).view(-1, slot_bytes) for t in self._maps.tensors],
-            config.page_size,
-            make_fence,
-        )
+        views = [t.view(-1).view(torch.uint8).view(-1, slot_bytes) for t in self._maps.tensors]
+        self._copies = SlotCopies(views, config.page_size, make_fence)
         self._prefixes = SlotPrefixes(config, self._maps, self._copies)
         self._prefix = config.prefix_cache
+        self._tier = (
+            HostTier(
+                views,
+                config.block_bytes,
+                config.page_size,
+                config.host_tier_bytes,
+                self._copies,
+                make_fence,
+            )
+            if config.prefix_cache and config.host_tier_bytes
+            else None
+        )
+        self._host_hit_tokens = 0
         self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
+        self._growth = SlotGrowth(config, self._maps, self._prefixes)
         if config.premap:
-            self._premap()
+            self._growth.premap()
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -96,12 +108,6 @@ class KVCacheAllocator(KVCache):
     def pages_for(self, tokens: int) -> int:
         """A page group (one page per range) per ``page_size`` bytes of a token's range."""
         return self.config.page_groups_for(tokens) * self.config.num_ranges
-
-    def _backed_tokens(self, slot: Slot) -> int:
-        return min(
-            len(slot.groups) * self.config.page_size // self.config.bytes_per_token,
-            self.config.tokens_per_slot,
-        )
 
     @property
     def reservations(self) -> tuple[Reservation, ...]:
@@ -142,16 +148,47 @@ class KVCacheAllocator(KVCache):
         slot = self._slots[index]
         kept = self._prefixes.holds(slot, hit_keys)  # its leading blocks holding the hit's
         taken = self._prefixes.take_hit(index, hit, kept) if self._prefix else 0
-        cached_tokens = taken * self.config.prefix_block_tokens
+        self._maps.set_state(slot, SlotState.RUNNING)
+        restored = self._restore(index, prompt, keys, taken) if self._tier is not None else 0
+        cached_tokens = (taken + restored) * self.config.prefix_block_tokens
         if self._prefix:
             self._prefixes.queries.acquired(index, len(prompt), cached_tokens)
-        self._maps.set_state(slot, SlotState.RUNNING)
         self._admitting.add(index)
         slot.length, slot.reserved = cached_tokens, cached_tokens
-        slot.token_ids, slot.keys, slot.frozen = prompt, hit_keys[:taken], taken
+        slot.token_ids, slot.keys, slot.frozen = prompt, keys[:taken], taken
+        if restored:  # indexed now: whatever reads them is enqueued after the restore
+            self._prefixes.register(slot, cached_tokens)
         self._maps.flush()
         self._checked()
         return index
+
+    def _restore(self, index: int, prompt: tuple[int, ...], keys: list[int], taken: int) -> int:
+        """Copies back the blocks after the slot's ``taken`` that the host tier holds, once the
+        pages they need are mapped (reclaiming if need be); returns how many (0 where pages
+        cannot be had, or block ``taken`` starts in a page the slot shares)."""
+        tier, config = self._tier, self.config
+        assert tier is not None
+        if not len(tier):
+            return 0
+        per_block = config.prefix_block_tokens
+        root = self._prefixes.index.root
+        extend_keys(keys, root, prompt, per_block, usable_blocks(len(prompt), per_block))
+        count = tier.stored(keys, taken)
+        slot = self._slots[index]
+        page = taken * config.block_bytes // config.page_size
+        if not count or (page < len(slot.groups) and not self._maps.private(slot.groups[page])):
+            return 0
+        tokens = (taken + count) * per_block
+        need = config.page_groups_for(tokens)
+        if len(slot.groups) < need and not self._growth.grow(index, tokens):
+            return 0
+        self._maps.flush()
+        for ticket in {slot.tickets[page if page < need else need - 1], slot.tickets[need - 1]}:
+            if not self._maps.worker.done(ticket):
+                self._maps.wait(ticket, WaitCause.ADMISSION)
+        tier.restore(index, keys, taken, count)
+        self._host_hit_tokens += count * per_block
+        return count
 
     @property
     def prefix_block_tokens(self) -> int:
@@ -195,6 +232,8 @@ class KVCacheAllocator(KVCache):
         self._admitting.discard(slot_index)
         if self._prefix:
             self._prefixes.release(slot_index, slot, token_ids)
+            if self._tier is not None:  # write-through: eviction is a drop later
+                self._tier.offload(slot_index, slot.keys, slot.frozen)
         self._maps.set_state(slot, SlotState.CACHED)
         slot.length, slot.reserved = 0, 0
         slot.released_at = self._clock()
@@ -224,7 +263,7 @@ class KVCacheAllocator(KVCache):
                 f"{slot.frozen * self.config.prefix_block_tokens} shared, immutable ones"
             )
         need = self.config.page_groups_for(tokens)
-        grown = len(slot.groups) >= need or self._grow(slot_index, tokens)
+        grown = len(slot.groups) >= need or self._growth.grow(slot_index, tokens)
         self._maps.flush()
         if not grown:
             groups = need - len(slot.groups)
@@ -262,12 +301,12 @@ class KVCacheAllocator(KVCache):
             slot = self._slots[slot_index]
             need = self.config.page_groups_for(slot.reserved)
             if len(slot.groups) < need or (
-                len(slot.groups) < self._eager_target(slot.reserved) and available
+                len(slot.groups) < self._growth.eager_target(slot.reserved) and available
             ):
-                if not self._grow(slot_index, slot.reserved):
+                if not self._growth.grow(slot_index, slot.reserved):
                     unbacked.append(slot_index)
                     # Its books never claim tokens it cannot store.
-                    slot.length = slot.reserved = min(slot.length, self._backed_tokens(slot))
+                    slot.length = slot.reserved = min(slot.length, self._growth.backed_tokens(slot))
                 available = self._pool.available
         if self._prefix:
             for slot_index in lengths:
@@ -323,85 +362,6 @@ class KVCacheAllocator(KVCache):
         self._maps.release(self._pool.idle_surplus(), OpCause.IDLE)
 
     # ---- policy internals ----------------------------------------------------------------------
-    def _premap(self) -> None:
-        """Maps the page budget under the empty slots, a group at a time round the slots (up to
-        ``pages_per_slot`` each); they become released slots holding nothing, older than any."""
-        ranges, slots = self.config.num_ranges, self._slots
-        groups = min(self._pool.available // ranges, len(slots) * self.config.pages_per_slot)
-        for i in range(len(slots)):
-            count = groups // len(slots) + (i < groups % len(slots))
-            taken = self._pool.take(count * ranges) if count else None
-            if taken is None:
-                continue
-            self._maps.create(taken.new_ids, OpCause.PREMAP)
-            ids = taken.ids
-            self._maps.map_groups(
-                i, [ids[g : g + ranges] for g in range(0, len(ids), ranges)], OpCause.PREMAP
-            )
-            self._maps.set_state(slots[i], SlotState.CACHED)
-            slots[i].released_at = -math.inf
-        self._maps.flush()
-
-    def _eager_target(self, tokens: int) -> int:
-        """Groups a slot holding ``tokens`` keeps mapped: what they need, plus up to ``eager_pages``
-        more once the slot is within ``eager_lookahead_tokens`` of its mapped end."""
-        config = self.config
-        target = config.page_groups_for(tokens) + config.eager_pages
-        if config.eager_lookahead_tokens is not None:
-            target = min(target, config.page_groups_for(tokens + config.eager_lookahead_tokens))
-        return min(target, config.pages_per_slot)
-
-    def _grow(self, slot_index: int, tokens: int) -> bool:
-        """Queues mapping so the slot backs ``tokens``, then eager groups (``_eager_target``) if
-        they can be had without reclaiming. False, with nothing queued for this slot, if
-        ``tokens`` cannot be backed."""
-        slot, ranges = self._slots[slot_index], self.config.num_ranges
-        need = self.config.page_groups_for(tokens)
-        pages = max(need - len(slot.groups), 0) * ranges
-        if self._pool.available < pages:
-            self._reclaim(pages - self._pool.available, exclude=slot_index)
-        taken = self._pool.take(pages)
-        if taken is None:
-            return False
-        eager = min(
-            self._eager_target(tokens) - len(slot.groups) - pages // ranges,
-            self._pool.available // ranges,
-        )
-        extra = self._pool.take(eager * ranges) if eager > 0 else None
-        ids = list(taken.ids) + (list(extra.ids) if extra else [])
-        if not ids:
-            return True
-        self._maps.create(
-            list(taken.new_ids) + list(extra.new_ids if extra else ()), OpCause.GROWTH
-        )
-        added = [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
-        self._maps.map_groups(slot_index, added, OpCause.GROWTH)  # the next flush carries them
-        return True
-
-    def _reclaim(self, pages: int, exclude: int) -> None:
-        """Frees at least ``pages`` if it can: first the pages of released slots (least recently
-        released first, from their ends: a prefix's first pages are the most shared), then running
-        slots' pages beyond what their next step needs. A page another slot still maps is not
-        freed by unmapping it here."""
-        cached = self._maps.released()
-        running = [
-            i for i, s in enumerate(self._slots) if s.state is SlotState.RUNNING and i != exclude
-        ]
-        for index in cached + running:
-            if pages <= 0:
-                return
-            slot = self._slots[index]
-            keep = (
-                0 if slot.state is SlotState.CACHED else self.config.page_groups_for(slot.reserved)
-            )
-            # One unmap run for the tail that frees enough (pages mapped elsewhere free nothing).
-            end, freeing = len(slot.groups), 0
-            while end > keep and freeing < pages:
-                end -= 1
-                freeing += sum(self._pool.mappings(p) == 1 for p in slot.groups[end])
-            if end < len(slot.groups):
-                pages -= self._prefixes.shrink_slot(index, end, OpCause.RECLAIM)
-
     def _running(self, slot_index: int) -> Slot:
         slot = self._slots[self.check_slot(slot_index)]
         if slot.state is not SlotState.RUNNING:
@@ -462,7 +422,20 @@ class KVCacheAllocator(KVCache):
             prefix_evicted_pages=self._prefixes.evicted_pages,
             prefix_copied_bytes=self._copies.bytes_copied,
             prefix_takeovers=self._prefixes.takeovers,
+            **self._tier_stats(),
         )
+
+    def _tier_stats(self) -> dict[str, int]:
+        if self._tier is None:
+            return {}
+        tier = self._tier.stats()
+        return {
+            "host_tier_bytes": tier.capacity_bytes,
+            "host_tier_used_bytes": tier.used_bytes,
+            "host_offloaded_bytes": tier.offloaded_bytes,
+            "host_restored_bytes": tier.restored_bytes,
+            "prefix_host_hits_tokens": self._host_hit_tokens,
+        }
 
     def mapping_breakdown(self) -> MappingBreakdown:
         """The worker's time by operation kind and cause, and the callers' waits by cause."""
@@ -483,6 +456,8 @@ class KVCacheAllocator(KVCache):
         mappings = self._maps.check_invariants(deep)
         self._prefixes.check_invariants(mappings)
         self._copies.check_invariants()
+        if self._tier is not None:
+            self._tier.check_invariants()
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
             stats

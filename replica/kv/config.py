@@ -81,6 +81,9 @@ class KVCacheConfig:
     #: request's first pages (a prompt, a prefix hit copied into them) need no driver call: the
     #: empty slots' pages are reclaimed like a released slot's, least recently used first.
     premap: bool = False
+    #: Host memory for the host tier (``replica.kv.host_tier``; with the prefix cache): released
+    #: slots' blocks are copied there and come back on a hit instead of being computed again.
+    host_tier_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", KVLayout(self.layout))
@@ -97,7 +100,14 @@ class KVCacheConfig:
             ),
         )
         require_non_negative_ints(
-            self, ("eager_pages", "max_idle_pages", "budget_bytes", "eager_lookahead_tokens")
+            self,
+            (
+                "eager_pages",
+                "max_idle_pages",
+                "budget_bytes",
+                "eager_lookahead_tokens",
+                "host_tier_bytes",
+            ),
         )
         if (
             isinstance(self.idle_seconds, bool)

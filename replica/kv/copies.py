@@ -86,7 +86,8 @@ class SlotCopy:
 
 @dataclass
 class _Pin:
-    copy: SlotCopy
+    slots: tuple[int, ...]  # the slots whose pages a copy reads or writes
+    pages: range  # page indices of those slots
     fence: CopyFence
 
 
@@ -127,15 +128,22 @@ class SlotCopies:
         # per range would cost more host time than the copies themselves.
         torch._foreach_copy_(targets, sources, non_blocking=True)
         fence = self._make_fence()
-        self._pins.extend(_Pin(c, fence) for c in copies)
+        size = self._page_size
+        self._pins.extend(_Pin((c.source, c.target), c.pages(size), fence) for c in copies)
         self.bytes_copied += sum(c.stop - c.start for c in copies) * len(self._ranges)
+
+    def pin(self, slot: int, pages: range, fence: CopyFence) -> None:
+        """Pins the slot's ``pages`` until ``fence`` completes (a copy to or from the host tier,
+        ``replica.kv.host_tier``): ``settle`` waits for it like for a copy between slots."""
+        if pages:
+            self._pins.append(_Pin((slot,), pages, fence))
 
     def settle(self, slot: int, first: int = 0) -> None:
         """Waits for every copy reading or writing the slot's pages from ``first`` on: call it
         before unmapping or rewriting them."""
         self._retire()
         for pin in self._pins:
-            if self._pins_slot(pin.copy, slot, first):
+            if slot in pin.slots and pin.pages.stop > first:
                 pin.fence.wait()
         self._retire()
 
@@ -145,13 +153,9 @@ class SlotCopies:
             pin.fence.wait()
         self._pins.clear()
 
-    def _pins_slot(self, copy: SlotCopy, slot: int, first: int) -> bool:
-        return slot in (copy.source, copy.target) and copy.pages(self._page_size).stop > first
-
     def _retire(self) -> None:
         self._pins = [pin for pin in self._pins if not pin.fence.done()]
 
     def check_invariants(self) -> None:
         for pin in self._pins:
-            c = pin.copy
-            assert c.source != c.target and 0 <= c.start < c.stop, f"bad copy {c}"
+            assert len(set(pin.slots)) == len(pin.slots) and pin.pages, f"bad pin {pin}"

@@ -52,6 +52,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     shared_acquires = 0  # acquires that found a cached prefix (the test asserts some did)
     copied_bytes = 0  # hit bytes copied instead of aliased, and take-overs (asserted too)
     takeovers = 0
+    restored_tokens = 0  # prompt tokens copied back from the host tier
+    page_size = 0  # the backend's, set by the test
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,6 +73,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         # Prefix blocks inside a page (4), a page each (16), straddling pages (24).
         block=st.sampled_from([4, TOKENS_PER_PAGE, 24]),
         premap=st.booleans(),
+        host_pages=st.sampled_from([0, 0, 3, 12]),  # the host tier (with the prefix cache)
         seed=st.integers(0, 2**16),
     )
     def build(
@@ -83,6 +86,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         prefix: bool,
         block: int,
         premap: bool,
+        host_pages: int,
         seed: int,
     ) -> None:
         self.allocator: KVCacheAllocator = self.make(
@@ -100,6 +104,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             prefix_cache=prefix,
             prefix_block_tokens=block,
             premap=premap,
+            host_tier_bytes=host_pages * self.page_size,
         )
         self.prefix = prefix
         self.random = random.Random(seed)
@@ -142,8 +147,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         type(self).takeovers += after.prefix_takeovers - before.prefix_takeovers
         assert slot not in self.tokens
         length = self.allocator.length(slot)
-        # The whole cached prefix, or less where no free page was left to copy a partial page.
-        assert length <= cached < max(len(prompt), 1)
+        # The whole cached prefix, or less where no free page was left to copy a partial page;
+        # more with blocks restored from the host tier.
+        restored = after.prefix_host_hits_tokens - before.prefix_host_hits_tokens
+        type(self).restored_tokens += restored
+        assert length - restored <= cached and length < max(len(prompt), 1)
         assert length % self.allocator.config.prefix_block_tokens == 0
         assert self.prefix or length == 0
         type(self).shared_acquires += length > 0
@@ -268,7 +276,11 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("scale", [1])
 def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale: int) -> None:
-    machine = type("Machine", (AllocatorMachine,), {"make": staticmethod(make_allocator)})
+    machine = type(
+        "Machine",
+        (AllocatorMachine,),
+        {"make": staticmethod(make_allocator), "page_size": kv_device.page_size},
+    )
     examples = EXAMPLES if kv_device.name == "host" else max(EXAMPLES // 5, 10)
     run_state_machine_as_test(
         machine,
@@ -283,7 +295,8 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
     minimum = (10_000 if kv_device.name == "host" else 2_000) * scale * SCALE
     print(
         f"{machine.operations} operations, {machine.shared_acquires} acquires found a prefix, "
-        f"{machine.copied_bytes} bytes copied, {machine.takeovers} take-overs"
+        f"{machine.copied_bytes} bytes copied, {machine.takeovers} take-overs, "
+        f"{machine.restored_tokens} tokens restored from the host tier"
     )
     assert machine.operations >= minimum, f"only {machine.operations} operations ran"
     assert machine.shared_acquires > 0, "no acquire found a cached prefix: sharing untested"

@@ -20,6 +20,7 @@ from replica.engine_config import (
     HOST_KV_CACHE_BYTES,
     DeviceFacts,
     EngineConfig,
+    host_memory_bytes,
 )
 from replica.kv.config import KVLayout
 from replica.options import add_option_arguments, declared_options, option, option_values
@@ -131,12 +132,20 @@ def test_every_default_is_decided_by_resolved() -> None:
         kv_layout=KVLayout.PER_LAYER,
         admission_map_wait_s=0.005,
         kv_premap=True,
+        kv_offload_bytes=given.resolved(gpu).kv_offload_bytes,
     )
     # Admission waits for its maps up to 5 ms on a GPU, always on a CPU (host maps take us).
     assert on_cpu.admission_map_wait_s == math.inf
     # The KV budget is mapped under the empty slots at start on a GPU only, unless told.
     assert (on_gpu.kv_premap, on_cpu.kv_premap) == (True, False)
     assert EngineConfig(kv_premap=False).resolved(gpu).kv_premap is False
+    # The host tier: a share of the host memory this process may use on a GPU, none on a CPU.
+    offload = on_gpu.kv_offload_bytes
+    assert offload is not None and 0 < offload <= min(64 << 30, host_memory_bytes() // 4)
+    assert on_cpu.kv_offload_bytes == 0
+    assert EngineConfig(kv_offload_bytes=0).resolved(gpu).kv_offload_bytes == 0
+    with pytest.raises(ValueError, match="kv_offload_bytes"):
+        EngineConfig(kv_offload_bytes=-1)
     # vattn generate's --max-running leaves the choice to the engine (it was 64 everywhere).
     args = argparse.ArgumentParser()
     add_option_arguments(args, EngineConfig)

@@ -44,8 +44,15 @@ def chat(llm: LLM, params: SamplingParams, turns: int = 3) -> tuple[list[list[in
         {"kv_layout": "interleaved", "kv_cache_bytes": 24 * 4096, "eager_pages": 0},
         # The budget mapped under the empty slots at start (the GPU default): hits copied.
         {"kv_layout": "per_layer", "kv_premap": True},
+        # A cache pressed harder, with a host tier: evicted turns come back from host memory.
+        {
+            "kv_layout": "interleaved",
+            "kv_cache_bytes": 14 * 4096,
+            "eager_pages": 0,
+            "kv_offload_bytes": 1 << 20,
+        },
     ],
-    ids=["interleaved", "per_layer", "paged", "pressed", "premapped"],
+    ids=["interleaved", "per_layer", "paged", "pressed", "premapped", "tiered"],
 )
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
@@ -61,6 +68,8 @@ def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
     assert stats.slots_running == 0 and stats.pages_in_use == 0
     if config.get("kv_premap"):
         assert stats.prefix_copied_bytes > 0  # hits landed in premapped pages
+    if config.get("kv_offload_bytes"):
+        assert stats.host_restored_bytes > 0 and stats.prefix_host_hits_tokens > 0
     on_llm.engine.kv.check_invariants(deep=True)
 
 

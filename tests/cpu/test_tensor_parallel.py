@@ -86,7 +86,9 @@ def assert_books_agree(engine: LLMEngine) -> None:
 
 
 # ---- the page plan, without processes ------------------------------------------------------------
-def make_allocator(budget_pages: int = 24, prefix_cache: bool = False) -> KVCacheAllocator:
+def make_allocator(
+    budget_pages: int = 24, prefix_cache: bool = False, host_tier_bytes: int = 0
+) -> KVCacheAllocator:
     config = KVCacheConfig(
         num_layers=2,
         num_kv_heads=1,
@@ -98,18 +100,22 @@ def make_allocator(budget_pages: int = 24, prefix_cache: bool = False) -> KVCach
         budget_bytes=budget_pages * 4096,
         eager_pages=1,
         prefix_cache=prefix_cache,
+        host_tier_bytes=host_tier_bytes,
     )
     return KVCacheAllocator(config, open_device("host", 4096))
 
 
-@pytest.mark.parametrize("prefix_cache", [False, True])
-def test_replaying_the_page_plan_reproduces_the_books(prefix_cache: bool) -> None:
+@pytest.mark.parametrize("cache", ["off", "prefix", "tiered"])
+def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
     """With the prefix cache, prompts share starts, and both ranks book the same steps (which
-    index the prompts' pages): every rank aliases, copies and takes over the same pages."""
+    index the prompts' pages): every rank aliases, copies and takes over the same pages, and with
+    a host tier writes through and restores the same blocks."""
     rng = random.Random(7)
+    prefix_cache = cache != "off"
+    tier = (64 << 10) if cache == "tiered" else 0
     leader, follower = (
-        make_allocator(prefix_cache=prefix_cache),
-        make_allocator(prefix_cache=prefix_cache),
+        make_allocator(prefix_cache=prefix_cache, host_tier_bytes=tier),
+        make_allocator(prefix_cache=prefix_cache, host_tier_bytes=tier),
     )
     recorder = RecordingKVCache(leader)
     running: list[int] = []
@@ -155,6 +161,11 @@ def test_replaying_the_page_plan_reproduces_the_books(prefix_cache: bool) -> Non
     assert (follow.prefix_copied_bytes, follow.prefix_takeovers) == (
         lead.prefix_copied_bytes,
         lead.prefix_takeovers,
+    )
+    assert not tier or lead.host_restored_bytes > 0
+    assert (follow.host_offloaded_bytes, follow.host_restored_bytes) == (
+        lead.host_offloaded_bytes,
+        lead.host_restored_bytes,
     )
     follower.check_invariants(deep=True)
 

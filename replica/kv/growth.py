@@ -1,0 +1,103 @@
+"""How the vAttention cache's slots grow: the pages a slot's tokens need, eager pages ahead of
+them, and the pages reclaimed for them (released slots least recently released first, from their
+ends, then running slots' surplus). ``KVCacheAllocator`` calls it; ``SlotMaps`` keeps the books.
+"""
+
+from __future__ import annotations
+
+import math
+
+from replica.kv.config import KVCacheConfig
+from replica.kv.slot_prefixes import SlotPrefixes
+from replica.kv.slots import Slot, SlotMaps, SlotState
+from replica.kv.stats import OpCause
+
+
+class SlotGrowth:
+    def __init__(self, config: KVCacheConfig, maps: SlotMaps, prefixes: SlotPrefixes) -> None:
+        self.config, self.maps, self.prefixes = config, maps, prefixes
+
+    def backed_tokens(self, slot: Slot) -> int:
+        return min(
+            len(slot.groups) * self.config.page_size // self.config.bytes_per_token,
+            self.config.tokens_per_slot,
+        )
+
+    def premap(self) -> None:
+        """Maps the page budget under the empty slots, a group at a time round the slots (up to
+        ``pages_per_slot`` each); they become released slots holding nothing, older than any."""
+        ranges, slots = self.config.num_ranges, self.maps.slots
+        groups = min(self.maps.pool.available // ranges, len(slots) * self.config.pages_per_slot)
+        for i in range(len(slots)):
+            count = groups // len(slots) + (i < groups % len(slots))
+            taken = self.maps.pool.take(count * ranges) if count else None
+            if taken is None:
+                continue
+            self.maps.create(taken.new_ids, OpCause.PREMAP)
+            ids = taken.ids
+            self.maps.map_groups(
+                i, [ids[g : g + ranges] for g in range(0, len(ids), ranges)], OpCause.PREMAP
+            )
+            self.maps.set_state(slots[i], SlotState.CACHED)
+            slots[i].released_at = -math.inf
+        self.maps.flush()
+
+    def eager_target(self, tokens: int) -> int:
+        """Groups a slot holding ``tokens`` keeps mapped: what they need, plus up to ``eager_pages``
+        more once the slot is within ``eager_lookahead_tokens`` of its mapped end."""
+        config = self.config
+        target = config.page_groups_for(tokens) + config.eager_pages
+        if config.eager_lookahead_tokens is not None:
+            target = min(target, config.page_groups_for(tokens + config.eager_lookahead_tokens))
+        return min(target, config.pages_per_slot)
+
+    def grow(self, slot_index: int, tokens: int) -> bool:
+        """Queues mapping so the slot backs ``tokens``, then eager groups (``eager_target``) if
+        they can be had without reclaiming. False, with nothing queued for this slot, if
+        ``tokens`` cannot be backed."""
+        slot, ranges = self.maps.slots[slot_index], self.config.num_ranges
+        need = self.config.page_groups_for(tokens)
+        pages = max(need - len(slot.groups), 0) * ranges
+        if self.maps.pool.available < pages:
+            self._reclaim(pages - self.maps.pool.available, exclude=slot_index)
+        taken = self.maps.pool.take(pages)
+        if taken is None:
+            return False
+        eager = min(
+            self.eager_target(tokens) - len(slot.groups) - pages // ranges,
+            self.maps.pool.available // ranges,
+        )
+        extra = self.maps.pool.take(eager * ranges) if eager > 0 else None
+        ids = list(taken.ids) + (list(extra.ids) if extra else [])
+        if not ids:
+            return True
+        self.maps.create(list(taken.new_ids) + list(extra.new_ids if extra else ()), OpCause.GROWTH)
+        added = [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
+        self.maps.map_groups(slot_index, added, OpCause.GROWTH)  # the next flush carries them
+        return True
+
+    def _reclaim(self, pages: int, exclude: int) -> None:
+        """Frees at least ``pages`` if it can: first the pages of released slots (least recently
+        released first, from their ends: a prefix's first pages are the most shared), then running
+        slots' pages beyond what their next step needs. A page another slot still maps is not
+        freed by unmapping it here."""
+        cached = self.maps.released()
+        running = [
+            i
+            for i, s in enumerate(self.maps.slots)
+            if s.state is SlotState.RUNNING and i != exclude
+        ]
+        for index in cached + running:
+            if pages <= 0:
+                return
+            slot = self.maps.slots[index]
+            keep = (
+                0 if slot.state is SlotState.CACHED else self.config.page_groups_for(slot.reserved)
+            )
+            # One unmap run for the tail that frees enough (pages mapped elsewhere free nothing).
+            end, freeing = len(slot.groups), 0
+            while end > keep and freeing < pages:
+                end -= 1
+                freeing += sum(self.maps.pool.mappings(p) == 1 for p in slot.groups[end])
+            if end < len(slot.groups):
+                pages -= self.prefixes.shrink_slot(index, end, OpCause.RECLAIM)

@@ -1,0 +1,242 @@
+"""A host-memory tier for the vAttention cache's prefix blocks: what a released slot stored is
+copied to pinned host memory, and a prompt whose next blocks are there gets them copied back
+instead of computed again (``replica.kv.slot_prefixes`` decides when; this module holds the bytes,
+their keys and the copies).
+
+The tier is *inclusive* and filled by *write-through at release*: when a slot is released, its
+indexed blocks that the tier lacks are copied out (a conversation's next turn copies only its new
+blocks), so evicting a slot's pages later is a plain drop, with no copy on the path of the request
+that needs the pages. A slot's K/V is contiguous in each range, so a run of consecutive blocks
+leaves and returns in one copy per range (host blocks of a run are taken consecutive where the
+free list allows).
+
+Blocks are keyed by their prefix key (``replica.kv.prefix``): equal keys, equal K/V. The tier
+evicts the least recently used block first; a block is used when written or restored, a chain's
+first blocks after its later ones, so a conversation leaves the tier from its end.
+
+Ordering (``replica.kv.copies``' contract, extended to the host):
+    offload: an event recorded on the engine's stream at release orders the copy after every step
+        that wrote the blocks; the copy runs on a side stream so the engine's steps do not wait
+        for it; the slot's pages are pinned (``SlotCopies.pin``) until its fence completes.
+    restore: the slot's pages are mapped first (the caller waits for their tickets); the copy is
+        enqueued on the engine's stream, before the step that reads the blocks; the pages are
+        pinned until its fence.
+    a host block being written or read is not reused until that copy's fence completes.
+
+Invariants (``check_invariants``): every stored key has one host block and every host block at
+most one key; used + free == issued <= capacity; a pinned host block is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from replica.kv.copies import CopyFence, SlotCopies, stream_fence
+
+log = logging.getLogger(__name__)
+
+#: Host blocks pinned per allocation: the tier grows in chunks as it fills.
+CHUNK_BLOCKS = 256
+
+
+@dataclass(frozen=True)
+class HostTierStats:
+    capacity_bytes: int
+    used_bytes: int
+    offloaded_bytes: int
+    restored_bytes: int
+    evicted_blocks: int
+
+
+class HostTier:
+    """Host copies of prefix blocks, ``block_bytes`` of each of the slots' ranges a block.
+
+    ``ranges``: one byte view per reserved range, [max_slots, slot bytes] (the cache's memory).
+    ``capacity_bytes``: the tier's host memory, every range counted. ``make_fence``: the fence of
+    copies just enqueued on the current stream (a test passes one it completes by hand).
+    """
+
+    def __init__(
+        self,
+        ranges: Sequence[torch.Tensor],
+        block_bytes: int,
+        page_size: int,
+        capacity_bytes: int,
+        copies: SlotCopies,
+        make_fence: Callable[[], CopyFence] | None = None,
+    ) -> None:
+        self._ranges = list(ranges)
+        self._device = self._ranges[0].device
+        self._block_bytes, self._page_size = block_bytes, page_size
+        self.capacity = capacity_bytes // (block_bytes * len(self._ranges))
+        self._copies = copies
+        self._make_fence = make_fence or (lambda: stream_fence(self._device))
+        self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self._chunks: list[torch.Tensor] = []  # [ranges, up to CHUNK_BLOCKS, block_bytes] each
+        self._issued = 0  # host blocks pinned so far
+        self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
+        self._key_of: dict[int, int] = {}  # host block -> key
+        self._free: list[int] = []  # issued host blocks holding nothing, descending
+        self._pins: list[tuple[range, CopyFence]] = []  # host blocks in flight
+        self.offloaded_bytes = self.restored_bytes = self.evicted_blocks = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._blocks
+
+    def stored(self, keys: Sequence[int], start: int) -> int:
+        """How many of ``keys[start:]``, in order, the tier holds."""
+        count = 0
+        while start + count < len(keys) and keys[start + count] in self._blocks:
+            count += 1
+        return count
+
+    # ---- copies --------------------------------------------------------------------------------
+    def offload(self, slot: int, keys: Sequence[int], limit: int) -> None:
+        """Copies the slot's blocks ``[0, limit)`` whose keys the tier lacks to the host (its
+        blocks are written: ``limit`` counts the slot's frozen blocks)."""
+        missing = [j for j in range(limit) if keys[j] not in self._blocks]
+        hosts = self._take(len(missing), protect={keys[j] for j in range(limit)})
+        missing = missing[: len(hosts)]
+        for j, host in zip(missing, hosts):
+            self._blocks[keys[j]], self._key_of[host] = host, keys[j]
+        self._touch(keys, limit)
+        if not missing:
+            return
+        runs = self._runs(missing, hosts)
+        if self._side is not None:
+            produced = torch.cuda.current_stream(self._device).record_event()
+            self._side.wait_event(produced)
+            with torch.cuda.stream(self._side):
+                self._copy(slot, runs, to_host=True)
+                fence = self._make_fence()
+        else:
+            self._copy(slot, runs, to_host=True)
+            fence = self._make_fence()
+        self._pin(slot, runs, fence)
+        self.offloaded_bytes += len(missing) * self._block_bytes * len(self._ranges)
+
+    def restore(self, slot: int, keys: Sequence[int], start: int, count: int) -> None:
+        """Copies the tier's blocks of ``keys[start : start + count]`` into the slot's blocks
+        ``start ..`` (mapped, the slot's own) on the current stream."""
+        if count <= 0:
+            return
+        blocks = list(range(start, start + count))
+        hosts = [self._blocks[keys[j]] for j in blocks]
+        self._touch(keys, start + count)
+        runs = self._runs(blocks, hosts)
+        self._copy(slot, runs, to_host=False)
+        self._pin(slot, runs, self._make_fence())
+        self.restored_bytes += count * self._block_bytes * len(self._ranges)
+
+    def _touch(self, keys: Sequence[int], limit: int) -> None:
+        """Marks the stored blocks of ``keys[:limit]`` used, the first most recently: a chain's
+        tail is evicted before its head (a block is of use only after the ones before it)."""
+        for key in reversed(keys[:limit]):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+    def _copy(self, slot: int, runs: list[tuple[int, int, int]], to_host: bool) -> None:
+        targets, sources = [], []
+        size = self._block_bytes
+        for block, host, count in runs:
+            chunk, first = divmod(host, CHUNK_BLOCKS)
+            for r, view in enumerate(self._ranges):
+                device = view[slot, block * size : (block + count) * size]
+                stored = self._chunks[chunk][r, first : first + count].view(-1)
+                targets.append(stored if to_host else device)
+                sources.append(device if to_host else stored)
+        torch._foreach_copy_(targets, sources, non_blocking=True)
+
+    def _pin(self, slot: int, runs: list[tuple[int, int, int]], fence: CopyFence) -> None:
+        size = self._block_bytes
+        for block, host, count in runs:
+            pages = range(
+                block * size // self._page_size, -(-(block + count) * size // self._page_size)
+            )
+            self._copies.pin(slot, pages, fence)
+            self._pins.append((range(host, host + count), fence))
+
+    @staticmethod
+    def _runs(blocks: list[int], hosts: list[int]) -> list[tuple[int, int, int]]:
+        """(first slot block, first host block, count) of the maximal runs consecutive in both
+        (one copy per range each)."""
+        runs: list[tuple[int, int, int]] = []
+        for block, host in zip(blocks, hosts):
+            if runs and runs[-1][0] + runs[-1][2] == block and runs[-1][1] + runs[-1][2] == host:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((block, host, 1))
+        return runs
+
+    # ---- host blocks ---------------------------------------------------------------------------
+    def _take(self, count: int, protect: set[int]) -> list[int]:
+        """Up to ``count`` host blocks, ascending: free ones, then new ones (pinned a chunk at a
+        time), then the least recently used blocks' (not ``protect``\\ ed keys)."""
+        taken: list[int] = []
+        while len(taken) < count:
+            if not self._free and not self._grow() and not self._evict_one(protect):
+                break
+            if self._free:
+                taken.append(self._free.pop())
+        return sorted(taken)
+
+    def _grow(self) -> bool:
+        issued = self._issued
+        blocks = min(CHUNK_BLOCKS, self.capacity - issued)
+        if blocks <= 0:
+            return False
+        shape = (len(self._ranges), blocks, self._block_bytes)
+        try:
+            chunk = torch.empty(shape, dtype=torch.uint8, pin_memory=self._side is not None)
+        except RuntimeError as error:  # pinned memory refused: the tier stops growing
+            log.warning("host KV tier stays at %d blocks: %s", issued, error)
+            self.capacity = issued
+            return False
+        self._chunks.append(chunk)
+        self._issued += blocks
+        self._free.extend(range(issued + blocks - 1, issued - 1, -1))
+        return True
+
+    def _evict_one(self, protect: set[int]) -> bool:
+        for key, host in self._blocks.items():
+            if key not in protect:
+                self._settle(host)
+                del self._blocks[key], self._key_of[host]
+                self._free.append(host)
+                self.evicted_blocks += 1
+                return True
+        return False
+
+    def _settle(self, host: int) -> None:
+        """Waits for the copies writing or reading host block ``host``."""
+        self._pins = [(hosts, fence) for hosts, fence in self._pins if not fence.done()]
+        for hosts, fence in self._pins:
+            if host in hosts:
+                fence.wait()
+
+    def stats(self) -> HostTierStats:
+        per_block = self._block_bytes * len(self._ranges)
+        return HostTierStats(
+            capacity_bytes=self.capacity * per_block,
+            used_bytes=len(self._blocks) * per_block,
+            offloaded_bytes=self.offloaded_bytes,
+            restored_bytes=self.restored_bytes,
+            evicted_blocks=self.evicted_blocks,
+        )
+
+    def check_invariants(self) -> None:
+        issued = self._issued
+        assert len(self._blocks) == len(self._key_of), "keys and host blocks differ in number"
+        assert all(self._key_of[h] == k for k, h in self._blocks.items()), "keys disagree"
+        assert not set(self._free) & set(self._key_of), "a free host block holds a key"
+        assert len(self._free) + len(self._key_of) == issued <= self.capacity
+        live = [(hosts, fence) for hosts, fence in self._pins if not fence.done()]
+        assert all(h in self._key_of for hosts, _ in live for h in hosts), "a pin on a free block"
