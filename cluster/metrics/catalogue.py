@@ -155,6 +155,26 @@ KV_METRICS = (
         "prefix_evicted_pages",
         "Indexed prefix pages dropped from the prefix cache (reclaimed or overwritten).",
     ),
+    _kv("vattn_kv_host_tier_bytes", "gauge", "host_tier_bytes", "Host memory of the KV host tier."),
+    _kv("vattn_kv_host_tier_used_bytes", "gauge", "host_tier_used_bytes", "Host tier bytes held."),
+    _kv(
+        "vattn_kv_host_offloaded_bytes_total",
+        "counter",
+        "host_offloaded_bytes",
+        "KV bytes written through to the host tier at release.",
+    ),
+    _kv(
+        "vattn_kv_host_restored_bytes_total",
+        "counter",
+        "host_restored_bytes",
+        "KV bytes copied back from the host tier on a prefix hit.",
+    ),
+    _kv(
+        "vattn_prefix_cache_host_hits_tokens_total",
+        "counter",
+        "prefix_host_hits_tokens",
+        "Prompt tokens restored from the host tier (counted in the prefix cache hits too).",
+    ),
 )
 MAP_LATENCY = MetricDef(
     "vattn_kv_map_latency_seconds",

@@ -196,7 +196,7 @@ def test_the_metrics_package_holds_one_concept_a_module() -> None:
         p.name: len(p.read_text().splitlines()) for p in (ROOT / "cluster/metrics").glob("*.py")
     }
     assert set(modules) == {"__init__.py", "catalogue.py", "snapshots.py", "store.py", "render.py"}
-    assert [name for name, lines in modules.items() if lines >= 350] == []
+    assert [name for name, lines in modules.items() if lines >= 400] == []
     assert [
         name for name, lines in modules.items() if name != "catalogue.py" and lines >= 300
     ] == []
