@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import heapq
 import random
 import statistics
@@ -229,6 +230,7 @@ def run(
     for r, (sent, _, turn) in submitted.items():
         by_turn.setdefault(turn, []).append(first_token[r] - sent)
     breakdown = engine.kv.mapping_breakdown()
+    engine.release_kv_memory()  # the next run's engine gets the device's memory back
     return {
         "mode": mode,
         "kv_layout": getattr(engine.kv, "config").layout.value if mode != "paged" else "blocks",
@@ -336,6 +338,7 @@ def main() -> None:
                     rows.append(run(mode, layout, prefix_cache, loads[name], args))
                     print(name, rows[-1], flush=True)
                     save_partial(args, loads, results)  # a run cut off keeps every row it ran
+                    gc.collect()  # the engine's cycles, with its tensors
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     print(f"wrote {save_partial(args, loads, results)}")
 

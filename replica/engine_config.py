@@ -107,11 +107,12 @@ class EngineConfig:
     )
     gpu_memory_utilization: float = 0.85
     kv_offload_bytes: int | None = option(
-        None,
+        0,
         "host memory for the KV cache's host tier, per tensor-parallel rank: released "
         "conversations' KV is copied there and comes back on their next turn instead of being "
-        "computed again (default: on a GPU a quarter of the memory this process may use, its "
-        "cgroup limit where there is one, up to 64 GiB; 0 on a CPU; 0 turns it off)",
+        "computed again (default 0: off until measured on a GPU; None from Python or the app's "
+        "args: on a GPU a quarter of the host memory this process may use, its cgroup limit "
+        "where there is one, up to 64 GiB)",
     )
     page_size: int | None = option(
         None,
@@ -145,8 +146,10 @@ class EngineConfig:
     admission_map_wait_s: float | None = None
     #: Map the KV page budget under the empty slots at start (KVCacheConfig.premap), as the paged
     #: mode allocates its pool: a burst's prompts and prefix hits then find their pages mapped.
-    #: None: on a GPU (20K maps take ~0.5 s in the background), off on a CPU.
-    kv_premap: bool | None = None
+    #: Off by default: on the H100 it took mapping off the burst's path (0% map wait) but its
+    #: hits were copied, 128 private copies of 4 shared prompts, and decode ran 2x slower than
+    #: with the pages aliased (benchmarks/README.md).
+    kv_premap: bool = False
     #: Prefix sharing: replica.kv.allocator; the paged mode's block cache alike.
     prefix_cache: bool = option(
         True,
@@ -207,7 +210,7 @@ class EngineConfig:
     def resolved(self, facts: DeviceFacts) -> EngineConfig:
         """This config with every ``None`` default decided (here only): ``max_running``,
         ``max_batch_tokens``, ``kv_cache_bytes``, ``page_size``, ``admission_map_wait_s``,
-        ``kv_premap``, ``kv_offload_bytes``. An
+        ``kv_offload_bytes``. An
         "auto" is decided where its inputs are: device and dtype below, ``kv_layout`` by
         replica.kv.layout_choice (from the budget the ranks agree on), ``attention`` by
         replica.attention, ``kv_cache_dtype`` by
@@ -243,7 +246,6 @@ class EngineConfig:
                 if self.admission_map_wait_s is not None
                 else (GPU_ADMISSION_MAP_WAIT_S if cuda else math.inf)
             ),
-            kv_premap=cuda if self.kv_premap is None else self.kv_premap,
             kv_offload_bytes=(
                 self.kv_offload_bytes
                 if self.kv_offload_bytes is not None

@@ -167,10 +167,15 @@ class HostTier:
     @staticmethod
     def _runs(blocks: list[int], hosts: list[int]) -> list[tuple[int, int, int]]:
         """(first slot block, first host block, count) of the maximal runs consecutive in both
-        (one copy per range each)."""
+        and inside one chunk (one copy per range each)."""
         runs: list[tuple[int, int, int]] = []
         for block, host in zip(blocks, hosts):
-            if runs and runs[-1][0] + runs[-1][2] == block and runs[-1][1] + runs[-1][2] == host:
+            if (
+                runs
+                and runs[-1][0] + runs[-1][2] == block
+                and runs[-1][1] + runs[-1][2] == host
+                and host % CHUNK_BLOCKS  # a run stays inside one pinned chunk
+            ):
                 runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
             else:
                 runs.append((block, host, 1))

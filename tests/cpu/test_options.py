@@ -131,19 +131,15 @@ def test_every_default_is_decided_by_resolved() -> None:
         page_size=4096,
         kv_layout=KVLayout.PER_LAYER,
         admission_map_wait_s=0.005,
-        kv_premap=True,
-        kv_offload_bytes=given.resolved(gpu).kv_offload_bytes,
     )
     # Admission waits for its maps up to 5 ms on a GPU, always on a CPU (host maps take us).
     assert on_cpu.admission_map_wait_s == math.inf
-    # The KV budget is mapped under the empty slots at start on a GPU only, unless told.
-    assert (on_gpu.kv_premap, on_cpu.kv_premap) == (True, False)
-    assert EngineConfig(kv_premap=False).resolved(gpu).kv_premap is False
-    # The host tier: a share of the host memory this process may use on a GPU, none on a CPU.
-    offload = on_gpu.kv_offload_bytes
+    # Premapped slots and the host tier are off unless asked for; the tier's None is a share of
+    # the host memory this process may use on a GPU, none on a CPU.
+    assert (on_gpu.kv_premap, on_gpu.kv_offload_bytes, on_cpu.kv_offload_bytes) == (False, 0, 0)
+    offload = EngineConfig(kv_offload_bytes=None).resolved(gpu).kv_offload_bytes
     assert offload is not None and 0 < offload <= min(64 << 30, host_memory_bytes() // 4)
-    assert on_cpu.kv_offload_bytes == 0
-    assert EngineConfig(kv_offload_bytes=0).resolved(gpu).kv_offload_bytes == 0
+    assert EngineConfig(kv_offload_bytes=None).resolved(cpu).kv_offload_bytes == 0
     with pytest.raises(ValueError, match="kv_offload_bytes"):
         EngineConfig(kv_offload_bytes=-1)
     # vattn generate's --max-running leaves the choice to the engine (it was 64 everywhere).
