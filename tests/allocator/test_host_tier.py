@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from replica import KVCacheAllocator
+from replica.kv import host_tier
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 from tests.allocator.test_prefix_copies import ManualFence, cached_conversation, expected
 from tests.allocator.test_prefix_sharing import fill, k_values, make, page_ids
@@ -135,4 +136,19 @@ def test_blocks_straddling_pages_come_back_too(make_allocator: MakeAllocator) ->
     slot = allocator.acquire(len(history) + 1, [*history, 1])
     assert allocator.length(slot) == 72
     assert k_values(allocator, slot, 72) == expected(history, 72)
+    allocator.check_invariants(deep=True)
+
+
+def test_a_run_crossing_pinned_chunks_is_copied_in_pieces(
+    make_allocator: MakeAllocator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host blocks are pinned in chunks; consecutive ids across a chunk's end are two copies."""
+    monkeypatch.setattr(host_tier, "CHUNK_BLOCKS", 2)
+    allocator = tiered(make_allocator, host_blocks=6, budget_pages=10, max_tokens=10 * T)
+    history = list(range(5 * T + 3))  # five blocks: host blocks 0-1, 2-3, 4
+    cached_conversation(allocator, history)
+    evict_everything(allocator, filler=7)
+    slot = allocator.acquire(len(history) + 1, [*history, 1])
+    assert allocator.length(slot) == 5 * T
+    assert k_values(allocator, slot, 5 * T) == expected(history, 5 * T)
     allocator.check_invariants(deep=True)
