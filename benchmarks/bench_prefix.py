@@ -16,6 +16,10 @@ next turn is sent when the previous answer is complete):
           system prompts (a 32-token question, a 64-token answer): the first turn of a crowd
   shared  ``--conversations`` x 2 conversations of 5 turns over 4 shared 1,024-token system
           prompts, 128-token messages and answers (the multi-turn chat of most deployments)
+  think   ``--conversations`` x 3 conversations of 5 turns, each with its own 512-token context,
+          ~100-token messages and 120-token answers, 3-9 s of think time before each next turn:
+          with a small KV budget (``--kv-cache-gib 4``) the histories outgrow GPU memory, and
+          ``--offload-gib 0,24`` runs the vAttention mode without and with the host tier
 
 ``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one).
 Each vAttention row carries the mapping worker's time by operation and cause and the callers' waits
@@ -70,6 +74,7 @@ class Shape:
     system_prompts: int = 1  # shared system prompts, conversation i takes i % system_prompts
     scale: int = 1  # conversations per ``--conversations``
     burst: bool = False  # every conversation arrives at once (no stagger)
+    think_s: tuple[float, float] = (0.0, 0.0)  # the pause before each next turn, drawn uniformly
 
 
 SIZES = ("smoke", "cpu", "gpu")
@@ -82,6 +87,7 @@ def shapes(size: str) -> dict[str, Shape]:
             "system": Shape(system=64, user=4, answer=6, turns=1, shared_system=True, scale=4),
             "burst": Shape(64, 4, 6, 1, True, system_prompts=2, scale=2, burst=True),
             "shared": Shape(64, 8, 8, 3, True, system_prompts=2, scale=2),
+            "think": Shape(24, 8, 8, 3, False, scale=3, think_s=(0.01, 0.03)),
         }
     if size == "cpu":
         return {
@@ -89,12 +95,14 @@ def shapes(size: str) -> dict[str, Shape]:
             "system": Shape(system=512, user=16, answer=16, turns=1, shared_system=True, scale=4),
             "burst": Shape(256, 16, 16, 1, True, system_prompts=4, scale=2, burst=True),
             "shared": Shape(256, 32, 32, 4, True, system_prompts=4, scale=2),
+            "think": Shape(128, 32, 32, 4, False, scale=3, think_s=(0.2, 0.6)),
         }
     return {
         "chat": Shape(system=256, user=256, answer=256, turns=5, shared_system=False),
         "system": Shape(system=1536, user=32, answer=64, turns=1, shared_system=True, scale=4),
         "burst": Shape(1024, 32, 64, 1, True, system_prompts=4, scale=2, burst=True),
         "shared": Shape(1024, 128, 128, 5, True, system_prompts=4, scale=2),
+        "think": Shape(512, 100, 120, 5, False, scale=3, think_s=(3.0, 9.0)),
     }
 
 
@@ -141,7 +149,12 @@ def theoretical_hits(
 
 
 def run(
-    mode: str, layout: str, prefix_cache: bool, shape: Shape, args: argparse.Namespace
+    mode: str,
+    layout: str,
+    prefix_cache: bool,
+    shape: Shape,
+    args: argparse.Namespace,
+    offload_gib: float = 0.0,
 ) -> dict[str, Any]:
     size = args.size
     config = EngineConfig(
@@ -156,6 +169,7 @@ def run(
         page_size=PAGE_SIZE[size],
         prefix_cache=prefix_cache,
         max_batch_tokens=args.max_batch_tokens,
+        kv_offload_bytes=int(offload_gib * (1 << 30)),
         seed=1,
     )
     engine = LLMEngine(config)
@@ -217,7 +231,8 @@ def run(
             if turn + 1 < shape.turns:
                 histories[conv] = [*histories[conv], *answers[output.request_id]]
                 histories[conv] += message(shape.user)
-                heapq.heappush(arrivals, (at, conv, turn + 1))
+                think = rng.uniform(*shape.think_s) if shape.think_s[1] else 0.0
+                heapq.heappush(arrivals, (at + think, conv, turn + 1))
     seconds = time.perf_counter() - started
     ttft = [first_token[r] - submitted[r][0] for r in submitted]
     stats = engine.kv.stats()
@@ -259,6 +274,11 @@ def run(
         "map_wait_s": stats.wait_seconds - stats_before.wait_seconds,
         "map_wait_pct": 100 * (stats.wait_seconds - stats_before.wait_seconds) / seconds,
         "mapping": mapping_delta(breakdown_before, breakdown),
+        "host_tier_gib": offload_gib,
+        "host_offloaded_bytes": stats.host_offloaded_bytes - stats_before.host_offloaded_bytes,
+        "host_restored_bytes": stats.host_restored_bytes - stats_before.host_restored_bytes,
+        "prefix_host_hits_tokens": stats.prefix_host_hits_tokens
+        - stats_before.prefix_host_hits_tokens,
     }
 
 
@@ -313,6 +333,11 @@ def main() -> None:
     parser.add_argument(
         "--max-batch-tokens", type=int, help="a step's tokens (default: the engine's; cpu: 2048)"
     )
+    parser.add_argument(
+        "--offload-gib",
+        default="0",
+        help="host tier sizes to run the vAttention mode with, in GiB (0: off; e.g. 0,24)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -335,11 +360,13 @@ def main() -> None:
         for mode in args.modes.split(","):
             for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
                 for prefix_cache in (c == "on" for c in args.cache.split(",")):
-                    rows.append(run(mode, layout, prefix_cache, loads[name], args))
-                    print(name, rows[-1], flush=True)
-                    save_partial(args, loads, results)  # a run cut off keeps every row it ran
-                    gc.collect()  # the engine's cycles, with its tensors
-                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                    tiers = [float(g) for g in args.offload_gib.split(",")]
+                    for offload in tiers if mode == "vattention" and prefix_cache else [0.0]:
+                        rows.append(run(mode, layout, prefix_cache, loads[name], args, offload))
+                        print(name, rows[-1], flush=True)
+                        save_partial(args, loads, results)  # a cut-off run keeps its rows
+                        gc.collect()  # the engine's cycles, with its tensors
+                        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     print(f"wrote {save_partial(args, loads, results)}")
 
 

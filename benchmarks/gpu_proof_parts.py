@@ -102,8 +102,10 @@ def parse_prefix(out: Path, log: str) -> Counts:
 
 
 def prefix_layout(row: dict[str, Any]) -> str:
-    """The row's KV layout (results before layouts were recorded ran the automatic choice)."""
-    return row.get("kv_layout") or ("blocks" if row["mode"] == "paged" else "auto")
+    """The row's KV layout (results before layouts were recorded ran the automatic choice),
+    ``_tier`` appended where the host tier was on."""
+    layout = row.get("kv_layout") or ("blocks" if row["mode"] == "paged" else "auto")
+    return f"{layout}_tier" if row.get("host_tier_gib") else layout
 
 
 def prefix_counts(name: str, rows: list[dict[str, Any]]) -> Counts:
@@ -126,6 +128,13 @@ def prefix_counts(name: str, rows: list[dict[str, Any]]) -> Counts:
             hits = row["prefix_hits_tokens"] / paged["prefix_hits_tokens"]
             counts[f"{key}_hits_over_paged"] = round(hits, 3)
         counts[f"{key}_map_wait_pct"] = round(row.get("map_wait_pct", 0.0), 2)
+        by_turn = row.get("ttft_mean_s_by_turn") or []
+        if len(by_turn) > 1 and by_turn[0]:
+            counts[f"{key}_ttft_last_over_first"] = round(by_turn[-1] / by_turn[0], 2)
+        plain = by.get((mode, layout.removesuffix("_tier"), cache))
+        if layout.endswith("_tier") and plain and row["ttft_mean_s"]:
+            counts[f"{key}_ttft_gain"] = round(plain["ttft_mean_s"] / row["ttft_mean_s"], 2)
+            counts[f"{key}_seconds_over_untiered"] = round(row["seconds"] / plain["seconds"], 3)
     return counts
 
 
@@ -237,6 +246,27 @@ PARTS: tuple[Part, ...] = (
         (bench("bench_prefix", "--workloads", "shared", *BOTH_LAYOUTS),),
         "bench_prefix: 128 conversations x 5 turns over 4 shared 1K system prompts, both modes "
         "and layouts, cache on and off",
+        GPU,
+        parse=parse_prefix,
+    ),
+    Part(
+        "prefix_offload",
+        480,
+        (
+            bench(
+                "bench_prefix",
+                "--workloads",
+                "think",
+                "--cache",
+                "on",
+                "--kv-cache-gib",
+                "4",
+                "--offload-gib",
+                "0,24",
+            ),
+        ),
+        "bench_prefix: 192 conversations x 5 turns with 3-9 s think times and 4 GiB of KV, the "
+        "vAttention mode without and with a 24 GiB host tier, and the paged mode (#25's target)",
         GPU,
         parse=parse_prefix,
     ),
