@@ -138,14 +138,18 @@ class FreePageRouter(RequestRouter):
             need = routing.pages_needed(request, min(tpps))
         prompt = request.prompt_token_ids if request is not None and self.prefix else None
         chains = routing.prompt_chains(prompt, pairs)
-        hits = (
-            {rid: routing.hit_pages(s, chains) for rid, s in pairs if s is not None}
-            if chains
-            else None
-        )
+        known = [(rid, s) for rid, s in pairs if s is not None] if chains else []
+        hits = {rid: routing.hit_pages(s, chains) for rid, s in known} if chains else None
+        host = {rid: routing.host_hit_pages(s, chains) for rid, s in known} if chains else None
         waited = now - pending_request.created_at if pending_request is not None else 0.0
         choice = routing.rank_replicas(
-            pairs, need, now, self.max_age_s, hold=waited < self.hold_s, hit_pages=hits
+            pairs,
+            need,
+            now,
+            self.max_age_s,
+            hold=waited < self.hold_s,
+            hit_pages=hits,
+            host_hit_pages=host,
         )
         routing.DECISIONS.record(choice)
         if choice.reason == routing.HOLD:

@@ -44,7 +44,7 @@ candidate then gets one score::
 
     after  = headroom - (n - h)                   pages left after this request (it adds n - h)
     short  = max(low_water * total_pages - after, 0)      how far below the low-water mark
-    score  = h - short
+    score  = h + w * g - short
 
 Replicas that can fit the request (``after >= 0``) come first, by score (highest first), then by
 ``after``; the rest after them by ``after`` as before. So with room everywhere the replica holding
@@ -53,6 +53,11 @@ point per page below the low-water mark (default 10% of its pages) and wins only
 than that; and where no replica holds the prefix (``h = 0`` everywhere) the order is exactly the
 headroom rule's. ``RoutingDecisions.prefix_routed`` counts the decisions whose first choice
 holds part of the prompt.
+
+A replica with a host KV tier (``replica.kv.host_tier``) also reports the summary of the prefixes
+held there; ``g`` is the prompt's expected hit pages there beyond ``h``. They are copied back, not
+computed, but need their pages (``after`` counts them as added), so each weighs ``w`` =
+``HOST_HIT_WEIGHT`` (0.9: a copy back at PCIe speed costs a small part of computing the tokens).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ FALLBACK = "fallback"
 HOLD = "hold"
 #: The low-water mark, a share of a replica's pages, below which headroom outweighs prefix hits.
 LOW_WATER = 0.1
+#: What a hit page in a replica's host tier is worth against one on its device (the docstring).
+HOST_HIT_WEIGHT = 0.9
 #: The routers an app can use: vattn's FreePageRouter (prefix hits weighed against headroom), or
 #: for comparison (``benchmarks.bench_router``) Serve's default power of two choices, the
 #: FreePageRouter blind to prefixes (headroom alone), or Ray Serve LLM's prefix-affinity router
@@ -109,6 +116,17 @@ def hit_pages(
     return int(tokens // stats.tokens_per_page)
 
 
+def host_hit_pages(
+    stats: RoutingStats, chains: dict[tuple[int, int], tuple[tuple[int, int], ...]]
+) -> int:
+    """Expected hit pages of a prompt in the replica's host tier beyond those on its device."""
+    chain = chains.get((stats.prefix_root, stats.prefix_tokens_per_block), ())
+    if not chain or not stats.prefix_host_keys:
+        return 0
+    beyond = hit_blocks(chain, stats.prefix_host_keys) - hit_blocks(chain, stats.prefix_keys)
+    return int(max(beyond, 0) * stats.prefix_tokens_per_block // stats.tokens_per_page)
+
+
 def prompt_chains(
     prompt: Sequence[int] | None, candidates: Sequence[tuple[str, RoutingStats | None]]
 ) -> dict[tuple[int, int], tuple[tuple[int, int], ...]]:
@@ -118,7 +136,7 @@ def prompt_chains(
     if not prompt:
         return chains
     for _, s in candidates:
-        if s is not None and s.prefix_keys:
+        if s is not None and (s.prefix_keys or s.prefix_host_keys):
             pair = (s.prefix_root, s.prefix_tokens_per_block)
             if pair not in chains:
                 chains[pair] = summary_chain(prompt, *pair)
@@ -167,15 +185,21 @@ def rank_replicas(
     hold: bool = False,
     hit_pages: Mapping[str, int] | None = None,
     low_water: float = LOW_WATER,
+    host_hit_pages: Mapping[str, int] | None = None,
 ) -> RankedChoice:
     """Order ``candidates`` (replica id, stats) by the rule in the module docstring; with
-    ``hit_pages`` (replica id -> expected hit pages of the prompt), by the prefix score."""
+    ``hit_pages`` (replica id -> expected hit pages of the prompt) and ``host_hit_pages`` (those
+    in its host tier beyond them), by the prefix score."""
     stamps = [s.timestamp for _, s in candidates if s is not None]
     age = now - min(stamps) if stamps and len(stamps) == len(candidates) else None
     if pages_needed is None or age is None or age > max_age_s:
         return RankedChoice([], FALLBACK, age)
     hits = {rid: max(int((hit_pages or {}).get(rid, 0)), 0) for rid, _ in candidates}
     hits = {rid: min(h, pages_needed) for rid, h in hits.items()}
+    host = {
+        rid: min(max(int((host_hit_pages or {}).get(rid, 0)), 0), pages_needed - hits[rid])
+        for rid, _ in candidates
+    }
     if hold:
         candidates = [
             (rid, s)
@@ -190,9 +214,10 @@ def rank_replicas(
         assert s is not None
         after = headroom(s) - (pages_needed - hits[rid])
         score = prefix_score(hits[rid], after, s.total_pages, low_water) if scored else 0.0
+        score += HOST_HIT_WEIGHT * host[rid]
         return (after < 0, -score if after >= 0 else 0.0, -after, s.running + s.waiting, rid)
 
-    scored = any(hits.values())  # else the headroom rule, exactly
+    scored = any(hits.values()) or any(host.values())  # else the headroom rule, exactly
 
     ordered = sorted(candidates, key=key)
     headrooms = {rid: headroom(s) for rid, s in ordered if s is not None}

@@ -424,6 +424,7 @@ class LLMEngine:
             prefix_root=summary.root if summary else 0,
             prefix_tokens_per_block=summary.tokens_per_block if summary else 0,
             prefix_keys=frozenset(summary.keys) if summary else frozenset(),
+            prefix_host_keys=frozenset(summary.host_keys) if summary else frozenset(),
             timestamp=time.time(),
         )
 

@@ -133,5 +133,8 @@ class RoutingStats:
     prefix_root: int = 0
     prefix_tokens_per_block: int = 0
     prefix_keys: frozenset[int] = frozenset()
+    #: The same of the prefixes its host KV tier holds (``replica.kv.host_tier``): a hit there
+    #: is copied back, not computed, but needs its pages.
+    prefix_host_keys: frozenset[int] = frozenset()
     #: The replica's ``time.time()`` when they were taken (the router ignores stats too old).
     timestamp: float = 0.0

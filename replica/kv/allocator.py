@@ -31,6 +31,7 @@ Invariants (``check_invariants``, with those of ``SlotMaps`` and ``SlotPrefixes`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -446,7 +447,10 @@ class KVCacheAllocator(KVCache):
         return list(self._maps.worker.drain_map_latencies())
 
     def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
-        return self._prefixes.summary(limit)
+        summary = self._prefixes.summary(limit)
+        if summary is None or self._tier is None:
+            return summary
+        return dataclasses.replace(summary, host_keys=self._tier.summary_keys(limit))
 
     def check_invariants(self, deep: bool = False) -> None:
         """Asserts the invariants of the module docstring. ``deep`` also waits for the worker and

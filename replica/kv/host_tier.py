@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from replica.kv.copies import CopyFence, SlotCopies, stream_fence
+from replica.kv.prefix import is_summary_depth, summary_key
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class HostTier:
         self._key_of: dict[int, int] = {}  # host block -> key
         self._free: list[int] = []  # issued host blocks holding nothing, descending
         self._pins: list[tuple[range, CopyFence]] = []  # host blocks in flight
+        self._summary: OrderedDict[int, None] = OrderedDict()  # keys at summary depths
         self.offloaded_bytes = self.restored_bytes = self.evicted_blocks = 0
 
     def __len__(self) -> int:
@@ -107,6 +109,8 @@ class HostTier:
         missing = missing[: len(hosts)]
         for j, host in zip(missing, hosts):
             self._blocks[keys[j]], self._key_of[host] = host, keys[j]
+            if is_summary_depth(j + 1):
+                self._summary[keys[j]] = None
         self._touch(keys, limit)
         if not missing:
             return
@@ -215,6 +219,7 @@ class HostTier:
             if key not in protect:
                 self._settle(host)
                 del self._blocks[key], self._key_of[host]
+                self._summary.pop(key, None)
                 self._free.append(host)
                 self.evicted_blocks += 1
                 return True
@@ -226,6 +231,12 @@ class HostTier:
         for hosts, fence in self._pins:
             if host in hosts:
                 fence.wait()
+
+    def summary_keys(self, limit: int) -> tuple[int, ...]:
+        """The router's view (``replica.kv.prefix.PrefixSummary.host_keys``): up to ``limit``
+        stored keys at summary depths, newest last."""
+        keys = list(self._summary)[-limit:] if limit > 0 else []
+        return tuple(summary_key(key) for key in keys)
 
     def stats(self) -> HostTierStats:
         per_block = self._block_bytes * len(self._ranges)
@@ -242,6 +253,7 @@ class HostTier:
         assert len(self._blocks) == len(self._key_of), "keys and host blocks differ in number"
         assert all(self._key_of[h] == k for k, h in self._blocks.items()), "keys disagree"
         assert not set(self._free) & set(self._key_of), "a free host block holds a key"
+        assert self._summary.keys() <= self._blocks.keys(), "a summary key is not stored"
         assert len(self._free) + len(self._key_of) == issued <= self.capacity
         live = [(hosts, fence) for hosts, fence in self._pins if not fence.done()]
         assert all(h in self._key_of for hosts, _ in live for h in hosts), "a pin on a free block"

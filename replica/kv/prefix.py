@@ -112,6 +112,7 @@ class PrefixSummary:
     root: int
     tokens_per_block: int
     keys: tuple[int, ...]
+    host_keys: tuple[int, ...] = ()  # the same, of the blocks a host tier holds
 
 
 class PrefixQueries:

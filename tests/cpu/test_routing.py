@@ -23,6 +23,7 @@ from cluster.routing import (
     available_after_queue,
     headroom,
     hit_pages,
+    host_hit_pages,
     pages_needed,
     prefix_score,
     prompt_chains,
@@ -445,6 +446,75 @@ def test_a_hit_lets_a_replica_fit_what_it_otherwise_could_not() -> None:
     cands = [("a", stats(30)), ("b", holding(PROMPT, 30, 32))]  # 50 pages asked, 30 free
     choice = ranked(cands)
     assert ids(choice) == ["b", "a"]  # b adds only 18 pages; a cannot fit
+
+
+def in_host_tier(held: RoutingStats, blocks: int) -> RoutingStats:
+    """``held`` whose host tier also holds the first ``blocks`` blocks of PROMPT."""
+    chain = summary_chain(PROMPT[: blocks * 16 + 1], ROOT, 16)
+    return dataclasses.replace(held, prefix_host_keys=frozenset(k for _, k in chain))
+
+
+def test_host_tier_hits_count_beyond_the_device_hit_at_their_weight() -> None:
+    both = in_host_tier(holding(PROMPT, 500, 8), 32)
+    only_host = in_host_tier(dataclasses.replace(stats(500), prefix_root=ROOT), 32)
+    only_host = dataclasses.replace(only_host, prefix_tokens_per_block=16)
+    chains = prompt_chains(PROMPT, [("a", both), ("b", only_host)])
+    assert (hit_pages(both, chains), host_hit_pages(both, chains)) == (8, 24)
+    assert (hit_pages(only_host, chains), host_hit_pages(only_host, chains)) == (0, 32)
+    # Equal room: the replica holding the prompt on the host beats one holding nothing ...
+    cands = [("a", stats(500)), ("b", only_host)]
+    host = {rid: host_hit_pages(s, chains) for rid, s in cands}
+    assert ids(ranked(cands, host_hit_pages=host)) == ["b", "a"]
+    # ... and loses to one holding as much on its device (no pages to add, no copy back).
+    device = holding(PROMPT, 500, 32)
+    cands = [("b", only_host), ("c", device)]
+    host = {rid: host_hit_pages(s, prompt_chains(PROMPT, cands)) for rid, s in cands}
+    assert ids(ranked(cands, host_hit_pages=host)) == ["c", "b"]
+
+
+def test_a_replicas_host_tier_summary_predicts_what_its_acquire_restores() -> None:
+    """The engine side: a conversation evicted from the device but held by the host tier shows
+    in the summary's host keys, which the router reads as restorable pages."""
+    from replica import KVCacheAllocator, KVCacheConfig, open_device
+
+    config = KVCacheConfig(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=2,
+        max_tokens=1024,
+        page_size=4096,
+        budget_bytes=80 * 4096,
+        prefix_cache=True,
+        host_tier_bytes=64 * 2 * 4096,
+    )
+    cache = KVCacheAllocator(config, open_device("host", 4096))
+    slot = cache.acquire(0, PROMPT[:257])
+    cache.ensure(slot, 257)
+    cache.release(slot, PROMPT[:257])  # 16 blocks written through
+    other = cache.acquire(0, [7] * 640)
+    cache.ensure(other, 640)  # every page: the conversation leaves the device
+    cache.release(other, [])
+    summary = cache.prefix_summary()
+    assert summary is not None and cache.cached_tokens(PROMPT) == 0
+    stats = RoutingStats(
+        available_pages=80,
+        queued_pages=0,
+        committed_pages=0,
+        total_pages=80,
+        tokens_per_page=8,
+        running=0,
+        waiting=0,
+        prefix_root=summary.root,
+        prefix_tokens_per_block=16,
+        prefix_keys=frozenset(summary.keys),
+        prefix_host_keys=frozenset(summary.host_keys),
+    )
+    chains = prompt_chains(PROMPT, [("r", stats)])
+    assert host_hit_pages(stats, chains) == 256 // 8
+    restored = cache.acquire(0, PROMPT)
+    assert cache.length(restored) == 256
 
 
 def test_without_any_hit_the_order_is_the_headroom_rule() -> None:
