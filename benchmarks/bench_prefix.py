@@ -19,7 +19,7 @@ next turn is sent when the previous answer is complete):
   think   ``--conversations`` x 3 conversations of 5 turns, each with its own 512-token context,
           ~100-token messages and 120-token answers, 3-9 s of think time before each next turn:
           with a small KV budget (``--kv-cache-gib 4``) the histories outgrow GPU memory, and
-          ``--offload-gib 0,24`` runs the vAttention mode without and with the host tier
+          ``--offload-gib 0,24`` runs each mode without and with the host tier
 
 ``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one).
 Each vAttention row carries the mapping worker's time by operation and cause and the callers' waits
@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument(
         "--offload-gib",
         default="0",
-        help="host tier sizes to run the vAttention mode with, in GiB (0: off; e.g. 0,24)",
+        help="host tier sizes to run each mode with, in GiB (0: off; e.g. 0,24)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
@@ -361,7 +361,7 @@ def main() -> None:
             for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
                 for prefix_cache in (c == "on" for c in args.cache.split(",")):
                     tiers = [float(g) for g in args.offload_gib.split(",")]
-                    for offload in tiers if mode == "vattention" and prefix_cache else [0.0]:
+                    for offload in tiers if prefix_cache else [0.0]:
                         rows.append(run(mode, layout, prefix_cache, loads[name], args, offload))
                         print(name, rows[-1], flush=True)
                         save_partial(args, loads, results)  # a cut-off run keeps its rows

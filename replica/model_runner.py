@@ -147,6 +147,7 @@ class ModelRunner:
                     block_size=config.block_size,
                     prefix_cache=config.prefix_cache,
                     prefix_key=self._prefix_key(),
+                    host_tier_bytes=config.kv_offload_bytes or 0,
                 ),
                 self.device,
             )

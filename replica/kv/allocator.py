@@ -80,14 +80,7 @@ class KVCacheAllocator(KVCache):
         self._prefixes = SlotPrefixes(config, self._maps, self._copies)
         self._prefix = config.prefix_cache
         self._tier = (
-            HostTier(
-                views,
-                config.block_bytes,
-                config.page_size,
-                config.host_tier_bytes,
-                self._copies,
-                make_fence,
-            )
+            HostTier(views, config.block_bytes, config.host_tier_bytes, self._pin, make_fence)
             if config.prefix_cache and config.host_tier_bytes
             else None
         )
@@ -187,9 +180,16 @@ class KVCacheAllocator(KVCache):
         for ticket in {slot.tickets[page if page < need else need - 1], slot.tickets[need - 1]}:
             if not self._maps.worker.done(ticket):
                 self._maps.wait(ticket, WaitCause.ADMISSION)
-        tier.restore(index, keys, taken, count)
+        tier.restore(keys, [(index, j) for j in range(taken + count)], taken, count)
         self._host_hit_tokens += count * per_block
         return count
+
+    def _pin(self, slot: int, blocks: range, fence: CopyFence) -> None:
+        """A host copy's pin: the slot's pages holding ``blocks``."""
+        block, page = self.config.block_bytes, self.config.page_size
+        self._copies.pin(
+            slot, range(blocks.start * block // page, -(-blocks.stop * block // page)), fence
+        )
 
     @property
     def prefix_block_tokens(self) -> int:
@@ -234,7 +234,9 @@ class KVCacheAllocator(KVCache):
         if self._prefix:
             self._prefixes.release(slot_index, slot, token_ids)
             if self._tier is not None:  # write-through: eviction is a drop later
-                self._tier.offload(slot_index, slot.keys, slot.frozen)
+                self._tier.offload(
+                    slot.keys, [(slot_index, j) for j in range(slot.frozen)], slot.frozen
+                )
         self._maps.set_state(slot, SlotState.CACHED)
         slot.length, slot.reserved = 0, 0
         slot.released_at = self._clock()

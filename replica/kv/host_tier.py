@@ -36,13 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.kv.copies import CopyFence, SlotCopies, stream_fence
+from replica.kv.copies import CopyFence, stream_fence
 from replica.kv.prefix import is_summary_depth, summary_key
 
 log = logging.getLogger(__name__)
 
 #: Host blocks pinned per allocation: the tier grows in chunks as it fills.
 CHUNK_BLOCKS = 256
+#: Where a block lives: (row, block index in the row) of the cache's views.
+Located = tuple[int, int]
+#: A run of blocks copied at once: (row, first block, first host block, count).
+Run = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -57,25 +61,28 @@ class HostTierStats:
 class HostTier:
     """Host copies of prefix blocks, ``block_bytes`` of each of the slots' ranges a block.
 
-    ``ranges``: one byte view per reserved range, [max_slots, slot bytes] (the cache's memory).
-    ``capacity_bytes``: the tier's host memory, every range counted. ``make_fence``: the fence of
-    copies just enqueued on the current stream (a test passes one it completes by hand).
+    ``views``: the cache's memory as byte tensors [rows, row bytes], a block ``block_bytes`` of
+    each: one per reserved range, a row a slot (vAttention: a block is located by its slot and
+    its index there), or one per layer's K and V, a row a block (the paged mode: index 0). A
+    block's bytes in every view make one host block. ``capacity_bytes``: the tier's host memory,
+    every view counted. ``pin(row, blocks, fence)`` keeps a row's blocks from being unmapped or
+    rewritten until ``fence`` completes. ``make_fence``: the fence of copies just enqueued on the
+    current stream (a test passes one it completes by hand).
     """
 
     def __init__(
         self,
-        ranges: Sequence[torch.Tensor],
+        views: Sequence[torch.Tensor],
         block_bytes: int,
-        page_size: int,
         capacity_bytes: int,
-        copies: SlotCopies,
+        pin: Callable[[int, range, CopyFence], None],
         make_fence: Callable[[], CopyFence] | None = None,
     ) -> None:
-        self._ranges = list(ranges)
+        self._ranges = list(views)
         self._device = self._ranges[0].device
-        self._block_bytes, self._page_size = block_bytes, page_size
+        self._block_bytes = block_bytes
         self.capacity = capacity_bytes // (block_bytes * len(self._ranges))
-        self._copies = copies
+        self._pin_row = pin
         self._make_fence = make_fence or (lambda: stream_fence(self._device))
         self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._chunks: list[torch.Tensor] = []  # [ranges, up to CHUNK_BLOCKS, block_bytes] each
@@ -101,9 +108,9 @@ class HostTier:
         return count
 
     # ---- copies --------------------------------------------------------------------------------
-    def offload(self, slot: int, keys: Sequence[int], limit: int) -> None:
-        """Copies the slot's blocks ``[0, limit)`` whose keys the tier lacks to the host (its
-        blocks are written: ``limit`` counts the slot's frozen blocks)."""
+    def offload(self, keys: Sequence[int], located: Sequence[Located], limit: int) -> None:
+        """Copies blocks ``[0, limit)`` of a sequence (keys ``keys``, block ``j`` at
+        ``located[j]``) whose keys the tier lacks to the host; they are written (frozen)."""
         missing = [j for j in range(limit) if keys[j] not in self._blocks]
         hosts = self._take(len(missing), protect={keys[j] for j in range(limit)})
         missing = missing[: len(hosts)]
@@ -114,30 +121,32 @@ class HostTier:
         self._touch(keys, limit)
         if not missing:
             return
-        runs = self._runs(missing, hosts)
+        runs = self._runs([located[j] for j in missing], hosts)
         if self._side is not None:
             produced = torch.cuda.current_stream(self._device).record_event()
             self._side.wait_event(produced)
             with torch.cuda.stream(self._side):
-                self._copy(slot, runs, to_host=True)
+                self._copy(runs, to_host=True)
                 fence = self._make_fence()
         else:
-            self._copy(slot, runs, to_host=True)
+            self._copy(runs, to_host=True)
             fence = self._make_fence()
-        self._pin(slot, runs, fence)
+        self._pin(runs, fence)
         self.offloaded_bytes += len(missing) * self._block_bytes * len(self._ranges)
 
-    def restore(self, slot: int, keys: Sequence[int], start: int, count: int) -> None:
-        """Copies the tier's blocks of ``keys[start : start + count]`` into the slot's blocks
-        ``start ..`` (mapped, the slot's own) on the current stream."""
+    def restore(
+        self, keys: Sequence[int], located: Sequence[Located], start: int, count: int
+    ) -> None:
+        """Copies the tier's blocks of ``keys[start : start + count]`` to ``located[start ..]``
+        (mapped, the sequence's own) on the current stream."""
         if count <= 0:
             return
         blocks = list(range(start, start + count))
         hosts = [self._blocks[keys[j]] for j in blocks]
         self._touch(keys, start + count)
-        runs = self._runs(blocks, hosts)
-        self._copy(slot, runs, to_host=False)
-        self._pin(slot, runs, self._make_fence())
+        runs = self._runs([located[j] for j in blocks], hosts)
+        self._copy(runs, to_host=False)
+        self._pin(runs, self._make_fence())
         self.restored_bytes += count * self._block_bytes * len(self._ranges)
 
     def _touch(self, keys: Sequence[int], limit: int) -> None:
@@ -147,42 +156,38 @@ class HostTier:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
-    def _copy(self, slot: int, runs: list[tuple[int, int, int]], to_host: bool) -> None:
+    def _copy(self, runs: list[Run], to_host: bool) -> None:
         targets, sources = [], []
         size = self._block_bytes
-        for block, host, count in runs:
+        for row, block, host, count in runs:
             chunk, first = divmod(host, CHUNK_BLOCKS)
             for r, view in enumerate(self._ranges):
-                device = view[slot, block * size : (block + count) * size]
+                device = view[row, block * size : (block + count) * size]
                 stored = self._chunks[chunk][r, first : first + count].view(-1)
                 targets.append(stored if to_host else device)
                 sources.append(device if to_host else stored)
         torch._foreach_copy_(targets, sources, non_blocking=True)
 
-    def _pin(self, slot: int, runs: list[tuple[int, int, int]], fence: CopyFence) -> None:
-        size = self._block_bytes
-        for block, host, count in runs:
-            pages = range(
-                block * size // self._page_size, -(-(block + count) * size // self._page_size)
-            )
-            self._copies.pin(slot, pages, fence)
+    def _pin(self, runs: list[Run], fence: CopyFence) -> None:
+        for row, block, host, count in runs:
+            self._pin_row(row, range(block, block + count), fence)
             self._pins.append((range(host, host + count), fence))
 
     @staticmethod
-    def _runs(blocks: list[int], hosts: list[int]) -> list[tuple[int, int, int]]:
-        """(first slot block, first host block, count) of the maximal runs consecutive in both
-        and inside one chunk (one copy per range each)."""
-        runs: list[tuple[int, int, int]] = []
-        for block, host in zip(blocks, hosts):
+    def _runs(located: list[Located], hosts: list[int]) -> list[Run]:
+        """(row, first block, first host block, count) of the maximal runs consecutive in a row
+        and in the host, inside one chunk (one copy per view each)."""
+        runs: list[Run] = []
+        for (row, block), host in zip(located, hosts):
+            last = runs[-1] if runs else None
             if (
-                runs
-                and runs[-1][0] + runs[-1][2] == block
-                and runs[-1][1] + runs[-1][2] == host
+                last is not None
+                and (last[0], last[1] + last[3], last[2] + last[3]) == (row, block, host)
                 and host % CHUNK_BLOCKS  # a run stays inside one pinned chunk
             ):
-                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+                runs[-1] = (row, last[1], last[2], last[3] + 1)
             else:
-                runs.append((block, host, 1))
+                runs.append((row, block, host, 1))
         return runs
 
     # ---- host blocks ---------------------------------------------------------------------------

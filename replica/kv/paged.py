@@ -21,6 +21,12 @@ tokens (``replica.kv.prefix``; a running slot's prompt at ``step_async``, everyt
 (reference counts, no copy), indexed blocks are immutable, and a block no slot holds stays indexed
 on an LRU list (``cached``) that ``_take`` empties oldest first when the free list runs dry.
 
+Host tier (``config.host_tier_bytes``, ``replica.kv.host_tier``): at release a sequence's indexed
+blocks the tier lacks are gathered to pinned host memory, one copy per block and layer's K and V
+(where the vAttention cache copies a run of blocks in one copy per range); a prompt's blocks found
+there after its hit get fresh blocks and are scattered back. A block a copy reads or writes is not
+taken again until the copy's fence completes.
+
 Invariants (``check_invariants``), in blocks:
     free + in_use + cached == num_blocks     (in_use: distinct blocks held by running slots;
                                               cached: held by none, indexed, LRU order)
@@ -35,22 +41,27 @@ Invariants (``check_invariants``), in blocks:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.copies import CopyFence
+from replica.kv.host_tier import HostTier
 from replica.kv.paged_config import PagedKVConfig
 from replica.kv.prefix import (
     PrefixIndex,
     PrefixQueries,
     PrefixSummary,
+    extend_keys,
     root_key,
     stored_prefix,
     unfreeze_unwritten,
+    usable_blocks,
 )
 from replica.kv.stats import KVCacheStats
 
@@ -70,7 +81,12 @@ class _Sequence:
 
 
 class PagedKVCache(KVCache):
-    def __init__(self, config: PagedKVConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: PagedKVConfig,
+        device: torch.device | str = "cpu",
+        make_fence: Callable[[], CopyFence] | None = None,
+    ) -> None:
         self.config = config
         self.device = torch.device(device)
         # Zeroed, not empty: a kernel that loads a whole tile and masks by multiplying would turn
@@ -103,6 +119,23 @@ class PagedKVCache(KVCache):
         self._index: PrefixIndex[int] = PrefixIndex(root, config.block_size)  # key -> block
         self._queries = PrefixQueries()
         self.prefix_evicted_pages = 0
+        self._pins: dict[int, list[CopyFence]] = {}  # block -> host copies reading or writing it
+        self._tier = (
+            HostTier(
+                [
+                    kv[layer].view(torch.uint8).view(config.num_blocks, -1)
+                    for layer in range(config.num_layers)
+                    for kv in (self._k, self._v)
+                ],
+                config.page_size // (2 * config.num_layers),
+                config.host_tier_bytes,
+                self._pin,
+                make_fence,
+            )
+            if config.prefix_cache and config.host_tier_bytes
+            else None
+        )
+        self._host_hit_tokens = 0
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -162,13 +195,32 @@ class PagedKVCache(KVCache):
         seq = self._seqs[index]
         seq.blocks = list(hit)
         self._pending.update(((index, j), block) for j, block in enumerate(hit))
-        cached = len(hit) * self.config.block_size
+        restored = self._restore(index, prompt, keys, len(hit)) if self._tier else 0
+        blocks = len(hit) + restored
+        cached = blocks * self.config.block_size
         if self.config.prefix_cache:
             self._queries.acquired(index, len(prompt), cached)
         seq.running, seq.length, seq.reserved = True, cached, cached
-        seq.token_ids, seq.keys, seq.frozen = prompt, keys[: len(hit)], len(hit)
+        seq.token_ids, seq.keys, seq.frozen = prompt, keys[:blocks], len(hit)
+        self._register(seq, cached)  # the restored blocks: indexed now, read after the copy
         self._checked()
         return index
+
+    def _restore(self, index: int, prompt: tuple[int, ...], keys: list[int], hit: int) -> int:
+        """Scatters back the blocks after the hit that the host tier holds into fresh blocks;
+        returns how many (0 where the blocks cannot be had)."""
+        tier, size = self._tier, self.config.block_size
+        assert tier is not None
+        if not len(tier):
+            return 0
+        extend_keys(keys, self._index.root, prompt, size, usable_blocks(len(prompt), size))
+        count = tier.stored(keys, hit)
+        if not count or not self._resize(index, hit + count):
+            return 0
+        blocks = self._seqs[index].blocks
+        tier.restore(keys, [(block, 0) for block in blocks], hit, count)
+        self._host_hit_tokens += count * size
+        return count
 
     @property
     def prefix_block_tokens(self) -> int:
@@ -203,6 +255,9 @@ class PagedKVCache(KVCache):
             del seq.keys[seq.frozen :]
             seq.token_ids = stored[: seq.length]
             self._register(seq, seq.length)
+            if self._tier is not None:  # write-through: eviction is a drop later
+                located = [(block, 0) for block in seq.blocks[: seq.frozen]]
+                self._tier.offload(seq.keys, located, seq.frozen)
         self._resize(slot_index, 0)
         seq.running, seq.length, seq.reserved = False, 0, 0
         seq.token_ids, seq.keys, seq.frozen = (), [], 0
@@ -216,7 +271,12 @@ class PagedKVCache(KVCache):
             seq.frozen = limit
 
     def prefix_summary(self, limit: int = 2048) -> PrefixSummary | None:
-        return self._index.summary(limit) if self.config.prefix_cache else None
+        if not self.config.prefix_cache:
+            return None
+        summary = self._index.summary(limit)
+        if self._tier is None:
+            return summary
+        return dataclasses.replace(summary, host_keys=self._tier.summary_keys(limit))
 
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length
@@ -276,8 +336,17 @@ class PagedKVCache(KVCache):
         return True
 
     def synchronize(self) -> None:
-        """Writes queued block-table entries to the device (the only deferred work)."""
+        """Writes queued block-table entries to the device and waits for the host tier's
+        copies."""
         self.block_table()
+        for fences in self._pins.values():
+            for fence in fences:
+                fence.wait()
+        self._pins.clear()
+
+    def _pin(self, block: int, _: range, fence: CopyFence) -> None:
+        """A host copy's pin on ``block``: it is not taken again until ``fence`` completes."""
+        self._pins[block] = [f for f in self._pins.get(block, ()) if not f.done()] + [fence]
 
     def shrink(self) -> int:
         """The pool is preallocated and fixed: nothing goes back to the device; returns 0."""
@@ -311,6 +380,8 @@ class PagedKVCache(KVCache):
         del self._free[-count:]
         for block in taken:
             self._refs[block] = 1
+            for fence in self._pins.pop(block, ()):  # a host copy still reads or writes it
+                fence.wait()
         first = len(blocks)
         blocks.extend(taken)
         self._pending.update(((slot_index, first + i), block) for i, block in enumerate(taken))
@@ -361,7 +432,20 @@ class PagedKVCache(KVCache):
             prefix_queries_tokens=self._queries.queries,
             prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
+            **self._tier_stats(),
         )
+
+    def _tier_stats(self) -> dict[str, int]:
+        if self._tier is None:
+            return {}
+        tier = self._tier.stats()
+        return {
+            "host_tier_bytes": tier.capacity_bytes,
+            "host_tier_used_bytes": tier.used_bytes,
+            "host_offloaded_bytes": tier.offloaded_bytes,
+            "host_restored_bytes": tier.restored_bytes,
+            "prefix_host_hits_tokens": self._host_hit_tokens,
+        }
 
     def check_invariants(self, deep: bool = False) -> None:
         """Asserts the invariants of the module docstring; ``deep`` also reads the device table
@@ -381,6 +465,8 @@ class PagedKVCache(KVCache):
         indexed = self._index.locations()
         assert cached <= indexed and not free & indexed, "a cached block unindexed, or a free one"
         self._index.check_invariants()
+        if self._tier is not None:
+            self._tier.check_invariants()
         for index, seq in enumerate(self._seqs):
             if not seq.running:
                 assert not seq.blocks and seq.length == seq.reserved == 0, (

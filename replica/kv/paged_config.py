@@ -44,13 +44,16 @@ class PagedKVConfig:
     prefix_cache: bool = False
     #: What else the K/V of a token depends on (the model): part of the prefix keys' root.
     prefix_key: str = ""
+    #: Host memory for the host tier (``replica.kv.host_tier``; with the prefix cache): released
+    #: sequences' full blocks are copied there, gathered block by block, and scattered back.
+    host_tier_bytes: int = 0
 
     def __post_init__(self) -> None:
         require_positive_ints(
             self,
             ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_tokens", "block_size"),
         )
-        require_non_negative_ints(self, ("budget_bytes",))
+        require_non_negative_ints(self, ("budget_bytes", "host_tier_bytes"))
 
     @property
     def element_size(self) -> int:

@@ -6,9 +6,12 @@ their fences (host backend; CUDA under ``gpu``)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from replica import KVCacheAllocator
 from replica.kv import host_tier
+from replica.kv.paged import PagedKVCache
+from replica.kv.paged_config import PagedKVConfig
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 from tests.allocator.test_prefix_copies import ManualFence, cached_conversation, expected
 from tests.allocator.test_prefix_sharing import fill, k_values, make, page_ids
@@ -152,3 +155,53 @@ def test_a_run_crossing_pinned_chunks_is_copied_in_pieces(
     assert allocator.length(slot) == 5 * T
     assert k_values(allocator, slot, 5 * T) == expected(history, 5 * T)
     allocator.check_invariants(deep=True)
+
+
+def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back() -> None:
+    """The comparison mode's tier: the same write-through and restore at block granularity,
+    one copy per block and layer's K and V; a restored prompt reads the values it stored."""
+    fences: list[ManualFence] = []
+
+    def make_fence() -> ManualFence:
+        fences.append(ManualFence(lambda: None))
+        return fences[-1]
+
+    config = PagedKVConfig(
+        num_layers=2,
+        num_kv_heads=1,
+        head_dim=8,
+        dtype=torch.float32,
+        max_slots=2,
+        max_tokens=8 * T,
+        budget_bytes=8 * 2 * 2 * T * 8 * 4,  # 8 blocks
+        block_size=T,
+        prefix_cache=True,
+        host_tier_bytes=16 * 2 * 2 * T * 8 * 4,  # 16 blocks
+    )
+    cache = PagedKVCache(config, make_fence=make_fence)
+    history = list(range(3 * T + 5))
+    slot = cache.acquire(len(history), history)
+    cache.ensure(slot, len(history))
+    values = torch.tensor(expected(history, len(history)))
+    for layer in range(2):
+        blocks = cache.block_ids(slot)
+        flat = cache.k_cache(layer)[list(blocks)].view(-1, 8)
+        flat[: len(history), 0] = values + layer
+        cache.k_cache(layer)[list(blocks)] = flat.view(len(blocks), T, 1, 8)
+    cache.release(slot, history)
+    assert cache.stats().host_offloaded_bytes == 3 * config.page_size
+    pinned = fences[-1]
+    other = cache.acquire(8 * T, [7] * (8 * T))
+    cache.ensure(other, 8 * T)  # every block: the history's are taken after the fence
+    assert pinned.waited
+    cache.release(other, [])
+    turn = [*history, 11]
+    assert cache.cached_tokens(turn) == 0
+    slot = cache.acquire(len(turn), turn)
+    assert cache.length(slot) == 3 * T
+    assert cache.stats().prefix_host_hits_tokens == 3 * T
+    for layer in range(2):
+        blocks = list(cache.block_ids(slot))
+        got = cache.k_cache(layer)[blocks].reshape(-1, 8)[: 3 * T, 0]
+        assert got.tolist() == (values[: 3 * T] + layer).tolist()
+    cache.check_invariants(deep=True)

@@ -51,8 +51,9 @@ def chat(llm: LLM, params: SamplingParams, turns: int = 3) -> tuple[list[list[in
             "eager_pages": 0,
             "kv_offload_bytes": 1 << 20,
         },
+        {"kv_mode": "paged", "kv_cache_bytes": 14 * 4096, "kv_offload_bytes": 1 << 20},
     ],
-    ids=["interleaved", "per_layer", "paged", "pressed", "premapped", "tiered"],
+    ids=["interleaved", "per_layer", "paged", "pressed", "premapped", "tiered", "paged-tiered"],
 )
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
