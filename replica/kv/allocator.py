@@ -351,7 +351,7 @@ class KVCacheAllocator(KVCache):
     # ---- elastic pool --------------------------------------------------------------------------
     def shrink(self) -> int:
         """Unmaps every cached slot and releases every free page to the device at once; returns
-        the pages released."""
+        the pages released. The host tier keeps its blocks (host memory, still worth a hit)."""
         for index, slot in enumerate(self._slots):
             if slot.state is SlotState.CACHED:
                 self._prefixes.shrink_slot(index, 0, OpCause.SHRINK)

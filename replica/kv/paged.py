@@ -349,7 +349,8 @@ class PagedKVCache(KVCache):
         self._pins[block] = [f for f in self._pins.get(block, ()) if not f.done()] + [fence]
 
     def shrink(self) -> int:
-        """The pool is preallocated and fixed: nothing goes back to the device; returns 0."""
+        """The pool is preallocated and fixed: nothing goes back to the device; returns 0. The
+        host tier keeps its blocks."""
         return 0
 
     def _resize(self, slot_index: int, need: int) -> bool:

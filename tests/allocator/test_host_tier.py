@@ -205,3 +205,30 @@ def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back() -> N
         got = cache.k_cache(layer)[blocks].reshape(-1, 8)[: 3 * T, 0]
         assert got.tolist() == (values[: 3 * T] + layer).tolist()
     cache.check_invariants(deep=True)
+
+
+def test_pinned_memory_refused_stops_the_tier_growing_with_one_warning(
+    make_allocator: MakeAllocator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The host refuses the tier's first chunk: the tier stays empty, says so once, and the
+    cache serves on without it."""
+    real_empty = torch.empty
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("dtype") is torch.uint8:
+            raise RuntimeError("cudaHostAlloc: out of memory")
+        return real_empty(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(host_tier.torch, "empty", refuse)
+    allocator = tiered(make_allocator)
+    history = list(range(2 * T + 3))
+    with caplog.at_level("WARNING", logger="replica.kv.host_tier"):
+        cached_conversation(allocator, history)
+        cached_conversation(allocator, [5] * (2 * T + 3))
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "stays at 0 blocks" in caplog.records[0].message
+    stats = allocator.stats()
+    assert stats.host_tier_bytes == stats.host_offloaded_bytes == 0
+    slot = allocator.acquire(len(history) + 1, [*history, 1])
+    fill(allocator, slot, [*history, 1])
+    allocator.check_invariants(deep=True)
