@@ -12,6 +12,7 @@ from replica import KVCacheAllocator
 from replica.kv import host_tier
 from replica.kv.paged import PagedKVCache
 from replica.kv.paged_config import PagedKVConfig
+from replica.vmm import Device
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 from tests.allocator.test_prefix_copies import ManualFence, cached_conversation, expected
 from tests.allocator.test_prefix_sharing import fill, k_values, make, page_ids
@@ -157,7 +158,9 @@ def test_a_run_crossing_pinned_chunks_is_copied_in_pieces(
     allocator.check_invariants(deep=True)
 
 
-def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back() -> None:
+def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back(
+    kv_device: Device,
+) -> None:
     """The comparison mode's tier: the same write-through and restore at block granularity,
     one copy per block and layer's K and V; a restored prompt reads the values it stored."""
     fences: list[ManualFence] = []
@@ -178,11 +181,11 @@ def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back() -> N
         prefix_cache=True,
         host_tier_bytes=16 * 2 * 2 * T * 8 * 4,  # 16 blocks
     )
-    cache = PagedKVCache(config, make_fence=make_fence)
+    cache = PagedKVCache(config, kv_device.torch_device, make_fence=make_fence)
     history = list(range(3 * T + 5))
     slot = cache.acquire(len(history), history)
     cache.ensure(slot, len(history))
-    values = torch.tensor(expected(history, len(history)))
+    values = torch.tensor(expected(history, len(history)), device=kv_device.torch_device)
     for layer in range(2):
         blocks = cache.block_ids(slot)
         flat = cache.k_cache(layer)[list(blocks)].view(-1, 8)
@@ -203,7 +206,7 @@ def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back() -> N
     for layer in range(2):
         blocks = list(cache.block_ids(slot))
         got = cache.k_cache(layer)[blocks].reshape(-1, 8)[: 3 * T, 0]
-        assert got.tolist() == (values[: 3 * T] + layer).tolist()
+        assert got.cpu().tolist() == (values[: 3 * T] + layer).cpu().tolist()
     cache.check_invariants(deep=True)
 
 
