@@ -8,6 +8,8 @@
     mapping-<device>-<date>.png              batched page-mapping throughput by run length
     router-<device>-<date>.png               TTFT p50/p99 per router and arrival rate
     router-prefix-<device>-<date>.png        TTFT mean/p99 per router on multi-turn chat
+    prefix-<device>-<date>-ttft-by-turn.png  mean TTFT by turn per workload, mode, layout and
+                                             host tier (bench_prefix)
 """
 
 from __future__ import annotations
@@ -136,7 +138,34 @@ def router(data: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-PLOTS = {"engine": (engine_throughput, decode_step), "mapping": (mapping,), "router": (router,)}
+def prefix_turns(data: dict[str, Any], path: Path) -> Path:
+    """Mean TTFT by turn, a line per mode, layout, cache setting and host tier, a panel per
+    workload (the host tier's target: later turns as fast as the first)."""
+    workloads = {name: rows for name, rows in data["results"].items() if rows}
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], workloads.items()):
+        for row in rows:
+            turns = row["ttft_mean_s_by_turn"]
+            label = f"{row['mode']} {row.get('kv_layout', '')}"
+            label += (" cache on" if row["prefix_cache"] else " cache off") + (
+                f", {row['host_tier_gib']:g} GiB host tier" if row.get("host_tier_gib") else ""
+            )
+            ax.plot(range(1, len(turns) + 1), turns, marker="o", label=label)
+        ax.set_xticks(range(1, max(len(r["ttft_mean_s_by_turn"]) for r in rows) + 1))
+        ax.set_xlabel("turn")
+        ax.set_ylabel("mean TTFT (s)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Time to first token by turn, {data['environment']['device']}", fontsize=10)
+    return _save(fig, path)
+
+
+PLOTS = {
+    "engine": (engine_throughput, decode_step),
+    "mapping": (mapping,),
+    "router": (router,),
+    "prefix": (prefix_turns,),
+}
 
 
 def write_plots(shown: dict[str, list[Result]]) -> list[Path]:

@@ -15,6 +15,7 @@ PLOT_NAMES: dict[str, tuple[str, ...]] = {
     "engine": ("throughput", "decode-step"),
     "mapping": ("",),
     "router": ("",),
+    "prefix": ("ttft-by-turn",),
 }
 
 

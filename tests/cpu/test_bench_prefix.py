@@ -1,0 +1,39 @@
+"""bench_prefix's think workload on the tiny model: conversations whose histories outgrow the KV
+budget between turns, each mode without and with the host tier; with it, later turns find their
+history (restored, not computed), and the TTFT-by-turn plot renders."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_prefix
+from benchmarks.plots import prefix_turns
+
+
+def test_the_think_workload_restores_histories_with_the_host_tier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["bench_prefix", "--smoke", "--workloads", "think", "--cache", "on"]
+    argv += ["--offload-gib", "0,0.001", "--kv-cache-gib", "0.0002", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_prefix.main()
+    [result] = tmp_path.glob("prefix-smoke-*.json")
+    data = json.loads(result.read_text())
+    rows = {(r["mode"], r["host_tier_gib"] > 0): r for r in data["results"]["think"]}
+    assert set(rows) == {
+        ("vattention", False),
+        ("vattention", True),
+        ("paged", False),
+        ("paged", True),
+    }
+    for mode in ("vattention", "paged"):
+        plain, tiered = rows[(mode, False)], rows[(mode, True)]
+        assert plain["host_restored_bytes"] == 0 and tiered["host_restored_bytes"] > 0
+        assert tiered["prefix_hits_tokens"] > plain["prefix_hits_tokens"]
+        assert tiered["prefix_host_hits_tokens"] > 0
+        assert len(tiered["ttft_mean_s_by_turn"]) == data["workloads"]["think"]["turns"]
+    assert prefix_turns(data, tmp_path / "turns.png").stat().st_size > 0
