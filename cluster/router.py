@@ -16,6 +16,7 @@ HTTP proxy, ingress replicas), so ``cluster.routing`` must be importable there.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from cluster import routing
 from cluster.protocol import GenerateRequest
 from replica.engine_stats import RoutingStats
 from replica.kv.prefix import summary_chain
+
+log = logging.getLogger(__name__)
 
 ROUTER_PATH = "cluster.router:FreePageRouter"
 
@@ -124,7 +127,15 @@ class FreePageRouter(RequestRouter):
             # Retry with exponential backoff (RequestRouterConfig) once every rank was full,
             # instead of re-running this method in a tight loop.
             pending_request.routing_context.should_backoff = True
+        try:
+            return self._ranked(candidate_replicas, pending_request)
+        except Exception:  # a request whose ranking fails is routed, never left hanging
+            log.exception("ranking failed; routing this request by power of two choices")
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
+    def _ranked(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         reported = {rid: routing.reported(r.routing_stats) for rid, r in by_id.items()}
         now = time.time()

@@ -111,6 +111,10 @@ class SamplingFields(Strict):
         )
 
 
+#: Token ids are below this (the router hashes them as signed 64-bit integers).
+TOKEN_ID_LIMIT = 1 << 63
+
+
 class CompletionRequest(SamplingFields):
     scope: ClassVar[str] = "completions"
 
@@ -137,7 +141,14 @@ class CompletionRequest(SamplingFields):
             if len(prompt) != 1:
                 raise ValueError("one prompt per request is supported")
             prompt = prompt[0]
-        return check_text(prompt) if isinstance(prompt, str) else prompt  # type: ignore[return-value]
+        if isinstance(prompt, str):
+            return check_text(prompt)
+        # The replica checks ids against its vocabulary; what no vocabulary holds (and what a
+        # 64-bit key cannot carry, as the router's prefix keys do) is refused here.
+        bad = next((t for t in prompt if not 0 <= t < TOKEN_ID_LIMIT), None)  # type: ignore[operator]
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside [0, 2^63): no vocabulary holds it")
+        return prompt  # type: ignore[return-value]
 
 
 class ToolCallFunction(Strict):

@@ -235,6 +235,18 @@ def test_bad_values_of_supported_fields_are_400s_naming_them(
     assert error["param"] == param and words in error["message"], error
 
 
+@pytest.mark.parametrize("token", [-1, 1 << 63, 2374254025051500686236823454744576])
+def test_a_token_id_no_vocabulary_holds_is_a_400_naming_the_prompt(
+    client: TestClient, token: int
+) -> None:
+    """Ids the replica would refuse anyway, and ids no 64-bit key carries (the router hashes the
+    prompt's blocks before any replica sees it: a fuzzer's huge id once left the request
+    hanging there), are refused at the ingress."""
+    response = client.post("/v1/completions", json={"prompt": [*range(20), token, 5]})
+    error = error_of(response)
+    assert error["param"] == "prompt" and "[0, 2^63)" in error["message"], error
+
+
 def test_tool_messages_reach_the_template_in_its_shape(client: TestClient) -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
     messages = [

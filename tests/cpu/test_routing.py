@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import cluster.routing
 from cluster.protocol import GenerateRequest
 from cluster.routing import (
     DECISIONS,
@@ -309,6 +310,21 @@ def test_router_falls_back_to_two_random_choices():
     assert len(out) == 1 and len(set(out[0])) == 2 and set(out[0]) <= {"a", "b", "c"}
     out = _choose(reps[1:], object())  # a call that carries no GenerateRequest -> fallback
     assert len(out) == 1 and sorted(out[0]) == ["b", "c"]
+
+
+def test_a_ranking_that_fails_routes_the_request_by_two_random_choices(monkeypatch, caplog) -> None:
+    """A request whose ranking raises (a fuzzer once sent a token id no 64-bit key holds, and
+    the prefix keys overflowed) is routed anyway: Serve would otherwise leave it hanging."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OverflowError("int too big to convert")
+
+    monkeypatch.setattr(cluster.routing, "rank_replicas", broken)
+    reps = [_replica("a", 90), _replica("b", 40)]
+    with caplog.at_level("ERROR", logger="cluster.router"):
+        out = _choose(reps, make_request())
+    assert len(out) == 1 and sorted(out[0]) == ["a", "b"]
+    assert "ranking failed" in caplog.text
 
 
 def test_a_field_added_to_the_stats_reaches_the_routers_decision(monkeypatch) -> None:
