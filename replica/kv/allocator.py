@@ -429,16 +429,7 @@ class KVCacheAllocator(KVCache):
         )
 
     def _tier_stats(self) -> dict[str, int]:
-        if self._tier is None:
-            return {}
-        tier = self._tier.stats()
-        return {
-            "host_tier_bytes": tier.capacity_bytes,
-            "host_tier_used_bytes": tier.used_bytes,
-            "host_offloaded_bytes": tier.offloaded_bytes,
-            "host_restored_bytes": tier.restored_bytes,
-            "prefix_host_hits_tokens": self._host_hit_tokens,
-        }
+        return {} if self._tier is None else self._tier.cache_stats(self._host_hit_tokens)
 
     def mapping_breakdown(self) -> MappingBreakdown:
         """The worker's time by operation kind and cause, and the callers' waits by cause."""

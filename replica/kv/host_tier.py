@@ -243,6 +243,17 @@ class HostTier:
         keys = list(self._summary)[-limit:] if limit > 0 else []
         return tuple(summary_key(key) for key in keys)
 
+    def cache_stats(self, host_hit_tokens: int) -> dict[str, int]:
+        """The tier's ``KVCacheStats`` fields (the prompt tokens restored counted by the cache)."""
+        stats = self.stats()
+        return {
+            "host_tier_bytes": stats.capacity_bytes,
+            "host_tier_used_bytes": stats.used_bytes,
+            "host_offloaded_bytes": stats.offloaded_bytes,
+            "host_restored_bytes": stats.restored_bytes,
+            "prefix_host_hits_tokens": host_hit_tokens,
+        }
+
     def stats(self) -> HostTierStats:
         per_block = self._block_bytes * len(self._ranges)
         return HostTierStats(

@@ -437,16 +437,7 @@ class PagedKVCache(KVCache):
         )
 
     def _tier_stats(self) -> dict[str, int]:
-        if self._tier is None:
-            return {}
-        tier = self._tier.stats()
-        return {
-            "host_tier_bytes": tier.capacity_bytes,
-            "host_tier_used_bytes": tier.used_bytes,
-            "host_offloaded_bytes": tier.offloaded_bytes,
-            "host_restored_bytes": tier.restored_bytes,
-            "prefix_host_hits_tokens": self._host_hit_tokens,
-        }
+        return {} if self._tier is None else self._tier.cache_stats(self._host_hit_tokens)
 
     def check_invariants(self, deep: bool = False) -> None:
         """Asserts the invariants of the module docstring; ``deep`` also reads the device table

@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from cluster.routing import (
     rank_replicas,
     reported,
 )
+from replica import KVCacheAllocator, KVCacheConfig, open_device
 from replica.engine_stats import RoutingStats
 from replica.kv.prefix import expected_hit_tokens, summary_chain
 from replica.sampling_params import SamplingParams
@@ -464,6 +466,22 @@ def test_a_hit_lets_a_replica_fit_what_it_otherwise_could_not() -> None:
     assert ids(choice) == ["b", "a"]  # b adds only 18 pages; a cannot fit
 
 
+def prefix_allocator(**overrides: Any) -> KVCacheAllocator:
+    """A one-layer host-backend allocator with the prefix cache: 8 tokens a 4 KiB page."""
+    settings: dict[str, Any] = dict(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=2,
+        max_tokens=1024,
+        page_size=4096,
+        budget_bytes=256 * 4096,
+        prefix_cache=True,
+    )
+    return KVCacheAllocator(KVCacheConfig(**settings | overrides), open_device("host", 4096))
+
+
 def in_host_tier(held: RoutingStats, blocks: int) -> RoutingStats:
     """``held`` whose host tier also holds the first ``blocks`` blocks of PROMPT."""
     chain = summary_chain(PROMPT[: blocks * 16 + 1], ROOT, 16)
@@ -491,21 +509,7 @@ def test_host_tier_hits_count_beyond_the_device_hit_at_their_weight() -> None:
 def test_a_replicas_host_tier_summary_predicts_what_its_acquire_restores() -> None:
     """The engine side: a conversation evicted from the device but held by the host tier shows
     in the summary's host keys, which the router reads as restorable pages."""
-    from replica import KVCacheAllocator, KVCacheConfig, open_device
-
-    config = KVCacheConfig(
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=64,
-        dtype=torch.float32,
-        max_slots=2,
-        max_tokens=1024,
-        page_size=4096,
-        budget_bytes=80 * 4096,
-        prefix_cache=True,
-        host_tier_bytes=64 * 2 * 4096,
-    )
-    cache = KVCacheAllocator(config, open_device("host", 4096))
+    cache = prefix_allocator(budget_bytes=80 * 4096, host_tier_bytes=64 * 2 * 4096)
     slot = cache.acquire(0, PROMPT[:257])
     cache.ensure(slot, 257)
     cache.release(slot, PROMPT[:257])  # 16 blocks written through
@@ -609,20 +613,8 @@ def test_the_affinity_router_sees_token_prefixes_as_text_prefixes() -> None:
 def test_a_replicas_summary_predicts_what_its_cache_finds() -> None:
     """The engine side: the allocator's summary, read as the router does, gives the cached
     tokens its acquire would find (here exactly: 32 blocks is a summary depth)."""
-    from replica import KVCacheAllocator, KVCacheConfig, open_device
-
-    config = KVCacheConfig(
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=64,
-        dtype=torch.float32,
-        max_slots=2,
-        max_tokens=1024,
-        page_size=4096,
-        budget_bytes=256 * 4096,
-        prefix_cache=True,
-    )
-    cache = KVCacheAllocator(config, open_device("host", 4096))
+    cache = prefix_allocator(budget_bytes=256 * 4096)
+    config = cache.config
     assert config.tokens_per_group == 8 and config.prefix_block_tokens == 16
     slot = cache.acquire(0, PROMPT[:257])
     cache.ensure(slot, 257)
