@@ -31,7 +31,6 @@ Invariants (``check_invariants``, with those of ``SlotMaps`` and ``SlotPrefixes`
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +43,7 @@ from replica.kv.copies import CopyFence, SlotCopies
 from replica.kv.growth import SlotGrowth
 from replica.kv.host_tier import HostTier
 from replica.kv.page_pool import PhysicalPagePool
-from replica.kv.prefix import PrefixSummary, extend_keys, usable_blocks
+from replica.kv.prefix import PrefixSummary
 from replica.kv.slot_prefixes import SlotPrefixes
 from replica.kv.slots import Slot, SlotMaps, SlotState
 from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
@@ -162,12 +161,8 @@ class KVCacheAllocator(KVCache):
         cannot be had, or block ``taken`` starts in a page the slot shares)."""
         tier, config = self._tier, self.config
         assert tier is not None
-        if not len(tier):
-            return 0
         per_block = config.prefix_block_tokens
-        root = self._prefixes.index.root
-        extend_keys(keys, root, prompt, per_block, usable_blocks(len(prompt), per_block))
-        count = tier.stored(keys, taken)
+        count = tier.stored_after(keys, prompt, self._prefixes.index.root, per_block, taken)
         slot = self._slots[index]
         page = taken * config.block_bytes // config.page_size
         if not count or (page < len(slot.groups) and not self._maps.private(slot.groups[page])):
@@ -177,9 +172,9 @@ class KVCacheAllocator(KVCache):
         if len(slot.groups) < need and not self._growth.grow(index, tokens):
             return 0
         self._maps.flush()
-        for ticket in {slot.tickets[page if page < need else need - 1], slot.tickets[need - 1]}:
-            if not self._maps.worker.done(ticket):
-                self._maps.wait(ticket, WaitCause.ADMISSION)
+        ticket = slot.tickets[need - 1]  # tickets ascend with the page index: all of them mapped
+        if not self._maps.worker.done(ticket):
+            self._maps.wait(ticket, WaitCause.ADMISSION)
         tier.restore(keys, [(index, j) for j in range(taken + count)], taken, count)
         self._host_hit_tokens += count * per_block
         return count
@@ -356,13 +351,13 @@ class KVCacheAllocator(KVCache):
             if slot.state is SlotState.CACHED:
                 self._prefixes.shrink_slot(index, 0, OpCause.SHRINK)
         released = self._pool.all_free()
-        self._maps.release(released, OpCause.SHRINK)
+        self._maps.release_to_device(released, OpCause.SHRINK)
         self.synchronize()
         self._checked()
         return len(released)
 
     def _release_idle(self) -> None:
-        self._maps.release(self._pool.idle_surplus(), OpCause.IDLE)
+        self._maps.release_to_device(self._pool.idle_surplus(), OpCause.IDLE)
 
     # ---- policy internals ----------------------------------------------------------------------
     def _running(self, slot_index: int) -> Slot:
@@ -443,7 +438,7 @@ class KVCacheAllocator(KVCache):
         summary = self._prefixes.summary(limit)
         if summary is None or self._tier is None:
             return summary
-        return dataclasses.replace(summary, host_keys=self._tier.summary_keys(limit))
+        return self._tier.with_host_keys(summary, limit)
 
     def check_invariants(self, deep: bool = False) -> None:
         """Asserts the invariants of the module docstring. ``deep`` also waits for the worker and

@@ -6,11 +6,17 @@ ends, then running slots' surplus). ``KVCacheAllocator`` calls it; ``SlotMaps`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from replica.kv.config import KVCacheConfig
 from replica.kv.slot_prefixes import SlotPrefixes
-from replica.kv.slots import Slot, SlotMaps, SlotState
+from replica.kv.slots import Group, Slot, SlotMaps, SlotState
 from replica.kv.stats import OpCause
+
+
+def groups_of(ids: Sequence[int], ranges: int) -> list[Group]:
+    """Page ids taken for whole groups, cut into groups (one page per range)."""
+    return [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
 
 
 class SlotGrowth:
@@ -34,10 +40,7 @@ class SlotGrowth:
             if taken is None:
                 continue
             self.maps.create(taken.new_ids, OpCause.PREMAP)
-            ids = taken.ids
-            self.maps.map_groups(
-                i, [ids[g : g + ranges] for g in range(0, len(ids), ranges)], OpCause.PREMAP
-            )
+            self.maps.map_groups(i, groups_of(taken.ids, ranges), OpCause.PREMAP)
             self.maps.set_state(slots[i], SlotState.CACHED)
             slots[i].released_at = -math.inf
         self.maps.flush()
@@ -72,7 +75,7 @@ class SlotGrowth:
         if not ids:
             return True
         self.maps.create(list(taken.new_ids) + list(extra.new_ids if extra else ()), OpCause.GROWTH)
-        added = [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
+        added = groups_of(ids, ranges)
         self.maps.map_groups(slot_index, added, OpCause.GROWTH)  # the next flush carries them
         return True
 

@@ -29,15 +29,21 @@ most one key; used + free == issued <= capacity; a pinned host block is stored.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from replica.kv.copies import CopyFence, stream_fence
-from replica.kv.prefix import is_summary_depth, summary_key
+from replica.kv.prefix import (
+    PrefixSummary,
+    extend_keys,
+    is_summary_depth,
+    summary_key,
+    usable_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +53,6 @@ CHUNK_BLOCKS = 256
 Located = tuple[int, int]
 #: A run of blocks copied at once: (row, first block, first host block, count).
 Run = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class HostTierStats:
-    capacity_bytes: int
-    used_bytes: int
-    offloaded_bytes: int
-    restored_bytes: int
-    evicted_blocks: int
 
 
 class HostTier:
@@ -92,13 +89,23 @@ class HostTier:
         self._free: list[int] = []  # issued host blocks holding nothing, descending
         self._pins: list[tuple[range, CopyFence]] = []  # host blocks in flight
         self._summary: OrderedDict[int, None] = OrderedDict()  # keys at summary depths
-        self.offloaded_bytes = self.restored_bytes = self.evicted_blocks = 0
+        self.offloaded_bytes = self.restored_bytes = 0
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def __contains__(self, key: object) -> bool:
         return key in self._blocks
+
+    def stored_after(
+        self, keys: list[int], prompt: Sequence[int], root: int, per_block: int, start: int
+    ) -> int:
+        """How many of ``prompt``'s usable blocks from block ``start`` on, in order, the tier
+        holds; ``keys`` (the prompt's blocks' keys as far as computed) is extended to them."""
+        if not self._blocks:
+            return 0
+        extend_keys(keys, root, prompt, per_block, usable_blocks(len(prompt), per_block))
+        return self.stored(keys, start)
 
     def stored(self, keys: Sequence[int], start: int) -> int:
         """How many of ``keys[start:]``, in order, the tier holds."""
@@ -169,6 +176,7 @@ class HostTier:
         torch._foreach_copy_(targets, sources, non_blocking=True)
 
     def _pin(self, runs: list[Run], fence: CopyFence) -> None:
+        self._pins = [(hosts, f) for hosts, f in self._pins if not f.done()]
         for row, block, host, count in runs:
             self._pin_row(row, range(block, block + count), fence)
             self._pins.append((range(host, host + count), fence))
@@ -226,7 +234,6 @@ class HostTier:
                 del self._blocks[key], self._key_of[host]
                 self._summary.pop(key, None)
                 self._free.append(host)
-                self.evicted_blocks += 1
                 return True
         return False
 
@@ -237,32 +244,23 @@ class HostTier:
             if host in hosts:
                 fence.wait()
 
-    def summary_keys(self, limit: int) -> tuple[int, ...]:
-        """The router's view (``replica.kv.prefix.PrefixSummary.host_keys``): up to ``limit``
-        stored keys at summary depths, newest last."""
+    def with_host_keys(self, summary: PrefixSummary, limit: int) -> PrefixSummary:
+        """The cache's summary with the router's view of the tier
+        (``replica.kv.prefix.PrefixSummary.host_keys``): up to ``limit`` stored keys at summary
+        depths, newest last."""
         keys = list(self._summary)[-limit:] if limit > 0 else []
-        return tuple(summary_key(key) for key in keys)
+        return dataclasses.replace(summary, host_keys=tuple(summary_key(key) for key in keys))
 
     def cache_stats(self, host_hit_tokens: int) -> dict[str, int]:
         """The tier's ``KVCacheStats`` fields (the prompt tokens restored counted by the cache)."""
-        stats = self.stats()
+        per_block = self._block_bytes * len(self._ranges)
         return {
-            "host_tier_bytes": stats.capacity_bytes,
-            "host_tier_used_bytes": stats.used_bytes,
-            "host_offloaded_bytes": stats.offloaded_bytes,
-            "host_restored_bytes": stats.restored_bytes,
+            "host_tier_bytes": self.capacity * per_block,
+            "host_tier_used_bytes": len(self._blocks) * per_block,
+            "host_offloaded_bytes": self.offloaded_bytes,
+            "host_restored_bytes": self.restored_bytes,
             "prefix_host_hits_tokens": host_hit_tokens,
         }
-
-    def stats(self) -> HostTierStats:
-        per_block = self._block_bytes * len(self._ranges)
-        return HostTierStats(
-            capacity_bytes=self.capacity * per_block,
-            used_bytes=len(self._blocks) * per_block,
-            offloaded_bytes=self.offloaded_bytes,
-            restored_bytes=self.restored_bytes,
-            evicted_blocks=self.evicted_blocks,
-        )
 
     def check_invariants(self) -> None:
         issued = self._issued

@@ -41,7 +41,6 @@ Invariants (``check_invariants``), in blocks:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -57,11 +56,9 @@ from replica.kv.prefix import (
     PrefixIndex,
     PrefixQueries,
     PrefixSummary,
-    extend_keys,
     root_key,
     stored_prefix,
     unfreeze_unwritten,
-    usable_blocks,
 )
 from replica.kv.stats import KVCacheStats
 
@@ -211,10 +208,7 @@ class PagedKVCache(KVCache):
         returns how many (0 where the blocks cannot be had)."""
         tier, size = self._tier, self.config.block_size
         assert tier is not None
-        if not len(tier):
-            return 0
-        extend_keys(keys, self._index.root, prompt, size, usable_blocks(len(prompt), size))
-        count = tier.stored(keys, hit)
+        count = tier.stored_after(keys, prompt, self._index.root, size, hit)
         if not count or not self._resize(index, hit + count):
             return 0
         blocks = self._seqs[index].blocks
@@ -274,9 +268,7 @@ class PagedKVCache(KVCache):
         if not self.config.prefix_cache:
             return None
         summary = self._index.summary(limit)
-        if self._tier is None:
-            return summary
-        return dataclasses.replace(summary, host_keys=self._tier.summary_keys(limit))
+        return summary if self._tier is None else self._tier.with_host_keys(summary, limit)
 
     def length(self, slot_index: int) -> int:
         return self._running(slot_index).length

@@ -73,10 +73,6 @@ class SlotPrefixes:
         self.evicted_pages = 0  # indexed pages dropped from the index
         self.takeovers = 0  # hits served in a slot holding another conversation's history
 
-    @property
-    def block_tokens(self) -> int:
-        return self.config.prefix_block_tokens if self.enabled else 0
-
     def lookup(self, prompt: tuple[int, ...]) -> tuple[list[BlockAt], list[int]]:
         """Where the blocks of the longest cached usable prefix of ``prompt`` live, and the keys
         computed on the way (one more than the blocks where the chain broke)."""

@@ -24,7 +24,7 @@ from enum import Enum
 
 import torch
 
-from replica.kv.config import KVCacheConfig
+from replica.kv.config import KVCacheConfig, KVLayout
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.stats import MappingBreakdown, OpCause, WaitCause
 from replica.vmm import Device, MapWorker, Op, PagePool, Reservation, reservation_tensor
@@ -95,7 +95,7 @@ class SlotMaps:
         if page_ids:
             self.ops.append(Op.create(list(page_ids), cause=cause))
 
-    def release(self, page_ids: Sequence[int], cause: OpCause) -> None:
+    def release_to_device(self, page_ids: Sequence[int], cause: OpCause) -> None:
         if page_ids:
             self.ops.append(Op.release(list(page_ids), cause=cause))
 
@@ -212,7 +212,7 @@ class SlotMaps:
         """Layer ``layer``'s K (``kv`` 0) or V (1): [max_slots, tokens_per_slot, heads, dim]."""
         if not 0 <= layer < self.config.num_layers:
             raise IndexError(f"layer {layer} outside [0, {self.config.num_layers})")
-        if len(self.tensors) > 1:  # per layer: K and V of each layer a range of their own
+        if self.config.layout is KVLayout.PER_LAYER:  # K and V of each layer a range apiece
             return self.tensors[2 * layer + kv]
         return self.tensors[0][:, :, layer, kv]  # [slots, tokens, layers, 2, heads, dim]
 

@@ -542,7 +542,8 @@ def test_without_any_hit_the_order_is_the_headroom_rule() -> None:
     assert ids(ranked(cands)) == ids(rank(cands, need=50)) == ["a", "b"]
 
 
-def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None:
+def replicas_b_holding_the_prompt() -> list[SimpleNamespace]:
+    """Replica a with the most room, b with 32 blocks of PROMPT cached."""
     held = holding(PROMPT, 400, 32)
     reps = [_replica("a", 900), _replica("b", 400)]
     reps[1].routing_stats = dataclasses.replace(
@@ -551,6 +552,11 @@ def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None
         prefix_tokens_per_block=16,
         prefix_keys=held.prefix_keys,
     )
+    return reps
+
+
+def test_router_sends_a_conversation_to_the_replica_holding_its_prefix() -> None:
+    reps = replicas_b_holding_the_prompt()
     request = make_request(max_tokens=160, prompt=PROMPT)
     before = DECISIONS.snapshot()["prefix_routed"]
     assert _choose(reps, request) == [["b"], ["a"]]
@@ -580,14 +586,7 @@ def test_a_new_prefix_sent_within_a_stats_period_counts_as_cached_where_it_went(
 
 
 def test_the_headroom_only_router_ignores_the_prefix_summary() -> None:
-    held = holding(PROMPT, 400, 32)
-    reps = [_replica("a", 900), _replica("b", 400)]
-    reps[1].routing_stats = dataclasses.replace(
-        reps[1].routing_stats,
-        prefix_root=held.prefix_root,
-        prefix_tokens_per_block=16,
-        prefix_keys=held.prefix_keys,
-    )
+    reps = replicas_b_holding_the_prompt()
     request = make_request(max_tokens=160, prompt=PROMPT)
     router = _router()
     router.initialize_state(max_age_s=2.0, prefix=False)
