@@ -10,7 +10,9 @@ mixed (long prompts drawn like a summarisation trace, a few hundred outputs), lo
 ShareGPT-like lognormal prompt and output lengths through ``--slots`` slots, so requests queue and
 the batch churns), batch256 (256 requests of 128-token prompts, 512 outputs: the full batch),
 kvbound (128 requests of 1K-token prompts, 2K outputs, for a fixed ``--kv-cache-gib``).
-Modes suffixed ``-fp8`` store the KV cache in fp8 (e4m3, ``kv_cache_dtype="fp8"``).
+Modes suffixed ``-fp8`` store the KV cache in fp8 (e4m3, ``kv_cache_dtype="fp8"``); ``-fa2``
+prefill on FlashInfer's fa2 kernel where the mode would pick fa3 (``prefill_kernel="fa2"``; each
+row names the prefill kernel it ran and why).
 ``--shape qwen2.5-7b`` runs a second model shape (28 layers, 28 q / 4 kv heads, qkv bias).
 ``--floor`` measures the decode step against its practical floor (the linears in a CUDA graph plus
 attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K where the KV fits.
@@ -115,6 +117,7 @@ def run_vattn(
             kv_cache_dtype="fp8" if "fp8" in options else "auto",
             kv_cache_bytes=args.kv_cache_gib << 30 if args.kv_cache_gib else None,
             async_scheduling="sync" not in options,
+            prefill_kernel="fa2" if "fa2" in options else "auto",
         )
     )
     runner, kv = engine.runner, engine.kv
@@ -173,9 +176,12 @@ def run_vattn(
                 waste.append(stats.wasted_bytes / (stats.pages_in_use * stats.page_size_bytes))
     elapsed = time.perf_counter() - started - untimed
     stats = kv.stats()
+    kernels = getattr(runner.attention, "kernels", None)  # FlashInfer's, both modes
     result: dict[str, Any] = {
         "mode": mode,
         "attention": runner.attention.name,
+        # FlashInfer's prefill kernel and why ("auto" is fa3 on Hopper): the modes may differ.
+        "prefill_kernel": dataclasses.asdict(kernels.prefill_kernel) if kernels else None,
         "kv_layout": getattr(getattr(kv.config, "layout", None), "value", "paged blocks"),
         "cuda_graphs": runner.graphs is not None,
         "graphs_captured": graphs_captured,

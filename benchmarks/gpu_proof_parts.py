@@ -166,15 +166,25 @@ def parse_autoscaling(out: Path, log: str) -> Counts:
 
 
 def parse_engine(out: Path, log: str) -> Counts:
-    """Per workload: vAttention tokens/s over the paged mode's."""
+    """Per workload and run order: vAttention's tokens/s over the paged mode's, the paged mode's on
+    fa2 over its own (where run), and each mode's prefill kernel."""
     counts: Counts = {}
-    for data in results(out, "engine"):
-        for workload, rows in data["results"].items():
-            speed = {r.get("mode"): r.get("tokens_per_s") for r in rows}
-            if speed.get("vattention") and speed.get("paged"):
-                counts[f"{workload}_vattention_over_paged"] = round(
-                    speed["vattention"] / speed["paged"], 3
-                )
+    for order, folder in (("", out), ("reverse_", out / "reverse")):
+        for data in results(folder, "engine"):
+            for workload, rows in data["results"].items():
+                if not isinstance(rows, list) or workload == "floor":
+                    continue
+                speed = {r.get("mode"): r.get("tokens_per_s") for r in rows}
+                for name, mode, base in (
+                    ("vattention_over_paged", "vattention", "paged"),
+                    ("paged_fa2_over_paged", "paged-fa2", "paged"),
+                ):
+                    if speed.get(mode) and speed.get(base):
+                        counts[f"{order}{workload}_{name}"] = round(speed[mode] / speed[base], 3)
+                for row in rows:
+                    kernel = row.get("prefill_kernel") or {}
+                    if kernel and not order:
+                        counts[f"{workload}_{row['mode']}_prefill"] = kernel.get("backend")
     return counts
 
 
@@ -345,6 +355,30 @@ PARTS: tuple[Part, ...] = (
             ),
         ),
         "bench_engine: sharegpt, decode, mixed; vattention vs paged",
+        GPU,
+        parse=parse_engine,
+    ),
+    Part(
+        "engine_kernels",
+        420,
+        tuple(
+            bench(
+                "bench_engine",
+                "--workloads",
+                "sharegpt",
+                "--slots",
+                "256",
+                "--modes",
+                modes,
+                out=out,
+            )
+            for modes, out in (
+                ("vattention,paged,paged-fa2", "{out}"),
+                ("paged-fa2,paged,vattention", "{out}/reverse"),
+            )
+        ),
+        "bench_engine sharegpt at 256 slots, the paged mode on fa3 and on fa2, in both orders "
+        "(#24 item 7: which prefill kernel each mode runs explains the 256-slot lead or not)",
         GPU,
         parse=parse_engine,
     ),

@@ -89,6 +89,13 @@ class EngineConfig:
         "(replica.attention.BACKENDS; replica.attention.paged.PAGED_BACKENDS when paged)",
         name="backend",
     )
+    prefill_kernel: str = option(
+        "auto",
+        "FlashInfer's prefill kernel: auto (its Hopper kernel, fa3, where fa3's 32-bit addressing "
+        "reaches the cache and the cache is not fp8, else fa2: "
+        "replica.attention.flashinfer_limits) or fa2",
+        choices=("auto", "fa2"),  # flashinfer_limits.PREFILL_KERNELS (that module loads torch)
+    )
     kv_layout: str = option(
         "auto",
         "auto (per_layer where its page-group rounding strands at most 5% of the KV budget, "

@@ -108,6 +108,7 @@ class ModelRunner:
             self.model_config.head_dim,
             self.dtype,
             self.device,
+            self.config.prefill_kernel,
         )
 
     def rebuild_kv_cache(self, kv_cache_bytes: int) -> None:

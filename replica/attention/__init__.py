@@ -33,10 +33,12 @@ def make_attention_backend(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
+    prefill: str = "auto",
 ) -> AttentionBackend:
     """``auto`` picks flashinfer (for head sizes it compiles), then torch-fa2 on CUDA (not for an
     fp8 cache, which it cannot read), else sdpa. ``dtype`` is the queries'; the cache's is its
-    tensors'."""
+    tensors'. ``prefill``: FlashInfer's prefill kernel
+    (``replica.attention.flashinfer_limits.PREFILL_KERNELS``)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
@@ -54,7 +56,7 @@ def make_attention_backend(
 
         require_head_dim(head_dim)
 
-        return FlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
+        return FlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype, prefill)
     if name == "torch-fa2":
         from replica.attention.torch_fa2 import TorchFlashBackend
 

@@ -165,13 +165,19 @@ class FlashInferBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        prefill: str = "auto",
     ) -> None:
+        """``prefill``: ``replica.attention.flashinfer_limits.PREFILL_KERNELS``."""
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         k0 = cache.k_cache(0)
         self.tokens_per_slot = k0.shape[1]
         rows = k0.shape[0] * self.tokens_per_slot  # every slot's every token
         prefill_kernel = choose_prefill_kernel(
-            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()), self.fp8
+            rows,
+            k0.stride(1) * k0.element_size(),
+            min(rows, cache.token_capacity()),
+            self.fp8,
+            prefill,
         )
         self.kernels = FlashInferKernels(
             k0.device,

@@ -61,17 +61,32 @@ class PrefillKernel:
     reason: str
 
 
+#: What users may ask for (``EngineConfig.prefill_kernel``): FlashInfer's choice where fa3 reaches
+#: the cache, or fa2 always.
+PREFILL_KERNELS = ("auto", "fa2")
+
+
 def choose_prefill_kernel(
-    rows: int, row_stride_bytes: int, step_kv_tokens: int, fp8_kv: bool = False
+    rows: int,
+    row_stride_bytes: int,
+    step_kv_tokens: int,
+    fp8_kv: bool = False,
+    requested: str = "auto",
 ) -> PrefillKernel:
     """``auto`` when fa3's 32-bit addressing reaches every row and the cache is not fp8, else
-    ``fa2``. Raises ValueError when no FlashInfer kernel can index the cache (more than 2**31 - 1
-    rows)."""
+    ``fa2``; ``requested="fa2"`` takes fa2 always. Raises ValueError when no FlashInfer kernel can
+    index the cache (more than 2**31 - 1 rows) or for an unknown ``requested``."""
+    if requested not in PREFILL_KERNELS:
+        raise ValueError(
+            f"prefill kernel {requested!r}: choose one of {', '.join(PREFILL_KERNELS)}"
+        )
     if rows > MAX_ROWS:
         raise ValueError(
             f"the KV cache has {rows:,} token rows; FlashInfer indexes at most {MAX_ROWS:,} "
             "(lower max_running or max_model_len)"
         )
+    if requested == "fa2":
+        return PrefillKernel("fa2", "fa2 requested (prefill_kernel)")
     if fp8_kv:
         return PrefillKernel(
             "fa2", "fp8 KV cache: FlashInfer's Hopper prefill does not build for bf16 q + e4m3 KV"

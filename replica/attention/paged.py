@@ -97,12 +97,18 @@ class PagedFlashInferBackend(PagedAttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        prefill: str = "auto",
     ) -> None:
+        """``prefill``: ``replica.attention.flashinfer_limits.PREFILL_KERNELS``."""
         super().__init__(cache, num_q_heads, num_kv_heads, head_dim)
         k0 = cache.k_cache(0)
         rows = k0.shape[0] * k0.shape[1]  # every block's every token
         prefill_kernel = choose_prefill_kernel(
-            rows, k0.stride(1) * k0.element_size(), min(rows, cache.token_capacity()), self.fp8
+            rows,
+            k0.stride(1) * k0.element_size(),
+            min(rows, cache.token_capacity()),
+            self.fp8,
+            prefill,
         )
         self.kernels = FlashInferKernels(
             cache.device,
@@ -162,10 +168,12 @@ def make_paged_attention_backend(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
+    prefill: str = "auto",
 ) -> PagedAttentionBackend:
     """``auto`` picks paged-flashinfer on CUDA when FlashInfer is installed and compiles the
     head size, else paged-sdpa;
-    ``flashinfer`` and ``sdpa`` name their paged counterparts."""
+    ``flashinfer`` and ``sdpa`` name their paged counterparts. ``prefill``: FlashInfer's prefill
+    kernel (``replica.attention.flashinfer_limits.PREFILL_KERNELS``)."""
     name = ALIASES.get(name, name)
     if name not in PAGED_BACKENDS:
         choices = ", ".join(PAGED_BACKENDS + tuple(ALIASES))
@@ -180,5 +188,5 @@ def make_paged_attention_backend(
                 f"attention backend {name!r} is unavailable on {device} (not installed, or CPU)"
             )
         require_head_dim(head_dim)
-        return PagedFlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype)
+        return PagedFlashInferBackend(cache, num_q_heads, num_kv_heads, head_dim, dtype, prefill)
     return PagedSdpaBackend(cache, num_q_heads, num_kv_heads, head_dim)

@@ -111,3 +111,16 @@ def test_flashinfer_refuses_a_head_size_it_cannot_compile_and_auto_passes_it_ove
         make_attention_backend("flashinfer", Cache(), 4, 2, 16, torch.float32, cpu)
     monkeypatch.setattr(replica.attention, "available", lambda name, device: name != "torch-fa2")
     assert make_attention_backend("auto", Cache(), 4, 2, 16, torch.float32, cpu).name == "sdpa"
+
+
+def test_fa2_on_request_and_the_option_names_the_same_kernels() -> None:
+    from replica.attention.flashinfer_limits import PREFILL_KERNELS
+    from replica.engine_config import EngineConfig
+    from replica.options import declared_options
+
+    assert choose_prefill_kernel(10, 16, 10, requested="fa2").backend == "fa2"
+    assert choose_prefill_kernel(10, 16, 10).backend == "auto"
+    with pytest.raises(ValueError, match="prefill kernel 'fa3'"):
+        choose_prefill_kernel(10, 16, 10, requested="fa3")
+    spec = next(s for s in declared_options(EngineConfig) if s.field == "prefill_kernel")
+    assert spec.choices == PREFILL_KERNELS and spec.flag == "--prefill-kernel"
