@@ -19,7 +19,7 @@ next turn is sent when the previous answer is complete):
   think   ``--conversations`` x 3 conversations of 5 turns, each with its own 512-token context,
           ~100-token messages and 120-token answers, 3-9 s of think time before each next turn:
           with a small KV budget (``--kv-cache-gib 4``) the histories outgrow GPU memory, and
-          ``--offload-gib 0,24`` runs each mode without and with the host tier
+          ``--offload-gib 0,48`` runs each mode without and with the host tier
 
 ``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one).
 Each vAttention row carries the mapping worker's time by operation and cause and the callers' waits
@@ -279,6 +279,9 @@ def run(
         "host_restored_bytes": stats.host_restored_bytes - stats_before.host_restored_bytes,
         "prefix_host_hits_tokens": stats.prefix_host_hits_tokens
         - stats_before.prefix_host_hits_tokens,
+        "host_tier_pin_s": stats.host_tier_pin_seconds,  # at the engine's start
+        "host_tier_wait_s": stats.host_tier_wait_seconds - stats_before.host_tier_wait_seconds,
+        "copy_wait_s": stats.copy_wait_seconds - stats_before.copy_wait_seconds,
     }
 
 
@@ -336,7 +339,7 @@ def main() -> None:
     parser.add_argument(
         "--offload-gib",
         default="0",
-        help="host tier sizes to run each mode with, in GiB (0: off; e.g. 0,24)",
+        help="host tier sizes to run each mode with, in GiB (0: off; e.g. 0,48)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)

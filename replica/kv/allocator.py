@@ -419,11 +419,12 @@ class KVCacheAllocator(KVCache):
             prefix_hits_tokens=self._prefixes.queries.hits,
             prefix_evicted_pages=self._prefixes.evicted_pages,
             prefix_copied_bytes=self._copies.bytes_copied,
+            copy_wait_seconds=self._copies.wait_seconds,
             prefix_takeovers=self._prefixes.takeovers,
             **self._tier_stats(),
         )
 
-    def _tier_stats(self) -> dict[str, int]:
+    def _tier_stats(self) -> dict[str, float]:
         return {} if self._tier is None else self._tier.cache_stats(self._host_hit_tokens)
 
     def mapping_breakdown(self) -> MappingBreakdown:

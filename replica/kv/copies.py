@@ -25,6 +25,7 @@ about as much, while copying a 2 MiB page device-to-device takes ~1.5 us of copy
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,6 +49,15 @@ class _Complete:
 
     def wait(self) -> None:
         return None
+
+
+def wait_for(fence: CopyFence) -> float:
+    """Waits for ``fence``; the seconds the caller waited (0 where it was done)."""
+    if fence.done():
+        return 0.0
+    started = time.perf_counter()
+    fence.wait()
+    return time.perf_counter() - started
 
 
 class _StreamFence:
@@ -113,6 +123,7 @@ class SlotCopies:
         self._make_fence = make_fence or (lambda: stream_fence(device))
         self._pins: list[_Pin] = []
         self.bytes_copied = 0  # bytes copied, every range counted
+        self.wait_seconds = 0.0  # callers waiting in settle for copies to complete
 
     def copy(self, copies: Sequence[SlotCopy]) -> None:
         """Enqueues ``copies`` (every range; one batched launch) and pins their pages until the
@@ -144,7 +155,7 @@ class SlotCopies:
         self._retire()
         for pin in self._pins:
             if slot in pin.slots and pin.pages.stop > first:
-                pin.fence.wait()
+                self.wait_seconds += wait_for(pin.fence)
         self._retire()
 
     def settle_all(self) -> None:

@@ -21,7 +21,15 @@ Ordering (``replica.kv.copies``' contract, extended to the host):
     restore: the slot's pages are mapped first (the caller waits for their tickets); the copy is
         enqueued on the engine's stream, before the step that reads the blocks; the pages are
         pinned until its fence.
-    a host block being written or read is not reused until that copy's fence completes.
+    a host block being written or read is not reused until that copy's fence completes: each
+        host block keeps the last fence of each stream that copied it (a stream's fences complete
+        in order, so the last one covers the earlier ones), and an eviction waits for them.
+
+The host memory is pinned when the tier is made, a chunk at a time, not as it fills: pinning is a
+driver call that may take tens of milliseconds a chunk, and on the request path it stalls the
+engine's thread and competes with the mapping worker's maps (an H100 run that pinned a 24 GiB tier
+as it filled mapped pages at 115 us each, 44 us without the tier; ``pin_seconds`` says what
+pinning cost). Serving systems pin their host KV pools at start for the same reason.
 
 Invariants (``check_invariants``): every stored key has one host block and every host block at
 most one key; used + free == issued <= capacity; a pinned host block is stored.
@@ -31,12 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 
-from replica.kv.copies import CopyFence, stream_fence
+from replica.kv.copies import CopyFence, stream_fence, wait_for
 from replica.kv.prefix import (
     PrefixSummary,
     extend_keys,
@@ -87,9 +96,14 @@ class HostTier:
         self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
         self._key_of: dict[int, int] = {}  # host block -> key
         self._free: list[int] = []  # issued host blocks holding nothing, descending
-        self._pins: list[tuple[range, CopyFence]] = []  # host blocks in flight
+        # host block -> {copied to the host: the last such copy's fence}
+        self._pins: dict[int, dict[bool, CopyFence]] = {}
         self._summary: OrderedDict[int, None] = OrderedDict()  # keys at summary depths
         self.offloaded_bytes = self.restored_bytes = 0
+        self.pin_seconds = 0.0  # pinning the host memory
+        self.wait_seconds = 0.0  # waiting for copies before reusing their host blocks
+        while self._grow():
+            pass
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -138,7 +152,7 @@ class HostTier:
         else:
             self._copy(runs, to_host=True)
             fence = self._make_fence()
-        self._pin(runs, fence)
+        self._pin(runs, fence, to_host=True)
         self.offloaded_bytes += len(missing) * self._block_bytes * len(self._ranges)
 
     def restore(
@@ -153,7 +167,7 @@ class HostTier:
         self._touch(keys, start + count)
         runs = self._runs([located[j] for j in blocks], hosts)
         self._copy(runs, to_host=False)
-        self._pin(runs, self._make_fence())
+        self._pin(runs, self._make_fence(), to_host=False)
         self.restored_bytes += count * self._block_bytes * len(self._ranges)
 
     def _touch(self, keys: Sequence[int], limit: int) -> None:
@@ -175,11 +189,11 @@ class HostTier:
                 sources.append(device if to_host else stored)
         torch._foreach_copy_(targets, sources, non_blocking=True)
 
-    def _pin(self, runs: list[Run], fence: CopyFence) -> None:
-        self._pins = [(hosts, f) for hosts, f in self._pins if not f.done()]
+    def _pin(self, runs: list[Run], fence: CopyFence, to_host: bool) -> None:
         for row, block, host, count in runs:
             self._pin_row(row, range(block, block + count), fence)
-            self._pins.append((range(host, host + count), fence))
+            for pinned in range(host, host + count):
+                self._pins.setdefault(pinned, {})[to_host] = fence
 
     @staticmethod
     def _runs(located: list[Located], hosts: list[int]) -> list[Run]:
@@ -200,11 +214,11 @@ class HostTier:
 
     # ---- host blocks ---------------------------------------------------------------------------
     def _take(self, count: int, protect: set[int]) -> list[int]:
-        """Up to ``count`` host blocks, ascending: free ones, then new ones (pinned a chunk at a
-        time), then the least recently used blocks' (not ``protect``\\ ed keys)."""
+        """Up to ``count`` host blocks, ascending: free ones, then the least recently used
+        blocks' (not ``protect``\\ ed keys)."""
         taken: list[int] = []
         while len(taken) < count:
-            if not self._free and not self._grow() and not self._evict_one(protect):
+            if not self._free and not self._evict_one(protect):
                 break
             if self._free:
                 taken.append(self._free.pop())
@@ -216,12 +230,15 @@ class HostTier:
         if blocks <= 0:
             return False
         shape = (len(self._ranges), blocks, self._block_bytes)
+        started = time.perf_counter()
         try:
             chunk = torch.empty(shape, dtype=torch.uint8, pin_memory=self._side is not None)
         except RuntimeError as error:  # pinned memory refused: the tier stops growing
             log.warning("host KV tier stays at %d blocks: %s", issued, error)
             self.capacity = issued
             return False
+        finally:
+            self.pin_seconds += time.perf_counter() - started
         self._chunks.append(chunk)
         self._issued += blocks
         self._free.extend(range(issued + blocks - 1, issued - 1, -1))
@@ -239,10 +256,8 @@ class HostTier:
 
     def _settle(self, host: int) -> None:
         """Waits for the copies writing or reading host block ``host``."""
-        self._pins = [(hosts, fence) for hosts, fence in self._pins if not fence.done()]
-        for hosts, fence in self._pins:
-            if host in hosts:
-                fence.wait()
+        for fence in self._pins.pop(host, {}).values():
+            self.wait_seconds += wait_for(fence)
 
     def with_host_keys(self, summary: PrefixSummary, limit: int) -> PrefixSummary:
         """The cache's summary with the router's view of the tier
@@ -251,7 +266,7 @@ class HostTier:
         keys = list(self._summary)[-limit:] if limit > 0 else []
         return dataclasses.replace(summary, host_keys=tuple(summary_key(key) for key in keys))
 
-    def cache_stats(self, host_hit_tokens: int) -> dict[str, int]:
+    def cache_stats(self, host_hit_tokens: int) -> dict[str, float]:
         """The tier's ``KVCacheStats`` fields (the prompt tokens restored counted by the cache)."""
         per_block = self._block_bytes * len(self._ranges)
         return {
@@ -260,6 +275,8 @@ class HostTier:
             "host_offloaded_bytes": self.offloaded_bytes,
             "host_restored_bytes": self.restored_bytes,
             "prefix_host_hits_tokens": host_hit_tokens,
+            "host_tier_pin_seconds": self.pin_seconds,
+            "host_tier_wait_seconds": self.wait_seconds,
         }
 
     def check_invariants(self) -> None:
@@ -269,5 +286,5 @@ class HostTier:
         assert not set(self._free) & set(self._key_of), "a free host block holds a key"
         assert self._summary.keys() <= self._blocks.keys(), "a summary key is not stored"
         assert len(self._free) + len(self._key_of) == issued <= self.capacity
-        live = [(hosts, fence) for hosts, fence in self._pins if not fence.done()]
-        assert all(h in self._key_of for hosts, _ in live for h in hosts), "a pin on a free block"
+        live = [h for h, fences in self._pins.items() if any(not f.done() for f in fences.values())]
+        assert all(h in self._key_of for h in live), "a pin on a free block"

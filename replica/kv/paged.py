@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
-from replica.kv.copies import CopyFence
+from replica.kv.copies import CopyFence, wait_for
 from replica.kv.host_tier import HostTier
 from replica.kv.paged_config import PagedKVConfig
 from replica.kv.prefix import (
@@ -133,6 +133,7 @@ class PagedKVCache(KVCache):
             else None
         )
         self._host_hit_tokens = 0
+        self._copy_wait_seconds = 0.0  # taking blocks that host copies still read or write
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -374,7 +375,7 @@ class PagedKVCache(KVCache):
         for block in taken:
             self._refs[block] = 1
             for fence in self._pins.pop(block, ()):  # a host copy still reads or writes it
-                fence.wait()
+                self._copy_wait_seconds += wait_for(fence)
         first = len(blocks)
         blocks.extend(taken)
         self._pending.update(((slot_index, first + i), block) for i, block in enumerate(taken))
@@ -425,10 +426,11 @@ class PagedKVCache(KVCache):
             prefix_queries_tokens=self._queries.queries,
             prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
+            copy_wait_seconds=self._copy_wait_seconds,
             **self._tier_stats(),
         )
 
-    def _tier_stats(self) -> dict[str, int]:
+    def _tier_stats(self) -> dict[str, float]:
         return {} if self._tier is None else self._tier.cache_stats(self._host_hit_tokens)
 
     def check_invariants(self, deep: bool = False) -> None:
