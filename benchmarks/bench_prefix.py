@@ -279,6 +279,8 @@ def run(
         "host_restored_bytes": stats.host_restored_bytes - stats_before.host_restored_bytes,
         "prefix_host_hits_tokens": stats.prefix_host_hits_tokens
         - stats_before.prefix_host_hits_tokens,
+        "host_tier_skipped_tokens": stats.host_tier_skipped_tokens
+        - stats_before.host_tier_skipped_tokens,
         "host_tier_pin_s": stats.host_tier_pin_seconds,  # at the engine's start
         "host_tier_wait_s": stats.host_tier_wait_seconds - stats_before.host_tier_wait_seconds,
         "copy_wait_s": stats.copy_wait_seconds - stats_before.copy_wait_seconds,

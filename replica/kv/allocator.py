@@ -84,6 +84,7 @@ class KVCacheAllocator(KVCache):
             else None
         )
         self._host_hit_tokens = 0
+        self._host_skipped_tokens = 0  # held by the tier, computed again: no pages to restore into
         self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
         self._growth = SlotGrowth(config, self._maps, self._prefixes)
         if config.premap:
@@ -170,6 +171,7 @@ class KVCacheAllocator(KVCache):
         tokens = (taken + count) * per_block
         need = config.page_groups_for(tokens)
         if len(slot.groups) < need and not self._growth.grow(index, tokens):
+            self._host_skipped_tokens += count * per_block
             return 0
         self._maps.flush()
         ticket = slot.tickets[need - 1]  # tickets ascend with the page index: all of them mapped
@@ -425,7 +427,9 @@ class KVCacheAllocator(KVCache):
         )
 
     def _tier_stats(self) -> dict[str, float]:
-        return {} if self._tier is None else self._tier.cache_stats(self._host_hit_tokens)
+        if self._tier is None:
+            return {}
+        return self._tier.cache_stats(self._host_hit_tokens, self._host_skipped_tokens)
 
     def mapping_breakdown(self) -> MappingBreakdown:
         """The worker's time by operation kind and cause, and the callers' waits by cause."""

@@ -266,8 +266,9 @@ class HostTier:
         keys = list(self._summary)[-limit:] if limit > 0 else []
         return dataclasses.replace(summary, host_keys=tuple(summary_key(key) for key in keys))
 
-    def cache_stats(self, host_hit_tokens: int) -> dict[str, float]:
-        """The tier's ``KVCacheStats`` fields (the prompt tokens restored counted by the cache)."""
+    def cache_stats(self, host_hit_tokens: int, skipped_tokens: int) -> dict[str, float]:
+        """The tier's ``KVCacheStats`` fields (the prompt tokens restored, and those it held but
+        the cache could not restore for lack of device memory, counted by the cache)."""
         per_block = self._block_bytes * len(self._ranges)
         return {
             "host_tier_bytes": self.capacity * per_block,
@@ -275,6 +276,7 @@ class HostTier:
             "host_offloaded_bytes": self.offloaded_bytes,
             "host_restored_bytes": self.restored_bytes,
             "prefix_host_hits_tokens": host_hit_tokens,
+            "host_tier_skipped_tokens": skipped_tokens,
             "host_tier_pin_seconds": self.pin_seconds,
             "host_tier_wait_seconds": self.wait_seconds,
         }

@@ -133,6 +133,7 @@ class PagedKVCache(KVCache):
             else None
         )
         self._host_hit_tokens = 0
+        self._host_skipped_tokens = 0  # held by the tier, computed again: no blocks to restore into
         self._copy_wait_seconds = 0.0  # taking blocks that host copies still read or write
 
     # ---- tensors -------------------------------------------------------------------------------
@@ -210,7 +211,10 @@ class PagedKVCache(KVCache):
         tier, size = self._tier, self.config.block_size
         assert tier is not None
         count = tier.stored_after(keys, prompt, self._index.root, size, hit)
-        if not count or not self._resize(index, hit + count):
+        if not count:
+            return 0
+        if not self._resize(index, hit + count):
+            self._host_skipped_tokens += count * size
             return 0
         blocks = self._seqs[index].blocks
         tier.restore(keys, [(block, 0) for block in blocks], hit, count)
@@ -431,7 +435,9 @@ class PagedKVCache(KVCache):
         )
 
     def _tier_stats(self) -> dict[str, float]:
-        return {} if self._tier is None else self._tier.cache_stats(self._host_hit_tokens)
+        if self._tier is None:
+            return {}
+        return self._tier.cache_stats(self._host_hit_tokens, self._host_skipped_tokens)
 
     def check_invariants(self, deep: bool = False) -> None:
         """Asserts the invariants of the module docstring; ``deep`` also reads the device table

@@ -103,6 +103,7 @@ class KVCacheStats:
     host_offloaded_bytes: int = 0
     host_restored_bytes: int = 0
     prefix_host_hits_tokens: int = 0
+    host_tier_skipped_tokens: int = 0  # held by the tier, computed again: no device memory free
     host_tier_pin_seconds: float = 0.0  # pinning the tier's host memory (at start)
     host_tier_wait_seconds: float = 0.0  # callers waiting for host copies to reuse host blocks
     # Callers waiting for copies (between slots, or to and from the host) before unmapping or
