@@ -241,7 +241,9 @@ class HostTier:
             self.pin_seconds += time.perf_counter() - started
         self._chunks.append(chunk)
         self._issued += blocks
-        self._free.extend(range(issued + blocks - 1, issued - 1, -1))
+        # Before the older ones: the list stays descending, so blocks are taken lowest first
+        # and a sequence's are consecutive across the chunks pinned at start.
+        self._free[:0] = range(issued + blocks - 1, issued - 1, -1)
         return True
 
     def _evict_one(self, protect: set[int]) -> bool:
