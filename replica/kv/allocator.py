@@ -41,6 +41,7 @@ from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.config import KVCacheConfig
 from replica.kv.copies import CopyFence, SlotCopies
 from replica.kv.growth import SlotGrowth
+from replica.kv.host_copies import RangeRuns
 from replica.kv.host_tier import HostTier
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import PrefixSummary
@@ -79,7 +80,9 @@ class KVCacheAllocator(KVCache):
         self._prefixes = SlotPrefixes(config, self._maps, self._copies)
         self._prefix = config.prefix_cache
         self._tier = (
-            HostTier(views, config.block_bytes, config.host_tier_bytes, self._pin, make_fence)
+            HostTier(
+                RangeRuns(views, config.block_bytes), config.host_tier_bytes, self._pin, make_fence
+            )
             if config.prefix_cache and config.host_tier_bytes
             else None
         )

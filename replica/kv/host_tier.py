@@ -1,4 +1,4 @@
-"""A host-memory tier for the vAttention cache's prefix blocks: what a released slot stored is
+"""A host-memory tier for the KV caches' prefix blocks: what a released slot stored is
 copied to pinned host memory, and a prompt whose next blocks are there gets them copied back
 instead of computed again (``replica.kv.slot_prefixes`` decides when; this module holds the bytes,
 their keys and the copies).
@@ -6,9 +6,10 @@ their keys and the copies).
 The tier is *inclusive* and filled by *write-through at release*: when a slot is released, its
 indexed blocks that the tier lacks are copied out (a conversation's next turn copies only its new
 blocks), so evicting a slot's pages later is a plain drop, with no copy on the path of the request
-that needs the pages. A slot's K/V is contiguous in each range, so a run of consecutive blocks
-leaves and returns in one copy per range (host blocks of a run are taken consecutive where the
-free list allows).
+that needs the pages. Host blocks of a sequence are taken consecutive where the free list allows,
+and runs of them move in few copies (``replica.kv.host_copies``: the vAttention cache copies a
+run of a slot's blocks in one copy per range; the paged mode gathers the blocks of a run of host
+blocks through a device staging buffer, one copy a piece).
 
 Blocks are keyed by their prefix key (``replica.kv.prefix``): equal keys, equal K/V. The tier
 evicts the least recently used block first; a block is used when written or restored, a chain's
@@ -23,7 +24,9 @@ Ordering (``replica.kv.copies``' contract, extended to the host):
         pinned until its fence.
     a host block being written or read is not reused until that copy's fence completes: each
         host block keeps the last fence of each stream that copied it (a stream's fences complete
-        in order, so the last one covers the earlier ones), and an eviction waits for them.
+        in order, so the last one covers the earlier ones), and an eviction waits for them; a
+        device staging buffer (the paged mode's) is not reused until the copies using it are
+        done (``replica.kv.host_copies``: stream order, and an event across streams).
 
 The host memory is pinned when the tier is made, a chunk at a time, not as it fills: pinning is a
 driver call that may take tens of milliseconds a chunk, and on the request path it stalls the
@@ -46,6 +49,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from replica.kv.copies import CopyFence, stream_fence, wait_for
+from replica.kv.host_copies import HostCopies, Run
 from replica.kv.prefix import (
     PrefixSummary,
     extend_keys,
@@ -60,38 +64,34 @@ log = logging.getLogger(__name__)
 CHUNK_BLOCKS = 256
 #: Where a block lives: (row, block index in the row) of the cache's views.
 Located = tuple[int, int]
-#: A run of blocks copied at once: (row, first block, first host block, count).
-Run = tuple[int, int, int, int]
 
 
 class HostTier:
-    """Host copies of prefix blocks, ``block_bytes`` of each of the slots' ranges a block.
+    """Host copies of prefix blocks, ``copies.block_bytes`` a block (its bytes in every view).
 
-    ``views``: the cache's memory as byte tensors [rows, row bytes], a block ``block_bytes`` of
-    each: one per reserved range, a row a slot (vAttention: a block is located by its slot and
-    its index there), or one per layer's K and V, a row a block (the paged mode: index 0). A
-    block's bytes in every view make one host block. ``capacity_bytes``: the tier's host memory,
-    every view counted. ``pin(row, blocks, fence)`` keeps a row's blocks from being unmapped or
-    rewritten until ``fence`` completes. ``make_fence``: the fence of copies just enqueued on the
-    current stream (a test passes one it completes by hand).
+    ``copies``: how blocks move for the cache's layout (``replica.kv.host_copies``), and the
+    located form of a block: (slot, block index in it) for the vAttention cache's ``RangeRuns``,
+    (0, block id) for the paged mode's ``GatheredBlocks``. ``capacity_bytes``: the tier's host
+    memory, every view counted. ``pin(row, blocks, fence)`` keeps a row's blocks from being
+    unmapped or rewritten until ``fence`` completes. ``make_fence``: the fence of copies just
+    enqueued on the current stream (a test passes one it completes by hand).
     """
 
     def __init__(
         self,
-        views: Sequence[torch.Tensor],
-        block_bytes: int,
+        copies: HostCopies,
         capacity_bytes: int,
         pin: Callable[[int, range, CopyFence], None],
         make_fence: Callable[[], CopyFence] | None = None,
     ) -> None:
-        self._ranges = list(views)
-        self._device = self._ranges[0].device
-        self._block_bytes = block_bytes
-        self.capacity = capacity_bytes // (block_bytes * len(self._ranges))
+        self._copies = copies
+        self._device = copies.device
+        self._block_bytes = copies.block_bytes  # one host block, every view
+        self.capacity = capacity_bytes // self._block_bytes
         self._pin_row = pin
         self._make_fence = make_fence or (lambda: stream_fence(self._device))
         self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        self._chunks: list[torch.Tensor] = []  # [ranges, up to CHUNK_BLOCKS, block_bytes] each
+        self._chunks: list[torch.Tensor] = []  # copies.chunk_shape(up to CHUNK_BLOCKS) each
         self._issued = 0  # host blocks pinned so far
         self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
         self._key_of: dict[int, int] = {}  # host block -> key
@@ -153,7 +153,7 @@ class HostTier:
             self._copy(runs, to_host=True)
             fence = self._make_fence()
         self._pin(runs, fence, to_host=True)
-        self.offloaded_bytes += len(missing) * self._block_bytes * len(self._ranges)
+        self.offloaded_bytes += len(missing) * self._block_bytes
 
     def restore(
         self, keys: Sequence[int], located: Sequence[Located], start: int, count: int
@@ -168,7 +168,7 @@ class HostTier:
         runs = self._runs([located[j] for j in blocks], hosts)
         self._copy(runs, to_host=False)
         self._pin(runs, self._make_fence(), to_host=False)
-        self.restored_bytes += count * self._block_bytes * len(self._ranges)
+        self.restored_bytes += count * self._block_bytes
 
     def _touch(self, keys: Sequence[int], limit: int) -> None:
         """Marks the stored blocks of ``keys[:limit]`` used, the first most recently: a chain's
@@ -178,16 +178,7 @@ class HostTier:
                 self._blocks.move_to_end(key)
 
     def _copy(self, runs: list[Run], to_host: bool) -> None:
-        targets, sources = [], []
-        size = self._block_bytes
-        for row, block, host, count in runs:
-            chunk, first = divmod(host, CHUNK_BLOCKS)
-            for r, view in enumerate(self._ranges):
-                device = view[row, block * size : (block + count) * size]
-                stored = self._chunks[chunk][r, first : first + count].view(-1)
-                targets.append(stored if to_host else device)
-                sources.append(device if to_host else stored)
-        torch._foreach_copy_(targets, sources, non_blocking=True)
+        self._copies.copy(runs, self._chunks, CHUNK_BLOCKS, to_host)
 
     def _pin(self, runs: list[Run], fence: CopyFence, to_host: bool) -> None:
         for row, block, host, count in runs:
@@ -198,7 +189,7 @@ class HostTier:
     @staticmethod
     def _runs(located: list[Located], hosts: list[int]) -> list[Run]:
         """(row, first block, first host block, count) of the maximal runs consecutive in a row
-        and in the host, inside one chunk (one copy per view each)."""
+        and in the host, inside one chunk."""
         runs: list[Run] = []
         for (row, block), host in zip(located, hosts):
             last = runs[-1] if runs else None
@@ -229,7 +220,7 @@ class HostTier:
         blocks = min(CHUNK_BLOCKS, self.capacity - issued)
         if blocks <= 0:
             return False
-        shape = (len(self._ranges), blocks, self._block_bytes)
+        shape = self._copies.chunk_shape(blocks)
         started = time.perf_counter()
         try:
             chunk = torch.empty(shape, dtype=torch.uint8, pin_memory=self._side is not None)
@@ -271,10 +262,9 @@ class HostTier:
     def cache_stats(self, host_hit_tokens: int, skipped_tokens: int) -> dict[str, float]:
         """The tier's ``KVCacheStats`` fields (the prompt tokens restored, and those it held but
         the cache could not restore for lack of device memory, counted by the cache)."""
-        per_block = self._block_bytes * len(self._ranges)
         return {
-            "host_tier_bytes": self.capacity * per_block,
-            "host_tier_used_bytes": len(self._blocks) * per_block,
+            "host_tier_bytes": self.capacity * self._block_bytes,
+            "host_tier_used_bytes": len(self._blocks) * self._block_bytes,
             "host_offloaded_bytes": self.offloaded_bytes,
             "host_restored_bytes": self.restored_bytes,
             "prefix_host_hits_tokens": host_hit_tokens,

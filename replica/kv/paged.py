@@ -22,10 +22,11 @@ tokens (``replica.kv.prefix``; a running slot's prompt at ``step_async``, everyt
 on an LRU list (``cached``) that ``_take`` empties oldest first when the free list runs dry.
 
 Host tier (``config.host_tier_bytes``, ``replica.kv.host_tier``): at release a sequence's indexed
-blocks the tier lacks are gathered to pinned host memory, one copy per block and layer's K and V
-(where the vAttention cache copies a run of blocks in one copy per range); a prompt's blocks found
-there after its hit get fresh blocks and are scattered back. A block a copy reads or writes is not
-taken again until the copy's fence completes.
+blocks the tier lacks are gathered to pinned host memory, from every layer's K and V at once, a
+piece of consecutive host blocks in one copy through a device staging buffer
+(``replica.kv.host_copies.GatheredBlocks``; K and V are one allocation for this); a prompt's blocks
+found there after its hit get fresh blocks and are scattered back. A block a copy reads or writes
+is not taken again until the copy's fence completes.
 
 Invariants (``check_invariants``), in blocks:
     free + in_use + cached == num_blocks     (in_use: distinct blocks held by running slots;
@@ -50,6 +51,7 @@ import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
 from replica.kv.copies import CopyFence, wait_for
+from replica.kv.host_copies import GatheredBlocks
 from replica.kv.host_tier import HostTier
 from replica.kv.paged_config import PagedKVConfig
 from replica.kv.prefix import (
@@ -88,8 +90,11 @@ class PagedKVCache(KVCache):
         self.device = torch.device(device)
         # Zeroed, not empty: a kernel that loads a whole tile and masks by multiplying would turn
         # stale NaN bit patterns in rows past a sequence's end into NaN outputs.
-        self._k = torch.zeros(config.block_shape, dtype=config.dtype, device=self.device)
-        self._v = torch.zeros(config.block_shape, dtype=config.dtype, device=self.device)
+        # NOTE: K and V in one allocation [2, *block_shape], so that the host tier gathers a
+        # block from every layer's K and V with one index kernel; each stays its own contiguous
+        # tensor.
+        kv = torch.zeros((2, *config.block_shape), dtype=config.dtype, device=self.device)
+        self._k, self._v = kv[0], kv[1]
         # A stack popped from the end, so the first requests get blocks 0, 1, 2, ...
         self._free = list(range(config.num_blocks - 1, -1, -1))
         self._seqs = [_Sequence() for _ in range(config.max_slots)]
@@ -119,12 +124,7 @@ class PagedKVCache(KVCache):
         self._pins: dict[int, list[CopyFence]] = {}  # block -> host copies reading or writing it
         self._tier = (
             HostTier(
-                [
-                    kv[layer].view(torch.uint8).view(config.num_blocks, -1)
-                    for layer in range(config.num_layers)
-                    for kv in (self._k, self._v)
-                ],
-                config.page_size // (2 * config.num_layers),
+                GatheredBlocks(GatheredBlocks.of_pool(kv)),
                 config.host_tier_bytes,
                 self._pin,
                 make_fence,
@@ -217,7 +217,7 @@ class PagedKVCache(KVCache):
             self._host_skipped_tokens += count * size
             return 0
         blocks = self._seqs[index].blocks
-        tier.restore(keys, [(block, 0) for block in blocks], hit, count)
+        tier.restore(keys, [(0, block) for block in blocks], hit, count)
         self._host_hit_tokens += count * size
         return count
 
@@ -255,7 +255,7 @@ class PagedKVCache(KVCache):
             seq.token_ids = stored[: seq.length]
             self._register(seq, seq.length)
             if self._tier is not None:  # write-through: eviction is a drop later
-                located = [(block, 0) for block in seq.blocks[: seq.frozen]]
+                located = [(0, block) for block in seq.blocks[: seq.frozen]]
                 self._tier.offload(seq.keys, located, seq.frozen)
         self._resize(slot_index, 0)
         seq.running, seq.length, seq.reserved = False, 0, 0
@@ -341,9 +341,10 @@ class PagedKVCache(KVCache):
                 fence.wait()
         self._pins.clear()
 
-    def _pin(self, block: int, _: range, fence: CopyFence) -> None:
-        """A host copy's pin on ``block``: it is not taken again until ``fence`` completes."""
-        self._pins[block] = [f for f in self._pins.get(block, ()) if not f.done()] + [fence]
+    def _pin(self, _: int, blocks: range, fence: CopyFence) -> None:
+        """A host copy's pin on ``blocks`` (ids): none is taken again until ``fence`` completes."""
+        for block in blocks:
+            self._pins[block] = [f for f in self._pins.get(block, ()) if not f.done()] + [fence]
 
     def shrink(self) -> int:
         """The pool is preallocated and fixed: nothing goes back to the device; returns 0. The

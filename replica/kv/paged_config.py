@@ -45,7 +45,8 @@ class PagedKVConfig:
     #: What else the K/V of a token depends on (the model): part of the prefix keys' root.
     prefix_key: str = ""
     #: Host memory for the host tier (``replica.kv.host_tier``; with the prefix cache): released
-    #: sequences' full blocks are copied there, gathered block by block, and scattered back.
+    #: sequences' full blocks are gathered there through a device staging buffer, many blocks a
+    #: copy, and scattered back (``replica.kv.host_copies``).
     host_tier_bytes: int = 0
 
     def __post_init__(self) -> None:

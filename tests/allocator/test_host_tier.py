@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from replica import KVCacheAllocator
-from replica.kv import host_tier
+from replica.kv import host_copies, host_tier
 from replica.kv.paged import PagedKVCache
 from replica.kv.paged_config import PagedKVConfig
 from replica.vmm import Device
@@ -143,44 +143,69 @@ def test_blocks_straddling_pages_come_back_too(make_allocator: MakeAllocator) ->
     allocator.check_invariants(deep=True)
 
 
+def count_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bytes of every host tier copy from now on (the ``copy_pairs`` seam), one entry each."""
+    copied: list[int] = []
+    real = host_copies.copy_pairs
+
+    def counting(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        copied.extend(t.numel() * t.element_size() for t in targets)
+        real(targets, sources)
+
+    monkeypatch.setattr(host_copies, "copy_pairs", counting)
+    return copied
+
+
 def test_a_run_crossing_pinned_chunks_is_copied_in_pieces(
     make_allocator: MakeAllocator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Host blocks are pinned in chunks; consecutive ids across a chunk's end are two copies."""
     monkeypatch.setattr(host_tier, "CHUNK_BLOCKS", 2)
+    copied = count_copies(monkeypatch)
     allocator = tiered(make_allocator, host_blocks=6, budget_pages=10, max_tokens=10 * T)
     history = list(range(5 * T + 3))  # five blocks: host blocks 0-1, 2-3, 4
     cached_conversation(allocator, history)
+    assert copied == [2 * allocator.config.block_bytes] * 2 + [allocator.config.block_bytes]
     evict_everything(allocator, filler=7)
     slot = allocator.acquire(len(history) + 1, [*history, 1])
+    assert len(copied) == 6  # one copy a run (one range), each way
     assert allocator.length(slot) == 5 * T
     assert k_values(allocator, slot, 5 * T) == expected(history, 5 * T)
     allocator.check_invariants(deep=True)
 
 
-def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back(
-    kv_device: Device,
-) -> None:
-    """The comparison mode's tier: the same write-through and restore at block granularity,
-    one copy per block and layer's K and V; a restored prompt reads the values it stored."""
-    fences: list[ManualFence] = []
-
-    def make_fence() -> ManualFence:
-        fences.append(ManualFence(lambda: None))
-        return fences[-1]
-
-    config = PagedKVConfig(
+def paged_tiered(blocks: int = 8, host_blocks: int = 16, **overrides: object) -> PagedKVConfig:
+    """A paged cache of 2 layers, one 8-wide float32 head, ``blocks`` blocks of ``T`` tokens, a
+    host tier of ``host_blocks``."""
+    block = 2 * 2 * T * 8 * 4  # K and V of both layers
+    settings: dict[str, object] = dict(
         num_layers=2,
         num_kv_heads=1,
         head_dim=8,
         dtype=torch.float32,
         max_slots=2,
         max_tokens=8 * T,
-        budget_bytes=8 * 2 * 2 * T * 8 * 4,  # 8 blocks
+        budget_bytes=blocks * block,
         block_size=T,
         prefix_cache=True,
-        host_tier_bytes=16 * 2 * 2 * T * 8 * 4,  # 16 blocks
+        host_tier_bytes=host_blocks * block,
     )
+    settings.update(overrides)
+    return PagedKVConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back(
+    kv_device: Device,
+) -> None:
+    """The comparison mode's tier: the same write-through and restore at block granularity; a
+    restored prompt reads the values it stored."""
+    fences: list[ManualFence] = []
+
+    def make_fence() -> ManualFence:
+        fences.append(ManualFence(lambda: None))
+        return fences[-1]
+
+    config = paged_tiered()
     cache = PagedKVCache(config, kv_device.torch_device, make_fence=make_fence)
     history = list(range(3 * T + 5))
     slot = cache.acquire(len(history), history)
@@ -207,6 +232,82 @@ def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back(
         blocks = list(cache.block_ids(slot))
         got = cache.k_cache(layer)[blocks].reshape(-1, 8)[: 3 * T, 0]
         assert got.cpu().tolist() == (values[: 3 * T] + layer).cpu().tolist()
+    cache.check_invariants(deep=True)
+
+
+def write_pattern(cache: PagedKVCache, slot: int, tokens: int, seed: int) -> None:
+    """Gives every token's K and V of every layer values of its own (``pattern``)."""
+    blocks = list(cache.block_ids(slot))
+    for layer in range(cache.config.num_layers):
+        for kv, tensor in enumerate((cache.k_cache(layer), cache.v_cache(layer))):
+            rows = pattern(tokens, layer, kv, seed).to(tensor.device)
+            flat = tensor[blocks].view(-1, 8)  # [blocks * T, 8]
+            flat[:tokens] = rows
+            tensor[blocks] = flat.view(len(blocks), T, 1, 8)
+
+
+def pattern(tokens: int, layer: int, kv: int, seed: int) -> torch.Tensor:
+    """[tokens, 8]: distinct for each token, layer, K or V, element and ``seed``."""
+    token = torch.arange(tokens, dtype=torch.float32)[:, None]
+    return seed * 1e5 + token * 100 + layer * 10 + kv * 5 + torch.arange(8) / 8
+
+
+def read_back(cache: PagedKVCache, slot: int, tokens: int) -> list[torch.Tensor]:
+    """Every layer's K and V rows of a slot's first ``tokens`` tokens, on the host."""
+    blocks = list(cache.block_ids(slot))
+    return [
+        tensor[blocks].reshape(-1, 8)[:tokens].cpu()
+        for layer in range(cache.config.num_layers)
+        for tensor in (cache.k_cache(layer), cache.v_cache(layer))
+    ]
+
+
+def interleaved_slots(cache: PagedKVCache, prompts: list[list[int]]) -> list[int]:
+    """Slots for ``prompts`` grown a block at a time in turn, so their device blocks alternate."""
+    slots = [cache.acquire(len(prompt), prompt) for prompt in prompts]
+    for blocks in range(1, max(len(p) for p in prompts) // T + 2):
+        for slot, prompt in zip(slots, prompts):
+            cache.ensure(slot, min(blocks * T, len(prompt)))
+    return slots
+
+
+def test_the_paged_mode_moves_runs_of_host_blocks_in_few_copies(
+    kv_device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks scattered over the pool (every other one) go to consecutive host blocks in pieces
+    of consecutive host blocks, one copy each (at most the staging buffer's blocks, never across
+    a pinned chunk's end), not one per block and layer's K and V; restored into scattered fresh
+    blocks, every layer's K and V reads back as written."""
+    monkeypatch.setattr(host_tier, "CHUNK_BLOCKS", 4)
+    monkeypatch.setattr(host_copies, "STAGING_BYTES", 3 * 2 * 2 * T * 8 * 4)  # 3 blocks
+    copied = count_copies(monkeypatch)
+    cache = PagedKVCache(paged_tiered(blocks=16, max_tokens=16 * T), kv_device.torch_device)
+    block, views = cache.config.page_size, 2 * cache.config.num_layers
+    first, second = [1] * (6 * T + 3), [2] * (6 * T + 3)
+    slots = interleaved_slots(cache, [first, second])
+    assert cache.block_ids(slots[0]) == (0, 2, 4, 6, 8, 10, 12)
+    for seed, (slot, prompt) in enumerate(zip(slots, (first, second))):
+        write_pattern(cache, slot, len(prompt), seed)
+        cache.release(slot, prompt)
+    # Host blocks 0-2, 3 | 4-5 (chunk end), then 6-7 | 8-10, 11: six copies, not 12 * 4.
+    assert copied == [n * block for n in (3, 1, 2, 2, 3, 1)]
+    assert sum(copied) == cache.stats().host_offloaded_bytes == 12 * block
+    assert len(copied) < 12 * views
+    # Every block taken by two fillers grown in turn; one ends, the other keeps every other
+    # block, so the restores scatter into blocks apart.
+    fillers = interleaved_slots(cache, [[7] * (8 * T), [8] * (8 * T)])
+    cache.release(fillers[0], [])
+    for seed, prompt in enumerate((first, second)):
+        del copied[:]
+        slot = cache.acquire(len(prompt) + 1, [*prompt, 1])
+        assert cache.length(slot) == 6 * T
+        restored = cache.block_ids(slot)
+        assert any(b != a + 1 for a, b in zip(restored, restored[1:])), restored
+        assert copied == [n * block for n in ((3, 1, 2), (2, 3, 1))[seed]]
+        for index, got in enumerate(read_back(cache, slot, 6 * T)):
+            assert torch.equal(got, pattern(6 * T, index // 2, index % 2, seed))
+        cache.release(slot, prompt)  # stored already: nothing to copy
+        assert len(copied) == 3
     cache.check_invariants(deep=True)
 
 
