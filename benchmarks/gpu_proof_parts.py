@@ -165,6 +165,16 @@ def parse_autoscaling(out: Path, log: str) -> Counts:
     return counts
 
 
+def parse_offload(out: Path, log: str) -> Counts:
+    """bench_offload's summary: per cache and phase the least fraction of the pinned bandwidth,
+    per vAttention layout the least ratio of the paged mode's restore time over its own (without
+    and with mapping), and whether the GPU times covered the calls' host work."""
+    counts: Counts = {}
+    for data in results(out, "offload"):
+        counts |= data["summary"]
+    return counts
+
+
 def parse_engine(out: Path, log: str) -> Counts:
     """Per workload and run order: vAttention's tokens/s over the paged mode's, the paged mode's on
     fa2 over its own (where run), and each mode's prefill kernel."""
@@ -281,6 +291,16 @@ PARTS: tuple[Part, ...] = (
         "modes without and with a 48 GiB host tier (the histories' ~36 GiB fit; #25's target)",
         GPU,
         parse=parse_prefix,
+    ),
+    Part(
+        "offload_bandwidth",
+        180,
+        (bench("bench_offload"),),
+        "bench_offload: the host tier's offload and restore bandwidth, vAttention (both layouts, "
+        "restore with and without mapping) and the paged mode, Llama-3-8B and Qwen2.5-7B shapes, "
+        "1K/4K/16K-token histories, against one pinned copy of the same bytes (#25's target)",
+        ("cuda",),
+        parse=parse_offload,
     ),
     Part(
         "prefix_chat",
