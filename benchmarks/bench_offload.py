@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import statistics
 import time
@@ -304,10 +305,16 @@ def with_fractions(row: dict[str, Any], ref: dict[str, Any], size: int) -> dict[
     return row
 
 
+@functools.cache
+def opened(backend: str, page_size: int | None) -> Device:
+    """One VMM backend per page size for the whole run (CUDA: one, at 2 MiB)."""
+    return open_device(backend, page_size)
+
+
 def measure(geometry: Geometry, caches: list[str], backend: str, args: argparse.Namespace) -> dict:
     """The reference and every cache's row for one shape and history."""
     page_size = None if backend == "cuda" else host_page_size(geometry.token_bytes, 64 * 1024)
-    vmm = open_device(backend, page_size)
+    vmm = opened(backend, page_size)
     clock = Clock(vmm.torch_device, args.sleep_ms)
     ref = reference(geometry, vmm.torch_device, clock, args.repeats)
     rows = [
