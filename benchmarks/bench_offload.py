@@ -23,8 +23,9 @@ events time from the sleep's end to the fence recorded after the copies (the cac
 Fractions are a path's bandwidth over the reference's in its direction, from GPU time where
 measured, else wall time; ``restore_mapped_over_paged`` is the paged mode's restore wall time over
 vAttention's with mapping (>= 1: vAttention is as fast). Medians of ``--repeats`` rounds after one
-warm-up round (which pins the tier's chunks and makes the paged mode's staging buffers); each
-call's copies are counted (``replica.kv.host_copies.copy_pairs``), and vAttention's pages mapped.
+warm-up round (which maps vAttention's pages and makes the paged mode's staging buffers; the tier
+pins its host memory when made, ``host_tier_pin_seconds``); each call's copies are counted
+(``replica.kv.host_copies.copy_pairs``), and vAttention's pages mapped.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ def measure_cache(
         row[f"{phase}_gpu_s"] = statistics.median(gpu) if gpu else None
         row[f"{phase}_copies"] = timings[-1].copies
         row[f"{phase}_pages_mapped"] = timings[-1].pages_mapped
+    row["host_tier_pin_seconds"] = cache.stats().host_tier_pin_seconds
     # What the paged mode would issue copying block by block: one copy a block and view.
     row["copies_one_per_block_and_view"] = geometry.tokens // BLOCK * 2 * geometry.model.num_layers
     # NOTE: the cache and its host tier refer to each other (the tier pins through the cache):
