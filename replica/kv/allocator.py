@@ -48,6 +48,7 @@ from replica.kv.prefix import PrefixSummary
 from replica.kv.slot_prefixes import SlotPrefixes
 from replica.kv.slots import Slot, SlotMaps, SlotState
 from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
+from replica.kv.tier_faults import TierFaults
 from replica.vmm import Device, Reservation, open_device
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
@@ -85,6 +86,9 @@ class KVCacheAllocator(KVCache):
             )
             if config.prefix_cache and config.host_tier_bytes
             else None
+        )
+        self._tier_faults = (
+            TierFaults(self._tier, views[0].device) if self._tier is not None else None
         )
         self._host_hit_tokens = 0
         self._host_skipped_tokens = 0  # held by the tier, computed again: no pages to restore into
@@ -162,9 +166,10 @@ class KVCacheAllocator(KVCache):
     def _restore(self, index: int, prompt: tuple[int, ...], keys: list[int], taken: int) -> int:
         """Copies back the blocks after the slot's ``taken`` that the host tier holds, once the
         pages they need are mapped (reclaiming if need be); returns how many (0 where pages
-        cannot be had, or block ``taken`` starts in a page the slot shares)."""
-        tier, config = self._tier, self.config
-        assert tier is not None
+        cannot be had, block ``taken`` starts in a page the slot shares, or the copy raised:
+        ``replica.kv.tier_faults``; the request computes them in the pages mapped for them)."""
+        tier, faults, config = self._tier, self._tier_faults, self.config
+        assert tier is not None and faults is not None
         per_block = config.prefix_block_tokens
         count = tier.stored_after(keys, prompt, self._prefixes.index.root, per_block, taken)
         slot = self._slots[index]
@@ -180,7 +185,8 @@ class KVCacheAllocator(KVCache):
         ticket = slot.tickets[need - 1]  # tickets ascend with the page index: all of them mapped
         if not self._maps.worker.done(ticket):
             self._maps.wait(ticket, WaitCause.ADMISSION)
-        tier.restore(keys, [(index, j) for j in range(taken + count)], taken, count)
+        if not faults.restore(keys, [(index, j) for j in range(taken + count)], taken, count):
+            return 0
         self._host_hit_tokens += count * per_block
         return count
 
@@ -194,6 +200,10 @@ class KVCacheAllocator(KVCache):
     @property
     def prefix_block_tokens(self) -> int:
         return self.config.prefix_block_tokens if self._prefix else 0
+
+    @property
+    def tier_faults(self) -> TierFaults | None:
+        return self._tier_faults
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         """Tokens of ``prompt`` that ``acquire`` would find cached now (whole prefix blocks, never
@@ -233,8 +243,8 @@ class KVCacheAllocator(KVCache):
         self._admitting.discard(slot_index)
         if self._prefix:
             self._prefixes.release(slot_index, slot, token_ids)
-            if self._tier is not None:  # write-through: eviction is a drop later
-                self._tier.offload(
+            if self._tier_faults is not None:  # write-through: eviction is a drop later
+                self._tier_faults.offload(
                     slot.keys, [(slot_index, j) for j in range(slot.frozen)], slot.frozen
                 )
         self._maps.set_state(slot, SlotState.CACHED)

@@ -29,6 +29,11 @@ is that many tokens (``cached_tokens(prompt)`` says how many beforehand) and tho
 shared and immutable: ``ensure`` below them is a ValueError. ``release(slot, token_ids)`` hands the
 tokens whose K/V the slot holds, so their full pages serve later requests. Caches without prefix
 sharing take the arguments and start every slot empty.
+
+Host tier (where a cache has one): a copy to or from it that raises never escapes ``acquire`` or
+``release`` (``replica.kv.tier_faults``): a failed restore leaves the slot its device hit only
+(the request computes the rest, never reads the blocks), a failed offload leaves its blocks out of
+the tier.
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from replica.kv.prefix import PrefixSummary
 from replica.kv.stats import KVCacheStats, MappingBreakdown
+
+if TYPE_CHECKING:
+    from replica.kv.tier_faults import TierFaults
 
 
 class KVCacheOutOfMemory(Exception):
@@ -178,6 +186,19 @@ class KVCache(ABC):
         root, the tokens per block, and up to ``limit`` summary keys, the newest last (None
         without sharing)."""
         return None
+
+    @property
+    def tier_faults(self) -> TierFaults | None:
+        """The host tier's copies and their failures (``replica.kv.tier_faults``; None without a
+        host tier): what tensor parallelism records and mirrors."""
+        return None
+
+    def drop_host_blocks(self, keys: Sequence[int]) -> None:
+        """Drops the prefix blocks ``keys`` from the host tier (a copy of them failed on another
+        rank: every rank's tier keeps the same keys). Changes the books: recorded under tensor
+        parallelism."""
+        if self.tier_faults is not None:
+            self.tier_faults.drop(keys)
 
     @abstractmethod
     def length(self, slot_index: int) -> int:

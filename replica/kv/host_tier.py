@@ -34,6 +34,11 @@ engine's thread and competes with the mapping worker's maps (an H100 run that pi
 as it filled mapped pages at 115 us each, 44 us without the tier; ``pin_seconds`` says what
 pinning cost). Serving systems pin their host KV pools at start for the same reason.
 
+Failures: a copy that raises propagates out of ``offload``/``restore`` with the tier's keys as
+they stood at the copy; ``replica.kv.tier_faults`` (the caches' only caller) drops the keys in
+doubt (``discard``) and decides what the request gets. ``before_copy`` runs just before each copy,
+in both directions: its seam for mirroring another rank's failed copy and for tests.
+
 Invariants (``check_invariants``): every stored key has one host block and every host block at
 most one key; used + free == issued <= capacity; a pinned host block is stored.
 """
@@ -100,6 +105,8 @@ class HostTier:
         self._pins: dict[int, dict[bool, CopyFence]] = {}
         self._summary: OrderedDict[int, None] = OrderedDict()  # keys at summary depths
         self.offloaded_bytes = self.restored_bytes = 0
+        #: Called with "offload" or "restore" just before each copy; raising fails the copy.
+        self.before_copy: Callable[[str], None] = lambda direction: None
         self.pin_seconds = 0.0  # pinning the host memory
         self.wait_seconds = 0.0  # waiting for copies before reusing their host blocks
         while self._grow():
@@ -143,6 +150,7 @@ class HostTier:
         if not missing:
             return
         runs = self._runs([located[j] for j in missing], hosts)
+        self.before_copy("offload")
         if self._side is not None:
             produced = torch.cuda.current_stream(self._device).record_event()
             self._side.wait_event(produced)
@@ -166,6 +174,7 @@ class HostTier:
         hosts = [self._blocks[keys[j]] for j in blocks]
         self._touch(keys, start + count)
         runs = self._runs([located[j] for j in blocks], hosts)
+        self.before_copy("restore")
         self._copy(runs, to_host=False)
         self._pin(runs, self._make_fence(), to_host=False)
         self.restored_bytes += count * self._block_bytes
@@ -238,14 +247,27 @@ class HostTier:
         return True
 
     def _evict_one(self, protect: set[int]) -> bool:
-        for key, host in self._blocks.items():
+        for key in self._blocks:
             if key not in protect:
-                self._settle(host)
-                del self._blocks[key], self._key_of[host]
-                self._summary.pop(key, None)
-                self._free.append(host)
+                self._drop(key)
                 return True
         return False
+
+    def discard(self, keys: Sequence[int]) -> list[int]:
+        """Drops the stored ones of ``keys`` (their bytes are in doubt: a copy of them failed, here
+        or on another rank); returns them. Their host blocks are free once their copies' fences
+        complete (waited for)."""
+        dropped = [key for key in dict.fromkeys(keys) if key in self._blocks]
+        for key in dropped:
+            self._drop(key)
+        return dropped
+
+    def _drop(self, key: int) -> None:
+        host = self._blocks[key]
+        self._settle(host)
+        del self._blocks[key], self._key_of[host]
+        self._summary.pop(key, None)
+        self._free.append(host)
 
     def _settle(self, host: int) -> None:
         """Waits for the copies writing or reading host block ``host``."""

@@ -26,7 +26,9 @@ blocks the tier lacks are gathered to pinned host memory, from every layer's K a
 piece of consecutive host blocks in one copy through a device staging buffer
 (``replica.kv.host_copies.GatheredBlocks``; K and V are one allocation for this); a prompt's blocks
 found there after its hit get fresh blocks and are scattered back. A block a copy reads or writes
-is not taken again until the copy's fence completes.
+is not taken again until the copy's fence completes. A copy that raises
+(``replica.kv.tier_faults``): its keys leave the tier; a failed restore's blocks go back and the
+request computes them.
 
 Invariants (``check_invariants``), in blocks:
     free + in_use + cached == num_blocks     (in_use: distinct blocks held by running slots;
@@ -63,6 +65,7 @@ from replica.kv.prefix import (
     unfreeze_unwritten,
 )
 from replica.kv.stats import KVCacheStats
+from replica.kv.tier_faults import TierFaults
 
 #: Set VATTN_CHECK_INVARIANTS=1 to check the books after every public call (debugging).
 _CHECK_ALWAYS = os.environ.get("VATTN_CHECK_INVARIANTS") == "1"
@@ -132,6 +135,7 @@ class PagedKVCache(KVCache):
             if config.prefix_cache and config.host_tier_bytes
             else None
         )
+        self._tier_faults = TierFaults(self._tier, self.device) if self._tier is not None else None
         self._host_hit_tokens = 0
         self._host_skipped_tokens = 0  # held by the tier, computed again: no blocks to restore into
         self._copy_wait_seconds = 0.0  # taking blocks that host copies still read or write
@@ -207,9 +211,10 @@ class PagedKVCache(KVCache):
 
     def _restore(self, index: int, prompt: tuple[int, ...], keys: list[int], hit: int) -> int:
         """Scatters back the blocks after the hit that the host tier holds into fresh blocks;
-        returns how many (0 where the blocks cannot be had)."""
-        tier, size = self._tier, self.config.block_size
-        assert tier is not None
+        returns how many (0 where the blocks cannot be had, or the copy raised:
+        ``replica.kv.tier_faults``; the fresh blocks go back and the request computes them)."""
+        tier, faults, size = self._tier, self._tier_faults, self.config.block_size
+        assert tier is not None and faults is not None
         count = tier.stored_after(keys, prompt, self._index.root, size, hit)
         if not count:
             return 0
@@ -217,13 +222,19 @@ class PagedKVCache(KVCache):
             self._host_skipped_tokens += count * size
             return 0
         blocks = self._seqs[index].blocks
-        tier.restore(keys, [(0, block) for block in blocks], hit, count)
+        if not faults.restore(keys, [(0, block) for block in blocks], hit, count):
+            self._resize(index, hit)
+            return 0
         self._host_hit_tokens += count * size
         return count
 
     @property
     def prefix_block_tokens(self) -> int:
         return self.config.block_size if self.config.prefix_cache else 0
+
+    @property
+    def tier_faults(self) -> TierFaults | None:
+        return self._tier_faults
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         return len(self._lookup(tuple(prompt))[0]) * self.config.block_size
@@ -254,9 +265,9 @@ class PagedKVCache(KVCache):
             del seq.keys[seq.frozen :]
             seq.token_ids = stored[: seq.length]
             self._register(seq, seq.length)
-            if self._tier is not None:  # write-through: eviction is a drop later
+            if self._tier_faults is not None:  # write-through: eviction is a drop later
                 located = [(0, block) for block in seq.blocks[: seq.frozen]]
-                self._tier.offload(seq.keys, located, seq.frozen)
+                self._tier_faults.offload(seq.keys, located, seq.frozen)
         self._resize(slot_index, 0)
         seq.running, seq.length, seq.reserved = False, 0, 0
         seq.token_ids, seq.keys, seq.frozen = (), [], 0

@@ -5,11 +5,14 @@ modes, both layouts, with preemption), while the cache skips the prompt tokens i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from replica import LLM, EngineConfig, LLMEngine, SamplingParams
+from replica.kv.base import KVCache
+from replica.kv.paged import PagedKVCache
 from replica.model import ModelConfig
 from replica.request import Request, RequestStatus
 from tests.models import tiny_llm
@@ -72,6 +75,68 @@ def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
     if config.get("kv_offload_bytes"):
         assert stats.host_restored_bytes > 0 and stats.prefix_host_hits_tokens > 0
     on_llm.engine.kv.check_invariants(deep=True)
+
+
+TIERED = {"kv_cache_bytes": 14 * 4096, "kv_offload_bytes": 1 << 20}
+
+
+def scribble(kv: KVCache, located: Sequence[tuple[int, int]], start: int, count: int) -> None:
+    """Wrong K/V (finite: masked rows must stay harmless) where a restore copies blocks
+    ``start .. start + count`` of ``located``: what a copy that failed half-way leaves."""
+    block = kv.prefix_block_tokens
+    for layer in range(kv.config.num_layers):  # type: ignore[attr-defined]
+        for tensor in (kv.k_cache(layer), kv.v_cache(layer)):
+            for row, index in located[start : start + count]:
+                if isinstance(kv, PagedKVCache):
+                    tensor[row].fill_(100.0)
+                else:
+                    tensor[row, index * block : (index + 1) * block].fill_(100.0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{**TIERED, "kv_layout": "interleaved", "eager_pages": 0}, {**TIERED, "kv_mode": "paged"}],
+    ids=["vattention", "paged"],
+)
+@pytest.mark.parametrize("direction", ["restore", "offload"])
+def test_a_failed_host_copy_costs_compute_never_tokens(
+    tiny_dir: Path, config: dict[str, object], direction: str
+) -> None:
+    """Every other host-tier copy in ``direction`` raises, as torch does on a CUDA error; a
+    failing restore first writes wrong K/V into its blocks (a copy that failed half-way). The
+    requests whose restore failed compute those blocks, a failed offload's blocks never come
+    back, and every answer is the tier-off engine's; no request fails, the books hold."""
+    off, _ = chat(tiny_llm(tiny_dir, prefix_cache=False, **config), GREEDY)
+    llm = tiny_llm(tiny_dir, prefix_cache=True, **config)
+    kv, faults = llm.engine.kv, llm.engine.kv.tier_faults
+    assert faults is not None
+    copies: list[bool] = []  # each copy in ``direction``: whether it raised
+    restore = faults.tier.restore
+
+    def inject(copy: str) -> None:
+        if copy == direction == "offload":
+            copies.append(len(copies) % 2 == 0)
+            if copies[-1]:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def half_done(keys: Sequence[int], located: Sequence[tuple[int, int]], *at: int) -> None:
+        restore(keys, located, *at)
+        copies.append(len(copies) % 2 == 0)
+        if copies[-1]:
+            scribble(kv, located, *at)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    faults.inject = inject
+    if direction == "restore":
+        faults.tier.restore = half_done  # type: ignore[method-assign]
+    on, cached = chat(llm, GREEDY)
+    assert on == off and cached > 0
+    assert faults.faults_total == sum(copies) > 0
+    stats = kv.stats()
+    assert stats.slots_running == 0
+    if direction == "restore":  # the copies that went through restored their blocks
+        assert stats.host_restored_bytes > 0 and len(copies) > 1
+    kv.check_invariants(deep=True)
 
 
 def test_later_turns_skip_their_history_and_the_system_prompt_is_shared(tiny_dir: Path) -> None:
