@@ -11,6 +11,12 @@ deterministic given its calls, except for times (``released_at``, idle pages), w
 same on every rank; so each acquire returns the same slot, and each ensure succeeds or runs out of
 memory alike. :func:`replay` checks both and raises :class:`ReplayMismatch` otherwise.
 
+Host-tier copies that raise (``replica.kv.tier_faults``) are outcomes too: a call carries rank 0's
+(``tier_faults``), the replaying rank fails the same copies so its books follow, and compares the
+keys each dropped. A rank's own failed offload is returned by :func:`replay` (rank 0 then drops the
+keys everywhere: ``drop_host_blocks``); its own failed restore is a mismatch (its blocks would
+differ from rank 0's).
+
 ``step_async`` is not recorded: every rank's ModelRunner calls it itself with the same lengths.
 """
 
@@ -24,8 +30,9 @@ import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
 from replica.kv.stats import KVCacheStats, MappingBreakdown
+from replica.kv.tier_faults import MirrorOutcome, TierFault, TierFaults
 
-Op = Literal["acquire", "ensure", "release", "shrink"]
+Op = Literal["acquire", "ensure", "release", "shrink", "drop_host"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,9 @@ class AllocatorCall:
     ``tokens``: the hint (acquire) or the tokens backed (ensure); ``out_of_memory``: the call
     raised KVCacheOutOfMemory on rank 0 (it may still have reclaimed pages: replay it too).
     Prefix sharing: ``token_ids`` is the prompt (acquire) or the stored tokens (release), so every
-    rank indexes and aliases the same pages; ``cached``: the length acquire gave the slot."""
+    rank indexes and aliases the same pages; ``cached``: the length acquire gave the slot.
+    Host tier: ``tier_faults``, the call's copies that raised on rank 0 (acquire, release);
+    ``host_keys``, the blocks to drop (drop_host)."""
 
     op: Op
     slot: int = -1
@@ -42,6 +51,8 @@ class AllocatorCall:
     out_of_memory: bool = False
     token_ids: tuple[int, ...] = ()
     cached: int = 0
+    tier_faults: tuple[TierFault, ...] = ()
+    host_keys: tuple[int, ...] = ()
 
 
 class ReplayMismatch(RuntimeError):
@@ -63,10 +74,13 @@ class RecordingKVCache(KVCache):
         try:
             slot = self.cache.acquire(tokens_hint, prompt)
         except KVCacheOutOfMemory:
-            self._calls.append(AllocatorCall("acquire", -1, tokens_hint, True, prompt))
+            faults = self._tier_faults()
+            self._calls.append(AllocatorCall("acquire", -1, tokens_hint, True, prompt, 0, faults))
             raise
-        cached = self.cache.length(slot)
-        self._calls.append(AllocatorCall("acquire", slot, tokens_hint, False, prompt, cached))
+        cached, faults = self.cache.length(slot), self._tier_faults()
+        self._calls.append(
+            AllocatorCall("acquire", slot, tokens_hint, False, prompt, cached, faults)
+        )
         return slot
 
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
@@ -81,12 +95,25 @@ class RecordingKVCache(KVCache):
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         token_ids = tuple(token_ids)
         self.cache.release(slot_index, token_ids)
-        self._calls.append(AllocatorCall("release", slot_index, token_ids=token_ids))
+        faults = self._tier_faults()
+        self._calls.append(
+            AllocatorCall("release", slot_index, token_ids=token_ids, tier_faults=faults)
+        )
 
     def shrink(self) -> int:
         released = self.cache.shrink()
         self._calls.append(AllocatorCall("shrink"))
         return released
+
+    def drop_host_blocks(self, keys: Sequence[int]) -> None:
+        keys = tuple(keys)
+        self.cache.drop_host_blocks(keys)
+        self._calls.append(AllocatorCall("drop_host", host_keys=keys))
+
+    def _tier_faults(self) -> tuple[TierFault, ...]:
+        """The host-tier copies that raised in the call just made (at most one)."""
+        faults = self.cache.tier_faults
+        return faults.drain() if faults is not None else ()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
         """Not recorded: every rank's model runner makes this call itself with the same lengths."""
@@ -126,6 +153,10 @@ class RecordingKVCache(KVCache):
     @property
     def prefix_block_tokens(self) -> int:
         return self.cache.prefix_block_tokens
+
+    @property
+    def tier_faults(self) -> TierFaults | None:
+        return self.cache.tier_faults
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         return self.cache.cached_tokens(prompt)
@@ -173,32 +204,75 @@ class RecordingKVCache(KVCache):
         return self.cache.token_capacity()
 
 
-def replay(allocator: KVCache, calls: Iterable[AllocatorCall]) -> None:
+def replay(allocator: KVCache, calls: Iterable[AllocatorCall]) -> tuple[int, ...]:
     """Makes ``calls`` on ``allocator``; raises ReplayMismatch when an outcome differs from rank
-    0's (a different slot, or out of memory on one side only)."""
+    0's (a different slot, out of memory on one side only, other host-tier copies failing).
+    Returns the host-tier keys this rank dropped on its own (its offload failed where rank 0's did
+    not): rank 0 drops them on every rank next (``KVCache.drop_host_blocks``)."""
+    faults = allocator.tier_faults
+    dropped: list[int] = []
     for index, call in enumerate(calls):
+        if faults is not None:
+            faults.mirror(call.tier_faults)
         try:
-            if call.op == "acquire":
-                slot = allocator.acquire(call.tokens, call.token_ids)
-                cached = allocator.length(slot)
-                if (slot, cached) != (call.slot, call.cached):
-                    raise ReplayMismatch(
-                        f"call {index}: acquire(tokens_hint={call.tokens}) gave slot {slot} with "
-                        f"{cached} cached tokens, rank 0 got slot {call.slot} with {call.cached}"
-                    )
-            elif call.op == "ensure":
-                allocator.ensure(call.slot, call.tokens)
-            elif call.op == "release":
-                allocator.release(call.slot, call.token_ids)
-            elif call.op == "shrink":
-                allocator.shrink()
-            else:
-                raise ReplayMismatch(f"call {index}: unknown allocator call {call.op!r}")
+            outcome: tuple[int, int] | KVCacheOutOfMemory | None = _make(allocator, index, call)
         except KVCacheOutOfMemory as error:
-            if not call.out_of_memory:
-                raise ReplayMismatch(
-                    f"call {index}: {call} ran out of memory here only: {error}"
-                ) from error
-            continue
-        if call.out_of_memory:
-            raise ReplayMismatch(f"call {index}: {call} ran out of memory on rank 0 only")
+            outcome = error
+        if faults is not None:
+            dropped += _own_offload_faults(index, call, faults.end_mirror())
+        _check_outcome(index, call, outcome)
+    return tuple(dropped)
+
+
+def _make(allocator: KVCache, index: int, call: AllocatorCall) -> tuple[int, int] | None:
+    """Makes one call; an acquire returns its slot and the tokens it found cached."""
+    if call.op == "acquire":
+        slot = allocator.acquire(call.tokens, call.token_ids)
+        return slot, allocator.length(slot)
+    if call.op == "ensure":
+        allocator.ensure(call.slot, call.tokens)
+    elif call.op == "release":
+        allocator.release(call.slot, call.token_ids)
+    elif call.op == "shrink":
+        allocator.shrink()
+    elif call.op == "drop_host":
+        allocator.drop_host_blocks(call.host_keys)
+    else:
+        raise ReplayMismatch(f"call {index}: unknown allocator call {call.op!r}")
+    return None
+
+
+def _check_outcome(
+    index: int, call: AllocatorCall, outcome: tuple[int, int] | KVCacheOutOfMemory | None
+) -> None:
+    if isinstance(outcome, KVCacheOutOfMemory):
+        if not call.out_of_memory:
+            raise ReplayMismatch(
+                f"call {index}: {call} ran out of memory here only: {outcome}"
+            ) from outcome
+        return
+    if call.out_of_memory:
+        raise ReplayMismatch(f"call {index}: {call} ran out of memory on rank 0 only")
+    if outcome is not None and outcome != (call.slot, call.cached):
+        slot, cached = outcome
+        raise ReplayMismatch(
+            f"call {index}: acquire(tokens_hint={call.tokens}) gave slot {slot} with "
+            f"{cached} cached tokens, rank 0 got slot {call.slot} with {call.cached}"
+        )
+
+
+def _own_offload_faults(index: int, call: AllocatorCall, outcome: MirrorOutcome) -> list[int]:
+    """The keys this rank's own failed offloads dropped; ReplayMismatch where the call's host
+    copies did not fail as on rank 0 (``replica.kv.tier_faults``)."""
+    if outcome.missed or outcome.mirrored != call.tier_faults:
+        raise ReplayMismatch(
+            f"call {index}: {call.op}: rank 0's failed host-tier copies {call.tier_faults} were "
+            f"not repeated here alike ({outcome.mirrored}, never made: {outcome.missed})"
+        )
+    for fault in outcome.own:
+        if fault.direction == "restore":
+            raise ReplayMismatch(
+                f"call {index}: {call.op}: this rank's host-tier restore failed ({fault.error}) "
+                f"where rank 0's did not: its K/V of {len(fault.keys)} blocks would differ"
+            )
+    return [key for fault in outcome.own for key in fault.keys]

@@ -138,7 +138,7 @@ class TierFaults:
             claimed = [key for key in keys[:limit] if key in self.tier and key not in stored_before]
             if self._replaying and not isinstance(error, MirroredFault):
                 self._in_doubt.update(claimed)  # booked until rank 0's drop (module docstring)
-                self._record("offload", claimed, error)
+                self._record("offload", claimed, error, "are in doubt until rank 0 drops them")
             else:
                 self._failed("offload", claimed, error)
 
@@ -155,9 +155,12 @@ class TierFaults:
 
     def _failed(self, direction: Direction, keys: Sequence[int], error: RuntimeError) -> None:
         self._in_doubt.difference_update(keys)
-        self._record(direction, self.tier.discard(keys), error)
+        fate = "leave the tier" + (", the request computes them" if direction == "restore" else "")
+        self._record(direction, self.tier.discard(keys), error, fate)
 
-    def _record(self, direction: Direction, keys: Sequence[int], error: RuntimeError) -> None:
+    def _record(
+        self, direction: Direction, keys: Sequence[int], error: RuntimeError, fate: str
+    ) -> None:
         self._drain_device()
         mirrored = isinstance(error, MirroredFault)
         self._faults.append((TierFault(direction, tuple(keys), str(error)), mirrored))
@@ -166,12 +169,12 @@ class TierFaults:
             return
         self.faults_total += 1
         log.warning(
-            "host KV tier: a %s copy raised (%s: %s); its %d blocks leave the tier%s",
+            "host KV tier: a %s copy raised (%s: %s); its %d blocks %s",
             direction,
             type(error).__name__,
             error,
             len(keys),
-            ", the request computes them" if direction == "restore" else "",
+            fate,
         )
 
     def _drain_device(self) -> None:

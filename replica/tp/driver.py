@@ -155,6 +155,7 @@ class TensorParallelDriver:
         if any(s.code is not StatusCode.OK or s.step != message.step for s in statuses):
             self._fail(message, statuses)
         self._note_pages(statuses)
+        self._drop_host_blocks(statuses)
 
     def _fail(
         self, message: StepMessage, statuses: list[RankStatus], own: str | None = None
@@ -182,10 +183,18 @@ class TensorParallelDriver:
             self.shutdown()
         else:
             self._note_pages(statuses)
+            self._drop_host_blocks(statuses)
         raise StepFailed(text, broken)
 
     def _note_pages(self, statuses: list[RankStatus]) -> None:
         self.rank_pages.update({s.rank: s.reclaimable_pages for s in statuses})
+
+    def _drop_host_blocks(self, statuses: list[RankStatus]) -> None:
+        """Blocks a rank's host tier dropped on its own (a failed offload) leave every rank's
+        tier: rank 0's now, the others' with the next message, before any acquire of it."""
+        keys = sorted({key for s in statuses for key in s.host_dropped})
+        if keys:
+            self.kv.drop_host_blocks(keys)
 
     # ---- state ---------------------------------------------------------------------------------
     def min_available_pages_over_ranks(self) -> int:

@@ -61,6 +61,9 @@ class RankStatus:
     error: str | None = None
     #: A digest of the KV books after the step (:func:`books`); rank 0 compares it with its own.
     books: tuple[int, ...] = ()
+    #: Host-tier blocks this rank dropped on its own (its offload copy raised where rank 0's did
+    #: not, ``replica.kv.tier_faults``): rank 0 drops them on every rank with its next message.
+    host_dropped: tuple[int, ...] = ()
 
 
 def books(allocator: Any) -> tuple[int, ...]:

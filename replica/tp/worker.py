@@ -41,6 +41,7 @@ TIMEOUT_ENV = "VATTN_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
 #: Test hook: "<rank>:<step>:<phase>", see :class:`Fault`.
 FAULT_ENV = "VATTN_TP_FAULT"
+FAULT_PHASES = ("prepare", "model", "offload", "restore")
 
 
 def default_timeout() -> float:
@@ -56,7 +57,8 @@ class Fault:
     """``VATTN_TP_FAULT="<rank>:<step>:<phase>"``: rank ``rank`` (>= 1) raises InjectedFault at
     message ``step``, in phase ``prepare`` (after replaying the page plan, before the model: the
     step fails and the replica goes on) or ``model`` (inside the forward, between collectives: the
-    replica breaks)."""
+    replica breaks); or from message ``step`` on, in every host-tier copy of phase ``offload`` or
+    ``restore`` (``replica.kv.tier_faults``)."""
 
     rank: int
     step: int
@@ -68,8 +70,8 @@ class Fault:
         if not spec:
             return None
         rank, step, phase = spec.split(":")
-        if phase not in ("prepare", "model"):
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the phase must be 'prepare' or 'model'")
+        if phase not in FAULT_PHASES:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the phase must be one of {FAULT_PHASES}")
         return cls(int(rank), int(step), phase)
 
 
@@ -164,10 +166,15 @@ class RankWorker:
         return StatusCode(self._all_reduce(int(code), dist.ReduceOp.MAX))
 
     def status(
-        self, step: int, code: StatusCode = StatusCode.OK, error: str | None = None
+        self,
+        step: int,
+        code: StatusCode = StatusCode.OK,
+        error: str | None = None,
+        host_dropped: tuple[int, ...] = (),
     ) -> RankStatus:
         kv = self.runner.kv
-        return RankStatus(self.rank, step, code, int(kv.reclaimable_pages()), error, books(kv))
+        pages = int(kv.reclaimable_pages())
+        return RankStatus(self.rank, step, code, pages, error, books(kv), host_dropped)
 
     def kv_snapshot(self) -> RankKVSnapshot:
         """This rank's cache: its books and the map latencies since the last call (drained)."""
@@ -180,6 +187,7 @@ class RankWorker:
     def execute(self, message: StepMessage) -> RankStatus:
         """Replays the page plan, agrees with the other ranks, runs the model (rank >= 1)."""
         code, error = StatusCode.OK, None
+        dropped: tuple[int, ...] = ()  # host-tier blocks this rank dropped on its own
         if message.step != self._next_step:
             code, error = (
                 StatusCode.BROKEN,
@@ -187,13 +195,14 @@ class RankWorker:
             )
         else:
             self._next_step += 1
+            self._arm_tier_fault(message.step)
             try:
-                replay(self.runner.kv, message.page_plan)
+                dropped = replay(self.runner.kv, message.page_plan)
             except Exception as caught:
                 log.exception("rank %d failed replaying the page plan", self.rank)
                 code, error = StatusCode.BROKEN, self._describe("replaying the page plan", caught)
         if message.plan is None:
-            return self.status(message.step, code, error)
+            return self.status(message.step, code, error, dropped)
         if code is StatusCode.OK and self._fault_now(message.step, "prepare"):
             code, error = (
                 StatusCode.STEP_FAILED,
@@ -205,7 +214,7 @@ class RankWorker:
             log.exception("rank %d failed agreeing on the step's status", self.rank)
             return self.status(message.step, StatusCode.BROKEN, self._describe("agreeing", caught))
         if agreed is not StatusCode.OK:  # some rank failed: nobody runs the model this step
-            return self.status(message.step, code, error)
+            return self.status(message.step, code, error, dropped)
         try:
             self._armed = self._fault_now(message.step, "model")
             self.runner.execute(message.plan)
@@ -215,7 +224,7 @@ class RankWorker:
             self.abort()
         finally:
             self._armed = False
-        return self.status(message.step, code, error)
+        return self.status(message.step, code, error, dropped)
 
     def run(self, conn: Connection) -> None:
         """The loop of a rank hosted in its own process: execute each message, answer its status;
@@ -238,6 +247,20 @@ class RankWorker:
     # ---- failures ------------------------------------------------------------------------------
     def _fault_now(self, step: int, phase: str) -> bool:
         return self.fault is not None and (self.fault.step, self.fault.phase) == (step, phase)
+
+    def _arm_tier_fault(self, step: int) -> None:
+        """From the fault's message on, this rank's host-tier copies of its phase raise."""
+        faults = self.runner.kv.tier_faults
+        fault = self.fault
+        if fault is None or fault.phase not in ("offload", "restore") or step != fault.step:
+            return
+        if faults is not None:
+
+            def inject(direction: str) -> None:
+                if direction == fault.phase:
+                    raise InjectedFault(f"injected {direction} fault on rank {self.rank}")
+
+            faults.inject = inject
 
     def _model_fault(self, module: torch.nn.Module, args: Any) -> None:
         if self._armed:

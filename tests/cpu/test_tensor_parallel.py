@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from replica import (
 )
 from replica.errors import ReplicaBroken
 from replica.kv.recording import RecordingKVCache, ReplayMismatch, replay
+from replica.kv.tier_faults import TierFaults
 from replica.request import RequestOutput
 from replica.tp import check_tensor_parallel
 from replica.tp.plan import books
@@ -105,18 +106,21 @@ def make_allocator(
     return KVCacheAllocator(config, open_device("host", 4096))
 
 
-@pytest.mark.parametrize("cache", ["off", "prefix", "tiered"])
+@pytest.mark.parametrize("cache", ["off", "prefix", "tiered", "faulty"])
 def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
     """With the prefix cache, prompts share starts, and both ranks book the same steps (which
     index the prompts' pages): every rank aliases, copies and takes over the same pages, and with
-    a host tier writes through and restores the same blocks."""
+    a host tier writes through and restores the same blocks; with rank 0's tier copies failing
+    at random (``faulty``) every rank takes the same fallbacks."""
     rng = random.Random(7)
     prefix_cache = cache != "off"
-    tier = (64 << 10) if cache == "tiered" else 0
+    tier = (64 << 10) if cache in ("tiered", "faulty") else 0
     leader, follower = (
         make_allocator(prefix_cache=prefix_cache, host_tier_bytes=tier),
         make_allocator(prefix_cache=prefix_cache, host_tier_bytes=tier),
     )
+    if cache == "faulty":
+        leader_faults(leader).inject = failing_at_random(random.Random(3), 0.3)
     recorder = RecordingKVCache(leader)
     running: list[int] = []
     prompts: dict[int, list[int]] = {}
@@ -167,7 +171,128 @@ def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
         lead.host_offloaded_bytes,
         lead.host_restored_bytes,
     )
+    assert follow.host_tier_used_bytes == lead.host_tier_used_bytes
+    if cache == "faulty":  # rank 0's faults were mirrored, none of the follower's own
+        assert leader_faults(leader).faults_total > 0 == leader_faults(follower).faults_total
     follower.check_invariants(deep=True)
+
+
+def leader_faults(allocator: KVCacheAllocator) -> TierFaults:
+    assert allocator.tier_faults is not None
+    return allocator.tier_faults
+
+
+def failing_at_random(rng: random.Random, chance: float) -> Callable[[str], None]:
+    def inject(direction: str) -> None:
+        if rng.random() < chance:
+            raise RuntimeError(f"injected {direction} fault")
+
+    return inject
+
+
+def failing(direction: str) -> Callable[[str], None]:
+    def inject(copy: str) -> None:
+        if copy == direction:
+            raise RuntimeError(f"CUDA error: injected {direction} fault")
+
+    return inject
+
+
+def written_through(recorder: RecordingKVCache, prompt: list[int]) -> None:
+    """A request over ``prompt`` that ends: its full blocks are written through to the tier."""
+    slot = recorder.acquire(len(prompt), prompt)
+    recorder.ensure(slot, len(prompt))
+    recorder.release(slot, prompt)
+
+
+def evict_device(recorder: RecordingKVCache) -> None:
+    """A request that grows into every page (reclaiming every released slot's), then ends."""
+    slot = recorder.acquire(96, [99] * 96)
+    recorder.ensure(slot, 96)
+    recorder.release(slot, [])
+
+
+HISTORY = list(range(37))  # two full 16-token blocks
+TURN = [*HISTORY, 1]
+
+
+def tiered_pair() -> tuple[KVCacheAllocator, KVCacheAllocator, RecordingKVCache]:
+    """Rank 0 (recorded) and a follower with the same books, each tier holding HISTORY's two
+    blocks and neither device any of it."""
+    leader, follower = (make_allocator(prefix_cache=True, host_tier_bytes=64 << 10) for _ in "ab")
+    recorder = RecordingKVCache(leader)
+    written_through(recorder, HISTORY)
+    evict_device(recorder)
+    assert replay(follower, recorder.drain()) == ()
+    assert leader.cached_tokens(TURN) == 0 and len(leader_faults(follower).tier) == 2
+    return leader, follower, recorder
+
+
+def test_a_restore_failing_on_rank_0_fails_alike_on_every_rank() -> None:
+    leader, follower, recorder = tiered_pair()
+    leader_faults(leader).inject = failing("restore")
+    slot = recorder.acquire(len(TURN), TURN)
+    assert leader.length(slot) == 0  # computed, not restored
+    calls = recorder.drain()
+    assert [f.direction for f in calls[-1].tier_faults] == ["restore"]
+    assert len(calls[-1].tier_faults[0].keys) == 2
+    assert replay(follower, calls) == ()  # it failed the same copy: the same slot and length
+    assert follower.length(slot) == 0 and books(follower) == books(leader)
+    for rank in (leader, follower):
+        assert len(leader_faults(rank).tier) == 0 and rank.cached_tokens(TURN) == 0
+        rank.check_invariants(deep=True)
+    assert leader_faults(follower).faults_total == 0  # mirrored, not its own
+
+
+def test_an_offload_failing_on_rank_0_fails_alike_on_every_rank() -> None:
+    leader, follower, recorder = tiered_pair()
+    leader_faults(leader).inject = failing("offload")
+    written_through(recorder, [5] * 37)
+    calls = recorder.drain()
+    assert [(f.direction, len(f.keys)) for f in calls[-1].tier_faults] == [("offload", 2)]
+    assert replay(follower, calls) == ()
+    assert [len(leader_faults(rank).tier) for rank in (leader, follower)] == [2, 2]  # HISTORY's
+    assert books(follower) == books(leader)
+    follower.check_invariants(deep=True)
+
+
+def test_an_offload_failing_on_another_rank_leaves_every_ranks_tier() -> None:
+    """The follower's own failed offload: its keys stay booked (its tier makes rank 0's choices)
+    but in doubt, replay reports them, and rank 0's drop takes them out of every tier."""
+    leader, follower, recorder = tiered_pair()
+    leader_faults(follower).inject = failing("offload")
+    written_through(recorder, [5] * 37)
+    dropped = replay(follower, recorder.drain())
+    assert len(dropped) == 2 and leader_faults(follower).faults_total == 1
+    assert len(leader_faults(follower).tier) == len(leader_faults(leader).tier) == 4
+    recorder.drop_host_blocks(dropped)  # what the driver does with the rank's status
+    assert replay(follower, recorder.drain()) == ()
+    assert [len(leader_faults(rank).tier) for rank in (leader, follower)] == [2, 2]
+    leader_faults(follower).inject = lambda copy: None
+    evict_device(recorder)
+    slot = recorder.acquire(38, [5] * 38)  # the dropped blocks come back on no rank
+    assert leader.length(slot) == 0
+    replay(follower, recorder.drain())
+    assert books(follower) == books(leader)
+    follower.check_invariants(deep=True)
+
+
+@pytest.mark.parametrize("cause", ["restore", "offload"])
+def test_a_restore_failing_on_another_rank_only_is_a_mismatch(cause: str) -> None:
+    """The follower's restore fails where rank 0's did not (its copy raised, or would read
+    blocks whose offload failed there): its blocks would differ from rank 0's, so the replay
+    raises (the rank is broken) rather than let it compute with them."""
+    leader, follower, recorder = tiered_pair()
+    if cause == "offload":
+        leader_faults(follower).inject = failing("offload")
+        written_through(recorder, [5] * 37)
+        evict_device(recorder)
+        recorder.acquire(38, [5] * 38)  # rank 0 restores what the follower holds in doubt
+    else:
+        leader_faults(follower).inject = failing("restore")
+        recorder.acquire(len(TURN), TURN)
+    with pytest.raises(ReplayMismatch, match="this rank's host-tier restore failed"):
+        replay(follower, recorder.drain())
 
 
 def test_replay_detects_divergence_and_unrecorded_calls() -> None:
@@ -235,6 +360,80 @@ def test_tp2_prefix_sharing_aliases_alike_on_every_rank(tiny_dir: Path, kv_mode:
         assert_books_agree(pair.engine)
         assert pair.engine.stats().kv.prefix_hits_tokens >= cached
     assert answers == expected
+
+
+#: Each rank's cache pressed hard enough that a conversation's second turn comes back from the
+#: host tier (rank 0 holds 1 of the 2 KV heads: 7 pages of 32 tokens).
+TIERED_TP = {**SMALL_KV, "kv_cache_bytes": 7 * 4096, "eager_pages": 0, "kv_offload_bytes": 1 << 20}
+
+
+def chat_expected(tiny_dir: Path) -> list[list[int]]:
+    from tests.cpu.test_prefix_engine import GREEDY as CHAT_GREEDY
+    from tests.cpu.test_prefix_engine import chat
+
+    with llm(str(tiny_dir), prefix_cache=False, **SMALL_KV) as single:
+        return chat(single, CHAT_GREEDY, turns=2)[0]
+
+
+@pytest.mark.parametrize("direction", ["restore", "offload"])
+def test_tp2_host_copies_failing_on_rank_0_fail_alike_on_every_rank(
+    tiny_dir: Path, direction: str
+) -> None:
+    """Rank 0's host-tier copies in ``direction`` raise: its page plan carries the faults, every
+    rank fails the same copies, the requests compute those blocks on every rank and get tp=1's
+    tokens; the replica goes on and the ranks' books agree."""
+    from tests.cpu.test_prefix_engine import GREEDY as CHAT_GREEDY
+    from tests.cpu.test_prefix_engine import chat
+
+    expected = chat_expected(tiny_dir)
+    with llm(str(tiny_dir), tp=2, prefix_cache=True, **TIERED_TP) as pair:
+        faults = pair.engine.kv.tier_faults
+        assert faults is not None
+        faults.inject = failing(direction)
+        answers, _ = chat(pair, CHAT_GREEDY, turns=2)
+        assert faults.faults_total > 0 and pair.engine.broken is None
+        assert pair.engine.stats().kv.host_restored_bytes == 0
+        assert_books_agree(pair.engine)
+    assert answers == expected
+
+
+def test_tp2_offloads_failing_on_rank_1_leave_every_ranks_tier(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1's offloads raise from its first message on: it reports the blocks, rank 0 drops
+    them on every rank, nothing comes back from a tier, the tokens are tp=1's and the replica
+    goes on."""
+    from tests.cpu.test_prefix_engine import GREEDY as CHAT_GREEDY
+    from tests.cpu.test_prefix_engine import chat
+
+    expected = chat_expected(tiny_dir)
+    monkeypatch.setenv("VATTN_TP_FAULT", "1:0:offload")
+    with llm(str(tiny_dir), tp=2, kv_mode="paged", prefix_cache=True, **TIERED_TP) as pair:
+        answers, _ = chat(pair, CHAT_GREEDY, turns=2)
+        assert_books_agree(pair.engine)  # the last releases reach rank 1: it reports their blocks
+        stats = pair.engine.stats().kv
+        assert pair.engine.broken is None and stats.host_offloaded_bytes > 0
+        assert stats.host_tier_used_bytes == stats.host_restored_bytes == 0
+        assert pair.engine.kv.pending  # their drop, for rank 1 with the next message
+        assert_books_agree(pair.engine)
+    assert answers == expected
+
+
+def test_tp2_a_restore_failing_on_rank_1_only_fails_the_requests_never_their_tokens(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1's restores raise: its K/V of blocks rank 0 restored would differ, so its replay
+    reports a mismatch, the replica breaks and its requests fail with the error (no wrong
+    token, no hang)."""
+    from tests.cpu.test_prefix_engine import GREEDY as CHAT_GREEDY
+    from tests.cpu.test_prefix_engine import chat
+
+    monkeypatch.setenv("VATTN_TP_FAULT", "1:0:restore")
+    with llm(str(tiny_dir), tp=2, prefix_cache=True, **TIERED_TP) as pair:
+        with pytest.raises(RuntimeError, match="this rank's host-tier restore failed"):
+            chat(pair, CHAT_GREEDY, turns=2)  # the first turn restores nothing
+        assert pair.engine.broken is not None and not pair.engine.has_work()
+        assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
