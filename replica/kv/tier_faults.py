@@ -161,12 +161,12 @@ class TierFaults:
     def _record(
         self, direction: Direction, keys: Sequence[int], error: RuntimeError, fate: str
     ) -> None:
-        self._drain_device()
         mirrored = isinstance(error, MirroredFault)
         self._faults.append((TierFault(direction, tuple(keys), str(error)), mirrored))
-        if mirrored:
+        if mirrored:  # raised before anything was enqueued: nothing to drain
             log.info("host KV tier: %s of %d blocks failed as on rank 0", direction, len(keys))
             return
+        self._drain_device()
         self.faults_total += 1
         log.warning(
             "host KV tier: a %s copy raised (%s: %s); its %d blocks %s",
