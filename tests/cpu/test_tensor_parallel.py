@@ -3,7 +3,9 @@
 Checks: tp=2 gives the same greedy tokens as tp=1 and as transformers, with and without
 preemption; every rank's KV books stay identical (the page plan replays exactly); impossible tp
 sizes are refused before anything starts; a rank failing before the model fails only that step's
-requests, one failing inside the model breaks the replica without hanging rank 0.
+requests, one failing inside the model breaks the replica without hanging rank 0; a host-tier copy
+failing on rank 0 fails alike on every rank (the requests compute the blocks), an offload failing on
+another rank only leaves every rank's tier, a restore failing there only breaks the replica.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
         make_allocator(prefix_cache=prefix_cache, host_tier_bytes=tier),
     )
     if cache == "faulty":
-        leader_faults(leader).inject = failing_at_random(random.Random(3), 0.3)
+        faults_of(leader).inject = failing_at_random(random.Random(3), 0.3)
     recorder = RecordingKVCache(leader)
     running: list[int] = []
     prompts: dict[int, list[int]] = {}
@@ -173,11 +175,11 @@ def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
     )
     assert follow.host_tier_used_bytes == lead.host_tier_used_bytes
     if cache == "faulty":  # rank 0's faults were mirrored, none of the follower's own
-        assert leader_faults(leader).faults_total > 0 == leader_faults(follower).faults_total
+        assert faults_of(leader).faults_total > 0 == faults_of(follower).faults_total
     follower.check_invariants(deep=True)
 
 
-def leader_faults(allocator: KVCacheAllocator) -> TierFaults:
+def faults_of(allocator: KVCacheAllocator) -> TierFaults:
     assert allocator.tier_faults is not None
     return allocator.tier_faults
 
@@ -224,13 +226,13 @@ def tiered_pair() -> tuple[KVCacheAllocator, KVCacheAllocator, RecordingKVCache]
     written_through(recorder, HISTORY)
     evict_device(recorder)
     assert replay(follower, recorder.drain()) == ()
-    assert leader.cached_tokens(TURN) == 0 and len(leader_faults(follower).tier) == 2
+    assert leader.cached_tokens(TURN) == 0 and len(faults_of(follower).tier) == 2
     return leader, follower, recorder
 
 
 def test_a_restore_failing_on_rank_0_fails_alike_on_every_rank() -> None:
     leader, follower, recorder = tiered_pair()
-    leader_faults(leader).inject = failing("restore")
+    faults_of(leader).inject = failing("restore")
     slot = recorder.acquire(len(TURN), TURN)
     assert leader.length(slot) == 0  # computed, not restored
     calls = recorder.drain()
@@ -239,19 +241,19 @@ def test_a_restore_failing_on_rank_0_fails_alike_on_every_rank() -> None:
     assert replay(follower, calls) == ()  # it failed the same copy: the same slot and length
     assert follower.length(slot) == 0 and books(follower) == books(leader)
     for rank in (leader, follower):
-        assert len(leader_faults(rank).tier) == 0 and rank.cached_tokens(TURN) == 0
+        assert len(faults_of(rank).tier) == 0 and rank.cached_tokens(TURN) == 0
         rank.check_invariants(deep=True)
-    assert leader_faults(follower).faults_total == 0  # mirrored, not its own
+    assert faults_of(follower).faults_total == 0  # mirrored, not its own
 
 
 def test_an_offload_failing_on_rank_0_fails_alike_on_every_rank() -> None:
     leader, follower, recorder = tiered_pair()
-    leader_faults(leader).inject = failing("offload")
+    faults_of(leader).inject = failing("offload")
     written_through(recorder, [5] * 37)
     calls = recorder.drain()
     assert [(f.direction, len(f.keys)) for f in calls[-1].tier_faults] == [("offload", 2)]
     assert replay(follower, calls) == ()
-    assert [len(leader_faults(rank).tier) for rank in (leader, follower)] == [2, 2]  # HISTORY's
+    assert [len(faults_of(rank).tier) for rank in (leader, follower)] == [2, 2]  # HISTORY's
     assert books(follower) == books(leader)
     follower.check_invariants(deep=True)
 
@@ -260,15 +262,15 @@ def test_an_offload_failing_on_another_rank_leaves_every_ranks_tier() -> None:
     """The follower's own failed offload: its keys stay booked (its tier makes rank 0's choices)
     but in doubt, replay reports them, and rank 0's drop takes them out of every tier."""
     leader, follower, recorder = tiered_pair()
-    leader_faults(follower).inject = failing("offload")
+    faults_of(follower).inject = failing("offload")
     written_through(recorder, [5] * 37)
     dropped = replay(follower, recorder.drain())
-    assert len(dropped) == 2 and leader_faults(follower).faults_total == 1
-    assert len(leader_faults(follower).tier) == len(leader_faults(leader).tier) == 4
+    assert len(dropped) == 2 and faults_of(follower).faults_total == 1
+    assert len(faults_of(follower).tier) == len(faults_of(leader).tier) == 4
     recorder.drop_host_blocks(dropped)  # what the driver does with the rank's status
     assert replay(follower, recorder.drain()) == ()
-    assert [len(leader_faults(rank).tier) for rank in (leader, follower)] == [2, 2]
-    leader_faults(follower).inject = lambda copy: None
+    assert [len(faults_of(rank).tier) for rank in (leader, follower)] == [2, 2]
+    faults_of(follower).inject = lambda copy: None
     evict_device(recorder)
     slot = recorder.acquire(38, [5] * 38)  # the dropped blocks come back on no rank
     assert leader.length(slot) == 0
@@ -284,12 +286,12 @@ def test_a_restore_failing_on_another_rank_only_is_a_mismatch(cause: str) -> Non
     raises (the rank is broken) rather than let it compute with them."""
     leader, follower, recorder = tiered_pair()
     if cause == "offload":
-        leader_faults(follower).inject = failing("offload")
+        faults_of(follower).inject = failing("offload")
         written_through(recorder, [5] * 37)
         evict_device(recorder)
         recorder.acquire(38, [5] * 38)  # rank 0 restores what the follower holds in doubt
     else:
-        leader_faults(follower).inject = failing("restore")
+        faults_of(follower).inject = failing("restore")
         recorder.acquire(len(TURN), TURN)
     with pytest.raises(ReplayMismatch, match="this rank's host-tier restore failed"):
         replay(follower, recorder.drain())
