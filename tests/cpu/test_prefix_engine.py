@@ -87,9 +87,9 @@ def scribble(kv: KVCache, located: Sequence[tuple[int, int]], start: int, count:
     for layer in range(kv.config.num_layers):  # type: ignore[attr-defined]
         for tensor in (kv.k_cache(layer), kv.v_cache(layer)):
             for row, index in located[start : start + count]:
-                if isinstance(kv, PagedKVCache):
-                    tensor[row].fill_(100.0)
-                else:
+                if isinstance(kv, PagedKVCache):  # (0, block id)
+                    tensor[index].fill_(100.0)
+                else:  # (slot, block index in it)
                     tensor[row, index * block : (index + 1) * block].fill_(100.0)
 
 
