@@ -23,7 +23,8 @@ def test_the_smoke_run_reports_both_modes_against_the_pinned_reference(tmp_path:
         assert {row["mode"] for row in rows.values()} == {"vattention", "paged"}
         assert set(rows) == {"interleaved", "per_layer", "paged"}
         for name, row in rows.items():
-            phases = ["offload", "restore"] + (["restore_mapped"] if name != "paged" else [])
+            phases = ["offload", "restore", "restore_e2e"]
+            phases += ["restore_mapped"] if name != "paged" else []
             for phase in phases:
                 assert row[f"{phase}_fraction"] > 0 and row[f"{phase}_gb_per_s"] > 0
                 assert row[f"{phase}_fraction_of"] == "wall"  # no GPU on the host backend
