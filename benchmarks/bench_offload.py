@@ -9,8 +9,10 @@ interleaved and per_layer layouts, the paged mode) holds one conversation of tha
 a host tier exactly as large, and the real cache calls are timed:
 
   offload         ``release`` of the conversation: its blocks written through to the host
-  restore         ``acquire`` of its next turn once its device copy is gone (a filler request took
-                  the slot): the blocks copied back; vAttention's slot still maps its pages
+  restore         ``acquire`` + ``ensure`` of the restored tokens, for its next turn once its device
+                  copy is gone (a filler request took the slot): the blocks copied back (the
+                  vAttention cache copies at the slot's first waited ``ensure``: its restores are
+                  deferred); vAttention's slot still maps its pages
   restore_e2e     the same again, end to end: no GPU sleep, from the call until its copies end
   restore_mapped  vAttention only: the same after ``shrink`` released the pages, so the restore
                   creates and maps them (the mapping worker), waits, then copies
@@ -238,11 +240,17 @@ def evict(cache: KVCache, history: list[int]) -> None:
 def restore(
     cache: KVCache, turn: list[int], expected: int, clock: Clock, gpu: bool = True
 ) -> Timing:
-    """The next turn's admission timed, which restores ``expected`` tokens (and the pages it
+    """The next turn's admission timed, ``acquire`` and the ``ensure`` of the restored tokens
+    (which copies a deferred restore), which restores ``expected`` tokens (and the pages it
     mapped); then its end, untimed."""
     slots: list[int] = []
     mapped = cache.stats().pages_mapped_total
-    timing = clock.time(lambda: slots.append(cache.acquire(len(turn), turn)), gpu)
+
+    def admit() -> None:
+        slots.append(cache.acquire(len(turn), turn))
+        cache.ensure(slots[0], cache.length(slots[0]))
+
+    timing = clock.time(admit, gpu)
     timing = timing._replace(pages_mapped=cache.stats().pages_mapped_total - mapped)
     assert cache.length(slots[0]) == expected, f"restored {cache.length(slots[0])} tokens"
     cache.release(slots[0], turn[:expected])  # stored already: no copy

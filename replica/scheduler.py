@@ -7,7 +7,9 @@ beside ``watermark_pages`` spare and the pages the running requests will need fo
 their prompts and their expected growth (``replica.growth_reserve``: a ratio of their remaining
 ``max_tokens`` learnt from this replica's preemptions). When a running request cannot get its
 pages, the most recently admitted request is preempted by recompute: its slot is released and it
-waits at the head of the queue. KVCacheOutOfMemory never escapes this class.
+waits at the head of the queue. KVCacheOutOfMemory never escapes this class, nor KVRestoreFailed
+(a slot's deferred host-tier restore failed: the request's ``computed`` drops to what the slot
+kept and it leaves the step, computing the blocks from a later one).
 
 Prefix sharing: a request is admitted with its known tokens as the prompt, so the cache starts
 its slot with the longest cached prefix (``computed`` starts there: prefill begins at the first
@@ -62,7 +64,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from replica.growth_reserve import GrowthReserve
-from replica.kv.base import KVCache, KVCacheOutOfMemory
+from replica.kv.base import KVCache, KVCacheOutOfMemory, KVRestoreFailed
 from replica.kv.prefix import usable_blocks
 from replica.request import Request, RequestStatus
 
@@ -109,6 +111,8 @@ class Scheduler:
         self.prefix_holds_total = 0
         #: Admitted requests that left their first step because their pages were still mapping.
         self.mapping_deferrals_total = 0
+        #: Requests whose deferred host-tier restore failed (they computed the blocks instead).
+        self.restore_failures_total = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -152,19 +156,21 @@ class Scheduler:
             index += 1
             if request.out_of_tokens:
                 continue  # finishes when its last token reaches the host
-            tokens = min(request.pending_tokens, budget)
-            if not preempt and not self._fits(request, request.computed + tokens):
+            tokens, computed = min(request.pending_tokens, budget), request.computed
+            if not preempt and not self._fits(request, computed + tokens):
                 self.blocked = True
                 return None
             # Victims come from the tail (newest), never from the requests already chosen.
-            if preempt and not self._back(request, request.computed + tokens):
+            if preempt and not self._back(request, computed + tokens):
                 break  # it was the newest itself
+            if request.computed < computed:
+                continue  # its restore failed: it computes the blocks from the next step
             chosen[request] = tokens
             budget -= tokens
         held: set[Request] = set()  # waiting requests held for a prefix this step
         admitted: list[Request] = []
         while self.waiting and budget > 0:
-            tokens = self._admit_next(budget, wait=False, held=held)
+            tokens = self._admit_next(budget, held=held)
             if not tokens:
                 break
             admitted.append(self.running[-1])
@@ -176,7 +182,7 @@ class Scheduler:
             return None
         ahead = self.max_batch_tokens
         while budget <= 0 and self.waiting and ahead > 0:  # this step is full: admit the next ahead
-            tokens = self._admit_next(ahead, wait=False, held=held)
+            tokens = self._admit_next(ahead, held=held)
             if not tokens:
                 break
             ahead -= tokens
@@ -192,22 +198,27 @@ class Scheduler:
         """Requests admitted into this step whose pages (aliases and first chunk, submitted by
         ``_admit``) are still mapping after ``admission_map_wait_s`` leave the step and join a
         later one, so a burst of admissions' maps never holds a step back for long; a step of
-        admissions alone waits for its first. inf: every admission is waited for."""
+        admissions alone waits for its first. inf: every admission is waited for. Every request
+        kept makes a waited ``ensure``, which starts its slot's deferred restore (a failed one
+        leaves the step too: ``_ensure``)."""
         alone = len(chosen) == len(admitted)
         always = math.isinf(self.admission_map_wait_s)
         deadline = time.perf_counter() + (0.0 if always else self.admission_map_wait_s)
         for position, request in enumerate(admitted):
             assert request.slot is not None
             tokens = request.computed + chosen[request]
-            if always or (position == 0 and alone):
-                self.kv.ensure(request.slot, tokens)  # waits; its pages exist
-                continue
-            left = max(deadline - time.perf_counter(), 0.0)
-            if not self.kv.ready(request.slot, tokens, timeout_s=left):
+            if not (always or (position == 0 and alone)):
+                left = max(deadline - time.perf_counter(), 0.0)
+                if not self.kv.ready(request.slot, tokens, timeout_s=left):
+                    del chosen[request]
+                    self.mapping_deferrals_total += 1
+                    continue
+            # Waits (its pages exist), or does not (mapped): recorded either way, so every rank
+            # starts the slot's deferred restore at this call, never at the untimed ``ready``.
+            if not self._ensure(request, tokens):
                 del chosen[request]
-                self.mapping_deferrals_total += 1
 
-    def _admit_next(self, budget: int, wait: bool, held: set[Request]) -> int:
+    def _admit_next(self, budget: int, held: set[Request]) -> int:
         """Admits the first waiting request not held for a prefix (``_producer``), adding the
         ones it passes over to ``held`` (they keep their places); returns the tokens it computes
         this step, 0 if none was admitted (the first one not held does not fit)."""
@@ -221,7 +232,7 @@ class Scheduler:
             if self._producer(known, cached) is not None:
                 held.add(request)
                 continue
-            return self._admit(request, known, cached, budget, wait)
+            return self._admit(request, known, cached, budget)
         return 0
 
     def _producer(self, known: tuple[int, ...], cached: int) -> Request | None:
@@ -256,13 +267,12 @@ class Scheduler:
                 return request
         return None
 
-    def _admit(
-        self, request: Request, known: tuple[int, ...], cached: int, budget: int, wait: bool
-    ) -> int:
+    def _admit(self, request: Request, known: tuple[int, ...], cached: int, budget: int) -> int:
         """Moves ``request`` (waiting; ``known`` its known tokens, ``cached`` of them found in the
         prefix cache) to running with a slot backing its cached prefix and its next ``budget``
-        tokens at most (their pages mapped by return, or in the background without ``wait``);
-        returns the tokens to compute this step, 0 if it does not fit."""
+        tokens at most, mapping in the background (``_join_when_mapped`` makes the waited
+        ``ensure`` that starts a deferred restore); returns the tokens to compute this step, 0 if
+        it does not fit."""
         tokens = min(request.num_tokens - cached, budget)
         spare = self.watermark_pages * self._page_group() + self.growth.pages(
             self.running, self._pages
@@ -282,7 +292,7 @@ class Scheduler:
         cached = self.kv.length(slot)  # what acquire found (the same, unless the cache moved)
         tokens = min(request.num_tokens - cached, budget)
         try:
-            self.kv.ensure(slot, cached + tokens, wait=wait)
+            self.kv.ensure(slot, cached + tokens, wait=False)  # restores start at a waited one
         except KVCacheOutOfMemory:
             self.kv.release(slot, known[:cached])
             return 0
@@ -303,13 +313,26 @@ class Scheduler:
         return self.kv.pages_for(1)
 
     def _fits(self, request: Request, tokens: int) -> bool:
-        """Backs ``tokens`` of a running request without preempting; False if it cannot."""
-        assert request.slot is not None
+        """Backs ``tokens`` of a running request without preempting; False if it cannot. A failed
+        restore lowers its ``computed`` (``_ensure``): backed, but it leaves this step."""
         try:
-            self.kv.ensure(request.slot, tokens)
+            self._ensure(request, tokens)
             return True
         except KVCacheOutOfMemory:
             return False
+
+    def _ensure(self, request: Request, tokens: int) -> bool:
+        """``kv.ensure`` of a running request's ``tokens`` (waited); False where its slot's
+        deferred host-tier restore failed: its ``computed`` drops to the tokens the slot kept, and
+        it computes the rest from a later step (never wrong tokens)."""
+        assert request.slot is not None
+        try:
+            self.kv.ensure(request.slot, tokens)
+        except KVRestoreFailed as failed:
+            request.computed = min(request.computed, failed.kept_tokens)
+            self.restore_failures_total += 1
+            return False
+        return True
 
     def _back(self, request: Request, tokens: int) -> bool:
         """Backs ``tokens`` of a running request, preempting the newest requests as needed.

@@ -39,6 +39,7 @@ from replica.lazy import lazy_exports
 _EXPORTS = {
     "KVCache": "base",
     "KVCacheOutOfMemory": "base",
+    "KVRestoreFailed": "base",
     "StepTicket": "base",
     "KVCacheAllocator": "allocator",
     "KVCacheConfig": "config",
@@ -57,7 +58,7 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from replica.kv.allocator import KVCacheAllocator
-    from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+    from replica.kv.base import KVCache, KVCacheOutOfMemory, KVRestoreFailed, StepTicket
     from replica.kv.config import KVCacheConfig, KVLayout
     from replica.kv.paged import PagedKVCache
     from replica.kv.paged_config import PagedKVConfig

@@ -20,7 +20,13 @@ eviction as well as deferred reclamation (a page a running slot maps is never fr
     slot 5 (running):   | g0 | g1 | n2 | n3 |        aliases g0, g1; writes from n2 on
     slot 6 (running):   | c0 | c1 | n2 |             its own pages, g0 and g1 copied in
 
-Invariants (``check_invariants``, with those of ``SlotMaps`` and ``SlotPrefixes``), in pages:
+Host tier (``config.host_tier_bytes``, ``replica.kv.host_tier``): ``acquire`` also takes the
+blocks after the hit that the tier holds, as a *deferred restore* (``replica.kv.slot_restores``):
+it submits their maps and waits for nothing on the engine's thread; the slot's first waited
+``ensure`` enqueues their copy and indexes them (``KVRestoreFailed`` where the copy failed).
+
+Invariants (``check_invariants``, with those of ``SlotMaps``, ``SlotPrefixes`` and
+``SlotRestores``), in pages:
     free + in_use + cached == created <= budget
     in_use  = distinct pages mapped under running slots (eager pages included)
     cached  = pages mapped only under released slots, kept for reuse (deferred reclamation)
@@ -46,6 +52,7 @@ from replica.kv.host_tier import HostTier
 from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import PrefixSummary
 from replica.kv.slot_prefixes import SlotPrefixes
+from replica.kv.slot_restores import SlotRestores
 from replica.kv.slots import Slot, SlotMaps, SlotState
 from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
 from replica.kv.tier_faults import TierFaults
@@ -90,10 +97,10 @@ class KVCacheAllocator(KVCache):
         self._tier_faults = (
             TierFaults(self._tier, views[0].device) if self._tier is not None else None
         )
-        self._host_hit_tokens = 0
-        self._host_skipped_tokens = 0  # held by the tier, computed again: no pages to restore into
         self._admitting: set[int] = set()  # slots acquired and not backed by an ensure yet
         self._growth = SlotGrowth(config, self._maps, self._prefixes)
+        faults = self._tier_faults
+        self._restores = SlotRestores(self._prefixes, self._growth, faults) if faults else None
         if config.premap:
             self._growth.premap()
 
@@ -137,6 +144,8 @@ class KVCacheAllocator(KVCache):
            hit aliased (pages are scarce: aliasing keeps one copy). Copies follow the ordering
            contract of ``replica.kv.copies``.
 
+        The tier's blocks after the hit are restored deferred (``replica.kv.slot_restores``).
+
         Without the prefix cache, the released slot whose mapped pages best fit ``tokens_hint``
         (deferred reclamation pays off here), else an empty one."""
         need = self.config.page_groups_for(self.check_hint(tokens_hint))
@@ -150,45 +159,18 @@ class KVCacheAllocator(KVCache):
         kept = self._prefixes.holds(slot, hit_keys)  # its leading blocks holding the hit's
         taken = self._prefixes.take_hit(index, hit, kept) if self._prefix else 0
         self._maps.set_state(slot, SlotState.RUNNING)
-        restored = self._restore(index, prompt, keys, taken) if self._tier is not None else 0
+        root = self._prefixes.index.root
+        restores = self._restores
+        restored = restores.plan(index, prompt, keys, taken, root) if restores is not None else 0
         cached_tokens = (taken + restored) * self.config.prefix_block_tokens
         if self._prefix:
             self._prefixes.queries.acquired(index, len(prompt), cached_tokens)
         self._admitting.add(index)
         slot.length, slot.reserved = cached_tokens, cached_tokens
         slot.token_ids, slot.keys, slot.frozen = prompt, keys[:taken], taken
-        if restored:  # indexed now: whatever reads them is enqueued after the restore
-            self._prefixes.register(slot, cached_tokens)
         self._maps.flush()
         self._checked()
         return index
-
-    def _restore(self, index: int, prompt: tuple[int, ...], keys: list[int], taken: int) -> int:
-        """Copies back the blocks after the slot's ``taken`` that the host tier holds, once the
-        pages they need are mapped (reclaiming if need be); returns how many (0 where pages
-        cannot be had, block ``taken`` starts in a page the slot shares, or the copy raised:
-        ``replica.kv.tier_faults``; the request computes them in the pages mapped for them)."""
-        tier, faults, config = self._tier, self._tier_faults, self.config
-        assert tier is not None and faults is not None
-        per_block = config.prefix_block_tokens
-        count = tier.stored_after(keys, prompt, self._prefixes.index.root, per_block, taken)
-        slot = self._slots[index]
-        page = taken * config.block_bytes // config.page_size
-        if not count or (page < len(slot.groups) and not self._maps.private(slot.groups[page])):
-            return 0
-        tokens = (taken + count) * per_block
-        need = config.page_groups_for(tokens)
-        if len(slot.groups) < need and not self._growth.grow(index, tokens):
-            self._host_skipped_tokens += count * per_block
-            return 0
-        self._maps.flush()
-        ticket = slot.tickets[need - 1]  # tickets ascend with the page index: all of them mapped
-        if not self._maps.worker.done(ticket):
-            self._maps.wait(ticket, WaitCause.ADMISSION)
-        if not faults.restore(keys, [(index, j) for j in range(taken + count)], taken, count):
-            return 0
-        self._host_hit_tokens += count * per_block
-        return count
 
     def _pin(self, slot: int, blocks: range, fence: CopyFence) -> None:
         """A host copy's pin: the slot's pages holding ``blocks``."""
@@ -204,6 +186,12 @@ class KVCacheAllocator(KVCache):
     @property
     def tier_faults(self) -> TierFaults | None:
         return self._tier_faults
+
+    def restoring_tokens(self, slot_index: int) -> int:
+        """Tokens of the running slot's length its pending restore will copy at its first waited
+        ``ensure`` (0 without one): they hold no valid K/V yet."""
+        restores, _ = self._restores, self._running(slot_index)
+        return restores.pending_tokens(slot_index) if restores is not None else 0
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         """Tokens of ``prompt`` that ``acquire`` would find cached now (whole prefix blocks, never
@@ -241,6 +229,9 @@ class KVCacheAllocator(KVCache):
         slot = self._running(slot_index)
         self._prefixes.queries.released(slot_index)
         self._admitting.discard(slot_index)
+        held = self._restores.drop(slot_index) if self._restores is not None else -1
+        if held >= 0:  # its restore was never copied: only its device hit is stored
+            token_ids = tuple(token_ids)[: held * self.config.prefix_block_tokens]
         if self._prefix:
             self._prefixes.release(slot_index, slot, token_ids)
             if self._tier_faults is not None:  # write-through: eviction is a drop later
@@ -267,13 +258,16 @@ class KVCacheAllocator(KVCache):
         """Backs tokens [0, tokens) of a running slot and records ``tokens`` as its length; returns
         once they are mapped, or with ``wait=False`` at once, mapping in the background (a later
         ``ensure`` of these tokens waits for it). Raises KVCacheOutOfMemory (nothing lost) if the
-        pages cannot be had."""
+        pages cannot be had. The slot's first waited call enqueues its deferred restore's copy
+        after its wait, then indexes the blocks; KVRestoreFailed if the copy failed."""
         slot = self._running(slot_index)
         self.check_tokens(slot_index, tokens)
-        if tokens < slot.frozen * self.config.prefix_block_tokens:
+        restores = self._restores
+        held = max(slot.frozen, restores.pending_blocks(slot_index) if restores else 0)
+        if tokens < held * self.config.prefix_block_tokens:
             raise ValueError(
                 f"slot {slot_index}: {tokens} tokens asked, below its "
-                f"{slot.frozen * self.config.prefix_block_tokens} shared, immutable ones"
+                f"{held * self.config.prefix_block_tokens} shared, immutable or restored ones"
             )
         need = self.config.page_groups_for(tokens)
         grown = len(slot.groups) >= need or self._growth.grow(slot_index, tokens)
@@ -293,6 +287,9 @@ class KVCacheAllocator(KVCache):
         self._prefixes.queries.backed(slot_index)
         if wait:
             self._admitting.discard(slot_index)
+        if wait and restores is not None and slot_index in restores:
+            # Its pages are mapped: the wait covered tokens >= the restore's (tickets ascend).
+            restores.start(slot_index)  # KVRestoreFailed: the books are whole
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
@@ -304,6 +301,8 @@ class KVCacheAllocator(KVCache):
         come back in ``unbacked``."""
         for slot_index in lengths:
             self._running(slot_index)
+            if self._restores is not None and slot_index in self._restores:
+                raise ValueError(f"slot {slot_index} restores: a waited ensure copies it first")
         self.check_step_lengths(lengths)
         for slot_index, length in lengths.items():
             slot = self._slots[slot_index]
@@ -440,9 +439,10 @@ class KVCacheAllocator(KVCache):
         )
 
     def _tier_stats(self) -> dict[str, float]:
-        if self._tier is None:
+        if self._tier is None or self._restores is None:
             return {}
-        return self._tier.cache_stats(self._host_hit_tokens, self._host_skipped_tokens)
+        restores = self._restores
+        return self._tier.cache_stats(restores.hit_tokens, restores.skipped_tokens)
 
     def mapping_breakdown(self) -> MappingBreakdown:
         """The worker's time by operation kind and cause, and the callers' waits by cause."""
@@ -468,6 +468,8 @@ class KVCacheAllocator(KVCache):
         self._copies.check_invariants()
         if self._tier is not None:
             self._tier.check_invariants()
+        if self._restores is not None:
+            self._restores.check_invariants()
         stats = self.stats()
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
             stats

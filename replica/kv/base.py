@@ -75,6 +75,22 @@ class KVCacheOutOfMemory(Exception):
         )
 
 
+class KVRestoreFailed(Exception):
+    """A waited ``ensure`` backed its tokens, but the slot's deferred host-tier restore
+    (``replica.kv.slot_restores``) could not be copied: the slot holds valid K/V below
+    ``kept_tokens`` only (its device hit, or part of the restore), so the request's computed
+    tokens drop to ``kept_tokens`` and it computes the rest (never wrong tokens). The call is
+    complete otherwise: its tokens are backed and recorded as the slot's length."""
+
+    def __init__(self, slot_index: int, kept_tokens: int, restored_tokens: int) -> None:
+        self.slot_index = slot_index
+        self.kept_tokens = kept_tokens
+        super().__init__(
+            f"slot {slot_index}: the host-tier restore up to token {restored_tokens} failed; "
+            f"its K/V is valid below token {kept_tokens}"
+        )
+
+
 @dataclass(frozen=True)
 class StepTicket:
     """The mapping submitted for the next step (0: nothing to wait for); ``unbacked`` slots could

@@ -19,9 +19,11 @@ Ordering (``replica.kv.copies``' contract, extended to the host):
     offload: an event recorded on the engine's stream at release orders the copy after every step
         that wrote the blocks; the copy runs on a side stream so the engine's steps do not wait
         for it; the slot's pages are pinned (``SlotCopies.pin``) until its fence completes.
-    restore: the slot's pages are mapped first (the caller waits for their tickets); the copy is
-        enqueued on the engine's stream, before the step that reads the blocks; the pages are
-        pinned until its fence.
+    restore: the slot's pages are mapped first: the vAttention cache decides a restore at acquire
+        and enqueues its copy at the slot's first waited ensure, once the maps are done
+        (``replica.kv.slot_restores``: nothing waits for them on the engine's thread), its keys
+        ``reserve``\\ d until then; the copy is enqueued on the engine's stream, before the step
+        that reads the blocks; the pages are pinned until its fence.
     a host block being written or read is not reused until that copy's fence completes: each
         host block keeps the last fence of each stream that copied it (a stream's fences complete
         in order, so the last one covers the earlier ones), and an eviction waits for them; a
@@ -40,7 +42,8 @@ doubt (``discard``) and decides what the request gets. ``before_copy`` runs just
 in both directions: its seam for mirroring another rank's failed copy and for tests.
 
 Invariants (``check_invariants``): every stored key has one host block and every host block at
-most one key; used + free == issued <= capacity; a pinned host block is stored.
+most one key; used + free == issued <= capacity; a pinned host block is stored; a reserved key
+(a pending restore's) is never evicted, and each reservation is counted once per reserver.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,6 +107,7 @@ class HostTier:
         # host block -> {copied to the host: the last such copy's fence}
         self._pins: dict[int, dict[bool, CopyFence]] = {}
         self._summary: OrderedDict[int, None] = OrderedDict()  # keys at summary depths
+        self._reserved: Counter[int] = Counter()  # keys pending restores will read: not evicted
         self.offloaded_bytes = self.restored_bytes = 0
         #: Called with "offload" or "restore" just before each copy; raising fails the copy.
         self.before_copy: Callable[[str], None] = lambda direction: None
@@ -134,6 +138,20 @@ class HostTier:
         while start + count < len(keys) and keys[start + count] in self._blocks:
             count += 1
         return count
+
+    def reserve(self, keys: Sequence[int]) -> None:
+        """Keeps ``keys`` from eviction until as many ``unreserve``\\ s of them (a pending restore
+        reads them later). A reserved key may still be ``discard``\\ ed (its bytes in doubt)."""
+        self._reserved.update(keys)
+
+    def unreserve(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self._reserved[key] -= 1
+            if self._reserved[key] <= 0:
+                del self._reserved[key]
+
+    def reserved(self, key: int) -> bool:
+        return key in self._reserved
 
     # ---- copies --------------------------------------------------------------------------------
     def offload(self, keys: Sequence[int], located: Sequence[Located], limit: int) -> None:
@@ -248,7 +266,7 @@ class HostTier:
 
     def _evict_one(self, protect: set[int]) -> bool:
         for key in self._blocks:
-            if key not in protect:
+            if key not in protect and key not in self._reserved:
                 self._drop(key)
                 return True
         return False
@@ -304,3 +322,4 @@ class HostTier:
         assert len(self._free) + len(self._key_of) == issued <= self.capacity
         live = [h for h, fences in self._pins.items() if any(not f.done() for f in fences.values())]
         assert all(h in self._key_of for h in live), "a pin on a free block"
+        assert all(count > 0 for count in self._reserved.values()), "a reservation below one"

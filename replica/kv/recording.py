@@ -15,7 +15,9 @@ Host-tier copies that raise (``replica.kv.tier_faults``) are outcomes too: a cal
 (``tier_faults``), the replaying rank fails the same copies so its books follow, and compares the
 keys each dropped. A rank's own failed offload is returned by :func:`replay` (rank 0 then drops the
 keys everywhere: ``drop_host_blocks``); its own failed restore is a mismatch (its blocks would
-differ from rank 0's).
+differ from rank 0's). The vAttention cache copies a restore at the slot's first waited ``ensure``
+(``replica.kv.slot_restores``), so ``ensure`` carries its faults and whether it waited: a replaying
+rank waits where rank 0 waited, and its restore starts at the same call.
 
 ``step_async`` is not recorded: every rank's ModelRunner calls it itself with the same lengths.
 """
@@ -28,7 +30,13 @@ from typing import Literal
 
 import torch
 
-from replica.kv.base import KVCache, KVCacheOutOfMemory, PrefixSummary, StepTicket
+from replica.kv.base import (
+    KVCache,
+    KVCacheOutOfMemory,
+    KVRestoreFailed,
+    PrefixSummary,
+    StepTicket,
+)
 from replica.kv.stats import KVCacheStats, MappingBreakdown
 from replica.kv.tier_faults import MirrorOutcome, TierFault, TierFaults
 
@@ -42,8 +50,9 @@ class AllocatorCall:
     raised KVCacheOutOfMemory on rank 0 (it may still have reclaimed pages: replay it too).
     Prefix sharing: ``token_ids`` is the prompt (acquire) or the stored tokens (release), so every
     rank indexes and aliases the same pages; ``cached``: the length acquire gave the slot.
-    Host tier: ``tier_faults``, the call's copies that raised on rank 0 (acquire, release);
-    ``host_keys``, the blocks to drop (drop_host)."""
+    Host tier: ``tier_faults``, the call's copies that raised on rank 0 (acquire, ensure,
+    release); ``host_keys``, the blocks to drop (drop_host). ``wait``: whether rank 0's ensure
+    waited (only a waited ensure starts a slot's deferred restore)."""
 
     op: Op
     slot: int = -1
@@ -53,6 +62,7 @@ class AllocatorCall:
     cached: int = 0
     tier_faults: tuple[TierFault, ...] = ()
     host_keys: tuple[int, ...] = ()
+    wait: bool = True
 
 
 class ReplayMismatch(RuntimeError):
@@ -84,13 +94,20 @@ class RecordingKVCache(KVCache):
         return slot
 
     def ensure(self, slot_index: int, tokens: int, wait: bool = True) -> None:
-        """Recorded without ``wait``: the other ranks map synchronously when they replay it."""
+        """Recorded with ``wait`` and the faults of the restore it may copy (KVRestoreFailed is
+        an outcome the replaying ranks repeat through the mirrored fault)."""
         try:
             self.cache.ensure(slot_index, tokens, wait)
-        except KVCacheOutOfMemory:
-            self._calls.append(AllocatorCall("ensure", slot_index, tokens, True))
+        except (KVCacheOutOfMemory, KVRestoreFailed) as error:
+            self._record_ensure(slot_index, tokens, wait, isinstance(error, KVCacheOutOfMemory))
             raise
-        self._calls.append(AllocatorCall("ensure", slot_index, tokens))
+        self._record_ensure(slot_index, tokens, wait, False)
+
+    def _record_ensure(self, slot_index: int, tokens: int, wait: bool, oom: bool) -> None:
+        faults = self._tier_faults()
+        self._calls.append(
+            AllocatorCall("ensure", slot_index, tokens, oom, tier_faults=faults, wait=wait)
+        )
 
     def release(self, slot_index: int, token_ids: Sequence[int] = ()) -> None:
         token_ids = tuple(token_ids)
@@ -230,7 +247,10 @@ def _make(allocator: KVCache, index: int, call: AllocatorCall) -> tuple[int, int
         slot = allocator.acquire(call.tokens, call.token_ids)
         return slot, allocator.length(slot)
     if call.op == "ensure":
-        allocator.ensure(call.slot, call.tokens)
+        try:
+            allocator.ensure(call.slot, call.tokens, call.wait)
+        except KVRestoreFailed:
+            pass  # as on rank 0: its fault was mirrored here (``replay`` compares them)
     elif call.op == "release":
         allocator.release(call.slot, call.token_ids)
     elif call.op == "shrink":

@@ -5,10 +5,12 @@ A copy to or from the host tier (``replica.kv.host_tier``) can raise when it is 
 reports a CUDA error, or a pinned-memory problem. Both caches make their tier's copies through
 :class:`TierFaults`, which answers a failure so:
 
-    restore (inside ``acquire``): the request *computes* the blocks instead. ``restore`` returns
-        False; the cache gives the slot its device hit only, never indexes the blocks whose copy
-        raised, and their keys leave the tier (a key whose copy failed once is not trusted again,
-        and a lasting fault does not fail every later restore of it).
+    restore (inside the paged mode's ``acquire``; the vAttention cache's deferred restore copies
+        at the slot's first waited ``ensure``, which then raises ``KVRestoreFailed``): the request
+        *computes* the blocks instead. ``restore`` returns False; the cache gives the slot its
+        device hit only, never indexes the blocks whose copy raised, and their keys leave the
+        tier (a key whose copy failed once is not trusted again, and a lasting fault does not fail
+        every later restore of it).
     offload (inside ``release``): the keys the copy claimed leave the tier, never left claimed as
         stored; the release completes.
     both: one warning; the device is drained (every stream synchronized) before anything the copy

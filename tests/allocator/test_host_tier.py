@@ -54,6 +54,11 @@ def test_an_evicted_conversation_comes_back_from_the_host(
     assert allocator.cached_tokens(turn) == 0  # nothing of it on the device
     slot = allocator.acquire(len(turn), turn)
     assert allocator.length(slot) == 3 * T  # restored, not computed
+    # Deferred: nothing copied nor indexed until the slot's first waited ensure.
+    assert allocator.restoring_tokens(slot) == 3 * T and allocator.cached_tokens(turn) == 0
+    assert allocator.stats().host_restored_bytes == 0
+    allocator.ensure(slot, 3 * T)
+    assert allocator.restoring_tokens(slot) == 0 and allocator.cached_tokens(turn) == 3 * T
     stats = allocator.stats()
     assert stats.host_restored_bytes == 3 * block and stats.prefix_host_hits_tokens == 3 * T
     assert stats.prefix_hits_tokens == 3 * T
@@ -87,6 +92,7 @@ def test_a_full_tier_evicts_its_least_recently_used_blocks(make_allocator: MakeA
     # The old conversation's first block is still there (a chain leaves from its end).
     slot = allocator.acquire(len(old) + 1, [*old, 1])
     assert allocator.length(slot) == T
+    allocator.ensure(slot, T)
     assert k_values(allocator, slot, T) == expected(old, T)
     allocator.release(slot, [])
     slot = allocator.acquire(len(newer) + 1, [*newer, 1])
@@ -120,6 +126,7 @@ def test_a_host_copy_pins_its_pages_until_its_fence_completes(
         evict_everything(allocator, filler=7)
         slot = allocator.acquire(len(history) + 1, [*history, 1])
         assert allocator.length(slot) == 2 * T
+        allocator.ensure(slot, 2 * T)  # copies the restore
         allocator.release(slot, history[: 2 * T])
     pinned = fences[-1]
     assert not pinned.waited
@@ -139,6 +146,7 @@ def test_blocks_straddling_pages_come_back_too(make_allocator: MakeAllocator) ->
     evict_everything(allocator, filler=7)
     slot = allocator.acquire(len(history) + 1, [*history, 1])
     assert allocator.length(slot) == 72
+    allocator.ensure(slot, 72)
     assert k_values(allocator, slot, 72) == expected(history, 72)
     allocator.check_invariants(deep=True)
 
@@ -168,8 +176,9 @@ def test_a_run_crossing_pinned_chunks_is_copied_in_pieces(
     assert copied == [2 * allocator.config.block_bytes] * 2 + [allocator.config.block_bytes]
     evict_everything(allocator, filler=7)
     slot = allocator.acquire(len(history) + 1, [*history, 1])
-    assert len(copied) == 6  # one copy a run (one range), each way
     assert allocator.length(slot) == 5 * T
+    allocator.ensure(slot, 5 * T)
+    assert len(copied) == 6  # one copy a run (one range), each way
     assert k_values(allocator, slot, 5 * T) == expected(history, 5 * T)
     allocator.check_invariants(deep=True)
 

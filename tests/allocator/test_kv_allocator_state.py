@@ -45,7 +45,9 @@ def value(token: int, position: int) -> float:
 
 class AllocatorMachine(RuleBasedStateMachine):
     """Model: for each running slot, the tokens it stores (``tokens[slot]``, its length) and what
-    the allocator was last told; the conversations released slots hold (``histories``)."""
+    the allocator was last told; the conversations released slots hold (``histories``); the
+    tokens of each slot's length whose deferred host-tier restore is not copied yet
+    (``restoring``: no valid K/V until the slot's next waited ensure, or dropped by a release)."""
 
     make: MakeAllocator
     operations = 0  # counted over every example of a run
@@ -53,6 +55,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     copied_bytes = 0  # hit bytes copied instead of aliased, and take-overs (asserted too)
     takeovers = 0
     restored_tokens = 0  # prompt tokens copied back from the host tier
+    dropped_restores = 0  # slots released while their restore was pending
     page_size = 0  # the backend's, set by the test
 
     def __init__(self) -> None:
@@ -61,6 +64,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         # What the allocator was last told (a step reports the length before its new token).
         self.reported: dict[int, int] = {}
         self.histories: list[tuple[int, ...]] = []
+        self.restoring: dict[int, int] = {}
+        # A slot left restoring: its prompt, whose tokens its next ones are (the slot's books
+        # hold the prompt's tokens, as a request's do).
+        self.prompts: dict[int, list[int]] = {}
         self.clock = Clock()
 
     @initialize(
@@ -112,6 +119,11 @@ class AllocatorMachine(RuleBasedStateMachine):
     def new_tokens(self, count: int) -> list[int]:
         return [self.random.randrange(VOCAB) for _ in range(count)]
 
+    def next_tokens(self, slot: int, start: int, count: int) -> list[int]:
+        """The slot's tokens [start, start + count): its prompt's where it has one, then new."""
+        rest = self.prompts.get(slot, [])[start : start + count]
+        return [*rest, *self.new_tokens(count - len(rest))]
+
     def stamp(self, slot: int, start: int) -> None:
         """Writes the model's values of tokens[slot][start:] (what a step's K/V write does)."""
         stop = len(self.tokens[slot])
@@ -127,7 +139,9 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def drop(self, slot: int) -> None:
         """Releases a slot as the scheduler does, with the tokens it stores."""
-        stored = tuple(self.tokens.pop(slot))
+        stored = tuple(self.tokens.pop(slot))  # restored tokens not copied: the allocator cuts
+        type(self).dropped_restores += self.restoring.pop(slot, 0) > 0
+        self.prompts.pop(slot, None)
         self.allocator.release(slot, stored)
         del self.reported[slot]
         if stored:
@@ -148,22 +162,36 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert slot not in self.tokens
         length = self.allocator.length(slot)
         # The whole cached prefix, or less where no free page was left to copy a partial page;
-        # more with blocks restored from the host tier.
-        restored = after.prefix_host_hits_tokens - before.prefix_host_hits_tokens
-        type(self).restored_tokens += restored
-        assert length - restored <= cached and length < max(len(prompt), 1)
+        # more with blocks restored from the host tier (deferred: copied at a waited ensure).
+        restoring = self.allocator.restoring_tokens(slot)
+        assert after.prefix_host_hits_tokens == before.prefix_host_hits_tokens  # nothing copied
+        assert length - restoring <= cached and length < max(len(prompt), 1)
         assert length % self.allocator.config.prefix_block_tokens == 0
         assert self.prefix or length == 0
         type(self).shared_acquires += length > 0
         self.tokens[slot], self.reported[slot] = list(prompt[:length]), length
+        if restoring:
+            self.restoring[slot] = restoring
+            if self.random.random() < 0.5:
+                self.prompts[slot] = prompt
+                return  # left pending: the ensure rule copies it, or a release drops it
         try:
-            self.allocator.ensure(slot, len(prompt))
+            self.backed(slot, len(prompt))
         except KVCacheOutOfMemory:
             self.drop(slot)  # the scheduler's answer: the request waits
             return
         self.tokens[slot] = list(prompt)
         self.reported[slot] = len(prompt)
         self.stamp(slot, length)
+
+    def backed(self, slot: int, tokens: int) -> None:
+        """A waited ensure; a pending restore is copied by it (host copies never fail here)."""
+        before = self.allocator.stats().prefix_host_hits_tokens
+        self.allocator.ensure(slot, tokens)
+        restored = self.allocator.stats().prefix_host_hits_tokens - before
+        assert restored == self.restoring.pop(slot, 0)
+        assert self.allocator.restoring_tokens(slot) == 0
+        type(self).restored_tokens += restored
 
     @rule(hint=st.integers(0, 6 * TOKENS_PER_PAGE))
     def acquire(self, hint: int) -> None:
@@ -198,12 +226,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         old = len(self.tokens[slot])
         tokens = data.draw(st.integers(old, self.allocator.config.tokens_per_slot))
         try:
-            self.allocator.ensure(slot, tokens)
+            self.backed(slot, tokens)
         except KVCacheOutOfMemory as error:
             assert error.pages_needed > 0
             assert self.allocator.length(slot) == self.reported[slot]  # nothing changed
             return
-        self.tokens[slot] += self.new_tokens(tokens - old)
+        self.tokens[slot] += self.next_tokens(slot, old, tokens - old)
         self.reported[slot] = tokens
         self.stamp(slot, old)
 
@@ -211,14 +239,16 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
         limit = self.allocator.config.tokens_per_slot
-        growing = {
-            s: len(t) for s, t in self.tokens.items() if len(t) < limit and data.draw(st.booleans())
+        growing = {  # a slot restoring is in no step before a waited ensure (step_async refuses)
+            s: len(t)
+            for s, t in self.tokens.items()
+            if len(t) < limit and s not in self.restoring and data.draw(st.booleans())
         }
         unbacked = self.allocator.wait(self.allocator.step_async(growing))
         for slot, length in growing.items():
             self.reported[slot] = length
             if slot not in unbacked:  # the step writes its one new token
-                self.tokens[slot] += self.new_tokens(1)
+                self.tokens[slot] += self.next_tokens(slot, length, 1)
                 self.stamp(slot, length)
         for slot in unbacked:  # what a scheduler does: preempt it
             self.drop(slot)
@@ -260,14 +290,16 @@ class AllocatorMachine(RuleBasedStateMachine):
         for slot, tokens in self.tokens.items():
             length = len(tokens)
             assert allocator.length(slot) == self.reported[slot]
+            assert allocator.restoring_tokens(slot) == self.restoring.get(slot, 0)
             groups = sum(page >= 0 for page in mapped[slot * per_slot : (slot + 1) * per_slot])
             assert groups >= config.page_groups_for(length), "a stored token is not backed"
             stored = self.reported[slot]
             waste += (
                 groups * config.page_size - stored * config.bytes_per_token
             ) * config.num_ranges
+            length -= self.restoring.get(slot, 0)  # not copied yet: no K/V to compare
             if length:
-                values = torch.tensor([value(t, p) for p, t in enumerate(tokens)])
+                values = torch.tensor([value(t, p) for p, t in enumerate(tokens[:length])])
                 k = allocator.k_cache(1)[slot, :length, 0, 0].cpu()
                 v = allocator.v_cache(0)[slot, :length, 1, -1].cpu()
                 assert torch.equal(k, values) and torch.equal(v, -values), f"slot {slot} lost data"
@@ -296,7 +328,8 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
     print(
         f"{machine.operations} operations, {machine.shared_acquires} acquires found a prefix, "
         f"{machine.copied_bytes} bytes copied, {machine.takeovers} take-overs, "
-        f"{machine.restored_tokens} tokens restored from the host tier"
+        f"{machine.restored_tokens} tokens restored from the host tier, "
+        f"{machine.dropped_restores} restores dropped by a release"
     )
     assert machine.operations >= minimum, f"only {machine.operations} operations ran"
     assert machine.shared_acquires > 0, "no acquire found a cached prefix: sharing untested"

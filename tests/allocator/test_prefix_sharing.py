@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from replica import KVCacheAllocator, KVCacheOutOfMemory
+from replica.kv.base import KVRestoreFailed
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 
 T = TOKENS_PER_PAGE
@@ -20,11 +21,22 @@ def make(make_allocator: MakeAllocator, **overrides: object) -> KVCacheAllocator
     return make_allocator(**settings)
 
 
-def fill(allocator: KVCacheAllocator, slot: int, prompt: list[int], step: bool = True) -> None:
-    """Computes the prompt's uncached tokens: K of token t at position p is t * 1000 + p; with
-    ``step``, books the step that wrote them (which indexes the prompt's full pages)."""
-    start = allocator.length(slot)
-    allocator.ensure(slot, len(prompt))
+def fill(
+    allocator: KVCacheAllocator,
+    slot: int,
+    prompt: list[int],
+    step: bool = True,
+    start: int | None = None,
+) -> None:
+    """Computes the prompt's uncached tokens (from ``start``, else the slot's length; from what
+    the slot kept where its deferred restore fails, as the scheduler does): K of token t at
+    position p is t * 1000 + p; with ``step``, books the step that wrote them (which indexes the
+    prompt's full pages)."""
+    start = allocator.length(slot) if start is None else start
+    try:
+        allocator.ensure(slot, len(prompt))
+    except KVRestoreFailed as failed:
+        start = min(start, failed.kept_tokens)
     values = torch.tensor([t * 1000.0 + p for p, t in enumerate(prompt)])[start:]
     allocator.k_cache(0)[slot, start : len(prompt)] = values.to(allocator.k_cache(0).device)[
         :, None, None

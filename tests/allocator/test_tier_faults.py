@@ -1,8 +1,10 @@
 """A host-tier copy that raises (``replica.kv.tier_faults``), in both caches: a failed restore
-leaves the request its device hit only, the blocks are computed instead and never indexed, and
-their keys leave the tier; a failed offload leaves its blocks out of the tier and the release
-completes; one warning each, and the books hold (host backend; CUDA under ``gpu``). Faults are
-injected where the copy is made (``TierFaults.inject``, called just before it)."""
+(the vAttention cache's is deferred to the slot's first waited ensure, which raises
+KVRestoreFailed) leaves the request its device hit only, the blocks are computed instead and
+never indexed, and their keys leave the tier; a failed offload leaves its blocks out of the tier
+and the release completes; one warning each, and the books hold (host backend; CUDA under
+``gpu``). Faults are injected where the copy is made (``TierFaults.inject``, called just before
+it)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from replica import KVCacheAllocator
+from replica.kv.base import KVRestoreFailed
 from replica.kv.paged import PagedKVCache
 from replica.kv.paged_config import PagedKVConfig
 from replica.kv.tier_faults import TierFaults
@@ -53,10 +56,14 @@ def test_a_failed_restore_computes_the_blocks_and_drops_their_keys(
     evict_everything(allocator, filler=7)
     turn = [*history, 11, 12]
     failed, faults_of(allocator).inject = fail("restore")
+    slot = allocator.acquire(len(turn), turn)
+    assert not failed and allocator.length(slot) == 3 * T  # decided; copied at the first ensure
     with caplog.at_level("WARNING", logger=LOGGER):
-        slot = allocator.acquire(len(turn), turn)
+        with pytest.raises(KVRestoreFailed) as raised:
+            allocator.ensure(slot, len(turn))
     assert failed == ["restore"]  # the copy was made, and raised
-    assert allocator.length(slot) == 0  # nothing restored: the request computes its prompt
+    assert raised.value.kept_tokens == 0  # nothing restored: the request computes its prompt
+    assert allocator.length(slot) == len(turn)  # the ensure itself completed
     stats = allocator.stats()
     assert stats.host_restored_bytes == stats.prefix_host_hits_tokens == 0
     assert stats.host_tier_used_bytes == 0  # the three keys whose copy raised left the tier
@@ -69,7 +76,7 @@ def test_a_failed_restore_computes_the_blocks_and_drops_their_keys(
     other = allocator.acquire(len(turn), turn)
     assert allocator.length(other) == 0
     allocator.release(other, [])
-    fill(allocator, slot, turn)  # the prefill writes every token, the copy's pages included
+    fill(allocator, slot, turn, start=0)  # the prefill writes every token, the copy's included
     assert k_values(allocator, slot, len(turn)) == expected(turn, len(turn))
     allocator.check_invariants(deep=True)
 
@@ -85,10 +92,14 @@ def test_a_failed_restore_keeps_the_device_hit(make_allocator: MakeAllocator) ->
     assert allocator.cached_tokens([*history, 1]) == T
     failed, faults_of(allocator).inject = fail("restore")
     slot = allocator.acquire(len(history) + 1, [*history, 1])
-    assert failed and allocator.length(slot) == T
+    assert allocator.length(slot) == 3 * T
+    with pytest.raises(KVRestoreFailed) as raised:
+        allocator.ensure(slot, 3 * T)
+    assert failed and raised.value.kept_tokens == T
+    assert allocator.cached_tokens([*history, 1]) == T  # the failed blocks are not indexed
     assert k_values(allocator, slot, T) == expected(history, T)
     assert allocator.stats().host_tier_used_bytes == allocator.config.block_bytes  # block 0
-    fill(allocator, slot, [*history, 1])
+    fill(allocator, slot, [*history, 1], start=T)
     assert k_values(allocator, slot, len(history)) == expected(history, len(history))
     allocator.check_invariants(deep=True)
 

@@ -104,8 +104,9 @@ def test_a_failed_host_copy_costs_compute_never_tokens(
 ) -> None:
     """Every other host-tier copy in ``direction`` raises, as torch does on a CUDA error; a
     failing restore first writes wrong K/V into its blocks (a copy that failed half-way). The
-    requests whose restore failed compute those blocks, a failed offload's blocks never come
-    back, and every answer is the tier-off engine's; no request fails, the books hold."""
+    requests whose restore failed (the vAttention cache's: at their first waited ensure, deferred)
+    compute those blocks, a failed offload's blocks never come back, and every answer is the
+    tier-off engine's; no request fails, the books hold."""
     off, _ = chat(tiny_llm(tiny_dir, prefix_cache=False, **config), GREEDY)
     llm = tiny_llm(tiny_dir, prefix_cache=True, **config)
     kv, faults = llm.engine.kv, llm.engine.kv.tier_faults
@@ -136,6 +137,10 @@ def test_a_failed_host_copy_costs_compute_never_tokens(
     assert stats.slots_running == 0
     if direction == "restore":  # the copies that went through restored their blocks
         assert stats.host_restored_bytes > 0 and len(copies) > 1
+        # The vAttention cache's deferred copy failed inside a waited ensure: the scheduler
+        # lowered the request's computed tokens to what its slot kept.
+        failures = llm.engine.scheduler.restore_failures_total
+        assert failures == (0 if config.get("kv_mode") == "paged" else sum(copies))
     kv.check_invariants(deep=True)
 
 

@@ -1,0 +1,147 @@
+"""Deferred restores of the vAttention cache's host-tier blocks: decided at ``acquire``, copied at
+the slot's first waited ``ensure``.
+
+A restore needs its pages mapped before its copy is enqueued, and the maps run on the mapping
+worker. Waiting for them inside ``acquire`` stalled the engine's thread on every restoring
+admission (an H100 think-time chat run: admission waits 7.2 s with the tier against 3.9 s
+without), so ``acquire`` only decides the restore from the books and submits the maps; the copy is
+enqueued by the slot's first ``ensure(wait=True)``, after that call's own wait (the scheduler makes
+one for every request before its first step), when the pages are mapped::
+
+    acquire:   | taken (device hit) | count (pending: mapped later, not indexed) |
+               length = (taken + count) * block tokens: the scheduler counts them as cached
+    ensure(wait=True):  wait for the maps -> copy the count blocks -> index them
+
+NOTE: the copy starts only from a recorded call whose outcome does not depend on timing (a waited
+``ensure``, never ``ready`` nor ``ensure(wait=False)``): under tensor parallelism the other ranks
+replay rank 0's recorded calls (``replica.kv.recording``), so a restore started by whether the
+worker had finished would index blocks on one rank and not on another.
+
+Invariants (``check_invariants``): a pending restore's slot is running, maps the pages of its
+``taken + count`` blocks, has frozen exactly its ``taken`` blocks (nothing after them is indexed
+until the copy is enqueued), and the tier keeps its ``count`` keys reserved (never evicted); a
+released slot has no pending restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from replica.kv.base import KVRestoreFailed
+from replica.kv.growth import SlotGrowth
+from replica.kv.host_tier import HostTier
+from replica.kv.slot_prefixes import SlotPrefixes
+from replica.kv.slots import SlotState
+from replica.kv.tier_faults import TierFaults
+
+
+@dataclass(frozen=True)
+class PendingRestore:
+    """A slot's restore decided at acquire: blocks ``[taken, taken + count)`` of ``keys`` (the
+    prompt's block keys) come from the host tier; the slot's first ``taken`` blocks are its device
+    hit."""
+
+    keys: tuple[int, ...]
+    taken: int
+    count: int
+
+    @property
+    def restored_keys(self) -> tuple[int, ...]:
+        return self.keys[self.taken : self.taken + self.count]
+
+
+class SlotRestores:
+    """The pending restores of a vAttention cache's slots (the module docstring's contract).
+    ``hit_tokens``: prompt tokens copied back; ``skipped_tokens``: held by the tier but computed
+    again for lack of pages to restore into (both counted for ``KVCacheStats``)."""
+
+    def __init__(self, prefixes: SlotPrefixes, growth: SlotGrowth, faults: TierFaults) -> None:
+        self._config = prefixes.config
+        self._prefixes = prefixes
+        self._maps = prefixes.maps
+        self._growth = growth
+        self._faults = faults
+        self._tier: HostTier = faults.tier
+        self._pending: dict[int, PendingRestore] = {}
+        self.hit_tokens = 0
+        self.skipped_tokens = 0
+
+    def __contains__(self, slot_index: object) -> bool:
+        return slot_index in self._pending
+
+    def pending_blocks(self, slot_index: int) -> int:
+        """The blocks slot ``slot_index`` holds once its pending restore is copied (0 if none)."""
+        restore = self._pending.get(slot_index)
+        return restore.taken + restore.count if restore is not None else 0
+
+    def pending_tokens(self, slot_index: int) -> int:
+        """Tokens of the slot's length that wait for their copy (0 without a pending restore)."""
+        restore = self._pending.get(slot_index)
+        return restore.count * self._config.prefix_block_tokens if restore is not None else 0
+
+    def plan(
+        self, index: int, prompt: Sequence[int], keys: list[int], taken: int, root: int
+    ) -> int:
+        """Decides the restore of the blocks after slot ``index``'s ``taken`` that the tier holds,
+        growing the slot for them (maps submitted, never waited for here) and reserving their
+        host blocks; returns how many (0 where the tier holds none, block ``taken`` starts in a
+        page the slot shares, or pages cannot be had)."""
+        config, per_block = self._config, self._config.prefix_block_tokens
+        count = self._tier.stored_after(keys, prompt, root, per_block, taken)
+        slot = self._maps.slots[index]
+        page = taken * config.block_bytes // config.page_size
+        if not count or (page < len(slot.groups) and not self._maps.private(slot.groups[page])):
+            return 0
+        tokens = (taken + count) * per_block
+        if len(slot.groups) < config.page_groups_for(tokens) and not self._growth.grow(
+            index, tokens
+        ):
+            self.skipped_tokens += count * per_block
+            return 0
+        restore = PendingRestore(tuple(keys[: taken + count]), taken, count)
+        self._tier.reserve(restore.restored_keys)
+        self._pending[index] = restore
+        return count
+
+    def start(self, index: int) -> None:
+        """Copies slot ``index``'s pending restore on the current stream (the caller has waited
+        for the pages of its blocks), then indexes the blocks copied: what reads them is enqueued
+        after the copy. KVRestoreFailed where fewer than ``count`` were copied: the copy raised
+        (``replica.kv.tier_faults``: those keys leave the tier) or the tier dropped some of the
+        keys since (a failed copy elsewhere); the slot holds valid K/V below the kept blocks only,
+        the rest are never indexed and the request computes them."""
+        restore, per_block = self._pending.pop(index), self._config.prefix_block_tokens
+        self._tier.unreserve(restore.restored_keys)
+        count = min(self._tier.stored(restore.keys, restore.taken), restore.count)
+        located = [(index, j) for j in range(restore.taken + count)]
+        if count and not self._faults.restore(restore.keys, located, restore.taken, count):
+            count = 0
+        self.hit_tokens += count * per_block
+        kept = (restore.taken + count) * per_block
+        self._prefixes.register(self._maps.slots[index], kept)
+        if count < restore.count:
+            raise KVRestoreFailed(index, kept, (restore.taken + restore.count) * per_block)
+
+    def drop(self, index: int) -> int:
+        """Forgets slot ``index``'s pending restore, if any (the slot is released before its
+        copy); returns the blocks the slot holds valid: its device hit (all of them without a
+        pending restore: -1)."""
+        restore = self._pending.pop(index, None)
+        if restore is None:
+            return -1
+        self._tier.unreserve(restore.restored_keys)
+        return restore.taken
+
+    def check_invariants(self) -> None:
+        config = self._config
+        for index, restore in self._pending.items():
+            slot = self._maps.slots[index]
+            assert slot.state is SlotState.RUNNING, f"slot {index} restores while not running"
+            tokens = (restore.taken + restore.count) * config.prefix_block_tokens
+            assert len(slot.groups) >= config.page_groups_for(tokens), f"slot {index} unmapped"
+            assert slot.frozen == restore.taken, f"slot {index} indexed blocks not copied yet"
+            assert slot.length >= tokens, f"slot {index} is shorter than its restore"
+            assert all(self._tier.reserved(key) for key in restore.restored_keys), (
+                f"slot {index}'s restored blocks are not reserved"
+            )

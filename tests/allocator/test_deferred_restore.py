@@ -1,0 +1,96 @@
+"""The vAttention cache's deferred host-tier restores (``replica.kv.slot_restores``): ``acquire``
+decides and maps, the slot's first waited ``ensure`` copies and indexes; nothing is indexed or read
+before the copy, a release before it indexes only the device hit, the tier never evicts a pending
+restore's blocks, and only a waited ensure starts the copy (host backend; CUDA under ``gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from replica import KVCacheAllocator
+from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
+from tests.allocator.test_host_tier import evict_everything, tiered
+from tests.allocator.test_prefix_copies import cached_conversation, expected
+from tests.allocator.test_prefix_sharing import fill, k_values
+
+T = TOKENS_PER_PAGE
+
+
+def evicted_history(
+    make_allocator: MakeAllocator, blocks: int = 3, **overrides: object
+) -> tuple[KVCacheAllocator, list[int]]:
+    """A cache whose conversation of ``blocks`` full blocks lives in the host tier only."""
+    allocator = tiered(make_allocator, **overrides)
+    history = list(range(blocks * T + 5))
+    cached_conversation(allocator, history)
+    evict_everything(allocator, filler=7)
+    return allocator, history
+
+
+def test_only_a_waited_ensure_copies_and_indexes_the_restore(make_allocator: MakeAllocator) -> None:
+    allocator, history = evicted_history(make_allocator)
+    turn = [*history, 1]
+    slot = allocator.acquire(len(turn), turn)
+    assert allocator.length(slot) == 3 * T and allocator.restoring_tokens(slot) == 3 * T
+    allocator.ensure(slot, len(turn), wait=False)  # maps in the background: no copy yet
+    assert allocator.restoring_tokens(slot) == 3 * T and allocator.cached_tokens(turn) == 0
+    assert allocator.stats().host_restored_bytes == 0
+    with pytest.raises(ValueError, match="restores"):
+        allocator.step_async({slot: len(turn)})  # no step reads it before its copy
+    with pytest.raises(ValueError, match="restored"):
+        allocator.ensure(slot, 2 * T)  # below the restore
+    allocator.check_invariants(deep=True)
+    allocator.ensure(slot, len(turn))
+    assert allocator.restoring_tokens(slot) == 0 and allocator.cached_tokens(turn) == 3 * T
+    assert k_values(allocator, slot, 3 * T) == expected(history, 3 * T)
+    assert allocator.stats().prefix_host_hits_tokens == 3 * T
+    allocator.check_invariants(deep=True)
+
+
+def test_a_release_before_the_copy_indexes_only_the_device_hit(
+    make_allocator: MakeAllocator,
+) -> None:
+    allocator, history = evicted_history(make_allocator)
+    cached_conversation(allocator, [*history[:T], 99])  # block 0 back on the device
+    turn, restored = [*history, 1], allocator.stats().host_restored_bytes  # block 0's
+    slot = allocator.acquire(len(turn), turn)
+    assert allocator.length(slot) == 3 * T and allocator.restoring_tokens(slot) == 2 * T
+    allocator.release(slot, turn[: 3 * T])  # the scheduler's tokens: its computed, restore too
+    assert allocator.cached_tokens(turn) == T  # the blocks never copied are not indexed
+    assert allocator.stats().host_restored_bytes == restored
+    allocator.check_invariants(deep=True)
+    # Unreserved, still in the tier: the next acquire restores them.
+    slot = allocator.acquire(len(turn), turn)
+    assert allocator.restoring_tokens(slot) == 2 * T
+    fill(allocator, slot, turn)
+    assert k_values(allocator, slot, len(turn)) == expected(turn, len(turn))
+    allocator.check_invariants(deep=True)
+
+
+def test_the_tier_keeps_a_pending_restores_blocks(make_allocator: MakeAllocator) -> None:
+    """A full tier evicts its least recently used blocks, never those a restore will read."""
+    allocator, history = evicted_history(make_allocator, blocks=2, host_blocks=3)
+    turn = [*history, 1]
+    slot = allocator.acquire(len(turn), turn)
+    assert allocator.restoring_tokens(slot) == 2 * T
+    cached_conversation(allocator, [5] * (3 * T + 1))  # three blocks: only one host block free
+    block = allocator.config.block_bytes * allocator.config.num_ranges
+    assert allocator.stats().host_offloaded_bytes == 3 * block  # the history's two, one of these
+    allocator.check_invariants(deep=True)
+    fill(allocator, slot, turn)
+    assert k_values(allocator, slot, len(turn)) == expected(turn, len(turn))
+    assert allocator.stats().prefix_host_hits_tokens == 2 * T
+    allocator.check_invariants(deep=True)
+
+
+def test_two_slots_restoring_the_same_blocks_both_read_them(make_allocator: MakeAllocator) -> None:
+    allocator, history = evicted_history(make_allocator)
+    turn = [*history, 1]
+    first = allocator.acquire(len(turn), turn)
+    second = allocator.acquire(len(turn), turn)  # nothing indexed yet: restored again
+    assert allocator.restoring_tokens(first) == allocator.restoring_tokens(second) == 3 * T
+    allocator.release(first, turn[: 3 * T])  # drops one reservation, the other holds
+    allocator.check_invariants(deep=True)
+    fill(allocator, second, turn)
+    assert k_values(allocator, second, len(turn)) == expected(turn, len(turn))
+    allocator.check_invariants(deep=True)
