@@ -118,9 +118,9 @@ class EngineConfig:
         "host memory for the KV cache's host tier, per tensor-parallel rank: released "
         "conversations' KV is copied there and comes back on their next turn instead of being "
         "computed again (default 0: off; on an H100 it sped the paged mode up 1.26x on chat "
-        "with think times but slowed the vAttention mode, whose restores wait for their pages' "
-        "maps; None from Python or the app's args: on a GPU a quarter of the host memory this "
-        "process may use, its cgroup limit where there is one, up to 64 GiB)",
+        "with think times but slowed the vAttention mode, whose restores then waited for their "
+        "pages' maps; None from Python or the app's args: on a GPU a quarter of the host memory "
+        "this process may use, its cgroup limit where there is one, up to 64 GiB)",
     )
     page_size: int | None = option(
         None,
