@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.environment import describe_device, save
+from benchmarks.environment import describe_device, save, sleep_cycles_per_ms
 from replica import KVCacheAllocator, KVCacheConfig, open_device
 from replica.vmm import Device, MapWorker, Op, PagePool, Reservation
 
@@ -105,13 +105,7 @@ def simulated_decode(
     lengths = dict.fromkeys(range(slots), 0)
     cycles = None
     if device.name == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1_000_000)
-        start.record()
-        torch.cuda._sleep(1_000_000)
-        end.record()
-        end.synchronize()
-        cycles = int(1_000_000 * step_ms / start.elapsed_time(end))
+        cycles = int(step_ms * sleep_cycles_per_ms())
     waits, step_times, submits = [], [], []
     for _ in range(steps):
         step_start = time.perf_counter()

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from benchmarks.environment import describe_device, save
+from benchmarks.environment import describe_device, save, sleep_cycles_per_ms
 from replica import KVCacheAllocator, KVCacheConfig, open_device
 from replica.kv import host_copies, host_tier
 from replica.kv.base import KVCache
@@ -106,7 +106,7 @@ class Clock:
         self.last_fence: _TimedFence | None = None
         self.covered = True  # every timed call's host work ended inside its GPU sleep
         self._sleep_ms = sleep_ms
-        self._cycles_per_ms = _sleep_rate() if self.cuda else 0.0
+        self._cycles_per_ms = sleep_cycles_per_ms() if self.cuda else 0.0
 
     def make_fence(self) -> _TimedFence:
         self.last_fence = _TimedFence(self.device)
@@ -153,17 +153,6 @@ class _TimedFence:
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
-
-
-def _sleep_rate() -> float:
-    """GPU sleep cycles per millisecond (``torch.cuda._sleep``), measured."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)
-    start.record()
-    torch.cuda._sleep(1_000_000)
-    end.record()
-    end.synchronize()
-    return 1_000_000 / start.elapsed_time(end)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,18 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def sleep_cycles_per_ms() -> float:
+    """The current CUDA device's ``torch.cuda._sleep`` cycles per millisecond, measured (a GPU
+    sleep keeps the device busy while the host runs ahead, for timing what it enqueues)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm: the first launch's cost is not the rate's
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    return 1_000_000 / start.elapsed_time(end)
+
+
 def describe_device(backend: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "backend": backend,

@@ -190,8 +190,8 @@ class KVCacheAllocator(KVCache):
     def restoring_tokens(self, slot_index: int) -> int:
         """Tokens of the running slot's length its pending restore will copy at its first waited
         ``ensure`` (0 without one): they hold no valid K/V yet."""
-        restores, _ = self._restores, self._running(slot_index)
-        return restores.pending_tokens(slot_index) if restores is not None else 0
+        self._running(slot_index)
+        return self._restores.pending_tokens(slot_index) if self._restores is not None else 0
 
     def cached_tokens(self, prompt: Sequence[int]) -> int:
         """Tokens of ``prompt`` that ``acquire`` would find cached now (whole prefix blocks, never
@@ -301,7 +301,7 @@ class KVCacheAllocator(KVCache):
         come back in ``unbacked``."""
         for slot_index in lengths:
             self._running(slot_index)
-            if self._restores is not None and slot_index in self._restores:
+            if self._restores and slot_index in self._restores:  # empty: no lookup a slot
                 raise ValueError(f"slot {slot_index} restores: a waited ensure copies it first")
         self.check_step_lengths(lengths)
         for slot_index, length in lengths.items():

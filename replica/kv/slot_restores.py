@@ -70,6 +70,9 @@ class SlotRestores:
     def __contains__(self, slot_index: object) -> bool:
         return slot_index in self._pending
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
     def pending_blocks(self, slot_index: int) -> int:
         """The blocks slot ``slot_index`` holds once its pending restore is copied (0 if none)."""
         restore = self._pending.get(slot_index)

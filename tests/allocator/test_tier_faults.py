@@ -14,11 +14,10 @@ import torch
 from replica import KVCacheAllocator
 from replica.kv.base import KVRestoreFailed
 from replica.kv.paged import PagedKVCache
-from replica.kv.paged_config import PagedKVConfig
 from replica.kv.tier_faults import TierFaults
 from replica.vmm import Device
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
-from tests.allocator.test_host_tier import evict_everything, tiered
+from tests.allocator.test_host_tier import evict_everything, paged_tiered, tiered
 from tests.allocator.test_prefix_copies import cached_conversation, expected
 from tests.allocator.test_prefix_sharing import fill, k_values
 
@@ -141,21 +140,8 @@ def test_a_fault_outside_the_copy_errors_is_a_bug_and_propagates(
 
 
 # ---- the paged mode ------------------------------------------------------------------------------
-def paged(device: torch.device, blocks: int = 8, host_blocks: int = 16) -> PagedKVCache:
-    block_bytes = 2 * 2 * T * 8 * 4  # 2 layers' K and V, T tokens of 8 float32
-    config = PagedKVConfig(
-        num_layers=2,
-        num_kv_heads=1,
-        head_dim=8,
-        dtype=torch.float32,
-        max_slots=2,
-        max_tokens=8 * T,
-        budget_bytes=blocks * block_bytes,
-        block_size=T,
-        prefix_cache=True,
-        host_tier_bytes=host_blocks * block_bytes,
-    )
-    return PagedKVCache(config, device)
+def paged(device: torch.device) -> PagedKVCache:
+    return PagedKVCache(paged_tiered(), device)
 
 
 def paged_fill(cache: PagedKVCache, slot: int, prompt: list[int]) -> None:
