@@ -42,7 +42,7 @@ doubt (``discard``) and decides what the request gets. ``before_copy`` runs just
 in both directions: its seam for mirroring another rank's failed copy and for tests.
 
 Invariants (``check_invariants``): every stored key has one host block and every host block at
-most one key; used + free == issued <= capacity; a pinned host block is stored; a reserved key
+most one key; used + free == capacity; a pinned host block is stored; a reserved key
 (a pending restore's) is never evicted, and each reservation is counted once per reserver.
 """
 
@@ -100,10 +100,9 @@ class HostTier:
         self._make_fence = make_fence or (lambda: stream_fence(self._device))
         self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._chunks: list[torch.Tensor] = []  # copies.chunk_shape(up to CHUNK_BLOCKS) each
-        self._issued = 0  # host blocks pinned so far
         self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
         self._key_of: dict[int, int] = {}  # host block -> key
-        self._free: list[int] = []  # issued host blocks holding nothing, descending
+        self._free: list[int] = []  # host blocks holding nothing, descending
         # host block -> {copied to the host: the last such copy's fence}
         self._pins: dict[int, dict[bool, CopyFence]] = {}
         self._summary: OrderedDict[int, None] = OrderedDict()  # keys at summary depths
@@ -113,8 +112,9 @@ class HostTier:
         self.before_copy: Callable[[str], None] = lambda direction: None
         self.pin_seconds = 0.0  # pinning the host memory
         self.wait_seconds = 0.0  # waiting for copies before reusing their host blocks
-        while self._grow():
-            pass
+        self._pin_chunks()
+        # Descending: blocks are taken lowest first, so a sequence's are consecutive.
+        self._free = list(range(self.capacity - 1, -1, -1))
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -242,27 +242,22 @@ class HostTier:
                 taken.append(self._free.pop())
         return sorted(taken)
 
-    def _grow(self) -> bool:
-        issued = self._issued
-        blocks = min(CHUNK_BLOCKS, self.capacity - issued)
-        if blocks <= 0:
-            return False
-        shape = self._copies.chunk_shape(blocks)
-        started = time.perf_counter()
-        try:
-            chunk = torch.empty(shape, dtype=torch.uint8, pin_memory=self._side is not None)
-        except RuntimeError as error:  # pinned memory refused: the tier stops growing
-            log.warning("host KV tier stays at %d blocks: %s", issued, error)
-            self.capacity = issued
-            return False
-        finally:
-            self.pin_seconds += time.perf_counter() - started
-        self._chunks.append(chunk)
-        self._issued += blocks
-        # Before the older ones: the list stays descending, so blocks are taken lowest first
-        # and a sequence's are consecutive across the chunks pinned at start.
-        self._free[:0] = range(issued + blocks - 1, issued - 1, -1)
-        return True
+    def _pin_chunks(self) -> None:
+        """Pins the tier's memory a chunk at a time; pinned memory refused leaves the tier at the
+        chunks pinned so far (``capacity`` lowered), with one warning."""
+        started, pinned = time.perf_counter(), 0
+        while pinned < self.capacity:
+            blocks = min(CHUNK_BLOCKS, self.capacity - pinned)
+            shape = self._copies.chunk_shape(blocks)
+            try:
+                chunk = torch.empty(shape, dtype=torch.uint8, pin_memory=self._side is not None)
+            except RuntimeError as error:  # pinned memory refused: the tier stays smaller
+                log.warning("host KV tier stays at %d blocks: %s", pinned, error)
+                self.capacity = pinned
+                break
+            self._chunks.append(chunk)
+            pinned += blocks
+        self.pin_seconds = time.perf_counter() - started
 
     def _evict_one(self, protect: set[int]) -> bool:
         for key in self._blocks:
@@ -314,12 +309,11 @@ class HostTier:
         }
 
     def check_invariants(self) -> None:
-        issued = self._issued
         assert len(self._blocks) == len(self._key_of), "keys and host blocks differ in number"
         assert all(self._key_of[h] == k for k, h in self._blocks.items()), "keys disagree"
         assert not set(self._free) & set(self._key_of), "a free host block holds a key"
         assert self._summary.keys() <= self._blocks.keys(), "a summary key is not stored"
-        assert len(self._free) + len(self._key_of) == issued <= self.capacity
+        assert len(self._free) + len(self._key_of) == self.capacity, "host blocks lost"
         live = [h for h, fences in self._pins.items() if any(not f.done() for f in fences.values())]
         assert all(h in self._key_of for h in live), "a pin on a free block"
         assert all(count > 0 for count in self._reserved.values()), "a reservation below one"
