@@ -217,10 +217,14 @@ def traffic(prometheus: Prometheus, app: str) -> dict[str, Any]:
     wait_until(ranked_warm_up, 30, "a request ranked on both replicas' routing stats")
     warm_ups = len(received)
     selector = f'model="{app}"'
+    # A scrape taken while a warm-up still held a page would not be the idle value: wait for one
+    # that saw both replicas idle, as the test waits after the burst.
     wait_until(
-        lambda: len(prometheus.values(f"vattn_kv_pages_available{{{selector}}}")) == 2,
+        lambda: (
+            list(prometheus.values(f"vattn_kv_pages_in_use{{{selector}}}").values()) == [0.0, 0.0]
+        ),
         30,
-        "prometheus never saw both replicas' KV pages",
+        "prometheus never saw both replicas' KV pages idle",
     )
     before = prometheus.values(f"vattn_kv_pages_available{{{selector}}}")
     results: list[tuple[int, str | None]] = []
