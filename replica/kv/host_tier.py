@@ -34,7 +34,9 @@ The host memory is pinned when the tier is made, a chunk at a time, not as it fi
 driver call that may take tens of milliseconds a chunk, and on the request path it stalls the
 engine's thread and competes with the mapping worker's maps (an H100 run that pinned a 24 GiB tier
 as it filled mapped pages at 115 us each, 44 us without the tier; ``pin_seconds`` says what
-pinning cost). Serving systems pin their host KV pools at start for the same reason.
+pinning cost). Serving systems pin their host KV pools at start for the same reason. On a GPU the
+chunks are registered pageable memory (``replica.kv.pinned``: faster to pin than torch's
+``cudaHostAlloc``, and unpinned when the tier goes); on a CPU they are plain memory.
 
 Failures: a copy that raises propagates out of ``offload``/``restore`` with the tier's keys as
 they stood at the copy; ``replica.kv.tier_faults`` (the caches' only caller) drops the keys in
@@ -58,6 +60,7 @@ import torch
 
 from replica.kv.copies import CopyFence, stream_fence, wait_for
 from replica.kv.host_copies import HostCopies, Run
+from replica.kv.pinned import PinnedChunks
 from replica.kv.prefix import (
     PrefixSummary,
     extend_keys,
@@ -68,7 +71,7 @@ from replica.kv.prefix import (
 
 log = logging.getLogger(__name__)
 
-#: Host blocks pinned per allocation: the tier grows in chunks as it fills.
+#: Host blocks per pinned allocation (the tier is pinned at construction, a chunk at a time).
 CHUNK_BLOCKS = 256
 #: Where a block lives: (row, block index in the row) of the cache's views.
 Located = tuple[int, int]
@@ -99,7 +102,9 @@ class HostTier:
         self._pin_row = pin
         self._make_fence = make_fence or (lambda: stream_fence(self._device))
         self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        self._chunks: list[torch.Tensor] = []  # copies.chunk_shape(up to CHUNK_BLOCKS) each
+        # copies.chunk_shape(up to CHUNK_BLOCKS) each; pinned by registration on a GPU
+        self._pinned = PinnedChunks(self._device) if self._side is not None else None
+        self._chunks: list[torch.Tensor] = self._pinned.chunks if self._pinned is not None else []
         self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
         self._key_of: dict[int, int] = {}  # host block -> key
         self._free: list[int] = []  # host blocks holding nothing, descending
@@ -250,12 +255,14 @@ class HostTier:
             blocks = min(CHUNK_BLOCKS, self.capacity - pinned)
             shape = self._copies.chunk_shape(blocks)
             try:
-                chunk = torch.empty(shape, dtype=torch.uint8, pin_memory=self._side is not None)
+                if self._pinned is not None:
+                    self._pinned.allocate(shape)  # appended to self._chunks
+                else:
+                    self._chunks.append(torch.empty(shape, dtype=torch.uint8))
             except RuntimeError as error:  # pinned memory refused: the tier stays smaller
                 log.warning("host KV tier stays at %d blocks: %s", pinned, error)
                 self.capacity = pinned
                 break
-            self._chunks.append(chunk)
             pinned += blocks
         self.pin_seconds = time.perf_counter() - started
 

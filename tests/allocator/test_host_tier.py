@@ -5,6 +5,8 @@ their fences (host backend; CUDA under ``gpu``)."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from tests.allocator.test_prefix_copies import ManualFence, cached_conversation,
 from tests.allocator.test_prefix_sharing import fill, k_values, make, page_ids
 
 T = TOKENS_PER_PAGE
+CHUNK = host_tier.CHUNK_BLOCKS
 
 
 def tiered(
@@ -345,3 +348,25 @@ def test_pinned_memory_refused_stops_the_tier_growing_with_one_warning(
     slot = allocator.acquire(len(history) + 1, [*history, 1])
     fill(allocator, slot, [*history, 1])
     allocator.check_invariants(deep=True)
+
+
+def test_the_tier_is_pinned_at_start_and_unpinned_when_it_goes(
+    make_allocator: MakeAllocator, kv_device: Device
+) -> None:
+    """On a GPU the tier's chunks are registered pinned memory (async copies at full bandwidth)
+    when the cache is made, and dropping the cache unregisters them (nothing stays pinned)."""
+    if kv_device.name != "cuda":
+        pytest.skip("pinning is the CUDA backend's")
+    allocator = tiered(make_allocator, host_blocks=CHUNK + 3)
+    chunks = list(allocator._tier._chunks)  # noqa: SLF001 (the memory itself is the claim)
+    assert len(chunks) == 2 and all(chunk.is_pinned() for chunk in chunks)
+    assert allocator.stats().host_tier_pin_seconds > 0
+    history = list(range(2 * T + 3))
+    cached_conversation(allocator, history)  # the copies from and to registered memory work
+    evict_everything(allocator, filler=7)
+    slot = allocator.acquire(len(history) + 1, [*history, 1])
+    allocator.ensure(slot, 2 * T)
+    assert k_values(allocator, slot, 2 * T) == expected(history, 2 * T)
+    del allocator
+    gc.collect()
+    assert not any(chunk.is_pinned() for chunk in chunks)
