@@ -21,9 +21,8 @@ eviction as well as deferred reclamation (a page a running slot maps is never fr
     slot 6 (running):   | c0 | c1 | n2 |             its own pages, g0 and g1 copied in
 
 Host tier (``config.host_tier_bytes``, ``replica.kv.host_tier``): ``acquire`` also takes the
-blocks after the hit that the tier holds, as a *deferred restore* (``replica.kv.slot_restores``):
-it submits their maps and waits for nothing on the engine's thread; the slot's first waited
-``ensure`` enqueues their copy and indexes them (``KVRestoreFailed`` where the copy failed).
+blocks after the hit that the tier holds, *deferred* (``replica.kv.slot_restores``): it submits
+maps only; the slot's first waited ``ensure`` copies and indexes them (or ``KVRestoreFailed``).
 
 Invariants (``check_invariants``, with those of ``SlotMaps``, ``SlotPrefixes`` and
 ``SlotRestores``), in pages:
@@ -144,7 +143,8 @@ class KVCacheAllocator(KVCache):
            hit aliased (pages are scarce: aliasing keeps one copy). Copies follow the ordering
            contract of ``replica.kv.copies``.
 
-        The tier's blocks after the hit are restored deferred (``replica.kv.slot_restores``).
+        The tier's blocks after the hit are restored deferred (``replica.kv.slot_restores``), into
+        a released slot's mapped pages where free ones fall short (``wants_mapped_slot``).
 
         Without the prefix cache, the released slot whose mapped pages best fit ``tokens_hint``
         (deferred reclamation pays off here), else an empty one."""
@@ -152,15 +152,15 @@ class KVCacheAllocator(KVCache):
         prompt = tuple(prompt)
         hit, keys = self._prefixes.lookup(prompt)
         hit_keys = keys[: len(hit)]
-        index = self._prefixes.choose_slot(hit, hit_keys) if self._prefix else None
+        restores, root = self._restores, self._prefixes.index.root
+        mapped = restores is not None and restores.wants_mapped_slot(prompt, keys, len(hit), need)
+        index = self._prefixes.choose_slot(hit, hit_keys, mapped) if self._prefix else None
         if index is None:
             index = self._pick_slot(need, tokens_hint)
         slot = self._slots[index]
         kept = self._prefixes.holds(slot, hit_keys)  # its leading blocks holding the hit's
         taken = self._prefixes.take_hit(index, hit, kept) if self._prefix else 0
         self._maps.set_state(slot, SlotState.RUNNING)
-        root = self._prefixes.index.root
-        restores = self._restores
         restored = restores.plan(index, prompt, keys, taken, root) if restores is not None else 0
         cached_tokens = (taken + restored) * self.config.prefix_block_tokens
         if self._prefix:

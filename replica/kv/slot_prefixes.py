@@ -89,17 +89,22 @@ class SlotPrefixes:
             held += 1
         return held
 
-    def choose_slot(self, hit: list[BlockAt], hit_keys: list[int]) -> int | None:
+    def choose_slot(
+        self, hit: list[BlockAt], hit_keys: list[int], mapped: bool = False
+    ) -> int | None:
         """The slot ``KVCacheAllocator.acquire`` gives a hit (its docstring's order 1-4), or None
-        when every slot is running."""
+        when every slot is running; ``mapped``: a released slot mapping pages before a free one
+        (a restore rewrites its pages)."""
         if hit:
             index = self.continuation(hit_keys)
             if index is not None:
                 return index
-        empty = self.maps.free_slot()
-        if empty is not None:
-            return empty
         cached = self.maps.released()  # least recently released first
+        if mapped:
+            cached = [i for i in cached if self.maps.slots[i].groups] or cached
+        empty = self.maps.free_slot()
+        if empty is not None and not (mapped and cached):
+            return empty
         slots = self.maps.slots
         holders = [i for i in cached if hit and self.holds(slots[i], hit_keys) == len(hit)]
         if holders:

@@ -83,6 +83,21 @@ class SlotRestores:
         restore = self._pending.get(slot_index)
         return restore.count * self._config.prefix_block_tokens if restore is not None else 0
 
+    def wants_mapped_slot(
+        self, prompt: Sequence[int], keys: list[int], hit: int, need: int
+    ) -> bool:
+        """Whether a prompt whose ``hit`` blocks are on the device should land in a released
+        slot's mapped pages rather than a free slot: the tier holds its next blocks and the pool's
+        unmapped pages do not cover its ``need`` page groups. Growing a free slot would then
+        reclaim released slots' pages, unmapping and mapping each (~50-80 us a 2 MiB page on an
+        H100); rewriting a released slot's own pages maps none, and what it cached was written
+        through to the host at its release. A function of the books alone: every
+        tensor-parallel rank decides alike."""
+        per_block, root = self._config.prefix_block_tokens, self._prefixes.index.root
+        if not self._tier.stored_after(keys, prompt, root, per_block, hit):
+            return False
+        return self._maps.pool.available // self._config.num_ranges < need
+
     def plan(
         self, index: int, prompt: Sequence[int], keys: list[int], taken: int, root: int
     ) -> int:

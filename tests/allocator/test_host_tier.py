@@ -103,6 +103,35 @@ def test_a_full_tier_evicts_its_least_recently_used_blocks(make_allocator: MakeA
     allocator.check_invariants(deep=True)
 
 
+def test_a_restore_under_pressure_rewrites_a_released_slots_pages_instead_of_mapping(
+    make_allocator: MakeAllocator,
+) -> None:
+    """No free page is left and a free slot is: a conversation coming back from the host lands
+    in the least recently released slot that maps pages and is copied into them (no map at
+    all), rather than in the free slot, whose growth would unmap and map every page. What that
+    slot cached was written through, so it comes back from the host in its turn."""
+    allocator = tiered(make_allocator, max_slots=3)
+    history = list(range(3 * T + 5))
+    cached_conversation(allocator, history)
+    filler = [7] * (8 * T - 1)  # every page, the history's reclaimed
+    held = cached_conversation(allocator, filler)
+    assert allocator.stats().pages_free == 0 and allocator.cached_tokens(history) == 0
+    mapped = allocator.stats().pages_mapped_total
+    turn = [*history, 11, 12]
+    slot = allocator.acquire(len(turn), turn)
+    assert slot == held  # not the free slot
+    allocator.ensure(slot, len(turn))
+    assert allocator.stats().pages_mapped_total == mapped  # nothing mapped
+    assert k_values(allocator, slot, 3 * T) == expected(history, 3 * T)
+    fill(allocator, slot, turn)
+    allocator.release(slot, turn)
+    again = allocator.acquire(len(filler) + 1, [*filler, 1])  # the filler, from the host
+    assert allocator.length(again) == 7 * T
+    allocator.ensure(again, 7 * T)
+    assert k_values(allocator, again, 7 * T) == expected(filler, 7 * T)
+    allocator.check_invariants(deep=True)
+
+
 @pytest.mark.parametrize("copy", ["offload", "restore"])
 def test_a_host_copy_pins_its_pages_until_its_fence_completes(
     make_allocator: MakeAllocator, copy: str
