@@ -119,6 +119,9 @@ def prefix_counts(name: str, rows: list[dict[str, Any]]) -> Counts:
         if cache and off and off["generated_tokens_per_s"]:
             ratio = row["generated_tokens_per_s"] / off["generated_tokens_per_s"]
             counts[f"{name}_{mode}_{layout}_on_over_off"] = round(ratio, 2)
+        if cache and row.get("schedule_floor_s"):  # the closed loop's own length (think times)
+            ratio = row["seconds"] / row["schedule_floor_s"]
+            counts[f"{name}_{mode}_{layout}_seconds_over_floor"] = round(ratio, 3)
         if mode == "paged" or not cache or paged is None:
             continue
         key = f"{name}_{layout}"
@@ -289,6 +292,25 @@ PARTS: tuple[Part, ...] = (
         ),
         "bench_prefix: 192 conversations x 5 turns with 3-9 s think times and 4 GiB of KV, both "
         "modes without and with a 48 GiB host tier (the histories' ~36 GiB fit; #25's target)",
+        GPU,
+        parse=parse_prefix,
+    ),
+    Part(
+        "prefix_think_unbounded",
+        300,
+        (
+            bench(
+                "bench_prefix",
+                "--workloads",
+                "think",
+                "--cache",
+                "on",
+                "--kv-cache-gib",
+                "48",
+            ),
+        ),
+        "bench_prefix: prefix_offload's think-time chat with 48 GiB of KV, no tier: every history "
+        "stays on the GPU, the TTFT by turn and run time an unbounded cache gives (#25's ceiling)",
         GPU,
         parse=parse_prefix,
     ),
