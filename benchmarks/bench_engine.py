@@ -11,8 +11,8 @@ ShareGPT-like lognormal prompt and output lengths through ``--slots`` slots, so 
 the batch churns), batch256 (256 requests of 128-token prompts, 512 outputs: the full batch),
 kvbound (128 requests of 1K-token prompts, 2K outputs, for a fixed ``--kv-cache-gib``).
 Modes suffixed ``-fp8`` store the KV cache in fp8 (e4m3, ``kv_cache_dtype="fp8"``); ``-fa2``
-prefill on FlashInfer's fa2 kernel where the mode would pick fa3 (``prefill_kernel="fa2"``; each
-row names the prefill kernel it ran and why).
+and ``-fa3`` prefill on that FlashInfer kernel (``prefill_kernel``; auto is fa2, fa3 falls back to
+fa2 where it cannot address the cache; each row names the prefill kernel it ran and why).
 ``--shape qwen2.5-7b`` runs a second model shape (28 layers, 28 q / 4 kv heads, qkv bias).
 ``--floor`` measures the decode step against its practical floor (the linears in a CUDA graph plus
 attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K where the KV fits.
@@ -117,7 +117,7 @@ def run_vattn(
             kv_cache_dtype="fp8" if "fp8" in options else "auto",
             kv_cache_bytes=args.kv_cache_gib << 30 if args.kv_cache_gib else None,
             async_scheduling="sync" not in options,
-            prefill_kernel="fa2" if "fa2" in options else "auto",
+            prefill_kernel=next((k for k in ("fa2", "fa3") if k in options), "auto"),
         )
     )
     runner, kv = engine.runner, engine.kv

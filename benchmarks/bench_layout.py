@@ -138,7 +138,7 @@ def stride_probe(batch: int, context: int) -> dict[str, Any]:
         list(range(batch)), [context - 1] * batch, batch, torch.device("cuda")
     )
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    kernel = choose_prefill_kernel(1 << 20, 1 << 12, 1 << 12)
+    kernel = choose_prefill_kernel(1 << 20, 1 << 12, 1 << 12, requested="fa3")
     out: dict[str, Any] = {"batch": batch, "context": context}
     for name, row_bytes in PROBE_ROWS.items():
         row = row_bytes // 2  # bf16 elements

@@ -57,13 +57,23 @@ def require_head_dim(head_dim: int) -> None:
 class PrefillKernel:
     """The FlashInfer prefill backend for a cache and why (a sentence with the numbers)."""
 
-    backend: str  # "auto" (FlashInfer picks fa3 on Hopper) or "fa2"
+    backend: str  # FlashInfer's: "auto" (it picks fa3 on Hopper: prefill_kernel="fa3") or "fa2"
     reason: str
 
 
-#: What users may ask for (``EngineConfig.prefill_kernel``): FlashInfer's choice where fa3 reaches
-#: the cache, or fa2 always.
-PREFILL_KERNELS = ("auto", "fa2")
+#: What users may ask for (``EngineConfig.prefill_kernel``): ``auto`` (fa2, below), ``fa2``, or
+#: ``fa3`` (FlashInfer's Hopper kernel where it reaches the cache, else fa2).
+PREFILL_KERNELS = ("auto", "fa2", "fa3")
+
+#: Why ``auto`` is fa2: the engine's prefill-phase steps carry the running requests' decode rows
+#: through the prefill kernel, and fa3 tiles queries 128 rows per request (a decode row fills one
+#: of them; FlashInfer issue #1340, and SGLang's FlashInfer backend pins fa2). On one H100
+#: (2026-12-07, gpu-proof/engine_kernels, ShareGPT-like chat at 256 slots, both run orders) the
+#: paged mode ran 1.165x faster on fa2 than on fa3; fa3 wins on prefill attention alone
+#: (1.09-1.71x on an H200), so ``fa3`` stays on request for prefill-only work.
+AUTO_REASON = (
+    "auto: fa2 (mixed prefill + decode steps run 1.165x faster on it than on fa3 on an H100)"
+)
 
 
 def choose_prefill_kernel(
@@ -73,9 +83,10 @@ def choose_prefill_kernel(
     fp8_kv: bool = False,
     requested: str = "auto",
 ) -> PrefillKernel:
-    """``auto`` when fa3's 32-bit addressing reaches every row and the cache is not fp8, else
-    ``fa2``; ``requested="fa2"`` takes fa2 always. Raises ValueError when no FlashInfer kernel can
-    index the cache (more than 2**31 - 1 rows) or for an unknown ``requested``."""
+    """``requested="fa3"``: FlashInfer's ``auto`` backend (fa3 on Hopper) when fa3's 32-bit
+    addressing reaches every row and the cache is not fp8, else ``fa2``; ``auto`` and ``fa2``:
+    fa2 (``AUTO_REASON``). Raises ValueError when no FlashInfer kernel can index the cache (more
+    than 2**31 - 1 rows) or for an unknown ``requested``."""
     if requested not in PREFILL_KERNELS:
         raise ValueError(
             f"prefill kernel {requested!r}: choose one of {', '.join(PREFILL_KERNELS)}"
@@ -87,6 +98,8 @@ def choose_prefill_kernel(
         )
     if requested == "fa2":
         return PrefillKernel("fa2", "fa2 requested (prefill_kernel)")
+    if requested == "auto":
+        return PrefillKernel("fa2", AUTO_REASON)
     if fp8_kv:
         return PrefillKernel(
             "fa2", "fp8 KV cache: FlashInfer's Hopper prefill does not build for bf16 q + e4m3 KV"

@@ -38,7 +38,7 @@ def kernel_for(config: KVCacheConfig) -> str:
         if config.layout.value == "interleaved"
         else config.num_kv_heads * 128 * 2
     )
-    return choose_prefill_kernel(rows, stride, rows).backend
+    return choose_prefill_kernel(rows, stride, rows, requested="fa3").backend
 
 
 def test_the_reported_crash_configuration_is_kept_off_fa3() -> None:
@@ -65,17 +65,17 @@ def test_per_layer_and_paged_caches_keep_fa3() -> None:
         budget_bytes=100 << 30,
     )
     rows = paged.num_blocks * paged.block_size
-    assert choose_prefill_kernel(rows, 8 * 128 * 2, rows).backend == "auto"
+    assert choose_prefill_kernel(rows, 8 * 128 * 2, rows, requested="fa3").backend == "auto"
 
 
 def test_boundaries_are_exact() -> None:
     stride = 128 * 1024
     rows = FA3_ADDRESSABLE_BYTES // stride
-    assert choose_prefill_kernel(rows, stride, 1).backend == "auto"
-    over = choose_prefill_kernel(rows + 1, stride, 1)
+    assert choose_prefill_kernel(rows, stride, 1, requested="fa3").backend == "auto"
+    over = choose_prefill_kernel(rows + 1, stride, 1, requested="fa3")
     assert over.backend == "fa2" and "64 GiB" in over.reason
-    assert choose_prefill_kernel(10, 16, FA3_MAX_STEP_KV_TOKENS).backend == "auto"
-    many = choose_prefill_kernel(10, 16, FA3_MAX_STEP_KV_TOKENS + 1)
+    assert choose_prefill_kernel(10, 16, FA3_MAX_STEP_KV_TOKENS, requested="fa3").backend == "auto"
+    many = choose_prefill_kernel(10, 16, FA3_MAX_STEP_KV_TOKENS + 1, requested="fa3")
     assert many.backend == "fa2" and f"{FA3_MAX_STEP_KV_TOKENS:,}" in many.reason
 
 
@@ -119,8 +119,12 @@ def test_fa2_on_request_and_the_option_names_the_same_kernels() -> None:
     from replica.options import declared_options
 
     assert choose_prefill_kernel(10, 16, 10, requested="fa2").backend == "fa2"
-    assert choose_prefill_kernel(10, 16, 10).backend == "auto"
-    with pytest.raises(ValueError, match="prefill kernel 'fa3'"):
-        choose_prefill_kernel(10, 16, 10, requested="fa3")
+    assert choose_prefill_kernel(10, 16, 10, requested="fa3").backend == "auto"
+    # auto is fa2 (mixed prefill + decode steps), fp8 or not, with the measured reason.
+    for fp8 in (False, True):
+        kernel = choose_prefill_kernel(10, 16, 10, fp8_kv=fp8)
+        assert kernel.backend == "fa2" and "1.165x" in kernel.reason
+    with pytest.raises(ValueError, match="prefill kernel 'fa4'"):
+        choose_prefill_kernel(10, 16, 10, requested="fa4")
     spec = next(s for s in declared_options(EngineConfig) if s.field == "prefill_kernel")
     assert spec.choices == PREFILL_KERNELS and spec.flag == "--prefill-kernel"

@@ -200,8 +200,8 @@ def test_fp8_names_backends_and_prefill_kernel() -> None:
     with pytest.raises(ValueError, match="torch-fa2 attention backend cannot read an fp8"):
         TorchFlashBackend(cache, Q_HEADS, KV_HEADS, HEAD_DIM)
     # Hopper's prefill does not build for bf16 q + e4m3 KV: fp8 prefills on fa2, however small.
-    assert choose_prefill_kernel(1024, 256, 1024, fp8_kv=True).backend == "fa2"
-    assert choose_prefill_kernel(1024, 256, 1024).backend == "auto"
+    assert choose_prefill_kernel(1024, 256, 1024, fp8_kv=True, requested="fa3").backend == "fa2"
+    assert choose_prefill_kernel(1024, 256, 1024, requested="fa3").backend == "auto"
 
 
 def greedy(engine: LLMEngine, prompt: list[int], tokens: int) -> list[tuple[int, float, dict]]:
