@@ -6,6 +6,12 @@ released conversation: in place) and evict
 the token each position of each running slot stores (its bytes, read through the slot: an aliased
 page must show the prefix's bytes), and against what the extension really mapped and counts.
 
+Every example with the prefix cache starts with a conversation's first turn, released, and its
+next turn, which with deferred reclamation finds the history cached: sharing by construction. The
+rules alone left whole runs without a hit: hypothesis' swarm testing turns rules off per example
+(share and continue, or release, which leaves the three slots full), and its mutations repeat an
+example's initialize draws, so only 4-9 independent examples of a run shared.
+
 Size: VATTN_STATEFUL_SCALE (default 1) multiplies the examples; 1 runs >= 10,000 operations on the
 host backend, >= 2,000 on CUDA (a fifth of the examples); the GPU soak (benchmarks/soak_gpu.py)
 runs CUDA at scale 20.
@@ -115,6 +121,22 @@ class AllocatorMachine(RuleBasedStateMachine):
         )
         self.prefix = prefix
         self.random = random.Random(seed)
+        if prefix:
+            self.first_turns()
+
+    def first_turns(self) -> None:
+        """A conversation's first turn (one full block, and the token computed for its logits),
+        released, then its next turn: in place, a hit, with deferred reclamation. Both turns fit
+        two page groups, the smallest budget's."""
+        first = self.new_tokens(self.allocator.config.prefix_block_tokens + 1)
+        self.start(len(first), first)
+        (slot,) = self.tokens
+        self.drop(slot)
+        shared = type(self).shared_acquires
+        message = self.new_tokens(self.random.randint(1, 2 * TOKENS_PER_PAGE - len(first)))
+        self.start(len(first) + len(message), [*first, *message])
+        if self.allocator.config.deferred_reclamation:
+            assert type(self).shared_acquires == shared + 1, "a next turn missed its history"
 
     def new_tokens(self, count: int) -> list[int]:
         return [self.random.randrange(VOCAB) for _ in range(count)]
