@@ -11,8 +11,12 @@ of two, and keeps freed memory in its cache, so a tier dropped at shutdown would
 
 Lifetime: ``PinnedChunks`` owns the tensors; when it is collected (its owner gone) or ``release``
 is called, the device is synchronized (no copy may still read or write them) and each chunk is
-unregistered before its memory goes back to the allocator. A chunk the runtime refuses to
-register raises ``RuntimeError`` and is not kept.
+unregistered before its memory goes back to the allocator. The caches hold their tier in
+reference cycles, so it is collected by Python's cycle collector, which may run while another
+engine captures a CUDA graph on this thread: a device synchronize then would break the capture,
+so chunks collected during a capture wait (still pinned, still owned) until the next
+``PinnedChunks`` is made or released outside one. A chunk the runtime refuses to register raises
+``RuntimeError`` and is not kept.
 """
 
 from __future__ import annotations
@@ -22,13 +26,24 @@ from collections.abc import Sequence
 
 import torch
 
+#: Chunks collected during a graph capture: (device, chunks), unregistered later (module doc).
+_deferred: list[tuple[torch.device, list[torch.Tensor]]] = []
+
 
 def _cudart():  # noqa: ANN202 (torch's runtime bindings module)
     return torch.cuda.cudart()
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
 def _unregister(device: torch.device, chunks: list[torch.Tensor]) -> None:
     if not chunks:
+        return
+    if _capturing():
+        _deferred.append((device, list(chunks)))
+        chunks.clear()
         return
     try:
         torch.cuda.synchronize(device)
@@ -39,11 +54,18 @@ def _unregister(device: torch.device, chunks: list[torch.Tensor]) -> None:
     chunks.clear()
 
 
+def _drain_deferred() -> None:
+    """Unregisters the chunks collected during a capture, when none is under way."""
+    while _deferred and not _capturing():
+        _unregister(*_deferred.pop())
+
+
 class PinnedChunks:
     """Host chunks pinned by registration for ``device`` (a CUDA device); ``chunks`` holds them in
     allocation order."""
 
     def __init__(self, device: torch.device) -> None:
+        _drain_deferred()
         self.device = device
         self.chunks: list[torch.Tensor] = []
         self._finalizer = weakref.finalize(self, _unregister, device, self.chunks)
@@ -63,3 +85,4 @@ class PinnedChunks:
     def release(self) -> None:
         """Unregisters every chunk and drops them (after the device's work is done)."""
         self._finalizer()
+        _drain_deferred()

@@ -37,6 +37,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     fake = FakeRuntime(calls)
     monkeypatch.setattr(pinned, "_cudart", lambda: fake)
     monkeypatch.setattr(pinned.torch.cuda, "synchronize", lambda device: calls.append(("sync",)))
+    monkeypatch.setattr(pinned, "_capturing", lambda: False)
     return fake
 
 
@@ -81,3 +82,24 @@ def test_dropping_the_owner_unpins_its_chunks(runtime: FakeRuntime) -> None:
     del owner
     gc.collect()
     assert runtime.calls[-2:] == [("sync",), ("unregister", address)]
+
+
+def test_chunks_collected_during_a_graph_capture_wait_for_its_end(
+    runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cycle collector may drop a tier while another engine captures a CUDA graph: no
+    synchronize then (it would break the capture); the chunks stay pinned until the next owner is
+    made outside a capture."""
+    capturing = [True]
+    monkeypatch.setattr(pinned, "_capturing", lambda: capturing[0])
+    owner = pinned.PinnedChunks(torch.device("cuda", 0))
+    address = owner.allocate((1, 4096)).data_ptr()
+    del owner
+    gc.collect()
+    assert [call[0] for call in runtime.calls] == ["register"]  # nothing synchronized
+    pinned.PinnedChunks(torch.device("cuda", 0))  # made during the capture: still waits
+    assert len(runtime.calls) == 1
+    capturing[0] = False
+    pinned.PinnedChunks(torch.device("cuda", 0))
+    assert runtime.calls[1:] == [("sync",), ("unregister", address)]
+    assert not pinned._deferred  # noqa: SLF001
