@@ -145,11 +145,19 @@ def run_group(
 ) -> tuple[int | None, bool]:
     """Runs ``argv`` in a process group of its own: (its return code, whether it ran out of time).
     Out of time: SIGINT to the group, SIGKILL ``grace_s`` later. Whatever of the group outlives
-    its leader is killed, also when this process is interrupted."""
+    its leader is killed, also when this process is interrupted. The part starts with SIGINT's
+    default action even where this process ignores it (a command started with ``&`` from a
+    script inherits SIGINT ignored, and so would every part: no clean-up at its budget)."""
     if timeout_s <= 0:
         return None, True
     proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     timed_out = False
     try:
@@ -165,6 +173,10 @@ def run_group(
         signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
     return proc.returncode, timed_out
+
+
+def _default_sigint() -> None:  # in the child, before exec: dispositions set there are kept
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
