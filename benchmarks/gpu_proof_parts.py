@@ -224,6 +224,7 @@ GPU = ("cuda", "flashinfer")
 SERVE = ("cuda", "flashinfer", "ray")
 BOTH_LAYOUTS = ("--layouts", "interleaved,per_layer")
 CHAT = ("bench_router", "--gpu", "--workload", "chat", "--routers")
+THINK = ("bench_prefix", "--workloads", "think", "--cache", "on")  # chat with think times
 
 PARTS: tuple[Part, ...] = (
     Part(
@@ -278,19 +279,7 @@ PARTS: tuple[Part, ...] = (
     Part(
         "prefix_offload",
         540,
-        (
-            bench(
-                "bench_prefix",
-                "--workloads",
-                "think",
-                "--cache",
-                "on",
-                "--kv-cache-gib",
-                "4",
-                "--offload-gib",
-                "0,48",
-            ),
-        ),
+        (bench(*THINK, "--kv-cache-gib", "4", "--offload-gib", "0,48"),),
         "bench_prefix: 192 conversations x 5 turns with 3-9 s think times and 4 GiB of KV, both "
         "modes without and with a 48 GiB host tier (the histories' ~36 GiB fit; #25's target)",
         GPU,
@@ -299,19 +288,7 @@ PARTS: tuple[Part, ...] = (
     Part(
         "prefix_think_unbounded",
         200,
-        (
-            bench(
-                "bench_prefix",
-                "--workloads",
-                "think",
-                "--cache",
-                "on",
-                "--kv-cache-gib",
-                "48",
-                "--modes",
-                "paged",
-            ),
-        ),
+        (bench(*THINK, "--kv-cache-gib", "48", "--modes", "paged"),),
         "bench_prefix: prefix_offload's think-time chat with 48 GiB of KV, no tier, the paged "
         "mode: every history stays on the GPU, the TTFT by turn and run time an unbounded cache "
         "gives (#25's ceiling; a property of the workload, so one mode)",
