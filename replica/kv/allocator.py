@@ -143,8 +143,7 @@ class KVCacheAllocator(KVCache):
            hit aliased (pages are scarce: aliasing keeps one copy). Copies follow the ordering
            contract of ``replica.kv.copies``.
 
-        The tier's blocks after the hit are restored deferred (``replica.kv.slot_restores``), into
-        a released slot's mapped pages where free ones fall short (``wants_mapped_slot``).
+        Host-tier blocks after the hit: restored deferred (``SlotRestores``, ``wants_mapped_slot``).
 
         Without the prefix cache, the released slot whose mapped pages best fit ``tokens_hint``
         (deferred reclamation pays off here), else an empty one."""
@@ -152,7 +151,7 @@ class KVCacheAllocator(KVCache):
         prompt = tuple(prompt)
         hit, keys = self._prefixes.lookup(prompt)
         hit_keys = keys[: len(hit)]
-        restores, root = self._restores, self._prefixes.index.root
+        restores = self._restores
         mapped = restores is not None and restores.wants_mapped_slot(prompt, keys, len(hit), need)
         index = self._prefixes.choose_slot(hit, hit_keys, mapped) if self._prefix else None
         if index is None:
@@ -161,7 +160,7 @@ class KVCacheAllocator(KVCache):
         kept = self._prefixes.holds(slot, hit_keys)  # its leading blocks holding the hit's
         taken = self._prefixes.take_hit(index, hit, kept) if self._prefix else 0
         self._maps.set_state(slot, SlotState.RUNNING)
-        restored = restores.plan(index, prompt, keys, taken, root) if restores is not None else 0
+        restored = restores.plan(index, prompt, keys, taken) if restores is not None else 0
         cached_tokens = (taken + restored) * self.config.prefix_block_tokens
         if self._prefix:
             self._prefixes.queries.acquired(index, len(prompt), cached_tokens)
@@ -301,8 +300,9 @@ class KVCacheAllocator(KVCache):
         come back in ``unbacked``."""
         for slot_index in lengths:
             self._running(slot_index)
-            if self._restores and slot_index in self._restores:  # empty: no lookup a slot
-                raise ValueError(f"slot {slot_index} restores: a waited ensure copies it first")
+        if self._restores:  # a restore pending (rare): a waited ensure copies its slot first
+            if pending := [i for i in lengths if i in self._restores]:
+                raise ValueError(f"slots {pending} have restores pending: ensure them first")
         self.check_step_lengths(lengths)
         for slot_index, length in lengths.items():
             slot = self._slots[slot_index]

@@ -77,6 +77,10 @@ CHUNK_BLOCKS = 256
 Located = tuple[int, int]
 
 
+def _pageable(shape: Sequence[int]) -> torch.Tensor:  # a chunk on a CPU: nothing to pin
+    return torch.empty(tuple(shape), dtype=torch.uint8)
+
+
 class HostTier:
     """Host copies of prefix blocks, ``copies.block_bytes`` a block (its bytes in every view).
 
@@ -102,9 +106,8 @@ class HostTier:
         self._pin_row = pin
         self._make_fence = make_fence or (lambda: stream_fence(self._device))
         self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        # copies.chunk_shape(up to CHUNK_BLOCKS) each; pinned by registration on a GPU
+        self._chunks: list[torch.Tensor] = []  # copies.chunk_shape(up to CHUNK_BLOCKS) each
         self._pinned = PinnedChunks(self._device) if self._side is not None else None
-        self._chunks: list[torch.Tensor] = self._pinned.chunks if self._pinned is not None else []
         self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
         self._key_of: dict[int, int] = {}  # host block -> key
         self._free: list[int] = []  # host blocks holding nothing, descending
@@ -251,14 +254,11 @@ class HostTier:
         """Pins the tier's memory a chunk at a time; pinned memory refused leaves the tier at the
         chunks pinned so far (``capacity`` lowered), with one warning."""
         started, pinned = time.perf_counter(), 0
+        allocate = self._pinned.allocate if self._pinned is not None else _pageable
         while pinned < self.capacity:
             blocks = min(CHUNK_BLOCKS, self.capacity - pinned)
-            shape = self._copies.chunk_shape(blocks)
             try:
-                if self._pinned is not None:
-                    self._pinned.allocate(shape)  # appended to self._chunks
-                else:
-                    self._chunks.append(torch.empty(shape, dtype=torch.uint8))
+                self._chunks.append(allocate(self._copies.chunk_shape(blocks)))
             except RuntimeError as error:  # pinned memory refused: the tier stays smaller
                 log.warning("host KV tier stays at %d blocks: %s", pinned, error)
                 self.capacity = pinned

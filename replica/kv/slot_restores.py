@@ -93,20 +93,22 @@ class SlotRestores:
         H100); rewriting a released slot's own pages maps none, and what it cached was written
         through to the host at its release. A function of the books alone: every
         tensor-parallel rank decides alike."""
-        per_block, root = self._config.prefix_block_tokens, self._prefixes.index.root
-        if not self._tier.stored_after(keys, prompt, root, per_block, hit):
+        if not self._stored_after(prompt, keys, hit):
             return False
         return self._maps.pool.available // self._config.num_ranges < need
 
-    def plan(
-        self, index: int, prompt: Sequence[int], keys: list[int], taken: int, root: int
-    ) -> int:
+    def _stored_after(self, prompt: Sequence[int], keys: list[int], start: int) -> int:
+        """``HostTier.stored_after`` for the prompt's blocks from block ``start`` on."""
+        per_block, root = self._config.prefix_block_tokens, self._prefixes.index.root
+        return self._tier.stored_after(keys, prompt, root, per_block, start)
+
+    def plan(self, index: int, prompt: Sequence[int], keys: list[int], taken: int) -> int:
         """Decides the restore of the blocks after slot ``index``'s ``taken`` that the tier holds,
         growing the slot for them (maps submitted, never waited for here) and reserving their
         host blocks; returns how many (0 where the tier holds none, block ``taken`` starts in a
         page the slot shares, or pages cannot be had)."""
+        count = self._stored_after(prompt, keys, taken)
         config, per_block = self._config, self._config.prefix_block_tokens
-        count = self._tier.stored_after(keys, prompt, root, per_block, taken)
         slot = self._maps.slots[index]
         page = taken * config.block_bytes // config.page_size
         if not count or (page < len(slot.groups) and not self._maps.private(slot.groups[page])):
