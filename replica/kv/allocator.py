@@ -279,16 +279,16 @@ class KVCacheAllocator(KVCache):
         # Waits only for the batch that maps these tokens' pages: eager pages booked ahead may
         # still be mapping (the common decode case: they were submitted steps ago and are done).
         ticket = slot.tickets[need - 1] if need else 0  # tickets ascend with the page index
-        if wait and ticket and not self._maps.worker.done(ticket):
-            admission = slot_index in self._admitting
-            self._maps.wait(ticket, WaitCause.ADMISSION if admission else WaitCause.STEP)
+        cause = WaitCause.ADMISSION if slot_index in self._admitting else WaitCause.STEP
         slot.length = slot.reserved = tokens
         self._prefixes.queries.backed(slot_index)
-        if wait:
-            self._admitting.discard(slot_index)
-        if wait and restores is not None and slot_index in restores:
-            # Its pages are mapped: the wait covered tokens >= the restore's (tickets ascend).
-            restores.start(slot_index)  # KVRestoreFailed: the books are whole
+        try:  # a restore copies each piece once its batch is mapped: its waits come first
+            if wait and restores is not None and slot_index in restores:
+                restores.start(slot_index, lambda t: self._maps.wait(t, cause))  # KVRestoreFailed
+        finally:
+            if wait:
+                self._maps.wait(ticket, cause)
+                self._admitting.discard(slot_index)
         self._checked()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:

@@ -13,10 +13,29 @@ from replica.kv.slot_prefixes import SlotPrefixes
 from replica.kv.slots import Group, Slot, SlotMaps, SlotState
 from replica.kv.stats import OpCause
 
+#: A pipelined growth's batches (``SlotGrowth.grow``): the first maps this many pages, each next
+#: twice the last, up to the most.
+FIRST_BATCH_PAGES, MOST_BATCH_PAGES = 2, 64
+
 
 def groups_of(ids: Sequence[int], ranges: int) -> list[Group]:
     """Page ids taken for whole groups, cut into groups (one page per range)."""
     return [tuple(ids[i : i + ranges]) for i in range(0, len(ids), ranges)]
+
+
+def pipelined_batches(groups: int, ranges: int) -> list[int]:
+    """How many of ``groups`` page groups (``ranges`` pages each) each worker batch maps when a
+    growth is pipelined: ``FIRST_BATCH_PAGES`` first, doubling up to ``MOST_BATCH_PAGES``, at
+    least one group each. A restore's copy of a batch's blocks starts when that batch is mapped,
+    while the worker maps the next (a 2 MiB page maps in ~22-32 us on an H100 and copies from
+    pinned memory in ~38 us), so the wait before the first copy is short and the copies hide the
+    rest of the mapping."""
+    sizes: list[int] = []
+    pages = FIRST_BATCH_PAGES
+    while sum(sizes) < groups:
+        sizes.append(min(max(1, pages // ranges), groups - sum(sizes)))
+        pages = min(2 * pages, MOST_BATCH_PAGES)
+    return sizes
 
 
 class SlotGrowth:
@@ -54,10 +73,12 @@ class SlotGrowth:
             target = min(target, config.page_groups_for(tokens + config.eager_lookahead_tokens))
         return min(target, config.pages_per_slot)
 
-    def grow(self, slot_index: int, tokens: int) -> bool:
+    def grow(self, slot_index: int, tokens: int, pipelined: bool = False) -> bool:
         """Queues mapping so the slot backs ``tokens``, then eager groups (``eager_target``) if
         they can be had without reclaiming. False, with nothing queued for this slot, if
-        ``tokens`` cannot be backed."""
+        ``tokens`` cannot be backed. ``pipelined``: the groups go to the worker in several batches
+        (``pipelined_batches``, each flushed but the last), so a caller can start on the first
+        groups while the worker maps the others."""
         slot, ranges = self.maps.slots[slot_index], self.config.num_ranges
         need = self.config.page_groups_for(tokens)
         pages = max(need - len(slot.groups), 0) * ranges
@@ -74,9 +95,15 @@ class SlotGrowth:
         ids = list(taken.ids) + (list(extra.ids) if extra else [])
         if not ids:
             return True
-        self.maps.create(list(taken.new_ids) + list(extra.new_ids if extra else ()), OpCause.GROWTH)
+        new = {*taken.new_ids, *(extra.new_ids if extra else ())}
         added = groups_of(ids, ranges)
-        self.maps.map_groups(slot_index, added, OpCause.GROWTH)  # the next flush carries them
+        sizes = pipelined_batches(len(added), ranges) if pipelined else [len(added)]
+        for i, size in enumerate(sizes):
+            if i:  # the batch before goes to the worker
+                self.maps.flush()
+            batch, added = added[:size], added[size:]
+            self.maps.create([p for group in batch for p in group if p in new], OpCause.GROWTH)
+            self.maps.map_groups(slot_index, batch, OpCause.GROWTH)  # the next flush carries it
         return True
 
     def _reclaim(self, pages: int, exclude: int) -> None:

@@ -51,10 +51,11 @@ most one key; used + free == capacity; a pinned host block is stored; a reserved
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -190,19 +191,32 @@ class HostTier:
         self.offloaded_bytes += len(missing) * self._block_bytes
 
     def restore(
-        self, keys: Sequence[int], located: Sequence[Located], start: int, count: int
+        self,
+        keys: Sequence[int],
+        located: Sequence[Located],
+        start: int,
+        count: int,
+        stops: Iterable[int] = (),
     ) -> None:
         """Copies the tier's blocks of ``keys[start : start + count]`` to ``located[start ..]``
-        (mapped, the sequence's own) on the current stream."""
+        (the sequence's own) on the current stream, a piece at a time: ``stops`` yields each
+        piece's end (ascending; a last piece runs to ``start + count``) once the blocks below it
+        may be written, their pages mapped. Taking the next stop may wait (for the mapping
+        worker) while the pieces before it copy."""
         if count <= 0:
             return
-        blocks = list(range(start, start + count))
-        hosts = [self._blocks[keys[j]] for j in blocks]
-        self._touch(keys, start + count)
-        runs = self._runs([located[j] for j in blocks], hosts)
+        end = start + count
+        self._touch(keys, end)
         self.before_copy("restore")
-        self._copy(runs, to_host=False)
-        self._pin(runs, self._make_fence(), to_host=False)
+        for stop in itertools.chain(stops, (end,)):  # lazily: a stop may wait
+            blocks = range(start, min(stop, end))
+            if not blocks:
+                continue
+            hosts = [self._blocks[keys[j]] for j in blocks]
+            runs = self._runs([located[j] for j in blocks], hosts)
+            self._copy(runs, to_host=False)
+            self._pin(runs, self._make_fence(), to_host=False)
+            start = blocks.stop
         self.restored_bytes += count * self._block_bytes
 
     def _touch(self, keys: Sequence[int], limit: int) -> None:

@@ -145,8 +145,12 @@ class SlotMaps:
 
     # ---- waiting -------------------------------------------------------------------------------
     def wait(self, ticket: int, cause: WaitCause) -> None:
-        """Waits for the worker's batch ``ticket``, counting the wait under ``cause``."""
+        """Waits for the worker's batch ``ticket``, counting the wait under ``cause`` (none if it
+        had run: its error, if any, is still raised)."""
         if not ticket:
+            return
+        if self.worker.done(ticket):
+            self.worker.wait(ticket)
             return
         started = time.perf_counter()
         try:

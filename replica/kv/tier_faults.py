@@ -24,7 +24,9 @@ failed load likewise). A fault that leaves the device unusable fails the next st
 through the engine's error path.
 
 Only RuntimeError counts as a copy fault (torch's errors, CUDA's included); any other exception out
-of the tier is a bug and propagates.
+of the tier is a bug and propagates. So does ``VmmError``: a piecewise restore waits for its pages'
+maps between pieces (``HostTier.restore``'s ``stops``), and a failed map is the mapping's failure,
+which the cache's waits raise as they would without the tier.
 
 Tensor parallelism (``replica.kv.recording``): each rank's cache has its own tier and makes its own
 copies, and every rank must keep the books rank 0 keeps. So rank 0's faults are part of its page
@@ -48,13 +50,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from replica.kv.host_tier import HostTier, Located
+from replica.vmm import VmmError
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,12 @@ class TierFaults:
 
     # ---- copies --------------------------------------------------------------------------------
     def restore(
-        self, keys: Sequence[int], located: Sequence[Located], start: int, count: int
+        self,
+        keys: Sequence[int],
+        located: Sequence[Located],
+        start: int,
+        count: int,
+        stops: Iterable[int] = (),
     ) -> bool:
         """``HostTier.restore``; False if the copy raised: the blocks ``keys[start : start +
         count]`` were not restored (the caller computes them) and have left the tier."""
@@ -125,7 +133,9 @@ class TierFaults:
                 raise RuntimeError(
                     f"{len(in_doubt)} blocks are in doubt: their offload failed here"
                 )
-            self.tier.restore(keys, located, start, count)
+            self.tier.restore(keys, located, start, count, stops)
+        except VmmError:  # a wait for the pages' maps (module docstring): not the copy's fault
+            raise
         except RuntimeError as error:
             self._failed("restore", keys[start : start + count], error)
             return False

@@ -6,8 +6,13 @@ restore's blocks, and only a waited ensure starts the copy (host backend; CUDA u
 from __future__ import annotations
 
 import pytest
+import torch
 
 from replica import KVCacheAllocator
+from replica.kv import host_copies
+from replica.kv.growth import pipelined_batches
+from replica.kv.slots import SlotMaps
+from replica.kv.stats import WaitCause
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 from tests.allocator.test_host_tier import evict_everything, tiered
 from tests.allocator.test_prefix_copies import cached_conversation, expected
@@ -93,4 +98,62 @@ def test_two_slots_restoring_the_same_blocks_both_read_them(make_allocator: Make
     allocator.check_invariants(deep=True)
     fill(allocator, second, turn)
     assert k_values(allocator, second, len(turn)) == expected(turn, len(turn))
+    allocator.check_invariants(deep=True)
+
+
+def test_pipelined_batches_start_small_and_double() -> None:
+    assert pipelined_batches(12, ranges=1) == [2, 4, 6]  # pages 2, 4, then the rest
+    assert pipelined_batches(200, ranges=1) == [2, 4, 8, 16, 32, 64, 64, 10]
+    assert pipelined_batches(3, ranges=64) == [1, 1, 1]  # a group is bigger than any batch
+    assert pipelined_batches(1, ranges=1) == [1]
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_a_restore_copies_each_mapping_batch_once_it_is_mapped(
+    make_allocator: MakeAllocator, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """A restore into pages it maps submits them in growing batches, and the slot's waited ensure
+    copies each batch's blocks right after waiting for that batch, before waiting for the next:
+    the copies run while the worker maps (``replica.kv.slot_restores``)."""
+    ranges = 2 * 2 if layout == "per_layer" else 1  # the host model: 2 layers' K and V
+    blocks = 12
+    allocator, history = evicted_history(
+        make_allocator,
+        blocks=blocks,
+        layout=layout,
+        budget_pages=16 * ranges,
+        host_blocks=16,
+        max_tokens=16 * T,
+    )
+    assert allocator.config.num_ranges == ranges
+    allocator.shrink()  # no page stays mapped: the restore maps (and creates) all of its own
+    turn = [*history, 1]
+    events: list[tuple[str, int]] = []
+    wait, copy = SlotMaps.wait, host_copies.copy_pairs
+
+    def logged_wait(maps: SlotMaps, ticket: int, cause: WaitCause) -> None:
+        events.append(("wait", ticket))
+        wait(maps, ticket, cause)
+
+    def logged_copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        events.append(("copy", sum(t.numel() for t in targets)))
+        copy(targets, sources)
+
+    monkeypatch.setattr(SlotMaps, "wait", logged_wait)
+    monkeypatch.setattr(host_copies, "copy_pairs", logged_copy)
+    slot = allocator.acquire(len(turn), turn)
+    assert allocator.restoring_tokens(slot) == blocks * T
+    allocator.ensure(slot, len(turn))
+    groups = allocator.config.page_groups_for(len(turn))
+    batches = pipelined_batches(groups, ranges)
+    assert len(batches) > 1
+    kinds = [kind for kind, _ in events]
+    assert kinds[: 2 * len(batches)] == ["wait", "copy"] * len(batches)
+    tickets = [ticket for kind, ticket in events if kind == "wait"][: len(batches)]
+    assert tickets == sorted(set(tickets))  # one batch each, in order
+    block = allocator.config.block_bytes * ranges
+    copied = [size for kind, size in events if kind == "copy"]
+    assert sum(copied) == blocks * block
+    assert allocator.cached_tokens(turn) == blocks * T
+    assert k_values(allocator, slot, blocks * T) == expected(history, blocks * T)
     allocator.check_invariants(deep=True)

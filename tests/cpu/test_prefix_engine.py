@@ -5,7 +5,7 @@ modes, both layouts, with preemption), while the cache skips the prompt tokens i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -120,11 +120,17 @@ def test_a_failed_host_copy_costs_compute_never_tokens(
             if copies[-1]:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    def half_done(keys: Sequence[int], located: Sequence[tuple[int, int]], *at: int) -> None:
-        restore(keys, located, *at)
+    def half_done(
+        keys: Sequence[int],
+        located: Sequence[tuple[int, int]],
+        start: int,
+        count: int,
+        *stops: Iterable[int],
+    ) -> None:
+        restore(keys, located, start, count, *stops)
         copies.append(len(copies) % 2 == 0)
         if copies[-1]:
-            scribble(kv, located, *at)
+            scribble(kv, located, start, count)
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     faults.inject = inject
