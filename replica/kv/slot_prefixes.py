@@ -254,8 +254,7 @@ class SlotPrefixes:
                 slots[c.source].tickets[last_page],
                 slots[slot_index].tickets[last_page],
             ):
-                if not self.maps.worker.done(ticket):
-                    self.maps.wait(ticket, WaitCause.ADMISSION)
+                self.maps.wait(ticket, WaitCause.ADMISSION)  # none if it has run; its error raised
         self.copies.copy(copies)
 
     def shrink_slot(
