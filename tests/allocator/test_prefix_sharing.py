@@ -8,6 +8,8 @@ import torch
 
 from replica import KVCacheAllocator, KVCacheOutOfMemory
 from replica.kv.base import KVRestoreFailed
+from replica.kv.stats import OpCause, WaitCause
+from replica.vmm import Op
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 
 T = TOKENS_PER_PAGE
@@ -209,6 +211,22 @@ def test_a_release_with_fewer_tokens_than_indexed_unindexes_what_only_it_held(
         other = allocator.acquire(0, [*prompt[:T], 5, 5])
         allocator.release(other, [9] * T)
     allocator.check_invariants(deep=True)
+
+
+def test_a_wait_for_a_batch_that_has_run_raises_its_error_and_is_no_wait(
+    make_allocator: MakeAllocator,
+) -> None:
+    """``SlotMaps.wait`` on a batch the worker has already run returns at once without counting a
+    wait, but still raises that batch's error (a failed map is never skipped unnoticed)."""
+    allocator = make(make_allocator)
+    maps = allocator._maps  # the books under the allocator: the one place waits are made
+    maps.ops.append(Op.map(maps.ranges[0], 0, [10**6], cause=OpCause.GROWTH))  # no such page
+    ticket = maps.flush()
+    assert maps.worker.wait_for(ticket, 10.0)  # it has run, and failed
+    waits = allocator.mapping_breakdown().waits
+    with pytest.raises(ValueError, match="unknown page id"):
+        maps.wait(ticket, WaitCause.STEP)
+    assert allocator.mapping_breakdown().waits == waits
 
 
 def test_the_mapping_breakdown_counts_each_page_by_operation_and_cause(
