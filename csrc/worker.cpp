@@ -63,8 +63,10 @@ void MapWorker::wait(std::uint64_t ticket) {
                                 std::to_string(submitted_) + ")");
   }
   work_done_.wait(lock, [&] { return completed_ >= ticket; });
-  auto it = errors_.find(ticket);
-  if (it != errors_.end()) {
+  // The earliest error not yet reported of a batch up to `ticket`: a caller waiting for a batch
+  // relies on every batch before it (FIFO), so a failed earlier batch is its failure too.
+  auto it = errors_.begin();
+  if (it != errors_.end() && it->first <= ticket) {
     std::exception_ptr error = it->second;
     errors_.erase(it);
     std::rethrow_exception(error);

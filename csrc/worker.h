@@ -3,7 +3,8 @@
 // The engine submits the mapping the next step needs, then runs the model while this thread talks
 // to the driver; the next step waits on the ticket. Batches run strictly in FIFO order, so a
 // synchronous request (submit + wait) also sees every earlier batch applied. If an operation
-// fails, the rest of its batch is skipped and the error is re-thrown by wait() on that ticket.
+// fails, the rest of its batch is skipped and the error is re-thrown by the first wait() on that
+// ticket or a later one.
 #pragma once
 
 #include <condition_variable>
@@ -65,7 +66,8 @@ class MapWorker {
 
   // Queues a batch; returns its ticket (increasing from 1).
   std::uint64_t submit(std::vector<Op> ops);
-  // Blocks until the batch has run; re-throws its error, if any (once).
+  // Blocks until the batch has run; re-throws the error of the earliest batch up to it that
+  // failed and was not yet reported (each error once): the batches before it ran first.
   void wait(std::uint64_t ticket);
   bool done(std::uint64_t ticket) const;
   // Waits at most `seconds` for the batch; whether it has run (its error, if any, stays for wait).

@@ -138,14 +138,22 @@ class SlotRestores:
         (``replica.kv.tier_faults``: those keys leave the tier) or the tier dropped some of the
         keys since (a failed copy elsewhere); the slot holds valid K/V below the kept blocks only,
         the rest are never indexed and the request computes them. The caller still waits for
-        the slot's later batches (a failed copy may leave some unwaited)."""
+        the slot's later batches (a failed copy may leave some unwaited). A wait that raises (a
+        failed map) leaves the restore pending, so a release indexes only the device hit."""
         restore, per_block = self._pending.pop(index), self._config.prefix_block_tokens
         self._tier.unreserve(restore.restored_keys)
         count = min(self._tier.stored(restore.keys, restore.taken), restore.count)
         located = [(index, j) for j in range(restore.taken + count)]
         stops = self._mapped_stops(index, restore.taken, restore.taken + count, wait)
-        if count and not self._faults.restore(restore.keys, located, restore.taken, count, stops):
-            count = 0
+        try:
+            if count and not self._faults.restore(
+                restore.keys, located, restore.taken, count, stops
+            ):
+                count = 0
+        except BaseException:  # a wait raised (a failed map): still pending, nothing indexed
+            self._pending[index] = restore
+            self._tier.reserve(restore.restored_keys)
+            raise
         self.hit_tokens += count * per_block
         kept = (restore.taken + count) * per_block
         self._prefixes.register(self._maps.slots[index], kept)

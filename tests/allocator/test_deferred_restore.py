@@ -13,6 +13,7 @@ from replica.kv import host_copies
 from replica.kv.growth import pipelined_batches
 from replica.kv.slots import SlotMaps
 from replica.kv.stats import WaitCause
+from replica.vmm import MapWorker, VmmError
 from tests.allocator.conftest import TOKENS_PER_PAGE, MakeAllocator
 from tests.allocator.test_host_tier import evict_everything, tiered
 from tests.allocator.test_prefix_copies import cached_conversation, expected
@@ -156,4 +157,46 @@ def test_a_restore_copies_each_mapping_batch_once_it_is_mapped(
     assert sum(copied) == blocks * block
     assert allocator.cached_tokens(turn) == blocks * T
     assert k_values(allocator, slot, blocks * T) == expected(history, blocks * T)
+    allocator.check_invariants(deep=True)
+
+
+class FailingWaits:
+    """The mapping worker, but the first wait for ``ticket`` raises a VmmError after the batch ran
+    (as a map the driver refused would)."""
+
+    def __init__(self, worker: MapWorker, ticket: int) -> None:
+        self._worker, self._ticket = worker, ticket
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._worker, name)
+
+    def wait(self, ticket: int) -> None:
+        self._worker.wait(ticket)
+        if ticket == self._ticket:
+            self._ticket = -1
+            raise VmmError("injected: cuMemMap failed")
+
+
+def test_a_map_failing_under_a_restore_leaves_it_pending_and_indexes_nothing_of_it(
+    make_allocator: MakeAllocator,
+) -> None:
+    """A restore's wait for its second mapping batch raises: the error reaches the caller, the
+    pieces copied before stay unindexed (the restore is still pending), and releasing the slot
+    indexes only its device hit, so no later prompt reads blocks that were never copied."""
+    allocator, history = evicted_history(
+        make_allocator, blocks=12, budget_pages=16, host_blocks=16, max_tokens=16 * T
+    )
+    allocator.shrink()
+    turn = [*history, 1]
+    slot = allocator.acquire(len(turn), turn)
+    assert allocator.restoring_tokens(slot) == 12 * T
+    maps = allocator._maps  # the books under the allocator, whose worker this test wraps
+    second = sorted(set(maps.slots[slot].tickets))[1]
+    maps.worker = FailingWaits(maps.worker, second)
+    with pytest.raises(VmmError, match="injected"):
+        allocator.ensure(slot, len(turn))
+    assert allocator.restoring_tokens(slot) == 12 * T and allocator.cached_tokens(turn) == 0
+    allocator.check_invariants()
+    allocator.release(slot, turn)
+    assert allocator.cached_tokens(turn) == 0
     allocator.check_invariants(deep=True)
