@@ -17,6 +17,11 @@ its maps and its copy, not their sum (on an H100 the sum was 0.61x the paged mod
     ensure(wait=True):  wait 1 -> copy 1 | wait 2 -> copy 2 | ... -> index the count blocks
                                  (copy k runs on the stream while the worker maps batch k + 1)
 
+The overlap is had where the waited ensure comes before the maps are done: a lone admission, or a
+scheduler that waits for every admission (``admission_map_wait_s`` inf). A restore whose maps
+outlast the scheduler's short admission wait is deferred to a later step instead (the engine's
+thread does not wait for it); by then its pages are mapped and its copy runs alone.
+
 NOTE: the copy starts only from a recorded call whose outcome does not depend on timing (a waited
 ``ensure``, never ``ready`` nor ``ensure(wait=False)``): under tensor parallelism the other ranks
 replay rank 0's recorded calls (``replica.kv.recording``), so a restore started by whether the
