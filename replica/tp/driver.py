@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import NoReturn
 
 import torch
@@ -71,6 +72,14 @@ class TensorParallelDriver:
         self.runtime = runtime or LocalProcessRuntime(timeout_s=self.timeout_s)
         self.broken: str | None = None
         self._step = 0
+        # Every rank's host tier must hold the same blocks: the ranks replay rank 0's allocator
+        # calls, and which blocks a tier keeps follows its capacity (its LRU evictions), so a rank
+        # with a smaller tier would miss a restore rank 0 makes and the replay check would break
+        # the replica. Rank 0 sizes the tier once, here, and every rank is handed that size
+        # rather than resolving its own (its host memory read at another moment, after the
+        # others pinned theirs).
+        cuda = config.torch_device().type == "cuda"
+        config = replace(config, kv_offload_bytes=config.host_tier_bytes(cuda))
         address, port = self.runtime.start(tp, config)
         try:
             self.worker = RankWorker(0, tp, address, port, config, timeout_s=self.timeout_s)

@@ -7,8 +7,9 @@ shard of the weights and of the KV heads), and how it executes rank 0's messages
 process, and the driver uses its runner, :meth:`agree` and :meth:`abort`.
 
 Invariants:
-    * every rank's KV cache has the same geometry and the same budget (the construction agrees on
-      the smallest budget), so replaying rank 0's page plan gives identical books;
+    * every rank's KV cache has the same geometry, the same budget (the construction agrees on
+      the smallest budget) and the same host tier size (rank 0 decides it before the ranks start:
+      ``replica.tp.driver``), so replaying rank 0's page plan gives identical books;
     * every rank takes part in exactly the same collectives, in the same order: one all-reduce of
       the budget at start, then per model step one all-reduce of the status before the model and
       the model's own; a rank that fails inside the model leaves the group at once so that the

@@ -8,6 +8,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -15,9 +16,11 @@ from pydantic import ValidationError
 from cluster.app import AppOptions, engine_options_model
 from cluster.serve_cli import add_serve_command, app_options
 from replica import cli as replica_cli
+from replica import engine_config
 from replica.engine_config import (
     ACTIVATION_RESERVE_BYTES,
     HOST_KV_CACHE_BYTES,
+    HOST_TIER_MAX_BYTES,
     DeviceFacts,
     EngineConfig,
     host_memory_bytes,
@@ -123,7 +126,13 @@ def test_every_default_is_decided_by_resolved() -> None:
     on_gpu = EngineConfig().resolved(gpu)
     assert (on_gpu.max_running, on_gpu.max_batch_tokens, on_gpu.page_size) == (256, 8192, 2 * MIB)
     assert on_gpu.kv_cache_bytes == int((80 << 30) * 0.85) - ACTIVATION_RESERVE_BYTES
-    given = EngineConfig(max_running=8, kv_cache_bytes=1000, page_size=4096, kv_layout="per_layer")
+    given = EngineConfig(
+        max_running=8,
+        kv_cache_bytes=1000,
+        page_size=4096,
+        kv_layout="per_layer",
+        kv_offload_bytes=3000,
+    )
     assert given.resolved(gpu) == EngineConfig(
         max_running=8,
         max_batch_tokens=8192,
@@ -131,21 +140,78 @@ def test_every_default_is_decided_by_resolved() -> None:
         page_size=4096,
         kv_layout=KVLayout.PER_LAYER,
         admission_map_wait_s=0.005,
+        kv_offload_bytes=3000,
     )
     # Admission waits for its maps up to 5 ms on a GPU, always on a CPU (host maps take us).
     assert on_cpu.admission_map_wait_s == math.inf
-    # Premapped slots and the host tier are off unless asked for; the tier's None is a share of
-    # the host memory this process may use on a GPU, none on a CPU.
-    assert (on_gpu.kv_premap, on_gpu.kv_offload_bytes, on_cpu.kv_offload_bytes) == (False, 0, 0)
-    offload = EngineConfig(kv_offload_bytes=None).resolved(gpu).kv_offload_bytes
-    assert offload is not None and 0 < offload <= min(64 << 30, host_memory_bytes() // 4)
-    assert EngineConfig(kv_offload_bytes=None).resolved(cpu).kv_offload_bytes == 0
+    # Premapped slots are off unless asked for; the host tier is on on a GPU, a share of the
+    # host memory this process may use (test_the_host_tier_is_a_share_of_the_node), off on a CPU.
+    assert (on_gpu.kv_premap, on_cpu.kv_offload_bytes) == (False, 0)
+    assert on_gpu.kv_offload_bytes is not None
+    assert 0 < on_gpu.kv_offload_bytes <= min(64 << 30, host_memory_bytes() // 4)
     with pytest.raises(ValueError, match="kv_offload_bytes"):
         EngineConfig(kv_offload_bytes=-1)
     # vattn generate's --max-running leaves the choice to the engine (it was 64 everywhere).
     args = argparse.ArgumentParser()
     add_option_arguments(args, EngineConfig)
     assert replica_cli.engine_config(args.parse_args([])).resolved(gpu).max_running == 256
+
+
+GIB = 1 << 30
+#: SmolLM2-135M's shapes on a GPU, as test_every_default_is_decided_by_resolved has them.
+GPU = DeviceFacts(cuda=True, free_bytes=80 << 30, layer_token_bytes=3 * 64 * 2, num_layers=30)
+CPU = DeviceFacts(cuda=False, free_bytes=0, layer_token_bytes=3 * 64 * 4, num_layers=30)
+
+
+def tier(monkeypatch: pytest.MonkeyPatch, host_gib: int, facts: DeviceFacts, **config: Any) -> int:
+    """The host tier ``EngineConfig(**config)`` resolves to where this process may use
+    ``host_gib`` GiB of host memory."""
+    monkeypatch.setattr(engine_config, "host_memory_bytes", lambda: host_gib * GIB)
+    size = EngineConfig(**config).resolved(facts).kv_offload_bytes
+    assert size is not None
+    return size
+
+
+def test_the_host_tier_is_a_share_of_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the tier is on by default: a quarter of the host memory times the process's share
+    of the node's GPUs, at most 64 GiB; off on a CPU, without prefix sharing, or when set to 0;
+    a size given is kept."""
+    assert tier(monkeypatch, 128, GPU) == 32 * GIB  # alone on the node (outside Ray)
+    assert tier(monkeypatch, 128, GPU, tensor_parallel_size=2) == 16 * GIB  # per rank
+    assert tier(monkeypatch, 128, GPU, node_share=1 / 8) == 4 * GIB  # one GPU of 8 (a TP rank)
+    assert tier(monkeypatch, 128, GPU, node_share=0.25 / 8) == GIB  # a quarter of one GPU of 8
+    assert tier(monkeypatch, 1024, GPU) == HOST_TIER_MAX_BYTES == 64 * GIB  # the cap
+    assert tier(monkeypatch, 1024, GPU, node_share=1 / 8) == 32 * GIB
+    assert tier(monkeypatch, 128, CPU) == tier(monkeypatch, 128, CPU, node_share=1.0) == 0
+    assert tier(monkeypatch, 128, GPU, prefix_cache=False) == 0  # it holds prefix blocks
+    assert tier(monkeypatch, 128, GPU, kv_offload_bytes=0) == 0  # off
+    assert tier(monkeypatch, 128, GPU, kv_offload_bytes=GIB, node_share=1 / 8) == GIB  # kept
+    assert tier(monkeypatch, 128, CPU, kv_offload_bytes=GIB) == GIB
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="node_share must be in"):
+            EngineConfig(node_share=share)
+
+
+def test_the_host_tier_default_reaches_the_clis_and_the_app_args() -> None:
+    """No flag, no arg: None (the engine's default, decided by ``resolved``); 0 turns it off."""
+    spec = {s.field: s for s in declared_options(EngineConfig)}["kv_offload_bytes"]
+    assert (spec.default, spec.flag) == (None, "--kv-offload-bytes")
+    assert "0 turns it off" in spec.help and "slowed" not in spec.help
+    generate = argparse.ArgumentParser()
+    add_option_arguments(generate, EngineConfig)
+    assert replica_cli.engine_config(generate.parse_args([])).kv_offload_bytes is None
+    off = generate.parse_args(["--kv-offload-bytes", "0"])
+    assert replica_cli.engine_config(off).kv_offload_bytes == 0
+    serve = serve_parser(EngineConfig)
+    assert app_options(serve.parse_args(["serve"])).engine_config()["kv_offload_bytes"] is None
+    given = app_options(serve.parse_args(["serve", "--kv-offload-bytes", str(GIB)]))
+    assert given.engine_config()["kv_offload_bytes"] == GIB
+    assert AppOptions().engine_config()["kv_offload_bytes"] is None
+    assert (
+        AppOptions.model_validate({"kv_offload_bytes": "0"}).engine_config()["kv_offload_bytes"]
+        == 0
+    )
+    assert AppOptions().engine_config()["node_share"] is None  # the replica sets it (Ray's)
 
 
 def test_max_tokens_defaults_to_the_rest_of_the_context() -> None:
