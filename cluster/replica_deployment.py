@@ -29,6 +29,7 @@ from ray import serve
 from cluster import autoscaling
 from cluster.metrics.snapshots import ReplicaSnapshot, take_snapshot
 from cluster.metrics_hub import MetricsPusher
+from cluster.node_share import ray_gpu_share
 from cluster.protocol import GenerateRequest, ModelInfo, served_model_name
 from replica.async_engine import AsyncLLMEngine
 from replica.engine import LLMEngine
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
 class VattnReplica:
     def __init__(self, engine_config: dict[str, Any], metrics_period_s: float = 1.0) -> None:
-        self.config = EngineConfig(**engine_config)
+        # The host tier's default is this replica's share of its node (the GPUs Ray gave it); its
+        # rank actors, one GPU each as it holds, take rank 0's tier size (replica.tp.driver).
+        self.config = EngineConfig(**{**engine_config, "node_share": ray_gpu_share()})
         self.name = served_model_name(self.config.model)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.engine = AsyncLLMEngine(
