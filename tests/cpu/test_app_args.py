@@ -48,6 +48,7 @@ def test_string_args_are_coerced_by_serve() -> None:
         "max_running": "8",
         "growth_reserve": "0.25",
         "kv_cache_bytes": "1000000",
+        "kv_offload_bytes": "0",
         "router_hold_s": "2",
         "api_key": "12345",
     }
@@ -56,6 +57,8 @@ def test_string_args_are_coerced_by_serve() -> None:
     assert engine["max_running"] == 8 and engine["growth_reserve"] == 0.25
     assert engine["prefix_cache"] is True  # on unless --no-prefix-cache
     assert engine["kv_cache_bytes"] == 1_000_000
+    assert engine["kv_offload_bytes"] == 0  # the host tier off (on by default on a GPU)
+    assert bound(serve_builds({}))[0]["kv_offload_bytes"] is None  # the engine's default
     assert ingress_args[1:] == ("synthetic", "12345")
     options = AppOptions.model_validate(args)
     assert (options.router_hold_s, options.page_size) == (2.0, None)
@@ -104,7 +107,9 @@ def test_the_serve_config_args_are_valid_options() -> None:
     config = yaml.safe_load((ROOT / "cluster" / "serve-config.yaml").read_text())
     [application] = config["applications"]
     assert application["import_path"] == "cluster.app:build_app"
-    assert AppOptions.model_validate(application["args"]).kv_layout == "interleaved"
+    options = AppOptions.model_validate(application["args"])
+    assert options.kv_layout == "interleaved"
+    assert options.engine_config()["kv_offload_bytes"] is None  # the host tier's default
 
 
 def test_vattn_serve_options_are_the_app_options(monkeypatch: pytest.MonkeyPatch) -> None:
