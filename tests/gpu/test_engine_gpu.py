@@ -1,16 +1,19 @@
 """The engine on the GPU: every attention backend gives the sdpa reference's logits within bf16
 tolerance through a whole model, on both cache layouts; a Llama-3-8B-shaped model serves a batch
-of 64 without error."""
+of 64 without error; the host tier is on by default, a quarter of the host memory (this process
+alone on the node) up to 64 GiB."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
 
 from replica import EngineConfig, LLMEngine, SamplingParams
 from replica.attention import StepBatch, available
+from replica.engine_config import HOST_TIER_MAX_BYTES, HOST_TIER_SHARE, host_memory_bytes
 from replica.model import ModelConfig
 
 pytestmark = pytest.mark.gpu
@@ -114,3 +117,26 @@ def test_llama3_8b_shapes_serve_a_batch_of_64() -> None:
     )
     steps = serve_a_batch_of_64(llm)
     print(f"attention={llm.runner.attention.name} steps={steps} {llm.stats().kv.summary()}")
+
+
+def test_the_host_tier_is_on_by_default_at_the_processs_share(real_host_tier: None) -> None:
+    """The true default on this machine (the conftest's 1 GiB cap lifted): outside Ray the
+    process is taken to have the node to itself, so the tier is HOST_TIER_SHARE of the host
+    memory it may use (read as the engine starts: within 10% below a reading just before), at
+    most 64 GiB, pinned whole (but for the last block's rounding), and a released request's
+    blocks are written to it."""
+    gc.collect()  # earlier tests' engines unpin their tiers
+    expected = min(int(HOST_TIER_SHARE * host_memory_bytes()), HOST_TIER_MAX_BYTES)
+    llm = LLMEngine(
+        EngineConfig(model="synthetic", synthetic=small_llama(), max_running=8, max_model_len=1024)
+    )
+    size = llm.config.kv_offload_bytes
+    assert size is not None and expected > 0
+    assert 0.9 * expected <= size <= 1.05 * expected, (size, expected)
+    stats = llm.stats().kv
+    assert 0.99 * size <= stats.host_tier_bytes <= size, (stats.host_tier_bytes, size)
+    llm.add_request("r", list(range(100, 200)), SamplingParams(max_tokens=8, ignore_eos=True))
+    while llm.has_work():
+        llm.step()
+    assert llm.stats().kv.host_offloaded_bytes > 0  # 6 whole 16-token blocks written through
+    llm.kv.check_invariants(deep=True)
