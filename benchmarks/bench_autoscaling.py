@@ -96,6 +96,9 @@ class Deployment:
     downscale_delay_s: float = 10.0
     target_ongoing_requests: float = 1.0
     device: str = "cpu"
+    #: The host KV tier per replica; None: the engine's default (on a GPU a quarter of the node's
+    #: host memory shared by its replicas' GPUs, off on a CPU). Results record what each pinned.
+    kv_offload_bytes: int | None = None
 
     def app_args(self, model: str, policy: str) -> dict[str, Any]:
         args = {k: v for k, v in asdict(self).items() if v is not None}
@@ -165,7 +168,8 @@ def schedule(workload: Workload, vocab_size: int) -> list[Arrival]:
 
 class Sampler(threading.Thread):
     """Every 0.25 s: Serve's running and starting replicas and the client's requests in flight;
-    every second: each replica's preemptions from ``/metrics`` (the largest seen)."""
+    every second: each replica's preemptions (the largest seen) and host tier bytes from
+    ``/metrics``."""
 
     def __init__(self, app_name: str, base_url: str, model: str, flight: list[int]) -> None:
         super().__init__(daemon=True)
@@ -173,6 +177,7 @@ class Sampler(threading.Thread):
         self.start_time = time.perf_counter()
         self.samples: list[dict[str, float]] = []
         self.preemptions: dict[str, float] = {}
+        self.host_tier_bytes: dict[str, float] = {}  # rank 0's, by replica
         self.done = threading.Event()
         self.start()
 
@@ -203,9 +208,13 @@ class Sampler(threading.Thread):
             return
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "vattn_preemptions_total" and s.labels.get("model") == self.model:
-                    replica = s.labels["replica"]
+                if s.labels.get("model") != self.model:
+                    continue
+                replica = s.labels.get("replica", "")
+                if s.name == "vattn_preemptions_total":
                     self.preemptions[replica] = max(self.preemptions.get(replica, 0), s.value)
+                elif s.name == "vattn_kv_host_tier_bytes" and s.labels.get("rank") == "0":
+                    self.host_tier_bytes[replica] = s.value
 
 
 def request_body(model: str, arrival: Arrival) -> dict[str, Any]:
@@ -296,6 +305,7 @@ def run_policy(
         "first_scale_up_after_step_s": None if up is None else round(up - workload.quiet_s, 2),
         "preemptions": int(sum(sampler.preemptions.values())),
         "preemptions_by_replica": sampler.preemptions,
+        "host_tier_bytes_by_replica": sampler.host_tier_bytes,
         "replicas_over_time": samples,
     }
 

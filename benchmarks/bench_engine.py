@@ -20,7 +20,9 @@ attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K wher
 Modes: ``vattention`` and ``paged`` (decode steps replayed as CUDA graphs, captured by the
 engine's warm-up before the timed run; asynchronous scheduling), suffixed ``-eager`` (no graphs)
 or ``-sync`` (synchronous scheduling: the host's work does not overlap the device's), both run on
-the decode-heavy workload only, where they matter; ``hf`` (decode-heavy only).
+the decode-heavy workload only, where they matter; ``hf`` (decode-heavy only). Every mode runs
+with the engine's host KV tier (on a GPU on by default; ``--offload-gib``), each row recording the
+bytes it pinned (``host_tier_bytes``); runs before 2026-12-07 had none.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from replica.attention import StepBatch
 from replica.model import ModelConfig
 
 Workload = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
+GIB = 1 << 30
 
 
 def workloads(
@@ -116,6 +119,7 @@ def run_vattn(
             cuda_graphs="eager" not in options,
             kv_cache_dtype="fp8" if "fp8" in options else "auto",
             kv_cache_bytes=args.kv_cache_gib << 30 if args.kv_cache_gib else None,
+            kv_offload_bytes=None if args.offload_gib is None else int(args.offload_gib * GIB),
             async_scheduling="sync" not in options,
             prefill_kernel=next((k for k in ("fa2", "fa3") if k in options), "auto"),
         )
@@ -195,6 +199,7 @@ def run_vattn(
         "mapping_wait_pct": 100 * (stats.wait_seconds - waited_before) / elapsed,
         "kv_waste_pct_mean": 100 * statistics.mean(waste) if waste else 0.0,
         "preemptions": engine.stats().preemptions_total,
+        "host_tier_bytes": stats.host_tier_bytes,  # what the engine pinned (0: no tier)
     }
     if decode_steps:
         times = sorted(s[0] * 1e3 for s in decode_steps)
@@ -478,6 +483,13 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="the decode step vs its floor table")
     parser.add_argument(
         "--kv-cache-gib", type=int, default=None, help="KV budget (default: a share of free memory)"
+    )
+    parser.add_argument(
+        "--offload-gib",
+        type=float,
+        default=None,
+        help="host KV tier per engine (default: the engine's, on a GPU a share of the host "
+        "memory; 0: off; each row records the bytes it pinned)",
     )
     parser.add_argument("--out", default=None)
     parser.add_argument(

@@ -19,7 +19,8 @@ next turn is sent when the previous answer is complete):
   think   ``--conversations`` x 3 conversations of 5 turns, each with its own 512-token context,
           ~100-token messages and 120-token answers, 3-9 s of think time before each next turn:
           with a small KV budget (``--kv-cache-gib 4``) the histories outgrow GPU memory, and
-          ``--offload-gib 0,48`` runs each mode without and with the host tier
+          ``--offload-gib 0,48`` runs each mode without and with the host tier (``auto``:
+          the engine's default size; the default, 0, runs without it)
 
 ``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one).
 Each vAttention row carries the mapping worker's time by operation and cause and the callers' waits
@@ -154,7 +155,7 @@ def run(
     prefix_cache: bool,
     shape: Shape,
     args: argparse.Namespace,
-    offload_gib: float = 0.0,
+    offload_gib: float | None = 0.0,
 ) -> dict[str, Any]:
     size = args.size
     config = EngineConfig(
@@ -169,7 +170,7 @@ def run(
         page_size=PAGE_SIZE[size],
         prefix_cache=prefix_cache,
         max_batch_tokens=args.max_batch_tokens,
-        kv_offload_bytes=int(offload_gib * (1 << 30)),
+        kv_offload_bytes=None if offload_gib is None else int(offload_gib * (1 << 30)),
         seed=1,
     )
     engine = LLMEngine(config)
@@ -279,7 +280,11 @@ def run(
         "map_wait_s": stats.wait_seconds - stats_before.wait_seconds,
         "map_wait_pct": 100 * (stats.wait_seconds - stats_before.wait_seconds) / seconds,
         "mapping": mapping_delta(breakdown_before, breakdown),
-        "host_tier_gib": offload_gib,
+        # The tier's size as resolved (the engine's default where --offload-gib said auto) and
+        # the bytes it pinned (whole blocks; less where pinning was refused).
+        "host_tier_gib": (engine.config.kv_offload_bytes or 0) / (1 << 30),
+        "host_tier_auto": offload_gib is None,
+        "host_tier_bytes": stats.host_tier_bytes,
         "host_offloaded_bytes": stats.host_offloaded_bytes - stats_before.host_offloaded_bytes,
         "host_restored_bytes": stats.host_restored_bytes - stats_before.host_restored_bytes,
         "prefix_host_hits_tokens": stats.prefix_host_hits_tokens
@@ -346,7 +351,8 @@ def main() -> None:
     parser.add_argument(
         "--offload-gib",
         default="0",
-        help="host tier sizes to run each mode with, in GiB (0: off; e.g. 0,48)",
+        help="host tier sizes to run each mode with, in GiB (0: off; auto: the engine's "
+        "default, on a GPU a share of the host memory; e.g. 0,48 or 0,auto)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
@@ -370,7 +376,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
                 for prefix_cache in (c == "on" for c in args.cache.split(",")):
-                    tiers = [float(g) for g in args.offload_gib.split(",")]
+                    tiers = [None if g == "auto" else float(g) for g in args.offload_gib.split(",")]
                     for offload in tiers if prefix_cache else [0.0]:
                         rows.append(run(mode, layout, prefix_cache, loads[name], args, offload))
                         print(name, rows[-1], flush=True)

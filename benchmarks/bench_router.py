@@ -127,6 +127,9 @@ class Deployment:
     device: str = "cpu"
     kv_layout: str = "auto"
     replica_gpus: float = 1.0  # a fraction shares a GPU between replicas
+    #: The host KV tier per replica; None: the engine's default (on a GPU a quarter of the node's
+    #: host memory shared by its replicas' GPUs, off on a CPU). Results record what each pinned.
+    kv_offload_bytes: int | None = None
 
     def app_args(self, router: str) -> dict[str, Any]:
         return {**asdict(self), "router": router}
@@ -326,6 +329,7 @@ def measure(app_name: str, base_url: str, model: str, arrivals: list[Arrival]) -
             k: after[rid][k] - before.get(rid, {}).get(k, 0)
             for k in ("preemptions_total", "prompt_tokens_total", "generation_tokens_total")
         }
+        | {"host_tier_bytes": after[rid]["kv"]["host_tier_bytes"]}
         for rid in sorted(after)
     }
     return {
@@ -740,6 +744,7 @@ def run_chat_router(
             k: after[rid]["kv"][k] - old.get("kv", {}).get(k, 0) for k in kv_keys
         }
         replicas[rid]["turns"] = sum(t.replica == rid for t in turns)
+        replicas[rid]["host_tier_bytes"] = after[rid]["kv"]["host_tier_bytes"]
     queried = sum(r["prefix_queries_tokens"] for r in replicas.values())
     return result | {
         "preemptions": sum(r["preemptions_total"] for r in replicas.values()),

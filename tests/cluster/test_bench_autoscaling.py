@@ -24,4 +24,8 @@ def test_autoscaling_benchmark_smoke(ray_session: None, tmp_path: Path) -> None:
         assert result["ok"] == requests and result["errors"] == 0, (policy, result)
         assert 1 <= result["min_replicas_seen"] <= result["max_replicas_seen"] <= 2
         assert result["replicas_over_time"] and result["replica_seconds"] > 0
+        # The host tier each replica ran with (rank 0's gauge): the engine's default, off on a CPU.
+        assert result["host_tier_bytes_by_replica"], policy
+        assert set(result["host_tier_bytes_by_replica"].values()) == {0}, policy
+    assert data["settings"]["deployment"]["kv_offload_bytes"] is None
     assert path.with_name(f"{path.stem}-replicas.png").exists()

@@ -58,3 +58,7 @@ def test_router_benchmark_chat_smoke(ray_session: None, tmp_path: Path) -> None:
         assert r["hit_rate_of_theoretical"] <= 1.0, router
     decisions = data["results"]["free-pages"]["router_decisions"]["by_reason"]
     assert sum(decisions.values()) >= turns
+    # The host tier each replica ran with: the engine's default, off on a CPU.
+    assert data["settings"]["deployment"]["kv_offload_bytes"] is None
+    for r in data["results"].values():
+        assert [s["host_tier_bytes"] for s in r["replicas"].values()] == [0] * len(r["replicas"])

@@ -1,6 +1,7 @@
 """bench_prefix's think workload on the tiny model: conversations whose histories outgrow the KV
-budget between turns, each mode without and with the host tier; with it, later turns find their
-history (restored, not computed), and the TTFT-by-turn plot renders."""
+budget between turns, each mode without and with the host tier (and at the engine's default,
+off on a CPU); with it, later turns find their history (restored, not computed), and the
+TTFT-by-turn plot renders."""
 
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ def test_the_think_workload_restores_histories_with_the_host_tier(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     argv = ["bench_prefix", "--smoke", "--workloads", "think", "--cache", "on"]
-    argv += ["--offload-gib", "0,0.001", "--kv-cache-gib", "0.0002", "--out", str(tmp_path)]
+    argv += ["--offload-gib", "0,0.001,auto", "--kv-cache-gib", "0.0002", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     bench_prefix.main()
     [result] = tmp_path.glob("prefix-smoke-*.json")
     data = json.loads(result.read_text())
-    rows = {(r["mode"], r["host_tier_gib"] > 0): r for r in data["results"]["think"]}
+    think = data["results"]["think"]
+    # auto: the engine's default, off on a CPU; every row records the size it ran with.
+    auto = [r for r in think if r["host_tier_auto"]]
+    assert [(r["host_tier_gib"], r["host_tier_bytes"]) for r in auto] == [(0, 0), (0, 0)]
+    rows = {(r["mode"], r["host_tier_gib"] > 0): r for r in think if not r["host_tier_auto"]}
     assert set(rows) == {
         ("vattention", False),
         ("vattention", True),
         ("paged", False),
         ("paged", True),
     }
+    assert 0 < rows[("paged", True)]["host_tier_bytes"] <= 0.001 * (1 << 30)
     for mode in ("vattention", "paged"):
         plain, tiered = rows[(mode, False)], rows[(mode, True)]
         assert plain["host_restored_bytes"] == 0 and tiered["host_restored_bytes"] > 0

@@ -55,6 +55,19 @@ def test_engine_benchmark_smoke(tmp_path: Path, modes: str) -> None:
     assert decode["vattention"]["generated_tokens"] == decode["paged"]["generated_tokens"] == 4 * 24
     assert decode["vattention-sync"]["generated_tokens"] == 4 * 24
     assert "decode_step" in decode["vattention"] and decode["vattention"]["profile_top_ops"]
+    # The engine's default host tier (off on a CPU), recorded with what each row pinned.
+    assert result["settings"]["offload_gib"] is None
+    assert decode["vattention"]["host_tier_bytes"] == decode["paged"]["host_tier_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_engine_benchmark_records_its_host_tier(tmp_path: Path) -> None:
+    """``--offload-gib`` gives every mode a tier; each row records the bytes it pinned."""
+    extra = ("--modes", "vattention,paged", "--workloads", "decode", "--offload-gib", "0.001")
+    result = run("benchmarks.bench_engine", tmp_path, *extra, timeout=600)
+    assert result["settings"]["offload_gib"] == 0.001
+    for row in result["results"]["decode"]:
+        assert 0 < row["host_tier_bytes"] <= 0.001 * (1 << 30), row
 
 
 @pytest.mark.slow
