@@ -273,11 +273,11 @@ class EngineConfig:
         """The host tier's size per rank, as ``resolved`` decides it: ``kv_offload_bytes`` where
         given (0: off). Else, on a GPU (``cuda``) with prefix sharing on, HOST_TIER_SHARE of the
         host memory this process may use (``host_memory_bytes``, read now) times its share of the
-        node (``node_share``), so that the processes sharing a node take a quarter of its memory
-        between them, at most HOST_TIER_MAX_BYTES; none on a CPU, where the cache is host memory
-        already, nor without prefix sharing, as the tier holds prefix blocks. A tensor-parallel
-        replica's ranks must have equal tiers: rank 0 decides the size once, before the others
-        start (replica.tp.driver)."""
+        node (``node_share``), so that the processes sharing a node take at most a quarter of its
+        memory between them, each at most HOST_TIER_MAX_BYTES; none on a CPU, where the cache is
+        host memory already, nor without prefix sharing, as the tier holds prefix blocks. A
+        tensor-parallel replica's ranks must have equal tiers: rank 0 decides the size once,
+        before the others start (replica.tp.driver)."""
         if self.kv_offload_bytes is not None:
             return self.kv_offload_bytes
         if not (cuda and self.prefix_cache):
