@@ -7,6 +7,9 @@
     python -m benchmarks.bench_autoscaling --smoke    # a tiny run (CI)
     python -m benchmarks.bench_autoscaling --gpu      # 1-3 replicas of Llama-3-8B shapes
                                                       # (synthetic bf16) sharing one GPU (0.33 each)
+    python -m benchmarks.bench_autoscaling --gpu-small   # the same with a small random Llama
+                                                      # whose replicas are bound by their host
+                                                      # work (where 8B ones add no capacity)
 
 One seeded open-loop schedule is replayed against the same app deployed once per policy
 (``AppOptions.autoscaler``), both between 1 and 3 replicas with the same delays and push interval:
@@ -109,6 +112,32 @@ FULL = (Workload(), Deployment())
 SMOKE = (
     Workload(quiet_s=2, step_s=8, tail_s=4, long_rate=0.5, long_output=(16, 24)),
     Deployment(max_replicas=2, downscale_delay_s=2.0),
+)
+# Three replicas of the small GPU Llama (SMALL_GPU_LLAMA, below) share one GPU, two CPUs each: the
+# issue's switch where 8B-shaped replicas add no capacity. A KV budget of 16 pages (2,048 tokens)
+# holds one long request (1-1.5K prompt tokens, 64-128 out) beside a few short ones, as the CPU
+# configuration's does; the step's load is several replicas' worth of long requests.
+GPU_SMALL = (
+    Workload(
+        quiet_s=5,
+        step_s=45,
+        tail_s=20,
+        short_rate=1.0,
+        long_rate=4.0,
+        short_prompt=(16, 64),
+        short_output=(8, 16),
+        long_prompt=(1024, 1536),
+        long_output=(64, 128),
+    ),
+    Deployment(
+        replica_cpus=2.0,
+        replica_gpus=0.33,
+        kv_cache_bytes=32 * MiB,
+        page_size=None,
+        max_model_len=2048,
+        max_running=8,
+        device="cuda",
+    ),
 )
 # Three replicas of Llama-3-8B shapes share one H200 (16 GB of weights each), each with a 2 GiB KV
 # budget (16,384 tokens): a long request of 7-11K tokens takes most of one. Sized so that both
@@ -425,13 +454,29 @@ SMALL_LLAMA = {
 }
 
 
-def small_llama(directory: Path) -> str:
-    """:data:`SMALL_LLAMA` with random weights, saved as a HF directory."""
+#: The small Llama on a GPU (``--gpu-small``): small enough that a replica's steps are bound by
+#: its host work (so replicas sharing one GPU add capacity, where 8B-shaped ones share its memory
+#: bandwidth), wide enough that a 2 MiB page holds 128 tokens (16 KiB a bf16 token) and a KV
+#: budget of a few pages is a few requests.
+SMALL_GPU_LLAMA = {
+    "vocab_size": 1024,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+}
+
+
+def small_llama(directory: Path, shape: dict[str, int] = SMALL_LLAMA) -> str:
+    """``shape`` (:data:`SMALL_LLAMA` or :data:`SMALL_GPU_LLAMA`) with random weights, saved as a
+    HF directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).save_pretrained(directory)
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(directory)
     return str(directory)
 
 
@@ -502,6 +547,11 @@ def main(argv: list[str] | None = None) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     size.add_argument("--gpu", action="store_true", help="3 replicas of 8B shapes sharing a GPU")
+    size.add_argument(
+        "--gpu-small",
+        action="store_true",
+        help="3 replicas of a small Llama sharing a GPU, each bound by its host work",
+    )
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
     parser.add_argument("--model", help="a HF directory, 'embedded' or 'synthetic' instead")
     parser.add_argument("--seed", type=int, default=0)
@@ -518,7 +568,10 @@ def main(argv: list[str] | None = None) -> None:
     policies = [p for p in args.policies.split(",") if p]
     if unknown := set(policies) - set(POLICIES):
         parser.error(f"unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
-    workload, deployment = SMOKE if args.smoke else GPU if args.gpu else FULL
+    workload, deployment = (
+        SMOKE if args.smoke else GPU if args.gpu else GPU_SMALL if args.gpu_small else FULL
+    )
+    gpu = args.gpu or args.gpu_small
     workload = replace(workload, seed=args.seed)
     if args.model:
         deployment = replace(deployment, model=args.model)
@@ -540,9 +593,10 @@ def main(argv: list[str] | None = None) -> None:
     scratch = tempfile.TemporaryDirectory(prefix="bench-autoscaling-")
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        if args.gpu and gpus < 1:
-            raise SystemExit("--gpu needs a GPU")
-        model = deployment.model or small_llama(Path(scratch.name) / "small-llama")
+        if gpu and gpus < 1:
+            raise SystemExit("--gpu and --gpu-small need a GPU")
+        shape = SMALL_GPU_LLAMA if args.gpu_small else SMALL_LLAMA
+        model = deployment.model or small_llama(Path(scratch.name) / "small-llama", shape)
         model_dir = resolve_model_dir(model)
         vocab = ModelConfig.from_hf_dir(model_dir).vocab_size if model_dir else 32000
         arrivals = schedule(workload, vocab)
@@ -568,16 +622,18 @@ def main(argv: list[str] | None = None) -> None:
     import ray as ray_module
 
     payload = {
-        "environment": describe_device("cuda" if args.gpu else "cpu")
+        "environment": describe_device("cuda" if gpu else "cpu")
         | {"host_cpus": os.cpu_count(), "gpus": gpus, "ray": ray_module.__version__}
         | {"load_average_1m_at_start": load_at_start, "idle_cores_at_start": idle_at_start}
         | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "settings": {
             "smoke": args.smoke,
             "gpu": args.gpu,
+            "gpu_small": args.gpu_small,
             "policies": policies,
             "workload": asdict(workload),
-            "deployment": asdict(deployment) | {"model": deployment.model or "small random Llama"},
+            "deployment": asdict(deployment)
+            | {"model": deployment.model or "small random Llama", "small_shape": shape},
             "schedule": {
                 "requests": len(arrivals),
                 "long": sum(a.kind == "long" for a in arrivals),

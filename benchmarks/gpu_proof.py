@@ -364,12 +364,13 @@ def main(argv: Sequence[str] | None = None, parts: Sequence[Part] = PARTS) -> in
     records = load_records(results)
     to_run = [p for p in selected if args.force or not done(records.get(p.name), run.code(p))]
     if args.list:
+        width = max(len(part.name) for part in selected)
         for part in selected:
             record = records.get(part.name) or {"status": "never run", "code_hash": run.code(part)}
             last = record["status"] + ("" if record["code_hash"] == run.code(part) else ", stale")
             state = f"{'to run' if part in to_run else 'done'} ({last})"
             budget = part.budget_s * run.budget_scale
-            print(f"{part.name:22} {budget:5.0f} s  {state:26} {part.what}")
+            print(f"{part.name:{width}} {budget:5.0f} s  {state:26} {part.what}")
         return 0
     signal.signal(signal.SIGTERM, interrupted)
     bad: list[str] = []

@@ -209,15 +209,48 @@ def parse_engine(out: Path, log: str) -> Counts:
 CAPACITY_GATE = 2.0
 
 
-def capacity_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
-    record = records.get("autoscaling_capacity") or {}
+def _speedup(records: Mapping[str, dict[str, Any]], part: str, code_hash: str) -> float | str:
+    """What 3 replicas served over one in capacity check ``part`` at this code, or why unknown."""
+    record = records.get(part) or {}
     if record.get("status") != "ok" or record.get("code_hash") != code_hash:
-        return "needs autoscaling_capacity done at this code first"
+        return f"needs {part} done at this code first"
     speedup = record.get("counts", {}).get("speedup_3_replicas")
-    if speedup is None or speedup < CAPACITY_GATE:
+    return speedup if isinstance(speedup, int | float) else f"{part} measured no speedup"
+
+
+def capacity_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
+    """The 8B-shaped autoscaling run: only where its 3 replicas serve CAPACITY_GATE x one."""
+    speedup = _speedup(records, "autoscaling_capacity", code_hash)
+    if isinstance(speedup, str):
+        return speedup
+    if speedup < CAPACITY_GATE:
         return (
-            f"capacity gate: 3 replicas serve {speedup}x one (< {CAPACITY_GATE}x): switch to a "
-            "configuration where replicas add capacity on one GPU (issue #27)"
+            f"capacity gate: 3 replicas serve {speedup}x one (< {CAPACITY_GATE}x): the small "
+            "model's parts (autoscaling_capacity_small, autoscaling_small) run instead (issue #27)"
+        )
+    return None
+
+
+def switch_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
+    """The small model's capacity check: the issue's switch, only where 8B-shaped replicas
+    sharing the GPU did not add capacity."""
+    speedup = _speedup(records, "autoscaling_capacity", code_hash)
+    if isinstance(speedup, str):
+        return speedup
+    if speedup >= CAPACITY_GATE:
+        return f"no switch: 8B-shaped replicas serve {speedup}x one (autoscaling runs on them)"
+    return None
+
+
+def small_capacity_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
+    """The small model's autoscaling run: only where its 3 replicas serve CAPACITY_GATE x one."""
+    speedup = _speedup(records, "autoscaling_capacity_small", code_hash)
+    if isinstance(speedup, str):
+        return speedup
+    if speedup < CAPACITY_GATE:
+        return (
+            f"capacity gate: 3 small replicas serve {speedup}x one (< {CAPACITY_GATE}x): no "
+            "configuration on one GPU lets autoscaling show more than admission timing"
         )
     return None
 
@@ -356,6 +389,26 @@ PARTS: tuple[Part, ...] = (
         SERVE,
         parse=parse_autoscaling,
         gate=capacity_gate,
+    ),
+    Part(
+        "autoscaling_capacity_small",
+        420,
+        (bench("bench_autoscaling", "--gpu-small", "--capacity-check", "--policies", ""),),
+        "bench_autoscaling --gpu-small --capacity-check: the issue's switch where 8B-shaped "
+        "replicas add no capacity: 1, 2, 3 replicas of a small Llama bound by their host work",
+        SERVE,
+        parse=parse_autoscaling,
+        gate=switch_gate,
+    ),
+    Part(
+        "autoscaling_small",
+        480,
+        (bench("bench_autoscaling", "--gpu-small"),),
+        "bench_autoscaling --gpu-small: KV pressure vs ongoing requests on the small Llama, "
+        "gated on its capacity check",
+        SERVE,
+        parse=parse_autoscaling,
+        gate=small_capacity_gate,
     ),
     Part(
         "state_machine",

@@ -32,6 +32,8 @@ from benchmarks.gpu_proof_parts import (
     parse_junit,
     parse_prefix,
     parse_router,
+    small_capacity_gate,
+    switch_gate,
 )
 from benchmarks.gpu_proof_records import load_records, pack, summary, unpack
 
@@ -326,14 +328,31 @@ def test_the_proof_s_parts_are_well_formed():
     assert [line.split()[0] for line in out.getvalue().splitlines()] == names
 
 
-def test_the_capacity_gate_needs_three_replicas_to_serve_twice_one():
-    def records(speedup: float) -> dict:
-        counts = {"speedup_3_replicas": speedup}
-        return {"autoscaling_capacity": {"status": "ok", "code_hash": "h", "counts": counts}}
+def capacity_records(**speedups: float) -> dict:
+    """Capacity-check records at code "h": part name -> 3 replicas' speedup over one."""
+    return {
+        part: {"status": "ok", "code_hash": "h", "counts": {"speedup_3_replicas": speedup}}
+        for part, speedup in speedups.items()
+    }
 
-    assert capacity_gate(records(2.4), "h") is None
-    assert "serve 1.3x one" in capacity_gate(records(1.3), "h")
-    assert "first" in capacity_gate(records(2.4), "other code")
+
+def test_the_capacity_gate_needs_three_replicas_to_serve_twice_one():
+    assert capacity_gate(capacity_records(autoscaling_capacity=2.4), "h") is None
+    assert "serve 1.3x one" in capacity_gate(capacity_records(autoscaling_capacity=1.3), "h")
+    assert "first" in capacity_gate(capacity_records(autoscaling_capacity=2.4), "other code")
+
+
+def test_the_small_model_runs_only_where_8b_replicas_add_no_capacity_and_its_own_do():
+    """The issue's switch: the small Llama's capacity check runs where 8B-shaped replicas served
+    less than twice one; its autoscaling run where its own three served at least twice one."""
+    assert "first" in switch_gate({}, "h")
+    assert "no switch" in switch_gate(capacity_records(autoscaling_capacity=2.4), "h")
+    assert switch_gate(capacity_records(autoscaling_capacity=1.2), "h") is None
+    both = capacity_records(autoscaling_capacity=1.2, autoscaling_capacity_small=2.7)
+    assert small_capacity_gate(both, "h") is None
+    too_few = capacity_records(autoscaling_capacity=1.2, autoscaling_capacity_small=1.5)
+    assert "1.5x one" in small_capacity_gate(too_few, "h")
+    assert "first" in small_capacity_gate(capacity_records(autoscaling_capacity=1.2), "h")
 
 
 def test_key_numbers_are_read_from_the_benchmarks_result_files(tmp_path: Path):
