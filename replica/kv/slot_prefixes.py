@@ -200,6 +200,7 @@ class SlotPrefixes:
         budget = self.maps.spare_groups(exclude=slot_index)  # pages copies may keep
         spans: list[tuple[int, int]] = []  # byte ranges to copy from the hit's holders
         taken, shrunk = len(hit), False
+        aliases: list[Group] = []  # consecutive pages to alias: one map run per range
         for page in range(first, -(-hit_end // size)):
             lo, hi = max(page * size, start), min((page + 1) * size, hit_end)
             group = whole.get(page) if (lo, hi) == (page * size, (page + 1) * size) else None
@@ -212,8 +213,10 @@ class SlotPrefixes:
                 shrunk, end = True, page
             if group is not None:
                 self.maps.pool.share(group)
-                self.maps.map_groups(slot_index, [group], OpCause.ALIAS)
-            elif self._add_fresh_group(slot_index):
+                aliases.append(group)
+                continue
+            self._alias(slot_index, aliases)  # the pages before this one, in order
+            if self._add_fresh_group(slot_index):
                 spans.append((lo, hi))
             else:  # no page for the partial page's copy: the hit ends before it, and aliases
                 # reaching past its end go (a shared page lies wholly below the frozen blocks)
@@ -221,11 +224,18 @@ class SlotPrefixes:
                 self.shrink_slot(slot_index, len(slot.groups), OpCause.REUSE)
                 taken, shrunk = slot.frozen, True
                 break
+        self._alias(slot_index, aliases)
         if not shrunk:  # the pages it shares beyond its own go: the request writes there
             self.shrink_slot(slot_index, end, OpCause.REUSE, exact=True)
         limit = min(taken * config.block_bytes, hit_end, len(slot.groups) * size)
         self._copy_spans(slot_index, hit[:taken], spans, limit)
         return taken
+
+    def _alias(self, slot_index: int, aliases: list[Group]) -> None:
+        """Maps the shared groups ``aliases`` at the slot's next page indices as one run per range
+        (one access grant each, not one a page), then empties the list."""
+        self.maps.map_groups(slot_index, aliases, OpCause.ALIAS)
+        aliases.clear()
 
     def _add_fresh_group(self, slot_index: int) -> bool:
         """Maps a free page group at the slot's next page index without reclaiming (a reclaim

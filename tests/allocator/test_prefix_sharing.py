@@ -250,6 +250,8 @@ def test_the_mapping_breakdown_counts_each_page_by_operation_and_cause(
     allocator.synchronize()
     breakdown = allocator.mapping_breakdown()
     assert breakdown.pages("map", "alias") == 3
+    alias_runs = [n for kind, cause, n, _, _ in breakdown.ops if (kind, cause) == ("map", "alias")]
+    assert alias_runs == [1]  # the hit's 3 consecutive pages in one run (one access grant)
     assert breakdown.pages("map", "growth") == 4 + 1 + 6  # first, second's last page, third
     assert breakdown.pages("create", "growth") == 6  # the budget, created once
     assert breakdown.pages("unmap") == breakdown.pages("unmap", "reclaim") + breakdown.pages(
