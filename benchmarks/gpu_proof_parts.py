@@ -209,50 +209,46 @@ def parse_engine(out: Path, log: str) -> Counts:
 CAPACITY_GATE = 2.0
 
 
-def _speedup(records: Mapping[str, dict[str, Any]], part: str, code_hash: str) -> float | str:
-    """What 3 replicas served over one in capacity check ``part`` at this code, or why unknown."""
-    record = records.get(part) or {}
-    if record.get("status") != "ok" or record.get("code_hash") != code_hash:
-        return f"needs {part} done at this code first"
-    speedup = record.get("counts", {}).get("speedup_3_replicas")
-    return speedup if isinstance(speedup, int | float) else f"{part} measured no speedup"
+def speedup_gate(part: str, wants_capacity: bool, refusal: str) -> Gate:
+    """A gate on capacity check ``part`` done at this code: open where its 3 replicas served at
+    least CAPACITY_GATE x one (``wants_capacity``) or less (not), else ``refusal`` (formatted with
+    the ``speedup`` and the ``gate``)."""
+
+    def gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
+        record = records.get(part) or {}
+        if record.get("status") != "ok" or record.get("code_hash") != code_hash:
+            return f"needs {part} done at this code first"
+        speedup = record.get("counts", {}).get("speedup_3_replicas")
+        if not isinstance(speedup, int | float):
+            return f"{part} measured no speedup"
+        if (speedup >= CAPACITY_GATE) == wants_capacity:
+            return None
+        return refusal.format(speedup=speedup, gate=CAPACITY_GATE)
+
+    return gate
 
 
-def capacity_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
-    """The 8B-shaped autoscaling run: only where its 3 replicas serve CAPACITY_GATE x one."""
-    speedup = _speedup(records, "autoscaling_capacity", code_hash)
-    if isinstance(speedup, str):
-        return speedup
-    if speedup < CAPACITY_GATE:
-        return (
-            f"capacity gate: 3 replicas serve {speedup}x one (< {CAPACITY_GATE}x): the small "
-            "model's parts (autoscaling_capacity_small, autoscaling_small) run instead (issue #27)"
-        )
-    return None
-
-
-def switch_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
-    """The small model's capacity check: the issue's switch, only where 8B-shaped replicas
-    sharing the GPU did not add capacity."""
-    speedup = _speedup(records, "autoscaling_capacity", code_hash)
-    if isinstance(speedup, str):
-        return speedup
-    if speedup >= CAPACITY_GATE:
-        return f"no switch: 8B-shaped replicas serve {speedup}x one (autoscaling runs on them)"
-    return None
-
-
-def small_capacity_gate(records: Mapping[str, dict[str, Any]], code_hash: str) -> str | None:
-    """The small model's autoscaling run: only where its 3 replicas serve CAPACITY_GATE x one."""
-    speedup = _speedup(records, "autoscaling_capacity_small", code_hash)
-    if isinstance(speedup, str):
-        return speedup
-    if speedup < CAPACITY_GATE:
-        return (
-            f"capacity gate: 3 small replicas serve {speedup}x one (< {CAPACITY_GATE}x): no "
-            "configuration on one GPU lets autoscaling show more than admission timing"
-        )
-    return None
+#: The 8B-shaped autoscaling run: only where its 3 replicas serve CAPACITY_GATE x one.
+capacity_gate = speedup_gate(
+    "autoscaling_capacity",
+    True,
+    "capacity gate: 3 replicas serve {speedup}x one (< {gate}x): the small model's parts "
+    "(autoscaling_capacity_small, autoscaling_small) run instead (issue #27)",
+)
+#: The small model's capacity check, the issue's switch: only where 8B-shaped replicas sharing
+#: the GPU did not add capacity.
+switch_gate = speedup_gate(
+    "autoscaling_capacity",
+    False,
+    "no switch: 8B-shaped replicas serve {speedup}x one (autoscaling runs on them)",
+)
+#: The small model's autoscaling run: only where its 3 replicas serve CAPACITY_GATE x one.
+small_capacity_gate = speedup_gate(
+    "autoscaling_capacity_small",
+    True,
+    "capacity gate: 3 small replicas serve {speedup}x one (< {gate}x): no configuration on one "
+    "GPU lets autoscaling show more than admission timing",
+)
 
 
 GPU = ("cuda", "flashinfer")
