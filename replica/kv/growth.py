@@ -31,10 +31,10 @@ def pipelined_batches(groups: int, ranges: int) -> list[int]:
     pinned memory in ~38 us), so the wait before the first copy is short and the copies hide the
     rest of the mapping."""
     sizes: list[int] = []
-    pages = FIRST_BATCH_PAGES
-    while sum(sizes) < groups:
-        sizes.append(min(max(1, pages // ranges), groups - sum(sizes)))
-        pages = min(2 * pages, MOST_BATCH_PAGES)
+    pages, left = FIRST_BATCH_PAGES, groups
+    while left > 0:
+        sizes.append(min(max(1, pages // ranges), left))
+        pages, left = min(2 * pages, MOST_BATCH_PAGES), left - sizes[-1]
     return sizes
 
 

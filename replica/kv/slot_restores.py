@@ -173,12 +173,13 @@ class SlotRestores:
         ``wait``\\ ing for its batch (tickets ascend with the page index)."""
         config, tickets = self._config, self._maps.slots[index].tickets
         per_block = config.prefix_block_tokens
-        for j in range(start, end):
-            ticket = tickets[config.page_groups_for((j + 1) * per_block) - 1]
-            last = j + 1 == end
-            if last or ticket != tickets[config.page_groups_for((j + 2) * per_block) - 1]:
+        batches = [
+            tickets[config.page_groups_for(j * per_block) - 1] for j in range(start + 1, end + 1)
+        ]
+        for j, ticket in enumerate(batches, start + 1):  # block j - 1 maps in batch ``ticket``
+            if j == end or ticket != batches[j - start]:
                 wait(ticket)
-                yield j + 1
+                yield j
 
     def drop(self, index: int) -> int:
         """Forgets slot ``index``'s pending restore, if any (the slot is released before its
