@@ -260,7 +260,7 @@ THINK = ("bench_prefix", "--workloads", "think", "--cache", "on")  # chat with t
 PARTS: tuple[Part, ...] = (
     Part(
         "suite",
-        300,
+        420,
         (pytest("-m", "gpu", "tests/gpu"),),
         "pytest -m gpu tests/gpu",
         SERVE,
