@@ -22,7 +22,9 @@ engine's warm-up before the timed run; asynchronous scheduling), suffixed ``-eag
 or ``-sync`` (synchronous scheduling: the host's work does not overlap the device's), both run on
 the decode-heavy workload only, where they matter; ``hf`` (decode-heavy only). Every mode runs
 with the engine's host KV tier (on a GPU on by default; ``--offload-gib``), each row recording the
-bytes it pinned (``host_tier_bytes``); runs before 2026-12-07 had none.
+bytes it pinned (``host_tier_bytes``); runs before 2026-12-07 had none. Each row also records
+what the tier wrote (``host_offloaded_gib``) and the seconds the engine's thread waited on the host
+for copies (``copy_wait_s``, ``host_tier_wait_s``).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def run_vattn(
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in workload]
     for i, ((prompt, _), p) in enumerate(zip(workload, params)):
         engine.add_request(f"r{i}", prompt, p)
-    waited_before = kv.stats().wait_seconds
+    before = kv.stats()
     bytes_per_token = (
         2
         * runner.model_config.num_layers
@@ -196,10 +198,14 @@ def run_vattn(
         "tokens_per_s": generated / elapsed,
         "non_decode_steps_s": other_steps,  # the prefill phase: steps that carry prompt tokens
         "decode_phase_s": sum(s[0] for s in decode_steps),
-        "mapping_wait_pct": 100 * (stats.wait_seconds - waited_before) / elapsed,
+        "mapping_wait_pct": 100 * (stats.wait_seconds - before.wait_seconds) / elapsed,
         "kv_waste_pct_mean": 100 * statistics.mean(waste) if waste else 0.0,
         "preemptions": engine.stats().preemptions_total,
         "host_tier_bytes": stats.host_tier_bytes,  # what the engine pinned (0: no tier)
+        "host_offloaded_gib": (stats.host_offloaded_bytes - before.host_offloaded_bytes) / 2**30,
+        # the engine's thread waiting on the host for copies (to and from the host tier)
+        "copy_wait_s": stats.copy_wait_seconds - before.copy_wait_seconds,
+        "host_tier_wait_s": stats.host_tier_wait_seconds - before.host_tier_wait_seconds,
     }
     if decode_steps:
         times = sorted(s[0] * 1e3 for s in decode_steps)

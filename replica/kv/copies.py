@@ -12,10 +12,13 @@ Ordering contract (every copy between slots, and the host tier's after it):
        the step that reads the destination.
     2. Source and destination are mapped before the copy is enqueued: the caller waits for the
        mapping worker's tickets of both (``SlotCopies.copy`` takes the pages' tickets as given).
-    3. Both stay mapped and unwritten until the copy's fence completes: the mapping worker unmaps
-       on its own thread, in no order with the stream, so a caller about to unmap or rewrite a
-       slot's pages from page index ``i`` on first calls ``settle(slot, i)``, which waits for the
-       fences of the copies pinning them.
+    3. Both stay mapped until the copy's fence completes: the mapping worker unmaps on its own
+       thread, in no order with the stream, so a caller about to unmap a slot's pages from page
+       index ``i`` on first calls ``settle(slot, i)``, which waits on the host for the fences of
+       the copies pinning them. Rewriting them needs no host wait: the stream that rewrites them
+       (the engine's) waits for those fences on the device (``order(slot, i)``), which matters for
+       the host tier's offloads, on a side stream, and costs nothing for copies on the engine's own
+       stream (a host wait would drain the steps queued ahead of the copy).
     4. On the host backend a copy is synchronous: its fence is complete when it returns.
 
 Costs that drive the allocator's rule (one H100, 2026-12-07, ``../shared/notes/h100-probe.md``):
@@ -40,6 +43,9 @@ class CopyFence(Protocol):
 
     def wait(self) -> None: ...
 
+    def order(self) -> None:
+        """Makes the current stream wait for the copies on the device; the host does not wait."""
+
 
 class _Complete:
     """The fence of synchronous (host) copies."""
@@ -48,6 +54,9 @@ class _Complete:
         return True
 
     def wait(self) -> None:
+        return None
+
+    def order(self) -> None:
         return None
 
 
@@ -64,6 +73,7 @@ class _StreamFence:
     """A CUDA event recorded on the current stream after the copies."""
 
     def __init__(self, device: torch.device) -> None:
+        self._device = device
         self._event = torch.cuda.Event()
         self._event.record(torch.cuda.current_stream(device))
 
@@ -72,6 +82,9 @@ class _StreamFence:
 
     def wait(self) -> None:
         self._event.synchronize()
+
+    def order(self) -> None:
+        torch.cuda.current_stream(self._device).wait_event(self._event)
 
 
 def stream_fence(device: torch.device) -> CopyFence:
@@ -108,7 +121,8 @@ class SlotCopies:
     the fence of the copies just enqueued (a test passes one it completes by hand).
 
     Invariant (``check_invariants``): every pin's fence is the fence of its copy; a slot's pages
-    under a pin are not unmapped or written until ``settle`` saw the fence complete.
+    under a pin are not unmapped until ``settle`` saw the fence complete, nor rewritten before
+    ``order`` put the fence ahead of the rewriting stream.
     """
 
     def __init__(
@@ -124,6 +138,7 @@ class SlotCopies:
         self._pins: list[_Pin] = []
         self.bytes_copied = 0  # bytes copied, every range counted
         self.wait_seconds = 0.0  # callers waiting in settle for copies to complete
+        self.orders = 0  # copies a rewriting stream was made to wait for, on the device
 
     def copy(self, copies: Sequence[SlotCopy]) -> None:
         """Enqueues ``copies`` (every range; one batched launch) and pins their pages until the
@@ -157,6 +172,16 @@ class SlotCopies:
             if slot in pin.slots and pin.pages.stop > first:
                 self.wait_seconds += wait_for(pin.fence)
         self._retire()
+
+    def order(self, slot: int, first: int = 0) -> None:
+        """Makes the current stream wait, on the device, for every copy reading or writing the
+        slot's pages from ``first`` on: call it before that stream rewrites them (the host does
+        not wait; an unmap needs ``settle``)."""
+        self._retire()
+        for pin in self._pins:
+            if slot in pin.slots and pin.pages.stop > first:
+                pin.fence.order()
+                self.orders += 1
 
     def settle_all(self) -> None:
         self._retire()

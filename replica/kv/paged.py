@@ -26,7 +26,8 @@ blocks the tier lacks are gathered to pinned host memory, from every layer's K a
 piece of consecutive host blocks in one copy through a device staging buffer
 (``replica.kv.host_copies.GatheredBlocks``; K and V are one allocation for this); a prompt's blocks
 found there after its hit get fresh blocks and are scattered back. A block a copy reads or writes
-is not taken again until the copy's fence completes. A copy that raises
+is taken again behind the copy's fence: the engine's stream waits for it on the device, the host
+does not (offloads run on a side stream; blocks are never unmapped). A copy that raises
 (``replica.kv.tier_faults``): its keys leave the tier; a failed restore's blocks go back and the
 request computes them.
 
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
-from replica.kv.copies import CopyFence, wait_for
+from replica.kv.copies import CopyFence
 from replica.kv.host_copies import GatheredBlocks
 from replica.kv.host_tier import HostTier
 from replica.kv.paged_config import PagedKVConfig
@@ -138,7 +139,6 @@ class PagedKVCache(KVCache):
         self._tier_faults = TierFaults(self._tier, self.device) if self._tier is not None else None
         self._host_hit_tokens = 0
         self._host_skipped_tokens = 0  # held by the tier, computed again: no blocks to restore into
-        self._copy_wait_seconds = 0.0  # taking blocks that host copies still read or write
 
     # ---- tensors -------------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -353,7 +353,8 @@ class PagedKVCache(KVCache):
         self._pins.clear()
 
     def _pin(self, _: int, blocks: range, fence: CopyFence) -> None:
-        """A host copy's pin on ``blocks`` (ids): none is taken again until ``fence`` completes."""
+        """A host copy's pin on ``blocks`` (ids): one taken again puts ``fence`` ahead of the
+        stream that writes it."""
         for block in blocks:
             self._pins[block] = [f for f in self._pins.get(block, ()) if not f.done()] + [fence]
 
@@ -390,8 +391,8 @@ class PagedKVCache(KVCache):
         del self._free[-count:]
         for block in taken:
             self._refs[block] = 1
-            for fence in self._pins.pop(block, ()):  # a host copy still reads or writes it
-                self._copy_wait_seconds += wait_for(fence)
+            for fence in self._pins.pop(block, ()):  # a host copy may still read or write it
+                fence.order()  # the steps writing it wait for the copy, on the device
         first = len(blocks)
         blocks.extend(taken)
         self._pending.update(((slot_index, first + i), block) for i, block in enumerate(taken))
@@ -442,7 +443,6 @@ class PagedKVCache(KVCache):
             prefix_queries_tokens=self._queries.queries,
             prefix_hits_tokens=self._queries.hits,
             prefix_evicted_pages=self.prefix_evicted_pages,
-            copy_wait_seconds=self._copy_wait_seconds,
             **self._tier_stats(),
         )
 

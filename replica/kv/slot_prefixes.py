@@ -189,7 +189,7 @@ class SlotPrefixes:
         size, hit_end = config.page_size, len(hit) * config.block_bytes
         start = kept * config.block_bytes  # the first byte to fill
         first = start // size
-        self.copies.settle(slot_index, first)  # its pages from `first` on are rewritten
+        self.copies.order(slot_index, first)  # its pages from `first` on are rewritten
         end = first  # the slot's pages [first, end) are its own: rewritten in place
         while end < len(slot.groups) and self.maps.private(slot.groups[end]):
             self.unindex(slot.groups[end], from_block=kept)

@@ -106,8 +106,8 @@ class KVCacheStats:
     host_tier_skipped_tokens: int = 0  # held by the tier, computed again: no device memory free
     host_tier_pin_seconds: float = 0.0  # pinning the tier's host memory (at start)
     host_tier_wait_seconds: float = 0.0  # callers waiting for host copies to reuse host blocks
-    # Callers waiting for copies (between slots, or to and from the host) before unmapping or
-    # rewriting the pages those copies read or write.
+    # Callers waiting on the host for copies (between slots, or to and from the host) before
+    # unmapping the pages those copies read or write (vAttention; a rewrite waits on the device).
     copy_wait_seconds: float = 0.0
 
     @property

@@ -171,6 +171,35 @@ def test_a_host_copy_pins_its_pages_until_its_fence_completes(
     allocator.check_invariants(deep=True)
 
 
+def test_a_slot_rewritten_behind_its_offload_waits_on_the_device_not_the_host(
+    make_allocator: MakeAllocator,
+) -> None:
+    """The next request in a released slot rewrites the pages its offload may still read: the
+    engine's stream is put behind the offload's fence and the host does not wait (a host wait
+    drains the steps queued ahead of the copy); the slot keeps its pages, and the new request's
+    values are its own."""
+    fences: list[ManualFence] = []
+
+    def make_fence() -> ManualFence:
+        fences.append(ManualFence(lambda: None))
+        return fences[-1]
+
+    allocator = tiered(make_allocator, make_fence=make_fence, max_slots=1)
+    history = list(range(2 * T + 3))
+    slot = cached_conversation(allocator, history)
+    offload = fences[-1]
+    assert allocator.stats().host_offloaded_bytes > 0 and not offload.complete
+    mapped = page_ids(allocator, slot)[:3]
+    other = [7] * (2 * T + 3)
+    again = allocator.acquire(len(other), other)
+    assert again == slot and page_ids(allocator, slot)[:3] == mapped, "not rewritten in place"
+    assert offload.ordered and not offload.waited, "the host waited to rewrite the slot"
+    assert allocator.stats().copy_wait_seconds == 0.0
+    fill(allocator, again, other)
+    assert k_values(allocator, again, len(other)) == expected(other, len(other))
+    allocator.check_invariants(deep=True)
+
+
 def test_blocks_straddling_pages_come_back_too(make_allocator: MakeAllocator) -> None:
     allocator = tiered(make_allocator, prefix_block_tokens=24, budget_pages=10, max_tokens=10 * T)
     history = list(range(5 * T + 3))  # three 24-token blocks over four pages
@@ -261,8 +290,8 @@ def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back(
     assert cache.stats().host_offloaded_bytes == 3 * config.page_size
     pinned = fences[-1]
     other = cache.acquire(8 * T, [7] * (8 * T))
-    cache.ensure(other, 8 * T)  # every block: the history's are taken after the fence
-    assert pinned.waited
+    cache.ensure(other, 8 * T)  # every block: the history's are taken behind the fence
+    assert pinned.ordered and not pinned.waited, "the host waited to rewrite offloaded blocks"
     cache.release(other, [])
     turn = [*history, 11]
     assert cache.cached_tokens(turn) == 0

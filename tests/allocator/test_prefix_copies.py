@@ -133,11 +133,13 @@ def test_a_conversation_whose_prefix_was_copied_continues_in_place(
 
 
 class ManualFence:
-    """A copy's fence that completes when the test says so; ``wait`` records what it saw."""
+    """A copy's fence that completes when the test says so; ``wait`` records what it saw, ``order``
+    that a stream was put behind it (the host not waiting)."""
 
     def __init__(self, on_wait) -> None:  # type: ignore[no-untyped-def]
         self.complete = False
         self.waited = False
+        self.ordered = False
         self._on_wait = on_wait
 
     def done(self) -> bool:
@@ -146,6 +148,9 @@ class ManualFence:
     def wait(self) -> None:
         self._on_wait()
         self.waited = self.complete = True
+
+    def order(self) -> None:
+        self.ordered = True
 
 
 @pytest.mark.parametrize("side", ["source", "target"])
