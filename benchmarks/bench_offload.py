@@ -143,6 +143,7 @@ class Clock:
 
 class _TimedFence:
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
         if self.event is not None:
             self.event.record(torch.cuda.current_stream(device))
@@ -153,6 +154,10 @@ class _TimedFence:
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+
+    def order(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
 @contextlib.contextmanager
