@@ -21,8 +21,8 @@ bytes], so a run of host blocks is one contiguous region::
       | one copy                                        host <-> device
     chunk [blocks, block bytes][first : first + count]  pinned host
 
-Staging (``STAGING_BYTES`` a direction, two buffers: offload runs on the tier's side stream and
-restore on the engine's, so neither waits for the other's copies): device memory from torch's
+Staging (``STAGING_BYTES`` a direction, two buffers: offload and restore run on two streams of the
+tier's, so neither waits for the other's copies): device memory from torch's
 caching allocator, made at the first copy each way and kept; outside the KV budget, inside the
 engine's activation reserve (``replica.engine_config.ACTIVATION_RESERVE_BYTES``). A buffer is not
 reused until the copies reading and writing it are done: its uses follow each other in stream order,
@@ -134,7 +134,7 @@ class GatheredBlocks:
         order = [block for _, blocks in pieces for block in blocks]
         cuda = self.device.type == "cuda"
         # One upload of every piece's block ids, pinned and asynchronous: a pageable one would
-        # synchronize the stream (at restore the engine's, with its queued steps).
+        # synchronize the stream (and the engine's, with its queued steps, that it waits behind).
         ids = torch.tensor(order, dtype=torch.int64, pin_memory=cuda)
         ids = ids.to(self.device, non_blocking=True)
         staging = self._claim(to_host)

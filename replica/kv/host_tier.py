@@ -22,8 +22,10 @@ Ordering (``replica.kv.copies``' contract, extended to the host):
     restore: the slot's pages are mapped first: the vAttention cache decides a restore at acquire
         and enqueues its copy at the slot's first waited ensure, once the maps are done
         (``replica.kv.slot_restores``: nothing waits for them on the engine's thread), its keys
-        ``reserve``\\ d until then; the copy is enqueued on the engine's stream, before the step
-        that reads the blocks; the pages are pinned until its fence.
+        ``reserve``\\ d until then; the copy runs on a restore stream, after an event recorded
+        on the engine's stream (every earlier reader and writer of those pages), and the engine's
+        stream waits for the copy's fence before the step that reads the blocks, so the copy
+        overlaps the steps queued ahead of it; the pages are pinned until its fence.
     a host block being written or read is not reused until that copy's fence completes: each
         host block keeps the last fence of each stream that copied it (a stream's fences complete
         in order, so the last one covers the earlier ones), and an eviction waits for them; a
@@ -50,12 +52,13 @@ most one key; used + free == capacity; a pinned host block is stored; a reserved
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -106,7 +109,9 @@ class HostTier:
         self.capacity = capacity_bytes // self._block_bytes
         self._pin_row = pin
         self._make_fence = make_fence or (lambda: stream_fence(self._device))
-        self._side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        cuda = self._device.type == "cuda"
+        self._side = torch.cuda.Stream(self._device) if cuda else None  # offloads
+        self._restoring = torch.cuda.Stream(self._device) if cuda else None  # restores
         self._chunks: list[torch.Tensor] = []  # copies.chunk_shape(up to CHUNK_BLOCKS) each
         self._pinned = PinnedChunks(self._device) if self._side is not None else None
         self._blocks: OrderedDict[int, int] = OrderedDict()  # key -> host block, LRU first
@@ -199,25 +204,44 @@ class HostTier:
         stops: Iterable[int] = (),
     ) -> None:
         """Copies the tier's blocks of ``keys[start : start + count]`` to ``located[start ..]``
-        (the sequence's own) on the current stream, a piece at a time: ``stops`` yields each
-        piece's end (ascending; a last piece runs to ``start + count``) once the blocks below it
-        may be written, their pages mapped. Taking the next stop may wait (for the mapping
-        worker) while the pieces before it copy."""
+        (the sequence's own), a piece at a time: ``stops`` yields each piece's end (ascending; a
+        last piece runs to ``start + count``) once the blocks below it may be written, their pages
+        mapped. Taking the next stop may wait (for the mapping worker) while the pieces before it
+        copy. On a GPU the copies run on the tier's restore stream, after the work already on the
+        current (the engine's) stream, and the current stream waits for them before its next work
+        (the step that reads the blocks): they overlap the steps already queued."""
         if count <= 0:
             return
         end = start + count
         self._touch(keys, end)
         self.before_copy("restore")
-        for stop in itertools.chain(stops, (end,)):  # lazily: a stop may wait
-            blocks = range(start, min(stop, end))
-            if not blocks:
-                continue
-            hosts = [self._blocks[keys[j]] for j in blocks]
-            runs = self._runs([located[j] for j in blocks], hosts)
-            self._copy(runs, to_host=False)
-            self._pin(runs, self._make_fence(), to_host=False)
-            start = blocks.stop
+        fence: CopyFence | None = None
+        try:
+            with self._restore_stream():
+                for stop in itertools.chain(stops, (end,)):  # lazily: a stop may wait
+                    blocks = range(start, min(stop, end))
+                    if not blocks:
+                        continue
+                    hosts = [self._blocks[keys[j]] for j in blocks]
+                    runs = self._runs([located[j] for j in blocks], hosts)
+                    self._copy(runs, to_host=False)
+                    fence = self._make_fence()
+                    self._pin(runs, fence, to_host=False)
+                    start = blocks.stop
+        finally:
+            if fence is not None:  # the pieces copied, even if a later one failed
+                fence.order()  # the restore stream runs in order: its last fence covers them
         self.restored_bytes += count * self._block_bytes
+
+    @contextlib.contextmanager
+    def _restore_stream(self) -> Iterator[None]:
+        """The restore stream made current (on a GPU), behind the current stream's work so far."""
+        if self._restoring is None:
+            yield
+            return
+        self._restoring.wait_event(torch.cuda.current_stream(self._device).record_event())
+        with torch.cuda.stream(self._restoring):
+            yield
 
     def _touch(self, keys: Sequence[int], limit: int) -> None:
         """Marks the stored blocks of ``keys[:limit]`` used, the first most recently: a chain's

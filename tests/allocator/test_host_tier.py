@@ -200,6 +200,29 @@ def test_a_slot_rewritten_behind_its_offload_waits_on_the_device_not_the_host(
     allocator.check_invariants(deep=True)
 
 
+def test_a_restore_puts_the_engines_stream_behind_its_copies(make_allocator: MakeAllocator) -> None:
+    """A restore copies on the tier's restore stream: the engine's stream is put behind the last
+    piece's fence (the step reading the blocks runs after them) and the host does not wait."""
+    fences: list[ManualFence] = []
+
+    def make_fence() -> ManualFence:
+        fences.append(ManualFence(lambda: None))
+        return fences[-1]
+
+    allocator = tiered(make_allocator, make_fence=make_fence)
+    history = list(range(2 * T + 3))
+    cached_conversation(allocator, history)
+    evict_everything(allocator, filler=7)
+    made = len(fences)
+    slot = allocator.acquire(len(history) + 1, [*history, 1])
+    allocator.ensure(slot, allocator.length(slot))  # copies the restore
+    restored = fences[made:]
+    assert restored and restored[-1].ordered, "the step could read the blocks before their copy"
+    assert not any(f.waited for f in restored), "the host waited for a restore's copy"
+    assert k_values(allocator, slot, 2 * T) == expected(history, 2 * T)
+    allocator.check_invariants(deep=True)
+
+
 def test_blocks_straddling_pages_come_back_too(make_allocator: MakeAllocator) -> None:
     allocator = tiered(make_allocator, prefix_block_tokens=24, budget_pages=10, max_tokens=10 * T)
     history = list(range(5 * T + 3))  # three 24-token blocks over four pages
@@ -295,9 +318,11 @@ def test_the_paged_mode_gathers_blocks_to_the_host_and_scatters_them_back(
     cache.release(other, [])
     turn = [*history, 11]
     assert cache.cached_tokens(turn) == 0
+    made = len(fences)
     slot = cache.acquire(len(turn), turn)
     assert cache.length(slot) == 3 * T
     assert cache.stats().prefix_host_hits_tokens == 3 * T
+    assert fences[-1].ordered and len(fences) > made  # the steps run behind the restore's copy
     for layer in range(2):
         blocks = list(cache.block_ids(slot))
         got = cache.k_cache(layer)[blocks].reshape(-1, 8)[: 3 * T, 0]
