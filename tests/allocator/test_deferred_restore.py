@@ -104,8 +104,9 @@ def test_two_slots_restoring_the_same_blocks_both_read_them(make_allocator: Make
 
 def test_pipelined_batches_start_small_and_double() -> None:
     assert pipelined_batches(12, ranges=1) == [2, 4, 6]  # pages 2, 4, then the rest
-    assert pipelined_batches(200, ranges=1) == [2, 4, 8, 16, 32, 64, 64, 10]
+    assert pipelined_batches(60, ranges=1) == [2, 4, 8, 16, 16, 14]
     assert pipelined_batches(3, ranges=64) == [1, 1, 1]  # a group is bigger than any batch
+    assert pipelined_batches(10, ranges=4) == [1, 1, 2, 4, 2]  # whole groups of 4 pages
     assert pipelined_batches(1, ranges=1) == [1]
 
 
@@ -149,8 +150,11 @@ def test_a_restore_copies_each_mapping_batch_once_it_is_mapped(
     batches = pipelined_batches(groups, ranges)
     assert len(batches) > 1
     kinds = [kind for kind, _ in events]
-    assert kinds[: 2 * len(batches)] == ["wait", "copy"] * len(batches)
-    tickets = [ticket for kind, ticket in events if kind == "wait"][: len(batches)]
+    pieces = kinds.count("copy")  # one a batch holding restored blocks (a last may hold none)
+    assert len(batches) - 1 <= pieces <= len(batches) and pieces > 1
+    assert kinds[: 2 * pieces] == ["wait", "copy"] * pieces
+    assert set(kinds[2 * pieces :]) <= {"wait"}
+    tickets = [ticket for kind, ticket in events if kind == "wait"][:pieces]
     assert tickets == sorted(set(tickets))  # one batch each, in order
     block = allocator.config.block_bytes * ranges
     copied = [size for kind, size in events if kind == "copy"]
