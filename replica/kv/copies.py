@@ -112,6 +112,7 @@ class _Pin:
     slots: tuple[int, ...]  # the slots whose pages a copy reads or writes
     pages: range  # page indices of those slots
     fence: CopyFence
+    held: tuple[tuple[object, ...], ...]  # per slot, what it mapped at those pages when pinned
 
 
 class SlotCopies:
@@ -119,20 +120,24 @@ class SlotCopies:
 
     ``ranges``: one byte tensor per reserved range, [max_slots, slot bytes]. ``make_fence`` makes
     the fence of the copies just enqueued (a test passes one it completes by hand).
+    ``slot_pages(slot)``: what the slot maps at each page index (its page groups).
 
     Invariant (``check_invariants``): every pin's fence is the fence of its copy; a slot's pages
-    under a pin are not unmapped until ``settle`` saw the fence complete, nor rewritten before
-    ``order`` put the fence ahead of the rewriting stream.
+    under a pin are not unmapped until ``settle`` saw the fence complete (while it is pending the
+    slot maps at those indices what it mapped when pinned), nor rewritten before ``order`` put the
+    fence ahead of the rewriting stream.
     """
 
     def __init__(
         self,
         ranges: Sequence[torch.Tensor],
         page_size: int,
+        slot_pages: Callable[[int], Sequence[object]],
         make_fence: Callable[[], CopyFence] | None = None,
     ) -> None:
         self._ranges = list(ranges)
         self._page_size = page_size
+        self._slot_pages = slot_pages
         device = self._ranges[0].device if self._ranges else torch.device("cpu")
         self._make_fence = make_fence or (lambda: stream_fence(device))
         self._pins: list[_Pin] = []
@@ -155,14 +160,19 @@ class SlotCopies:
         torch._foreach_copy_(targets, sources, non_blocking=True)
         fence = self._make_fence()
         size = self._page_size
-        self._pins.extend(_Pin((c.source, c.target), c.pages(size), fence) for c in copies)
+        for c in copies:
+            self._add_pin((c.source, c.target), c.pages(size), fence)
         self.bytes_copied += sum(c.stop - c.start for c in copies) * len(self._ranges)
 
     def pin(self, slot: int, pages: range, fence: CopyFence) -> None:
         """Pins the slot's ``pages`` until ``fence`` completes (a copy to or from the host tier,
         ``replica.kv.host_tier``): ``settle`` waits for it like for a copy between slots."""
         if pages:
-            self._pins.append(_Pin((slot,), pages, fence))
+            self._add_pin((slot,), pages, fence)
+
+    def _add_pin(self, slots: tuple[int, ...], pages: range, fence: CopyFence) -> None:
+        held = tuple(tuple(self._slot_pages(s)[pages.start : pages.stop]) for s in slots)
+        self._pins.append(_Pin(slots, pages, fence, held))
 
     def settle(self, slot: int, first: int = 0) -> None:
         """Waits for every copy reading or writing the slot's pages from ``first`` on: call it
@@ -195,3 +205,11 @@ class SlotCopies:
     def check_invariants(self) -> None:
         for pin in self._pins:
             assert len(set(pin.slots)) == len(pin.slots) and pin.pages, f"bad pin {pin}"
+            if pin.fence.done():
+                continue
+            for slot, held in zip(pin.slots, pin.held, strict=True):
+                now = tuple(self._slot_pages(slot)[pin.pages.start : pin.pages.stop])
+                assert now == held, (
+                    f"slot {slot}'s pages {pin.pages} were unmapped before their copy's fence "
+                    f"completed: {held} then, {now} now"
+                )

@@ -12,6 +12,11 @@ rules alone left whole runs without a hit: hypothesis' swarm testing turns rules
 (share and continue, or release, which leaves the three slots full), and its mutations repeat an
 example's initialize draws, so only 4-9 independent examples of a run shared.
 
+On the host backend the copies' fences complete only when a rule says so (or a caller waits
+for them), as a GPU's would later: ``check_invariants`` then sees that no page under a pending
+copy was unmapped (the ordering contract of ``replica.kv.copies``), and the test that the host
+waited for such copies before unmaps and put them ahead of rewrites.
+
 Size: VATTN_STATEFUL_SCALE (default 1) multiplies the examples; 1 runs >= 10,000 operations on the
 host backend, >= 2,000 on CUDA (a fifth of the examples); the GPU soak (benchmarks/soak_gpu.py)
 runs CUDA at scale 20.
@@ -44,6 +49,25 @@ EXAMPLES = 240 * SCALE  # up to 240 x 70 operations; the test asserts >= 10,000 
 VOCAB = 2  # few token ids, so prompts often share prefixes
 
 
+class DeferredFence:
+    """A copy's fence (host backend: the copy itself ran) that completes when the machine says or
+    a caller waits for it, counting the waits and orders that found it pending."""
+
+    def __init__(self, machine: type[AllocatorMachine]) -> None:
+        self.complete = False
+        self._machine = machine
+
+    def done(self) -> bool:
+        return self.complete
+
+    def wait(self) -> None:
+        self._machine.waited_fences += not self.complete
+        self.complete = True
+
+    def order(self) -> None:
+        self._machine.ordered_fences += not self.complete
+
+
 def value(token: int, position: int) -> float:
     """What the model stores for ``token`` at ``position`` (K; V stores its negative)."""
     return float(token * 10_000 + position + 1)
@@ -63,6 +87,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     restored_tokens = 0  # prompt tokens copied back from the host tier
     dropped_restores = 0  # slots released while their restore was pending
     page_size = 0  # the backend's, set by the test
+    deferred_fences = False  # host backend: fences complete when a rule says (set by the test)
+    waited_fences = 0  # pending copies the host waited for (before an unmap)
+    ordered_fences = 0  # pending copies put ahead of a rewrite on the device
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +102,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         # hold the prompt's tokens, as a request's do).
         self.prompts: dict[int, list[int]] = {}
         self.clock = Clock()
+        self.fences: list[DeferredFence] = []  # made, not yet seen complete
 
     @initialize(
         layout=st.sampled_from(["per_layer", "interleaved"]),
@@ -118,6 +146,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             prefix_block_tokens=block,
             premap=premap,
             host_tier_bytes=host_pages * self.page_size,
+            make_fence=self.make_fence if self.deferred_fences else None,
         )
         self.prefix = prefix
         self.random = random.Random(seed)
@@ -280,6 +309,18 @@ class AllocatorMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         self.drop(data.draw(st.sampled_from(sorted(self.tokens))))
 
+    def make_fence(self) -> DeferredFence:
+        self.fences.append(DeferredFence(type(self)))
+        return self.fences[-1]
+
+    @precondition(lambda self: self.fences)
+    @rule(count=st.integers(1, 4))
+    def copies_complete(self, count: int) -> None:
+        """The oldest pending copies complete (a stream's fences complete in order)."""
+        self.fences = [f for f in self.fences if not f.complete]
+        for fence in self.fences[:count]:
+            fence.complete = True
+
     @rule(seconds=st.floats(0.0, 2.0))
     def idle(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -333,7 +374,11 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
     machine = type(
         "Machine",
         (AllocatorMachine,),
-        {"make": staticmethod(make_allocator), "page_size": kv_device.page_size},
+        {
+            "make": staticmethod(make_allocator),
+            "page_size": kv_device.page_size,
+            "deferred_fences": kv_device.name == "host",  # CUDA's are the real events
+        },
     )
     examples = EXAMPLES if kv_device.name == "host" else max(EXAMPLES // 5, 10)
     run_state_machine_as_test(
@@ -351,7 +396,11 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
         f"{machine.operations} operations, {machine.shared_acquires} acquires found a prefix, "
         f"{machine.copied_bytes} bytes copied, {machine.takeovers} take-overs, "
         f"{machine.restored_tokens} tokens restored from the host tier, "
-        f"{machine.dropped_restores} restores dropped by a release"
+        f"{machine.dropped_restores} restores dropped by a release, "
+        f"{machine.waited_fences} pending copies waited for, {machine.ordered_fences} ordered"
     )
     assert machine.operations >= minimum, f"only {machine.operations} operations ran"
     assert machine.shared_acquires > 0, "no acquire found a cached prefix: sharing untested"
+    if machine.deferred_fences:
+        assert machine.waited_fences > 0, "no unmap met a pending copy: the contract untested"
+        assert machine.ordered_fences > 0, "no rewrite met a pending copy: the contract untested"
