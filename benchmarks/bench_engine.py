@@ -15,7 +15,11 @@ and ``-fa3`` prefill on that FlashInfer kernel (``prefill_kernel``; auto is fa2,
 fa2 where it cannot address the cache; each row names the prefill kernel it ran and why).
 ``--shape qwen2.5-7b`` runs a second model shape (28 layers, 28 q / 4 kv heads, qkv bias).
 ``--floor`` measures the decode step against its practical floor (the linears in a CUDA graph plus
-attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K where the KV fits.
+attention alone, same run) at batches 1, 8, 64, 256 and contexts 1K and 16K where the KV fits
+(``--floor-cases``: others, e.g. ``1x1024,8x1024``), in the vAttention mode (``--floor-modes``);
+``--floor-profile`` also profiles each case's decode steps: the device's busy time per step
+(``device_busy_share`` of the step: the rest is the GPU waiting on the host), the top operators and
+the host's stages per step.
 
 Modes: ``vattention`` and ``paged`` (decode steps replayed as CUDA graphs, captured by the
 engine's warm-up before the timed run; asynchronous scheduling), suffixed ``-eager`` (no graphs)
@@ -431,37 +435,69 @@ FLOOR_CASES = tuple((b, c) for b in (1, 8, 64, 256) for c in (1024, 16384))
 FLOOR_KV_BYTES = 96 << 30  # what the H200 holds beside an 8B model's weights and activations
 
 
+#: Decode steps a profiled floor case adds: ``run_vattn`` profiles the device after 20 timed
+#: decode steps (5 steps) and the host after 40 (10 steps).
+PROFILED_STEPS = 64
+
+
+def floor_cases(spec: str | None) -> tuple[tuple[int, int], ...]:
+    """``--floor-cases``: "BATCHxCONTEXT,..." (None: FLOOR_CASES)."""
+    if not spec:
+        return FLOOR_CASES
+    cases = []
+    for case in spec.split(","):
+        batch, _, context = case.partition("x")
+        if not (batch.isdigit() and context.isdigit() and int(batch) and int(context)):
+            raise SystemExit(f"--floor-cases: {case!r} is not BATCHxCONTEXT (e.g. 8x1024)")
+        cases.append((int(batch), int(context)))
+    return tuple(cases)
+
+
 def floor_table(
     args: argparse.Namespace, rows: list[dict[str, Any]], saved: Callable[[], Any]
 ) -> list[dict[str, Any]]:
-    """The vAttention mode's decode step at each (batch, context) of FLOOR_CASES against its
-    practical floor: the linears replayed in a CUDA graph plus attention alone, in the same run.
-    Cases whose KV does not fit FLOOR_KV_BYTES are listed as such. Each row is appended to
+    """Each ``--floor-modes`` mode's decode step at each (batch, context) of ``--floor-cases``
+    against its practical floor: the linears replayed in a CUDA graph plus attention alone, in the
+    same run. Cases whose KV does not fit FLOOR_KV_BYTES are listed as such. With
+    ``--floor-profile`` each case's decode steps are profiled too. Each row is appended to
     ``rows`` and ``saved()`` called after it."""
     shapes = model_shapes(args.smoke, args.shape)
     per_token = 2 * shapes.num_layers * shapes.num_kv_heads * shapes.head_dim * 2
-    rng = random.Random(1)
-    cases = ((1, 64), (4, 64)) if args.smoke else FLOOR_CASES
-    for batch, context in cases:
-        if batch * (context + 32) * per_token > FLOOR_KV_BYTES:
-            rows.append({"batch": batch, "context": context, "fits": False})
-            continue
-        # The step is the median of those at the full batch, which begin once the last prompt is
-        # prefilled: outputs outlast the prefill chunks by 32 steps, so the first requests are
-        # still decoding then (with 32 outputs, batch 256 at 1K had one full step, 2026-12-02).
-        outputs = 32 + math.ceil(batch * context / args.max_batch_tokens)
-        prompt = max(context - outputs, 16)
-        load = [
-            ([rng.randrange(3, shapes.vocab_size) for _ in range(prompt)], outputs)
-            for _ in range(batch)
-        ]
-        slots, args.slots = args.slots, batch
-        result = run_vattn("vattention", load, args, profile=False)
-        args.slots = slots
-        step = result.get("decode_step", {})
-        rows.append({"batch": batch, "context": context, "fits": True} | step)
-        print("floor", rows[-1], flush=True)
-        saved()
+    cases = ((1, 64), (4, 64)) if args.smoke else floor_cases(args.floor_cases)
+    for mode in args.floor_modes.split(","):
+        rng = random.Random(1)  # the same prompts in every mode
+        for batch, context in cases:
+            if batch * (context + 32) * per_token > FLOOR_KV_BYTES:
+                rows.append({"mode": mode, "batch": batch, "context": context, "fits": False})
+                continue
+            # The step is the median of those at the full batch, which begin once the last
+            # prompt is prefilled: outputs outlast the prefill chunks by 32 steps, so the first
+            # requests are still decoding then (with 32 outputs, batch 256 at 1K had one full
+            # step, 2026-12-02).
+            outputs = 32 + math.ceil(batch * context / args.max_batch_tokens)
+            outputs += PROFILED_STEPS if args.floor_profile else 0
+            prompt = max(context - outputs, 16)
+            load = [
+                ([rng.randrange(3, shapes.vocab_size) for _ in range(prompt)], outputs)
+                for _ in range(batch)
+            ]
+            slots, args.slots = args.slots, batch
+            result = run_vattn(mode, load, args, profile=args.floor_profile)
+            args.slots = slots
+            step = result.get("decode_step", {})
+            row = {"mode": mode, "batch": batch, "context": context, "fits": True} | step
+            if "profiled_device_ms_per_step" in result and step.get("step_ms"):
+                device_ms = result["profiled_device_ms_per_step"]
+                row |= {
+                    "profiled_device_ms_per_step": device_ms,
+                    "device_busy_share": device_ms / step["step_ms"],
+                    "profile_top_ops": result["profile_top_ops"],
+                }
+            if "host_profile" in result:
+                row["host_profile"] = result["host_profile"]
+            rows.append(row)
+            print("floor", {k: v for k, v in row.items() if "profile" not in k}, flush=True)
+            saved()
     return rows
 
 
@@ -487,6 +523,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--slots", type=int, default=128, help="max_running (at most the requests)")
     parser.add_argument("--floor", action="store_true", help="the decode step vs its floor table")
+    parser.add_argument(
+        "--floor-cases", default=None, help="BATCHxCONTEXT,... (default: FLOOR_CASES)"
+    )
+    parser.add_argument("--floor-modes", default="vattention", help="modes of the floor table")
+    parser.add_argument(
+        "--floor-profile", action="store_true", help="profile each floor case's decode steps"
+    )
     parser.add_argument(
         "--kv-cache-gib", type=int, default=None, help="KV budget (default: a share of free memory)"
     )

@@ -182,11 +182,15 @@ def parse_offload(out: Path, log: str) -> Counts:
 
 def parse_engine(out: Path, log: str) -> Counts:
     """Per workload and run order: vAttention's tokens/s over the paged mode's, the paged mode's on
-    fa2 and on fa3 over its own (where run), and each mode's prefill kernel."""
+    fa2 and on fa3 over its own (where run), each mode's prefill kernel and the seconds its engine
+    thread waited on the host for copies; per floor case and mode, the decode step over its
+    practical floor and the device's busy share of it (where profiled)."""
     counts: Counts = {}
     for order, folder in (("", out), ("reverse_", out / "reverse")):
         for data in results(folder, "engine"):
             for workload, rows in data["results"].items():
+                if workload == "floor" and isinstance(rows, list):
+                    counts |= floor_counts(rows, order)
                 if not isinstance(rows, list) or workload == "floor":
                     continue
                 speed = {r.get("mode"): r.get("tokens_per_s") for r in rows}
@@ -201,6 +205,22 @@ def parse_engine(out: Path, log: str) -> Counts:
                     kernel = row.get("prefill_kernel") or {}
                     if kernel and not order:
                         counts[f"{workload}_{row['mode']}_prefill"] = kernel.get("backend")
+                    if "copy_wait_s" in row:
+                        wait = round(row["copy_wait_s"], 3)
+                        counts[f"{order}{workload}_{row['mode']}_copy_wait_s"] = wait
+    return counts
+
+
+def floor_counts(rows: list[dict[str, Any]], order: str) -> Counts:
+    """A floor table's cases: the step over its practical floor, and the device's busy share."""
+    counts: Counts = {}
+    for row in rows:
+        if not row.get("fits") or not isinstance(row.get("step_over_floor"), int | float):
+            continue  # a case that did not fit, or whose batch never ran whole
+        case = f"{order}floor_{row.get('mode', 'vattention')}_{row['batch']}x{row['context']}"
+        counts[f"{case}_over_floor"] = round(row["step_over_floor"], 3)
+        if "device_busy_share" in row:
+            counts[f"{case}_device_busy"] = round(row["device_busy_share"], 3)
     return counts
 
 
@@ -429,6 +449,30 @@ PARTS: tuple[Part, ...] = (
             ),
         ),
         "bench_engine: sharegpt, decode, mixed; vattention vs paged",
+        GPU,
+        parse=parse_engine,
+    ),
+    Part(
+        "decode_floor_small",
+        300,
+        (
+            bench(
+                "bench_engine",
+                "--workloads",
+                "none",
+                "--floor",
+                "--floor-cases",
+                "1x1024,8x1024",
+                "--floor-modes",
+                "vattention,paged",
+                "--floor-profile",
+                "--name",
+                "engine-floor-small",
+            ),
+        ),
+        "bench_engine --floor at batch 1 and 8 with 1K keys, both modes, each case's decode steps "
+        "profiled: the step over its practical floor and the device's busy share of it (#24 "
+        "item 8: 1.14x and 1.20x the floor on an H200)",
         GPU,
         parse=parse_engine,
     ),

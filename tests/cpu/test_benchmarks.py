@@ -71,6 +71,34 @@ def test_engine_benchmark_records_its_host_tier(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_engine_benchmark_profiles_its_floor_cases_in_each_mode(tmp_path: Path) -> None:
+    """``--floor --floor-modes vattention,paged --floor-profile``: a row per mode and case, each
+    with its step against the floor's, the device's busy share and the host's stages."""
+    extra = ("--workloads", "none", "--floor", "--floor-modes", "vattention,paged")
+    result = run("benchmarks.bench_engine", tmp_path, *extra, "--floor-profile", timeout=600)
+    rows = result["results"]["floor"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [
+        ("vattention", 1),
+        ("vattention", 4),
+        ("paged", 1),
+        ("paged", 4),
+    ]
+    for row in rows:
+        assert row["step_ms"] > 0 and row["profile_top_ops"], row
+        assert row["device_busy_share"] == 0.0  # a CPU: no device time
+        assert row["host_profile"]["stages_cumulative_ms"], row
+
+
+def test_floor_cases_parse_batch_by_context() -> None:
+    from benchmarks.bench_engine import FLOOR_CASES, floor_cases
+
+    assert floor_cases("1x1024,8x1024") == ((1, 1024), (8, 1024))
+    assert floor_cases(None) == FLOOR_CASES
+    with pytest.raises(SystemExit, match="BATCHxCONTEXT"):
+        floor_cases("8-1024")
+
+
+@pytest.mark.slow
 def test_soak_smoke(tmp_path: Path) -> None:
     result = run("benchmarks.soak_gpu", tmp_path, timeout=600)["results"]
     machine, engine = result["state_machine"], result["engine"]

@@ -381,3 +381,15 @@ def test_key_numbers_are_read_from_the_benchmarks_result_files(tmp_path: Path):
     speed = {r["mode"]: r["tokens_per_s"] for r in engine["results"]["sharegpt"]}
     ratio = round(speed["vattention"] / speed["paged"], 3)
     assert parse_engine(tmp_path, "")["sharegpt_vattention_over_paged"] == ratio == 0.968
+
+
+def test_parse_engine_reads_a_floor_table(tmp_path: Path) -> None:
+    """The H200's floor table (vAttention only, before rows named their mode): each case's step
+    over its practical floor, by mode and case (#24 item 8's 1.14x and 1.20x)."""
+    stored = Path(__file__).parents[2] / "benchmarks" / "results"
+    shutil.copy(stored / "engine-floor-nvidia-h200-2026-12-02.json", tmp_path)
+    counts = parse_engine(tmp_path, "")
+    assert counts["floor_vattention_1x1024_over_floor"] == 1.143
+    assert counts["floor_vattention_8x1024_over_floor"] == 1.198
+    assert "floor_vattention_64x16384_over_floor" not in counts  # measured no whole batch
+    assert not any(key.endswith("_device_busy") for key in counts)  # not profiled then
