@@ -83,9 +83,7 @@ class KVCacheAllocator(KVCache):
         self._slots = self._maps.slots
         slot_bytes = config.pages_per_slot * config.page_size
         views = [t.view(-1).view(torch.uint8).view(-1, slot_bytes) for t in self._maps.tensors]
-        self._copies = SlotCopies(
-            views, config.page_size, lambda slot: self._slots[slot].groups, make_fence
-        )
+        self._copies = SlotCopies(views, config.page_size, self._slots, make_fence)
         self._prefixes = SlotPrefixes(config, self._maps, self._copies)
         self._prefix = config.prefix_cache
         self._tier = (
@@ -461,9 +459,8 @@ class KVCacheAllocator(KVCache):
         return self._tier.with_host_keys(summary, limit)
 
     def check_invariants(self, deep: bool = False) -> None:
-        """Asserts the invariants of the module docstring. ``deep`` also waits for the worker
-        (not for copies: pending ones keep their pins, which are checked) and compares the books
-        with what the extension really mapped."""
+        """Asserts the module docstring's invariants. ``deep`` also waits for the worker (not for
+        copies: their pins are checked) and compares the books with what the extension mapped."""
         if deep:
             self.wait(self._maps.flush())
         mappings = self._maps.check_invariants(deep)

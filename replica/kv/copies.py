@@ -47,6 +47,12 @@ class CopyFence(Protocol):
         """Makes the current stream wait for the copies on the device; the host does not wait."""
 
 
+class MapsPages(Protocol):
+    """A slot's books as far as copies care: what it maps at each page index."""
+
+    groups: list[tuple[int, ...]]
+
+
 class _Complete:
     """The fence of synchronous (host) copies."""
 
@@ -120,7 +126,7 @@ class SlotCopies:
 
     ``ranges``: one byte tensor per reserved range, [max_slots, slot bytes]. ``make_fence`` makes
     the fence of the copies just enqueued (a test passes one it completes by hand).
-    ``slot_pages(slot)``: what the slot maps at each page index (its page groups).
+    ``slots``: the slots' books, each mapping ``groups[i]`` at page index ``i``.
 
     Invariant (``check_invariants``): every pin's fence is the fence of its copy; a slot's pages
     under a pin are not unmapped until ``settle`` saw the fence complete (while it is pending the
@@ -132,12 +138,12 @@ class SlotCopies:
         self,
         ranges: Sequence[torch.Tensor],
         page_size: int,
-        slot_pages: Callable[[int], Sequence[object]],
+        slots: Sequence[MapsPages],
         make_fence: Callable[[], CopyFence] | None = None,
     ) -> None:
         self._ranges = list(ranges)
         self._page_size = page_size
-        self._slot_pages = slot_pages
+        self._slots = slots
         device = self._ranges[0].device if self._ranges else torch.device("cpu")
         self._make_fence = make_fence or (lambda: stream_fence(device))
         self._pins: list[_Pin] = []
@@ -171,7 +177,7 @@ class SlotCopies:
             self._add_pin((slot,), pages, fence)
 
     def _add_pin(self, slots: tuple[int, ...], pages: range, fence: CopyFence) -> None:
-        held = tuple(tuple(self._slot_pages(s)[pages.start : pages.stop]) for s in slots)
+        held = tuple(tuple(self._slots[s].groups[pages.start : pages.stop]) for s in slots)
         self._pins.append(_Pin(slots, pages, fence, held))
 
     def settle(self, slot: int, first: int = 0) -> None:
@@ -208,7 +214,7 @@ class SlotCopies:
             if pin.fence.done():
                 continue
             for slot, held in zip(pin.slots, pin.held, strict=True):
-                now = tuple(self._slot_pages(slot)[pin.pages.start : pin.pages.stop])
+                now = tuple(self._slots[slot].groups[pin.pages.start : pin.pages.stop])
                 assert now == held, (
                     f"slot {slot}'s pages {pin.pages} were unmapped before their copy's fence "
                     f"completed: {held} then, {now} now"
