@@ -170,6 +170,18 @@ KV_METRICS = (
         "KV bytes copied back from the host tier on a prefix hit.",
     ),
     _kv(
+        "vattn_kv_copy_wait_seconds_total",
+        "counter",
+        "copy_wait_seconds",
+        "Seconds the engine waited on the host for KV copies before unmapping their pages.",
+    ),
+    _kv(
+        "vattn_kv_host_tier_wait_seconds_total",
+        "counter",
+        "host_tier_wait_seconds",
+        "Seconds the engine waited for host-tier copies before reusing their host blocks.",
+    ),
+    _kv(
         "vattn_prefix_cache_host_hits_tokens_total",
         "counter",
         "prefix_host_hits_tokens",
