@@ -35,6 +35,8 @@ from typing import Protocol
 
 import torch
 
+from replica.kv.slots import Group
+
 
 class CopyFence(Protocol):
     """Completion of the copies enqueued before it."""
@@ -50,7 +52,7 @@ class CopyFence(Protocol):
 class MapsPages(Protocol):
     """A slot's books as far as copies care: what it maps at each page index."""
 
-    groups: list[tuple[int, ...]]
+    groups: list[Group]
 
 
 class _Complete:
@@ -149,7 +151,6 @@ class SlotCopies:
         self._pins: list[_Pin] = []
         self.bytes_copied = 0  # bytes copied, every range counted
         self.wait_seconds = 0.0  # callers waiting in settle for copies to complete
-        self.orders = 0  # copies a rewriting stream was made to wait for, on the device
 
     def copy(self, copies: Sequence[SlotCopy]) -> None:
         """Enqueues ``copies`` (every range; one batched launch) and pins their pages until the
@@ -194,10 +195,11 @@ class SlotCopies:
         slot's pages from ``first`` on: call it before that stream rewrites them (the host does
         not wait; an unmap needs ``settle``)."""
         self._retire()
-        for pin in self._pins:
-            if slot in pin.slots and pin.pages.stop > first:
-                pin.fence.order()
-                self.orders += 1
+        fences = {
+            id(p.fence): p.fence for p in self._pins if slot in p.slots and p.pages.stop > first
+        }
+        for fence in fences.values():  # one wait a fence: a copy's pins share it
+            fence.order()
 
     def settle_all(self) -> None:
         self._retire()

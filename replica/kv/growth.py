@@ -30,11 +30,9 @@ def groups_of(ids: Sequence[int], ranges: int) -> list[Group]:
 
 def pipelined_batches(groups: int, ranges: int) -> list[int]:
     """How many of ``groups`` page groups (``ranges`` pages each) each worker batch maps when a
-    growth is pipelined: ``FIRST_BATCH_PAGES`` first, doubling up to ``MOST_BATCH_PAGES``, at
-    least one group each. A restore's copy of a batch's blocks starts when that batch is mapped,
-    while the worker maps the next (a 2 MiB page maps in ~22-32 us on an H100 and copies from
-    pinned memory in ~38 us), so the wait before the first copy is short and the copies hide the
-    rest of the mapping."""
+    growth is pipelined: ``FIRST_BATCH_PAGES`` first, doubling up to ``MOST_BATCH_PAGES`` (why
+    those: their comment), at least one group each. A restore's copy of a batch's blocks starts
+    when that batch is mapped, while the worker maps the next."""
     sizes: list[int] = []
     pages, left = FIRST_BATCH_PAGES, groups
     while left > 0:

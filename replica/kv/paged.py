@@ -389,10 +389,13 @@ class PagedKVCache(KVCache):
             self._free.append(block)
         taken = self._free[-count:][::-1]
         del self._free[-count:]
+        # A host copy may still read or write them: the steps writing them wait for it, on the
+        # device (one wait a fence: an offload's blocks share it).
+        fences = {id(f): f for block in taken for f in self._pins.pop(block, ())}
+        for fence in fences.values():
+            fence.order()
         for block in taken:
             self._refs[block] = 1
-            for fence in self._pins.pop(block, ()):  # a host copy may still read or write it
-                fence.order()  # the steps writing it wait for the copy, on the device
         first = len(blocks)
         blocks.extend(taken)
         self._pending.update(((slot_index, first + i), block) for i, block in enumerate(taken))

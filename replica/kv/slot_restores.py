@@ -135,11 +135,11 @@ class SlotRestores:
         return count
 
     def start(self, index: int, wait: Callable[[int], None]) -> None:
-        """Copies slot ``index``'s pending restore on the current stream, a piece per mapping
-        batch: ``wait(ticket)`` waits for a batch, and each piece is enqueued once the batch
-        mapping its pages has run, so it copies while the worker maps the next (``plan`` grew
-        the slot pipelined). Then indexes the blocks copied: what reads them is enqueued after
-        the copy. KVRestoreFailed where fewer than ``count`` were copied: the copy raised
+        """Copies slot ``index``'s pending restore (``HostTier.restore``: the current stream
+        reads the blocks after the copy), a piece per mapping batch: ``wait(ticket)`` waits for a
+        batch, and each piece is enqueued once the batch mapping its pages has run, so it copies
+        while the worker maps the next (``plan`` grew the slot pipelined). Then indexes the
+        blocks copied. KVRestoreFailed where fewer than ``count`` were copied: the copy raised
         (``replica.kv.tier_faults``: those keys leave the tier) or the tier dropped some of the
         keys since (a failed copy elsewhere); the slot holds valid K/V below the kept blocks only,
         the rest are never indexed and the request computes them. The caller still waits for
