@@ -204,6 +204,8 @@ def run(
     floor = [i * stagger for i in range(conversations)]
     submitted: dict[str, tuple[float, int, int]] = {}
     first_token: dict[str, float] = {}
+    # Arrival to the first step that ran it: the part of TTFT spent waiting for a batch's room.
+    queued: dict[str, float] = {}
     answers: dict[str, list[int]] = {}
     prompts: list[list[int]] = []
     stored: list[list[int]] = []
@@ -223,6 +225,11 @@ def run(
         for output in engine.step():
             at = time.perf_counter() - started
             first_token.setdefault(output.request_id, at)
+            request = engine.requests.get(output.request_id)
+            if request is not None and request.first_scheduled_time is not None:
+                queued.setdefault(
+                    output.request_id, request.first_scheduled_time - request.arrival_time
+                )
             answers[output.request_id] += output.token_ids
             if not output.finished:
                 continue
@@ -247,8 +254,11 @@ def run(
     ideal = theoretical_hits(prompts, stored, tokens_per_page) if tokens_per_page else 0
     generated = sum(len(a) for a in answers.values())
     by_turn: dict[int, list[float]] = {}
+    queued_by_turn: dict[int, list[float]] = {}
     for r, (sent, _, turn) in submitted.items():
         by_turn.setdefault(turn, []).append(first_token[r] - sent)
+        if r in queued:
+            queued_by_turn.setdefault(turn, []).append(queued[r])
     breakdown = engine.kv.mapping_breakdown()
     engine.release_kv_memory()  # the next run's engine gets the device's memory back
     return {
@@ -277,6 +287,11 @@ def run(
         "prefix_holds": engine.scheduler.prefix_holds_total,
         "mapping_deferrals": engine.scheduler.mapping_deferrals_total,
         "ttft_mean_s_by_turn": [statistics.mean(by_turn[t]) for t in sorted(by_turn)],
+        # TTFT's queueing share: where it grows with the turn, the batch's KV room bounds it.
+        "queue_mean_s_by_turn": [
+            statistics.mean(queued_by_turn[t]) if queued_by_turn.get(t) else None
+            for t in sorted(by_turn)
+        ],
         "map_wait_s": stats.wait_seconds - stats_before.wait_seconds,
         "map_wait_pct": 100 * (stats.wait_seconds - stats_before.wait_seconds) / seconds,
         "mapping": mapping_delta(breakdown_before, breakdown),

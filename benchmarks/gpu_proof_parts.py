@@ -138,6 +138,9 @@ def prefix_counts(name: str, rows: list[dict[str, Any]]) -> Counts:
         by_turn = row.get("ttft_mean_s_by_turn") or []
         if len(by_turn) > 1 and by_turn[0]:
             counts[f"{key}_ttft_last_over_first"] = round(by_turn[-1] / by_turn[0], 2)
+        queued = row.get("queue_mean_s_by_turn") or []
+        if len(by_turn) > 1 and queued and queued[-1] is not None and by_turn[-1]:
+            counts[f"{key}_last_turn_queue_share"] = round(queued[-1] / by_turn[-1], 3)
         plain = by.get((mode, layout.removesuffix("_tier"), cache))
         if layout.endswith("_tier") and plain and row["ttft_mean_s"]:
             counts[f"{key}_ttft_gain"] = round(plain["ttft_mean_s"] / row["ttft_mean_s"], 2)

@@ -42,4 +42,7 @@ def test_the_think_workload_restores_histories_with_the_host_tier(
         assert tiered["prefix_hits_tokens"] > plain["prefix_hits_tokens"]
         assert tiered["prefix_host_hits_tokens"] > 0
         assert len(tiered["ttft_mean_s_by_turn"]) == data["workloads"]["think"]["turns"]
+        # Each turn's queueing is part of its TTFT (arrival to the first step that ran it).
+        pairs = zip(tiered["queue_mean_s_by_turn"], tiered["ttft_mean_s_by_turn"], strict=True)
+        assert all(0 <= queued <= ttft for queued, ttft in pairs)
     assert prefix_turns(data, tmp_path / "turns.png").stat().st_size > 0
