@@ -210,6 +210,7 @@ def run(
     prompts: list[list[int]] = []
     stored: list[list[int]] = []
     cached_tokens = 0
+    steps, step_s = 0, 0.0  # the engine's steps and the time inside them (the rest: idle)
     started = time.perf_counter()
     while arrivals or engine.has_work():
         now = time.perf_counter() - started
@@ -222,7 +223,11 @@ def run(
         if not engine.has_work():
             time.sleep(min(0.001, max(arrivals[0][0] - now, 0.0)) if arrivals else 0.0)
             continue
-        for output in engine.step():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        steps += 1
+        step_s += time.perf_counter() - step_start
+        for output in outputs:
             at = time.perf_counter() - started
             first_token.setdefault(output.request_id, at)
             request = engine.requests.get(output.request_id)
@@ -268,6 +273,8 @@ def run(
         "requests": len(submitted),
         "seconds": seconds,
         "schedule_floor_s": max(floor),
+        "steps": steps,
+        "step_s": step_s,
         "ttft_mean_s": statistics.mean(ttft),
         "ttft_p50_s": statistics.median(ttft),
         "ttft_p99_s": sorted(ttft)[max(int(len(ttft) * 0.99) - 1, 0)],

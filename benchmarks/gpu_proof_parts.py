@@ -131,6 +131,9 @@ def prefix_counts(name: str, rows: list[dict[str, Any]]) -> Counts:
         paged_first = paged.get("ttft_mean_s_by_turn") or [paged["ttft_mean_s"]]
         counts[f"{key}_ttft1_over_paged"] = round(first_turn[0] / paged_first[0], 3)
         counts[f"{key}_seconds_over_paged"] = round(row["seconds"] / paged["seconds"], 3)
+        if row.get("steps") and paged.get("steps"):  # more steps, or slower ones
+            counts[f"{key}_steps_over_paged"] = round(row["steps"] / paged["steps"], 3)
+            counts[f"{key}_step_s_over_paged"] = round(row["step_s"] / paged["step_s"], 3)
         if paged["prefix_hits_tokens"]:
             hits = row["prefix_hits_tokens"] / paged["prefix_hits_tokens"]
             counts[f"{key}_hits_over_paged"] = round(hits, 3)
