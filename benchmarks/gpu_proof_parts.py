@@ -304,7 +304,7 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "prefix_burst",
-        120,
+        240,
         (
             bench("bench_prefix", "--workloads", "burst", *BOTH_LAYOUTS, "--cache", "on"),
             bench(
@@ -364,7 +364,7 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "prefix_chat",
-        240,
+        330,
         (bench("bench_prefix", "--workloads", "chat,system", *BOTH_LAYOUTS, "--cache", "on"),),
         "bench_prefix: multi-turn chat (own system prompts) and one shared system prompt, both "
         "modes and layouts, cache on",

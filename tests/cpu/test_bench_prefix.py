@@ -46,3 +46,29 @@ def test_the_think_workload_restores_histories_with_the_host_tier(
         pairs = zip(tiered["queue_mean_s_by_turn"], tiered["ttft_mean_s_by_turn"], strict=True)
         assert all(0 <= queued <= ttft for queued, ttft in pairs)
     assert prefix_turns(data, tmp_path / "turns.png").stat().st_size > 0
+
+
+def test_warm_up_runs_before_each_timed_run_and_is_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int, int, bool]] = []
+    real_run = bench_prefix.run
+
+    def recording_run(mode, layout, prefix_cache, shape, args, offload_gib=0.0):  # type: ignore[no-untyped-def]
+        calls.append((mode, args.conversations, shape.turns, shape.burst))
+        return real_run(mode, layout, prefix_cache, shape, args, offload_gib)
+
+    monkeypatch.setattr(bench_prefix, "run", recording_run)
+    argv = ["bench_prefix", "--smoke", "--workloads", "chat", "--cache", "on", "--warmup", "on"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    bench_prefix.main()
+    # Each timed run (4 conversations of 3 turns) follows a one-turn burst of 2 on its own engine.
+    assert calls == [
+        ("vattention", 2, 1, True),
+        ("vattention", 4, 3, False),
+        ("paged", 2, 1, True),
+        ("paged", 4, 3, False),
+    ]
+    [result] = tmp_path.glob("prefix-smoke-*.json")
+    rows = json.loads(result.read_text())["results"]["chat"]
+    assert [(r["mode"], r["requests"]) for r in rows] == [("vattention", 12), ("paged", 12)]
