@@ -29,7 +29,7 @@ about as much, while copying a 2 MiB page device-to-device takes ~1.5 us of copy
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,6 +93,13 @@ class _StreamFence:
 
     def order(self) -> None:
         torch.cuda.current_stream(self._device).wait_event(self._event)
+
+
+def order_all(fences: Iterable[CopyFence]) -> None:
+    """Puts the current stream behind each of ``fences`` on the device, once a fence however often
+    it comes (a copy's pins, an offload's blocks, share one)."""
+    for fence in {id(f): f for f in fences}.values():
+        fence.order()
 
 
 def stream_fence(device: torch.device) -> CopyFence:
@@ -195,11 +202,7 @@ class SlotCopies:
         slot's pages from ``first`` on: call it before that stream rewrites them (the host does
         not wait; an unmap needs ``settle``)."""
         self._retire()
-        fences = {
-            id(p.fence): p.fence for p in self._pins if slot in p.slots and p.pages.stop > first
-        }
-        for fence in fences.values():  # one wait a fence: a copy's pins share it
-            fence.order()
+        order_all(p.fence for p in self._pins if slot in p.slots and p.pages.stop > first)
 
     def settle_all(self) -> None:
         self._retire()

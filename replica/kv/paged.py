@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
-from replica.kv.copies import CopyFence
+from replica.kv.copies import CopyFence, order_all
 from replica.kv.host_copies import GatheredBlocks
 from replica.kv.host_tier import HostTier
 from replica.kv.paged_config import PagedKVConfig
@@ -390,10 +390,8 @@ class PagedKVCache(KVCache):
         taken = self._free[-count:][::-1]
         del self._free[-count:]
         # A host copy may still read or write them: the steps writing them wait for it, on the
-        # device (one wait a fence: an offload's blocks share it).
-        fences = {id(f): f for block in taken for f in self._pins.pop(block, ())}
-        for fence in fences.values():
-            fence.order()
+        # device.
+        order_all(f for block in taken for f in self._pins.pop(block, ()))
         for block in taken:
             self._refs[block] = 1
         first = len(blocks)
