@@ -233,12 +233,11 @@ def run(
         step_s += time.perf_counter() - step_start
         for output in outputs:
             at = time.perf_counter() - started
-            first_token.setdefault(output.request_id, at)
-            request = engine.requests.get(output.request_id)
-            if request is not None and request.first_scheduled_time is not None:
-                queued.setdefault(
-                    output.request_id, request.first_scheduled_time - request.arrival_time
-                )
+            if output.request_id not in first_token:
+                first_token[output.request_id] = at
+                request = engine.requests.get(output.request_id)
+                if request is not None and request.first_scheduled_time is not None:
+                    queued[output.request_id] = request.first_scheduled_time - request.arrival_time
             answers[output.request_id] += output.token_ids
             if not output.finished:
                 continue
@@ -417,8 +416,7 @@ def main() -> None:
                         rows.append(run(mode, layout, prefix_cache, loads[name], args, offload))
                         print(name, rows[-1], flush=True)
                         save_partial(args, loads, results)  # a cut-off run keeps its rows
-                        gc.collect()  # the engine's cycles, with its tensors
-                        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                        free_device()
     print(f"wrote {save_partial(args, loads, results)}")
 
 
@@ -437,6 +435,11 @@ def warm_up(
     small.conversations = max(args.conversations // 8, 2)
     burst = dataclasses.replace(shape, turns=1, think_s=(0.0, 0.0), burst=True)
     run(mode, layout, prefix_cache, burst, small, 0.0)
+    free_device()
+
+
+def free_device() -> None:
+    """Gives a finished run's engine memory back: its cycles with their tensors, torch's cache."""
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
