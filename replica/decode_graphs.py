@@ -24,7 +24,7 @@ buffer).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -76,13 +76,14 @@ class DecodeGraphs:
         input_ids: tuple[int, ...],
         size: int,
         patch: Callable[[torch.Tensor], None] | None = None,
+        borrows: Mapping[int, tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Runs a decode step (sequences in ``slots``, one new token each, ``input_ids`` in their
         order) in the graph of ``size``; returns float32 logits [n, vocab], a view valid until the
         next step. ``patch(ids)`` may then rewrite the step's input ids on the device (tokens the
-        host does not know yet)."""
+        host does not know yet). ``borrows``: ``StepBatch.build``'s."""
         n = len(slots)
-        padded = StepBatch.build_padded(slots, context_lens, size, self.device)
+        padded = StepBatch.build_padded(slots, context_lens, size, self.device, borrows)
         extra = size - n
         host = torch.tensor(
             [input_ids + input_ids[-1:] * extra, context_lens + context_lens[-1:] * extra],

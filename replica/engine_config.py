@@ -166,6 +166,15 @@ class EngineConfig:
         "prefix sharing: a prompt that starts like a cached one (a conversation's earlier turns, "
         "a shared system prompt) maps the cached KV pages instead of computing them again",
     )
+    #: Borrowed prefix reads (replica.kv.borrows): a hit aliased into a fresh slot is read from
+    #: the slot holding it until its own aliases are mapped, so its first step waits only for the
+    #: pages it writes (vAttention mode, flashinfer or sdpa attention). Off until a GPU run of
+    #: bench_prefix's burst measures it.
+    prefix_borrow: bool = option(
+        False,
+        "read a prefix hit from the slot that holds it while the new slot's own pages map, so a "
+        "burst over a shared prompt starts without waiting for them (vattention mode)",
+    )
     #: The fraction then learns from preemptions (replica.growth_reserve).
     growth_reserve: float = option(
         0.5,

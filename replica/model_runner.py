@@ -72,6 +72,13 @@ class ModelRunner:
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
+        self._enable_borrowed_reads()
+
+    def _enable_borrowed_reads(self) -> None:
+        """Borrowed prefix reads where asked for and the attention backend reads them."""
+        granularity = self.attention.borrow_granularity
+        if self.config.prefix_borrow and granularity:
+            self.kv.enable_borrowed_reads(granularity)
 
     def _device_facts(self) -> DeviceFacts:
         """What the config's defaults depend on, now that the weights are loaded."""
@@ -123,6 +130,7 @@ class ModelRunner:
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
+        self._enable_borrowed_reads()
 
     @property
     def decoder_layers(self) -> Sequence[torch.nn.Module]:
@@ -200,15 +208,20 @@ class ModelRunner:
         of ``patches`` sets input token ``row`` to ``previous_tokens[source]`` on the device (a
         token the previous step sampled and the host has not read: asynchronous scheduling)."""
         size = self.graphs.size_for(plan.query_lens) if self.graphs is not None else None
+        borrows = self.kv.borrowed_reads()  # the same on every rank: ends are recorded
         if size is not None:
             assert self.graphs is not None
             patch = (lambda ids: self._patch(ids, patches, previous_tokens)) if patches else None
-            logits = self.graphs.run(plan.slots, plan.context_lens, plan.input_ids, size, patch)
+            logits = self.graphs.run(
+                plan.slots, plan.context_lens, plan.input_ids, size, patch, borrows
+            )
             self._map_next_step(plan)  # while the GPU replays the graph
             if plan.sample_rows == tuple(range(len(plan.slots))):
                 return logits
             return logits[to_device(plan.sample_rows, torch.long, self.device)]
-        batch = StepBatch.build(plan.slots, plan.context_lens, plan.query_lens, self.device)
+        batch = StepBatch.build(
+            plan.slots, plan.context_lens, plan.query_lens, self.device, borrows
+        )
         ids, positions, rows = (
             to_device(v, torch.long, self.device)
             for v in (plan.input_ids, plan.positions, plan.sample_rows)

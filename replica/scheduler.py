@@ -33,6 +33,11 @@ written the shared blocks it is admitted and finds them cached. Invariants:
     a held request takes no slot and no pages; the requests behind it are admitted as before
         (first come, first served among the requests not held)
 
+Borrowed reads (``replica.kv.borrows``): where the attention backend reads a slot through a page
+list, a hit aliased into a fresh slot is read from the slot holding it until its aliases are
+mapped, so an admission waits only for the pages it writes; each ``schedule`` first ends the
+borrows whose aliases are mapped (``KVCache.end_borrows``, recorded for the other ranks).
+
 Admission makes a step wait on mapping for ``admission_map_wait_s`` at most: a request admitted
 into a step whose aliases and first chunk are not mapped by then leaves it (keeping its slot and
 its place among the running) and runs from a later step; a step of admissions alone waits for its
@@ -147,6 +152,7 @@ class Scheduler:
     def schedule(self, preempt: bool = True) -> ScheduledStep | None:
         """The next step, or None when there is nothing to run, or (``blocked`` set) when it would
         have to preempt and ``preempt`` is False."""
+        self.kv.end_borrows()  # hits whose aliases are mapped are read from their own slots now
         budget = self.max_batch_tokens
         chosen: dict[Request, int] = {}
         index = 0

@@ -76,8 +76,17 @@ class AttentionBackend(ABC):
             return 1.0, 1.0
         return self.kv_scales.k[layer], self.kv_scales.v[layer]
 
+    @property
+    def borrow_granularity(self) -> int:
+        """Tokens a sequence's borrowed prefix (``StepBatch.borrows``, ``replica.kv.borrows``) is
+        a multiple of for ``attend`` to read it from the holder's slot; 0: it cannot, and gets
+        none."""
+        return 0
+
     def plan(self, batch: StepBatch) -> None:
         """Prepares the step (once for all layers)."""
+        if batch.borrows and not self.borrow_granularity:
+            raise ValueError(f"the {self.name} attention backend cannot read borrowed prefixes")
         self.batch = batch
         # Computed once per step, so each layer's write is one index_copy_ per K and V.
         self.token_rows = self.cache_rows(batch)

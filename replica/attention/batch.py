@@ -6,11 +6,13 @@ Sequences are ordered by slot (ascending): kernels that take the cache as one fl
     sequence i:  slot s_i, context c_i tokens already cached, q_i new tokens this step
     new tokens of i sit at positions [c_i, c_i + q_i) of slot s_i; kv_len_i = c_i + q_i
     queries flattened: tokens of sequence i are rows [cu_query[i], cu_query[i + 1])
+    borrowed prefix (``replica.kv.borrows``): with borrows[i] = (h_i, b_i), b_i > 0, sequence i
+        reads keys [0, b_i) from slot h_i at the same positions, the rest from its own slot
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,8 @@ class StepBatch:
     # so planning never copies device tensors back (a device sync per step).
     kv_lens_host: torch.Tensor  # [B]
     cu_query_host: torch.Tensor  # [B + 1]
+    # Per sequence (holder slot, keys read from it), () when no sequence borrows.
+    borrows: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_sequences(self) -> int:
@@ -63,12 +67,14 @@ class StepBatch:
         context_lens: Sequence[int],
         query_lens: Sequence[int],
         device: torch.device,
+        borrows: Mapping[int, tuple[int, int]] | None = None,
     ) -> StepBatch:
+        """``borrows``: slot -> (holder slot, keys read from it) (``KVCache.borrowed_reads``)."""
         if list(slots) != sorted(slots) or len(set(slots)) != len(slots):
             raise ValueError(f"a step's slots must be distinct and ascending, got {list(slots)}")
         if any(q <= 0 for q in query_lens):
             raise ValueError(f"every sequence adds at least one token, got {list(query_lens)}")
-        return StepBatch._make(slots, context_lens, query_lens, device)
+        return StepBatch._make(slots, context_lens, query_lens, device, borrows)
 
     def padded(self, size: int, device: torch.device) -> StepBatch:
         """This decode batch grown to ``size`` sequences (``build_padded``)."""
@@ -76,11 +82,16 @@ class StepBatch:
             raise ValueError(
                 f"only a decode batch pads, to at least its {self.num_sequences} sequences"
             )
-        return StepBatch.build_padded(self.slots, self.context_lens, size, device)
+        borrows = dict(zip(self.slots, self.borrows))
+        return StepBatch.build_padded(self.slots, self.context_lens, size, device, borrows)
 
     @staticmethod
     def build_padded(
-        slots: Sequence[int], context_lens: Sequence[int], size: int, device: torch.device
+        slots: Sequence[int],
+        context_lens: Sequence[int],
+        size: int,
+        device: torch.device,
+        borrows: Mapping[int, tuple[int, int]] | None = None,
     ) -> StepBatch:
         """A decode batch (one new token per sequence) grown to ``size`` sequences by repeating its
         last one (same slot, length and position): the fixed-size batch a CUDA graph replays. The
@@ -95,6 +106,7 @@ class StepBatch:
             tuple(context_lens) + tuple(context_lens[-1:]) * extra,
             (1,) * size,
             device,
+            borrows,
         )
 
     @staticmethod
@@ -103,8 +115,13 @@ class StepBatch:
         context_lens: Sequence[int],
         query_lens: Sequence[int],
         device: torch.device,
+        borrows: Mapping[int, tuple[int, int]] | None = None,
     ) -> StepBatch:
         kv_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        borrowed = tuple(borrows.get(s, (s, 0)) for s in slots) if borrows else ()
+        for (holder, keys), kv_len, slot in zip(borrowed, kv_lens, slots):
+            if keys and (holder == slot or keys > kv_len):
+                raise ValueError(f"slot {slot}: {keys} of its {kv_len} keys borrowed from {holder}")
         token_slots = [s for s, q in zip(slots, query_lens) for _ in range(q)]
         token_positions = [p for c, q in zip(context_lens, query_lens) for p in range(c, c + q)]
         cu_query = [0]
@@ -132,4 +149,5 @@ class StepBatch:
             token_positions_t=tensor(token_positions, torch.int64),
             kv_lens_host=kv_lens_host,
             cu_query_host=cu_query_host,
+            borrows=borrowed if any(keys for _, keys in borrowed) else (),
         )

@@ -203,7 +203,7 @@ class FlashInferBackend(AttentionBackend):
         if page_tokens == self.tokens_per_slot:
             return self.page_indptr[: batch.num_sequences + 1], batch.slots_t, batch.kv_lens_host
         indptr, indices, last = page_table(
-            batch.slots, batch.kv_lens, page_tokens, self.tokens_per_slot
+            batch.slots, batch.kv_lens, page_tokens, self.tokens_per_slot, batch.borrows
         )
         host = [
             torch.tensor(v, dtype=torch.int32, pin_memory=True) for v in (indptr, indices, last)
@@ -219,7 +219,13 @@ class FlashInferBackend(AttentionBackend):
             batch.max_kv_len,
             self.tokens_per_slot,
             sum(batch.kv_lens),
+            borrowing=bool(batch.borrows),
         )
+
+    @property
+    def borrow_granularity(self) -> int:
+        """Whole small pages: a page list names the holder's (none without small pages)."""
+        return small_page(self.tokens_per_slot) or 0
 
     def warm_up_shapes(self, sizes: list[int], max_kv_len: int) -> list[tuple[int, int]]:
         """Short contexts for every size, and one long sequence among short ones where the kernel

@@ -26,9 +26,13 @@ several times over: 32 sequences (256 blocks) 41.5 µs as one page, 38.1 µs as 
                           uneven (max kv_len > EVEN_LENGTHS * mean) and
                           sequences * kv_heads < UNEVEN_SPLIT_BELOW_BLOCKS
     P = tokens_per_slot   otherwise (and whenever 16 does not divide tokens_per_slot)
+    P = 16                whenever a sequence borrows its prefix (``replica.kv.borrows``): its
+                          first pages are another slot's, which only a page list can say
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 #: From this many (sequence, KV head) blocks on the batch fills the GPU without splitting a KV.
 SPLIT_BELOW_BLOCKS = 128
@@ -58,11 +62,16 @@ def kernel_page_tokens(
     max_kv_len: int,
     tokens_per_slot: int,
     total_kv_len: int | None = None,
+    borrowing: bool = False,
 ) -> int:
     """The page size (tokens) the kernel sees this step (the rule in the module docstring);
     ``kv_heads``: this rank's; ``total_kv_len``: the keys of all sequences (None: even lengths,
-    ``sequences * max_kv_len``)."""
+    ``sequences * max_kv_len``); ``borrowing``: a sequence reads its prefix from another slot."""
     small = small_page(tokens_per_slot)
+    if borrowing:
+        if small is None:
+            raise ValueError(f"a {tokens_per_slot}-token slot has no small pages to borrow in")
+        return small
     if small is None or max_kv_len < LONG_CONTEXT_TOKENS:
         return tokens_per_slot
     total = sequences * max_kv_len if total_kv_len is None else total_kv_len
@@ -78,22 +87,29 @@ def page_table(
     kv_lens: list[int] | tuple[int, ...],
     page_tokens: int,
     tokens_per_slot: int,
+    borrows: Sequence[tuple[int, int]] = (),
 ) -> tuple[list[int], list[int], list[int]]:
     """(indptr, indices, last_page_len) of a batch shown as pages of ``page_tokens`` tokens:
     sequence i covers pages ``indices[indptr[i]:indptr[i + 1]]``, which are
-    ``slot_i * (tokens_per_slot / page_tokens) + j`` for j < ceil(kv_len_i / page_tokens)."""
+    ``slot_i * (tokens_per_slot / page_tokens) + j`` for j < ceil(kv_len_i / page_tokens); where
+    ``borrows[i]`` is (holder h, b keys), its first b / page_tokens pages are h's instead."""
     if tokens_per_slot % page_tokens:
         raise ValueError(
             f"a {page_tokens}-token page does not divide a {tokens_per_slot}-token slot"
         )
     per_slot = tokens_per_slot // page_tokens
     indptr, indices, last = [0], [], []
-    for slot, kv_len in zip(slots, kv_lens):
+    for i, (slot, kv_len) in enumerate(zip(slots, kv_lens)):
         if not 0 < kv_len <= tokens_per_slot:
             raise ValueError(f"slot {slot}: {kv_len} keys; a slot holds 1..{tokens_per_slot}")
         pages = -(-kv_len // page_tokens)
         first = slot * per_slot
-        indices.extend(range(first, first + pages))
+        holder, keys = borrows[i] if borrows else (slot, 0)
+        if keys % page_tokens or keys > kv_len:
+            raise ValueError(f"slot {slot}: {keys} borrowed keys in {page_tokens}-token pages")
+        lent = keys // page_tokens
+        indices.extend(range(holder * per_slot, holder * per_slot + lent))
+        indices.extend(range(first + lent, first + pages))
         indptr.append(indptr[-1] + pages)
         last.append(kv_len - (pages - 1) * page_tokens)
     return indptr, indices, last

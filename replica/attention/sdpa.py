@@ -1,5 +1,6 @@
-"""Reference backend: PyTorch SDPA per sequence over its slot (a view, no copy). Runs anywhere;
-the GPU backends are tested against it. An fp8 cache is dequantized per sequence as it is read."""
+"""Reference backend: PyTorch SDPA per sequence over its slot (a view, no copy; a borrowed prefix
+is gathered from its holder's slot). Runs anywhere; the GPU backends are tested against it. An
+fp8 cache is dequantized per sequence as it is read."""
 
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ class SdpaBackend(AttentionBackend):
     name = "sdpa"
     supports_fp8 = True
 
+    @property
+    def borrow_granularity(self) -> int:
+        return 1  # gathered per sequence: any prefix
+
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int = 0
     ) -> torch.Tensor:
         batch = self.batch
         assert batch is not None
         keys = [(k_cache[slot], v_cache[slot]) for slot in batch.slots]  # slot views, no copy
+        for i, (holder, borrowed) in enumerate(batch.borrows):
+            if borrowed:  # its first keys from the holder: its own pages there may be unmapped
+                slot, end = batch.slots[i], batch.kv_lens[i]
+                keys[i] = tuple(  # type: ignore[assignment]
+                    torch.cat((cache[holder][:borrowed], cache[slot][borrowed:end]))
+                    for cache in (k_cache, v_cache)
+                )
         return sdpa_per_sequence(
             q, keys, batch.context_lens, batch.query_lens, self.scale, self.layer_scales(layer)
         )

@@ -20,6 +20,9 @@ eviction as well as deferred reclamation (a page a running slot maps is never fr
     slot 5 (running):   | g0 | g1 | n2 | n3 |        aliases g0, g1; writes from n2 on
     slot 6 (running):   | c0 | c1 | n2 |             its own pages, g0 and g1 copied in
 
+Borrowed reads (``enable_borrowed_reads``, ``replica.kv.borrows``): a hit aliased into a fresh
+slot maps late and is read from its holder's pages meanwhile; ``ensure`` waits for the rest only.
+
 Host tier (``config.host_tier_bytes``, ``replica.kv.host_tier``): ``acquire`` also takes the
 blocks after the hit that the tier holds, *deferred* (``replica.kv.slot_restores``): it submits
 maps only; the slot's first waited ``ensure`` copies and indexes them (or ``KVRestoreFailed``).
@@ -43,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from replica.kv.base import KVCache, KVCacheOutOfMemory, StepTicket
+from replica.kv.borrows import SlotBorrows
 from replica.kv.config import KVCacheConfig
 from replica.kv.copies import CopyFence, SlotCopies
 from replica.kv.growth import SlotGrowth
@@ -52,7 +56,7 @@ from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import PrefixSummary
 from replica.kv.slot_prefixes import SlotPrefixes
 from replica.kv.slot_restores import SlotRestores
-from replica.kv.slots import Slot, SlotMaps, SlotState
+from replica.kv.slots import PENDING, Slot, SlotMaps, SlotState
 from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
 from replica.kv.tier_faults import TierFaults
 from replica.vmm import Device, Reservation, open_device
@@ -85,6 +89,7 @@ class KVCacheAllocator(KVCache):
         views = [t.view(-1).view(torch.uint8).view(-1, slot_bytes) for t in self._maps.tensors]
         self._copies = SlotCopies(views, config.page_size, self._slots, make_fence)
         self._prefixes = SlotPrefixes(config, self._maps, self._copies)
+        self._borrows = SlotBorrows(config, self._maps, self._copies)
         self._prefix = config.prefix_cache
         self._tier = (
             HostTier(
@@ -159,6 +164,7 @@ class KVCacheAllocator(KVCache):
         slot = self._slots[index]
         kept = self._prefixes.holds(slot, hit_keys)  # its leading blocks holding the hit's
         taken = self._prefixes.take_hit(index, hit, kept) if self._prefix else 0
+        self._borrows.start(index)  # its late aliases, read from their holder meanwhile
         self._maps.set_state(slot, SlotState.RUNNING)
         restored = restores.plan(index, prompt, keys, taken) if restores is not None else 0
         cached_tokens = (taken + restored) * self.config.prefix_block_tokens
@@ -200,18 +206,9 @@ class KVCacheAllocator(KVCache):
     def _pick_slot(self, need: int, tokens_hint: int) -> int:
         """A slot without the prefix cache: the released slot that best fits ``need`` groups, else
         an empty one."""
-        cached = [i for i, s in enumerate(self._slots) if s.state is SlotState.CACHED]
-        if cached:
-            return min(
-                cached,
-                key=lambda i: (
-                    len(self._slots[i].groups) < need,
-                    abs(len(self._slots[i].groups) - need),
-                ),
-            )
-        empty = self._maps.free_slot()
-        if empty is not None:
-            return empty
+        index = self._maps.best_fit(need)
+        if index is not None:
+            return index
         raise KVCacheOutOfMemory(
             tokens_hint,
             0,
@@ -226,6 +223,7 @@ class KVCacheAllocator(KVCache):
         K/V the slot holds (at most its length; without them, its prompt): its full groups are
         indexed for later requests."""
         slot = self._running(slot_index)
+        self._borrows.end(slot_index, wait=self._tier_faults is not None)  # offloads read it
         self._prefixes.queries.released(slot_index)
         self._admitting.discard(slot_index)
         held = self._restores.drop(slot_index) if self._restores is not None else -1
@@ -278,7 +276,7 @@ class KVCacheAllocator(KVCache):
             )
         # Waits only for the batch that maps these tokens' pages: eager pages booked ahead may
         # still be mapping (the common decode case: they were submitted steps ago and are done).
-        ticket = slot.tickets[need - 1] if need else 0  # tickets ascend with the page index
+        ticket = self._borrows.ticket(slot_index, need)  # a borrower's run is read elsewhere
         cause = WaitCause.ADMISSION if slot_index in self._admitting else WaitCause.STEP
         slot.length = slot.reserved = tokens
         self._prefixes.queries.backed(slot_index)
@@ -325,6 +323,7 @@ class KVCacheAllocator(KVCache):
                 self._prefixes.register(self._slots[slot_index], self._slots[slot_index].length)
         self._release_idle()
         ticket = StepTicket(self._maps.flush(), tuple(unbacked))
+        self._borrows.send_late()  # behind this step's growth
         self._checked()
         return ticket
 
@@ -340,22 +339,37 @@ class KVCacheAllocator(KVCache):
         need = self.config.page_groups_for(tokens)
         if need > len(slot.groups):
             return False
-        if not need or self._maps.worker.done(slot.tickets[need - 1]):
+        ticket = self._borrows.ticket(slot_index, need)
+        if not need or self._maps.done(ticket):
             return True
         if timeout_s <= 0:
             return False
-        return self._maps.wait_for(slot.tickets[need - 1], timeout_s, WaitCause.ADMISSION)
+        return self._maps.wait_for(ticket, timeout_s, WaitCause.ADMISSION)
 
     def done(self, ticket: StepTicket | int) -> bool:
         """Whether the worker has finished the ticket's mapping (waiting would not block)."""
-        return bool(
-            self._maps.worker.done(ticket.ticket if isinstance(ticket, StepTicket) else ticket)
-        )
+        return self._maps.done(ticket.ticket if isinstance(ticket, StepTicket) else ticket)
+
+    # ---- borrowed prefix reads (replica.kv.borrows) --------------------------------------------
+    def enable_borrowed_reads(self, granularity: int = 1) -> bool:
+        """Hits aliased into fresh slots are read from their holder until mapped, in multiples of
+        ``granularity`` tokens; False where the geometry cannot (``SlotBorrows.enable``)."""
+        self._prefixes.late_aliases = self._borrows.enable(granularity)
+        return self._prefixes.late_aliases
+
+    def borrowed_reads(self) -> Mapping[int, tuple[int, int]]:
+        return self._borrows.reads()
+
+    def end_borrows(self, slot_indices: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Ends the borrows whose aliases are mapped (None), or those of ``slot_indices``."""
+        if slot_indices is None:
+            return self._borrows.end_ready()
+        return self._borrows.end_listed(tuple(slot_indices))
 
     def synchronize(self) -> None:
-        """Submits and waits for every pending operation and copy."""
-        self.wait(self._maps.flush())
+        """Submits and waits for every pending operation and copy (borrows end)."""
         self._copies.settle_all()
+        self.wait(PENDING if self._maps.late_ops else self._maps.flush())
 
     # ---- elastic pool --------------------------------------------------------------------------
     def shrink(self) -> int:
@@ -435,14 +449,14 @@ class KVCacheAllocator(KVCache):
             prefix_copied_bytes=self._copies.bytes_copied,
             copy_wait_seconds=self._copies.wait_seconds,
             prefix_takeovers=self._prefixes.takeovers,
+            prefix_borrows=self._borrows.started,
             **self._tier_stats(),
         )
 
     def _tier_stats(self) -> dict[str, float]:
         if self._tier is None or self._restores is None:
             return {}
-        restores = self._restores
-        return self._tier.cache_stats(restores.hit_tokens, restores.skipped_tokens)
+        return self._tier.cache_stats(self._restores.hit_tokens, self._restores.skipped_tokens)
 
     def mapping_breakdown(self) -> MappingBreakdown:
         """The worker's time by operation kind and cause, and the callers' waits by cause."""
@@ -466,6 +480,7 @@ class KVCacheAllocator(KVCache):
         mappings = self._maps.check_invariants(deep)
         self._prefixes.check_invariants(mappings)
         self._copies.check_invariants()
+        self._borrows.check_invariants()
         if self._tier is not None:
             self._tier.check_invariants()
         if self._restores is not None:
@@ -474,23 +489,7 @@ class KVCacheAllocator(KVCache):
         assert stats.pages_free + stats.pages_in_use + stats.pages_cached == stats.pages_created, (
             stats
         )
-        config = self.config
-        for index, slot in enumerate(self._slots):
-            frozen_bytes = slot.frozen * config.block_bytes
-            assert frozen_bytes <= len(slot.groups) * config.page_size, (
-                f"slot {index} froze unmapped blocks"
-            )
-            for page, group in enumerate(slot.groups):
-                assert mappings[group] == 1 or (page + 1) * config.page_size <= frozen_bytes, (
-                    f"slot {index} may write its shared page {page}"
-                )
-            if slot.state is SlotState.RUNNING:
-                assert len(slot.groups) >= config.page_groups_for(slot.length), (
-                    f"slot {index} unbacked"
-                )
-                assert slot.length >= slot.frozen * config.prefix_block_tokens, (
-                    f"slot {index} is shorter than its immutable prefix"
-                )
+        self._prefixes.check_slots(mappings)
 
     def _checked(self) -> None:
         if _CHECK_ALWAYS:

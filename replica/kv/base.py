@@ -257,6 +257,23 @@ class KVCache(ABC):
         self.check_slot(slot_index)
         return True
 
+    # ---- borrowed prefix reads (replica.kv.borrows) ---------------------------------------------
+    def enable_borrowed_reads(self, granularity: int = 1) -> bool:
+        """Lets a prefix hit be read from the slot holding it until the hit is the slot's own (the
+        engine's attention backend reads a borrowed prefix of a multiple of ``granularity``
+        tokens); whether this cache can."""
+        return False
+
+    def borrowed_reads(self) -> Mapping[int, tuple[int, int]]:
+        """Running slot -> (holder slot, leading tokens of it to read from the holder's pages)."""
+        return {}
+
+    def end_borrows(self, slot_indices: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Ends the borrows that no longer need their holder (None), or those of
+        ``slot_indices`` (another rank's); returns the slots. Changes the books: recorded under
+        tensor parallelism."""
+        return ()
+
     # ---- pressure ------------------------------------------------------------------------------
     @abstractmethod
     def reclaimable_pages(self) -> int:

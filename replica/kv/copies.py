@@ -178,6 +178,10 @@ class SlotCopies:
             self._add_pin((c.source, c.target), c.pages(size), fence)
         self.bytes_copied += sum(c.stop - c.start for c in copies) * len(self._ranges)
 
+    def fence(self) -> CopyFence:
+        """The fence of the work enqueued so far on the current stream (a borrow's end)."""
+        return self._make_fence()
+
     def pin(self, slot: int, pages: range, fence: CopyFence) -> None:
         """Pins the slot's ``pages`` until ``fence`` completes (a copy to or from the host tier,
         ``replica.kv.host_tier``): ``settle`` waits for it like for a copy between slots."""

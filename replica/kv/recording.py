@@ -40,7 +40,7 @@ from replica.kv.base import (
 from replica.kv.stats import KVCacheStats, MappingBreakdown
 from replica.kv.tier_faults import MirrorOutcome, TierFault, TierFaults
 
-Op = Literal["acquire", "ensure", "release", "shrink", "drop_host"]
+Op = Literal["acquire", "ensure", "release", "shrink", "drop_host", "end_borrows"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class AllocatorCall:
     rank indexes and aliases the same pages; ``cached``: the length acquire gave the slot.
     Host tier: ``tier_faults``, the call's copies that raised on rank 0 (acquire, ensure,
     release); ``host_keys``, the blocks to drop (drop_host). ``wait``: whether rank 0's ensure
-    waited (only a waited ensure starts a slot's deferred restore)."""
+    waited (only a waited ensure starts a slot's deferred restore). ``slots``: the borrows rank 0
+    ended (end_borrows: its aliases were mapped there; ``replica.kv.borrows``)."""
 
     op: Op
     slot: int = -1
@@ -63,6 +64,7 @@ class AllocatorCall:
     tier_faults: tuple[TierFault, ...] = ()
     host_keys: tuple[int, ...] = ()
     wait: bool = True
+    slots: tuple[int, ...] = ()
 
 
 class ReplayMismatch(RuntimeError):
@@ -127,10 +129,24 @@ class RecordingKVCache(KVCache):
         self.cache.drop_host_blocks(keys)
         self._calls.append(AllocatorCall("drop_host", host_keys=keys))
 
+    def end_borrows(self, slot_indices: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Recorded with the slots it ended (when any): rank 0's timing decides which."""
+        ended = self.cache.end_borrows(slot_indices)
+        if ended:
+            self._calls.append(AllocatorCall("end_borrows", slots=ended))
+        return ended
+
     def _tier_faults(self) -> tuple[TierFault, ...]:
         """The host-tier copies that raised in the call just made (at most one)."""
         faults = self.cache.tier_faults
         return faults.drain() if faults is not None else ()
+
+    def enable_borrowed_reads(self, granularity: int = 1) -> bool:
+        """Not recorded: every rank's model runner makes this call itself."""
+        return self.cache.enable_borrowed_reads(granularity)
+
+    def borrowed_reads(self) -> Mapping[int, tuple[int, int]]:
+        return self.cache.borrowed_reads()
 
     def step_async(self, lengths: Mapping[int, int]) -> StepTicket:
         """Not recorded: every rank's model runner makes this call itself with the same lengths."""
@@ -257,6 +273,11 @@ def _make(allocator: KVCache, index: int, call: AllocatorCall) -> tuple[int, int
         allocator.shrink()
     elif call.op == "drop_host":
         allocator.drop_host_blocks(call.host_keys)
+    elif call.op == "end_borrows":
+        try:
+            allocator.end_borrows(call.slots)
+        except ValueError as error:
+            raise ReplayMismatch(f"call {index}: {call.op}: {error}") from error
     else:
         raise ReplayMismatch(f"call {index}: unknown allocator call {call.op!r}")
     return None

@@ -72,6 +72,8 @@ class SlotPrefixes:
         self.queries = PrefixQueries()  # lookups by acquire, and hits
         self.evicted_pages = 0  # indexed pages dropped from the index
         self.takeovers = 0  # hits served in a slot holding another conversation's history
+        #: A fresh slot's leading aliases map late (the allocator's borrowed reads are on).
+        self.late_aliases = False
 
     def lookup(self, prompt: tuple[int, ...]) -> tuple[list[BlockAt], list[int]]:
         """Where the blocks of the longest cached usable prefix of ``prompt`` live, and the keys
@@ -233,8 +235,10 @@ class SlotPrefixes:
 
     def _alias(self, slot_index: int, aliases: list[Group]) -> None:
         """Maps the shared groups ``aliases`` at the slot's next page indices as one run per range
-        (one access grant each, not one a page), then empties the list."""
-        self.maps.map_groups(slot_index, aliases, OpCause.ALIAS)
+        (one access grant each, not one a page), then empties the list. A slot's first groups map
+        late where ``late_aliases`` (borrowed reads, ``replica.kv.borrows``)."""
+        late = self.late_aliases and not self.maps.slots[slot_index].groups
+        self.maps.map_groups(slot_index, aliases, OpCause.ALIAS, late=late)
         aliases.clear()
 
     def _add_fresh_group(self, slot_index: int) -> bool:
@@ -355,6 +359,27 @@ class SlotPrefixes:
 
     def summary(self, limit: int = 2048) -> PrefixSummary | None:
         return self.index.summary(limit) if self.enabled else None
+
+    def check_slots(self, mappings: Counter[Group]) -> None:
+        """Each slot's frozen blocks against its pages (the allocator's invariants): mapped, a
+        shared page wholly below them, a running slot backing its length and them."""
+        config = self.config
+        for index, slot in enumerate(self.maps.slots):
+            frozen_bytes = slot.frozen * config.block_bytes
+            assert frozen_bytes <= len(slot.groups) * config.page_size, (
+                f"slot {index} froze unmapped blocks"
+            )
+            for page, group in enumerate(slot.groups):
+                assert mappings[group] == 1 or (page + 1) * config.page_size <= frozen_bytes, (
+                    f"slot {index} may write its shared page {page}"
+                )
+            if slot.state is SlotState.RUNNING:
+                assert len(slot.groups) >= config.page_groups_for(slot.length), (
+                    f"slot {index} unbacked"
+                )
+                assert slot.length >= slot.frozen * config.prefix_block_tokens, (
+                    f"slot {index} is shorter than its immutable prefix"
+                )
 
     def check_invariants(self, mappings: Counter[Group]) -> None:
         """The module docstring's invariants, given each group's mapping count."""

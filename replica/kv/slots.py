@@ -7,11 +7,19 @@ its tokens need (eager groups booked ahead map in the background). Operations qu
 and go to the worker, in order, at ``flush``; the worker runs them FIFO, so an id unmapped here
 may be mapped again at once.
 
+*Late* runs: a slot's leading aliases may be booked late (``map_groups(late=True)``, a borrowed
+prefix: ``replica.kv.borrows``). Their ops wait in ``late_ops`` under the ticket ``PENDING``
+until ``flush_late`` sends them behind the growth already queued, or until anything needs them:
+an unmap of that slot, a wait on ``PENDING`` (``promote``). So a burst's first chunks map before
+its aliases, and nothing ever sees the books ahead of the worker's order.
+
 Invariants (``check_invariants``):
     a page's mapping count == the slots mapping its group, always at the same page index;
         free ids are mapped nowhere; two groups share no page
     ``group_slots`` / ``group_running`` count the groups of all / running slots
-    a slot's tickets ascend with its page index, one per group; a free slot maps nothing
+    a slot's tickets ascend with its page index, one per group, except its ``late`` leading
+        groups, mapped by one run under one ticket (``PENDING`` while its ops wait in
+        ``late_ops``); a free slot maps nothing
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from replica.vmm import Device, MapWorker, Op, PagePool, Reservation, reservatio
 #: A page group: the page ids mapped at one page index of a slot, one per range.
 Group = tuple[int, ...]
 
+#: The ticket of groups booked in a late run whose ops have not gone to the worker yet.
+PENDING = 1 << 62
+
 
 class SlotState(Enum):
     FREE = "free"
@@ -46,6 +57,7 @@ class Slot:
     reserved: int = 0  # tokens that must be backed for the coming step (>= length)
     groups: list[Group] = field(default_factory=list)  # groups[i][r]: page id, range r
     tickets: list[int] = field(default_factory=list)  # tickets[i]: the batch mapping groups[i]
+    late: int = 0  # leading groups mapped by a late run (their ticket may follow later groups')
     released_at: float = 0.0
     # Prefix sharing: the token ids the slot's K/V stand for (the prompt while running, the stored
     # tokens once released), their blocks' prefix keys as far as computed, and how many leading
@@ -69,6 +81,7 @@ class SlotMaps:
         ]
         self.slots = [Slot() for _ in range(config.max_slots)]
         self.ops: list[Op] = []
+        self.late_ops: dict[int, list[Op]] = {}  # slot -> its late run's ops, oldest slot first
         self.last_ticket = 0
         self.waits: dict[WaitCause, list[float]] = {cause: [0, 0.0] for cause in WaitCause}
         # Slots mapping each group, and running slots mapping it: the page split in O(1).
@@ -76,20 +89,48 @@ class SlotMaps:
         self.group_running: Counter[Group] = Counter()
 
     # ---- changing the books --------------------------------------------------------------------
-    def map_groups(self, slot_index: int, groups: Sequence[Group], cause: OpCause) -> None:
+    def map_groups(
+        self, slot_index: int, groups: Sequence[Group], cause: OpCause, late: bool = False
+    ) -> None:
         """Maps ``groups`` at the slot's next page indices (one run per range), under the ticket
-        the next ``flush`` returns."""
+        the next ``flush`` returns; ``late`` (the slot's first groups only): a late run, under
+        ``PENDING`` until ``flush_late`` or ``promote`` sends it."""
         if not groups:
             return
         slot = self.slots[slot_index]
+        if late and slot.groups:
+            raise ValueError(f"slot {slot_index}: only a slot's first groups map late")
         base = slot_index * self.config.pages_per_slot + len(slot.groups)
         slot.groups.extend(groups)
         self.group_slots.update(groups)
         if slot.state is SlotState.RUNNING:
             self.group_running.update(groups)
-        slot.tickets.extend([self.last_ticket + 1] * len(groups))
+        slot.tickets.extend([PENDING if late else self.last_ticket + 1] * len(groups))
+        ops = self.late_ops.setdefault(slot_index, []) if late else self.ops
+        slot.late = len(groups) if late else slot.late
         for r, reservation in enumerate(self.ranges):
-            self.ops.append(Op.map(reservation, base, [g[r] for g in groups], cause=cause))
+            ops.append(Op.map(reservation, base, [g[r] for g in groups], cause=cause))
+
+    def promote(self, slot_index: int) -> None:
+        """Queues the slot's late run (if still waiting) with the ordinary operations: it maps
+        under the next ``flush``'s ticket."""
+        ops = self.late_ops.pop(slot_index, None)
+        if ops is None:
+            return
+        self.ops.extend(ops)
+        slot = self.slots[slot_index]
+        slot.tickets[: slot.late] = [self.last_ticket + 1] * slot.late
+
+    def flush_late(self, max_pages: int) -> int:
+        """Submits the waiting late runs, oldest first, as one batch of about ``max_pages`` pages
+        at most (at least one run) behind what is queued; returns the newest ticket."""
+        pages = 0
+        for slot_index in list(self.late_ops):
+            if pages and pages + self.slots[slot_index].late * len(self.ranges) > max_pages:
+                break
+            pages += self.slots[slot_index].late * len(self.ranges)
+            self.promote(slot_index)
+        return self.flush()
 
     def create(self, page_ids: Sequence[int], cause: OpCause) -> None:
         if page_ids:
@@ -106,6 +147,9 @@ class SlotMaps:
         dropped = slot.groups[keep_groups:]
         if not dropped:
             return []
+        if keep_groups < slot.late:
+            self.promote(slot_index)  # the run maps before this unmap
+            slot.late = keep_groups
         counters = [self.group_slots]
         if slot.state is SlotState.RUNNING:
             counters.append(self.group_running)
@@ -146,9 +190,10 @@ class SlotMaps:
     # ---- waiting -------------------------------------------------------------------------------
     def wait(self, ticket: int, cause: WaitCause) -> None:
         """Waits for the worker's batch ``ticket``, counting the wait under ``cause`` (none if it
-        had run: its error, if any, is still raised)."""
+        had run: its error, if any, is still raised). ``PENDING``: every late run is sent first."""
         if not ticket:
             return
+        ticket = self._sent(ticket)
         if self.worker.done(ticket):
             self.worker.wait(ticket)
             return
@@ -159,11 +204,24 @@ class SlotMaps:
             self.count_wait(cause, time.perf_counter() - started)
 
     def wait_for(self, ticket: int, timeout_s: float, cause: WaitCause) -> bool:
+        ticket = self._sent(ticket)
         started = time.perf_counter()
         try:
             return bool(self.worker.wait_for(ticket, timeout_s))
         finally:
             self.count_wait(cause, time.perf_counter() - started)
+
+    def done(self, ticket: int) -> bool:
+        """Whether batch ``ticket`` has run (``PENDING``: not sent, so not run)."""
+        return ticket <= self.last_ticket and bool(self.worker.done(ticket))
+
+    def _sent(self, ticket: int) -> int:
+        """``ticket``, or for ``PENDING`` the ticket that maps every late run, sent now."""
+        if ticket <= self.last_ticket:
+            return ticket
+        for slot_index in list(self.late_ops):
+            self.promote(slot_index)
+        return self.flush()
 
     def count_wait(self, cause: WaitCause, seconds: float) -> None:
         self.waits[cause][0] += 1
@@ -173,6 +231,15 @@ class SlotMaps:
     def private(self, group: Group) -> bool:
         """Whether only one slot maps ``group``."""
         return all(self.pool.mappings(p) == 1 for p in group)
+
+    def best_fit(self, need: int) -> int | None:
+        """The released slot whose mapped groups best fit ``need`` (covering it first), else an
+        empty slot, else None."""
+        cached = [i for i, s in enumerate(self.slots) if s.state is SlotState.CACHED]
+        if cached:
+            size = {i: len(self.slots[i].groups) for i in cached}
+            return min(cached, key=lambda i: (size[i] < need, abs(size[i] - need)))
+        return self.free_slot()
 
     def free_slot(self) -> int | None:
         return next((i for i, s in enumerate(self.slots) if s.state is SlotState.FREE), None)
@@ -233,7 +300,11 @@ class SlotMaps:
         for index, s in enumerate(self.slots):
             for j, group in enumerate(s.groups):
                 assert position.setdefault(group, j) == j, f"group {group} at two page indices"
-            assert len(s.tickets) == len(s.groups) and s.tickets == sorted(s.tickets), index
+            late = s.tickets[: s.late]
+            assert len(s.tickets) == len(s.groups) and s.tickets[s.late :] == sorted(
+                s.tickets[s.late :]
+            ), index
+            assert len(set(late)) <= 1 and (index in self.late_ops) == (PENDING in late), index
             assert s.state is not SlotState.FREE or not s.groups, f"free slot {index} holds pages"
         assert self.group_slots == mappings, "the group counts differ from the slots"
         running = Counter(g for s in self.slots if s.state is SlotState.RUNNING for g in s.groups)
@@ -245,10 +316,15 @@ class SlotMaps:
         return mappings
 
     def _check_extension(self, mappings: Counter[Group]) -> None:
+        """The books against the extension once the sent operations ran; late runs not sent yet
+        are not mapped there."""
         self.wait(self.flush(), WaitCause.SYNC)
         assert len(self.pages) == self.pool.created, (len(self.pages), self.pool.created)
+        unsent = Counter(
+            g for i in self.late_ops for g in self.slots[i].groups[: self.slots[i].late]
+        )
         for group, count in mappings.items():
-            assert all(self.pages.mappings(p) == count for p in group), (
+            assert all(self.pages.mappings(p) == count - unsent[group] for p in group), (
                 f"the extension counts other mappings of {group} than the books ({count})"
             )
         per_slot = self.config.pages_per_slot
@@ -256,6 +332,7 @@ class SlotMaps:
             actual = reservation.page_ids()
             expected = [-1] * len(actual)
             for index, slot in enumerate(self.slots):
-                for g, group in enumerate(slot.groups):
+                first = slot.late if index in self.late_ops else 0
+                for g, group in enumerate(slot.groups[first:], first):
                     expected[index * per_slot + g] = group[r]
             assert actual == expected, f"range {r}: extension's mapping differs from the books"

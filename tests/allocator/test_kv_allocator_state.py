@@ -12,6 +12,10 @@ rules alone left whole runs without a hit: hypothesis' swarm testing turns rules
 (share and continue, or release, which leaves the three slots full), and its mutations repeat an
 example's initialize draws, so only 4-9 independent examples of a run shared.
 
+With borrowed reads on (``replica.kv.borrows``), a hit aliased into a fresh slot maps late: the
+model reads such a slot's leading tokens through its holder, as the attention backends do, and the
+extension must not map the late run before it is sent; a rule ends the borrows whose run mapped.
+
 On the host backend the copies' fences complete only when a rule says so (or a caller waits
 for them), as a GPU's would later: ``check_invariants`` then sees that no page under a pending
 copy was unmapped (the ordering contract of ``replica.kv.copies``), and the test that the host
@@ -84,6 +88,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     shared_acquires = 0  # acquires that found a cached prefix (the test asserts some did)
     copied_bytes = 0  # hit bytes copied instead of aliased, and take-overs (asserted too)
     takeovers = 0
+    borrows = 0  # hits read from their holder until aliased
+    borrows_ended = 0  # by the end_borrows rule (their aliases mapped)
     restored_tokens = 0  # prompt tokens copied back from the host tier
     dropped_restores = 0  # slots released while their restore was pending
     page_size = 0  # the backend's, set by the test
@@ -115,6 +121,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         block=st.sampled_from([4, TOKENS_PER_PAGE, 24]),
         premap=st.booleans(),
         host_pages=st.sampled_from([0, 0, 3, 12]),  # the host tier (with the prefix cache)
+        borrow=st.booleans(),
         seed=st.integers(0, 2**16),
     )
     def build(
@@ -128,6 +135,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         block: int,
         premap: bool,
         host_pages: int,
+        borrow: bool,
         seed: int,
     ) -> None:
         self.allocator: KVCacheAllocator = self.make(
@@ -149,6 +157,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             make_fence=self.make_fence if self.deferred_fences else None,
         )
         self.prefix = prefix
+        if borrow:
+            self.allocator.enable_borrowed_reads()
         self.random = random.Random(seed)
         if prefix:
             self.first_turns()
@@ -210,6 +220,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         after = self.allocator.stats()
         type(self).copied_bytes += after.prefix_copied_bytes - before.prefix_copied_bytes
         type(self).takeovers += after.prefix_takeovers - before.prefix_takeovers
+        type(self).borrows += after.prefix_borrows - before.prefix_borrows
         assert slot not in self.tokens
         length = self.allocator.length(slot)
         # The whole cached prefix, or less where no free page was left to copy a partial page;
@@ -321,6 +332,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         for fence in self.fences[:count]:
             fence.complete = True
 
+    @rule()
+    def end_borrows(self) -> None:
+        """What each schedule does first: the borrows whose aliases are mapped end."""
+        ended = self.allocator.end_borrows()
+        assert not set(ended) & set(self.allocator.borrowed_reads())
+        type(self).borrows_ended += len(ended)
+
     @rule(seconds=st.floats(0.0, 2.0))
     def idle(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -349,12 +367,18 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.prefix or stats.pages_shared == 0
         config, per_slot = allocator.config, allocator.config.pages_per_slot
         mapped = allocator.reservations[0].page_ids()
+        borrows = allocator.borrowed_reads()
+        assert set(borrows) <= set(self.tokens), "a slot not running borrows"
         waste = 0
         for slot, tokens in self.tokens.items():
             length = len(tokens)
             assert allocator.length(slot) == self.reported[slot]
             assert allocator.restoring_tokens(slot) == self.restoring.get(slot, 0)
-            groups = sum(page >= 0 for page in mapped[slot * per_slot : (slot + 1) * per_slot])
+            # A borrower's late run may not be mapped yet: its tokens are read from the holder.
+            holder, lent = borrows.get(slot, (slot, 0))
+            late = lent // config.tokens_per_group if lent else 0
+            first = slot * per_slot + late
+            groups = late + sum(page >= 0 for page in mapped[first : (slot + 1) * per_slot])
             assert groups >= config.page_groups_for(length), "a stored token is not backed"
             stored = self.reported[slot]
             waste += (
@@ -363,8 +387,11 @@ class AllocatorMachine(RuleBasedStateMachine):
             length -= self.restoring.get(slot, 0)  # not copied yet: no K/V to compare
             if length:
                 values = torch.tensor([value(t, p) for p, t in enumerate(tokens[:length])])
-                k = allocator.k_cache(1)[slot, :length, 0, 0].cpu()
-                v = allocator.v_cache(0)[slot, :length, 1, -1].cpu()
+                lent = min(lent, length)
+                k, v = (
+                    torch.cat((cache[holder, :lent, h, d], cache[slot, lent:length, h, d])).cpu()
+                    for cache, h, d in ((allocator.k_cache(1), 0, 0), (allocator.v_cache(0), 1, -1))
+                )
                 assert torch.equal(k, values) and torch.equal(v, -values), f"slot {slot} lost data"
         assert stats.wasted_bytes == waste
 
@@ -395,12 +422,14 @@ def test_allocator_state_machine(make_allocator: MakeAllocator, kv_device, scale
     print(
         f"{machine.operations} operations, {machine.shared_acquires} acquires found a prefix, "
         f"{machine.copied_bytes} bytes copied, {machine.takeovers} take-overs, "
+        f"{machine.borrows} hits borrowed ({machine.borrows_ended} ended mapped), "
         f"{machine.restored_tokens} tokens restored from the host tier, "
         f"{machine.dropped_restores} restores dropped by a release, "
         f"{machine.waited_fences} pending copies waited for, {machine.ordered_fences} ordered"
     )
     assert machine.operations >= minimum, f"only {machine.operations} operations ran"
     assert machine.shared_acquires > 0, "no acquire found a cached prefix: sharing untested"
+    assert machine.borrows > 0 and machine.borrows_ended > 0, "borrowed reads untested"
     if machine.deferred_fences:
         assert machine.waited_fences > 0, "no unmap met a pending copy: the contract untested"
         assert machine.ordered_fences > 0, "no rewrite met a pending copy: the contract untested"

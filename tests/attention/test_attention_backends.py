@@ -140,3 +140,76 @@ def test_gpu_backends_match_sdpa(name: str, layout: str, shape) -> None:
     )
     out = run(backend, batch, q, k, v)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def borrow_prefixes(
+    allocator: KVCacheAllocator, batch: StepBatch, keys: int = 32
+) -> dict[int, tuple[int, int]]:
+    """Moves the first ``keys`` keys of each sequence with a longer context into a holder slot of
+    its own and scribbles over them where they were: a batch reading them from the holders
+    (``StepBatch.borrows``) sees what the batch saw before; one reading its own slot would not."""
+    borrows = {}
+    for slot, context in zip(batch.slots, batch.context_lens):
+        if context < keys:
+            continue
+        holder = allocator.acquire()
+        allocator.ensure(holder, keys)
+        for layer in range(LAYERS):
+            for cache in (allocator.k_cache(layer), allocator.v_cache(layer)):
+                cache[holder, :keys] = cache[slot, :keys]
+                cache[slot, :keys] = 3.0
+        borrows[slot] = (holder, keys)
+    assert borrows, "no sequence long enough to borrow"
+    return borrows
+
+
+def borrowing(batch: StepBatch, borrows: dict[int, tuple[int, int]]) -> StepBatch:
+    device = batch.slots_t.device
+    return StepBatch.build(batch.slots, batch.context_lens, batch.query_lens, device, borrows)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_sdpa_reads_a_borrowed_prefix_from_its_holder(layout: str, shape) -> None:
+    allocator = build("host", layout, torch.float32)
+    batch, q, k, v = step(allocator, shape)
+    backend = make_attention_backend(
+        "sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu")
+    )
+    expected = run(backend, batch, q, k, v)
+    borrowed = borrowing(batch, borrow_prefixes(allocator, batch))
+    torch.testing.assert_close(run(backend, borrowed, q, k, v), expected)
+    assert not torch.allclose(run(backend, batch, q, k, v), expected)  # its own slot: scribbled
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_flashinfer_reads_a_borrowed_prefix_from_its_holder(layout: str, shape) -> None:
+    """On 16-token pages whatever the batch (``kernel_pages``), eagerly and in a graph's plan."""
+    device = torch.device("cuda")
+    from replica.attention import available
+
+    if not available("flashinfer", device):
+        pytest.skip("flashinfer is not installed")
+    allocator = build("cuda", layout, torch.bfloat16)
+    batch, q, k, v = step(allocator, shape)
+    backend = make_attention_backend(
+        "flashinfer", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device
+    )
+    assert backend.borrow_granularity == 16
+    expected = run(backend, batch, q, k, v)
+    borrowed = borrowing(batch, borrow_prefixes(allocator, batch))
+    torch.testing.assert_close(run(backend, borrowed, q, k, v), expected, rtol=2e-2, atol=2e-2)
+    if borrowed.is_decode:
+        padded = borrowed.padded(8, device)
+        assert padded.borrows[-1] == borrowed.borrows[-1]
+        backend.plan_graph(padded)
+        assert backend.planned_variant == 16
+        out = backend(1, torch.cat([q, q[-1:].expand(8 - len(q), -1, -1)]), *_pad(k, v, 8))
+        torch.testing.assert_close(out[: len(q)], expected, rtol=2e-2, atol=2e-2)
+
+
+def _pad(k: torch.Tensor, v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded decode batch's new K/V: the last sequence's repeated."""
+    return tuple(torch.cat([t, t[-1:].expand(size - len(t), -1, -1)]) for t in (k, v))  # type: ignore[return-value]

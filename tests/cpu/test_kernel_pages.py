@@ -74,6 +74,35 @@ def test_the_page_table_covers_each_sequence_token_for_token(batch, page: int) -
         assert 1 <= last[i] <= page
 
 
+@given(
+    st.lists(st.integers(1, 64 * 16), min_size=1, max_size=6),
+    st.data(),
+)
+def test_a_borrowed_prefix_is_read_from_its_holder_then_the_slot(lens, data) -> None:
+    """Sequence i borrowing b keys from holder h reads rows of h for [0, b), its own after."""
+    slots = list(range(1, len(lens) + 1))
+    borrows = [
+        (0, data.draw(st.integers(0, n // 16)) * 16) if data.draw(st.booleans()) else (s, 0)
+        for s, n in zip(slots, lens)
+    ]
+    indptr, indices, last = page_table(slots, lens, 16, 1024, borrows)
+    for i, (slot, n) in enumerate(zip(slots, lens)):
+        pages = indices[indptr[i] : indptr[i + 1]]
+        rows = [p * 16 + r for p in pages[:-1] for r in range(16)] + [
+            pages[-1] * 16 + r for r in range(last[i])
+        ]
+        holder, keys = borrows[i]
+        assert rows == [(holder if t < keys else slot) * 1024 + t for t in range(n)]
+
+
+def test_a_borrowing_batch_sees_small_pages_whatever_its_size() -> None:
+    assert kernel_page_tokens(256, 8, 100, SLOT, borrowing=True) == SMALL_PAGE_TOKENS
+    with pytest.raises(ValueError, match="no small pages"):
+        kernel_page_tokens(1, 8, 100, 8200, borrowing=True)
+    with pytest.raises(ValueError, match="borrowed keys"):
+        page_table([1], [40], 16, 1024, [(0, 24)])  # not whole pages
+
+
 def test_a_page_that_does_not_divide_the_slot_is_refused() -> None:
     with pytest.raises(ValueError, match="does not divide"):
         page_table([0], [5], 48, 1024)

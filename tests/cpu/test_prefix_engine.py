@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from replica import LLM, EngineConfig, LLMEngine, SamplingParams
+from replica.attention import StepBatch
 from replica.kv.base import KVCache
 from replica.kv.paged import PagedKVCache
 from replica.model import ModelConfig
@@ -55,8 +56,29 @@ def chat(llm: LLM, params: SamplingParams, turns: int = 3) -> tuple[list[list[in
             "kv_offload_bytes": 1 << 20,
         },
         {"kv_mode": "paged", "kv_cache_bytes": 14 * 4096, "kv_offload_bytes": 1 << 20},
+        # Hits read from their holder's slot until their own aliases map (replica.kv.borrows).
+        {"kv_layout": "interleaved", "prefix_borrow": True},
+        {"kv_layout": "per_layer", "prefix_borrow": True},
+        {
+            "kv_layout": "interleaved",
+            "kv_cache_bytes": 14 * 4096,
+            "eager_pages": 0,
+            "kv_offload_bytes": 1 << 20,
+            "prefix_borrow": True,
+        },
     ],
-    ids=["interleaved", "per_layer", "paged", "pressed", "premapped", "tiered", "paged-tiered"],
+    ids=[
+        "interleaved",
+        "per_layer",
+        "paged",
+        "pressed",
+        "premapped",
+        "tiered",
+        "paged-tiered",
+        "borrowed",
+        "borrowed-per_layer",
+        "borrowed-tiered",
+    ],
 )
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
@@ -74,6 +96,8 @@ def test_outputs_are_identical_with_the_prefix_cache_on_and_off(
         assert stats.prefix_copied_bytes > 0  # hits landed in premapped pages
     if config.get("kv_offload_bytes"):
         assert stats.host_restored_bytes > 0 and stats.prefix_host_hits_tokens > 0
+    if config.get("prefix_borrow"):
+        assert stats.prefix_borrows > 0  # hits were read from their holder's slot
     on_llm.engine.kv.check_invariants(deep=True)
 
 
@@ -320,3 +344,33 @@ def test_a_prefix_running_requests_share_is_committed_once(
     shared = pages(running[0].cached_tokens)
     each = sum(pages(r.max_total_tokens) for r in running)
     assert engine.scheduler.committed_pages() == each - shared
+
+
+def test_a_burst_reads_the_shared_prompt_from_its_holder_before_its_aliases_map(
+    tiny_dir: Path,
+) -> None:
+    """Conversations arriving together over one system prompt: the ones held for its prefill run
+    their first step with the prompt read from the holder's slot while their own pages there are
+    still unmapped (so nothing else could have been read), and answer as with sharing off."""
+    llm = tiny_llm(tiny_dir, prefix_cache=True, prefix_borrow=True, kv_layout="interleaved")
+    runner = llm.engine.runner
+    kv, attention, plan = runner.kv, runner.attention, runner.attention.plan
+    seen: list[tuple[int, int, list[int]]] = []  # (borrower, borrowed keys, its own page ids)
+
+    def recording_plan(batch: StepBatch) -> None:
+        per_slot = kv.config.pages_per_slot  # type: ignore[attr-defined]
+        mapped = kv.reservations[0].page_ids()  # type: ignore[attr-defined]
+        for slot, (_, keys) in zip(batch.slots, batch.borrows):
+            if keys:
+                pages = keys // kv.config.tokens_per_group  # type: ignore[attr-defined]
+                seen.append((slot, keys, mapped[slot * per_slot : slot * per_slot + pages]))
+        plan(batch)
+
+    attention.plan = recording_plan  # type: ignore[method-assign]
+    prompts = [[*SYSTEM, *question] for question in QUESTIONS]
+    on = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    off = [c.token_ids for c in tiny_llm(tiny_dir, prefix_cache=False).generate(prompts, GREEDY)]
+    assert on == off
+    assert any(all(page < 0 for page in own) for _, _, own in seen), seen
+    assert {slot for slot, _, _ in seen} and all(keys >= 16 for _, keys, _ in seen)
+    assert llm.engine.stats().kv.prefix_borrows == len(QUESTIONS) - 1

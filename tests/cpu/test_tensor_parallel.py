@@ -109,12 +109,13 @@ def make_allocator(
     return KVCacheAllocator(config, open_device("host", 4096))
 
 
-@pytest.mark.parametrize("cache", ["off", "prefix", "tiered", "faulty"])
+@pytest.mark.parametrize("cache", ["off", "prefix", "tiered", "faulty", "borrowed"])
 def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
     """With the prefix cache, prompts share starts, and both ranks book the same steps (which
     index the prompts' pages): every rank aliases, copies and takes over the same pages, and with
     a host tier writes through and restores the same blocks; with rank 0's tier copies failing
-    at random (``faulty``) every rank takes the same fallbacks."""
+    at random (``faulty``) every rank takes the same fallbacks; with borrowed reads every rank
+    starts the same borrows and ends those rank 0's timing ended."""
     rng = random.Random(7)
     prefix_cache = cache != "off"
     tier = (64 << 10) if cache in ("tiered", "faulty") else 0
@@ -124,7 +125,10 @@ def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
     )
     if cache == "faulty":
         faults_of(leader).inject = failing_at_random(random.Random(3), 0.3)
+    if cache == "borrowed":
+        assert leader.enable_borrowed_reads() and follower.enable_borrowed_reads()
     recorder = RecordingKVCache(leader)
+    ended = 0  # borrows rank 0 ended (their aliases mapped there), replayed on the follower
     running: list[int] = []
     prompts: dict[int, list[int]] = {}
     stems = [[rng.randrange(3) for _ in range(100)] for _ in range(3)]
@@ -148,8 +152,10 @@ def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
         except (KVCacheOutOfMemory, KVRestoreFailed):
             pass  # a failed deferred restore: the slot runs on, its ensure complete
         if step % 17 == 0:  # a "step": the follower catches up, both runners book it
+            ended += len(recorder.end_borrows())  # a schedule's first call
             replay(follower, recorder.drain())
             assert books(follower) == books(leader)
+            assert follower.borrowed_reads() == leader.borrowed_reads()
             lengths = {  # a slot whose restore waits for its waited ensure is in no step
                 s: leader.length(s)
                 for s in running
@@ -179,6 +185,8 @@ def test_replaying_the_page_plan_reproduces_the_books(cache: str) -> None:
         lead.host_restored_bytes,
     )
     assert follow.host_tier_used_bytes == lead.host_tier_used_bytes
+    assert follow.prefix_borrows == lead.prefix_borrows
+    assert (cache == "borrowed") == (lead.prefix_borrows > 0) == (ended > 0)
     if cache == "faulty":  # rank 0's faults were mirrored, none of the follower's own
         assert faults_of(leader).faults_total > 0 == faults_of(follower).faults_total
     follower.check_invariants(deep=True)
@@ -357,20 +365,25 @@ def test_tp2_greedy_matches_tp1_and_transformers(tiny_dir: Path, kv_mode: str) -
     assert two == one == expected
 
 
-@pytest.mark.parametrize("kv_mode", ["vattention", "paged"])
+@pytest.mark.parametrize("kv_mode", ["vattention", "paged", "borrowed"])
 def test_tp2_prefix_sharing_aliases_alike_on_every_rank(tiny_dir: Path, kv_mode: str) -> None:
     """Multi-turn chat over a shared system prompt: tp=2 with the prefix cache gives tp=1's tokens
-    without it, and both ranks' books (shared pages, prefix hits included) agree."""
+    without it, and both ranks' books (shared pages, prefix hits included) agree; ``borrowed``:
+    hits read from their holder until aliased, the borrows rank 0 ends replayed on rank 1."""
     from tests.cpu.test_prefix_engine import GREEDY as CHAT_GREEDY
     from tests.cpu.test_prefix_engine import chat
 
+    borrowed = kv_mode == "borrowed"
+    mode = {"kv_mode": "vattention", "prefix_borrow": True} if borrowed else {"kv_mode": kv_mode}
     with llm(str(tiny_dir), prefix_cache=False, **SMALL_KV) as single:
         expected, _ = chat(single, CHAT_GREEDY, turns=2)
-    with llm(str(tiny_dir), tp=2, kv_mode=kv_mode, prefix_cache=True, **SMALL_KV) as pair:
+    with llm(str(tiny_dir), tp=2, prefix_cache=True, **mode, **SMALL_KV) as pair:
         answers, cached = chat(pair, CHAT_GREEDY, turns=2)
         assert cached > 0
         assert_books_agree(pair.engine)
-        assert pair.engine.stats().kv.prefix_hits_tokens >= cached
+        stats = pair.engine.stats().kv
+        assert stats.prefix_hits_tokens >= cached
+        assert (stats.prefix_borrows > 0) == borrowed
     assert answers == expected
 
 

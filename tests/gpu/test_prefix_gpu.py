@@ -144,8 +144,18 @@ def assert_same_up_to_near_ties(
         {"attention": "sdpa", "dtype": "float32", "kv_mode": "paged"},
         {"attention": "auto"},
         {"attention": "auto", "kv_mode": "paged"},
+        # Hits read from their holder's slot until aliased (replica.kv.borrows).
+        {"attention": "sdpa", "dtype": "float32", "prefix_borrow": True},
+        {"attention": "auto", "prefix_borrow": True},
     ],
-    ids=["sdpa-fp32", "paged-sdpa-fp32", "auto-bf16", "paged-auto-bf16"],
+    ids=[
+        "sdpa-fp32",
+        "paged-sdpa-fp32",
+        "auto-bf16",
+        "paged-auto-bf16",
+        "sdpa-fp32-borrowed",
+        "auto-bf16-borrowed",
+    ],
 )
 def test_engine_tokens_are_identical_with_the_prefix_cache_on_and_off(
     config: dict[str, object],
@@ -170,6 +180,7 @@ def test_engine_tokens_are_identical_with_the_prefix_cache_on_and_off(
     on_llm = LLM(prefix_cache=True, **common)
     on, cached = chat(on_llm, system)
     assert cached > 0 and on_llm.engine.stats().kv.prefix_hits_tokens >= cached
+    assert (on_llm.engine.stats().kv.prefix_borrows > 0) == bool(config.get("prefix_borrow"))
     if config.get("dtype") == "float32":
         assert tokens(on) == tokens(off)
     else:
