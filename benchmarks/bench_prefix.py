@@ -22,7 +22,9 @@ next turn is sent when the previous answer is complete):
           ``--offload-gib 0,48`` runs each mode without and with the host tier (``auto``:
           the engine's default size; the default, 0, runs without it)
 
-``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one).
+``--layouts auto,per_layer`` runs the vAttention mode in each KV layout (the paged mode has one);
+``--borrow off,on`` runs it with the cache on without and with borrowed prefix reads (a hit read
+from the slot holding it until its own aliases are mapped: ``replica.kv.borrows``).
 Each vAttention row carries the mapping worker's time by operation and cause and the callers' waits
 by cause (``KVCache.mapping_breakdown``), and the admissions that joined a later step because their
 pages were still mapping (``mapping_deferrals``); every row has the mean TTFT of each turn and
@@ -53,6 +55,7 @@ import heapq
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +163,7 @@ def run(
     shape: Shape,
     args: argparse.Namespace,
     offload_gib: float | None = 0.0,
+    borrow: bool = False,
 ) -> dict[str, Any]:
     size = args.size
     config = EngineConfig(
@@ -173,6 +177,7 @@ def run(
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         page_size=PAGE_SIZE[size],
         prefix_cache=prefix_cache,
+        prefix_borrow=borrow,
         max_batch_tokens=args.max_batch_tokens,
         kv_offload_bytes=None if offload_gib is None else int(offload_gib * (1 << 30)),
         seed=1,
@@ -273,6 +278,8 @@ def run(
         "mode": mode,
         "kv_layout": getattr(engine.kv, "config").layout.value if mode != "paged" else "blocks",
         "prefix_cache": prefix_cache,
+        "prefix_borrow": borrow,  # hits read from their holder until aliased (kv.borrows)
+        "prefix_borrows": stats.prefix_borrows - stats_before.prefix_borrows,
         "requests": len(submitted),
         "seconds": seconds,
         "schedule_floor_s": max(floor),
@@ -386,6 +393,13 @@ def main() -> None:
         "on an engine of the same settings, thrown away (default: on on a GPU, where a process's "
         "first runs of a mode were up to 0.1 s slower to first token: kernel loading)",
     )
+    parser.add_argument(
+        "--borrow",
+        default="off",
+        choices=("off", "on", "off,on"),
+        help="run the vAttention mode with the cache on without and/or with borrowed prefix "
+        "reads (EngineConfig.prefix_borrow)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -406,18 +420,27 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.workloads.split(","):
         rows = results.setdefault(name, [])
-        for mode in args.modes.split(","):
-            for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
-                for prefix_cache in (c == "on" for c in args.cache.split(",")):
-                    tiers = [None if g == "auto" else float(g) for g in args.offload_gib.split(",")]
-                    for offload in tiers if prefix_cache else [0.0]:
-                        if warmup:
-                            warm_up(mode, layout, prefix_cache, loads[name], args)
-                        rows.append(run(mode, layout, prefix_cache, loads[name], args, offload))
-                        print(name, rows[-1], flush=True)
-                        save_partial(args, loads, results)  # a cut-off run keeps its rows
-                        free_device()
+        for mode, layout, prefix_cache, offload, borrow in settings(args):
+            if warmup:
+                warm_up(mode, layout, prefix_cache, loads[name], args, borrow)
+            rows.append(run(mode, layout, prefix_cache, loads[name], args, offload, borrow))
+            print(name, rows[-1], flush=True)
+            save_partial(args, loads, results)  # a cut-off run keeps its rows
+            free_device()
     print(f"wrote {save_partial(args, loads, results)}")
+
+
+def settings(args: argparse.Namespace) -> Iterator[tuple[str, str, bool, float | None, bool]]:
+    """Each timed run's (mode, layout, cache on, host tier GiB or None for auto, borrowed
+    reads), in the order run."""
+    tiers = [None if g == "auto" else float(g) for g in args.offload_gib.split(",")]
+    borrows = [b == "on" for b in args.borrow.split(",")]
+    for mode in args.modes.split(","):
+        for layout in args.layouts.split(",") if mode == "vattention" else ["auto"]:
+            for prefix_cache in (c == "on" for c in args.cache.split(",")):
+                for offload in tiers if prefix_cache else [0.0]:
+                    for borrow in borrows if prefix_cache and mode != "paged" else [False]:
+                        yield mode, layout, prefix_cache, offload, borrow
 
 
 def warm_up(
@@ -426,6 +449,7 @@ def warm_up(
     prefix_cache: bool,
     shape: Shape,
     args: argparse.Namespace,
+    borrow: bool = False,
 ) -> None:
     """An untimed run before a timed one, on its own engine (the timed run starts with a cold
     page pool and an empty cache, as before): one turn of ``shape``, all arriving at once, an
@@ -434,7 +458,7 @@ def warm_up(
     small = argparse.Namespace(**vars(args))
     small.conversations = max(args.conversations // 8, 2)
     burst = dataclasses.replace(shape, turns=1, think_s=(0.0, 0.0), burst=True)
-    run(mode, layout, prefix_cache, burst, small, 0.0)
+    run(mode, layout, prefix_cache, burst, small, 0.0, borrow)
     free_device()
 
 

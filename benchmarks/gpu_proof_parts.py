@@ -105,8 +105,10 @@ def parse_prefix(out: Path, log: str) -> Counts:
 
 def prefix_layout(row: dict[str, Any]) -> str:
     """The row's KV layout (results before layouts were recorded ran the automatic choice),
-    ``_tier`` appended where the host tier was on."""
+    ``_borrow`` appended where hits were read from their holder (``prefix_borrow``), ``_tier``
+    where the host tier was on."""
     layout = row.get("kv_layout") or ("blocks" if row["mode"] == "paged" else "auto")
+    layout += "_borrow" if row.get("prefix_borrow") else ""
     return f"{layout}_tier" if row.get("host_tier_gib") else layout
 
 
@@ -280,6 +282,8 @@ small_capacity_gate = speedup_gate(
 GPU = ("cuda", "flashinfer")
 SERVE = ("cuda", "flashinfer", "ray")
 BOTH_LAYOUTS = ("--layouts", "interleaved,per_layer")
+#: The burst: both layouts, the cache on, the vAttention mode without and with borrowed reads.
+BURST = ("--workloads", "burst", *BOTH_LAYOUTS, "--cache", "on", "--borrow", "off,on")
 CHAT = ("bench_router", "--gpu", "--workload", "chat", "--routers")
 THINK = ("bench_prefix", "--workloads", "think", "--cache", "on")  # chat with think times
 
@@ -304,23 +308,14 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "prefix_burst",
-        240,
+        360,
         (
-            bench("bench_prefix", "--workloads", "burst", *BOTH_LAYOUTS, "--cache", "on"),
-            bench(
-                "bench_prefix",
-                "--workloads",
-                "burst",
-                *BOTH_LAYOUTS,
-                "--cache",
-                "on",
-                "--modes",
-                "paged,vattention",
-                out="{out}/reverse",
-            ),
+            bench("bench_prefix", *BURST),
+            bench("bench_prefix", *BURST, "--modes", "paged,vattention", out="{out}/reverse"),
         ),
         "bench_prefix: 128 first turns arriving together over 4 shared 1K system prompts, both "
-        "modes and layouts, cache on, in both orders (#24's burst target)",
+        "modes and layouts, cache on, vAttention without and with borrowed prefix reads, in both "
+        "orders (#24's burst target)",
         GPU,
         parse=parse_prefix,
     ),

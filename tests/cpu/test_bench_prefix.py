@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_prefix
+from benchmarks.gpu_proof_parts import prefix_counts
 from benchmarks.plots import prefix_turns
 
 
@@ -54,9 +55,9 @@ def test_warm_up_runs_before_each_timed_run_and_is_not_recorded(
     calls: list[tuple[str, int, int, bool]] = []
     real_run = bench_prefix.run
 
-    def recording_run(mode, layout, prefix_cache, shape, args, offload_gib=0.0):  # type: ignore[no-untyped-def]
+    def recording_run(mode, layout, prefix_cache, shape, args, offload_gib=0.0, borrow=False):  # type: ignore[no-untyped-def]
         calls.append((mode, args.conversations, shape.turns, shape.burst))
-        return real_run(mode, layout, prefix_cache, shape, args, offload_gib)
+        return real_run(mode, layout, prefix_cache, shape, args, offload_gib, borrow)
 
     monkeypatch.setattr(bench_prefix, "run", recording_run)
     argv = ["bench_prefix", "--smoke", "--workloads", "chat", "--cache", "on", "--warmup", "on"]
@@ -72,3 +73,25 @@ def test_warm_up_runs_before_each_timed_run_and_is_not_recorded(
     [result] = tmp_path.glob("prefix-smoke-*.json")
     rows = json.loads(result.read_text())["results"]["chat"]
     assert [(r["mode"], r["requests"]) for r in rows] == [("vattention", 12), ("paged", 12)]
+
+
+def test_a_burst_runs_with_and_without_borrowed_reads_and_the_proof_compares_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--borrow off,on``: the vAttention mode runs the burst both ways (the paged mode once),
+    hits are borrowed only where asked, and the proof's counts carry a row per borrow setting."""
+    argv = ["bench_prefix", "--smoke", "--workloads", "burst", "--cache", "on"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--borrow", "off,on", "--out", str(tmp_path)])
+    bench_prefix.main()
+    [result] = tmp_path.glob("prefix-smoke-*.json")
+    rows = json.loads(result.read_text())["results"]["burst"]
+    assert [(r["mode"], r["prefix_borrow"]) for r in rows] == [
+        ("vattention", False),
+        ("vattention", True),
+        ("paged", False),
+    ]
+    assert [r["prefix_borrows"] > 0 for r in rows] == [False, True, False]
+    assert rows[0]["prefix_hits_tokens"] == rows[1]["prefix_hits_tokens"] > 0
+    counts, layout = prefix_counts("burst", rows), rows[0]["kv_layout"]
+    assert f"burst_{layout}_ttft1_over_paged" in counts
+    assert f"burst_{layout}_borrow_ttft1_over_paged" in counts
