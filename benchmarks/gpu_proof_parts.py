@@ -429,9 +429,10 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "state_machine",
-        120,
+        150,
         (pytest("-s", "-m", "gpu", "-k", "cuda", "tests/allocator/test_kv_allocator_state.py"),),
-        "the CUDA allocator state machine with share/continue/evict at scale 10 (>= 20,000 ops)",
+        "the CUDA allocator state machine with share/continue/evict at scale 10 (>= 20,000 ops), "
+        "and its borrowed-reads run (>= 5,000)",
         ("cuda",),
         env=(("VATTN_STATEFUL_SCALE", "10"),),
         parse=parse_state_machine,

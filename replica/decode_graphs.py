@@ -17,8 +17,10 @@ rows repeat the last sequence (same token, position, slot and length), so they c
 computes and write the same K/V to the same cache row; their logits are dropped.
 
 Graphs are captured lazily, the first time a size is needed: that step runs eagerly on the static
-buffers (which warms up every kernel with valid, mapped addresses), then is captured for replay.
-The caller must consume the returned logits before the next step (they are a view of the shared
+buffers (which warms up every kernel with valid, mapped addresses), then is captured for replay;
+a batch reading a borrowed prefix (``replica.kv.borrows``: small pages for a few steps of a burst)
+replays a graph of its variant where one was captured, else runs eagerly, never capturing. The
+caller must consume the returned logits before the next step (they are a view of the shared
 buffer).
 """
 
@@ -100,7 +102,8 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             self._forward(size)  # this step, eagerly on the static buffers: also the warm-up
-            self._capture(key)
+            if not padded.borrows:  # a borrowing batch (brief: replica.kv.borrows) runs eagerly
+                self._capture(key)  # rather than pay a capture while serving
         else:
             graph.replay()
             self.replays += 1

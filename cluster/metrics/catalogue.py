@@ -155,6 +155,12 @@ KV_METRICS = (
         "prefix_evicted_pages",
         "Indexed prefix pages dropped from the prefix cache (reclaimed or overwritten).",
     ),
+    _kv(
+        "vattn_prefix_cache_borrows_total",
+        "counter",
+        "prefix_borrows",
+        "Prefix hits read from the slot holding them while their pages mapped (--prefix-borrow).",
+    ),
     _kv("vattn_kv_host_tier_bytes", "gauge", "host_tier_bytes", "Host memory of the KV host tier."),
     _kv("vattn_kv_host_tier_used_bytes", "gauge", "host_tier_used_bytes", "Host tier bytes held."),
     _kv(

@@ -115,11 +115,13 @@ class SlotBorrows:
 
     def _holder(self, slot_index: int, groups: list[Group]) -> int | None:
         """A slot other than ``slot_index``, not borrowing, that maps ``groups`` at [0, n)."""
+        first = groups[0]
         for index, other in enumerate(self._maps.slots):
-            if (
-                index != slot_index
+            if (  # the first group's test is cheap: most slots fail it
+                other.groups
+                and other.groups[0] == first
+                and index != slot_index
                 and index not in self._borrows
-                and other.state is not SlotState.FREE
                 and other.groups[: len(groups)] == groups
             ):
                 return index
