@@ -17,7 +17,7 @@ Life of a borrow:
        holder the late run is promoted: an ordinary alias.
     2. ``ensure`` and ``ready`` of the borrower wait for its groups after the run and for the
        holder's (``ticket``), never for the late run; ``send_late`` (each ``step_async``) sends
-       the late runs behind the step's growth, one batch in flight at a time.
+       the late runs behind the step's growth, one batch in flight at a time, sized to a step.
     3. ``end_ready`` ends the borrows whose run has been mapped (the caller records which, so
        every rank of a tensor-parallel replica ends the same ones: a rank's next ``ensure`` of
        the slot waits for its own run). A borrow also ends when its slot is released, and when the
@@ -32,6 +32,7 @@ late run waiting; a borrow's fence is pending.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -40,9 +41,12 @@ from replica.kv.copies import CopyFence, SlotCopies
 from replica.kv.slots import Group, SlotMaps, SlotState
 from replica.kv.stats import WaitCause
 
-#: Late-run pages sent in one batch: 256 pages keep the worker ~8 ms (28-34 us a page on the
-#: H100), about a step, so the next step's growth, queued behind at most one batch, rarely waits.
-LATE_BATCH_PAGES = 256
+#: A batch of late runs is sized to the last step's time (between two ``step_async``) at this many
+#: seconds a page (maps cost 28-34 us a page under load on the H100), so the worker can finish it
+#: within a step like it and the next step's growth, queued behind at most one batch, rarely waits;
+#: between these many pages (one run at least: a slot's run is never split).
+LATE_PAGE_SECONDS = 40e-6
+LATE_BATCH_PAGES = (64, 2048)
 
 
 class BorrowFence:
@@ -85,6 +89,7 @@ class SlotBorrows:
         self._config, self._maps, self._copies = config, maps, copies
         self._borrows: dict[int, Borrow] = {}
         self._late_ticket = 0  # the last batch of late runs sent
+        self._stepped_at = time.perf_counter()  # the last ``send_late``: a step's end
         self._granularity = 1  # tokens a borrow is a multiple of (``enable``)
         self.started = 0  # borrows started, over all time
         self.forced = 0  # of which ended early: the holder's pages were to be unmapped or rewritten
@@ -144,9 +149,15 @@ class SlotBorrows:
         return max(own, holder[0], holder[late - 1])  # the holder may have a late run of its own
 
     def send_late(self) -> None:
-        """Sends the next batch of late runs behind what is queued, once the last has run."""
+        """At a step's end: sends the next batch of late runs behind what is queued, once the last
+        has run, of as many pages as the worker maps in a step's time (``LATE_PAGE_SECONDS``).
+        Timing decides only when runs map, never the books: ranks may differ here."""
+        now, stepped = time.perf_counter(), self._stepped_at
+        self._stepped_at = now
         if self._maps.late_ops and self._maps.done(self._late_ticket):
-            self._late_ticket = self._maps.flush_late(LATE_BATCH_PAGES)
+            least, most = LATE_BATCH_PAGES
+            pages = min(max(least, int((now - stepped) / LATE_PAGE_SECONDS)), most)
+            self._late_ticket = self._maps.flush_late(pages)
 
     def end_ready(self) -> tuple[int, ...]:
         """Ends the borrows whose late run has been mapped; returns their slots."""
