@@ -280,6 +280,7 @@ def run(
         "prefix_cache": prefix_cache,
         "prefix_borrow": borrow,  # hits read from their holder until aliased (kv.borrows)
         "prefix_borrows": stats.prefix_borrows - stats_before.prefix_borrows,
+        "prefix_borrows_forced": stats.prefix_borrows_forced - stats_before.prefix_borrows_forced,
         "requests": len(submitted),
         "seconds": seconds,
         "schedule_floor_s": max(floor),

@@ -450,6 +450,7 @@ class KVCacheAllocator(KVCache):
             copy_wait_seconds=self._copies.wait_seconds,
             prefix_takeovers=self._prefixes.takeovers,
             prefix_borrows=self._borrows.started,
+            prefix_borrows_forced=self._borrows.forced,
             **self._tier_stats(),
         )
 

@@ -14,7 +14,8 @@ Life of a borrow:
        and, where a slot that does not borrow itself (the *holder*) maps all of them at the same
        page indices, the borrow starts: the holder's pages [0, pages) are pinned
        (``SlotCopies.pin``) by the borrow's fence, pending while the borrow lasts. Without a
-       holder the late run is promoted: an ordinary alias.
+       holder, or where the run's tokens are no multiple of what the attention backend reads
+       (``enable``), the late run is promoted: an ordinary alias.
     2. ``ensure`` and ``ready`` of the borrower wait for its groups after the run and for the
        holder's (``ticket``), never for the late run; ``send_late`` (each ``step_async``) sends
        the late runs behind the step's growth, one batch in flight at a time, sized to a step.

@@ -97,6 +97,7 @@ class KVCacheStats:
     prefix_copied_bytes: int = 0  # hit bytes copied into a slot's own pages (every range counted)
     prefix_takeovers: int = 0  # hits served in a released slot holding another conversation
     prefix_borrows: int = 0  # hits read from their holder's pages until aliased (kv.borrows)
+    prefix_borrows_forced: int = 0  # of which ended before their aliases were mapped (a host wait)
     # The host tier (0 where it is off): its memory, the bytes copied out and back, the prompt
     # tokens restored from it (counted in prefix_hits_tokens too).
     host_tier_bytes: int = 0

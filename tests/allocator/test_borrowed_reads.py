@@ -112,6 +112,7 @@ def test_reclaiming_the_holder_ends_the_borrow_before_unmapping_it(
     assert third == holder
     allocator.ensure(third, len(fresh))
     assert allocator.borrowed_reads() == {}
+    assert allocator.stats().prefix_borrows_forced == 1
     allocator.check_invariants(deep=True)
     sent(allocator)
     assert page_ids(allocator, slot)[:2] != [-1, -1]
