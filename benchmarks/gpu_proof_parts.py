@@ -308,7 +308,7 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "prefix_burst",
-        360,
+        400,
         (
             bench("bench_prefix", *BURST),
             bench("bench_prefix", *BURST, "--modes", "paged,vattention", out="{out}/reverse"),
