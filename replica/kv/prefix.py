@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -142,6 +143,12 @@ class PrefixQueries:
 
 
 # ---- the index -----------------------------------------------------------------------------------
+#: Prompt tokens whose chain keys ``PrefixIndex.lookup`` keeps, least recently looked up dropped
+#: first. A waiting request is looked up at every schedule (a burst's held requests, each step);
+#: its keys cost ~6 us a block to hash on the 2-core host (a 1K-token prompt ~0.5 ms), the memo's
+#: tuple hash and key gets ~20 us. 256K tokens keep 2 MiB of token references.
+MEMO_TOKENS = 1 << 18
+
 #: Where a prefix block's K/V lives: a page group (a tuple of page ids, vAttention) or a block id
 #: (paged mode). Hashable; one location holds one block's tokens and is indexed under one key.
 Location = TypeVar("Location", bound=Hashable)
@@ -166,6 +173,10 @@ class PrefixIndex(Generic[Location]):
         self._location: dict[int, Location] = {}  # prefix key -> location
         self._key: dict[Location, int] = {}  # the inverse
         self._summary: dict[int, None] = {}  # indexed keys at summary depths, newest last
+        # Prompt -> its chain's keys as far as computed (``MEMO_TOKENS``): a pure function of the
+        # tokens and the root, so never stale; what the keys locate is looked up live.
+        self._chains: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
+        self._chain_tokens = 0
 
     def __len__(self) -> int:
         return len(self._location)
@@ -180,15 +191,30 @@ class PrefixIndex(Generic[Location]):
         if not prompt or not self._location or self.tokens_per_block <= 0:
             return [], []
         per_block = self.tokens_per_block
-        keys: list[int] = []
+        chain = self._chain(prompt)
         hit: list[Location] = []
-        for blocks in range(1, usable_blocks(len(prompt), per_block) + 1):
-            extend_keys(keys, self.root, prompt, per_block, blocks)
-            location = self._location.get(keys[-1])
+        for j in range(usable_blocks(len(prompt), per_block)):
+            if j == len(chain):  # computed as far as a lookup needs them, once
+                extend_keys(chain, self.root, prompt, per_block, j + 1)
+            location = self._location.get(chain[j])
             if location is None:
-                break
+                return hit, chain[: j + 1]
             hit.append(location)
-        return hit, keys
+        return hit, chain[: len(hit)]
+
+    def _chain(self, prompt: Sequence[int]) -> list[int]:
+        """The memo's keys of ``prompt`` (a new empty list the first time), most recent now."""
+        tokens = prompt if isinstance(prompt, tuple) else tuple(prompt)
+        chain = self._chains.get(tokens)
+        if chain is not None:
+            self._chains.move_to_end(tokens)
+            return chain
+        chain = self._chains[tokens] = []
+        self._chain_tokens += len(tokens)
+        while self._chain_tokens > MEMO_TOKENS and len(self._chains) > 1:
+            dropped, _ = self._chains.popitem(last=False)
+            self._chain_tokens -= len(dropped)
+        return chain
 
     def register(
         self,

@@ -107,7 +107,11 @@ class IndexMachine(RuleBasedStateMachine):
 
     @rule(tokens=st.lists(st.integers(0, 1), min_size=1, max_size=6 * BLOCK))
     def lookup(self, tokens: list[int]) -> None:
-        hit, _ = self.index.lookup(tokens)
+        """Prompts over two tokens repeat: the memo's keys serve them across register/remove."""
+        hit, keys = self.index.lookup(tokens)
+        if hit or keys:  # the keys computed: the hit's, and the one that broke the chain
+            usable = (len(tokens) - 1) // BLOCK
+            assert keys == block_keys(ROOT, tokens, BLOCK)[: min(len(hit) + 1, usable)]
         by_prefix = {prefix: loc for loc, prefix in self.model.items()}
         expected = []
         for j in range(1, (len(tokens) - 1) // BLOCK + 1):
@@ -125,3 +129,38 @@ class IndexMachine(RuleBasedStateMachine):
 
 IndexMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_index_machine = IndexMachine.TestCase
+
+
+def test_a_prompt_looked_up_again_hashes_nothing_until_the_memo_drops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiting request is looked up at every schedule: its keys are hashed once (as far as a
+    lookup needs them), until ``MEMO_TOKENS`` of other prompts push it out."""
+    import replica.kv.prefix as prefix
+
+    hashed: list[int] = []
+    extend = prefix.extend_keys
+
+    def counting(keys, root, token_ids, per_block, blocks):  # type: ignore[no-untyped-def]
+        hashed.append(blocks - len(keys))
+        return extend(keys, root, token_ids, per_block, blocks)
+
+    index: PrefixIndex[str] = PrefixIndex(ROOT, BLOCK)
+    prompt = tuple(range(13))
+    novel = (50, *prompt[1:])
+    keys, novel_keys = block_keys(ROOT, prompt, BLOCK), block_keys(ROOT, novel, BLOCK)
+    index.register([], prompt, ["a", "b", "c"], 0, 3)
+    monkeypatch.setattr(prefix, "extend_keys", counting)
+    monkeypatch.setattr(prefix, "MEMO_TOKENS", 100)
+    assert index.lookup(prompt) == (["a", "b", "c"], keys)
+    assert sum(hashed) == 3
+    assert index.lookup(list(prompt)) == (["a", "b", "c"], keys)
+    assert sum(hashed) == 3  # none hashed again
+    index.remove("c")  # what the keys locate is read live
+    assert index.lookup(prompt)[0] == ["a", "b"] and sum(hashed) == 3
+    assert index.lookup(novel) == ([], novel_keys[:1])  # one key, no more
+    assert sum(hashed) == 4
+    for first in range(100, 108):  # 8 x 13 tokens > 100: the oldest prompts go
+        index.lookup((first, *prompt[1:]))
+    before = sum(hashed)
+    assert index.lookup(prompt)[0] == ["a", "b"] and sum(hashed) > before
