@@ -56,7 +56,7 @@ from replica.kv.page_pool import PhysicalPagePool
 from replica.kv.prefix import PrefixSummary
 from replica.kv.slot_prefixes import SlotPrefixes
 from replica.kv.slot_restores import SlotRestores
-from replica.kv.slots import PENDING, Slot, SlotMaps, SlotState
+from replica.kv.slots import Slot, SlotMaps, SlotState
 from replica.kv.stats import KVCacheStats, MappingBreakdown, OpCause, WaitCause
 from replica.kv.tier_faults import TierFaults
 from replica.vmm import Device, Reservation, open_device
@@ -368,8 +368,8 @@ class KVCacheAllocator(KVCache):
 
     def synchronize(self) -> None:
         """Submits and waits for every pending operation and copy (borrows end)."""
-        self._copies.settle_all()
-        self.wait(PENDING if self._maps.late_ops else self._maps.flush())
+        self._copies.settle_all()  # ends every borrow: their late runs are queued
+        self.wait(self._maps.flush())
 
     # ---- elastic pool --------------------------------------------------------------------------
     def shrink(self) -> int:

@@ -12,7 +12,7 @@ page j of the hit as page ``holder * pages_per_slot + j`` instead while the alia
 Life of a borrow:
     1. ``acquire`` aliases a hit into a fresh slot: its leading groups map *late* (``SlotMaps``)
        and, where a slot that does not borrow itself (the *holder*) maps all of them at the same
-       page indices, the borrow starts: the holder's pages [0, pages) are pinned
+       page indices, the borrow starts: the holder's pages [0, late) are pinned
        (``SlotCopies.pin``) by the borrow's fence, pending while the borrow lasts. Without a
        holder, or where the run's tokens are no multiple of what the attention backend reads
        (``enable``), the late run is promoted: an ordinary alias.
@@ -26,8 +26,8 @@ Life of a borrow:
        (``forced``). Ending records a stream fence behind the steps launched so far, which may
        still read the holder's pages: the pin holds them until those steps have run.
 
-Invariants (``check_invariants``): a borrower is running; its late run is its first ``pages``
-groups, the ones its holder maps at [0, pages); a holder does not borrow; only borrowers have a
+Invariants (``check_invariants``): a borrower is running; its late run is its first ``late``
+groups, the ones its holder maps at [0, late); a holder does not borrow; only borrowers have a
 late run waiting; a borrow's fence is pending.
 """
 
@@ -76,9 +76,7 @@ class BorrowFence:
 
 @dataclass(frozen=True)
 class Borrow:
-    holder: int  # the slot whose pages the borrower reads
-    pages: int  # leading page groups read from the holder
-    tokens: int  # leading tokens read from the holder (pages * tokens_per_group)
+    holder: int  # the slot whose pages [0, late) the borrower reads in place of its late run
     fence: BorrowFence
 
 
@@ -115,7 +113,7 @@ class SlotBorrows:
             self._maps.promote(slot_index)
             return
         fence = BorrowFence(lambda: self._force(slot_index))
-        self._borrows[slot_index] = Borrow(holder, slot.late, tokens, fence)
+        self._borrows[slot_index] = Borrow(holder, fence)
         self._copies.pin(holder, range(slot.late), fence)
         self.started += 1
 
@@ -195,15 +193,16 @@ class SlotBorrows:
 
     def reads(self) -> Mapping[int, tuple[int, int]]:
         """Borrower slot -> (holder slot, leading tokens read from the holder)."""
-        return {i: (b.holder, b.tokens) for i, b in self._borrows.items()}
+        slots, per_group = self._maps.slots, self._config.tokens_per_group
+        return {i: (b.holder, slots[i].late * per_group) for i, b in self._borrows.items()}
 
     def check_invariants(self) -> None:
         slots = self._maps.slots
         for index, borrow in self._borrows.items():
             slot, holder = slots[index], slots[borrow.holder]
             assert slot.state is SlotState.RUNNING, f"borrower {index} is {slot.state.value}"
-            assert slot.late == borrow.pages and borrow.holder not in self._borrows, borrow
-            assert holder.groups[: borrow.pages] == slot.groups[: borrow.pages], (
+            assert slot.late and borrow.holder not in self._borrows, borrow
+            assert holder.groups[: slot.late] == slot.groups[: slot.late], (
                 f"holder {borrow.holder} no longer maps borrower {index}'s pages"
             )
             assert borrow.fence.ended is None, f"borrow {index} ended but kept"

@@ -94,14 +94,19 @@ def naive(
     return naive_attention(q, keys, batch)
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
-@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
-def test_sdpa_matches_naive_attention_and_writes_the_cache(layout: str, shape) -> None:
+def sdpa_step(layout: str, shape: list[tuple[int, int]]):
+    """A host-backend cache in ``layout`` with a step of ``shape`` (``step``), and sdpa over it."""
     allocator = build("host", layout, torch.float32)
-    batch, q, k, v = step(allocator, shape)
     backend = make_attention_backend(
         "sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu")
     )
+    return allocator, backend, *step(allocator, shape)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_sdpa_matches_naive_attention_and_writes_the_cache(layout: str, shape) -> None:
+    allocator, backend, batch, q, k, v = sdpa_step(layout, shape)
     out = run(backend, batch, q, k, v)
     rows = torch.arange(batch.num_tokens)
     written = allocator.k_cache(1)[batch.token_slots_t, batch.token_positions_t]
@@ -171,11 +176,7 @@ def borrowing(batch: StepBatch, borrows: dict[int, tuple[int, int]]) -> StepBatc
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
 @pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_sdpa_reads_a_borrowed_prefix_from_its_holder(layout: str, shape) -> None:
-    allocator = build("host", layout, torch.float32)
-    batch, q, k, v = step(allocator, shape)
-    backend = make_attention_backend(
-        "sdpa", allocator, Q_HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu")
-    )
+    allocator, backend, batch, q, k, v = sdpa_step(layout, shape)
     expected = run(backend, batch, q, k, v)
     borrowed = borrowing(batch, borrow_prefixes(allocator, batch))
     torch.testing.assert_close(run(backend, borrowed, q, k, v), expected)
