@@ -30,6 +30,7 @@ macros = [("VATTN_WITH_CUDA", "1")] if cuda_include else []
 ext = Pybind11Extension(
     "replica._vmm",
     sorted(glob.glob("csrc/*.cpp")),
+    depends=sorted(glob.glob("csrc/*.h")),  # a changed header rebuilds what includes it
     include_dirs=["csrc"] + ([cuda_include] if cuda_include else []),
     define_macros=macros,
     cxx_std=17,

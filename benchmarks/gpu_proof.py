@@ -300,7 +300,7 @@ def setup(run: Run, wheels: Path | None) -> None:
             digest.update(source.name.encode() + source.read_bytes())
         stamp = run.root / "build" / "gpu-proof-vmm.sha256"
         if not (built.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest()):
-            build = [sys.executable, "setup.py", "build_ext", "--inplace"]
+            build = [sys.executable, "setup.py", "build_ext", "--inplace", "--force"]
             subprocess.run(build, cwd=run.root, stdout=log, stderr=log, check=True, env=run.env())
             stamp.parent.mkdir(exist_ok=True)
             stamp.write_text(digest.hexdigest())

@@ -26,7 +26,7 @@ struct Op {
   static constexpr int kKinds = 4;
   // Why the policy asked for the operation (growth, alias, reclaim, ...): a small tag the caller
   // names; the worker only counts time per (kind, cause).
-  static constexpr int kCauses = 8;
+  static constexpr int kCauses = 9;
   Kind kind = Kind::Create;
   std::shared_ptr<Reservation> reservation;  // Map, Unmap
   std::int64_t first = 0;                    // Map, Unmap: first page slot

@@ -80,9 +80,7 @@ class KVCacheAllocator(KVCache):
                 f"config page size {config.page_size} != backend page size {self.device.page_size}"
             )
         self._clock = clock
-        self._pool = PhysicalPagePool(
-            config.budget_pages, config.max_idle_pages, config.idle_seconds, clock
-        )
+        self._pool = PhysicalPagePool.of(config, clock)
         self._maps = SlotMaps(config, self.device, self._pool)
         self._slots = self._maps.slots
         slot_bytes = config.pages_per_slot * config.page_size
@@ -324,6 +322,7 @@ class KVCacheAllocator(KVCache):
         self._release_idle()
         ticket = StepTicket(self._maps.flush(), tuple(unbacked))
         self._borrows.send_late()  # behind this step's growth
+        self._growth.create_spare()  # behind both, a batch no ensure waits for
         self._checked()
         return ticket
 

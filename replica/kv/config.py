@@ -68,6 +68,9 @@ class KVCacheConfig:
     #: Free pages beyond this many are released to the device once idle for ``idle_seconds``.
     max_idle_pages: int = 64
     idle_seconds: float = 10.0
+    #: Free pages created ahead of need while the pool is drawn on (at most ``max_idle_pages``),
+    #: in a batch of their own behind each step's growth: a page taken from them only maps.
+    spare_pages: int = 64
     #: Prefix sharing: released and running slots' full page groups are indexed by their tokens'
     #: hash chain and aliased under new slots whose prompt starts with them (needs deferred
     #: reclamation, which keeps the released ones; see ``replica.kv.allocator``).
@@ -104,6 +107,7 @@ class KVCacheConfig:
             (
                 "eager_pages",
                 "max_idle_pages",
+                "spare_pages",
                 "budget_bytes",
                 "eager_lookahead_tokens",
                 "host_tier_bytes",

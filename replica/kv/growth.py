@@ -67,6 +67,14 @@ class SlotGrowth:
             slots[i].released_at = -math.inf
         self.maps.flush()
 
+    def create_spare(self) -> None:
+        """Submits the creation of the pool's spare pages (``PhysicalPagePool.spare``) as a batch
+        of its own, so the tickets of the growth before it do not wait for it."""
+        spare = self.maps.pool.spare()
+        if spare:
+            self.maps.create(spare, OpCause.SPARE)
+            self.maps.flush()
+
     def eager_target(self, tokens: int) -> int:
         """Groups a slot holding ``tokens`` keeps mapped: what they need, plus up to ``eager_pages``
         more once the slot is within ``eager_lookahead_tokens`` of its mapped end."""

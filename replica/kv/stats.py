@@ -17,6 +17,7 @@ class OpCause(IntEnum):
     IDLE = 5  # idle free pages returned to the device (elastic pool)
     SHRINK = 6  # ``shrink()``: everything cached and free returned
     PREMAP = 7  # the page budget mapped under the empty slots at start (``KVCacheConfig.premap``)
+    SPARE = 8  # free pages created ahead of need (``KVCacheConfig.spare_pages``)
 
 
 class WaitCause(IntEnum):

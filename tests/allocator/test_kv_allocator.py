@@ -273,6 +273,48 @@ def test_elastic_pool_releases_idle_pages_and_shrink(make_allocator: MakeAllocat
     allocator.check_invariants(deep=True)
 
 
+def test_spare_pages_are_created_ahead_in_their_own_batch_and_growth_within_them_only_maps(
+    make_allocator: MakeAllocator,
+) -> None:
+    """Once growth draws on the pool, ``step_async`` creates up to ``spare_pages`` free pages in a
+    batch after the step's own (its ticket does not cover them); a later growth that fits in them
+    creates nothing. A pool nobody draws on (idle, or just shrunk) creates none; the budget and
+    ``max_idle_pages`` bound them."""
+    allocator = make_allocator(
+        layout="per_layer", num_layers=1, eager_pages=0, max_idle_pages=4, spare_pages=6
+    )
+    assert allocator._pool.spare_pages == 4  # more would be released as idle
+    a = allocator.acquire()
+    allocator.ensure(a, T)  # 2 pages (K and V), created on the admission's path
+    ticket = allocator.step_async({a: T})  # the next token needs a second group: 2 more
+    breakdown = allocator.mapping_breakdown
+    assert allocator._maps.last_ticket == ticket.ticket + 1  # the spare pages' own batch
+    allocator.synchronize()
+    stats = allocator.stats()
+    assert (stats.pages_created, stats.pages_free, allocator.device_pages()) == (8, 4, 8)
+    assert breakdown().pages("create", "growth") == 4 and breakdown().pages("create", "spare") == 4
+    b = allocator.acquire()
+    allocator.ensure(b, 2 * T)  # 4 pages: the spare ones, mapped only
+    fill(allocator, b, 0, 2 * T)
+    assert breakdown().pages("create", "growth") == 4 and breakdown().pages("map", "growth") == 8
+    allocator.wait(allocator.step_async({a: T, b: 2 * T - 1}))  # drawn on: topped up again
+    assert allocator.stats().pages_free == 4 and breakdown().pages("create", "spare") == 8
+    allocator.wait(allocator.step_async({a: T, b: 2 * T - 1}))  # nothing taken: nothing created
+    assert allocator.stats().pages_created == 12
+    allocator.release(a)
+    allocator.release(b)
+    allocator.shrink()
+    allocator.wait(allocator.step_async({}))
+    assert allocator.device_pages() == 0 and allocator.stats().pages_created == 0
+    allocator.check_invariants(deep=True)
+
+    small = make_allocator(budget_pages=3, eager_pages=0, max_idle_pages=8, spare_pages=8)
+    slot = small.acquire()
+    small.wait(small.step_async({slot: T - 1}))
+    assert small.stats().pages_created == 3 and small.stats().pages_free == 2  # the budget
+    small.check_invariants(deep=True)
+
+
 def test_step_async_maps_in_the_background_while_the_caller_runs(
     make_allocator: MakeAllocator,
 ) -> None:
@@ -351,6 +393,7 @@ def test_the_interface_contracts_refuse_bad_calls_before_changing_anything(
     [
         ("idle_seconds", -1),
         ("idle_seconds", float("nan")),
+        ("spare_pages", -1),
         ("budget_bytes", 1.5e9),
         ("eager_pages", 1.0),
         ("max_slots", True),

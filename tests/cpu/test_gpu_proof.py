@@ -239,7 +239,8 @@ def test_setup_builds_the_extension_when_missing_or_from_other_sources_and_insta
 ):
     builds, built = tree / "builds.txt", f"replica/_vmm{sysconfig.get_config_var('EXT_SUFFIX')}"
     (tree / "setup.py").write_text(  # a stand-in for build_ext --inplace
-        f"open({str(builds)!r}, 'a').write('b')\nopen({built!r}, 'w').write('')\n"
+        f"import sys\nopen({str(builds)!r}, 'a').write('b' if '--force' in sys.argv else 'x')\n"
+        f"open({built!r}, 'w').write('')\n"
     )
     run = make_run(tree, site=tree / "site")
     gpu_proof.setup(run, None)
@@ -247,9 +248,11 @@ def test_setup_builds_the_extension_when_missing_or_from_other_sources_and_insta
     assert builds.read_text() == "b"
     (tree / "csrc/a.cpp").write_text("// changed\n")
     gpu_proof.setup(run, None)
+    (tree / "csrc/a.h").write_text("// a header changed: every source rebuilt (--force)\n")
+    gpu_proof.setup(run, None)
     (tree / built).unlink()
     gpu_proof.setup(run, None)
-    assert builds.read_text() == "bbb"
+    assert builds.read_text() == "bbbb"
 
     wheels = tree / "wheels"
     wheels.mkdir()
