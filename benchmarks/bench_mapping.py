@@ -7,13 +7,21 @@ Measures (1) map latency of single pages (map + one access grant), (2) throughpu
 of contiguous pages, (3) a simulated decode loop: every step submits the next step's pages with
 ``step_async``, then the "model" runs for ``--step-ms`` (a GPU sleep kernel on CUDA, a sleep on the
 host), then the step waits for the mapping. Reports the caller's wait as a share of the step.
+(4) The driver's floor under load: create, map-only (pages created first) in runs of 1 and 16,
+and unmap, per page, while another thread keeps the device busy on a stream of its own with
+device-to-device copies (``hbm``), bf16 matmuls (``compute``) or pinned host-to-device copies
+(``pcie``), against the same with the device idle. The engine's mapping breakdown (its worker's
+time per page, by cause) is judged against these (#24: within 1.5x of the floor under the same
+load).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +145,116 @@ def simulated_decode(
     }
 
 
+LOADS = ("idle", "hbm", "compute", "pcie")
+
+
+def load_step(kind: str, cuda: bool, smoke: bool) -> Callable[[], object]:
+    """One launch of the background load ``kind`` (``LOADS``, less idle); on a CPU every kind is
+    a host memory copy (the plumbing, not the numbers)."""
+    where = "cuda" if cuda else "cpu"
+    if kind == "compute" and cuda:
+        a = torch.randn(8192, 8192, device=where, dtype=torch.bfloat16)
+        out = torch.empty_like(a)
+        return lambda: torch.mm(a, a, out=out)
+    size = (1 << 20 if smoke else 512 << 20) // 2
+    dst = torch.empty(size, device=where, dtype=torch.bfloat16)
+    if kind == "pcie" and cuda:
+        src = torch.ones(size, dtype=torch.bfloat16, pin_memory=True)
+    else:
+        src = torch.ones_like(dst)
+    return lambda: dst.copy_(src, non_blocking=True)
+
+
+class BackgroundLoad:
+    """Runs ``step`` on a CUDA stream of its own from a thread until the block ends, four launches
+    ahead of the device at most, so the device stays busy while the caller times the driver."""
+
+    def __init__(self, step: Callable[[], object] | None, cuda: bool) -> None:
+        self.step, self.cuda, self.launches = step, cuda, 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BackgroundLoad:
+        if self.step is not None:
+            self._thread.start()
+            while self.launches < 4 and self._thread.is_alive():  # busy before the first timing
+                time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.step is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise RuntimeError("the background load failed") from self.error
+
+    def _run(self) -> None:
+        try:
+            self._launch()
+        except BaseException as error:  # re-raised by __exit__ in the caller's thread
+            self.error = error
+
+    def _launch(self) -> None:
+        assert self.step is not None
+        stream = torch.cuda.Stream() if self.cuda else None
+        while not self._stop.is_set():
+            if stream is None:
+                self.step()
+                self.launches += 1
+                continue
+            with torch.cuda.stream(stream):
+                for _ in range(4):
+                    self.step()
+                    self.launches += 1
+            stream.synchronize()  # releases the GIL while the device works
+
+
+def driver_costs(device: Device, pages: int, runs: tuple[int, ...]) -> dict[str, float]:
+    """Per page, median: create one page at a time, map pages already created in runs of each
+    length (one access grant a run), unmap them in the same runs."""
+    pool = PagePool(device.backend)
+    reservation = Reservation(pool, pages)
+    ids = list(range(pages))
+    creates = []
+    for page in ids:
+        start = time.perf_counter()
+        pool.create([page])
+        creates.append(time.perf_counter() - start)
+    row = {"create_us": statistics.median(creates) * 1e6}
+    for run in runs:
+        maps, unmaps = [], []
+        firsts = range(0, pages - run + 1, run)
+        for first in firsts:
+            start = time.perf_counter()
+            reservation.map_run(first, ids[first : first + run])
+            maps.append((time.perf_counter() - start) / run)
+        for first in firsts:
+            start = time.perf_counter()
+            reservation.unmap_run(first, run)
+            unmaps.append((time.perf_counter() - start) / run)
+        row[f"map_us_run{run}"] = statistics.median(maps) * 1e6
+        row[f"unmap_us_run{run}"] = statistics.median(unmaps) * 1e6
+    pool.release(ids)
+    return row
+
+
+def under_load(device: Device, pages: int, smoke: bool) -> list[dict[str, Any]]:
+    """``driver_costs`` with the device idle and under each background load (``LOADS``)."""
+    cuda = device.name == "cuda"
+    rows = []
+    for kind in LOADS if not smoke else ("idle", "hbm"):
+        step = None if kind == "idle" else load_step(kind, cuda, smoke)
+        with BackgroundLoad(step, cuda) as load:
+            row = driver_costs(device, pages, (1, 16))
+        rows.append({"load": kind, "pages": pages, "launches": load.launches, **row})
+        del step
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,6 +276,7 @@ def main() -> None:
         "decode_overlap": [
             simulated_decode(device, demand, steps, args.step_ms) for demand in demands
         ],
+        "under_load": under_load(device, 32 if args.smoke else 256, args.smoke),
     }
     path = save("mapping", payload, Path(args.out) if args.out else None)
     print(f"wrote {path}")
@@ -173,6 +292,11 @@ def main() -> None:
             f"({row['wait_pct_of_step']:.2f}% of {row['step_ms_mean']:.2f} ms), submit "
             f"{row['submit_ms_mean']:.3f} ms; worker busy "
             f"{row['worker_busy_pct_of_step']:.1f}%"
+        )
+    for row in payload["under_load"]:
+        print(
+            f"{row['load']:>8}: create {row['create_us']:.1f}, map {row['map_us_run1']:.1f} "
+            f"(runs of 16: {row['map_us_run16']:.1f}), unmap {row['unmap_us_run1']:.1f} us/page"
         )
 
 

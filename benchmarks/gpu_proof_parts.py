@@ -188,6 +188,17 @@ def parse_offload(out: Path, log: str) -> Counts:
     return counts
 
 
+def parse_mapping(out: Path, log: str) -> Counts:
+    """The driver's floor per page, idle and under each background load: create, map-only (one
+    page a run, and runs of 16), unmap."""
+    counts: Counts = {}
+    for data in results(out, "mapping"):
+        for row in data.get("under_load", []):
+            for key in ("create_us", "map_us_run1", "map_us_run16", "unmap_us_run1"):
+                counts[f"{row['load']}_{key}"] = round(row[key], 1)
+    return counts
+
+
 def parse_engine(out: Path, log: str) -> Counts:
     """Per workload and run order: vAttention's tokens/s over the paged mode's, the paged mode's on
     fa2 and on fa3 over its own (where run), each mode's prefill kernel and the seconds its engine
@@ -356,6 +367,15 @@ PARTS: tuple[Part, ...] = (
         "1K/4K/16K-token histories, against one pinned copy of the same bytes (#25's target)",
         ("cuda",),
         parse=parse_offload,
+    ),
+    Part(
+        "mapping",
+        90,
+        (bench("bench_mapping"),),
+        "bench_mapping: the driver's per-page costs (create, map, unmap) idle and while the GPU "
+        "copies, computes or takes pinned copies, the floor #24's engine maps are judged against",
+        ("cuda",),
+        parse=parse_mapping,
     ),
     Part(
         "prefix_chat",

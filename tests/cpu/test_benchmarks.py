@@ -30,6 +30,10 @@ def test_mapping_benchmark_smoke(tmp_path: Path) -> None:
     assert result["environment"]["backend"] == "host"
     assert {row["run_pages"] for row in result["batched"]} == {1, 8}
     assert all(row["wait_pct_of_step"] >= 0 for row in result["decode_overlap"])
+    idle, loaded = result["under_load"]  # the driver's costs idle, then under a copy load
+    assert (idle["load"], idle["launches"]) == ("idle", 0)
+    assert loaded["load"] == "hbm" and loaded["launches"] >= 4  # busy while the timings ran
+    assert all(row[key] > 0 for row in (idle, loaded) for key in ("create_us", "map_us_run16"))
 
 
 def test_openai_serialize_benchmark_smoke(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import tarfile
 import time
@@ -30,6 +31,7 @@ from benchmarks.gpu_proof_parts import (
     parse_autoscaling,
     parse_engine,
     parse_junit,
+    parse_mapping,
     parse_prefix,
     parse_router,
     small_capacity_gate,
@@ -384,6 +386,18 @@ def test_key_numbers_are_read_from_the_benchmarks_result_files(tmp_path: Path):
     speed = {r["mode"]: r["tokens_per_s"] for r in engine["results"]["sharegpt"]}
     ratio = round(speed["vattention"] / speed["paged"], 3)
     assert parse_engine(tmp_path, "")["sharegpt_vattention_over_paged"] == ratio == 0.968
+
+
+def test_parse_mapping_reads_the_floor_under_each_load(tmp_path: Path) -> None:
+    """A smoke run of bench_mapping on the host backend: each load's per-page costs, by name."""
+    command = [sys.executable, "-m", "benchmarks.bench_mapping", "--smoke", "--backend", "host"]
+    subprocess.run([*command, "--out", str(tmp_path)], check=True, capture_output=True)
+    [path] = tmp_path.glob("mapping-*.json")
+    rows = {row["load"]: row for row in json.loads(path.read_text())["under_load"]}
+    counts = parse_mapping(tmp_path, "")
+    assert counts["hbm_map_us_run16"] == round(rows["hbm"]["map_us_run16"], 1)
+    assert {key.split("_")[0] for key in counts} == {"idle", "hbm"}
+    assert len(counts) == 8  # four costs a load
 
 
 def test_parse_engine_reads_a_floor_table(tmp_path: Path) -> None:
