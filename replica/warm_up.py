@@ -3,7 +3,11 @@
 (``AttentionBackend.warm_up_shapes``), that many throw-away requests decode two tokens, half
 greedy and half sampled with logprobs (so the sampler's kernels are loaded too: CUDA loads a
 kernel's code into device memory at its first launch). It uses the engine's public calls only, as
-any client does."""
+any client does, and leaves the KV cache as empty as it found it (``KVCache.shrink``): its slots,
+released with a few pages mapped, would otherwise be every slot the first requests could take, and
+a prefix hit landing in a slot that maps pages is copied into them rather than aliased (the
+per-layer layout copied each request's whole first 1,024-token group: private copies that decode
+reads one by one where aliases are read once; H100, ``prefix_burst``, 2026-12-08)."""
 
 from __future__ import annotations
 
@@ -43,3 +47,4 @@ def decode_every_graph(engine: LLMEngine, sizes: Sequence[int]) -> None:
             engine.add_request(f"vattn-warm-up-{kv_len}-{size}-{i}", prompts[i], params)
         while engine.has_work():
             engine.step()
+    engine.kv.shrink()  # nor is what they cached: every slot empty, as in a new engine

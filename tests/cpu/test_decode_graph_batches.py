@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica import EngineConfig, LLMEngine
+from replica import EngineConfig, LLMEngine, SamplingParams
 from replica.attention import StepBatch
 from replica.decode_graphs import graph_sizes
 from replica.model import ModelConfig
@@ -39,10 +39,14 @@ def test_only_decode_batches_pad() -> None:
         StepBatch.build([0, 1], [2, 5], [1, 1], CPU).padded(1, CPU)
 
 
-def tiny_engine() -> LLMEngine:
+def tiny_engine(**config: object) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
-            model="synthetic", synthetic=ModelConfig.tiny(), max_running=4, max_model_len=256
+            model="synthetic",
+            synthetic=ModelConfig.tiny(),
+            max_running=4,
+            max_model_len=256,
+            **config,  # type: ignore[arg-type]
         )
     )
 
@@ -59,3 +63,31 @@ def test_the_warm_up_traffic_runs_every_size_up_to_max_running_to_its_end() -> N
     decode_every_graph(engine, [1, 2, 4, 8])
     assert not engine.has_work() and engine.requests == {}
     assert engine.generation_tokens_total == (1 + 2 + 4) * 3
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_the_warm_up_leaves_every_slot_empty_so_a_shared_prefix_is_aliased_not_copied(
+    layout: str,
+) -> None:
+    """The warm-up's requests are released like any (their slots cached, pages mapped); it empties
+    them, so traffic after it finds the cache of a new engine: the first requests over a shared
+    prompt alias the holder's pages into empty slots instead of copying them into the warm-up's."""
+    engine = tiny_engine(
+        prefix_cache=True, kv_layout=layout, page_size=4096, kv_cache_bytes=256 * 4096
+    )
+    decode_every_graph(engine, [1, 2, 4])
+    stats = engine.kv.stats()
+    assert {state.value for state in engine.kv.slot_states()} == {"free"}
+    assert (stats.pages_in_use, stats.pages_cached, stats.prefix_copied_bytes) == (0, 0, 0)
+    group = engine.kv.config.tokens_per_group
+    shared = [5 + i % 97 for i in range(2 * group)]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    engine.add_request("holder", [*shared, 7, 8], params)
+    engine.step()  # its prefill indexes the shared prompt
+    for i in range(3):
+        engine.add_request(f"follower-{i}", [*shared, 9 + i, 10], params)
+    while engine.has_work():
+        engine.step()
+    stats = engine.kv.stats()
+    assert stats.prefix_hits_tokens == 3 * 2 * group and stats.prefix_copied_bytes == 0
+    assert engine.kv.mapping_breakdown().pages("map", "alias") == 3 * 2 * engine.kv.pages_for(1)
