@@ -132,6 +132,36 @@ def test_a_restore_under_pressure_rewrites_a_released_slots_pages_instead_of_map
     allocator.check_invariants(deep=True)
 
 
+def test_a_new_conversation_under_pressure_writes_into_a_released_slots_pages(
+    make_allocator: MakeAllocator,
+) -> None:
+    """No free page is left and a free slot is: a prompt nothing of which is cached lands in the
+    least recently released slot that maps pages and writes into them (no map for the pages it
+    covers), where the free slot's growth would unmap and map each. What it evicts was written
+    through, and comes back from the host. With free pages it takes the free slot as before."""
+    allocator = tiered(make_allocator, max_slots=3)
+    filler = [7] * (8 * T - 1)  # every page
+    held = cached_conversation(allocator, filler)
+    assert allocator.stats().pages_free == 0
+    mapped = allocator.stats().pages_mapped_total
+    new = [9] * (3 * T + 2)
+    slot = allocator.acquire(len(new), new)
+    assert slot == held and allocator.length(slot) == 0  # not the free slot, nothing cached
+    fill(allocator, slot, new)
+    assert allocator.stats().pages_mapped_total == mapped  # nothing mapped
+    allocator.release(slot, new)
+    again = allocator.acquire(len(filler) + 1, [*filler, 1])  # the filler, from the host
+    assert allocator.length(again) == 7 * T
+    allocator.ensure(again, 7 * T)
+    assert k_values(allocator, again, 7 * T) == expected(filler, 7 * T)
+    allocator.check_invariants(deep=True)
+
+    roomy = tiered(make_allocator, max_slots=3, budget_pages=16)
+    held = cached_conversation(roomy, filler)
+    assert roomy.acquire(len(new), new) != held  # free pages cover it: the free slot
+    roomy.check_invariants(deep=True)
+
+
 @pytest.mark.parametrize("copy", ["offload", "restore"])
 def test_a_host_copy_pins_its_pages_until_its_fence_completes(
     make_allocator: MakeAllocator, copy: str
@@ -150,20 +180,33 @@ def test_a_host_copy_pins_its_pages_until_its_fence_completes(
     def mapped_now() -> list[int]:
         return list(allocator.reservations[0].page_ids())
 
-    allocator = tiered(make_allocator, make_fence=make_fence)
+    allocator = tiered(make_allocator, make_fence=make_fence, max_slots=3)
+    every = allocator.config.budget_pages * T
+
+    def running() -> int:  # a request that will grow while the others are released
+        slot = allocator.acquire(T, [3] * T)
+        allocator.ensure(slot, T)
+        return slot
+
+    grower = running()
     history = list(range(2 * T + 3))
-    slot = cached_conversation(allocator, history)
-    if copy == "restore":
+    if copy == "offload":
+        slot = cached_conversation(allocator, history)
+    else:
+        evicter = running()
+        cached_conversation(allocator, history)
         fences[-1].complete = True
-        evict_everything(allocator, filler=7)
-        slot = allocator.acquire(len(history) + 1, [*history, 1])
+        allocator.ensure(evicter, every - T)  # reclaims the history's pages: host only
+        allocator.release(evicter, [])
+        fences[-1].complete = True
+        slot = allocator.acquire(len(history) + 1, [*history, 1])  # the evicter's pages
         assert allocator.length(slot) == 2 * T
         allocator.ensure(slot, 2 * T)  # copies the restore
         allocator.release(slot, history[: 2 * T])
     pinned = fences[-1]
     assert not pinned.waited
     mapped = page_ids(allocator, slot)[:2]
-    evict_everything(allocator, filler=8)  # reclaims the slot's pages
+    allocator.ensure(grower, every - T)  # a running request's growth reclaims the slot's pages
     assert pinned.waited, "the reclaim did not wait for the host copy"
     per_slot = allocator.config.pages_per_slot
     at_wait = seen[fences.index(pinned)][slot * per_slot : slot * per_slot + 2]
