@@ -301,6 +301,10 @@ def run(
         "tokens_per_page": tokens_per_page,
         "pages_shared_at_end": stats.pages_shared,
         "prefix_evicted_pages": stats.prefix_evicted_pages - stats_before.prefix_evicted_pages,
+        # Hits copied into a released slot's pages (private: decode reads each copy) rather than
+        # aliased, and hits taken over in the slot holding them.
+        "prefix_copied_bytes": stats.prefix_copied_bytes - stats_before.prefix_copied_bytes,
+        "prefix_takeovers": stats.prefix_takeovers - stats_before.prefix_takeovers,
         "preemptions": engine.scheduler.preemptions_total,
         "prefix_holds": engine.scheduler.prefix_holds_total,
         "mapping_deferrals": engine.scheduler.mapping_deferrals_total,

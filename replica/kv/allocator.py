@@ -393,6 +393,9 @@ class KVCacheAllocator(KVCache):
             raise ValueError(f"slot {slot_index} is {slot.state.value}, not running")
         return slot
 
+    def _running_slots(self) -> list[Slot]:
+        return [self._slots[i] for i in sorted(self._maps.in_state[SlotState.RUNNING])]
+
     def _cached_pages(self) -> int:
         return self._maps.page_split()[1]
 
@@ -400,21 +403,19 @@ class KVCacheAllocator(KVCache):
     def reclaimable_pages(self) -> int:
         """Pages a new request could get now: free or creatable, cached, and eager surplus."""
         surplus = sum(
-            len(s.groups) - self.config.page_groups_for(s.reserved)
-            for s in self._slots
-            if s.state is SlotState.RUNNING
+            len(s.groups) - self.config.page_groups_for(s.reserved) for s in self._running_slots()
         )
         return self._pool.available + self._cached_pages() + surplus * self.config.num_ranges
 
     def can_allocate(self, tokens: int) -> bool:
         """Whether a new request of ``tokens`` tokens could be backed now."""
         pages = self.config.page_groups_for(tokens) * self.config.num_ranges
-        slot_free = any(s.state is not SlotState.RUNNING for s in self._slots)
+        slot_free = len(self._maps.in_state[SlotState.RUNNING]) < len(self._slots)
         return slot_free and pages <= self.reclaimable_pages()
 
     def stats(self) -> KVCacheStats:
         config, ranges = self.config, self.config.num_ranges
-        running = [s for s in self._slots if s.state is SlotState.RUNNING]
+        running = self._running_slots()
         in_use, cached = self._maps.page_split()
         wasted = (
             sum(
@@ -435,7 +436,7 @@ class KVCacheAllocator(KVCache):
             pages_available=self.reclaimable_pages(),
             wasted_bytes=wasted,
             slots_running=len(running),
-            slots_cached=sum(s.state is SlotState.CACHED for s in self._slots),
+            slots_cached=len(self._maps.in_state[SlotState.CACHED]),
             map_calls=int(worker["map_runs"]),
             pages_mapped_total=int(worker["pages_mapped"]),
             map_seconds=float(worker["busy_seconds"]),

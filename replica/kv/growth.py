@@ -123,11 +123,7 @@ class SlotGrowth:
         slots' pages beyond what their next step needs. A page another slot still maps is not
         freed by unmapping it here."""
         cached = self.maps.released()
-        running = [
-            i
-            for i, s in enumerate(self.maps.slots)
-            if s.state is SlotState.RUNNING and i != exclude
-        ]
+        running = sorted(self.maps.in_state[SlotState.RUNNING] - {exclude})
         for index in cached + running:
             if pages <= 0:
                 return

@@ -118,12 +118,11 @@ class SlotPrefixes:
         continued), the longest such (most recently released among equals), or None. A slot that
         cached more than the hit holds another conversation: it is left to its own next turn."""
         best, best_key = None, (0, 0.0)
-        for index, slot in enumerate(self.maps.slots):
-            if (
-                slot.state is not SlotState.CACHED
-                or not 0 < slot.frozen <= len(hit_keys)
-                or self.holds(slot, hit_keys) < slot.frozen
-            ):
+        for index in sorted(self.maps.in_state[SlotState.CACHED]):  # ties: the lowest index
+            slot = self.maps.slots[index]
+            # Keys chain every block before them: equal last keys, equal blocks (``holds``).
+            frozen = slot.frozen
+            if not 0 < frozen <= len(hit_keys) or slot.keys[frozen - 1] != hit_keys[frozen - 1]:
                 continue
             if (slot.frozen, slot.released_at) > best_key:
                 best, best_key = index, (slot.frozen, slot.released_at)

@@ -17,6 +17,8 @@ Invariants (``check_invariants``):
     a page's mapping count == the slots mapping its group, always at the same page index;
         free ids are mapped nowhere; two groups share no page
     ``group_slots`` / ``group_running`` count the groups of all / running slots
+    ``in_state[state]`` is the set of the slots in that state (lookups stay O(slots in a state)
+        where the cache has many more slots than running requests)
     a slot's tickets ascend with its page index, one per group, except its ``late`` leading
         groups, mapped by one run under one ticket (``PENDING`` while its ops wait in
         ``late_ops``); a free slot maps nothing
@@ -52,6 +54,7 @@ class SlotState(Enum):
 
 @dataclass
 class Slot:
+    index: int = 0  # its place in ``SlotMaps.slots``
     state: SlotState = SlotState.FREE
     length: int = 0  # tokens stored
     reserved: int = 0  # tokens that must be backed for the coming step (>= length)
@@ -79,7 +82,9 @@ class SlotMaps:
         self.tensors = [
             reservation_tensor(r, device, config.dtype, config.range_shape) for r in self.ranges
         ]
-        self.slots = [Slot() for _ in range(config.max_slots)]
+        self.slots = [Slot(index=i) for i in range(config.max_slots)]
+        self.in_state: dict[SlotState, set[int]] = {state: set() for state in SlotState}
+        self.in_state[SlotState.FREE].update(range(config.max_slots))
         self.ops: list[Op] = []
         self.late_ops: dict[int, list[Op]] = {}  # slot -> its late run's ops, oldest slot first
         self.last_ticket = 0
@@ -175,6 +180,8 @@ class SlotMaps:
                     del self.group_running[group]
         elif state is SlotState.RUNNING and not was_running:
             self.group_running.update(slot.groups)
+        self.in_state[slot.state].discard(slot.index)
+        self.in_state[state].add(slot.index)
         slot.state = state
 
     def flush(self) -> int:
@@ -235,27 +242,29 @@ class SlotMaps:
     def best_fit(self, need: int) -> int | None:
         """The released slot whose mapped groups best fit ``need`` (covering it first), else an
         empty slot, else None."""
-        cached = [i for i, s in enumerate(self.slots) if s.state is SlotState.CACHED]
+        cached = sorted(self.in_state[SlotState.CACHED])  # ties: the lowest index
         if cached:
             size = {i: len(self.slots[i].groups) for i in cached}
             return min(cached, key=lambda i: (size[i] < need, abs(size[i] - need)))
         return self.free_slot()
 
     def free_slot(self) -> int | None:
-        return next((i for i, s in enumerate(self.slots) if s.state is SlotState.FREE), None)
+        """The lowest-numbered free slot, or None."""
+        free = self.in_state[SlotState.FREE]
+        return min(free) if free else None
 
     def released(self) -> list[int]:
-        """The released (cached) slots, least recently released first."""
-        cached = [i for i, s in enumerate(self.slots) if s.state is SlotState.CACHED]
-        return sorted(cached, key=lambda i: self.slots[i].released_at)
+        """The released (cached) slots, least recently released first (ties: lowest index)."""
+        cached = self.in_state[SlotState.CACHED]
+        return sorted(cached, key=lambda i: (self.slots[i].released_at, i))
 
     def spare_groups(self, exclude: int) -> int:
         """Page groups free in the pool or mapped under empty released slots (premapped, nothing
         cached) other than ``exclude``: memory that nothing would miss."""
         empty = sum(
-            len(s.groups)
-            for i, s in enumerate(self.slots)
-            if i != exclude and s.state is SlotState.CACHED and not s.token_ids
+            len(self.slots[i].groups)
+            for i in self.in_state[SlotState.CACHED]
+            if i != exclude and not self.slots[i].token_ids
         )
         return self.pool.available // self.config.num_ranges + empty
 
@@ -306,6 +315,8 @@ class SlotMaps:
             ), index
             assert len(set(late)) <= 1 and (index in self.late_ops) == (PENDING in late), index
             assert s.state is not SlotState.FREE or not s.groups, f"free slot {index} holds pages"
+            assert s.index == index and index in self.in_state[s.state], f"slot {index}'s state"
+        assert sum(map(len, self.in_state.values())) == len(self.slots), "a slot in two states"
         assert self.group_slots == mappings, "the group counts differ from the slots"
         running = Counter(g for s in self.slots if s.state is SlotState.RUNNING for g in s.groups)
         assert self.group_running == running, "the running group counts differ from the slots"
