@@ -134,8 +134,15 @@ class EngineConfig:
     )
     max_running: int | None = option(
         None,
-        "requests running at once, the slots (default: 256 on a GPU, where a slot's virtual "
+        "requests running at once (default: 256 on a GPU, where a slot's virtual "
         "range costs no memory until used and the KV budget bounds the batch; 64 on a CPU)",
+    )
+    kv_slots: int | None = option(
+        None,
+        "slots of the vAttention cache: the running requests' and the released conversations' "
+        "it keeps cached for their next turn (a slot costs virtual address space only; default "
+        "with prefix sharing: as many 1,024-token conversations as the KV budget holds, from "
+        "max_running up to 4x it: replica.kv.slot_count; vattention mode)",
     )
     #: Tokens per step (decodes + prefill chunks). None: 8192 on a GPU; 512 on a CPU, where a step
     #: of 2K prompt tokens takes seconds and would hold every running request back that long.
@@ -213,6 +220,7 @@ class EngineConfig:
         for name in (
             "max_model_len",
             "max_running",
+            "kv_slots",
             "max_batch_tokens",
             "block_size",
             "tensor_parallel_size",
@@ -220,6 +228,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {value}")
+        if self.kv_slots is not None and self.kv_slots < (self.max_running or 1):
+            raise ValueError(
+                f"EngineConfig.kv_slots ({self.kv_slots}) must be at least max_running "
+                f"({self.max_running}): every running request needs a slot"
+            )
         if self.kv_offload_bytes is not None and self.kv_offload_bytes < 0:
             raise ValueError(
                 f"EngineConfig.kv_offload_bytes must be >= 0, got {self.kv_offload_bytes}"

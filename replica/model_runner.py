@@ -22,6 +22,7 @@ from replica.engine_config import DeviceFacts, EngineConfig
 from replica.kv import KVCache, KVCacheAllocator, KVCacheConfig, PagedKVCache, PagedKVConfig
 from replica.kv.config import resolve_kv_cache_dtype
 from replica.kv.layout_choice import choose_layout
+from replica.kv.slot_count import cache_slots
 from replica.model import ModelConfig, load_model
 from replica.sampling import to_device
 from replica.vmm import open_device
@@ -144,34 +145,52 @@ class ModelRunner:
         #: The KV budget this rank was built with (the ranks of a TP replica agree on the least).
         self.kv_budget_bytes = budget
         if config.kv_mode == "paged":  # the comparison mode: the same byte budget, preallocated
-            return PagedKVCache(
-                PagedKVConfig(
-                    num_layers=self.model_config.num_layers,
-                    num_kv_heads=self.model.num_local_kv_heads,
-                    head_dim=self.model_config.head_dim,
-                    dtype=self.kv_dtype,
-                    max_slots=config.max_running,
-                    max_tokens=config.max_model_len,
-                    budget_bytes=budget,
-                    block_size=config.block_size,
-                    prefix_cache=config.prefix_cache,
-                    prefix_key=self._prefix_key(),
-                    host_tier_bytes=config.kv_offload_bytes or 0,
-                ),
-                self.device,
-            )
+            return self._make_paged_cache(budget)
+        return self._make_vattention_cache(budget)
+
+    def _make_paged_cache(self, budget: int) -> PagedKVCache:
+        config = self.config
+        return PagedKVCache(
+            PagedKVConfig(
+                num_layers=self.model_config.num_layers,
+                num_kv_heads=self.model.num_local_kv_heads,
+                head_dim=self.model_config.head_dim,
+                dtype=self.kv_dtype,
+                max_slots=config.max_running,
+                max_tokens=config.max_model_len,
+                budget_bytes=budget,
+                block_size=config.block_size,
+                prefix_cache=config.prefix_cache,
+                prefix_key=self._prefix_key(),
+                host_tier_bytes=config.kv_offload_bytes or 0,
+            ),
+            self.device,
+        )
+
+    def _make_vattention_cache(self, budget: int) -> KVCacheAllocator:
+        config = self.config
         page_size = config.page_size
+        assert page_size is not None  # resolved
         vmm = open_device(
             "cuda" if self.device.type == "cuda" else "host",
             page_size,
             self.device.index or 0,
         )
+        heads, layers = self.model.num_local_kv_heads, self.model_config.num_layers
+        token_bytes = 2 * layers * heads * self.model_config.head_dim * self.kv_dtype.itemsize
         kv_config = KVCacheConfig(
-            num_layers=self.model_config.num_layers,
-            num_kv_heads=self.model.num_local_kv_heads,
+            num_layers=layers,
+            num_kv_heads=heads,
             head_dim=self.model_config.head_dim,
             dtype=self.kv_dtype,
-            max_slots=config.max_running,
+            max_slots=cache_slots(
+                config.kv_slots,
+                config.max_running,
+                config.prefix_cache,
+                budget,
+                token_bytes,
+                config.max_model_len,
+            ),
             max_tokens=config.max_model_len,
             page_size=page_size,
             budget_bytes=budget,
