@@ -17,14 +17,15 @@ nothing worth a slot)::
 
     slots = max(max_running, min(budget // (CONVERSATION_TOKENS * token_bytes),
                                  SLOTS_PER_RUNNING * max_running,
-                                 MAX_VIRTUAL_BYTES // (tokens_per_slot * token_bytes)))
+                                 MAX_VIRTUAL_BYTES // (tokens_per_slot * token_bytes),
+                                 MAX_TOKEN_ROWS // tokens_per_slot))
 
 the short conversations (``CONVERSATION_TOKENS``) the KV budget holds, at most
 ``SLOTS_PER_RUNNING`` times the running requests (a released slot is looked at when a request is
-admitted) and within ``MAX_VIRTUAL_BYTES`` of virtual ranges (an H100 reserved 1 TiB in 17 us,
-``shared/notes/h100-probe.md``). Llama-3-8B on an H100 (~60 GiB of KV, 256 running, 4K tokens a
-slot): 1,024 slots in 512 GiB of ranges; with 4 GiB of KV, max_running (it holds 128 short
-conversations).
+admitted), within ``MAX_VIRTUAL_BYTES`` of virtual ranges (an H100 reserved 1 TiB in 17 us,
+``shared/notes/h100-probe.md``) and within the token rows attention kernels number in 32 bits.
+Llama-3-8B on an H100 (~60 GiB of KV, 256 running, 4K tokens a slot): 1,024 slots in 512 GiB of
+ranges; with 4 GiB of KV, max_running (it holds 128 short conversations).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ CONVERSATION_TOKENS = 256
 SLOTS_PER_RUNNING = 4
 #: The most virtual address space the cache's ranges take together (per process).
 MAX_VIRTUAL_BYTES = 1 << 40
+#: Token rows (slots * tokens a slot) attention kernels can number: int32 in FlashInfer's
+#: (``replica.attention.flashinfer_limits.MAX_ROWS``, which refuses a cache beyond it).
+MAX_TOKEN_ROWS = (1 << 31) - 1
 
 
 def cache_slots(
@@ -59,4 +63,5 @@ def cache_slots(
         return max_running
     by_memory = budget_bytes // (CONVERSATION_TOKENS * token_bytes)
     by_address = MAX_VIRTUAL_BYTES // (tokens_per_slot * token_bytes)
-    return max(max_running, min(by_memory, SLOTS_PER_RUNNING * max_running, by_address))
+    by_rows = MAX_TOKEN_ROWS // tokens_per_slot
+    return max(max_running, min(by_memory, SLOTS_PER_RUNNING * max_running, by_address, by_rows))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from replica import EngineConfig, LLMEngine, SamplingParams
-from replica.kv.slot_count import MAX_VIRTUAL_BYTES, cache_slots
+from replica.kv.slot_count import MAX_TOKEN_ROWS, MAX_VIRTUAL_BYTES, cache_slots
 from replica.model import ModelConfig
 
 TOKEN = 128 << 10  # Llama-3-8B's K and V of every layer, bf16
@@ -20,6 +20,8 @@ def test_the_rule_counts_short_conversations_within_4x_running_and_the_address_s
     long_slots = cache_slots(None, 256, True, 60 << 30, TOKEN, 128 << 10)  # 16 GiB a slot
     assert long_slots == 256 and 64 * (128 << 10) * TOKEN == MAX_VIRTUAL_BYTES
     assert cache_slots(None, 256, False, 60 << 30, TOKEN, 4096) == 256  # nothing to keep
+    tiny = cache_slots(None, 256, True, 60 << 30, 256, 4 << 20)  # 256-byte tokens, 4M a slot
+    assert tiny == 511 and (tiny + 1) * (4 << 20) > MAX_TOKEN_ROWS  # int32 token rows
     assert cache_slots(300, 256, True, 60 << 30, TOKEN, 4096) == 300
     with pytest.raises(ValueError, match="at least max_running"):
         cache_slots(8, 16, True, 1 << 30, TOKEN, 4096)
