@@ -174,6 +174,7 @@ def run(
         device="auto" if size == "gpu" else "cpu",
         max_model_len=args.max_model_len,
         max_running=args.slots,
+        kv_slots=args.kv_slots if mode == "vattention" else None,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         page_size=PAGE_SIZE[size],
         prefix_cache=prefix_cache,
@@ -279,6 +280,7 @@ def run(
         "kv_layout": getattr(engine.kv, "config").layout.value if mode != "paged" else "blocks",
         "prefix_cache": prefix_cache,
         "prefix_borrow": borrow,  # hits read from their holder until aliased (kv.borrows)
+        "kv_slots": engine.kv.max_slots,
         "prefix_borrows": stats.prefix_borrows - stats_before.prefix_borrows,
         "prefix_borrows_forced": stats.prefix_borrows_forced - stats_before.prefix_borrows_forced,
         "requests": len(submitted),
@@ -379,7 +381,13 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, help="default 64 (cpu: 16, smoke: 4)")
     parser.add_argument("--turns", type=int, default=None, help="chat turns (default 5)")
     parser.add_argument("--stagger-s", type=float, help="default 0.05 (cpu, smoke: 0: a burst)")
-    parser.add_argument("--slots", type=int)
+    parser.add_argument("--slots", type=int, help="requests running at once (max_running)")
+    parser.add_argument(
+        "--kv-slots",
+        type=int,
+        help="the vAttention cache's slots, running and released (default: the engine's rule, "
+        "replica.kv.slot_count)",
+    )
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--kv-cache-gib", type=float)
     parser.add_argument(
