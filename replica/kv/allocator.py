@@ -156,7 +156,7 @@ class KVCacheAllocator(KVCache):
         hit_keys = keys[: len(hit)]
         restores = self._restores
         mapped = restores is not None and restores.wants_mapped_slot(prompt, keys, len(hit), need)
-        index = self._prefixes.choose_slot(hit, hit_keys, mapped, need) if self._prefix else None
+        index = self._prefixes.choose_slot(hit, hit_keys, mapped) if self._prefix else None
         if index is None:
             index = self._pick_slot(need, tokens_hint)
         slot = self._slots[index]

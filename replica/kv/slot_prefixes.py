@@ -92,24 +92,15 @@ class SlotPrefixes:
         return held
 
     def choose_slot(
-        self, hit: list[BlockAt], hit_keys: list[int], mapped: bool = False, need: int = 0
+        self, hit: list[BlockAt], hit_keys: list[int], mapped: bool = False
     ) -> int | None:
         """The slot ``KVCacheAllocator.acquire`` gives a hit (its docstring's order 1-4), or None
         when every slot is running; ``mapped``: a released slot mapping pages before a free one
-        (a restore rewrites its pages). So too for a prompt with no hit whose ``need`` page
-        groups the pool's free pages do not cover: a free slot's growth would reclaim released
-        slots' pages, unmapping and mapping each (~50-80 us a 2 MiB page on an H100), where the
-        least recently released slot's own pages map none (it is the one reclaim would take
-        from first; with more slots than running requests, ``replica.kv.slot_count``, free
-        slots remain while memory is short). On the CPU host's think-time chat with the host
-        tier (48 conversations, a 20 MiB cache, 2026-12-08): 13-17% fewer maps, 16-22% fewer
-        unmaps, the same hits. A function of the books alone: every rank decides alike."""
+        (a restore rewrites its pages)."""
         if hit:
             index = self.continuation(hit_keys)
             if index is not None:
                 return index
-        short = self.maps.pool.available // self.config.num_ranges < need
-        mapped = mapped or (not hit and short)
         cached = self.maps.released()  # least recently released first
         if mapped:
             cached = [i for i in cached if self.maps.slots[i].groups] or cached

@@ -132,16 +132,14 @@ def test_a_restore_under_pressure_rewrites_a_released_slots_pages_instead_of_map
     allocator.check_invariants(deep=True)
 
 
-@pytest.mark.parametrize("tier", [True, False])
 def test_a_new_conversation_under_pressure_writes_into_a_released_slots_pages(
-    make_allocator: MakeAllocator, tier: bool
+    make_allocator: MakeAllocator,
 ) -> None:
     """No free page is left and a free slot is: a prompt nothing of which is cached lands in the
     least recently released slot that maps pages and writes into them (no map for the pages it
-    covers), where the free slot's growth would unmap and map each; with the tier, what it
-    evicts comes back from the host. With free pages it takes the free slot as before."""
-    settings: dict[str, object] = dict(max_slots=3, budget_pages=8, layout="interleaved")
-    allocator = tiered(make_allocator, **settings) if tier else make(make_allocator, **settings)
+    covers), where the free slot's growth would unmap and map each. What it evicts was written
+    through, and comes back from the host. With free pages it takes the free slot as before."""
+    allocator = tiered(make_allocator, max_slots=3)
     filler = [7] * (8 * T - 1)  # every page
     held = cached_conversation(allocator, filler)
     assert allocator.stats().pages_free == 0
@@ -152,15 +150,13 @@ def test_a_new_conversation_under_pressure_writes_into_a_released_slots_pages(
     fill(allocator, slot, new)
     assert allocator.stats().pages_mapped_total == mapped  # nothing mapped
     allocator.release(slot, new)
-    if tier:
-        again = allocator.acquire(len(filler) + 1, [*filler, 1])  # the filler, from the host
-        assert allocator.length(again) == 7 * T
-        allocator.ensure(again, 7 * T)
-        assert k_values(allocator, again, 7 * T) == expected(filler, 7 * T)
+    again = allocator.acquire(len(filler) + 1, [*filler, 1])  # the filler, from the host
+    assert allocator.length(again) == 7 * T
+    allocator.ensure(again, 7 * T)
+    assert k_values(allocator, again, 7 * T) == expected(filler, 7 * T)
     allocator.check_invariants(deep=True)
 
-    settings["budget_pages"] = 16
-    roomy = tiered(make_allocator, **settings) if tier else make(make_allocator, **settings)
+    roomy = tiered(make_allocator, max_slots=3, budget_pages=16)
     held = cached_conversation(roomy, filler)
     assert roomy.acquire(len(new), new) != held  # free pages cover it: the free slot
     roomy.check_invariants(deep=True)
