@@ -97,18 +97,13 @@ class SlotRestores:
         self, prompt: Sequence[int], keys: list[int], hit: int, need: int
     ) -> bool:
         """Whether a prompt whose ``hit`` blocks are on the device should land in a released
-        slot's mapped pages rather than a free slot: the pool's unmapped pages do not cover its
-        ``need`` page groups, and the tier holds its next blocks or nothing of it is on the
-        device (a new conversation). Growing a free slot would then reclaim released slots'
-        pages, unmapping and mapping each (~50-80 us a 2 MiB page on an H100); rewriting a
-        released slot's own pages maps none, and what it cached was written through to the host
-        at its release. A prompt with a device hit and nothing more on the host keeps the rule
-        of ``SlotPrefixes.choose_slot`` (a free slot aliases the hit; a released one would copy
-        it, and copies are read one by one). On the CPU host's think-time chat (48
-        conversations, a 20 MiB cache, 2026-12-08) new conversations landing so mapped 13-17%
-        fewer pages and unmapped 16-22% fewer. A function of the books alone: every
+        slot's mapped pages rather than a free slot: the tier holds its next blocks and the pool's
+        unmapped pages do not cover its ``need`` page groups. Growing a free slot would then
+        reclaim released slots' pages, unmapping and mapping each (~50-80 us a 2 MiB page on an
+        H100); rewriting a released slot's own pages maps none, and what it cached was written
+        through to the host at its release. A function of the books alone: every
         tensor-parallel rank decides alike."""
-        if hit and not self._stored_after(prompt, keys, hit):
+        if not self._stored_after(prompt, keys, hit):
             return False
         return self._maps.pool.available // self._config.num_ranges < need
 

@@ -132,36 +132,6 @@ def test_a_restore_under_pressure_rewrites_a_released_slots_pages_instead_of_map
     allocator.check_invariants(deep=True)
 
 
-def test_a_new_conversation_under_pressure_writes_into_a_released_slots_pages(
-    make_allocator: MakeAllocator,
-) -> None:
-    """No free page is left and a free slot is: a prompt nothing of which is cached lands in the
-    least recently released slot that maps pages and writes into them (no map for the pages it
-    covers), where the free slot's growth would unmap and map each. What it evicts was written
-    through, and comes back from the host. With free pages it takes the free slot as before."""
-    allocator = tiered(make_allocator, max_slots=3)
-    filler = [7] * (8 * T - 1)  # every page
-    held = cached_conversation(allocator, filler)
-    assert allocator.stats().pages_free == 0
-    mapped = allocator.stats().pages_mapped_total
-    new = [9] * (3 * T + 2)
-    slot = allocator.acquire(len(new), new)
-    assert slot == held and allocator.length(slot) == 0  # not the free slot, nothing cached
-    fill(allocator, slot, new)
-    assert allocator.stats().pages_mapped_total == mapped  # nothing mapped
-    allocator.release(slot, new)
-    again = allocator.acquire(len(filler) + 1, [*filler, 1])  # the filler, from the host
-    assert allocator.length(again) == 7 * T
-    allocator.ensure(again, 7 * T)
-    assert k_values(allocator, again, 7 * T) == expected(filler, 7 * T)
-    allocator.check_invariants(deep=True)
-
-    roomy = tiered(make_allocator, max_slots=3, budget_pages=16)
-    held = cached_conversation(roomy, filler)
-    assert roomy.acquire(len(new), new) != held  # free pages cover it: the free slot
-    roomy.check_invariants(deep=True)
-
-
 @pytest.mark.parametrize("copy", ["offload", "restore"])
 def test_a_host_copy_pins_its_pages_until_its_fence_completes(
     make_allocator: MakeAllocator, copy: str
