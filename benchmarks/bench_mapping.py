@@ -33,29 +33,17 @@ from replica.vmm import Device, MapWorker, Op, PagePool, Reservation
 
 
 def map_latency(device: Device, pages: int) -> dict[str, float]:
-    """Single-page runs: create, map + set access, unmap, release, each timed per page."""
-    pool = PagePool(device.backend)
-    reservation = Reservation(pool, pages)
-    ids = list(range(pages))
-    timings: dict[str, list[float]] = {"create": [], "map": [], "unmap": [], "release": []}
-    for page in ids:
-        start = time.perf_counter()
-        pool.create([page])
-        timings["create"].append(time.perf_counter() - start)
-    for page in ids:
-        start = time.perf_counter()
-        reservation.map_run(page, [page])
-        timings["map"].append(time.perf_counter() - start)
-    for page in ids:
-        start = time.perf_counter()
-        reservation.unmap_run(page, 1)
-        timings["unmap"].append(time.perf_counter() - start)
-    for page in ids:
-        start = time.perf_counter()
-        pool.release([page])
-        timings["release"].append(time.perf_counter() - start)
+    """Single-page runs: create, map + set access, unmap, release, each timed per page (median,
+    the device idle: ``driver_costs``)."""
+    row = driver_costs(device, pages, (1,))
     return {
-        f"{name}_us_median": statistics.median(values) * 1e6 for name, values in timings.items()
+        f"{name}_us_median": row[key]
+        for name, key in (
+            ("create", "create_us"),
+            ("map", "map_us_run1"),
+            ("unmap", "unmap_us_run1"),
+            ("release", "release_us"),
+        )
     }
 
 
@@ -211,17 +199,12 @@ class BackgroundLoad:
 
 
 def driver_costs(device: Device, pages: int, runs: tuple[int, ...]) -> dict[str, float]:
-    """Per page, median: create one page at a time, map pages already created in runs of each
-    length (one access grant a run), unmap them in the same runs."""
+    """Per page, median: create and release one page at a time, map pages already created in
+    runs of each length (one access grant a run), unmap them in the same runs."""
     pool = PagePool(device.backend)
     reservation = Reservation(pool, pages)
     ids = list(range(pages))
-    creates = []
-    for page in ids:
-        start = time.perf_counter()
-        pool.create([page])
-        creates.append(time.perf_counter() - start)
-    row = {"create_us": statistics.median(creates) * 1e6}
+    row = {"create_us": _median_us(pool.create, [[page] for page in ids])}
     for run in runs:
         maps, unmaps = [], []
         firsts = range(0, pages - run + 1, run)
@@ -235,8 +218,18 @@ def driver_costs(device: Device, pages: int, runs: tuple[int, ...]) -> dict[str,
             unmaps.append((time.perf_counter() - start) / run)
         row[f"map_us_run{run}"] = statistics.median(maps) * 1e6
         row[f"unmap_us_run{run}"] = statistics.median(unmaps) * 1e6
-    pool.release(ids)
+    row["release_us"] = _median_us(pool.release, [[page] for page in ids])
     return row
+
+
+def _median_us(call: Callable[[list[int]], object], arguments: list[list[int]]) -> float:
+    """The median microseconds of ``call`` on each of ``arguments``, one after another."""
+    seconds = []
+    for argument in arguments:
+        start = time.perf_counter()
+        call(argument)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) * 1e6
 
 
 def under_load(device: Device, pages: int, smoke: bool) -> list[dict[str, Any]]:

@@ -141,7 +141,7 @@ class EngineConfig:
         None,
         "slots of the vAttention cache: the running requests' and the released conversations' "
         "it keeps cached for their next turn (a slot costs virtual address space only; default "
-        "with prefix sharing: as many 1,024-token conversations as the KV budget holds, from "
+        "with prefix sharing: as many 256-token conversations as the KV budget holds, from "
         "max_running up to 4x it: replica.kv.slot_count; vattention mode)",
     )
     #: Tokens per step (decodes + prefill chunks). None: 8192 on a GPU; 512 on a CPU, where a step

@@ -70,13 +70,14 @@ class ModelRunner:
         self.model_config = model_config
         #: Every default decided (EngineConfig.resolved): the engine reads its limits from here.
         self.config = config.resolved(self._device_facts())
+        self._build_cache()
+
+    def _build_cache(self) -> None:
+        """The KV cache, the attention backend over it and the decode graphs over both; borrowed
+        prefix reads where asked for and the attention backend reads them."""
         self.kv = self._make_kv_cache()
         self.attention = self._make_attention()
         self.graphs = self._make_graphs()
-        self._enable_borrowed_reads()
-
-    def _enable_borrowed_reads(self) -> None:
-        """Borrowed prefix reads where asked for and the attention backend reads them."""
         granularity = self.attention.borrow_granularity
         if self.config.prefix_borrow and granularity:
             self.kv.enable_borrowed_reads(granularity)
@@ -87,11 +88,13 @@ class ModelRunner:
         return DeviceFacts(
             cuda=cuda,
             free_bytes=torch.cuda.mem_get_info(self.device)[0] if cuda else 0,
-            layer_token_bytes=(
-                self.model.num_local_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
-            ),
+            layer_token_bytes=self._layer_token_bytes(),
             num_layers=self.model_config.num_layers,
         )
+
+    def _layer_token_bytes(self) -> int:
+        """One layer's K (or V) of one token on this rank (its KV heads)."""
+        return self.model.num_local_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
 
     def _make_graphs(self) -> DecodeGraphs | None:
         """Graphs on one CUDA device (under tensor parallelism the steps stay eager)."""
@@ -128,10 +131,7 @@ class ModelRunner:
             self.attention,
             self.kv,
         )  # first free the old cache (paged mode preallocates it)
-        self.kv = self._make_kv_cache()
-        self.attention = self._make_attention()
-        self.graphs = self._make_graphs()
-        self._enable_borrowed_reads()
+        self._build_cache()
 
     @property
     def decoder_layers(self) -> Sequence[torch.nn.Module]:
@@ -176,11 +176,10 @@ class ModelRunner:
             page_size,
             self.device.index or 0,
         )
-        heads, layers = self.model.num_local_kv_heads, self.model_config.num_layers
-        token_bytes = 2 * layers * heads * self.model_config.head_dim * self.kv_dtype.itemsize
+        layers = self.model_config.num_layers
         kv_config = KVCacheConfig(
             num_layers=layers,
-            num_kv_heads=heads,
+            num_kv_heads=self.model.num_local_kv_heads,
             head_dim=self.model_config.head_dim,
             dtype=self.kv_dtype,
             max_slots=cache_slots(
@@ -188,7 +187,7 @@ class ModelRunner:
                 config.max_running,
                 config.prefix_cache,
                 budget,
-                token_bytes,
+                2 * layers * self._layer_token_bytes(),  # K and V of every layer
                 config.max_model_len,
             ),
             max_tokens=config.max_model_len,

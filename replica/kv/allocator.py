@@ -393,8 +393,8 @@ class KVCacheAllocator(KVCache):
             raise ValueError(f"slot {slot_index} is {slot.state.value}, not running")
         return slot
 
-    def _running_slots(self) -> list[Slot]:
-        return [self._slots[i] for i in sorted(self._maps.in_state[SlotState.RUNNING])]
+    def _running_slots(self) -> list[Slot]:  # for counts and sums: in no particular order
+        return [self._slots[i] for i in self._maps.in_state[SlotState.RUNNING]]
 
     def _cached_pages(self) -> int:
         return self._maps.page_split()[1]
